@@ -1,0 +1,279 @@
+//! `config.json` (and `generation_config.json`) of a Hugging Face BitNet checkpoint.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::ModelError;
+
+/// Which family of checkpoint a config describes; it decides tensor names and layer shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// transformers `bitnet` (microsoft/bitnet-b1.58-2B-4T): ReLU² gate, sub-norms.
+    BitNet,
+    /// `llama` with `quant_method: bitnet` (HF1BitLLM/Llama3-8B-1.58): SiLU gate, no sub-norms.
+    Llama158,
+    /// 1bitLLM `BitnetForCausalLM` (bitnet_b1_58-large/3B): SiLU gate, sub-norms named
+    /// `inner_attn_ln` and `ffn_layernorm`, fp16 masters quantized online.
+    BitNet1bitLLM,
+}
+
+/// The gate nonlinearity of the MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `relu(x)²`
+    Relu2,
+    /// `x · sigmoid(x)`
+    Silu,
+}
+
+/// Where the projections' weights come from and how their stored scale is applied
+/// (bitnet-reference.md §2.3 — getting this wrong scales every output by `mean|W|²`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantForm {
+    /// Float master weights, absmean-ternarized at load (`autobitlinear` online, 1bitLLM).
+    Online,
+    /// Packed 2-bit weights, `weight_scale = mean|W|` multiplies (`autobitlinear` offline).
+    PackedMultiply,
+    /// Packed 2-bit weights, `weight_scale = 1/mean|W|` divides (`bitlinear`, the default).
+    PackedDivide,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub activation: Activation,
+    /// `attn_sub_norm` before o_proj and `ffn_sub_norm` before down_proj.
+    pub sub_norms: bool,
+    pub quant_form: QuantForm,
+    /// `quantization_config.use_rms_norm`: a weightless RMSNorm on every BitLinear input,
+    /// with this eps.
+    pub bitlinear_input_norm: Option<f32>,
+    pub bos_token_id: Option<u32>,
+    /// Every id that ends generation (config.json and generation_config.json together).
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize, ModelError> {
+    field(v, key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| ModelError::config(path, format!("`{key}` is missing or not a non-negative integer")))
+}
+
+/// Collects token ids from a number or an array of numbers.
+fn ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::config(&path, format!("not valid JSON: {e}")))?;
+        let mut cfg = Self::from_json(&json, &path)?;
+        let gen_path = dir.join("generation_config.json");
+        if let Ok(gen_text) = std::fs::read_to_string(&gen_path) {
+            let gen: Value = serde_json::from_str(&gen_text)
+                .map_err(|e| ModelError::config(&gen_path, format!("not valid JSON: {e}")))?;
+            for id in ids(field(&gen, "eos_token_id")) {
+                if !cfg.eos_token_ids.contains(&id) {
+                    cfg.eos_token_ids.push(id);
+                }
+            }
+            if cfg.bos_token_id.is_none() {
+                cfg.bos_token_id = ids(field(&gen, "bos_token_id")).first().copied();
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses a config.json value; `path` only names the file in errors.
+    pub fn from_json(json: &Value, path: &Path) -> Result<Self, ModelError> {
+        let model_type = field(json, "model_type").and_then(Value::as_str).unwrap_or("");
+        let archs: Vec<&str> = field(json, "architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let qc = field(json, "quantization_config");
+        let quant_method = qc.and_then(|q| field(q, "quant_method")).and_then(Value::as_str);
+
+        let architecture = match model_type {
+            "bitnet" => Architecture::BitNet,
+            "llama" if archs.contains(&"BitnetForCausalLM") => Architecture::BitNet1bitLLM,
+            "llama" if quant_method == Some("bitnet") => Architecture::Llama158,
+            "llama" => {
+                return Err(ModelError::config(
+                    path,
+                    "model_type `llama` without `quantization_config.quant_method: bitnet` or the \
+                     1bitLLM `BitnetForCausalLM` architecture is not a BitNet model",
+                ))
+            }
+            other => {
+                return Err(ModelError::config(
+                    path,
+                    format!("unknown model_type `{other}` (expected `bitnet` or `llama`)"),
+                ))
+            }
+        };
+
+        let hidden_size = usize_field(json, "hidden_size", path)?;
+        let num_heads = usize_field(json, "num_attention_heads", path)?;
+        let num_kv_heads = match field(json, "num_key_value_heads") {
+            Some(_) => usize_field(json, "num_key_value_heads", path)?,
+            None => num_heads,
+        };
+        let head_dim = match field(json, "head_dim") {
+            Some(_) => usize_field(json, "head_dim", path)?,
+            None if num_heads > 0 => hidden_size / num_heads,
+            None => 0,
+        };
+        let act_name = field(json, "hidden_act").and_then(Value::as_str).unwrap_or(match architecture {
+            Architecture::BitNet => "relu2",
+            _ => "silu",
+        });
+        let activation = match act_name {
+            "relu2" => Activation::Relu2,
+            "silu" | "swish" => Activation::Silu,
+            other => {
+                return Err(ModelError::config(
+                    path,
+                    format!("unsupported hidden_act `{other}` (expected relu2 or silu)"),
+                ))
+            }
+        };
+        let rope_theta = field(json, "rope_theta")
+            .or_else(|| field(json, "rope_parameters").and_then(|r| field(r, "rope_theta")))
+            .and_then(Value::as_f64)
+            .unwrap_or(match architecture {
+                Architecture::BitNet1bitLLM => 10_000.0,
+                _ => 500_000.0,
+            }) as f32;
+
+        let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
+        let quant_form = match architecture {
+            Architecture::BitNet1bitLLM => QuantForm::Online,
+            _ => {
+                if quant_method.is_some_and(|m| m != "bitnet") {
+                    return Err(ModelError::config(
+                        path,
+                        format!(
+                            "quantization_config.quant_method `{}` is not `bitnet`",
+                            quant_method.unwrap_or("")
+                        ),
+                    ));
+                }
+                match (str_of("linear_class").unwrap_or("bitlinear"), str_of("quantization_mode").unwrap_or("offline")) {
+                    (_, "online") => QuantForm::Online,
+                    ("autobitlinear", "offline") => QuantForm::PackedMultiply,
+                    ("bitlinear", "offline") => QuantForm::PackedDivide,
+                    (class, mode) => {
+                        return Err(ModelError::config(
+                            path,
+                            format!("unsupported quantization_config linear_class `{class}` / quantization_mode `{mode}`"),
+                        ))
+                    }
+                }
+            }
+        };
+        // A bitnet model with no quantization_config at all holds float masters.
+        let quant_form =
+            if qc.is_none() && architecture == Architecture::BitNet { QuantForm::Online } else { quant_form };
+        let bitlinear_input_norm =
+            qc.and_then(|q| field(q, "use_rms_norm")).and_then(Value::as_bool).unwrap_or(false).then(|| {
+                qc.and_then(|q| field(q, "rms_norm_eps")).and_then(Value::as_f64).unwrap_or(1e-6) as f32
+            });
+
+        let cfg = Self {
+            architecture,
+            vocab_size: usize_field(json, "vocab_size", path)?,
+            hidden_size,
+            intermediate_size: usize_field(json, "intermediate_size", path)?,
+            num_layers: usize_field(json, "num_hidden_layers", path)?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: field(json, "rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5) as f32,
+            rope_theta,
+            max_position_embeddings: field(json, "max_position_embeddings")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            tie_word_embeddings: field(json, "tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(architecture == Architecture::BitNet),
+            activation,
+            sub_norms: architecture != Architecture::Llama158,
+            quant_form,
+            bitlinear_input_norm,
+            bos_token_id: ids(field(json, "bos_token_id")).first().copied(),
+            eos_token_ids: ids(field(json, "eos_token_id")),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the shape relations the forward relies on.
+    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::config(path, m));
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+            || self.num_layers == 0
+        {
+            return bad(
+                "vocab_size, hidden_size, intermediate_size and num_hidden_layers must be positive".into()
+            );
+        }
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be positive and even for RoPE", self.head_dim));
+        }
+        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
+            return bad("rope_theta must be positive and rms_norm_eps non-negative".into());
+        }
+        // Guard against absurd sizes before anything is allocated from them.
+        let params = (self.vocab_size as u128) * (self.hidden_size as u128)
+            + (self.num_layers as u128)
+                * (self.hidden_size as u128)
+                * (self.intermediate_size as u128 + self.q_dim() as u128);
+        if params > (1u128 << 40) {
+            return bad(format!("the shapes describe {params} parameters, beyond what this engine loads"));
+        }
+        Ok(())
+    }
+
+    /// Width of all query heads together.
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    /// Width of all key (or value) heads together.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}

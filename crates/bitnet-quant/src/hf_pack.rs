@@ -1,0 +1,58 @@
+//! The Hugging Face 2-bit packing of ternary weights (`integrations/bitnet.py`).
+//!
+//! `W[out, in]` becomes `u8[out/4, in]`, packed along the output rows in four contiguous
+//! blocks: bits `2i..2i+1` of `packed[r, c]` hold `W[i*R + r, c] + 1` with `R = out/4`.
+
+use crate::QuantError;
+
+/// Unpacks `u8[rows/4, cols]` to ternary `i8[rows, cols]` (row-major).
+/// The unused code 3 is an error: it has no ternary value.
+pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>, QuantError> {
+    if rows % 4 != 0 || packed.len() != rows / 4 * cols {
+        return Err(QuantError::Shape(format!(
+            "packed weight of {} bytes cannot hold [{rows}, {cols}] in the 2-bit HF layout \
+             (needs rows divisible by 4 and {} bytes)",
+            packed.len(),
+            rows / 4 * cols
+        )));
+    }
+    let block = rows / 4;
+    let mut t = vec![0i8; rows * cols];
+    for (r, packed_row) in packed.chunks_exact(cols.max(1)).enumerate().take(block) {
+        for (c, &byte) in packed_row.iter().enumerate() {
+            for i in 0..4 {
+                let code = (byte >> (2 * i)) & 3;
+                if code == 3 {
+                    return Err(QuantError::Shape(format!(
+                        "packed weight holds the unused code 3 at packed row {r}, column {c}"
+                    )));
+                }
+                t[(i * block + r) * cols + c] = code as i8 - 1;
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Packs ternary `i8[rows, cols]` into `u8[rows/4, cols]` (the inverse of [`unpack_hf`]).
+pub fn pack_hf(t: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    if rows % 4 != 0 || t.len() != rows * cols {
+        return Err(QuantError::Shape(format!(
+            "cannot pack {} ternary values as [{rows}, {cols}] (rows must divide by 4)",
+            t.len()
+        )));
+    }
+    let block = rows / 4;
+    let mut packed = vec![0u8; block * cols];
+    for r in 0..block {
+        for c in 0..cols {
+            let mut byte = 0u8;
+            for i in 0..4 {
+                let v = t[(i * block + r) * cols + c];
+                byte |= ((v.clamp(-1, 1) + 1) as u8) << (2 * i);
+            }
+            packed[r * cols + c] = byte;
+        }
+    }
+    Ok(packed)
+}
