@@ -1,1 +1,57 @@
-fn main() {}
+//! `bitnet`: run, inspect and (soon) convert, train and serve BitNet b1.58 models.
+
+mod commands;
+mod default_model;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bitnet", version, about = "BitNet b1.58 inference, conversion and training", long_about = None)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout; speed goes to stderr.
+    #[command(after_help = "Examples:
+  bitnet generate --prompt \"Once upon a time\"
+  bitnet generate --model ./bitnet-b1.58-2B-4T --prompt \"The capital of France is\" --max-tokens 32
+  bitnet generate --tokens 0,53,73 --temperature 0.8 --top-p 0.95 --seed 1 --json")]
+    Generate(commands::GenerateArgs),
+    /// Print the logits of a prompt as JSON, for parity checks with other engines.
+    #[command(after_help = "Examples:
+  bitnet logits --model ./tiny --prompt \"Hello\"
+  bitnet logits --model ./tiny --tokens 0,53,73 --all-positions")]
+    Logits(commands::LogitsArgs),
+    /// Describe a checkpoint: architecture, quantization form, tensors, parameters, bytes.
+    #[command(after_help = "Examples:
+  bitnet inspect ./bitnet-b1.58-2B-4T
+  bitnet inspect ./model-dir --json")]
+    Inspect(commands::InspectArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            std::process::exit(2);
+        }
+        // The one thread pool of the process.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate(a),
+        Command::Logits(a) => commands::logits(a),
+        Command::Inspect(a) => commands::inspect(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

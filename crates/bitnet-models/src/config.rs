@@ -97,16 +97,21 @@ impl ModelConfig {
         if let Ok(gen_text) = std::fs::read_to_string(&gen_path) {
             let gen: Value = serde_json::from_str(&gen_text)
                 .map_err(|e| ModelError::config(&gen_path, format!("not valid JSON: {e}")))?;
-            for id in ids(field(&gen, "eos_token_id")) {
-                if !cfg.eos_token_ids.contains(&id) {
-                    cfg.eos_token_ids.push(id);
-                }
-            }
-            if cfg.bos_token_id.is_none() {
-                cfg.bos_token_id = ids(field(&gen, "bos_token_id")).first().copied();
-            }
+            cfg.merge_generation_config(&gen);
         }
         Ok(cfg)
+    }
+
+    /// Adds the end-of-sequence ids (and a missing BOS) of a generation_config.json.
+    pub fn merge_generation_config(&mut self, gen: &Value) {
+        for id in ids(field(gen, "eos_token_id")) {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        if self.bos_token_id.is_none() {
+            self.bos_token_id = ids(field(gen, "bos_token_id")).first().copied();
+        }
     }
 
     /// Parses a config.json value; `path` only names the file in errors.

@@ -2,6 +2,10 @@
 
 pub mod config;
 pub mod error;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod weights;
 
 pub use config::{Activation, Architecture, ModelConfig, QuantForm};
 pub use error::ModelError;
+pub use weights::{LayerWeights, ModelWeights, Projection};

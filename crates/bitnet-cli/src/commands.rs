@@ -1,0 +1,265 @@
+//! The subcommands of `bitnet`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bitnet_inference::load::{load_dir, load_embedded, LoadedModel};
+use bitnet_inference::{generate as run_generation, GenerateOptions, Logits, SamplingParams};
+use bitnet_models::safetensors::TensorStore;
+use bitnet_models::ModelConfig;
+use clap::Args;
+use serde_json::json;
+
+use crate::default_model::DEFAULT_MODEL;
+
+/// What to feed the model: text or token ids.
+#[derive(Args, Clone)]
+pub struct InputArgs {
+    /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+    /// Without it, the embedded default model runs.
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Prompt text, tokenized with the model's tokenizer (BOS added as its template says).
+    #[arg(short, long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. `0,53,73`.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub tokens: Option<Vec<String>>,
+    /// Context length (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// New tokens at most.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the best one's probability (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty as in transformers (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (may be repeated).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Logits of every position, not only the last.
+    #[arg(long)]
+    pub all_positions: bool,
+    /// Accepted for symmetry with `generate`: the output is always JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory.
+    pub path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(model: &Option<PathBuf>) -> Result<LoadedModel> {
+    Ok(match model {
+        Some(dir) => load_dir(dir)?,
+        None => load_embedded(&DEFAULT_MODEL)?,
+    })
+}
+
+/// Prompt ids from `--prompt` or `--tokens`, checked against the vocabulary.
+fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = match (&input.prompt, &input.tokens) {
+        (Some(text), _) => {
+            if text.is_empty() {
+                bail!("the prompt is empty: give some text with --prompt or ids with --tokens");
+            }
+            let tok = loaded.tokenizer.as_ref().with_context(|| {
+                format!("{} has no tokenizer.json: give token ids with --tokens", loaded.source.display())
+            })?;
+            tok.encode(text)?
+        }
+        (None, Some(list)) => list
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
+            .collect::<Result<_>>()?,
+        (None, None) => bail!("give a prompt with --prompt or token ids with --tokens"),
+    };
+    if ids.is_empty() {
+        bail!("the prompt is empty: it encodes to no tokens");
+    }
+    let vocab = loaded.model.config.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("token id {bad} is out of range: the model's vocabulary has {vocab} tokens (ids 0..{vocab})");
+    }
+    Ok(ids)
+}
+
+fn context_len(input: &InputArgs, cfg: &ModelConfig) -> usize {
+    input.ctx.unwrap_or(cfg.max_position_embeddings)
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repeat_penalty: a.repeat_penalty,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    let mut loaded = load(&a.input.model)?;
+    let ids = prompt_ids(&a.input, &loaded)?;
+    let ctx = context_len(&a.input, &loaded.model.config);
+    if ids.len() >= ctx {
+        bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
+    }
+    let tokenizer = loaded.tokenizer.take().with_context(|| {
+        format!("{} has no tokenizer.json, so generated ids cannot be decoded", loaded.source.display())
+    })?;
+    let max_new = a.max_tokens.min(ctx - ids.len());
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        sampling,
+        eos_ids: loaded.model.config.eos_token_ids.clone(),
+        stop_strings: a.stop.clone(),
+    };
+    let mut session = loaded.model.session(ids.len() + max_new, 512);
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let g = run_generation(&mut loaded.model, &mut session, &tokenizer, &ids, &opts, |piece| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let v = json!({
+            "tokens": g.prompt_ids,
+            "generated": g.generated,
+            "text": g.text,
+            "stop_reason": format!("{:?}", g.stop_reason).to_lowercase(),
+            "prompt_tokens_per_s": g.prompt_tokens_per_s(),
+            "decode_tokens_per_s": g.decode_tokens_per_s(),
+        });
+        println!("{v}");
+    } else {
+        println!();
+    }
+    eprintln!(
+        "prompt: {} tokens in {:.3} s ({:.1} tokens/s); generation: {} tokens in {:.3} s ({:.1} tokens/s); {}",
+        g.prompt_ids.len(),
+        g.prompt_time.as_secs_f64(),
+        g.prompt_tokens_per_s(),
+        g.generated.len(),
+        g.decode_time.as_secs_f64(),
+        g.decode_tokens_per_s(),
+        loaded.model.backend_name(),
+    );
+    Ok(())
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let mut loaded = load(&a.input.model)?;
+    let ids = prompt_ids(&a.input, &loaded)?;
+    let ctx = context_len(&a.input, &loaded.model.config);
+    if ids.len() > ctx {
+        bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
+    }
+    let mut session = loaded.model.session(ids.len(), 512);
+    let mode = if a.all_positions { Logits::All } else { Logits::Last };
+    loaded.model.forward(&mut session, &ids, mode)?;
+    let vocab = loaded.model.config.vocab_size;
+    let rows: Vec<&[f32]> = session.logits.chunks_exact(vocab).collect();
+    let v = json!({ "tokens": ids, "logits": rows });
+    println!("{v}");
+    Ok(())
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let dir: &Path = &a.path;
+    let cfg = ModelConfig::from_dir(dir)?;
+    let store = TensorStore::open_dir(dir)?;
+    let mut tensors = Vec::new();
+    let mut params = 0usize;
+    for name in store.names() {
+        let t = store.get(name)?;
+        // Packed U8 projections hold four ternary weights per byte.
+        let n = if name.ends_with("_proj.weight") && t.dtype == safetensors::Dtype::U8 { 4 } else { 1 }
+            * t.numel();
+        params += n;
+        tensors.push((name.to_string(), format!("{:?}", t.dtype), t.shape.to_vec(), t.data.len()));
+    }
+    let bytes = store.data_bytes();
+    if a.json {
+        let v = json!({
+            "architecture": format!("{:?}", cfg.architecture),
+            "quantization": format!("{:?}", cfg.quant_form),
+            "config": format!("{cfg:?}"),
+            "parameters": params,
+            "bytes": bytes,
+            "tensors": tensors.iter().map(|(n, d, s, b)| json!({"name": n, "dtype": d, "shape": s, "bytes": b})).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("checkpoint:    {}", dir.display());
+    println!(
+        "architecture:  {:?} ({:?} gate, sub-norms: {})",
+        cfg.architecture, cfg.activation, cfg.sub_norms
+    );
+    println!("quantization:  {:?}", cfg.quant_form);
+    println!(
+        "shape:         vocab {}, hidden {}, intermediate {}, {} layers, {} heads / {} kv heads of {}",
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim
+    );
+    println!(
+        "rope theta {}, rms eps {}, context {}, tied head: {}",
+        cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.tie_word_embeddings
+    );
+    println!("bos {:?}, eos {:?}", cfg.bos_token_id, cfg.eos_token_ids);
+    println!("parameters:    {params} ({:.3} B)", params as f64 / 1e9);
+    println!("tensor bytes:  {bytes} ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
+    println!(
+        "files:         {}",
+        store.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    println!("tensors ({}):", tensors.len());
+    for (n, d, s, b) in &tensors {
+        println!("  {n:<60} {d:<5} {s:?} {b} B");
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The coarse operations a device must provide to run the BitNet forward pass.
+//!
+//! The model is written once over this trait. Buffers are allocated once per session for the
+//! largest batch, and every operation names how many rows (tokens) of them are live, so a
+//! decode step allocates nothing.
+
+use bitnet_core::DenseMatrix;
+use bitnet_models::Activation;
+use bitnet_quant::TernaryMatrix;
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Tokens in this call.
+    pub rows: usize,
+    /// Position of the first of them in the sequence.
+    pub pos0: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+pub trait Backend {
+    /// A ternary matrix in the device's kernel layout.
+    type Linear: Send + Sync;
+    /// A float matrix (embeddings, lm_head).
+    type Dense: Send + Sync;
+    /// A float vector (norm gains, RoPE frequencies).
+    type Vector: Send + Sync;
+    /// Float activations.
+    type Buffer;
+    /// Int8 activations with one scale per token.
+    type QuantBuffer;
+    /// Keys and values of every layer of one sequence.
+    type KvCache;
+
+    fn name(&self) -> String;
+
+    fn upload_linear(&self, w: TernaryMatrix) -> Self::Linear;
+    fn upload_dense(&self, m: DenseMatrix) -> Self::Dense;
+    fn upload_vector(&self, v: &[f32]) -> Self::Vector;
+    fn buffer(&self, len: usize) -> Self::Buffer;
+    fn quant_buffer(&self, max_rows: usize, width: usize) -> Self::QuantBuffer;
+    fn kv_cache(&self, layers: usize, max_tokens: usize, kv_dim: usize) -> Self::KvCache;
+
+    /// `out[t] = table[ids[t]]`.
+    fn embedding(&mut self, table: &Self::Dense, ids: &[u32], out: &mut Self::Buffer);
+    /// RMSNorm of `rows` rows of `width`, with an optional gain.
+    fn rmsnorm(
+        &mut self,
+        x: &Self::Buffer,
+        gain: Option<&Self::Vector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::Buffer,
+    );
+    /// Per-token absmax int8 quantization of `rows` rows of `width`.
+    fn quantize(&mut self, x: &Self::Buffer, rows: usize, width: usize, out: &mut Self::QuantBuffer);
+    /// `out = BitLinear(x)` for the quantized rows in `x`.
+    fn bitlinear(&mut self, w: &Self::Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
+    /// NeoX RoPE on `rows` rows of `n_heads` heads, for positions `pos0..pos0+rows`.
+    fn rope(
+        &mut self,
+        x: &mut Self::Buffer,
+        inv_freq: &Self::Vector,
+        rows: usize,
+        pos0: usize,
+        n_heads: usize,
+        head_dim: usize,
+    );
+    /// Writes the keys and values of `rows` tokens at `pos0..` into `layer` of the cache.
+    fn kv_store(
+        &mut self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+    );
+    /// Causal attention of `q` over the cache of `layer` (positions `0..pos0+rows`).
+    fn attention(
+        &mut self,
+        q: &Self::Buffer,
+        cache: &Self::KvCache,
+        layer: usize,
+        shape: AttentionShape,
+        out: &mut Self::Buffer,
+    );
+    /// `out = act(gate) · up` over `len` values.
+    fn gate(
+        &mut self,
+        act: Activation,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        len: usize,
+        out: &mut Self::Buffer,
+    );
+    /// `x += y` over `len` values.
+    fn add(&mut self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize);
+    /// Logits of rows `first..first+rows` of `x`: `out[t] = W · x[first + t]`.
+    fn lm_head(
+        &mut self,
+        w: &Self::Dense,
+        x: &Self::Buffer,
+        first: usize,
+        rows: usize,
+        out: &mut Self::Buffer,
+    );
+    /// Copies `out.len()` values starting at `offset` of a buffer to the host.
+    fn read(&mut self, b: &Self::Buffer, offset: usize, out: &mut [f32]);
+}

@@ -1,0 +1,198 @@
+//! The CPU backend: host buffers, ternary kernels from bitnet-quant, rayon threads.
+
+use bitnet_core::{ops, DenseMatrix};
+use bitnet_models::Activation;
+use bitnet_quant::{QuantizedActivations, TernaryMatrix};
+use rayon::prelude::*;
+
+use crate::backend::{AttentionShape, Backend};
+
+/// Keys and values of every layer, each `[max_tokens, kv_dim]`.
+pub struct CpuKvCache {
+    pub keys: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f32>>,
+    pub kv_dim: usize,
+    pub max_tokens: usize,
+}
+
+#[derive(Default)]
+pub struct CpuBackend {
+    /// Attention scores, grown to the largest call seen and then reused.
+    scores: Vec<f32>,
+    /// cos/sin for the positions of one call.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn grow(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+}
+
+impl Backend for CpuBackend {
+    type Linear = TernaryMatrix;
+    type Dense = DenseMatrix;
+    type Vector = Vec<f32>;
+    type Buffer = Vec<f32>;
+    type QuantBuffer = QuantizedActivations;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload_linear(&self, w: TernaryMatrix) -> TernaryMatrix {
+        w
+    }
+    fn upload_dense(&self, m: DenseMatrix) -> DenseMatrix {
+        m
+    }
+    fn upload_vector(&self, v: &[f32]) -> Vec<f32> {
+        v.to_vec()
+    }
+    fn buffer(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn quant_buffer(&self, max_rows: usize, width: usize) -> QuantizedActivations {
+        QuantizedActivations::new(max_rows, width)
+    }
+    fn kv_cache(&self, layers: usize, max_tokens: usize, kv_dim: usize) -> CpuKvCache {
+        CpuKvCache {
+            keys: (0..layers).map(|_| vec![0.0; max_tokens * kv_dim]).collect(),
+            values: (0..layers).map(|_| vec![0.0; max_tokens * kv_dim]).collect(),
+            kv_dim,
+            max_tokens,
+        }
+    }
+
+    fn embedding(&mut self, table: &DenseMatrix, ids: &[u32], out: &mut Vec<f32>) {
+        let w = table.cols;
+        for (t, &id) in ids.iter().enumerate() {
+            table.row_f32(id as usize, &mut out[t * w..(t + 1) * w]);
+        }
+    }
+
+    fn rmsnorm(
+        &mut self,
+        x: &Vec<f32>,
+        gain: Option<&Vec<f32>>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) {
+        ops::rmsnorm(&x[..rows * width], gain.map(|g| g.as_slice()), width, eps, &mut out[..rows * width]);
+    }
+
+    fn quantize(&mut self, x: &Vec<f32>, rows: usize, width: usize, out: &mut QuantizedActivations) {
+        out.quantize(&x[..rows * width], rows);
+    }
+
+    fn bitlinear(&mut self, w: &TernaryMatrix, x: &QuantizedActivations, out: &mut Vec<f32>) {
+        w.forward(x, &mut out[..x.m() * w.rows()]);
+    }
+
+    fn rope(
+        &mut self,
+        x: &mut Vec<f32>,
+        inv_freq: &Vec<f32>,
+        rows: usize,
+        pos0: usize,
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        let half = head_dim / 2;
+        grow(&mut self.rope_cos, rows * half);
+        grow(&mut self.rope_sin, rows * half);
+        for t in 0..rows {
+            let (c, s) =
+                (&mut self.rope_cos[t * half..(t + 1) * half], &mut self.rope_sin[t * half..(t + 1) * half]);
+            ops::rope_cos_sin(pos0 + t, inv_freq, c, s);
+        }
+        let width = n_heads * head_dim;
+        for (t, row) in x[..rows * width].chunks_exact_mut(width).enumerate() {
+            let (c, s) = (&self.rope_cos[t * half..(t + 1) * half], &self.rope_sin[t * half..(t + 1) * half]);
+            ops::rope_neox(row, head_dim, c, s);
+        }
+    }
+
+    fn kv_store(
+        &mut self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+    ) {
+        let d = cache.kv_dim;
+        cache.keys[layer][pos0 * d..(pos0 + rows) * d].copy_from_slice(&k[..rows * d]);
+        cache.values[layer][pos0 * d..(pos0 + rows) * d].copy_from_slice(&v[..rows * d]);
+    }
+
+    fn attention(
+        &mut self,
+        q: &Vec<f32>,
+        cache: &CpuKvCache,
+        layer: usize,
+        s: AttentionShape,
+        out: &mut Vec<f32>,
+    ) {
+        let ctx = s.pos0 + s.rows;
+        let hd = s.head_dim;
+        let n_rep = s.n_heads / s.n_kv_heads;
+        let kv_dim = cache.kv_dim;
+        let scale = (hd as f32).powf(-0.5);
+        grow(&mut self.scores, s.rows * s.n_heads * ctx);
+        let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+        // One task per (token, head): each owns its output slice and its row of scores.
+        out[..s.rows * s.n_heads * hd]
+            .par_chunks_mut(hd)
+            .zip(self.scores[..s.rows * s.n_heads * ctx].par_chunks_mut(ctx))
+            .enumerate()
+            .for_each(|(i, (o, scores))| {
+                let (t, h) = (i / s.n_heads, i % s.n_heads);
+                let kv_h = h / n_rep; // repeat_kv: q head h reads kv head h / n_rep
+                let qh = &q[(t * s.n_heads + h) * hd..(t * s.n_heads + h + 1) * hd];
+                let visible = s.pos0 + t + 1; // causal: positions 0..=pos0+t
+                for (j, sc) in scores[..visible].iter_mut().enumerate() {
+                    let kj = &keys[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
+                    *sc = bitnet_core::dense::dot_f32(qh, kj) * scale;
+                }
+                ops::softmax(&mut scores[..visible]);
+                o.fill(0.0);
+                for (j, &p) in scores[..visible].iter().enumerate() {
+                    let vj = &values[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
+                    for (a, &b) in o.iter_mut().zip(vj) {
+                        *a += p * b;
+                    }
+                }
+            });
+    }
+
+    fn gate(&mut self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) {
+        match act {
+            Activation::Relu2 => ops::relu2_mul(&gate[..len], &up[..len], &mut out[..len]),
+            Activation::Silu => ops::silu_mul(&gate[..len], &up[..len], &mut out[..len]),
+        }
+    }
+
+    fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        ops::add_assign(&mut x[..len], &y[..len]);
+    }
+
+    fn lm_head(&mut self, w: &DenseMatrix, x: &Vec<f32>, first: usize, rows: usize, out: &mut Vec<f32>) {
+        w.matmul(&x[first * w.cols..(first + rows) * w.cols], rows, &mut out[..rows * w.rows]);
+    }
+
+    fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) {
+        out.copy_from_slice(&b[offset..offset + out.len()]);
+    }
+}

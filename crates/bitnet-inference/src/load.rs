@@ -1,0 +1,56 @@
+//! Opening a checkpoint directory (or embedded files) as a runnable model with its tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use bitnet_models::safetensors::{Bytes, TensorStore};
+use bitnet_models::tokenizer::Tokenizer;
+use bitnet_models::{ModelConfig, ModelError, ModelWeights};
+
+use crate::{CpuBackend, Model};
+
+pub struct LoadedModel {
+    pub model: Model<CpuBackend>,
+    pub tokenizer: Option<Tokenizer>,
+    pub source: PathBuf,
+}
+
+/// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json if present).
+pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+    if !dir.is_dir() {
+        return Err(ModelError::config(dir, "is not a directory holding config.json and model.safetensors"));
+    }
+    let config = ModelConfig::from_dir(dir)?;
+    let store = TensorStore::open_dir(dir)?;
+    let weights = ModelWeights::load(&store, config)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+    Ok(LoadedModel { model: Model::new(weights, CpuBackend::new()), tokenizer, source: dir.to_path_buf() })
+}
+
+/// The files of a checkpoint held in memory (the model embedded in the binary).
+pub struct EmbeddedCheckpoint {
+    pub name: &'static str,
+    pub config_json: &'static str,
+    pub generation_config_json: Option<&'static str>,
+    pub tokenizer_json: &'static [u8],
+    pub safetensors: &'static [u8],
+}
+
+/// Loads an embedded checkpoint.
+pub fn load_embedded(e: &EmbeddedCheckpoint) -> Result<LoadedModel, ModelError> {
+    let source = PathBuf::from(e.name);
+    let json = serde_json::from_str(e.config_json)
+        .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
+    let mut config = ModelConfig::from_json(&json, &source.join("config.json"))?;
+    if let Some(gen) = e.generation_config_json {
+        let gen: serde_json::Value = serde_json::from_str(gen).map_err(|err| {
+            ModelError::config(&source.join("generation_config.json"), format!("not valid JSON: {err}"))
+        })?;
+        config.merge_generation_config(&gen);
+    }
+    let store =
+        TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
+    let weights = ModelWeights::load(&store, config)?;
+    let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
+    Ok(LoadedModel { model: Model::new(weights, CpuBackend::new()), tokenizer: Some(tokenizer), source })
+}

@@ -1,0 +1,326 @@
+//! The BitNet b1.58 forward pass, one function per layer, over any [`Backend`].
+
+use bitnet_models::{ModelConfig, ModelWeights, Projection};
+
+use crate::backend::{AttentionShape, Backend};
+use crate::InferenceError;
+
+/// A BitLinear on the device, with its optional input RMSNorm (`use_rms_norm`).
+pub struct Linear<B: Backend> {
+    pub weight: B::Linear,
+    pub input_norm: Option<B::Vector>,
+    /// eps of `input_norm`.
+    pub input_norm_eps: f32,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+pub struct Layer<B: Backend> {
+    input_norm: B::Vector,
+    post_attention_norm: B::Vector,
+    q_proj: Linear<B>,
+    k_proj: Linear<B>,
+    v_proj: Linear<B>,
+    o_proj: Linear<B>,
+    attn_sub_norm: Option<B::Vector>,
+    gate_proj: Linear<B>,
+    up_proj: Linear<B>,
+    down_proj: Linear<B>,
+    ffn_sub_norm: Option<B::Vector>,
+}
+
+/// Model weights living on a backend.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    embed_tokens: B::Dense,
+    lm_head: Option<B::Dense>,
+    final_norm: B::Vector,
+    layers: Vec<Layer<B>>,
+    rope_inv_freq: B::Vector,
+}
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position of the call (what generation needs).
+    Last,
+    /// Every position of the call.
+    All,
+}
+
+/// The activations of one forward call, sized for `max_batch` tokens.
+struct Activations<B: Backend> {
+    x: B::Buffer,       // residual stream [T, hidden]
+    normed: B::Buffer,  // RMSNorm output [T, max(hidden, q_dim, inter)]
+    scratch: B::Buffer, // BitLinear input norm output
+    q: B::Buffer,       // [T, q_dim]
+    k: B::Buffer,       // [T, kv_dim]
+    v: B::Buffer,       // [T, kv_dim]
+    attn: B::Buffer,    // [T, q_dim]
+    proj: B::Buffer,    // BitLinear output [T, hidden]
+    gate: B::Buffer,    // [T, inter]
+    up: B::Buffer,      // [T, inter]
+    /// Int8 inputs of the projections, one buffer per input width.
+    quant_hidden: B::QuantBuffer, // q, k, v, gate, up
+    quant_attn: B::QuantBuffer, // o
+    quant_inter: B::QuantBuffer, // down
+    logits: B::Buffer,  // [T, vocab]
+}
+
+/// One sequence being decoded: its KV cache, its activations and its position.
+pub struct Session<B: Backend> {
+    cache: B::KvCache,
+    act: Activations<B>,
+    max_batch: usize,
+    max_tokens: usize,
+    /// Tokens already in the cache.
+    pub pos: usize,
+    /// Logits of the last call, `[rows, vocab]` on the host.
+    pub logits: Vec<f32>,
+}
+
+fn upload_projection<B: Backend>(backend: &B, p: Projection, input_norm_eps: f32) -> Linear<B> {
+    let (rows, cols) = (p.weight.rows(), p.weight.cols());
+    Linear {
+        weight: backend.upload_linear(p.weight),
+        input_norm: p.input_norm.as_deref().map(|g| backend.upload_vector(g)),
+        input_norm_eps,
+        rows,
+        cols,
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Moves host weights onto the backend.
+    pub fn new(weights: ModelWeights, backend: B) -> Self {
+        let cfg = weights.config.clone();
+        let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
+        let up = |p| upload_projection(&backend, p, norm_eps);
+        let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for l in weights.layers {
+            layers.push(Layer {
+                input_norm: backend.upload_vector(&l.input_norm),
+                post_attention_norm: backend.upload_vector(&l.post_attention_norm),
+                q_proj: up(l.q_proj),
+                k_proj: up(l.k_proj),
+                v_proj: up(l.v_proj),
+                o_proj: up(l.o_proj),
+                attn_sub_norm: vec_opt(l.attn_sub_norm),
+                gate_proj: up(l.gate_proj),
+                up_proj: up(l.up_proj),
+                down_proj: up(l.down_proj),
+                ffn_sub_norm: vec_opt(l.ffn_sub_norm),
+            });
+        }
+        let rope_inv_freq =
+            backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim));
+        Self {
+            embed_tokens: backend.upload_dense(weights.embed_tokens),
+            lm_head: weights.lm_head.map(|m| backend.upload_dense(m)),
+            final_norm: backend.upload_vector(&weights.final_norm),
+            layers,
+            rope_inv_freq,
+            config: cfg,
+            backend,
+        }
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// A session that holds up to `max_tokens` tokens and runs up to `max_batch` at once.
+    pub fn session(&self, max_tokens: usize, max_batch: usize) -> Session<B> {
+        let c = &self.config;
+        let max_batch = max_batch.clamp(1, max_tokens.max(1));
+        let b = &self.backend;
+        let wide = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
+        let act = Activations {
+            x: b.buffer(max_batch * c.hidden_size),
+            normed: b.buffer(max_batch * wide),
+            scratch: b.buffer(max_batch * wide),
+            q: b.buffer(max_batch * c.q_dim()),
+            k: b.buffer(max_batch * c.kv_dim()),
+            v: b.buffer(max_batch * c.kv_dim()),
+            attn: b.buffer(max_batch * c.q_dim()),
+            proj: b.buffer(max_batch * c.hidden_size),
+            gate: b.buffer(max_batch * c.intermediate_size),
+            up: b.buffer(max_batch * c.intermediate_size),
+            quant_hidden: b.quant_buffer(max_batch, c.hidden_size),
+            quant_attn: b.quant_buffer(max_batch, c.q_dim()),
+            quant_inter: b.quant_buffer(max_batch, c.intermediate_size),
+            logits: b.buffer(max_batch * c.vocab_size),
+        };
+        Session {
+            cache: b.kv_cache(c.num_layers, max_tokens, c.kv_dim()),
+            act,
+            max_batch,
+            max_tokens,
+            pos: 0,
+            logits: Vec::with_capacity(max_batch * c.vocab_size),
+        }
+    }
+
+    /// Runs `ids` through the model after the tokens already in `session`, appending them to its
+    /// cache, and leaves the requested logits in `session.logits`. Long inputs run in chunks
+    /// of the session's batch size.
+    pub fn forward(
+        &mut self,
+        session: &mut Session<B>,
+        ids: &[u32],
+        logits: Logits,
+    ) -> Result<(), InferenceError> {
+        if ids.is_empty() {
+            return Err(InferenceError::EmptyInput);
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(InferenceError::TokenOutOfRange { id: bad, vocab_size: self.config.vocab_size });
+        }
+        if session.pos + ids.len() > session.max_tokens {
+            return Err(InferenceError::ContextFull {
+                needed: session.pos + ids.len(),
+                context: session.max_tokens,
+            });
+        }
+        let vocab = self.config.vocab_size;
+        session.logits.clear();
+        let n_chunks = ids.len().div_ceil(session.max_batch);
+        for (ci, chunk) in ids.chunks(session.max_batch).enumerate() {
+            self.forward_chunk(session, chunk);
+            let last = ci + 1 == n_chunks;
+            match logits {
+                Logits::All => self.logits(session, 0, chunk.len()),
+                Logits::Last if last => self.logits(session, chunk.len() - 1, 1),
+                Logits::Last => {}
+            }
+            session.pos += chunk.len();
+        }
+        debug_assert!(session.logits.len() % vocab == 0);
+        Ok(())
+    }
+
+    /// Final norm and lm_head for rows `first..first+count` of the chunk just run.
+    fn logits(&mut self, s: &mut Session<B>, first: usize, count: usize) {
+        let c = &self.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let b = &mut self.backend;
+        let a = &mut s.act;
+        b.rmsnorm(&a.x, Some(&self.final_norm), first + count, h, c.rms_norm_eps, &mut a.normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        b.lm_head(head, &a.normed, first, count, &mut a.logits);
+        let start = s.logits.len();
+        s.logits.resize(start + count * vocab, 0.0);
+        b.read(&a.logits, 0, &mut s.logits[start..]);
+    }
+
+    /// All layers for one chunk of at most `max_batch` tokens.
+    fn forward_chunk(&mut self, s: &mut Session<B>, ids: &[u32]) {
+        let rows = ids.len();
+        self.backend.embedding(&self.embed_tokens, ids, &mut s.act.x);
+        for l in 0..self.layers.len() {
+            self.attention_block(s, l, rows);
+            self.mlp_block(s, l, rows);
+        }
+    }
+
+    /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`.
+    fn attention_block(&mut self, s: &mut Session<B>, l: usize, rows: usize) {
+        let c = &self.config;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let layer = &self.layers[l];
+        let b = &mut self.backend;
+        let a = &mut s.act;
+        b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
+        // q, k and v read the same input: quantize it once unless each has its own norm.
+        let shared = layer.q_proj.input_norm.is_none();
+        for (proj, out) in [(&layer.q_proj, &mut a.q), (&layer.k_proj, &mut a.k), (&layer.v_proj, &mut a.v)] {
+            if !shared || std::ptr::eq(proj, &layer.q_proj) {
+                quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+            }
+            b.bitlinear(&proj.weight, &a.quant_hidden, out);
+        }
+
+        b.rope(&mut a.q, &self.rope_inv_freq, rows, s.pos, c.num_heads, c.head_dim);
+        b.rope(&mut a.k, &self.rope_inv_freq, rows, s.pos, c.num_kv_heads, c.head_dim);
+        b.kv_store(&mut s.cache, l, s.pos, rows, &a.k, &a.v);
+        let shape = AttentionShape {
+            rows,
+            pos0: s.pos,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        b.attention(&a.q, &s.cache, l, shape, &mut a.attn);
+
+        let o_in = match &layer.attn_sub_norm {
+            Some(g) => {
+                b.rmsnorm(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.normed);
+                &a.normed
+            }
+            None => &a.attn,
+        };
+        quantize_for(b, &layer.o_proj, o_in, rows, &mut a.scratch, &mut a.quant_attn);
+        b.bitlinear(&layer.o_proj.weight, &a.quant_attn, &mut a.proj);
+        b.add(&mut a.x, &a.proj, rows * h);
+    }
+
+    /// `x += down(ffn_sub_norm(act(gate(n)) · up(n)))` with `n = RMSNorm_post(x)`.
+    fn mlp_block(&mut self, s: &mut Session<B>, l: usize, rows: usize) {
+        let c = &self.config;
+        let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
+        let layer = &self.layers[l];
+        let b = &mut self.backend;
+        let a = &mut s.act;
+        b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
+        let shared = layer.gate_proj.input_norm.is_none();
+        quantize_for(b, &layer.gate_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+        b.bitlinear(&layer.gate_proj.weight, &a.quant_hidden, &mut a.gate);
+        if !shared {
+            quantize_for(b, &layer.up_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+        }
+        b.bitlinear(&layer.up_proj.weight, &a.quant_hidden, &mut a.up);
+        // The gated product overwrites the norm output, which is no longer needed.
+        b.gate(c.activation, &a.gate, &a.up, rows * i, &mut a.normed);
+        let down_in = match &layer.ffn_sub_norm {
+            Some(g) => {
+                b.rmsnorm(&a.normed, Some(g), rows, i, eps, &mut a.gate);
+                &a.gate
+            }
+            None => &a.normed,
+        };
+        quantize_for(b, &layer.down_proj, down_in, rows, &mut a.scratch, &mut a.quant_inter);
+        b.bitlinear(&layer.down_proj.weight, &a.quant_inter, &mut a.proj);
+        b.add(&mut a.x, &a.proj, rows * h);
+    }
+}
+
+/// Quantizes a BitLinear's input, through its own RMSNorm first when the checkpoint has one.
+fn quantize_for<B: Backend>(
+    b: &mut B,
+    lin: &Linear<B>,
+    x: &B::Buffer,
+    rows: usize,
+    scratch: &mut B::Buffer,
+    out: &mut B::QuantBuffer,
+) {
+    match &lin.input_norm {
+        Some(g) => {
+            b.rmsnorm(x, Some(g), rows, lin.cols, lin.input_norm_eps, scratch);
+            b.quantize(scratch, rows, lin.cols, out);
+        }
+        None => b.quantize(x, rows, lin.cols, out),
+    }
+}
+
+impl<B: Backend> Session<B> {
+    /// Forgets every token, keeping the allocations.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.logits.clear();
+    }
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+}

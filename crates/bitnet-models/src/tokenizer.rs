@@ -1,0 +1,96 @@
+//! `tokenizer.json` through the `tokenizers` crate, and a streaming detokenizer that never
+//! prints half a UTF-8 character.
+
+use std::path::{Path, PathBuf};
+
+use crate::ModelError;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses tokenizer.json bytes; `source` names them in errors.
+    pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Self, ModelError> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}")))?;
+        Ok(Self { inner, source: source.to_path_buf() })
+    }
+
+    /// Wraps an already-built tokenizer (for example one made from GGUF metadata).
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer, source: &Path) -> Self {
+        Self { inner, source: source.to_path_buf() }
+    }
+
+    /// Token ids of `text`, with the special tokens (BOS) the tokenizer's template adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| ModelError::tokenizer(&self.source, format!("cannot encode the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, with special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::tokenizer(&self.source, format!("cannot decode tokens: {e}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns a growing list of token ids into text pieces as soon as they are whole characters.
+///
+/// Decoding one token at a time breaks multi-byte characters split across byte-level tokens
+/// and loses the spaces SentencePiece attaches to the next token. So the streamer decodes a
+/// window starting a few tokens back and emits only what the new token added, holding back
+/// while the text ends in U+FFFD (an incomplete character).
+#[derive(Default)]
+pub struct TextStreamer {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl TextStreamer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, ModelError> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (an incomplete character at the end of generation).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, ModelError> {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tok.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.strip_prefix(prefix.as_str()).filter(|s| !s.is_empty()).map(str::to_string))
+    }
+}
