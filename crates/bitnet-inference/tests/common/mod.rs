@@ -1,0 +1,99 @@
+//! Golden fixtures made by transformers (tools/make_hf_fixture.py) and helpers to compare with them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bitnet_inference::load::{load_dir, LoadedModel};
+use bitnet_inference::CpuBackend;
+use bitnet_inference::{Logits, Model};
+use bitnet_models::safetensors::{Bytes, TensorStore};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// One golden safetensors file: f32 tensors widened, i64 tensors as ids.
+pub struct Golden {
+    pub floats: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub ids: HashMap<String, Vec<i64>>,
+}
+
+impl Golden {
+    pub fn open(path: &Path) -> Golden {
+        let store = TensorStore::from_files(vec![(path.to_path_buf(), Bytes::map(path).unwrap())]).unwrap();
+        let mut g = Golden { floats: HashMap::new(), ids: HashMap::new() };
+        for name in store.names() {
+            let t = store.get(name).unwrap();
+            if t.dtype == safetensors::Dtype::I64 {
+                let v = t.data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+                g.ids.insert(name.to_string(), v);
+            } else {
+                g.floats.insert(name.to_string(), (t.shape.to_vec(), t.to_f32().unwrap()));
+            }
+        }
+        g
+    }
+
+    pub fn f(&self, name: &str) -> &[f32] {
+        &self.floats.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing")).1
+    }
+
+    pub fn u32s(&self, name: &str) -> Vec<u32> {
+        self.ids[name].iter().map(|&x| x as u32).collect()
+    }
+}
+
+pub fn load(dir: &Path) -> LoadedModel {
+    load_dir(dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+}
+
+/// Logits of every position of `ids`, from one prefill.
+pub fn prefill_logits(model: &mut Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
+    let mut s = model.session(ids.len(), 512);
+    model.forward(&mut s, ids, Logits::All).unwrap();
+    s.logits.clone()
+}
+
+/// Greedy decoding with the KV cache; returns the new ids and the logits of every step.
+pub fn greedy_with_cache(
+    model: &mut Model<CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let vocab = model.config.vocab_size;
+    let mut s = model.session(prompt.len() + n, 512);
+    model.forward(&mut s, prompt, Logits::Last).unwrap();
+    let (mut out, mut steps) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let l = s.logits[..vocab].to_vec();
+        let next = bitnet_inference::sampling::argmax(&l);
+        steps.push(l);
+        out.push(next);
+        if i + 1 < n {
+            model.forward(&mut s, &[next], Logits::Last).unwrap();
+        }
+    }
+    (out, steps)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Indices of the `k` largest values, best first.
+pub fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+pub mod parity;
