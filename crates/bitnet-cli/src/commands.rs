@@ -29,6 +29,42 @@ pub struct InputArgs {
     /// Context length (default: the model's max_position_embeddings).
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Shapes to copy: 2b4t, large, 3b, 8b or tiny.
+    #[arg(long)]
+    pub config: String,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    let shape = bitnet_models::synth::shape_by_name(&a.config).with_context(|| {
+        let names: Vec<&str> = bitnet_models::synth::SHAPES.iter().map(|s| s.name).collect();
+        format!("--config `{}` is not one of {}", a.config, names.join(", "))
+    })?;
+    bitnet_models::synth::write_synthetic(&shape, &a.out, a.seed)?;
+    eprintln!("wrote {} (shapes of `{}`, random ternary weights)", a.out.display(), shape.name);
+    Ok(())
+}
+
+/// Sizes the process's one thread pool.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -134,6 +170,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
+    set_threads(a.input.threads)?;
     let mut loaded = load(&a.input.model)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
@@ -187,6 +224,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
+    set_threads(a.input.threads)?;
     let mut loaded = load(&a.input.model)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);

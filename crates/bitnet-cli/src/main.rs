@@ -1,5 +1,6 @@
 //! `bitnet`: run, inspect and (soon) convert, train and serve BitNet b1.58 models.
 
+mod bench;
 mod commands;
 mod default_model;
 
@@ -8,9 +9,6 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "bitnet", version, about = "BitNet b1.58 inference, conversion and training", long_about = None)]
 struct Cli {
-    /// Worker threads (default: all cores).
-    #[arg(short = 't', long, global = true)]
-    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,22 +31,26 @@ enum Command {
   bitnet inspect ./bitnet-b1.58-2B-4T
   bitnet inspect ./model-dir --json")]
     Inspect(commands::InspectArgs),
+    /// Write a model with real shapes and random ternary weights, for speed measurements.
+    #[command(after_help = "Examples:
+  bitnet synth --config 2b4t --out /tmp/bitnet-2b4t
+  bitnet synth --config tiny --out /tmp/tiny --seed 3")]
+    Synth(commands::SynthArgs),
+    /// Time prompt processing (ppN) and generation (tgN), llama-bench style.
+    #[command(after_help = "Examples:
+  bitnet bench --model /tmp/bitnet-2b4t -p 128,512 -n 128 -t 1,2 -r 3
+  bitnet bench --model /tmp/bitnet-2b4t -p 512 -n 0 --output json")]
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            eprintln!("error: --threads must be at least 1");
-            std::process::exit(2);
-        }
-        // The one thread pool of the process.
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-    }
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Logits(a) => commands::logits(a),
         Command::Inspect(a) => commands::inspect(a),
+        Command::Synth(a) => commands::synth(a),
+        Command::Bench(a) => bench::bench(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

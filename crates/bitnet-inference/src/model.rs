@@ -38,6 +38,8 @@ pub struct Model<B: Backend> {
     final_norm: B::Vector,
     layers: Vec<Layer<B>>,
     rope_inv_freq: B::Vector,
+    /// Weight bytes one decoded token reads: every projection, the head, one embedding row.
+    pub weight_bytes_per_token: usize,
 }
 
 /// Which positions get logits.
@@ -95,6 +97,14 @@ impl<B: Backend> Model<B> {
     /// Moves host weights onto the backend.
     pub fn new(weights: ModelWeights, backend: B) -> Self {
         let cfg = weights.config.clone();
+        let weight_bytes_per_token = weights.lm_head().bytes()
+            + weights.embed_tokens.bytes() / cfg.vocab_size.max(1)
+            + weights
+                .layers
+                .iter()
+                .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj])
+                .map(|p| p.weight.bytes())
+                .sum::<usize>();
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(&backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
@@ -124,6 +134,7 @@ impl<B: Backend> Model<B> {
             rope_inv_freq,
             config: cfg,
             backend,
+            weight_bytes_per_token,
         }
     }
 

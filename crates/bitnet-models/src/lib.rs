@@ -3,6 +3,7 @@
 pub mod config;
 pub mod error;
 pub mod safetensors;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
