@@ -73,7 +73,9 @@ fn bandwidth_probe(pool: &rayon::ThreadPool) -> f64 {
     for _ in 0..3 {
         let start = Instant::now();
         let sum: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add)
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add)
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
@@ -121,17 +123,30 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let bytes_per_token = model.weight_bytes_per_token;
     let mut rows = Vec::new();
     for &t in &a.threads {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
         let bandwidth = if a.no_probe || a.generate == 0 { None } else { Some(bandwidth_probe(&pool)) };
         for &p in &a.prompts {
             pool.install(|| time_prompt(model, p.min(8)))?; // warm-up
-            let runs = (0..a.repetitions).map(|_| pool.install(|| time_prompt(model, p))).collect::<Result<Vec<_>>>()?;
+            let runs = (0..a.repetitions)
+                .map(|_| pool.install(|| time_prompt(model, p)))
+                .collect::<Result<Vec<_>>>()?;
             let (mean, std) = mean_std(&runs);
-            rows.push(Row { test: format!("pp{p}"), threads: t, tokens_per_s: mean, stddev: std, bytes_per_token: None, bandwidth_gbs: None, roof_pct: None });
+            rows.push(Row {
+                test: format!("pp{p}"),
+                threads: t,
+                tokens_per_s: mean,
+                stddev: std,
+                bytes_per_token: None,
+                bandwidth_gbs: None,
+                roof_pct: None,
+            });
         }
         if a.generate > 0 {
             pool.install(|| time_generation(model, 4))?;
-            let runs = (0..a.repetitions).map(|_| pool.install(|| time_generation(model, a.generate))).collect::<Result<Vec<_>>>()?;
+            let runs = (0..a.repetitions)
+                .map(|_| pool.install(|| time_generation(model, a.generate)))
+                .collect::<Result<Vec<_>>>()?;
             let (mean, std) = mean_std(&runs);
             let roof = bandwidth.map(|bw| 100.0 * mean * bytes_per_token as f64 / (bw * 1e9));
             rows.push(Row {
@@ -158,9 +173,13 @@ fn print_rows(rows: &[Row], format: OutputFormat, model: &str) {
             for r in rows {
                 println!(
                     "{},{},{:.3},{:.3},{},{},{}",
-                    r.test, r.threads, r.tokens_per_s, r.stddev,
+                    r.test,
+                    r.threads,
+                    r.tokens_per_s,
+                    r.stddev,
                     r.bytes_per_token.map(|b| b.to_string()).unwrap_or_default(),
-                    opt(r.bandwidth_gbs, 2), opt(r.roof_pct, 1)
+                    opt(r.bandwidth_gbs, 2),
+                    opt(r.roof_pct, 1)
                 );
             }
         }
@@ -171,9 +190,13 @@ fn print_rows(rows: &[Row], format: OutputFormat, model: &str) {
             for r in rows {
                 println!(
                     "| {} | {} | {:.2} | {:.2} | {} | {} | {} |",
-                    r.test, r.threads, r.tokens_per_s, r.stddev,
+                    r.test,
+                    r.threads,
+                    r.tokens_per_s,
+                    r.stddev,
                     r.bytes_per_token.map(|b| b.to_string()).unwrap_or_default(),
-                    opt(r.bandwidth_gbs, 1), opt(r.roof_pct, 1)
+                    opt(r.bandwidth_gbs, 1),
+                    opt(r.roof_pct, 1)
                 );
             }
         }

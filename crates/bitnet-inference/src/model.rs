@@ -102,7 +102,9 @@ impl<B: Backend> Model<B> {
             + weights
                 .layers
                 .iter()
-                .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj])
+                .flat_map(|l| {
+                    [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                })
                 .map(|p| p.weight.bytes())
                 .sum::<usize>();
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);

@@ -27,14 +27,69 @@ pub struct SynthShape {
 
 pub const SHAPES: [SynthShape; 5] = [
     // microsoft/bitnet-b1.58-2B-4T
-    SynthShape { name: "2b4t", vocab_size: 128256, hidden_size: 2560, intermediate_size: 6912, num_layers: 30, num_heads: 20, num_kv_heads: 5, llama: false, rope_theta: 500000.0, max_position_embeddings: 4096 },
+    SynthShape {
+        name: "2b4t",
+        vocab_size: 128256,
+        hidden_size: 2560,
+        intermediate_size: 6912,
+        num_layers: 30,
+        num_heads: 20,
+        num_kv_heads: 5,
+        llama: false,
+        rope_theta: 500000.0,
+        max_position_embeddings: 4096,
+    },
     // 1bitLLM/bitnet_b1_58-large
-    SynthShape { name: "large", vocab_size: 32002, hidden_size: 1536, intermediate_size: 4096, num_layers: 24, num_heads: 16, num_kv_heads: 16, llama: false, rope_theta: 10000.0, max_position_embeddings: 2048 },
+    SynthShape {
+        name: "large",
+        vocab_size: 32002,
+        hidden_size: 1536,
+        intermediate_size: 4096,
+        num_layers: 24,
+        num_heads: 16,
+        num_kv_heads: 16,
+        llama: false,
+        rope_theta: 10000.0,
+        max_position_embeddings: 2048,
+    },
     // 1bitLLM/bitnet_b1_58-3B
-    SynthShape { name: "3b", vocab_size: 32002, hidden_size: 3200, intermediate_size: 8640, num_layers: 26, num_heads: 32, num_kv_heads: 32, llama: false, rope_theta: 10000.0, max_position_embeddings: 2048 },
+    SynthShape {
+        name: "3b",
+        vocab_size: 32002,
+        hidden_size: 3200,
+        intermediate_size: 8640,
+        num_layers: 26,
+        num_heads: 32,
+        num_kv_heads: 32,
+        llama: false,
+        rope_theta: 10000.0,
+        max_position_embeddings: 2048,
+    },
     // HF1BitLLM/Llama3-8B-1.58-100B-tokens
-    SynthShape { name: "8b", vocab_size: 128256, hidden_size: 4096, intermediate_size: 14336, num_layers: 32, num_heads: 32, num_kv_heads: 8, llama: true, rope_theta: 500000.0, max_position_embeddings: 8192 },
-    SynthShape { name: "tiny", vocab_size: 512, hidden_size: 128, intermediate_size: 384, num_layers: 2, num_heads: 4, num_kv_heads: 2, llama: false, rope_theta: 500000.0, max_position_embeddings: 256 },
+    SynthShape {
+        name: "8b",
+        vocab_size: 128256,
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_layers: 32,
+        num_heads: 32,
+        num_kv_heads: 8,
+        llama: true,
+        rope_theta: 500000.0,
+        max_position_embeddings: 8192,
+    },
+    SynthShape {
+        name: "tiny",
+        vocab_size: 512,
+        hidden_size: 128,
+        intermediate_size: 384,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        llama: false,
+        rope_theta: 500000.0,
+        max_position_embeddings: 256,
+    },
 ];
 
 pub fn shape_by_name(name: &str) -> Option<SynthShape> {
@@ -151,11 +206,31 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, seed: u64) -> Result<(), 
     tensors.push(("model.norm.weight".into(), Dtype::BF16, vec![s.hidden_size], ones(s.hidden_size)));
     for l in 0..s.num_layers {
         let p = format!("model.layers.{l}");
-        tensors.push((format!("{p}.input_layernorm.weight"), Dtype::BF16, vec![s.hidden_size], ones(s.hidden_size)));
-        tensors.push((format!("{p}.post_attention_layernorm.weight"), Dtype::BF16, vec![s.hidden_size], ones(s.hidden_size)));
+        tensors.push((
+            format!("{p}.input_layernorm.weight"),
+            Dtype::BF16,
+            vec![s.hidden_size],
+            ones(s.hidden_size),
+        ));
+        tensors.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            Dtype::BF16,
+            vec![s.hidden_size],
+            ones(s.hidden_size),
+        ));
         if !s.llama {
-            tensors.push((format!("{p}.self_attn.attn_sub_norm.weight"), Dtype::BF16, vec![q_dim], ones(q_dim)));
-            tensors.push((format!("{p}.mlp.ffn_sub_norm.weight"), Dtype::BF16, vec![s.intermediate_size], ones(s.intermediate_size)));
+            tensors.push((
+                format!("{p}.self_attn.attn_sub_norm.weight"),
+                Dtype::BF16,
+                vec![q_dim],
+                ones(q_dim),
+            ));
+            tensors.push((
+                format!("{p}.mlp.ffn_sub_norm.weight"),
+                Dtype::BF16,
+                vec![s.intermediate_size],
+                ones(s.intermediate_size),
+            ));
         }
         let projections = [
             ("self_attn.q_proj", q_dim, s.hidden_size),
@@ -167,10 +242,20 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, seed: u64) -> Result<(), 
             ("mlp.down_proj", s.hidden_size, s.intermediate_size),
         ];
         for (name, rows, cols) in projections {
-            tensors.push((format!("{p}.{name}.weight"), Dtype::U8, vec![rows / 4, cols], random_packed(&mut rng, rows / 4 * cols)));
+            tensors.push((
+                format!("{p}.{name}.weight"),
+                Dtype::U8,
+                vec![rows / 4, cols],
+                random_packed(&mut rng, rows / 4 * cols),
+            ));
             // A weight_scale (mean|W|) that keeps activations in a sane range for random weights.
             let scale = 1.0 / (cols as f32).sqrt();
-            tensors.push((format!("{p}.{name}.weight_scale"), Dtype::BF16, vec![1], bf16_bytes(std::iter::once(scale))));
+            tensors.push((
+                format!("{p}.{name}.weight_scale"),
+                Dtype::BF16,
+                vec![1],
+                bf16_bytes(std::iter::once(scale)),
+            ));
         }
     }
     let views: Vec<(String, TensorView)> = tensors
@@ -209,7 +294,8 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, seed: u64) -> Result<(), 
     });
     let write_json = |name: &str, v: &serde_json::Value| -> Result<(), ModelError> {
         let p = out.join(name);
-        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap_or_default()).map_err(|e| ModelError::io(&p, e))
+        std::fs::write(&p, serde_json::to_string_pretty(v).unwrap_or_default())
+            .map_err(|e| ModelError::io(&p, e))
     };
     write_json("config.json", &config)?;
     write_json("generation_config.json", &json!({"bos_token_id": bos, "eos_token_id": [eos]}))?;
