@@ -20,7 +20,8 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-pub trait Backend {
+/// `Send` so that a whole generation loop can run on a worker thread of the pool.
+pub trait Backend: Send {
     /// A ternary matrix in the device's kernel layout.
     type Linear: Send + Sync;
     /// A float matrix (embeddings, lm_head).
@@ -28,11 +29,11 @@ pub trait Backend {
     /// A float vector (norm gains, RoPE frequencies).
     type Vector: Send + Sync;
     /// Float activations.
-    type Buffer;
+    type Buffer: Send;
     /// Int8 activations with one scale per token.
-    type QuantBuffer;
+    type QuantBuffer: Send;
     /// Keys and values of every layer of one sequence.
-    type KvCache;
+    type KvCache: Send;
 
     fn name(&self) -> String;
 

@@ -96,7 +96,22 @@ impl StopMatcher<'_> {
 
 /// Generates from `prompt_ids`, calling `on_text` with each piece of text as it completes.
 /// The session is reset first.
+///
+/// The loop runs on a worker thread of the thread pool: every parallel kernel call it makes
+/// then goes through that worker's own queue, instead of the pool's injector, which allocates
+/// a new block every few dozen calls from outside. Decoding then allocates nothing.
 pub fn generate<B: Backend>(
+    model: &mut Model<B>,
+    session: &mut Session<B>,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    on_text: impl FnMut(&str) + Send,
+) -> Result<Generation, InferenceError> {
+    rayon::scope(|_| generate_on_this_thread(model, session, tokenizer, prompt_ids, opts, on_text))
+}
+
+fn generate_on_this_thread<B: Backend>(
     model: &mut Model<B>,
     session: &mut Session<B>,
     tokenizer: &Tokenizer,
