@@ -210,12 +210,12 @@ unsafe fn ternary_tile<const DOT: bool, const MT: usize, S: Sink>(
                     let c = codes(vld1q_u8(wb.add(16 * h)));
                     for i in 0..MT {
                         let xp = xs[i].as_ptr().add(b * BLOCK_COLS + 16 * h);
-                        for s in 0..4 {
+                        for (s, &cs) in c.iter().enumerate() {
                             let xv = vld1q_s8(xp.add(64 * s));
                             if DOT {
-                                acc[i] = sdot(acc[i], c[s], xv);
+                                acc[i] = sdot(acc[i], cs, xv);
                             } else {
-                                p[i] = mla16(p[i], c[s], xv);
+                                p[i] = mla16(p[i], cs, xv);
                             }
                         }
                     }
