@@ -2,12 +2,28 @@
 //!
 //! The numerics follow `bitnet-reference.md` §2: absmean ternary weights with one scale per
 //! matrix, absmax int8 activations with one scale per token, round-half-to-even.
+//!
+//! * [`quantize`]: the quantizers; [`metrics`]: MSE, SQNR and cosine similarity.
+//! * [`hf_pack`]: the Hugging Face 2-bit packing.
+//! * [`layout`]: the engine's packed layout, built at load by [`TernaryMatrix::from_ternary`].
+//! * [`TernaryMatrix`] / [`Int8Matrix`] × [`QuantizedActivations`]: the products, on the
+//!   [`KernelPath`] chosen at run time.
 
+mod aligned;
 pub mod hf_pack;
+pub mod int8;
+pub mod kernels;
+pub mod layout;
+pub mod metrics;
 pub mod quantize;
+pub mod selftest;
 pub mod ternary;
 
-pub use quantize::{absmean_ternary, quantize_activation_row, ActivationScale};
+pub use int8::Int8Matrix;
+pub use kernels::KernelPath;
+pub use quantize::{
+    absmean_ternary, quantize_activation_row, quantize_symmetric, ActivationScale, Granularity,
+};
 pub use ternary::{QuantizedActivations, TernaryMatrix, WeightScale};
 
 /// Errors of this crate: shapes that do not fit the data they describe.

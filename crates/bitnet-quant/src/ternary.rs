@@ -4,6 +4,9 @@
 //! `acc = Σ q_i8 · t`, then `y = acc / s_a · mean|W|` (multiplier form) or
 //! `y = acc / (s_a · weight_scale)` (BitLinear divisor form).
 
+use crate::aligned::AlignedBytes;
+use crate::kernels::{self, for_ranges, I32Sink, KernelPath, MapSink, SharedOut, Sink};
+use crate::layout::{padded_cols, PackedTernary, ROW_TILE};
 use crate::{quantize_activation_row, QuantError};
 
 /// How the stored per-matrix scale turns an integer dot product back into a float.
@@ -35,31 +38,78 @@ impl WeightScale {
 }
 
 /// Int8 activations of `m` tokens of width `k`, with one scale per token.
-/// Allocated once for the largest batch; quantizing never allocates.
+///
+/// Allocated once for the largest batch; quantizing never allocates. Each token's row is
+/// zero-padded to a whole number of 256-column kernel blocks and starts on a 64-byte boundary,
+/// and carries the sum of its int8 values, which the kernels need to turn the unsigned 2-bit
+/// weight codes back into {-1, 0, 1}.
 #[derive(Clone, Debug)]
 pub struct QuantizedActivations {
     k: usize,
+    stride: usize,
     m: usize,
-    q: Vec<i8>,
+    max_m: usize,
+    q: AlignedBytes,
     scales: Vec<f32>,
+    sums: Vec<i32>,
 }
 
 impl QuantizedActivations {
     /// Room for up to `max_m` tokens of width `k`.
     pub fn new(max_m: usize, k: usize) -> Self {
-        Self { k, m: 0, q: vec![0; max_m * k], scales: vec![0.0; max_m] }
+        let stride = padded_cols(k);
+        Self {
+            k,
+            stride,
+            m: 0,
+            max_m,
+            q: AlignedBytes::zeroed(max_m * stride),
+            scales: vec![0.0; max_m],
+            sums: vec![0; max_m],
+        }
     }
 
     /// Quantizes `x` (`m` rows of `k` floats) per token. Panics if `m` exceeds the capacity,
     /// which is a programming error, not bad input.
     pub fn quantize(&mut self, x: &[f32], m: usize) {
-        assert!(m * self.k <= self.q.len() && x.len() == m * self.k, "activation buffer too small");
+        assert!(m <= self.max_m && x.len() == m * self.k, "activation buffer too small");
         self.m = m;
-        for ((row, q), s) in
-            x.chunks_exact(self.k).zip(self.q.chunks_exact_mut(self.k)).zip(self.scales.iter_mut())
-        {
-            *s = quantize_activation_row(row, q);
+        let (k, stride) = (self.k, self.stride);
+        let q = self.q.as_i8_mut();
+        for (i, row) in x.chunks_exact(k.max(1)).take(m).enumerate() {
+            // The padding past `k` is zero from `new` and is never written.
+            let qi = &mut q[i * stride..i * stride + k];
+            self.scales[i] = quantize_activation_row(row, qi);
+            self.sums[i] = qi.iter().map(|&v| v as i32).sum();
         }
+        if k == 0 {
+            self.scales[..m].fill(127.0 / crate::quantize::QUANT_EPS);
+            self.sums[..m].fill(0);
+        }
+    }
+
+    /// Loads already-quantized tokens: `q` holds `m` rows of `k` int8 values, `scales` their
+    /// `s_a`. For callers with their own activation quantizer, and for tests.
+    pub fn set_int8(&mut self, q: &[i8], scales: &[f32], m: usize) -> Result<(), QuantError> {
+        if m > self.max_m || q.len() != m * self.k || scales.len() != m {
+            return Err(QuantError::Shape(format!(
+                "{} int8 values and {} scales are not {m} tokens of width {} (capacity {})",
+                q.len(),
+                scales.len(),
+                self.k,
+                self.max_m
+            )));
+        }
+        self.m = m;
+        let (k, stride) = (self.k, self.stride);
+        let buf = self.q.as_i8_mut();
+        for i in 0..m {
+            let src = &q[i * k..(i + 1) * k];
+            buf[i * stride..i * stride + k].copy_from_slice(src);
+            self.sums[i] = src.iter().map(|&v| v as i32).sum();
+        }
+        self.scales[..m].copy_from_slice(scales);
+        Ok(())
     }
 
     pub fn m(&self) -> usize {
@@ -68,23 +118,37 @@ impl QuantizedActivations {
     pub fn k(&self) -> usize {
         self.k
     }
+    /// The most tokens this buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.max_m
+    }
     /// The int8 values of token `i`.
     pub fn row(&self, i: usize) -> &[i8] {
-        &self.q[i * self.k..(i + 1) * self.k]
+        &self.q.as_i8()[i * self.stride..i * self.stride + self.k]
+    }
+    /// Token `i` with its zero padding: `padded_cols(k)` values, 64-byte aligned.
+    pub fn padded_row(&self, i: usize) -> &[i8] {
+        &self.q.as_i8()[i * self.stride..(i + 1) * self.stride]
     }
     /// The scale `s_a` of token `i`.
     pub fn scale(&self, i: usize) -> f32 {
         self.scales[i]
     }
+    /// The scales of the `m` current tokens.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales[..self.m]
+    }
+    /// `Σ_c q[i, c]`, the sum of token `i`'s int8 values.
+    pub fn sum(&self, i: usize) -> i32 {
+        self.sums[i]
+    }
 }
 
-/// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale.
+/// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale, packed
+/// at construction into the kernels' layout ([`crate::layout`]).
 #[derive(Clone, Debug)]
 pub struct TernaryMatrix {
-    rows: usize,
-    cols: usize,
-    /// Row-major codes in {-1, 0, 1}.
-    codes: Vec<i8>,
+    packed: PackedTernary,
     scale: WeightScale,
 }
 
@@ -96,7 +160,7 @@ impl TernaryMatrix {
         cols: usize,
         scale: WeightScale,
     ) -> Result<Self, QuantError> {
-        if codes.len() != rows * cols {
+        if rows.checked_mul(cols) != Some(codes.len()) {
             return Err(QuantError::Shape(format!(
                 "{} ternary codes cannot form a [{rows}, {cols}] matrix",
                 codes.len()
@@ -105,55 +169,147 @@ impl TernaryMatrix {
         if let Some(bad) = codes.iter().find(|&&c| !(-1..=1).contains(&c)) {
             return Err(QuantError::Shape(format!("ternary code {bad} is not in {{-1, 0, 1}}")));
         }
-        Ok(Self { rows, cols, codes: codes.to_vec(), scale })
+        Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale })
     }
 
     pub fn rows(&self) -> usize {
-        self.rows
+        self.packed.rows()
     }
     pub fn cols(&self) -> usize {
-        self.cols
+        self.packed.cols()
     }
     pub fn scale(&self) -> WeightScale {
         self.scale
     }
-    /// Bytes the packed weights take in memory.
+    /// Bytes the packed weights take in memory (2 bits per weight, plus padding).
     pub fn bytes(&self) -> usize {
-        self.codes.len()
+        self.packed.bytes()
     }
 
     /// The row-major ternary codes (for export and tests).
     pub fn to_ternary(&self) -> Vec<i8> {
-        self.codes.clone()
+        self.packed.unpack()
     }
 
     /// Integer products `out[i * rows + r] = Σ_c x[i, c] · W[r, c]` for every token `i`.
     pub fn matmul_i32(&self, x: &QuantizedActivations, out: &mut [i32]) {
-        assert_eq!(x.k(), self.cols, "activation width does not match the matrix");
-        assert!(out.len() >= x.m() * self.rows, "output buffer too small");
-        for i in 0..x.m() {
-            reference_gemv_i32(
-                &self.codes,
-                self.rows,
-                self.cols,
-                x.row(i),
-                &mut out[i * self.rows..(i + 1) * self.rows],
-            );
-        }
+        self.matmul_i32_with(KernelPath::active(), x, out)
+    }
+
+    /// [`TernaryMatrix::matmul_i32`] on a chosen kernel path (the best one if this CPU
+    /// cannot run `path`).
+    pub fn matmul_i32_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [i32]) {
+        self.check(x, out.len());
+        self.run(path, x, &I32Sink(SharedOut::new(out, self.rows())));
     }
 
     /// `out[i * rows + r] = scale(Σ_c x[i, c] · W[r, c], s_a[i])`: the BitLinear output.
     pub fn forward(&self, x: &QuantizedActivations, out: &mut [f32]) {
-        assert_eq!(x.k(), self.cols, "activation width does not match the matrix");
-        assert!(out.len() >= x.m() * self.rows, "output buffer too small");
-        for i in 0..x.m() {
-            let s_a = x.scale(i);
-            let xr = x.row(i);
-            for (r, y) in out[i * self.rows..(i + 1) * self.rows].iter_mut().enumerate() {
-                let w = &self.codes[r * self.cols..(r + 1) * self.cols];
-                *y = self.scale.apply(dot_i8(w, xr), s_a);
-            }
+        self.forward_with(KernelPath::active(), x, out)
+    }
+
+    /// [`TernaryMatrix::forward`] on a chosen kernel path (the best one if this CPU cannot
+    /// run `path`).
+    pub fn forward_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [f32]) {
+        self.check(x, out.len());
+        let (scale, s_a) = (self.scale, x.scales());
+        let sink = MapSink(SharedOut::new(out, self.rows()), move |acc, t, _r| scale.apply(acc, s_a[t]));
+        self.run(path, x, &sink);
+    }
+
+    fn check(&self, x: &QuantizedActivations, out_len: usize) {
+        assert_eq!(x.k(), self.cols(), "activation width does not match the matrix");
+        assert!(out_len >= x.m() * self.rows(), "output buffer too small");
+    }
+
+    /// Splits the product by row tiles over the thread pool and runs `path`'s kernels.
+    fn run<S: Sink>(&self, path: KernelPath, x: &QuantizedActivations, sink: &S) {
+        let path = path.or_best();
+        let (w, m) = (&self.packed, x.m());
+        let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
+        if w.blocks() == 0 {
+            // K = 0: every dot product is empty.
+            (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
+        } else if m == 1 {
+            for_ranges(w.tiles(), macs, |tiles| ternary_gemv(path, w, x, tiles, sink));
+        } else {
+            // Rows per cache block: about 96 KiB of weights, which stay in L2 while every
+            // token tile streams past them.
+            let row_bytes = padded_cols(w.cols()) / 4;
+            let block_rows = ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
+            for_ranges(w.tiles(), macs, |tiles| {
+                let end = (tiles.end * ROW_TILE).min(w.rows());
+                let mut r = tiles.start * ROW_TILE;
+                while r < end {
+                    let rows = r..(r + block_rows).min(end);
+                    ternary_gemm(path, w, x, rows.clone(), 0..m, sink);
+                    r = rows.end;
+                }
+            });
         }
+    }
+}
+
+/// `W · x[0]` for the rows of `tiles` on `path`, which the caller has checked is available.
+fn ternary_gemv<S: Sink>(
+    path: KernelPath,
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: std::ops::Range<usize>,
+    sink: &S,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `run` passes only paths whose CPU features `is_available` confirmed.
+        KernelPath::Avx2 => unsafe { kernels::avx2::ternary_gemv(w, x, tiles, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Bw => unsafe { kernels::avx512::ternary_gemv::<false, S>(w, x, tiles, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Vnni => unsafe { kernels::avx512::ternary_gemv::<true, S>(w, x, tiles, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonPlain => unsafe { kernels::neon::ternary_gemv::<false, S>(w, x, tiles, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonDotprod => unsafe { kernels::neon::ternary_gemv::<true, S>(w, x, tiles, sink) },
+        _ => kernels::scalar::ternary_gemv(w, x, tiles, sink),
+    }
+}
+
+/// `W · x[tokens]` for `rows` on `path`, which the caller has checked is available.
+fn ternary_gemm<S: Sink>(
+    path: KernelPath,
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: std::ops::Range<usize>,
+    tokens: std::ops::Range<usize>,
+    sink: &S,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `run` passes only paths whose CPU features `is_available` confirmed.
+        KernelPath::Avx2 => unsafe { kernels::avx2::ternary_gemm(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Bw => unsafe {
+            kernels::avx512::ternary_gemm::<false, S>(w, x, rows, tokens, sink)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Vnni => unsafe {
+            kernels::avx512::ternary_gemm::<true, S>(w, x, rows, tokens, sink)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonPlain => unsafe { kernels::neon::ternary_gemm::<false, S>(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonDotprod => unsafe {
+            kernels::neon::ternary_gemm::<true, S>(w, x, rows, tokens, sink)
+        },
+        _ => kernels::scalar::ternary_gemm(w, x, rows, tokens, sink),
     }
 }
 

@@ -1,0 +1,238 @@
+//! `Int8Matrix`: a dense int8 weight matrix with one f32 scale per row, for an lm_head that the
+//! user chooses to run in int8 instead of float.
+//!
+//! `W[r, c] ≈ q[r, c] · scale[r]` with `q ∈ [-127, 127]` (symmetric; -128 is refused because
+//! the AVX2 kernel negates weights). The product with int8 activations is
+//! `acc = Σ_c x[c] · q[r, c]` in i32, and the float output is `(acc / s_a) · scale[r]`.
+
+use crate::aligned::AlignedBytes;
+use crate::kernels::{self, for_ranges, I32Sink, KernelPath, MapSink, SharedOut, Sink};
+use crate::layout::{padded_cols, ROW_TILE};
+use crate::quantize::{quantize_symmetric, Granularity};
+use crate::{QuantError, QuantizedActivations};
+
+/// Int8 weights, row-major with each row zero-padded to the activations' padded width and the
+/// row count padded to a multiple of 8, so a GEMV can run eight rows at a time.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedInt8 {
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    data: AlignedBytes,
+}
+
+impl PackedInt8 {
+    fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
+        let stride = padded_cols(cols);
+        let mut data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
+        let buf = data.as_i8_mut();
+        for (r, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+            buf[r * stride..r * stride + cols].copy_from_slice(row);
+        }
+        Self { rows, cols, stride, data }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Bytes between rows (`padded_cols(cols)`).
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+    /// Row `r` with its zero padding (`stride` values).
+    pub(crate) fn row(&self, r: usize) -> &[i8] {
+        &self.data.as_i8()[r * self.stride..(r + 1) * self.stride]
+    }
+    /// Rows `8g..8g+8` (padding rows included): `8 · stride` values.
+    pub(crate) fn group(&self, g: usize) -> &[i8] {
+        let len = ROW_TILE * self.stride;
+        &self.data.as_i8()[g * len..(g + 1) * len]
+    }
+    fn groups(&self) -> usize {
+        self.rows.div_ceil(ROW_TILE)
+    }
+}
+
+/// A dense int8 matrix `[rows, cols]` with a per-row f32 scale (a multiplier).
+#[derive(Clone, Debug)]
+pub struct Int8Matrix {
+    packed: PackedInt8,
+    scales: Vec<f32>,
+}
+
+impl Int8Matrix {
+    /// Quantizes float weights per row: `scale[r] = max|W[r]| / 127`,
+    /// `q = round_half_even(W / scale[r])` ([`crate::quantize::quantize_symmetric`], 8 bits).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if rows.checked_mul(cols) != Some(w.len()) {
+            return Err(QuantError::Shape(format!(
+                "{} weights cannot form a [{rows}, {cols}] matrix",
+                w.len()
+            )));
+        }
+        let q = quantize_symmetric(w, 8, Granularity::PerRow { cols })?;
+        Self::from_int8(&q.values, &q.scales, rows, cols)
+    }
+
+    /// Builds the matrix from row-major int8 weights in [-127, 127] and one scale per row.
+    pub fn from_int8(q: &[i8], scales: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if rows.checked_mul(cols) != Some(q.len()) || scales.len() != rows {
+            return Err(QuantError::Shape(format!(
+                "{} int8 weights and {} row scales cannot form a [{rows}, {cols}] matrix",
+                q.len(),
+                scales.len()
+            )));
+        }
+        if let Some(i) = q.iter().position(|&v| v == i8::MIN) {
+            return Err(QuantError::Shape(format!(
+                "int8 weight -128 at row {}, column {}: the int8 kernels take symmetric weights in [-127, 127]",
+                i / cols,
+                i % cols
+            )));
+        }
+        Ok(Self { packed: PackedInt8::pack(q, rows, cols), scales: scales.to_vec() })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.packed.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.packed.cols
+    }
+    /// The per-row multipliers: `W[r, c] ≈ q[r, c] · scales()[r]`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// Bytes the weights take in memory (padding included, scales excluded).
+    pub fn bytes(&self) -> usize {
+        self.packed.data.as_bytes().len()
+    }
+
+    /// The row-major int8 weights.
+    pub fn to_int8(&self) -> Vec<i8> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut q = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            q.extend_from_slice(&self.packed.row(r)[..cols]);
+        }
+        q
+    }
+
+    /// Integer products `out[i * rows + r] = Σ_c x[i, c] · q[r, c]`.
+    pub fn matmul_i32(&self, x: &QuantizedActivations, out: &mut [i32]) {
+        self.matmul_i32_with(KernelPath::active(), x, out)
+    }
+
+    /// [`Int8Matrix::matmul_i32`] on a chosen path (the best one if this CPU cannot run it).
+    pub fn matmul_i32_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [i32]) {
+        self.check(x, out.len());
+        self.run(path, x, &I32Sink(SharedOut::new(out, self.rows())));
+    }
+
+    /// `out[i * rows + r] = (Σ_c x[i, c] · q[r, c]) / s_a[i] · scale[r]`.
+    pub fn forward(&self, x: &QuantizedActivations, out: &mut [f32]) {
+        self.forward_with(KernelPath::active(), x, out)
+    }
+
+    /// [`Int8Matrix::forward`] on a chosen path (the best one if this CPU cannot run it).
+    pub fn forward_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [f32]) {
+        self.check(x, out.len());
+        let (scales, s_a) = (&self.scales, x.scales());
+        let sink = MapSink(SharedOut::new(out, self.rows()), move |acc: i32, t: usize, r: usize| {
+            (acc as f32 / s_a[t]) * scales[r]
+        });
+        self.run(path, x, &sink);
+    }
+
+    fn check(&self, x: &QuantizedActivations, out_len: usize) {
+        assert_eq!(x.k(), self.cols(), "activation width does not match the matrix");
+        assert!(out_len >= x.m() * self.rows(), "output buffer too small");
+    }
+
+    fn run<S: Sink>(&self, path: KernelPath, x: &QuantizedActivations, sink: &S) {
+        let path = path.or_best();
+        let (w, m) = (&self.packed, x.m());
+        let macs = m * w.groups() * ROW_TILE * w.stride();
+        if w.stride() == 0 {
+            // K = 0: every dot product is empty.
+            (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
+        } else if m == 1 {
+            for_ranges(w.groups(), macs, |groups| int8_gemv(path, w, x, groups, sink));
+        } else {
+            // About 96 KiB of weights per cache block, as for the ternary GEMM.
+            let block_rows = ((96 << 10) / w.stride().max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
+            for_ranges(w.groups(), macs, |groups| {
+                let end = (groups.end * ROW_TILE).min(w.rows());
+                let mut r = groups.start * ROW_TILE;
+                while r < end {
+                    let rows = r..(r + block_rows).min(end);
+                    int8_gemm(path, w, x, rows.clone(), 0..m, sink);
+                    r = rows.end;
+                }
+            });
+        }
+    }
+}
+
+fn int8_gemv<S: Sink>(
+    path: KernelPath,
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    groups: std::ops::Range<usize>,
+    sink: &S,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `run` passes only paths whose CPU features `is_available` confirmed.
+        KernelPath::Avx2 => unsafe { kernels::avx2::int8_gemv(w, x, groups, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Bw => unsafe { kernels::avx512::int8_gemv::<false, S>(w, x, groups, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Vnni => unsafe { kernels::avx512::int8_gemv::<true, S>(w, x, groups, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonPlain => unsafe { kernels::neon::int8_gemv::<false, S>(w, x, groups, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonDotprod => unsafe { kernels::neon::int8_gemv::<true, S>(w, x, groups, sink) },
+        _ => {
+            let rows = groups.start * ROW_TILE..(groups.end * ROW_TILE).min(w.rows());
+            kernels::scalar::int8_gemm(w, x, rows, 0..1, sink)
+        }
+    }
+}
+
+fn int8_gemm<S: Sink>(
+    path: KernelPath,
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: std::ops::Range<usize>,
+    tokens: std::ops::Range<usize>,
+    sink: &S,
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `run` passes only paths whose CPU features `is_available` confirmed.
+        KernelPath::Avx2 => unsafe { kernels::avx2::int8_gemm(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Bw => unsafe { kernels::avx512::int8_gemm::<false, S>(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        KernelPath::Avx512Vnni => unsafe { kernels::avx512::int8_gemm::<true, S>(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonPlain => unsafe { kernels::neon::int8_gemm::<false, S>(w, x, rows, tokens, sink) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        KernelPath::NeonDotprod => unsafe { kernels::neon::int8_gemm::<true, S>(w, x, rows, tokens, sink) },
+        _ => kernels::scalar::int8_gemm(w, x, rows, tokens, sink),
+    }
+}
+
+/// The scalar reference: `out[r] = Σ_c q[r, c] · x[c]` over row-major int8 weights.
+pub fn reference_gemv_i32(q: &[i8], rows: usize, cols: usize, x: &[i8], out: &mut [i32]) {
+    crate::ternary::reference_gemv_i32(q, rows, cols, x, out)
+}

@@ -1,0 +1,316 @@
+//! AVX2 kernels.
+//!
+//! Ternary: `vpmaddubsw(codes u8 ∈ {0,1,2}, x i8)` gives i16 pair sums in [-512, 508]; those
+//! are summed in i16 while they provably fit, widened with `vpmaddwd(·, 1)` to i32, reduced,
+//! and the token's activation sum is subtracted to shift the codes to {-1, 0, 1}.
+//!
+//! Int8: `vpmaddubsw(|x|, sign(w, x))` = `x·w` pairwise (|x| ≤ 128 and |w| ≤ 127, so a pair sum
+//! is at most 32512 and never saturates), widened to i32 at once.
+//!
+//! Every function here is `unsafe` because it needs AVX2; the dispatchers call them only after
+//! `KernelPath::Avx2.is_available()` (or AVX-512, which implies it). Shapes are checked by the
+//! safe packed types before any pointer is formed.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::Sink;
+use crate::int8::PackedInt8;
+use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
+use crate::QuantizedActivations;
+
+/// Tokens that share one unpacked weight block in the GEMM.
+const TOKEN_TILE: usize = 8;
+/// Blocks whose i16 partial sums can be added before widening: a block adds 8 `maddubs`
+/// results in [-512, 508] to each lane, and 64 of them stay within [-32768, 32512].
+const I16_BLOCKS: usize = 8;
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load(p: *const u8) -> __m256i {
+    // SAFETY: callers pass pointers to 32 readable bytes (inside checked slices).
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_i8(p: *const i8) -> __m256i {
+    // SAFETY: as in `load`.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// The four 2-bit fields of 32 packed bytes: `[s]` holds the codes of columns `64·s + j`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn codes(v: __m256i) -> [__m256i; 4] {
+    let mask = _mm256_set1_epi8(3);
+    [
+        _mm256_and_si256(v, mask),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(v), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(v), mask),
+    ]
+}
+
+/// `Σ u·x` over the 128 columns that one 32-byte half of a block codes, as i16 lanes in
+/// [-2048, 2032]. `x` points at the activation of the half's first column.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn half_dot(c: &[__m256i; 4], x: *const i8) -> __m256i {
+    // SAFETY: `x` and the three offsets below are inside the 256-column block of `x`.
+    unsafe {
+        let p01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[0], load_i8(x)),
+            _mm256_maddubs_epi16(c[1], load_i8(x.add(64))),
+        );
+        let p23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[2], load_i8(x.add(128))),
+            _mm256_maddubs_epi16(c[3], load_i8(x.add(192))),
+        );
+        _mm256_add_epi16(p01, p23)
+    }
+}
+
+/// Horizontal sums of eight vectors: lane `i` of the result is the sum of `a[i]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) fn reduce8(a: &[__m256i; 8]) -> __m256i {
+    let s01 = _mm256_hadd_epi32(a[0], a[1]);
+    let s23 = _mm256_hadd_epi32(a[2], a[3]);
+    let s45 = _mm256_hadd_epi32(a[4], a[5]);
+    let s67 = _mm256_hadd_epi32(a[6], a[7]);
+    let t0 = _mm256_hadd_epi32(s01, s23);
+    let t1 = _mm256_hadd_epi32(s45, s67);
+    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(t0, t1), _mm256_permute2x128_si256::<0x31>(t0, t1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn to_array(v: __m256i) -> [i32; 8] {
+    let mut out = [0i32; 8];
+    // SAFETY: `out` has room for 32 bytes.
+    unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) };
+    out
+}
+
+/// GEMV (one token) over row tiles `tiles`: eight rows at a time, reading each tile's weights
+/// as one stream.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_gemv<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    let blocks = w.blocks();
+    let xr = x.padded_row(0);
+    assert!(xr.len() >= blocks * BLOCK_COLS);
+    let xsum = _mm256_set1_epi32(x.sum(0));
+    let ones = _mm256_set1_epi16(1);
+    for g in tiles {
+        let tile = w.tile(g);
+        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+        for b in 0..blocks {
+            // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` holds `blocks`
+            // blocks of 256 activations, so every offset below is in bounds.
+            unsafe {
+                let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+                let xb = xr.as_ptr().add(b * BLOCK_COLS);
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    let wr = wb.add(ri * BLOCK_BYTES);
+                    let p = _mm256_add_epi16(
+                        half_dot(&codes(load(wr)), xb),
+                        half_dot(&codes(load(wr.add(32))), xb.add(32)),
+                    );
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        let dots = to_array(_mm256_sub_epi32(reduce8(&acc), xsum));
+        let r0 = g * ROW_TILE;
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(0, r0 + ri, d);
+        }
+    }
+}
+
+/// GEMM over `rows` × `tokens`: each row's weight block is unpacked once and applied to a tile
+/// of up to eight tokens.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_gemm<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        // SAFETY: AVX2 is present (this function's contract).
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => ternary_tile::<TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => ternary_tile::<4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => ternary_tile::<2, S>(w, x, rows.clone(), t0, sink),
+                _ => ternary_tile::<1, S>(w, x, rows.clone(), t0, sink),
+            }
+        };
+    }
+}
+
+/// Tokens `t0..t0 + MT` against `rows`; returns `MT`.
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_tile<const MT: usize, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let blocks = w.blocks();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= blocks * BLOCK_COLS));
+    let xp: [*const i8; MT] = std::array::from_fn(|i| xs[i].as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    for r in rows {
+        let tile = w.tile(r / ROW_TILE);
+        let wr = tile[(r % ROW_TILE) * BLOCK_BYTES..].as_ptr();
+        let mut acc32 = [_mm256_setzero_si256(); 8];
+        let mut b = 0;
+        while b < blocks {
+            let end = (b + I16_BLOCKS).min(blocks);
+            let mut acc16 = [_mm256_setzero_si256(); MT];
+            for bb in b..end {
+                // SAFETY: row `r`'s block `bb` starts `bb · 8 · 64` bytes after its first
+                // block, inside `tile`; token rows hold `blocks · 256` activations.
+                unsafe {
+                    let wb = wr.add(bb * ROW_TILE * BLOCK_BYTES);
+                    let lo = codes(load(wb));
+                    let hi = codes(load(wb.add(32)));
+                    for i in 0..MT {
+                        let xb = xp[i].add(bb * BLOCK_COLS);
+                        let p = _mm256_add_epi16(half_dot(&lo, xb), half_dot(&hi, xb.add(32)));
+                        acc16[i] = _mm256_add_epi16(acc16[i], p);
+                    }
+                }
+            }
+            for i in 0..MT {
+                acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones));
+            }
+            b = end;
+        }
+        let dots = to_array(reduce8(&acc32));
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            sink.put(t0 + i, r, d - x.sum(t0 + i));
+        }
+    }
+    MT
+}
+
+/// `x·w` pairwise for 32 int8 values as i32 lanes (8 × 4 products).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn int8_dot(w: __m256i, x: __m256i, ones: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), ones)
+}
+
+/// Int8 GEMV (one token), eight rows at a time.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn int8_gemv<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    groups: Range<usize>,
+    sink: &S,
+) {
+    let stride = w.stride();
+    let xr = x.padded_row(0);
+    assert!(xr.len() >= stride);
+    let ones = _mm256_set1_epi16(1);
+    for g in groups {
+        let group = w.group(g);
+        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+        for c in (0..stride).step_by(32) {
+            // SAFETY: the group holds 8 rows of `stride` bytes and `xr` `stride` values;
+            // `c + 32 <= stride` because the stride is a multiple of 256.
+            unsafe {
+                let xv = load_i8(xr.as_ptr().add(c));
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    let wv = load_i8(group.as_ptr().add(ri * stride + c));
+                    *a = _mm256_add_epi32(*a, int8_dot(wv, xv, ones));
+                }
+            }
+        }
+        let dots = to_array(reduce8(&acc));
+        let r0 = g * ROW_TILE;
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(0, r0 + ri, d);
+        }
+    }
+}
+
+/// Int8 GEMM over `rows` × `tokens`, one row against up to eight tokens at a time.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn int8_gemm<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        // SAFETY: AVX2 is present (this function's contract).
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => int8_tile::<TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => int8_tile::<4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => int8_tile::<2, S>(w, x, rows.clone(), t0, sink),
+                _ => int8_tile::<1, S>(w, x, rows.clone(), t0, sink),
+            }
+        };
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn int8_tile<const MT: usize, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let stride = w.stride();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= stride));
+    let ones = _mm256_set1_epi16(1);
+    for r in rows {
+        let wr = w.row(r);
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for c in (0..stride).step_by(32) {
+            // SAFETY: `wr` and every token row hold `stride` values and `c + 32 <= stride`.
+            unsafe {
+                let wv = load_i8(wr.as_ptr().add(c));
+                for i in 0..MT {
+                    acc[i] = _mm256_add_epi32(acc[i], int8_dot(wv, load_i8(xs[i].as_ptr().add(c)), ones));
+                }
+            }
+        }
+        let dots = to_array(reduce8(&acc));
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            sink.put(t0 + i, r, d);
+        }
+    }
+    MT
+}

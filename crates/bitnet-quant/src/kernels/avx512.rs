@@ -1,0 +1,444 @@
+//! AVX-512 kernels (F + BW, with VNNI where present).
+//!
+//! A whole 64-byte block is one register, and its four 2-bit fields are the codes of four runs
+//! of 64 consecutive columns. With VNNI, `vpdpbusd(acc, codes u8, x i8)` sums four products
+//! straight into i32 lanes; without it, `vpmaddubsw` + `vpmaddwd` as in the AVX2 kernels.
+//! Int8 weights use `|x|` (u8) times `w` with the sign of `x` moved onto it.
+//!
+//! The kernel bodies are `#[inline(always)]` and generic over `VNNI`; thin wrappers compile
+//! them under `avx512f,avx512bw` or `avx512f,avx512bw,avx512vnni`. Callers must have checked
+//! the features with `KernelPath::Avx512Bw/Avx512Vnni.is_available()`.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::reduce8;
+use super::Sink;
+use crate::int8::PackedInt8;
+use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
+use crate::QuantizedActivations;
+
+/// Tokens that share one unpacked weight block in the GEMM.
+const TOKEN_TILE: usize = 8;
+/// Blocks whose i16 sums fit before widening (no VNNI): a block adds 4 `maddubs` results in
+/// [-512, 508] to each lane, and 64 of them stay within [-32768, 32512].
+const I16_BLOCKS: usize = 16;
+
+#[inline(always)]
+unsafe fn load<T>(p: *const T) -> __m512i {
+    // SAFETY: callers pass pointers to 64 readable bytes (inside checked slices).
+    unsafe { _mm512_loadu_si512(p.cast()) }
+}
+
+/// The four 2-bit fields of a 64-byte block: `[s]` holds the codes of columns `64·s..64·s+64`.
+#[inline(always)]
+unsafe fn codes(v: __m512i) -> [__m512i; 4] {
+    // SAFETY: AVX-512 BW is enabled in every function this is inlined into.
+    unsafe {
+        let mask = _mm512_set1_epi8(3);
+        [
+            _mm512_and_si512(v, mask),
+            _mm512_and_si512(_mm512_srli_epi16::<2>(v), mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+            _mm512_and_si512(_mm512_srli_epi16::<6>(v), mask),
+        ]
+    }
+}
+
+/// `acc + Σ u·x` over one block, as i32 lanes (VNNI).
+#[inline(always)]
+unsafe fn block_vnni(acc: __m512i, c: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
+    // SAFETY: only reached from the VNNI wrappers.
+    unsafe {
+        let acc = _mm512_dpbusd_epi32(acc, c[0], x[0]);
+        let acc = _mm512_dpbusd_epi32(acc, c[1], x[1]);
+        let acc = _mm512_dpbusd_epi32(acc, c[2], x[2]);
+        _mm512_dpbusd_epi32(acc, c[3], x[3])
+    }
+}
+
+/// `Σ u·x` over one block as i16 lanes in [-2048, 2032] (no VNNI).
+#[inline(always)]
+unsafe fn block_i16(c: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
+    // SAFETY: AVX-512 BW is enabled in every function this is inlined into.
+    unsafe {
+        _mm512_add_epi16(
+            _mm512_add_epi16(_mm512_maddubs_epi16(c[0], x[0]), _mm512_maddubs_epi16(c[1], x[1])),
+            _mm512_add_epi16(_mm512_maddubs_epi16(c[2], x[2]), _mm512_maddubs_epi16(c[3], x[3])),
+        )
+    }
+}
+
+/// The 256 activations of one block, as four registers.
+#[inline(always)]
+unsafe fn load_block_x(x: *const i8) -> [__m512i; 4] {
+    // SAFETY: `x` points at a whole 256-value block.
+    unsafe { [load(x), load(x.add(64)), load(x.add(128)), load(x.add(192))] }
+}
+
+/// Eight i32x16 vectors to their eight horizontal sums.
+#[inline(always)]
+unsafe fn reduce8_512(a: &[__m512i; 8]) -> [i32; 8] {
+    // SAFETY: AVX-512 F (so AVX2) is enabled in every function this is inlined into; `out`
+    // has room for 32 bytes.
+    unsafe {
+        let halves: [__m256i; 8] = std::array::from_fn(|i| {
+            _mm256_add_epi32(_mm512_castsi512_si256(a[i]), _mm512_extracti64x4_epi64::<1>(a[i]))
+        });
+        let mut out = [0i32; 8];
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), reduce8(&halves));
+        out
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+pub(crate) unsafe fn ternary_gemv<const VNNI: bool, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the caller guarantees the features each wrapper enables.
+    unsafe {
+        if VNNI {
+            ternary_gemv_vnni(w, x, tiles, sink)
+        } else {
+            ternary_gemv_bw(w, x, tiles, sink)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn ternary_gemv_vnni<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { ternary_gemv_body::<true, S>(w, x, tiles, sink) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn ternary_gemv_bw<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { ternary_gemv_body::<false, S>(w, x, tiles, sink) }
+}
+
+#[inline(always)]
+unsafe fn ternary_gemv_body<const VNNI: bool, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    let blocks = w.blocks();
+    let xr = x.padded_row(0);
+    assert!(xr.len() >= blocks * BLOCK_COLS);
+    for g in tiles {
+        let tile = w.tile(g);
+        // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` `blocks` blocks of
+        // 256 activations, so every offset is in bounds; the features are the wrapper's.
+        let dots = unsafe {
+            let ones = _mm512_set1_epi16(1);
+            let mut acc = [_mm512_setzero_si512(); ROW_TILE];
+            for b in 0..blocks {
+                let xb = load_block_x(xr.as_ptr().add(b * BLOCK_COLS));
+                let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    let c = codes(load(wb.add(ri * BLOCK_BYTES)));
+                    *a = if VNNI {
+                        block_vnni(*a, &c, &xb)
+                    } else {
+                        _mm512_add_epi32(*a, _mm512_madd_epi16(block_i16(&c, &xb), ones))
+                    };
+                }
+            }
+            reduce8_512(&acc)
+        };
+        let (r0, xsum) = (g * ROW_TILE, x.sum(0));
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(0, r0 + ri, d - xsum);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+pub(crate) unsafe fn ternary_gemm<const VNNI: bool, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the caller guarantees the features each wrapper enables.
+    unsafe {
+        if VNNI {
+            ternary_gemm_vnni(w, x, rows, tokens, sink)
+        } else {
+            ternary_gemm_bw(w, x, rows, tokens, sink)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn ternary_gemm_vnni<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { ternary_gemm_body::<true, S>(w, x, rows, tokens, sink) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn ternary_gemm_bw<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { ternary_gemm_body::<false, S>(w, x, rows, tokens, sink) }
+}
+
+#[inline(always)]
+unsafe fn ternary_gemm_body<const VNNI: bool, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        // SAFETY: the features are the calling wrapper's.
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => ternary_tile::<VNNI, TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => ternary_tile::<VNNI, 4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => ternary_tile::<VNNI, 2, S>(w, x, rows.clone(), t0, sink),
+                _ => ternary_tile::<VNNI, 1, S>(w, x, rows.clone(), t0, sink),
+            }
+        };
+    }
+}
+
+#[inline(always)]
+unsafe fn ternary_tile<const VNNI: bool, const MT: usize, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let blocks = w.blocks();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= blocks * BLOCK_COLS));
+    for r in rows {
+        let wr = w.tile(r / ROW_TILE)[(r % ROW_TILE) * BLOCK_BYTES..].as_ptr();
+        // SAFETY: row `r`'s block `bb` is `bb · 8 · 64` bytes after its first block, inside
+        // its tile; token rows hold `blocks · 256` activations; the features are the wrapper's.
+        let dots = unsafe {
+            let ones = _mm512_set1_epi16(1);
+            let mut acc32 = [_mm512_setzero_si512(); 8];
+            let mut b = 0;
+            while b < blocks {
+                let end = if VNNI { blocks } else { (b + I16_BLOCKS).min(blocks) };
+                let mut acc16 = [_mm512_setzero_si512(); MT];
+                for bb in b..end {
+                    let c = codes(load(wr.add(bb * ROW_TILE * BLOCK_BYTES)));
+                    for i in 0..MT {
+                        let xb = load_block_x(xs[i].as_ptr().add(bb * BLOCK_COLS));
+                        if VNNI {
+                            acc32[i] = block_vnni(acc32[i], &c, &xb);
+                        } else {
+                            acc16[i] = _mm512_add_epi16(acc16[i], block_i16(&c, &xb));
+                        }
+                    }
+                }
+                if !VNNI {
+                    for i in 0..MT {
+                        acc32[i] = _mm512_add_epi32(acc32[i], _mm512_madd_epi16(acc16[i], ones));
+                    }
+                }
+                b = end;
+            }
+            reduce8_512(&acc32)
+        };
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            sink.put(t0 + i, r, d - x.sum(t0 + i));
+        }
+    }
+    MT
+}
+
+/// `acc + x·w` for 64 int8 pairs, as i32 lanes. `xa = |x|`, `neg` = the lanes where `x < 0`.
+#[inline(always)]
+unsafe fn int8_acc<const VNNI: bool>(acc: __m512i, w: __m512i, xa: __m512i, neg: __mmask64) -> __m512i {
+    // SAFETY: AVX-512 BW (and VNNI when `VNNI`) is enabled in every function this is inlined into.
+    unsafe {
+        // w with the sign of x moved onto it; |w| ≤ 127, so negating cannot overflow.
+        let sw = _mm512_mask_sub_epi8(w, neg, _mm512_setzero_si512(), w);
+        if VNNI {
+            _mm512_dpbusd_epi32(acc, xa, sw)
+        } else {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(xa, sw), _mm512_set1_epi16(1)))
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+pub(crate) unsafe fn int8_gemv<const VNNI: bool, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    groups: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the caller guarantees the features each wrapper enables.
+    unsafe {
+        if VNNI {
+            int8_gemv_vnni(w, x, groups, sink)
+        } else {
+            int8_gemv_bw(w, x, groups, sink)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_gemv_vnni<S: Sink>(w: &PackedInt8, x: &QuantizedActivations, groups: Range<usize>, sink: &S) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { int8_gemv_body::<true, S>(w, x, groups, sink) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn int8_gemv_bw<S: Sink>(w: &PackedInt8, x: &QuantizedActivations, groups: Range<usize>, sink: &S) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { int8_gemv_body::<false, S>(w, x, groups, sink) }
+}
+
+#[inline(always)]
+unsafe fn int8_gemv_body<const VNNI: bool, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    groups: Range<usize>,
+    sink: &S,
+) {
+    let stride = w.stride();
+    let xr = x.padded_row(0);
+    assert!(xr.len() >= stride);
+    for g in groups {
+        let group = w.group(g);
+        // SAFETY: the group holds 8 rows of `stride` values, `xr` holds `stride`, and
+        // `c + 64 <= stride` (a multiple of 256); the features are the wrapper's.
+        let dots = unsafe {
+            let mut acc = [_mm512_setzero_si512(); ROW_TILE];
+            for c in (0..stride).step_by(64) {
+                let xv = load(xr.as_ptr().add(c));
+                let (xa, neg) = (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    *a = int8_acc::<VNNI>(*a, load(group.as_ptr().add(ri * stride + c)), xa, neg);
+                }
+            }
+            reduce8_512(&acc)
+        };
+        let r0 = g * ROW_TILE;
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(0, r0 + ri, d);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+pub(crate) unsafe fn int8_gemm<const VNNI: bool, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the caller guarantees the features each wrapper enables.
+    unsafe {
+        if VNNI {
+            int8_gemm_vnni(w, x, rows, tokens, sink)
+        } else {
+            int8_gemm_bw(w, x, rows, tokens, sink)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_gemm_vnni<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { int8_gemm_body::<true, S>(w, x, rows, tokens, sink) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn int8_gemm_bw<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { int8_gemm_body::<false, S>(w, x, rows, tokens, sink) }
+}
+
+#[inline(always)]
+unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let stride = w.stride();
+    for t in tokens.clone() {
+        assert!(x.padded_row(t).len() >= stride);
+    }
+    // Eight tokens per pass; a partial last tile reuses the lanes of the missing tokens.
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        let n = (tokens.end - t0).min(TOKEN_TILE);
+        let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
+        for r in rows.clone() {
+            let wr = w.row(r).as_ptr();
+            // SAFETY: the weight row and every token row hold `stride` values and
+            // `c + 64 <= stride`; the features are the wrapper's.
+            let dots = unsafe {
+                let mut acc = [_mm512_setzero_si512(); TOKEN_TILE];
+                for c in (0..stride).step_by(64) {
+                    let wv = load(wr.add(c));
+                    for i in 0..TOKEN_TILE {
+                        let xv = load(xs[i].add(c));
+                        acc[i] = int8_acc::<VNNI>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
+                    }
+                }
+                reduce8_512(&acc)
+            };
+            for (i, &d) in dots.iter().enumerate().take(n) {
+                sink.put(t0 + i, r, d);
+            }
+        }
+        t0 += n;
+    }
+}

@@ -1,0 +1,248 @@
+//! Ternary × int8 and int8 × int8 kernels, chosen at run time.
+//!
+//! Every product has one definition, the scalar reference over row-major codes
+//! ([`crate::ternary::reference_gemv_i32`], [`crate::int8::reference_gemv_i32`]); each SIMD path
+//! must give the same integers. The path is picked once per process: the best one the CPU has,
+//! unless the environment variable `BITNET_KERNEL` names another
+//! (`scalar | avx2 | avx512 | avx512bw | avx512vnni | neon | neon-plain | neon-dotprod`).
+//! A path the CPU lacks falls back to the best one, with a warning on stderr.
+//!
+//! Work is split by output rows over rayon's global pool; products too small to pay for the
+//! hand-off run on the calling thread. The kernels allocate nothing.
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+pub(crate) mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+
+/// A kernel implementation. Paths of other architectures exist on every target so that names
+/// parse everywhere; they are simply never available there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Plain Rust over the packed layout; runs everywhere.
+    Scalar,
+    /// x86-64 AVX2: `vpmaddubsw` on 2-bit codes, then `vpmaddwd` to i32.
+    Avx2,
+    /// x86-64 AVX-512 F+BW without VNNI: `vpmaddubsw` on 64-byte vectors.
+    Avx512Bw,
+    /// x86-64 AVX-512 F+BW+VNNI: `vpdpbusd` (u8 × i8 summed straight into i32).
+    Avx512Vnni,
+    /// aarch64 NEON without the dot-product extension: `smlal` to i16, `sadalp` to i32.
+    NeonPlain,
+    /// aarch64 NEON with `dotprod`: `sdot`.
+    NeonDotprod,
+}
+
+impl KernelPath {
+    /// Every path, from the most portable to the most specialised.
+    pub const ALL: [KernelPath; 6] = [
+        KernelPath::Scalar,
+        KernelPath::Avx2,
+        KernelPath::Avx512Bw,
+        KernelPath::Avx512Vnni,
+        KernelPath::NeonPlain,
+        KernelPath::NeonDotprod,
+    ];
+
+    /// The name `BITNET_KERNEL` accepts for exactly this path.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512Bw => "avx512bw",
+            KernelPath::Avx512Vnni => "avx512vnni",
+            KernelPath::NeonPlain => "neon-plain",
+            KernelPath::NeonDotprod => "neon-dotprod",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Bw => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                KernelPath::Avx512Bw.is_available() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::NeonPlain => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            KernelPath::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The paths this CPU can run, from the most portable to the best.
+    pub fn available() -> Vec<KernelPath> {
+        Self::ALL.into_iter().filter(|p| p.is_available()).collect()
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> KernelPath {
+        Self::ALL.into_iter().rev().find(|p| p.is_available()).unwrap_or(KernelPath::Scalar)
+    }
+
+    /// Parses a `BITNET_KERNEL` value. A family name (`avx512`, `neon`) means the best
+    /// available member of the family, or its most specialised member if none is available.
+    pub fn parse(name: &str) -> Option<KernelPath> {
+        let name = name.trim().to_ascii_lowercase();
+        let best_of = |family: [KernelPath; 2]| {
+            if family[1].is_available() || !family[0].is_available() {
+                family[1]
+            } else {
+                family[0]
+            }
+        };
+        match name.as_str() {
+            "avx512" => Some(best_of([KernelPath::Avx512Bw, KernelPath::Avx512Vnni])),
+            "neon" => Some(best_of([KernelPath::NeonPlain, KernelPath::NeonDotprod])),
+            _ => Self::ALL.into_iter().find(|p| p.name() == name),
+        }
+    }
+
+    /// The path every product without an explicit path uses: `BITNET_KERNEL` if it names an
+    /// available path, else the best one. Decided once per process.
+    pub fn active() -> KernelPath {
+        static ACTIVE: OnceLock<KernelPath> = OnceLock::new();
+        *ACTIVE.get_or_init(|| match std::env::var("BITNET_KERNEL") {
+            Err(_) => Self::best(),
+            Ok(value) => Self::choose(&value),
+        })
+    }
+
+    /// The path a `BITNET_KERNEL` value selects, warning when it cannot be honoured.
+    fn choose(value: &str) -> KernelPath {
+        let best = Self::best();
+        match Self::parse(value) {
+            Some(p) if p.is_available() => p,
+            Some(p) => {
+                eprintln!(
+                    "bitnet-quant: BITNET_KERNEL={value}: this CPU cannot run the {} kernels; using {}",
+                    p.name(),
+                    best.name()
+                );
+                best
+            }
+            None => {
+                eprintln!(
+                    "bitnet-quant: BITNET_KERNEL={value} is not one of scalar, avx2, avx512, avx512bw, \
+                     avx512vnni, neon, neon-plain, neon-dotprod; using {}",
+                    best.name()
+                );
+                best
+            }
+        }
+    }
+
+    /// `self` if this CPU can run it, else the best path: the guard that keeps every dispatch
+    /// from executing instructions the CPU lacks.
+    pub(crate) fn or_best(self) -> KernelPath {
+        if self.is_available() {
+            self
+        } else {
+            Self::best()
+        }
+    }
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a kernel writes the result for token `t`, output row `r`: `acc` is the finished
+/// integer dot product `Σ_c x[t, c] · W[r, c]`.
+pub(crate) trait Sink: Sync {
+    fn put(&self, t: usize, r: usize, acc: i32);
+}
+
+/// A `[m, n]` token-major output that tasks owning disjoint rows write into concurrently.
+pub(crate) struct SharedOut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    n: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: the drivers below hand each output row to exactly one task, so no two threads
+// ever write the same element, and nobody reads the buffer while the product runs.
+unsafe impl<T: Send> Send for SharedOut<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedOut<'_, T> {}
+
+impl<'a, T> SharedOut<'a, T> {
+    pub(crate) fn new(out: &'a mut [T], n: usize) -> Self {
+        Self { ptr: out.as_mut_ptr(), len: out.len(), n, _borrow: std::marker::PhantomData }
+    }
+
+    #[inline]
+    pub(crate) fn write(&self, t: usize, r: usize, v: T) {
+        let i = t * self.n + r;
+        assert!(r < self.n && i < self.len, "kernel output index out of range");
+        // SAFETY: `i` is in bounds (checked above) and is written by one task only (see the
+        // `Sync` impl).
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
+
+/// Integer outputs.
+pub(crate) struct I32Sink<'a>(pub(crate) SharedOut<'a, i32>);
+
+impl Sink for I32Sink<'_> {
+    #[inline]
+    fn put(&self, t: usize, r: usize, acc: i32) {
+        self.0.write(t, r, acc)
+    }
+}
+
+/// Float outputs `f(acc, t, r)`: the scales are applied as each dot product finishes.
+pub(crate) struct MapSink<'a, F>(pub(crate) SharedOut<'a, f32>, pub(crate) F);
+
+impl<F: Fn(i32, usize, usize) -> f32 + Sync> Sink for MapSink<'_, F> {
+    #[inline]
+    fn put(&self, t: usize, r: usize, acc: i32) {
+        self.0.write(t, r, (self.1)(acc, t, r))
+    }
+}
+
+/// Multiply-accumulates below which a product runs on the calling thread: waking the pool
+/// costs a few microseconds, about what one core needs for this much work.
+const PARALLEL_MIN_MACS: usize = 1 << 19;
+
+/// Runs `f` over `0..units` cut into contiguous ranges, on rayon's pool when `macs` (the work)
+/// is large enough and there is more than one thread, else on the calling thread.
+pub(crate) fn for_ranges(units: usize, macs: usize, f: impl Fn(Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads();
+    if units == 0 {
+        return;
+    }
+    if threads <= 1 || units == 1 || macs < PARALLEL_MIN_MACS {
+        f(0..units);
+        return;
+    }
+    // A few ranges per thread even out the load when other processes share the cores.
+    let tasks = (threads * 4).min(units);
+    (0..tasks).into_par_iter().for_each(|i| f(i * units / tasks..(i + 1) * units / tasks));
+}

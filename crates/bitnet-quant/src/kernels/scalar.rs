@@ -1,0 +1,82 @@
+//! Portable kernels over the packed layouts: the fallback on CPUs without a SIMD path, and a
+//! check of the layouts themselves (the SIMD paths are tested against the row-major
+//! reference, not against this).
+
+use std::ops::Range;
+
+use super::Sink;
+use crate::int8::PackedInt8;
+use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
+use crate::QuantizedActivations;
+
+/// `Σ t·x` over one packed block (64 bytes, 256 columns).
+#[inline]
+fn block_dot(block: &[u8], x: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for (j, &byte) in block.iter().enumerate().take(BLOCK_BYTES) {
+        for s in 0..4 {
+            let t = ((byte >> (2 * s)) & 3) as i32 - 1;
+            acc += t * x[64 * s + j] as i32;
+        }
+    }
+    acc
+}
+
+pub(crate) fn ternary_gemv<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    tiles: Range<usize>,
+    sink: &S,
+) {
+    let xr = x.padded_row(0);
+    for g in tiles {
+        let tile = w.tile(g);
+        for ri in 0..ROW_TILE.min(w.rows() - g * ROW_TILE) {
+            let acc = (0..w.blocks())
+                .map(|b| {
+                    let at = (b * ROW_TILE + ri) * BLOCK_BYTES;
+                    block_dot(&tile[at..at + BLOCK_BYTES], &xr[b * BLOCK_COLS..(b + 1) * BLOCK_COLS])
+                })
+                .sum();
+            sink.put(0, g * ROW_TILE + ri, acc);
+        }
+    }
+}
+
+pub(crate) fn ternary_gemm<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    for r in rows {
+        let (tile, ri) = (w.tile(r / ROW_TILE), r % ROW_TILE);
+        for t in tokens.clone() {
+            let xr = x.padded_row(t);
+            let acc = (0..w.blocks())
+                .map(|b| {
+                    let at = (b * ROW_TILE + ri) * BLOCK_BYTES;
+                    block_dot(&tile[at..at + BLOCK_BYTES], &xr[b * BLOCK_COLS..(b + 1) * BLOCK_COLS])
+                })
+                .sum();
+            sink.put(t, r, acc);
+        }
+    }
+}
+
+pub(crate) fn int8_gemm<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    for r in rows {
+        let wr = w.row(r);
+        for t in tokens.clone() {
+            let acc = wr.iter().zip(x.padded_row(t)).map(|(&a, &b)| a as i32 * b as i32).sum();
+            sink.put(t, r, acc);
+        }
+    }
+}

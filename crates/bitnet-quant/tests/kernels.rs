@@ -1,0 +1,129 @@
+//! Every kernel path this CPU can run against the scalar reference: integer outputs equal,
+//! float outputs bit-identical.
+
+use bitnet_quant::selftest::{check_int8, check_path, check_ternary, Case, Fill};
+use bitnet_quant::{Int8Matrix, KernelPath, QuantizedActivations, TernaryMatrix, WeightScale};
+
+#[test]
+fn every_available_path_matches_the_reference() {
+    let paths = KernelPath::available();
+    eprintln!("kernel paths exercised: {}", paths.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "));
+    for path in paths {
+        match check_path(path) {
+            Ok(n) => eprintln!("{path}: {n} products equal to the reference"),
+            Err(failures) => panic!("{path}: {} mismatches:\n{}", failures.len(), failures.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn odd_thread_counts_split_rows_correctly() {
+    // Large enough to run on the pool; 3 and 5 threads do not divide the row tiles evenly.
+    for threads in [3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            for path in KernelPath::available() {
+                for (m, k, n) in [(1, 2560, 647), (5, 2560, 203), (17, 1000, 129)] {
+                    let case = Case { m, k, n, fill: Fill::Random, seed: 99 };
+                    check_ternary(path, &case).unwrap();
+                    check_int8(path, &case).unwrap();
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn an_unavailable_path_falls_back_to_a_correct_one() {
+    let missing = KernelPath::ALL.into_iter().find(|p| !p.is_available());
+    if let Some(path) = missing {
+        let case = Case { m: 3, k: 300, n: 11, fill: Fill::Random, seed: 5 };
+        check_ternary(path, &case).unwrap();
+        check_int8(path, &case).unwrap();
+    }
+}
+
+#[test]
+fn kernel_names_parse() {
+    for p in KernelPath::ALL {
+        assert_eq!(KernelPath::parse(p.name()), Some(p));
+    }
+    assert!(matches!(KernelPath::parse("AVX512"), Some(KernelPath::Avx512Bw | KernelPath::Avx512Vnni)));
+    assert!(matches!(KernelPath::parse(" neon "), Some(KernelPath::NeonPlain | KernelPath::NeonDotprod)));
+    assert_eq!(KernelPath::parse("sse9"), None);
+    assert!(KernelPath::available().contains(&KernelPath::Scalar));
+    assert!(KernelPath::best().is_available());
+    assert!(KernelPath::active().is_available());
+}
+
+#[test]
+fn quantized_float_activations_match_the_definition() {
+    // forward() over float inputs equals WeightScale::apply(Σ q·t, s_a) with q from the
+    // row quantizer, on the active path.
+    let (m, k, n) = (4, 777, 13);
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+    let codes: Vec<i8> = (0..n * k).map(|i| ((i * 7 + i / 3) % 3) as i8 - 1).collect();
+    let w = TernaryMatrix::from_ternary(&codes, n, k, WeightScale::Multiply(0.42)).unwrap();
+    let mut qa = QuantizedActivations::new(8, k);
+    qa.quantize(&x, m);
+    let mut out = vec![0f32; m * n];
+    w.forward(&qa, &mut out);
+    for t in 0..m {
+        let mut q = vec![0i8; k];
+        let s = bitnet_quant::quantize_activation_row(&x[t * k..(t + 1) * k], &mut q);
+        assert_eq!(qa.row(t), &q[..]);
+        assert_eq!(qa.scale(t), s);
+        assert_eq!(qa.sum(t), q.iter().map(|&v| v as i32).sum::<i32>());
+        assert!(qa.padded_row(t)[k..].iter().all(|&v| v == 0));
+        for r in 0..n {
+            let acc = bitnet_quant::ternary::dot_i8(&codes[r * k..(r + 1) * k], &q);
+            assert_eq!(out[t * n + r].to_bits(), WeightScale::Multiply(0.42).apply(acc, s).to_bits());
+        }
+    }
+}
+
+#[test]
+fn empty_shapes_are_fine() {
+    for path in KernelPath::available() {
+        // K = 0: every dot product is 0.
+        let w = TernaryMatrix::from_ternary(&[], 5, 0, WeightScale::Multiply(1.0)).unwrap();
+        let mut x = QuantizedActivations::new(2, 0);
+        x.quantize(&[], 2);
+        let mut out = vec![7i32; 10];
+        w.matmul_i32_with(path, &x, &mut out);
+        assert_eq!(out, [0; 10]);
+        // N = 0 and M = 0 write nothing.
+        let w = TernaryMatrix::from_ternary(&[], 0, 9, WeightScale::Multiply(1.0)).unwrap();
+        let mut x = QuantizedActivations::new(2, 9);
+        x.quantize(&[0.5; 18], 2);
+        w.matmul_i32_with(path, &x, &mut []);
+        let w8 = Int8Matrix::from_int8(&[1; 9], &[1.0], 1, 9).unwrap();
+        x.quantize(&[], 0);
+        w8.matmul_i32_with(path, &x, &mut []);
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(TernaryMatrix::from_ternary(&[0; 5], 2, 3, WeightScale::Multiply(1.0)).is_err());
+    assert!(TernaryMatrix::from_ternary(&[2], 1, 1, WeightScale::Multiply(1.0)).is_err());
+    assert!(TernaryMatrix::from_ternary(&[], usize::MAX, 2, WeightScale::Multiply(1.0)).is_err());
+    assert!(Int8Matrix::from_int8(&[0; 6], &[1.0], 2, 3).is_err());
+    assert!(Int8Matrix::from_int8(&[-128], &[1.0], 1, 1).is_err());
+    assert!(Int8Matrix::quantize(&[1.0; 5], 2, 3).is_err());
+    let mut x = QuantizedActivations::new(2, 3);
+    assert!(x.set_int8(&[0; 9], &[1.0; 3], 3).is_err());
+    assert!(x.set_int8(&[0; 5], &[1.0; 2], 2).is_err());
+}
+
+#[test]
+fn int8_matrix_quantizes_per_row() {
+    let (n, k) = (3, 5);
+    let w: Vec<f32> = vec![1.0, -2.0, 0.5, 0.0, 2.0, 10.0, 5.0, -10.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let m = Int8Matrix::quantize(&w, n, k).unwrap();
+    assert_eq!(m.to_int8()[..5], [64, -127, 32, 0, 127]); // 63.5 and 31.75 round to even/nearest
+    assert_eq!(m.scales()[0], 2.0 / 127.0);
+    assert_eq!(m.to_int8()[5..10], [127, 64, -127, 13, 0]);
+    assert_eq!(m.rows(), 3);
+    assert_eq!(m.cols(), 5);
+}
