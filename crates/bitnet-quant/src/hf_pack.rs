@@ -17,18 +17,22 @@ pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>, Qua
         )));
     }
     let block = rows / 4;
+    // A byte holds one code per quarter of the rows; any field equal to 3 is invalid.
+    let has_code_3 = |b: u8| (0..4).any(|i| (b >> (2 * i)) & 3 == 3);
+    if let Some(pos) = packed.iter().position(|&b| has_code_3(b)) {
+        return Err(QuantError::Shape(format!(
+            "packed weight holds the unused code 3 at packed row {}, column {}",
+            pos / cols.max(1),
+            pos % cols.max(1)
+        )));
+    }
     let mut t = vec![0i8; rows * cols];
-    for (r, packed_row) in packed.chunks_exact(cols.max(1)).enumerate().take(block) {
-        for (c, &byte) in packed_row.iter().enumerate() {
-            for i in 0..4 {
-                let code = (byte >> (2 * i)) & 3;
-                if code == 3 {
-                    return Err(QuantError::Shape(format!(
-                        "packed weight holds the unused code 3 at packed row {r}, column {c}"
-                    )));
-                }
-                t[(i * block + r) * cols + c] = code as i8 - 1;
-            }
+    // Output row i*block + r takes field i of packed row r: one sequential pass per field.
+    for i in 0..4 {
+        let shift = 2 * i;
+        let quarter = &mut t[i * block * cols..(i + 1) * block * cols];
+        for (dst, &byte) in quarter.iter_mut().zip(packed) {
+            *dst = ((byte >> shift) & 3) as i8 - 1;
         }
     }
     Ok(t)
