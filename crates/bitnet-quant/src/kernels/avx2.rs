@@ -351,3 +351,52 @@ unsafe fn int8_tile<const MT: usize, S: Sink>(
     }
     MT
 }
+
+/// The per-token activation quantizer ([`crate::quantize::quantize_activation_row`]) on 8
+/// lanes: the same products `x · s_a`, rounded half to even by `vroundps`, clamped, NaN to 0.
+/// The maximum is exact in any order, so the results equal the scalar ones bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), q.len());
+    let n32 = x.len() / 32 * 32;
+    let sign = _mm256_set1_ps(-0.0);
+    let mut amax = _mm256_setzero_ps();
+    for c in (0..x.len() / 8 * 8).step_by(8) {
+        // SAFETY: `c + 8 <= x.len()`.
+        let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
+        // max_ps returns its second operand when either is NaN, so NaN is skipped.
+        amax = _mm256_max_ps(_mm256_andnot_ps(sign, v), amax);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` has room for 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), amax) };
+    let tail = x[x.len() / 8 * 8..].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let amax = lanes.iter().fold(tail, |m, &v| m.max(v));
+    let s = 127.0 / amax.max(crate::quantize::QUANT_EPS);
+
+    let (sv, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for c in (0..n32).step_by(32) {
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (i, v) in ints.iter_mut().enumerate() {
+            // SAFETY: `c + 32 <= n32 <= x.len()`.
+            let p = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(c + 8 * i)) }, sv);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+            let clamped = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            let not_nan = _mm256_cmp_ps::<_CMP_ORD_Q>(p, p);
+            *v = _mm256_cvtps_epi32(_mm256_and_ps(clamped, not_nan));
+        }
+        let w16a = _mm256_packs_epi32(ints[0], ints[1]);
+        let w16b = _mm256_packs_epi32(ints[2], ints[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), order);
+        // SAFETY: `c + 32 <= q.len()`.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(c).cast(), bytes) };
+    }
+    for (qi, &xi) in q[n32..].iter_mut().zip(&x[n32..]) {
+        *qi = crate::quantize::round_to_i8(xi * s);
+    }
+    s
+}
