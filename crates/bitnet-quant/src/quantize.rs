@@ -4,6 +4,8 @@
 //!
 //! Rounding is always half to even (`torch.round`).
 
+#[cfg(target_arch = "x86_64")]
+use crate::KernelPath;
 use crate::QuantError;
 
 /// The clamp floor both BitNet quantizers put under the mean or max, as transformers does.
@@ -33,8 +35,20 @@ pub type ActivationScale = f32;
 
 /// Quantizes one token's activations to int8 (`ActQuant`): `s_a = 127 / clamp(max|x|, 1e-5)`,
 /// `q = clamp(round_half_even(x * s_a), -128, 127)`. Writes `q` and returns `s_a`.
+///
+/// Runs on AVX2 where the active kernel path is an x86 SIMD one; the results are identical.
 pub fn quantize_activation_row(x: &[f32], q: &mut [i8]) -> ActivationScale {
-    debug_assert_eq!(x.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    if matches!(KernelPath::active(), KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni) {
+        // SAFETY: every x86 SIMD path implies AVX2, and `active` only returns available paths.
+        return unsafe { crate::kernels::avx2::quantize_row(x, q) };
+    }
+    quantize_activation_row_scalar(x, q)
+}
+
+/// [`quantize_activation_row`] in plain Rust: the definition.
+pub fn quantize_activation_row_scalar(x: &[f32], q: &mut [i8]) -> ActivationScale {
+    assert_eq!(x.len(), q.len());
     let s = 127.0 / abs_max(x).max(QUANT_EPS);
     for (qi, &xi) in q.iter_mut().zip(x) {
         *qi = round_to_i8(xi * s);
@@ -46,7 +60,7 @@ pub fn quantize_activation_row(x: &[f32], q: &mut [i8]) -> ActivationScale {
 /// subtracting 1.5·2²³ rounds any |v| ≤ 2²² to an integer, half to even, in the default
 /// rounding mode (`f32::round_ties_even` is a library call on baseline x86-64).
 #[inline]
-fn round_to_i8(v: f32) -> i8 {
+pub(crate) fn round_to_i8(v: f32) -> i8 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
     let c = v.clamp(-128.0, 127.0);
     ((c + ROUND) - ROUND) as i8
@@ -160,6 +174,31 @@ mod tests {
             let h = k as f32 + 0.5;
             for v in [h.next_down(), h, h.next_up()] {
                 assert_eq!(round_to_i8(v), v.round_ties_even() as i8, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_activation_quantizer_equals_the_scalar_one() {
+        let mut rng = crate::selftest::Rng::new(3);
+        for len in [0usize, 1, 7, 8, 31, 32, 33, 100, 2560, 6913] {
+            for special in [None, Some(f32::NAN), Some(f32::INFINITY), Some(-0.0)] {
+                let mut x: Vec<f32> =
+                    (0..len).map(|_| (rng.range(-100_000, 100_000) as f32) * 1e-3).collect();
+                if let (Some(v), true) = (special, len > 3) {
+                    x[len / 2] = v;
+                }
+                // Exact halves after scaling: make 127 the max so that s = 1.
+                if len > 40 {
+                    x[0] = 127.0;
+                    for (i, v) in x[1..40].iter_mut().enumerate() {
+                        *v = i as f32 - 19.5;
+                    }
+                }
+                let (mut a, mut b) = (vec![0i8; len], vec![0i8; len]);
+                let sa = quantize_activation_row(&x, &mut a);
+                let sb = quantize_activation_row_scalar(&x, &mut b);
+                assert_eq!((sa.to_bits(), &a), (sb.to_bits(), &b), "len {len} special {special:?}");
             }
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! Ternary: `vpmaddubsw(codes u8 ∈ {0,1,2}, x i8)` gives i16 pair sums in [-512, 508]; those
 //! are summed in i16 while they provably fit, widened with `vpmaddwd(·, 1)` to i32, reduced,
-//! and the token's activation sum is subtracted to shift the codes to {-1, 0, 1}.
+//! and the token's activation sum is subtracted to shift the codes to {-1, 0, 1}. The GEMV is
+//! bound by the instructions that unpack the codes, so it extracts half of them without a
+//! shift ([`block_dot_x4`]); the GEMM unpacks each block once for eight tokens.
 //!
 //! Int8: `vpmaddubsw(|x|, sign(w, x))` = `x·w` pairwise (|x| ≤ 128 and |w| ≤ 127, so a pair sum
 //! is at most 32512 and never saturates), widened to i32 at once.
@@ -71,6 +73,43 @@ unsafe fn half_dot(c: &[__m256i; 4], x: *const i8) -> __m256i {
     }
 }
 
+/// `4 · Σ u·x` over one 64-byte block as i16 lanes in [-16384, 16256], for the GEMV.
+///
+/// Codes 0 and 2 of each byte are extracted at their value (`v & 3`, `(v >> 4) & 3`), codes 1
+/// and 3 in place at four times their value (`v & 12`, `(v >> 4) & 12`): one shift instead of
+/// three. `maddubs` of the ×4 codes stays within [-2048, 2032] per pair, and
+/// `4·(×1 sums) + (×4 sums)` fits i16, so the caller widens once per block and divides the
+/// total by 4 at the end.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_dot_x4(w: *const u8, x: *const i8) -> __m256i {
+    let (m1, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(12));
+    let (mut p1, mut p4) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for half in 0..2 {
+        // SAFETY: `w` points at a 64-byte block and `x` at its 256 activations.
+        unsafe {
+            let v = load(w.add(32 * half));
+            let v4 = _mm256_srli_epi16::<4>(v);
+            let xh = x.add(32 * half);
+            p1 = _mm256_add_epi16(
+                p1,
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v, m1), load_i8(xh)),
+                    _mm256_maddubs_epi16(_mm256_and_si256(v4, m1), load_i8(xh.add(128))),
+                ),
+            );
+            p4 = _mm256_add_epi16(
+                p4,
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(_mm256_and_si256(v, m4), load_i8(xh.add(64))),
+                    _mm256_maddubs_epi16(_mm256_and_si256(v4, m4), load_i8(xh.add(192))),
+                ),
+            );
+        }
+    }
+    _mm256_add_epi16(_mm256_slli_epi16::<2>(p1), p4)
+}
+
 /// Horizontal sums of eight vectors: lane `i` of the result is the sum of `a[i]`.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -120,16 +159,13 @@ pub(crate) unsafe fn ternary_gemv<S: Sink>(
                 let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
                 let xb = xr.as_ptr().add(b * BLOCK_COLS);
                 for (ri, a) in acc.iter_mut().enumerate() {
-                    let wr = wb.add(ri * BLOCK_BYTES);
-                    let p = _mm256_add_epi16(
-                        half_dot(&codes(load(wr)), xb),
-                        half_dot(&codes(load(wr.add(32))), xb.add(32)),
-                    );
+                    let p = block_dot_x4(wb.add(ri * BLOCK_BYTES), xb);
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
                 }
             }
         }
-        let dots = to_array(_mm256_sub_epi32(reduce8(&acc), xsum));
+        // The accumulators hold 4·Σ u·x, a multiple of 4.
+        let dots = to_array(_mm256_sub_epi32(_mm256_srai_epi32::<2>(reduce8(&acc)), xsum));
         let r0 = g * ROW_TILE;
         for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
             sink.put(0, r0 + ri, d);
@@ -187,16 +223,17 @@ unsafe fn ternary_tile<const MT: usize, S: Sink>(
             let end = (b + I16_BLOCKS).min(blocks);
             let mut acc16 = [_mm256_setzero_si256(); MT];
             for bb in b..end {
-                // SAFETY: row `r`'s block `bb` starts `bb · 8 · 64` bytes after its first
-                // block, inside `tile`; token rows hold `blocks · 256` activations.
-                unsafe {
-                    let wb = wr.add(bb * ROW_TILE * BLOCK_BYTES);
-                    let lo = codes(load(wb));
-                    let hi = codes(load(wb.add(32)));
-                    for i in 0..MT {
-                        let xb = xp[i].add(bb * BLOCK_COLS);
-                        let p = _mm256_add_epi16(half_dot(&lo, xb), half_dot(&hi, xb.add(32)));
-                        acc16[i] = _mm256_add_epi16(acc16[i], p);
+                // One 32-byte half at a time: 4 code registers and MT accumulators fit the
+                // 16 ymm registers.
+                for half in 0..2 {
+                    // SAFETY: row `r`'s block `bb` starts `bb · 8 · 64` bytes after its first
+                    // block, inside `tile`; token rows hold `blocks · 256` activations.
+                    unsafe {
+                        let c = codes(load(wr.add(bb * ROW_TILE * BLOCK_BYTES + 32 * half)));
+                        for i in 0..MT {
+                            let xh = xp[i].add(bb * BLOCK_COLS + 32 * half);
+                            acc16[i] = _mm256_add_epi16(acc16[i], half_dot(&c, xh));
+                        }
                     }
                 }
             }
@@ -313,4 +350,53 @@ unsafe fn int8_tile<const MT: usize, S: Sink>(
         }
     }
     MT
+}
+
+/// The per-token activation quantizer ([`crate::quantize::quantize_activation_row`]) on 8
+/// lanes: the same products `x · s_a`, rounded half to even by `vroundps`, clamped, NaN to 0.
+/// The maximum is exact in any order, so the results equal the scalar ones bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    assert_eq!(x.len(), q.len());
+    let n32 = x.len() / 32 * 32;
+    let sign = _mm256_set1_ps(-0.0);
+    let mut amax = _mm256_setzero_ps();
+    for c in (0..x.len() / 8 * 8).step_by(8) {
+        // SAFETY: `c + 8 <= x.len()`.
+        let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
+        // max_ps returns its second operand when either is NaN, so NaN is skipped.
+        amax = _mm256_max_ps(_mm256_andnot_ps(sign, v), amax);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` has room for 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), amax) };
+    let tail = x[x.len() / 8 * 8..].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let amax = lanes.iter().fold(tail, |m, &v| m.max(v));
+    let s = 127.0 / amax.max(crate::quantize::QUANT_EPS);
+
+    let (sv, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for c in (0..n32).step_by(32) {
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (i, v) in ints.iter_mut().enumerate() {
+            // SAFETY: `c + 32 <= n32 <= x.len()`.
+            let p = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr().add(c + 8 * i)) }, sv);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p);
+            let clamped = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            let not_nan = _mm256_cmp_ps::<_CMP_ORD_Q>(p, p);
+            *v = _mm256_cvtps_epi32(_mm256_and_ps(clamped, not_nan));
+        }
+        let w16a = _mm256_packs_epi32(ints[0], ints[1]);
+        let w16b = _mm256_packs_epi32(ints[2], ints[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), order);
+        // SAFETY: `c + 32 <= q.len()`.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(c).cast(), bytes) };
+    }
+    for (qi, &xi) in q[n32..].iter_mut().zip(&x[n32..]) {
+        *qi = crate::quantize::round_to_i8(xi * s);
+    }
+    s
 }

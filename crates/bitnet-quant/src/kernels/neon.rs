@@ -50,7 +50,8 @@ unsafe fn codes(v: uint8x16_t) -> [int8x16_t; 4] {
             vreinterpretq_s8_u8(vandq_u8(v, mask)),
             vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<2>(v), mask)),
             vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<4>(v), mask)),
-            vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8::<6>(v), mask)),
+            // A byte shifted right by 6 has only its top code left: no mask.
+            vreinterpretq_s8_u8(vshrq_n_u8::<6>(v)),
         ]
     }
 }

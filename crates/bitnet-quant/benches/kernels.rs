@@ -1,0 +1,163 @@
+//! Kernel micro-benchmarks on the shapes of BitNet b1.58 2B-4T (hidden 2560, intermediate
+//! 6912, 640-wide k/v, vocabulary 128256), for every kernel path this CPU has.
+//!
+//! `cargo bench -p bitnet-quant --bench kernels` (add a filter such as `gemv` to run a part).
+//! GEMVs count weight bytes (so divan prints GB/s of weights); GEMMs count multiply-adds.
+//! `layer_sweep` runs the seven GEMVs of four layers (70 MB of weights, more than the L3) to
+//! measure the rate from DRAM rather than from cache.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use bitnet_quant::selftest::Rng;
+use bitnet_quant::{Int8Matrix, KernelPath, QuantizedActivations, TernaryMatrix, WeightScale};
+use divan::counter::{BytesCount, ItemsCount};
+use divan::Bencher;
+
+fn main() {
+    eprintln!(
+        "kernel paths: {}; rayon threads: {}; loadavg: {}",
+        KernelPath::available().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+        rayon::current_num_threads(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
+    );
+    divan::main();
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+}
+
+/// The BitLinear shapes of one 2B-4T layer, as `[out_features, in_features]`.
+const SHAPES: [Shape; 4] = [
+    Shape { name: "q_o", rows: 2560, cols: 2560 },
+    Shape { name: "k_v", rows: 640, cols: 2560 },
+    Shape { name: "gate_up", rows: 6912, cols: 2560 },
+    Shape { name: "down", rows: 2560, cols: 6912 },
+];
+const LM_HEAD: Shape = Shape { name: "lm_head", rows: 128256, cols: 2560 };
+
+#[derive(Clone, Copy)]
+struct Case {
+    path: KernelPath,
+    shape: Shape,
+}
+
+impl fmt::Display for Case {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}x{}", self.path, self.shape.name, self.shape.rows, self.shape.cols)
+    }
+}
+
+fn cases(shapes: &[Shape], with_scalar: bool) -> Vec<Case> {
+    let paths = KernelPath::available().into_iter().filter(|&p| with_scalar || p != KernelPath::Scalar);
+    paths.flat_map(|path| shapes.iter().map(move |&shape| Case { path, shape })).collect()
+}
+
+fn random_ternary(rows: usize, cols: usize, seed: u64) -> TernaryMatrix {
+    let mut rng = Rng::new(seed);
+    let codes: Vec<i8> = (0..rows * cols).map(|_| rng.range(-1, 1) as i8).collect();
+    TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(0.5)).unwrap()
+}
+
+/// One packed matrix per shape, built on first use.
+fn ternary(shape: Shape) -> &'static TernaryMatrix {
+    static CACHE: [OnceLock<TernaryMatrix>; 4] = [const { OnceLock::new() }; 4];
+    let i = SHAPES.iter().position(|s| *s == shape).unwrap();
+    CACHE[i].get_or_init(|| random_ternary(shape.rows, shape.cols, i as u64))
+}
+
+fn lm_head() -> &'static Int8Matrix {
+    static CACHE: OnceLock<Int8Matrix> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let (rows, cols) = (LM_HEAD.rows, LM_HEAD.cols);
+        let mut rng = Rng::new(42);
+        let q: Vec<i8> = (0..rows * cols).map(|_| rng.range(-127, 127) as i8).collect();
+        Int8Matrix::from_int8(&q, &vec![0.01; rows], rows, cols).unwrap()
+    })
+}
+
+fn activations(m: usize, k: usize) -> QuantizedActivations {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
+    let mut q = QuantizedActivations::new(m, k);
+    q.quantize(&x, m);
+    q
+}
+
+#[divan::bench(args = cases(&SHAPES, true), max_time = 2)]
+fn ternary_gemv(bencher: Bencher, case: Case) {
+    let w = ternary(case.shape);
+    let x = activations(1, case.shape.cols);
+    let mut out = vec![0f32; case.shape.rows];
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| w.forward_with(case.path, &x, &mut out));
+}
+
+fn gemm(bencher: Bencher, case: Case, m: usize) {
+    let w = ternary(case.shape);
+    let x = activations(m, case.shape.cols);
+    let mut out = vec![0f32; m * case.shape.rows];
+    let macs = m * case.shape.rows * case.shape.cols;
+    bencher.counter(ItemsCount::new(macs)).bench_local(|| w.forward_with(case.path, &x, &mut out));
+}
+
+#[divan::bench(args = cases(&SHAPES, false), max_time = 3, sample_count = 20)]
+fn ternary_gemm_m128(bencher: Bencher, case: Case) {
+    gemm(bencher, case, 128)
+}
+
+#[divan::bench(args = cases(&SHAPES, false), max_time = 4, sample_count = 10)]
+fn ternary_gemm_m512(bencher: Bencher, case: Case) {
+    gemm(bencher, case, 512)
+}
+
+#[divan::bench(args = cases(&[LM_HEAD], false), max_time = 3)]
+fn int8_lm_head_gemv(bencher: Bencher, case: Case) {
+    let w = lm_head();
+    let x = activations(1, LM_HEAD.cols);
+    let mut out = vec![0f32; LM_HEAD.rows];
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| w.forward_with(case.path, &x, &mut out));
+}
+
+#[divan::bench(args = cases(&[LM_HEAD], false), max_time = 5, sample_count = 3)]
+fn int8_lm_head_gemm_m128(bencher: Bencher, case: Case) {
+    let w = lm_head();
+    let m = 128;
+    let x = activations(m, LM_HEAD.cols);
+    let mut out = vec![0f32; m * LM_HEAD.rows];
+    bencher
+        .counter(ItemsCount::new(m * LM_HEAD.rows * LM_HEAD.cols))
+        .bench_local(|| w.forward_with(case.path, &x, &mut out));
+}
+
+/// The seven GEMVs of four 2B-4T layers in a row: 70 MB of weights, streamed from DRAM.
+#[divan::bench(args = cases(&SHAPES[..1], false), max_time = 3)]
+fn layer_sweep(bencher: Bencher, case: Case) {
+    static LAYERS: OnceLock<Vec<TernaryMatrix>> = OnceLock::new();
+    let layer = [SHAPES[0], SHAPES[1], SHAPES[1], SHAPES[0], SHAPES[2], SHAPES[2], SHAPES[3]];
+    let mats = LAYERS.get_or_init(|| {
+        (0..4)
+            .flat_map(|l| layer.iter().enumerate().map(move |(i, s)| (l * 7 + i, s)))
+            .map(|(seed, s)| random_ternary(s.rows, s.cols, 100 + seed as u64))
+            .collect()
+    });
+    let x2560 = activations(1, 2560);
+    let x6912 = activations(1, 6912);
+    let mut out = vec![0f32; 6912];
+    let bytes: usize = mats.iter().map(|m| m.bytes()).sum();
+    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
+        for w in mats {
+            let x = if w.cols() == 2560 { &x2560 } else { &x6912 };
+            w.forward_with(case.path, x, &mut out[..w.rows()]);
+        }
+    });
+}
+
+#[divan::bench(args = [(1, 2560), (1, 6912), (128, 2560)], max_time = 1)]
+fn quantize_activations(bencher: Bencher, (m, k): (usize, usize)) {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
+    let mut q = QuantizedActivations::new(m, k);
+    bencher.counter(BytesCount::new(m * k * 4)).bench_local(|| q.quantize(&x, m));
+}
