@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bitnet_inference::load::load_dir;
+use bitnet_inference::load::load_dir_with;
 use bitnet_inference::{CpuBackend, Logits, Model};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -38,6 +38,9 @@ pub struct BenchArgs {
     pub repetitions: usize,
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// lm_head storage (see `bitnet generate --help`).
+    #[arg(long, value_enum, default_value_t = crate::commands::HeadArg::Float)]
+    pub lm_head: crate::commands::HeadArg,
     /// Skip the memory-bandwidth probe.
     #[arg(long)]
     pub no_probe: bool,
@@ -111,7 +114,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.threads.contains(&0) || a.repetitions == 0 {
         bail!("--threads and --repetitions must be at least 1");
     }
-    let mut loaded = load_dir(&a.model)?;
+    let mut loaded = load_dir_with(&a.model, a.lm_head.options())?;
     let model = &mut loaded.model;
     let max_ctx = model.config.max_position_embeddings;
     if let Some(&p) = a.prompts.iter().find(|&&p| p == 0 || p > max_ctx) {

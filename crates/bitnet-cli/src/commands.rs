@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bitnet_inference::load::{load_dir, load_embedded, LoadedModel};
-use bitnet_inference::{generate as run_generation, GenerateOptions, Logits, SamplingParams};
+use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
+use bitnet_inference::{generate as run_generation, GenerateOptions, HeadFormat, Logits, SamplingParams};
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
@@ -32,6 +32,27 @@ pub struct InputArgs {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
+    /// lm_head storage: `float` as in the checkpoint (exact), or `int8` (half the bytes of bf16,
+    /// faster decoding, logits within about 1 % of the float ones).
+    #[arg(long, value_enum, default_value_t = HeadArg::Float)]
+    pub lm_head: HeadArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum HeadArg {
+    Float,
+    Int8,
+}
+
+impl HeadArg {
+    pub fn options(self) -> LoadOptions {
+        LoadOptions {
+            head: match self {
+                HeadArg::Float => HeadFormat::Float,
+                HeadArg::Int8 => HeadFormat::Int8,
+            },
+        }
+    }
 }
 
 #[derive(Args)]
@@ -120,10 +141,11 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-fn load(model: &Option<PathBuf>) -> Result<LoadedModel> {
-    Ok(match model {
-        Some(dir) => load_dir(dir)?,
-        None => load_embedded(&DEFAULT_MODEL)?,
+fn load(input: &InputArgs) -> Result<LoadedModel> {
+    let opts = input.lm_head.options();
+    Ok(match &input.model {
+        Some(dir) => load_dir_with(dir, opts)?,
+        None => load_embedded(&DEFAULT_MODEL, opts)?,
     })
 }
 
@@ -171,7 +193,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     sampling.validate().map_err(anyhow::Error::msg)?;
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input.model)?;
+    let mut loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
     if ids.len() >= ctx {
@@ -225,7 +247,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input.model)?;
+    let mut loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
     if ids.len() > ctx {

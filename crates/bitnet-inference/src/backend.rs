@@ -6,7 +6,7 @@
 
 use bitnet_core::DenseMatrix;
 use bitnet_models::Activation;
-use bitnet_quant::TernaryMatrix;
+use bitnet_quant::{Int8Matrix, TernaryMatrix};
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +26,8 @@ pub trait Backend: Send {
     type Linear: Send + Sync;
     /// A float matrix (embeddings, lm_head).
     type Dense: Send + Sync;
+    /// An int8 matrix with one scale per row (the quantized lm_head).
+    type Int8Linear: Send + Sync;
     /// A float vector (norm gains, RoPE frequencies).
     type Vector: Send + Sync;
     /// Float activations.
@@ -39,6 +41,7 @@ pub trait Backend: Send {
 
     fn upload_linear(&self, w: TernaryMatrix) -> Self::Linear;
     fn upload_dense(&self, m: DenseMatrix) -> Self::Dense;
+    fn upload_int8(&self, m: Int8Matrix) -> Self::Int8Linear;
     fn upload_vector(&self, v: &[f32]) -> Self::Vector;
     fn buffer(&self, len: usize) -> Self::Buffer;
     fn quant_buffer(&self, max_rows: usize, width: usize) -> Self::QuantBuffer;
@@ -56,10 +59,19 @@ pub trait Backend: Send {
         eps: f32,
         out: &mut Self::Buffer,
     );
-    /// Per-token absmax int8 quantization of `rows` rows of `width`.
-    fn quantize(&mut self, x: &Self::Buffer, rows: usize, width: usize, out: &mut Self::QuantBuffer);
+    /// Per-token absmax int8 quantization of rows `first..first+rows` of `x` (rows of `width`).
+    fn quantize(
+        &mut self,
+        x: &Self::Buffer,
+        first: usize,
+        rows: usize,
+        width: usize,
+        out: &mut Self::QuantBuffer,
+    );
     /// `out = BitLinear(x)` for the quantized rows in `x`.
     fn bitlinear(&mut self, w: &Self::Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
+    /// `out = W · x` with int8 weights and activations, scaled back to float.
+    fn int8_linear(&mut self, w: &Self::Int8Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
     /// NeoX RoPE on `rows` rows of `n_heads` heads, for positions `pos0..pos0+rows`.
     fn rope(
         &mut self,

@@ -2,7 +2,7 @@
 
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::{QuantizedActivations, TernaryMatrix};
+use bitnet_quant::{Int8Matrix, QuantizedActivations, TernaryMatrix};
 use rayon::prelude::*;
 
 use crate::backend::{AttentionShape, Backend};
@@ -39,6 +39,7 @@ fn grow(v: &mut Vec<f32>, len: usize) {
 impl Backend for CpuBackend {
     type Linear = TernaryMatrix;
     type Dense = DenseMatrix;
+    type Int8Linear = Int8Matrix;
     type Vector = Vec<f32>;
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
@@ -52,6 +53,9 @@ impl Backend for CpuBackend {
         w
     }
     fn upload_dense(&self, m: DenseMatrix) -> DenseMatrix {
+        m
+    }
+    fn upload_int8(&self, m: Int8Matrix) -> Int8Matrix {
         m
     }
     fn upload_vector(&self, v: &[f32]) -> Vec<f32> {
@@ -91,11 +95,22 @@ impl Backend for CpuBackend {
         ops::rmsnorm(&x[..rows * width], gain.map(|g| g.as_slice()), width, eps, &mut out[..rows * width]);
     }
 
-    fn quantize(&mut self, x: &Vec<f32>, rows: usize, width: usize, out: &mut QuantizedActivations) {
-        out.quantize(&x[..rows * width], rows);
+    fn quantize(
+        &mut self,
+        x: &Vec<f32>,
+        first: usize,
+        rows: usize,
+        width: usize,
+        out: &mut QuantizedActivations,
+    ) {
+        out.quantize(&x[first * width..(first + rows) * width], rows);
     }
 
     fn bitlinear(&mut self, w: &TernaryMatrix, x: &QuantizedActivations, out: &mut Vec<f32>) {
+        w.forward(x, &mut out[..x.m() * w.rows()]);
+    }
+
+    fn int8_linear(&mut self, w: &Int8Matrix, x: &QuantizedActivations, out: &mut Vec<f32>) {
         w.forward(x, &mut out[..x.m() * w.rows()]);
     }
 

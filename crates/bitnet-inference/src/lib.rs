@@ -10,8 +10,8 @@ pub mod sampling;
 pub use backend::Backend;
 pub use cpu::CpuBackend;
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
-pub use load::{load_dir, LoadedModel};
-pub use model::{Logits, Model, Session};
+pub use load::{load_dir, load_dir_with, LoadOptions, LoadedModel};
+pub use model::{HeadFormat, Logits, Model, Session};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors of running a model: bad requests, never internal failures.

@@ -6,7 +6,14 @@ use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::tokenizer::Tokenizer;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
+use crate::model::HeadFormat;
 use crate::{CpuBackend, Model};
+
+/// Choices made when a checkpoint becomes a runnable model.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    pub head: HeadFormat,
+}
 
 pub struct LoadedModel {
     pub model: Model<CpuBackend>,
@@ -16,6 +23,10 @@ pub struct LoadedModel {
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json if present).
 pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+    load_dir_with(dir, LoadOptions::default())
+}
+
+pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
     if !dir.is_dir() {
         return Err(ModelError::config(dir, "is not a directory holding config.json and model.safetensors"));
     }
@@ -24,7 +35,11 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     let weights = ModelWeights::load(&store, config)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-    Ok(LoadedModel { model: Model::new(weights, CpuBackend::new()), tokenizer, source: dir.to_path_buf() })
+    Ok(LoadedModel {
+        model: Model::new(weights, CpuBackend::new(), opts.head),
+        tokenizer,
+        source: dir.to_path_buf(),
+    })
 }
 
 /// The files of a checkpoint held in memory (the model embedded in the binary).
@@ -37,7 +52,7 @@ pub struct EmbeddedCheckpoint {
 }
 
 /// Loads an embedded checkpoint.
-pub fn load_embedded(e: &EmbeddedCheckpoint) -> Result<LoadedModel, ModelError> {
+pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
     let source = PathBuf::from(e.name);
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
@@ -52,5 +67,9 @@ pub fn load_embedded(e: &EmbeddedCheckpoint) -> Result<LoadedModel, ModelError> 
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
     let weights = ModelWeights::load(&store, config)?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
-    Ok(LoadedModel { model: Model::new(weights, CpuBackend::new()), tokenizer: Some(tokenizer), source })
+    Ok(LoadedModel {
+        model: Model::new(weights, CpuBackend::new(), opts.head),
+        tokenizer: Some(tokenizer),
+        source,
+    })
 }

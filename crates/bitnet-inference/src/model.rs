@@ -1,6 +1,8 @@
 //! The BitNet b1.58 forward pass, one function per layer, over any [`Backend`].
 
+use bitnet_core::DenseMatrix;
 use bitnet_models::{ModelConfig, ModelWeights, Projection};
+use bitnet_quant::Int8Matrix;
 
 use crate::backend::{AttentionShape, Backend};
 use crate::InferenceError;
@@ -34,12 +36,29 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub backend: B,
     embed_tokens: B::Dense,
-    lm_head: Option<B::Dense>,
+    head: Head<B>,
     final_norm: B::Vector,
     layers: Vec<Layer<B>>,
     rope_inv_freq: B::Vector,
     /// Weight bytes one decoded token reads: every projection, the head, one embedding row.
     pub weight_bytes_per_token: usize,
+}
+
+/// How the lm_head is stored for inference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadFormat {
+    /// As in the checkpoint (bf16/f16/f32): the logits transformers computes.
+    #[default]
+    Float,
+    /// Int8 with one scale per row, activations int8 per token: half the bytes of bf16, the
+    /// largest single read of a decoded token, at a small cost in logit accuracy.
+    Int8,
+}
+
+enum Head<B: Backend> {
+    /// `None`: tied to the embeddings.
+    Float(Option<B::Dense>),
+    Int8(B::Int8Linear),
 }
 
 /// Which positions get logits.
@@ -95,9 +114,13 @@ fn upload_projection<B: Backend>(backend: &B, p: Projection, input_norm_eps: f32
 
 impl<B: Backend> Model<B> {
     /// Moves host weights onto the backend.
-    pub fn new(weights: ModelWeights, backend: B) -> Self {
+    pub fn new(mut weights: ModelWeights, backend: B, head_format: HeadFormat) -> Self {
         let cfg = weights.config.clone();
-        let weight_bytes_per_token = weights.lm_head().bytes()
+        let head_bytes = match head_format {
+            HeadFormat::Float => weights.lm_head().bytes(),
+            HeadFormat::Int8 => cfg.vocab_size * (cfg.hidden_size + 4),
+        };
+        let weight_bytes_per_token = head_bytes
             + weights.embed_tokens.bytes() / cfg.vocab_size.max(1)
             + weights
                 .layers
@@ -110,6 +133,10 @@ impl<B: Backend> Model<B> {
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(&backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
+        let head = match head_format {
+            HeadFormat::Float => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m))),
+            HeadFormat::Int8 => Head::Int8(backend.upload_int8(quantize_head(weights.lm_head()))),
+        };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
             layers.push(Layer {
@@ -129,8 +156,8 @@ impl<B: Backend> Model<B> {
         let rope_inv_freq =
             backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim));
         Self {
+            head,
             embed_tokens: backend.upload_dense(weights.embed_tokens),
-            lm_head: weights.lm_head.map(|m| backend.upload_dense(m)),
             final_norm: backend.upload_vector(&weights.final_norm),
             layers,
             rope_inv_freq,
@@ -221,8 +248,15 @@ impl<B: Backend> Model<B> {
         let b = &mut self.backend;
         let a = &mut s.act;
         b.rmsnorm(&a.x, Some(&self.final_norm), first + count, h, c.rms_norm_eps, &mut a.normed);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        b.lm_head(head, &a.normed, first, count, &mut a.logits);
+        match &self.head {
+            Head::Float(head) => {
+                b.lm_head(head.as_ref().unwrap_or(&self.embed_tokens), &a.normed, first, count, &mut a.logits)
+            }
+            Head::Int8(head) => {
+                b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
+                b.int8_linear(head, &a.quant_hidden, &mut a.logits);
+            }
+        }
         let start = s.logits.len();
         s.logits.resize(start + count * vocab, 0.0);
         b.read(&a.logits, 0, &mut s.logits[start..]);
@@ -309,6 +343,32 @@ impl<B: Backend> Model<B> {
     }
 }
 
+/// Int8 per-row quantization of the (float) head, a block of rows at a time so that the
+/// float copy never exists whole.
+fn quantize_head(m: &DenseMatrix) -> Int8Matrix {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1024;
+    let (rows, cols) = (m.rows, m.cols);
+    let mut q = vec![0i8; rows * cols];
+    let mut scales = vec![0f32; rows];
+    q.par_chunks_mut(BLOCK * cols).zip(scales.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (qb, sb))| {
+        let mut row = vec![0f32; cols];
+        for (i, (qr, s)) in qb.chunks_exact_mut(cols).zip(sb.iter_mut()).enumerate() {
+            m.row_f32(b * BLOCK + i, &mut row);
+            let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            *s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            for (o, &v) in qr.iter_mut().zip(&row) {
+                // Adding and removing 1.5·2²³ rounds half to even in f32 for |x| ≤ 2²²
+                // (here |x| ≤ 127), without a libm call per weight on CPUs without SSE4.1.
+                const MAGIC: f32 = 12_582_912.0;
+                let r = std::hint::black_box((v / *s).clamp(-127.0, 127.0) + MAGIC) - MAGIC;
+                *o = r as i8;
+            }
+        }
+    });
+    Int8Matrix::from_int8(&q, &scales, rows, cols).expect("shapes agree by construction")
+}
+
 /// Quantizes a BitLinear's input, through its own RMSNorm first when the checkpoint has one.
 fn quantize_for<B: Backend>(
     b: &mut B,
@@ -321,9 +381,9 @@ fn quantize_for<B: Backend>(
     match &lin.input_norm {
         Some(g) => {
             b.rmsnorm(x, Some(g), rows, lin.cols, lin.input_norm_eps, scratch);
-            b.quantize(scratch, rows, lin.cols, out);
+            b.quantize(scratch, 0, rows, lin.cols, out);
         }
-        None => b.quantize(x, rows, lin.cols, out),
+        None => b.quantize(x, 0, rows, lin.cols, out),
     }
 }
 
