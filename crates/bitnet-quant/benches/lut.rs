@@ -1,6 +1,6 @@
 //! Experiment: a lookup-table GEMV (T-MAC / bitnet.cpp TL1 style) against the engine's
 //! `maddubs` GEMV, AVX2 only. Not part of the library: it did not win (see the report in
-//! `docs/kernels.md`), and it stays here so that the comparison can be re-run.
+//! `KERNELS.md` beside Cargo.toml), and it stays here so that the comparison can be re-run.
 //!
 //! Two ternary weights index one of 9 partial sums `t0·x0 + t1·x1` of an activation pair.
 //! Those sums reach ±256, so for exact results each table is 16-bit, kept as a low-byte and a
