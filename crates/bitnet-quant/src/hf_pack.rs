@@ -8,7 +8,7 @@ use crate::QuantError;
 /// Unpacks `u8[rows/4, cols]` to ternary `i8[rows, cols]` (row-major).
 /// The unused code 3 is an error: it has no ternary value.
 pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>, QuantError> {
-    if rows % 4 != 0 || packed.len() != rows / 4 * cols {
+    if !rows.is_multiple_of(4) || packed.len() != rows / 4 * cols {
         return Err(QuantError::Shape(format!(
             "packed weight of {} bytes cannot hold [{rows}, {cols}] in the 2-bit HF layout \
              (needs rows divisible by 4 and {} bytes)",
@@ -40,7 +40,7 @@ pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>, Qua
 
 /// Packs ternary `i8[rows, cols]` into `u8[rows/4, cols]` (the inverse of [`unpack_hf`]).
 pub fn pack_hf(t: &[i8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
-    if rows % 4 != 0 || t.len() != rows * cols {
+    if !rows.is_multiple_of(4) || t.len() != rows * cols {
         return Err(QuantError::Shape(format!(
             "cannot pack {} ternary values as [{rows}, {cols}] (rows must divide by 4)",
             t.len()
