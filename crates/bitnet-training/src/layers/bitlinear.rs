@@ -1,0 +1,188 @@
+//! BitLinear with the straight-through estimator (STE).
+//!
+//! Forward (b1.58): the latent weights are absmean-ternarized per matrix and the input is
+//! absmax-quantized to int8 per token; the product runs on the integer codes and is scaled
+//! back as `y = (Σ q·t) / s_a · mean|W|`, the same arithmetic as the inference kernels.
+//! Backward (STE, `w + (q(w) − w).detach()`): quantization counts as the identity, so
+//! `dX = dY · W_q` and `dW = dYᵀ · X_q`, with `W_q`, `X_q` the dequantized values.
+//!
+//! Projections that read the same input (q, k, v; gate, up) form one [`WeightGroup`]: their
+//! weights are stacked by output rows so one matrix product serves all of them, while each keeps
+//! its own scale.
+
+use rayon::prelude::*;
+
+use crate::linalg::{matmul, Operand, ROW_CHUNK};
+use crate::real::Real;
+
+/// Whether the linears are quantized (the b1.58 model) or full-precision (the `--fp` baseline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Precision {
+    Ternary,
+    Full,
+}
+
+/// The weights of one or more projections that share an input, as the product uses them.
+#[derive(Clone, Debug)]
+pub struct WeightGroup<T> {
+    /// Output features of each projection, in stacking order.
+    pub out_sizes: Vec<usize>,
+    pub in_features: usize,
+    /// `[Σ out, in]`: ternary codes (as floats) or, in full precision, the weights.
+    pub codes: Vec<T>,
+    /// `[Σ out, in]`: `codes · scale`, the weights the backward multiplies by.
+    pub dequant: Vec<T>,
+    /// `mean|W|` per projection (1 in full precision).
+    pub scales: Vec<T>,
+}
+
+impl<T: Real> WeightGroup<T> {
+    /// Quantizes latent weights (`[out_p, in]` each) for one step.
+    pub fn quantize(weights: &[&[T]], out_sizes: &[usize], in_features: usize, precision: Precision) -> Self {
+        let total: usize = out_sizes.iter().sum();
+        let mut codes = Vec::with_capacity(total * in_features);
+        let mut scales = Vec::with_capacity(weights.len());
+        for (w, &n) in weights.iter().zip(out_sizes) {
+            assert_eq!(w.len(), n * in_features, "weight does not have its declared shape");
+            match precision {
+                Precision::Ternary => {
+                    let (t, mean) = T::absmean_ternary(w);
+                    codes.extend(t.iter().map(|&c| T::from_f64(c as f64)));
+                    scales.push(mean);
+                }
+                Precision::Full => {
+                    codes.extend_from_slice(w);
+                    scales.push(T::ONE);
+                }
+            }
+        }
+        Self::from_codes(codes, scales, out_sizes, in_features)
+    }
+
+    /// A group from stored ternary codes and scales (a loaded packed checkpoint).
+    pub fn from_codes(codes: Vec<T>, scales: Vec<T>, out_sizes: &[usize], in_features: usize) -> Self {
+        let mut dequant = codes.clone();
+        let mut offset = 0;
+        for (&n, &s) in out_sizes.iter().zip(&scales) {
+            for v in &mut dequant[offset * in_features..(offset + n) * in_features] {
+                *v *= s;
+            }
+            offset += n;
+        }
+        Self { out_sizes: out_sizes.to_vec(), in_features, codes, dequant, scales }
+    }
+
+    /// Σ of the projections' output features.
+    pub fn out_features(&self) -> usize {
+        self.out_sizes.iter().sum()
+    }
+
+    /// The scale of output column `c`'s projection, per column.
+    fn column_scales(&self) -> Vec<T> {
+        let mut v = Vec::with_capacity(self.out_features());
+        for (&n, &s) in self.out_sizes.iter().zip(&self.scales) {
+            v.extend(std::iter::repeat_n(s, n));
+        }
+        v
+    }
+}
+
+/// A BitLinear input as the product sees it: int8 codes per token (held as floats) and the
+/// per-token scale `s_a`. In full precision the codes are the input itself and `s_a = 1`.
+#[derive(Clone, Debug)]
+pub struct QuantizedInput<T> {
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<T>,
+    pub scale: Vec<T>,
+}
+
+/// Quantizes `x` (`[rows, cols]`) per token (`ActQuant`), or keeps it as is in full precision.
+pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Precision) -> QuantizedInput<T> {
+    assert_eq!(x.len(), rows * cols);
+    if precision == Precision::Full {
+        return QuantizedInput { rows, cols, codes: x.to_vec(), scale: vec![T::ONE; rows] };
+    }
+    let mut codes = vec![T::ZERO; rows * cols];
+    let mut scale = vec![T::ZERO; rows];
+    codes.par_chunks_mut(cols * ROW_CHUNK).zip(x.par_chunks(cols * ROW_CHUNK)).zip(scale.par_chunks_mut(ROW_CHUNK)).for_each(
+        |((cc, xc), sc)| {
+            let mut q = vec![0i8; cols];
+            for ((cr, xr), s) in cc.chunks_exact_mut(cols).zip(xc.chunks_exact(cols)).zip(sc) {
+                *s = T::quantize_activation_row(xr, &mut q);
+                for (c, &v) in cr.iter_mut().zip(&q) {
+                    *c = T::from_f64(v as f64);
+                }
+            }
+        },
+    );
+    QuantizedInput { rows, cols, codes, scale }
+}
+
+impl<T: Real> QuantizedInput<T> {
+    /// The dequantized input `q / s_a` (what the STE's surrogate multiplies).
+    pub fn dequantized(&self) -> Vec<T> {
+        let mut v = self.codes.clone();
+        for (row, &s) in v.chunks_exact_mut(self.cols).zip(&self.scale) {
+            for x in row {
+                *x /= s;
+            }
+        }
+        v
+    }
+}
+
+/// `y[i, c] = (Σ_k x_q[i, k] · t[c, k]) / s_a[i] · scale(c)`: `y` is `[rows, Σ out]`.
+pub fn bitlinear_forward<T: Real>(x: &QuantizedInput<T>, w: &WeightGroup<T>, y: &mut [T]) {
+    assert_eq!(x.cols, w.in_features, "BitLinear input width does not match the weights");
+    let n = w.out_features();
+    matmul(y, Operand::n(&x.codes, x.rows, x.cols), Operand::t(&w.codes, n, x.cols), false, true);
+    let col_scale = w.column_scales();
+    y.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(yc, sc)| {
+        for (yr, &s_a) in yc.chunks_exact_mut(n).zip(sc) {
+            for (v, &m) in yr.iter_mut().zip(&col_scale) {
+                *v = *v / s_a * m;
+            }
+        }
+    });
+}
+
+/// Backward of [`bitlinear_forward`] under the STE.
+/// `dx += dy · W_q` (skipped when `dx` is `None`), and for each projection `p`,
+/// `dw[p] += dy_pᵀ · X_q` with `X_q = q / s_a`.
+pub fn bitlinear_backward<T: Real>(
+    x: &QuantizedInput<T>,
+    w: &WeightGroup<T>,
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [&mut [T]],
+) {
+    let n = w.out_features();
+    let k = w.in_features;
+    if let Some(dx) = dx {
+        matmul(dx, Operand::n(dy, x.rows, n), Operand::n(&w.dequant, n, k), true, true);
+    }
+    // dy / s_a per row, so that the product with the integer codes gives dYᵀ · (q / s_a).
+    let mut dy_scaled = dy.to_vec();
+    dy_scaled.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(dc, sc)| {
+        for (dr, &s_a) in dc.chunks_exact_mut(n).zip(sc) {
+            for v in dr {
+                *v /= s_a;
+            }
+        }
+    });
+    assert_eq!(dw.len(), w.out_sizes.len());
+    if dw.len() == 1 {
+        matmul(dw[0], Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), true, true);
+        return;
+    }
+    let mut dw_all = vec![T::ZERO; n * k];
+    matmul(&mut dw_all, Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), false, true);
+    let mut offset = 0;
+    for (g, &np) in dw.iter_mut().zip(&w.out_sizes) {
+        for (d, &v) in g.iter_mut().zip(&dw_all[offset * k..(offset + np) * k]) {
+            *d += v;
+        }
+        offset += np;
+    }
+}

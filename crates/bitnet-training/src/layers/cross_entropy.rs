@@ -1,0 +1,65 @@
+//! The output head (a plain float linear, never quantized; tied to the embedding when the
+//! config says so) and the mean cross-entropy over all tokens.
+
+use rayon::prelude::*;
+
+use crate::linalg::{matmul, Operand, ROW_CHUNK};
+use crate::real::Real;
+
+/// `logits = x · headᵀ` for `x` `[rows, hidden]` and `head` `[vocab, hidden]`.
+pub fn head_forward<T: Real>(x: &[T], head: &[T], rows: usize, hidden: usize, vocab: usize, logits: &mut [T]) {
+    matmul(logits, Operand::n(x, rows, hidden), Operand::t(head, vocab, hidden), false, true);
+}
+
+/// Turns `logits` into softmax probabilities in place and returns the SUM over rows of
+/// `logsumexp(row) − row[target]` (accumulated in f64, in row order).
+pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: usize) -> f64 {
+    let mut losses = vec![0.0f64; targets.len()];
+    logits
+        .par_chunks_mut(vocab * ROW_CHUNK)
+        .zip(targets.par_chunks(ROW_CHUNK))
+        .zip(losses.par_chunks_mut(ROW_CHUNK))
+        .for_each(|((lc, tc), oc)| {
+            for ((row, &target), out) in lc.chunks_exact_mut(vocab).zip(tc).zip(oc) {
+                let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m });
+                let target_logit = row[target as usize];
+                let mut sum = T::ZERO;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                *out = (sum.ln() + max - target_logit).to_f64();
+                for v in row.iter_mut() {
+                    *v /= sum;
+                }
+            }
+        });
+    losses.iter().sum()
+}
+
+/// Backward of `scale · Σ_rows CE` through the head: `dlogits = (P − onehot) · scale`;
+/// `dx += dlogits · head`, `dhead += dlogitsᵀ · x`. `probs` is consumed as scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn head_cross_entropy_backward<T: Real>(
+    x: &[T],
+    head: &[T],
+    probs: &mut [T],
+    targets: &[u32],
+    scale: T,
+    hidden: usize,
+    vocab: usize,
+    dx: &mut [T],
+    dhead: &mut [T],
+) {
+    let rows = targets.len();
+    probs.par_chunks_mut(vocab * ROW_CHUNK).zip(targets.par_chunks(ROW_CHUNK)).for_each(|(pc, tc)| {
+        for (row, &target) in pc.chunks_exact_mut(vocab).zip(tc) {
+            row[target as usize] -= T::ONE;
+            for v in row.iter_mut() {
+                *v *= scale;
+            }
+        }
+    });
+    matmul(dx, Operand::n(probs, rows, vocab), Operand::n(head, vocab, hidden), true, true);
+    matmul(dhead, Operand::t(probs, rows, vocab), Operand::n(x, rows, hidden), true, true);
+}

@@ -1,0 +1,55 @@
+//! RMSNorm: `y = w ⊙ x / sqrt(mean(x²) + eps)` per token (no bias, no `1 + w` offset).
+
+use rayon::prelude::*;
+
+use crate::linalg::{reduce_rows, ROW_CHUNK};
+use crate::real::Real;
+
+/// Normalizes each row of `x` (`[rows, width]`) into `y`; keeps `rstd = 1/sqrt(mean(x²)+eps)`.
+pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mut [T]) {
+    let width = w.len();
+    y.par_chunks_mut(width * ROW_CHUNK)
+        .zip(x.par_chunks(width * ROW_CHUNK))
+        .zip(rstd.par_chunks_mut(ROW_CHUNK))
+        .for_each(|((yc, xc), rc)| {
+            for ((yr, xr), r) in yc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(rc) {
+                let ms = xr.iter().map(|&v| v * v).sum::<T>() / T::from_f64(width as f64);
+                *r = (ms + eps).sqrt().recip();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = g * (v * *r);
+                }
+            }
+        });
+}
+
+/// Backward of [`rmsnorm_forward`]. With `x̂ = x·rstd` and `g = w ⊙ dy`:
+/// `dx += rstd · (g − x̂ · mean(g ⊙ x̂))`, `dw += Σ_rows dy ⊙ x̂`.
+pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
+    let width = w.len();
+    let rows = rstd.len();
+    dx.par_chunks_mut(width * ROW_CHUNK)
+        .zip(x.par_chunks(width * ROW_CHUNK))
+        .zip(dy.par_chunks(width * ROW_CHUNK))
+        .zip(rstd.par_chunks(ROW_CHUNK))
+        .for_each(|(((dxc, xc), dyc), rc)| {
+            for (((dxr, xr), dyr), &r) in
+                dxc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(dyc.chunks_exact(width)).zip(rc)
+            {
+                let dot = xr.iter().zip(dyr).zip(w).map(|((&v, &d), &g)| g * d * v * r).sum::<T>();
+                let mean = dot / T::from_f64(width as f64);
+                for (((o, &v), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                    *o += r * (g * d - v * r * mean);
+                }
+            }
+        });
+    reduce_rows(rows, width, dw, |start, n, part| {
+        for i in start..start + n {
+            let r = rstd[i];
+            for ((p, &v), &d) in
+                part.iter_mut().zip(&x[i * width..(i + 1) * width]).zip(&dy[i * width..(i + 1) * width])
+            {
+                *p += d * v * r;
+            }
+        }
+    });
+}

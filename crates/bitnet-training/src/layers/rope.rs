@@ -1,0 +1,77 @@
+//! Rotary position embedding, NeoX half-split style (`rotate_half`):
+//! `y = x·cos + cat(−x₂, x₁)·sin` with `x₁, x₂` the two halves of a head.
+
+use rayon::prelude::*;
+
+use crate::linalg::ROW_CHUNK;
+use crate::real::Real;
+
+/// cos and sin for every position and frequency, `[max_pos, head_dim/2]`.
+/// Computed in f32 as transformers does (`inv_freq` and the angles in float32), then widened.
+#[derive(Clone, Debug)]
+pub struct RopeTable<T> {
+    pub half: usize,
+    pub max_pos: usize,
+    cos: Vec<T>,
+    sin: Vec<T>,
+}
+
+impl<T: Real> RopeTable<T> {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f32) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> =
+            (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(T::from_f64(angle.cos() as f64));
+                sin.push(T::from_f64(angle.sin() as f64));
+            }
+        }
+        Self { half, max_pos, cos, sin }
+    }
+}
+
+/// Where the heads sit in a row: `n_heads` heads of `head_dim` starting at column `offset` of
+/// rows `ld` wide.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadsView {
+    pub ld: usize,
+    pub offset: usize,
+    pub n_heads: usize,
+}
+
+/// Rotates the heads of every row in place; row `i` is at position `i % seq_len`.
+pub fn rope_forward<T: Real>(x: &mut [T], view: HeadsView, seq_len: usize, table: &RopeTable<T>) {
+    rotate(x, view, seq_len, table, false);
+}
+
+/// Backward of [`rope_forward`], in place on the gradient: the rotation by `−angle`.
+/// `dx₁ = dy₁·cos + dy₂·sin`, `dx₂ = dy₂·cos − dy₁·sin`.
+pub fn rope_backward<T: Real>(dx: &mut [T], view: HeadsView, seq_len: usize, table: &RopeTable<T>) {
+    rotate(dx, view, seq_len, table, true);
+}
+
+fn rotate<T: Real>(x: &mut [T], view: HeadsView, seq_len: usize, table: &RopeTable<T>, inverse: bool) {
+    let half = table.half;
+    assert!(seq_len <= table.max_pos, "sequence longer than the RoPE table");
+    x.par_chunks_mut(view.ld * ROW_CHUNK).enumerate().for_each(|(chunk, xc)| {
+        for (r, row) in xc.chunks_exact_mut(view.ld).enumerate() {
+            let pos = (chunk * ROW_CHUNK + r) % seq_len;
+            let cos = &table.cos[pos * half..(pos + 1) * half];
+            let sin = &table.sin[pos * half..(pos + 1) * half];
+            for h in 0..view.n_heads {
+                let head = &mut row[view.offset + h * 2 * half..view.offset + (h + 1) * 2 * half];
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    let s = if inverse { -sin[i] } else { sin[i] };
+                    x1[i] = a * cos[i] - b * s;
+                    x2[i] = b * cos[i] + a * s;
+                }
+            }
+        }
+    });
+}

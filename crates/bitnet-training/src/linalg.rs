@@ -1,0 +1,253 @@
+//! Dense matrix products through the `gemm` crate, and the row-parallel helpers.
+//!
+//! All matrices are row-major. A transposed operand is read through its strides, never copied.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::real::Real;
+
+/// A matrix operand: its data, and whether the product reads it transposed.
+#[derive(Clone, Copy)]
+pub struct Operand<'a, T> {
+    pub data: &'a [T],
+    /// Rows and columns of the matrix as stored.
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a, T> Operand<'a, T> {
+    /// The matrix as stored, `[rows, cols]`.
+    pub fn n(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, transposed: false }
+    }
+    /// The transpose of the stored `[rows, cols]` matrix.
+    pub fn t(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, transposed: true }
+    }
+    fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+    /// (row stride, column stride) of the operand as the product reads it.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (1, self.cols as isize)
+        } else {
+            (self.cols as isize, 1)
+        }
+    }
+}
+
+/// Products below this many multiply-adds run on the calling thread.
+const PARALLEL_MIN_WORK: usize = 1 << 18;
+
+/// `c = a · b` (or `c += a · b` when `accumulate`), `c` row-major `[m, n]`.
+/// `parallel` lets the product use the current rayon pool; pass `false` from inside a
+/// parallel loop.
+pub fn matmul<T: Real>(c: &mut [T], a: Operand<'_, T>, b: Operand<'_, T>, accumulate: bool, parallel: bool) {
+    let (m, k) = a.shape();
+    let (kb, n) = b.shape();
+    assert_eq!(k, kb, "inner dimensions of a matrix product differ");
+    assert!(a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols);
+    assert!(c.len() >= m * n, "product output too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if parallel && threads > 1 && m * n * k >= PARALLEL_MIN_WORK {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let (a_rs, a_cs) = a.strides();
+    let (b_rs, b_cs) = b.strides();
+    // SAFETY: the asserts above keep every index the strides reach inside the slices;
+    // `c` is exclusively borrowed and does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A strided view for the attention products: `[rows, cols]` with row stride `rs`.
+pub struct Strided<T> {
+    pub ptr: *const T,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub transposed: bool,
+}
+
+/// `c = a · b` (or `+=`) over raw strided views, single-threaded. `c` has row stride `c_rs`.
+///
+/// # Safety
+/// Every element the views describe must be readable, `c`'s must be writable, and no other
+/// thread may write them during the call.
+pub unsafe fn matmul_strided<T: Real>(
+    c: *mut T,
+    c_rs: usize,
+    a: &Strided<T>,
+    b: &Strided<T>,
+    accumulate: bool,
+) {
+    let (m, k, a_rs, a_cs) =
+        if a.transposed { (a.cols, a.rows, 1, a.rs as isize) } else { (a.rows, a.cols, a.rs as isize, 1) };
+    let (kb, n, b_rs, b_cs) =
+        if b.transposed { (b.cols, b.rows, 1, b.rs as isize) } else { (b.rows, b.cols, b.rs as isize, 1) };
+    assert_eq!(k, kb, "inner dimensions of a matrix product differ");
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs as isize,
+        accumulate,
+        a.ptr,
+        a_cs,
+        a_rs,
+        b.ptr,
+        b_cs,
+        b_rs,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
+/// Rows handled together by the parallel helpers. A fixed size (not one per thread) keeps every
+/// reduction in the same order whatever the thread count.
+pub const ROW_CHUNK: usize = 16;
+
+/// Sums per-chunk partial vectors in chunk order: a deterministic column reduction.
+/// `f(first_row, rows_of_chunk, partial)` adds the chunk's contribution into `partial`.
+pub fn reduce_rows<T: Real, F>(n_rows: usize, width: usize, out: &mut [T], f: F)
+where
+    F: Fn(usize, usize, &mut [T]) + Sync,
+{
+    let chunks = n_rows.div_ceil(ROW_CHUNK);
+    let partials: Vec<Vec<T>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut p = vec![T::ZERO; width];
+            let start = c * ROW_CHUNK;
+            f(start, ROW_CHUNK.min(n_rows - start), &mut p);
+            p
+        })
+        .collect();
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+}
+
+/// A pointer that parallel tasks share, each writing only its own disjoint part.
+#[derive(Clone, Copy)]
+pub struct SharedMut<T>(pub *mut T);
+// SAFETY: users promise disjoint writes (documented where it is used).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// A read-only pointer shared by parallel tasks.
+#[derive(Clone, Copy)]
+pub struct SharedConst<T>(pub *const T);
+// SAFETY: only read while no one writes it.
+unsafe impl<T> Send for SharedConst<T> {}
+unsafe impl<T> Sync for SharedConst<T> {}
+impl<T> SharedConst<T> {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    pub fn get(&self) -> *const T {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn transpose(x: &[f64], r: usize, c: usize) -> Vec<f64> {
+        let mut t = vec![0.0; x.len()];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = x[i * c + j];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn matmul_all_transpose_combinations() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.91).cos()).collect();
+        let want = naive(&a, &b, m, k, n);
+        let at = transpose(&a, m, k);
+        let bt = transpose(&b, k, n);
+        for (ao, bo) in [
+            (Operand::n(&a, m, k), Operand::n(&b, k, n)),
+            (Operand::t(&at, k, m), Operand::n(&b, k, n)),
+            (Operand::n(&a, m, k), Operand::t(&bt, n, k)),
+            (Operand::t(&at, k, m), Operand::t(&bt, n, k)),
+        ] {
+            let mut c = vec![1.0; m * n];
+            matmul(&mut c, ao, bo, false, true);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-12);
+            }
+            matmul(&mut c, ao, bo, true, false);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - 2.0 * y).abs() < 1e-12);
+            }
+        }
+    }
+}

@@ -1,0 +1,570 @@
+//! The decoder (BitNet 2B-4T and the llama-1.58 variant): parameters, the forward that keeps
+//! what the backward needs, and the backward, layer by layer in the reverse order of the forward.
+
+use bitnet_models::{Activation, ModelConfig};
+
+use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
+use crate::layers::bitlinear::{
+    bitlinear_backward, bitlinear_forward, quantize_input, Precision, QuantizedInput, WeightGroup,
+};
+use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
+use crate::layers::embedding::{embedding_backward, embedding_forward};
+use crate::layers::gate::{gate_backward, gate_forward};
+use crate::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use crate::layers::rope::{rope_backward, rope_forward, HeadsView, RopeTable};
+use crate::real::Real;
+use crate::rng::Rng;
+
+/// A named parameter tensor (row-major; linear weights are `[out, in]` as in PyTorch).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<T>,
+}
+
+/// All parameters (or all gradients, or an optimizer moment) in the order of the [`Layout`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params<T> {
+    pub tensors: Vec<Tensor<T>>,
+}
+
+impl<T: Real> Params<T> {
+    /// Zeros of the same names and shapes.
+    pub fn zeros_like<U: Real>(other: &Params<U>) -> Self {
+        Self {
+            tensors: other
+                .tensors
+                .iter()
+                .map(|t| Tensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![T::ZERO; t.data.len()] })
+                .collect(),
+        }
+    }
+    pub fn fill_zero(&mut self) {
+        for t in &mut self.tensors {
+            t.data.fill(T::ZERO);
+        }
+    }
+    /// Number of scalars.
+    pub fn count(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+    /// Takes tensors out by index so that several can be borrowed mutably at once; put them
+    /// back with [`Params::put`].
+    fn take(&mut self, idx: &[usize]) -> Vec<Vec<T>> {
+        idx.iter().map(|&i| std::mem::take(&mut self.tensors[i].data)).collect()
+    }
+    fn put(&mut self, idx: &[usize], data: Vec<Vec<T>>) {
+        for (&i, d) in idx.iter().zip(data) {
+            self.tensors[i].data = d;
+        }
+    }
+}
+
+/// Indices of one decoder layer's tensors in [`Params::tensors`].
+#[derive(Clone, Debug)]
+pub struct LayerSlots {
+    pub input_norm: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub attn_sub_norm: Option<usize>,
+    pub o: usize,
+    pub post_norm: usize,
+    pub gate: usize,
+    pub up: usize,
+    pub ffn_sub_norm: Option<usize>,
+    pub down: usize,
+}
+
+/// Where every tensor of the model is, and its name and shape.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub embed: usize,
+    pub layers: Vec<LayerSlots>,
+    pub final_norm: usize,
+    /// Present only when the head is not tied to the embedding.
+    pub lm_head: Option<usize>,
+    pub entries: Vec<(String, Vec<usize>)>,
+}
+
+/// What kind of tensor a parameter is, for initialization and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    Embedding,
+    Norm,
+    Linear,
+}
+
+impl Layout {
+    /// The tensors of a config, named as in Hugging Face checkpoints.
+    pub fn new(c: &ModelConfig) -> Self {
+        let mut entries: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>| {
+            entries.push((name, shape));
+            entries.len() - 1
+        };
+        let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let embed = add("model.embed_tokens.weight".into(), vec![c.vocab_size, h]);
+        let mut layers = Vec::new();
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}.");
+            let input_norm = add(format!("{p}input_layernorm.weight"), vec![h]);
+            let q_ = add(format!("{p}self_attn.q_proj.weight"), vec![q, h]);
+            let k_ = add(format!("{p}self_attn.k_proj.weight"), vec![kv, h]);
+            let v_ = add(format!("{p}self_attn.v_proj.weight"), vec![kv, h]);
+            let attn_sub_norm = c.sub_norms.then(|| add(format!("{p}self_attn.attn_sub_norm.weight"), vec![q]));
+            let o = add(format!("{p}self_attn.o_proj.weight"), vec![h, q]);
+            let post_norm = add(format!("{p}post_attention_layernorm.weight"), vec![h]);
+            let gate = add(format!("{p}mlp.gate_proj.weight"), vec![i, h]);
+            let up = add(format!("{p}mlp.up_proj.weight"), vec![i, h]);
+            let ffn_sub_norm = c.sub_norms.then(|| add(format!("{p}mlp.ffn_sub_norm.weight"), vec![i]));
+            let down = add(format!("{p}mlp.down_proj.weight"), vec![h, i]);
+            layers.push(LayerSlots {
+                input_norm,
+                q: q_,
+                k: k_,
+                v: v_,
+                attn_sub_norm,
+                o,
+                post_norm,
+                gate,
+                up,
+                ffn_sub_norm,
+                down,
+            });
+        }
+        let final_norm = add("model.norm.weight".into(), vec![h]);
+        let lm_head = (!c.tie_word_embeddings).then(|| add("lm_head.weight".into(), vec![c.vocab_size, h]));
+        Self { embed, layers, final_norm, lm_head, entries }
+    }
+
+    pub fn kind(&self, index: usize) -> ParamKind {
+        let name = &self.entries[index].0;
+        if name.ends_with("norm.weight") {
+            ParamKind::Norm
+        } else if index == self.embed || Some(index) == self.lm_head {
+            ParamKind::Embedding
+        } else {
+            ParamKind::Linear
+        }
+    }
+
+    /// The index of the output head's matrix (the embedding when tied).
+    pub fn head(&self) -> usize {
+        self.lm_head.unwrap_or(self.embed)
+    }
+}
+
+/// One layer's quantized weights, made once per optimizer step.
+#[derive(Clone, Debug)]
+pub struct PreparedLayer<T> {
+    pub qkv: WeightGroup<T>,
+    pub o: WeightGroup<T>,
+    pub gate_up: WeightGroup<T>,
+    pub down: WeightGroup<T>,
+}
+
+/// The weights the forward multiplies by: the quantized linears of every layer.
+#[derive(Clone, Debug)]
+pub struct Prepared<T> {
+    pub layers: Vec<PreparedLayer<T>>,
+}
+
+/// Everything one layer's forward keeps for its backward.
+struct LayerCache<T> {
+    x_in: Vec<T>,
+    rstd_in: Vec<T>,
+    h_in: QuantizedInput<T>,
+    /// q and k after RoPE, and v.
+    qkv: Vec<T>,
+    probs: Vec<T>,
+    attn: Vec<T>,
+    rstd_attn_sub: Vec<T>,
+    o_in: QuantizedInput<T>,
+    x_mid: Vec<T>,
+    rstd_post: Vec<T>,
+    h_post: QuantizedInput<T>,
+    gate_up: Vec<T>,
+    mlp: Vec<T>,
+    rstd_ffn_sub: Vec<T>,
+    down_in: QuantizedInput<T>,
+}
+
+/// The model: config, precision, parameters.
+#[derive(Clone, Debug)]
+pub struct Model<T> {
+    pub config: ModelConfig,
+    pub precision: Precision,
+    pub layout: Layout,
+    pub params: Params<T>,
+    rope: RopeTable<T>,
+}
+
+/// Standard deviation of the initial linear and embedding weights.
+pub const INIT_STD: f64 = 0.02;
+
+impl<T: Real> Model<T> {
+    /// A freshly initialized model: linears and embedding `N(0, 0.02²)`, norm gains 1.
+    pub fn init(config: ModelConfig, precision: Precision, seed: u64) -> Self {
+        let layout = Layout::new(&config);
+        let mut rng = Rng::new(seed, 0x1417);
+        let tensors = layout
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n: usize = shape.iter().product();
+                let data = match layout.kind(i) {
+                    ParamKind::Norm => vec![T::ONE; n],
+                    _ => (0..n).map(|_| T::from_f64(rng.normal() * INIT_STD)).collect(),
+                };
+                Tensor { name: name.clone(), shape: shape.clone(), data }
+            })
+            .collect();
+        Self::from_params(config, precision, Params { tensors })
+    }
+
+    /// A model over given parameters (their names and shapes must follow [`Layout::new`]).
+    pub fn from_params(config: ModelConfig, precision: Precision, params: Params<T>) -> Self {
+        let layout = Layout::new(&config);
+        assert_eq!(layout.entries.len(), params.tensors.len(), "parameter count does not fit the config");
+        for ((name, shape), t) in layout.entries.iter().zip(&params.tensors) {
+            assert!(name == &t.name && shape == &t.shape, "parameter {} does not fit the config", t.name);
+        }
+        let rope = RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta);
+        Self { config, precision, layout, params, rope }
+    }
+
+    fn tensor(&self, i: usize) -> &[T] {
+        &self.params.tensors[i].data
+    }
+
+    /// Quantizes the latent linears (once per optimizer step; reused by every micro-batch).
+    pub fn prepare(&self) -> Prepared<T> {
+        let c = &self.config;
+        let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let p = self.precision;
+        let layers = self
+            .layout
+            .layers
+            .iter()
+            .map(|s| PreparedLayer {
+                qkv: WeightGroup::quantize(&[self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)], &[q, kv, kv], h, p),
+                o: WeightGroup::quantize(&[self.tensor(s.o)], &[h], q, p),
+                gate_up: WeightGroup::quantize(&[self.tensor(s.gate), self.tensor(s.up)], &[i, i], h, p),
+                down: WeightGroup::quantize(&[self.tensor(s.down)], &[h], i, p),
+            })
+            .collect();
+        Prepared { layers }
+    }
+
+    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape { batch, seq, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim }
+    }
+
+    fn qkv_layout(&self) -> QkvLayout {
+        let (q, kv) = (self.config.q_dim(), self.config.kv_dim());
+        QkvLayout { ld: q + 2 * kv, q: 0, k: q, v: q + kv }
+    }
+
+    fn eps(&self) -> T {
+        T::from_f64(self.config.rms_norm_eps as f64)
+    }
+
+    /// One decoder layer on the residual stream `x` (`[batch·seq, hidden]`), in place.
+    fn layer_forward(
+        &self,
+        l: usize,
+        w: &PreparedLayer<T>,
+        x: &mut [T],
+        batch: usize,
+        seq: usize,
+    ) -> LayerCache<T> {
+        let c = &self.config;
+        let s = &self.layout.layers[l];
+        let rows = batch * seq;
+        let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.q_dim());
+        let eps = self.eps();
+        let p = self.precision;
+
+        // attention block: x + o_proj(sub_norm(Attn(RoPE(qkv(norm(x))))))
+        let x_in = x.to_vec();
+        let mut normed = vec![T::ZERO; rows * h];
+        let mut rstd_in = vec![T::ZERO; rows];
+        rmsnorm_forward(x, self.tensor(s.input_norm), eps, &mut normed, &mut rstd_in);
+        let h_in = quantize_input(&normed, rows, h, p);
+        let lay = self.qkv_layout();
+        let mut qkv = vec![T::ZERO; rows * lay.ld];
+        bitlinear_forward(&h_in, &w.qkv, &mut qkv);
+        rope_forward(&mut qkv, HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads }, seq, &self.rope);
+        rope_forward(&mut qkv, HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads }, seq, &self.rope);
+        let shape = self.attention_shape(batch, seq);
+        let mut probs = vec![T::ZERO; shape.probs_len()];
+        let mut attn = vec![T::ZERO; rows * qd];
+        attention_forward(&qkv, lay, shape, &mut probs, &mut attn);
+        let mut rstd_attn_sub = Vec::new();
+        let o_in = match s.attn_sub_norm {
+            Some(sn) => {
+                let mut a = vec![T::ZERO; rows * qd];
+                rstd_attn_sub = vec![T::ZERO; rows];
+                rmsnorm_forward(&attn, self.tensor(sn), eps, &mut a, &mut rstd_attn_sub);
+                quantize_input(&a, rows, qd, p)
+            }
+            None => quantize_input(&attn, rows, qd, p),
+        };
+        let mut branch = vec![T::ZERO; rows * h];
+        bitlinear_forward(&o_in, &w.o, &mut branch);
+        add_into(x, &branch);
+
+        // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
+        let x_mid = x.to_vec();
+        let mut rstd_post = vec![T::ZERO; rows];
+        rmsnorm_forward(x, self.tensor(s.post_norm), eps, &mut normed, &mut rstd_post);
+        let h_post = quantize_input(&normed, rows, h, p);
+        let mut gate_up = vec![T::ZERO; rows * 2 * i];
+        bitlinear_forward(&h_post, &w.gate_up, &mut gate_up);
+        let mut mlp = vec![T::ZERO; rows * i];
+        gate_forward(c.activation, &gate_up, i, &mut mlp);
+        let mut rstd_ffn_sub = Vec::new();
+        let down_in = match s.ffn_sub_norm {
+            Some(sn) => {
+                let mut m = vec![T::ZERO; rows * i];
+                rstd_ffn_sub = vec![T::ZERO; rows];
+                rmsnorm_forward(&mlp, self.tensor(sn), eps, &mut m, &mut rstd_ffn_sub);
+                quantize_input(&m, rows, i, p)
+            }
+            None => quantize_input(&mlp, rows, i, p),
+        };
+        bitlinear_forward(&down_in, &w.down, &mut branch);
+        add_into(x, &branch);
+
+        LayerCache {
+            x_in,
+            rstd_in,
+            h_in,
+            qkv,
+            probs,
+            attn,
+            rstd_attn_sub,
+            o_in,
+            x_mid,
+            rstd_post,
+            h_post,
+            gate_up,
+            mlp,
+            rstd_ffn_sub,
+            down_in,
+        }
+    }
+
+    /// Backward of one layer: `dx` holds the gradient of the layer's output and leaves holding
+    /// the gradient of its input.
+    fn layer_backward(
+        &self,
+        l: usize,
+        w: &PreparedLayer<T>,
+        cache: &LayerCache<T>,
+        dx: &mut [T],
+        batch: usize,
+        seq: usize,
+        grads: &mut Params<T>,
+    ) {
+        let c = &self.config;
+        let s = &self.layout.layers[l];
+        let rows = batch * seq;
+        let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.q_dim());
+
+        // MLP block, last op first.
+        let mut d_down_in = vec![T::ZERO; rows * i];
+        let mut g = grads.take(&[s.down]);
+        bitlinear_backward(&cache.down_in, &w.down, dx, Some(&mut d_down_in), &mut [&mut g[0]]);
+        grads.put(&[s.down], g);
+        let d_mlp = match s.ffn_sub_norm {
+            Some(sn) => {
+                let mut d = vec![T::ZERO; rows * i];
+                rmsnorm_backward(&cache.mlp, self.tensor(sn), &cache.rstd_ffn_sub, &d_down_in, &mut d, &mut grads.tensors[sn].data);
+                d
+            }
+            None => d_down_in,
+        };
+        let mut d_gate_up = vec![T::ZERO; rows * 2 * i];
+        gate_backward(c.activation, &cache.gate_up, &d_mlp, i, &mut d_gate_up);
+        let mut d_normed = vec![T::ZERO; rows * h];
+        let mut g = grads.take(&[s.gate, s.up]);
+        {
+            let (a, b) = g.split_at_mut(1);
+            bitlinear_backward(&cache.h_post, &w.gate_up, &d_gate_up, Some(&mut d_normed), &mut [&mut a[0], &mut b[0]]);
+        }
+        grads.put(&[s.gate, s.up], g);
+        rmsnorm_backward(
+            &cache.x_mid,
+            self.tensor(s.post_norm),
+            &cache.rstd_post,
+            &d_normed,
+            dx,
+            &mut grads.tensors[s.post_norm].data,
+        );
+
+        // Attention block.
+        let mut d_o_in = vec![T::ZERO; rows * qd];
+        let mut g = grads.take(&[s.o]);
+        bitlinear_backward(&cache.o_in, &w.o, dx, Some(&mut d_o_in), &mut [&mut g[0]]);
+        grads.put(&[s.o], g);
+        let d_attn = match s.attn_sub_norm {
+            Some(sn) => {
+                let mut d = vec![T::ZERO; rows * qd];
+                rmsnorm_backward(&cache.attn, self.tensor(sn), &cache.rstd_attn_sub, &d_o_in, &mut d, &mut grads.tensors[sn].data);
+                d
+            }
+            None => d_o_in,
+        };
+        let lay = self.qkv_layout();
+        let mut d_qkv = vec![T::ZERO; rows * lay.ld];
+        attention_backward(&cache.qkv, lay, self.attention_shape(batch, seq), &cache.probs, &d_attn, &mut d_qkv);
+        rope_backward(&mut d_qkv, HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads }, seq, &self.rope);
+        rope_backward(&mut d_qkv, HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads }, seq, &self.rope);
+        d_normed.fill(T::ZERO);
+        let mut g = grads.take(&[s.q, s.k, s.v]);
+        {
+            let (a, rest) = g.split_at_mut(1);
+            let (b, cc) = rest.split_at_mut(1);
+            bitlinear_backward(&cache.h_in, &w.qkv, &d_qkv, Some(&mut d_normed), &mut [&mut a[0], &mut b[0], &mut cc[0]]);
+        }
+        grads.put(&[s.q, s.k, s.v], g);
+        rmsnorm_backward(
+            &cache.x_in,
+            self.tensor(s.input_norm),
+            &cache.rstd_in,
+            &d_normed,
+            dx,
+            &mut grads.tensors[s.input_norm].data,
+        );
+    }
+
+    /// Embedding, every layer and the final norm: returns the normed last hidden states
+    /// `[batch·seq, hidden]`, with the caches when `keep` (for a backward).
+    #[allow(clippy::type_complexity)]
+    fn trunk_forward(
+        &self,
+        w: &Prepared<T>,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        keep: bool,
+    ) -> (Vec<T>, Vec<T>, Vec<T>, Vec<LayerCache<T>>) {
+        let h = self.config.hidden_size;
+        let rows = batch * seq;
+        assert_eq!(ids.len(), rows);
+        let mut x = vec![T::ZERO; rows * h];
+        embedding_forward(self.tensor(self.layout.embed), ids, h, &mut x);
+        let mut caches = Vec::new();
+        for (l, lw) in w.layers.iter().enumerate() {
+            let cache = self.layer_forward(l, lw, &mut x, batch, seq);
+            if keep {
+                caches.push(cache);
+            }
+        }
+        let mut normed = vec![T::ZERO; rows * h];
+        let mut rstd = vec![T::ZERO; rows];
+        rmsnorm_forward(&x, self.tensor(self.layout.final_norm), self.eps(), &mut normed, &mut rstd);
+        (x, normed, rstd, caches)
+    }
+
+    /// Splits `batch` windows of `seq + 1` tokens into inputs and next-token targets.
+    fn inputs_and_targets(tokens: &[u32], batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
+        assert_eq!(tokens.len(), batch * (seq + 1), "expected batch windows of seq + 1 tokens");
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut targets = Vec::with_capacity(batch * seq);
+        for w in tokens.chunks_exact(seq + 1) {
+            ids.extend_from_slice(&w[..seq]);
+            targets.extend_from_slice(&w[1..]);
+        }
+        (ids, targets)
+    }
+
+    /// Mean next-token cross-entropy of `batch` windows of `seq + 1` tokens (no gradients).
+    pub fn loss(&self, w: &Prepared<T>, tokens: &[u32], batch: usize, seq: usize) -> f64 {
+        let (ids, targets) = Self::inputs_and_targets(tokens, batch, seq);
+        let (_, normed, _, _) = self.trunk_forward(w, &ids, batch, seq, false);
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let mut logits = vec![T::ZERO; ids.len() * v];
+        head_forward(&normed, self.tensor(self.layout.head()), ids.len(), h, v, &mut logits);
+        softmax_cross_entropy(&mut logits, &targets, v) / ids.len() as f64
+    }
+
+    /// Mean cross-entropy of the windows and its gradient: ADDS `grad_scale · ∂loss/∂θ` into
+    /// `grads` (so micro-batches of one step accumulate with `grad_scale = 1/accum`).
+    pub fn loss_and_grads(
+        &self,
+        w: &Prepared<T>,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        grads: &mut Params<T>,
+        grad_scale: f64,
+    ) -> f64 {
+        let (ids, targets) = Self::inputs_and_targets(tokens, batch, seq);
+        let rows = ids.len();
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let (x_last, normed, rstd, caches) = self.trunk_forward(w, &ids, batch, seq, true);
+        let head = self.layout.head();
+        let mut probs = vec![T::ZERO; rows * v];
+        head_forward(&normed, self.tensor(head), rows, h, v, &mut probs);
+        let loss = softmax_cross_entropy(&mut probs, &targets, v) / rows as f64;
+
+        let mut d_normed = vec![T::ZERO; rows * h];
+        let mut g = grads.take(&[head]);
+        head_cross_entropy_backward(
+            &normed,
+            self.tensor(head),
+            &mut probs,
+            &targets,
+            T::from_f64(grad_scale / rows as f64),
+            h,
+            v,
+            &mut d_normed,
+            &mut g[0],
+        );
+        grads.put(&[head], g);
+        drop(probs);
+        let mut dx = vec![T::ZERO; rows * h];
+        let fnorm = self.layout.final_norm;
+        rmsnorm_backward(&x_last, self.tensor(fnorm), &rstd, &d_normed, &mut dx, &mut grads.tensors[fnorm].data);
+        for (l, cache) in caches.iter().enumerate().rev() {
+            self.layer_backward(l, &w.layers[l], cache, &mut dx, batch, seq, grads);
+        }
+        embedding_backward(&dx, &ids, h, &mut grads.tensors[self.layout.embed].data);
+        loss
+    }
+
+    /// Logits `[ids.len(), vocab]` of one sequence.
+    pub fn logits(&self, w: &Prepared<T>, ids: &[u32]) -> Vec<T> {
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let (_, normed, _, _) = self.trunk_forward(w, ids, 1, ids.len(), false);
+        let mut logits = vec![T::ZERO; ids.len() * v];
+        head_forward(&normed, self.tensor(self.layout.head()), ids.len(), h, v, &mut logits);
+        logits
+    }
+
+    /// Logits of the last position only (for sampling).
+    pub fn last_logits(&self, w: &Prepared<T>, ids: &[u32]) -> Vec<T> {
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let (_, normed, _, _) = self.trunk_forward(w, ids, 1, ids.len(), false);
+        let mut logits = vec![T::ZERO; v];
+        head_forward(&normed[(ids.len() - 1) * h..], self.tensor(self.layout.head()), 1, h, v, &mut logits);
+        logits
+    }
+
+    /// The activation of the gated MLP (for reports).
+    pub fn activation(&self) -> Activation {
+        self.config.activation
+    }
+}
+
+fn add_into<T: Real>(x: &mut [T], y: &[T]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
