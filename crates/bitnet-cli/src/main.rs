@@ -41,6 +41,12 @@ enum Command {
   bitnet bench --model /tmp/bitnet-2b4t -p 128,512 -n 128 -t 1,2 -r 3
   bitnet bench --model /tmp/bitnet-2b4t -p 512 -n 0 --output json")]
     Bench(bench::BenchArgs),
+    /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
+    #[command(after_help = "Examples:
+  bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
+  bitnet train --data corpus.txt --preset small --save-every 200 --out runs/small --resume
+  bitnet train --data corpus.txt --preset tiny --fp --out runs/tiny-fp")]
+    Train(bitnet_training::TrainArgs),
 }
 
 fn main() {
@@ -51,6 +57,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Train(a) => bitnet_training::run_train(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
