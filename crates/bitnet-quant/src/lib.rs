@@ -1,1 +1,2 @@
 //! bitnet-quant
+pub mod formats;
