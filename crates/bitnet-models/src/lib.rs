@@ -1,1 +1,2 @@
 //! bitnet-models
+pub mod gguf;
