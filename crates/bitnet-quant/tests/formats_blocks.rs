@@ -181,9 +181,9 @@ fn tq1_0_literal_block() {
     };
     let v = dequantize(GgmlType::TQ1_0, &blk, 256).unwrap();
     let codes = ternary_codes(GgmlType::TQ1_0, &blk, 256).unwrap();
-    for e in 0..256 {
-        assert_eq!(v[e], f32::from(want(e)) * 0.5, "element {e}");
-        assert_eq!(codes.codes[e], want(e), "code {e}");
+    for (e, (&x, &c)) in v.iter().zip(&codes.codes).enumerate() {
+        assert_eq!(x, f32::from(want(e)) * 0.5, "element {e}");
+        assert_eq!(c, want(e), "code {e}");
     }
     assert_eq!(codes.scales, vec![0.5]);
 }
@@ -208,9 +208,9 @@ fn i2_s_literal_tensor() {
     };
     let v = dequantize(GgmlType::I2_S, &bytes, 256).unwrap();
     let codes = ternary_codes(GgmlType::I2_S, &bytes, 256).unwrap();
-    for e in 0..256 {
-        assert_eq!(v[e], f32::from(want(e)) * 0.75, "element {e}");
-        assert_eq!(codes.codes[e], want(e), "code {e}");
+    for (e, (&x, &c)) in v.iter().zip(&codes.codes).enumerate() {
+        assert_eq!(x, f32::from(want(e)) * 0.75, "element {e}");
+        assert_eq!(c, want(e), "code {e}");
     }
     assert_eq!(codes.scales, vec![0.75]);
     assert_eq!(codes.block_len, 256);

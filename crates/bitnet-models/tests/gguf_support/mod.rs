@@ -57,7 +57,7 @@ impl Raw {
     }
     /// Zero bytes up to a multiple of `align`.
     pub fn pad(&mut self, align: usize) -> &mut Self {
-        while self.bytes.len() % align != 0 {
+        while !self.bytes.len().is_multiple_of(align) {
             self.bytes.push(0);
         }
         self

@@ -103,7 +103,7 @@ pub(crate) fn check_blocks(
     block_bytes: usize,
     got: usize,
 ) -> Result<usize, FormatError> {
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(FormatError::NotBlockMultiple { format, n, block });
     }
     let blocks = n / block;
@@ -127,7 +127,7 @@ pub(crate) fn check_multiple(
     n: usize,
     block: usize,
 ) -> Result<usize, FormatError> {
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(FormatError::NotBlockMultiple { format, n, block });
     }
     Ok(n / block)
