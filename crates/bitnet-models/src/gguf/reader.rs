@@ -381,6 +381,7 @@ impl GgufHeader {
         c.check_count(n_tensors, 24, n_tensors_at, &|| "tensor count".into())?;
 
         let mut metadata = GgufMetadata::new();
+        let mut alignment_at = 0;
         for i in 0..n_kv {
             let key_at = c.pos;
             let key = c.string(&|| format!("metadata[{i}] key"))?;
@@ -394,6 +395,9 @@ impl GgufHeader {
                     format!("duplicate key '{key}'"),
                 ));
             }
+            if key == KEY_ALIGNMENT {
+                alignment_at = key_at;
+            }
             let field = || format!("metadata '{key}'");
             let ty = c.value_type(&|| format!("metadata '{key}' type"))?;
             let value = c.value(ty, 0, &field)?;
@@ -406,8 +410,8 @@ impl GgufHeader {
             Some(v) => {
                 return Err(GgufError::Invalid {
                     file: file.to_owned(),
-                    field: KEY_ALIGNMENT.into(),
-                    offset: 0,
+                    field: format!("metadata '{KEY_ALIGNMENT}'"),
+                    offset: alignment_at as u64,
                     reason: format!("{v:?} is not a u32 power of two"),
                 })
             }

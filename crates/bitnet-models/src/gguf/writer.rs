@@ -24,6 +24,10 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// llama.cpp refuses tensor names of this many bytes or more (`GGML_MAX_NAME`); the reader
+/// accepts them, the writer does not write files llama.cpp cannot load.
+pub const MAX_NAME_LEN: usize = 64;
+
 /// A tensor the writer will write: its name, type and shape (ggml order, `shape[0]` the row).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorSpec {
@@ -197,6 +201,12 @@ impl GgufWriter {
             let bad = |why: String| plan_err(format!("tensor '{}': {why}", spec.name));
             if !names.insert(spec.name.clone()) {
                 return Err(bad("the name appears twice".into()));
+            }
+            if spec.name.is_empty() || spec.name.len() >= MAX_NAME_LEN {
+                return Err(bad(format!(
+                    "names must be 1 to {} bytes (llama.cpp's GGML_MAX_NAME)",
+                    MAX_NAME_LEN - 1
+                )));
             }
             if spec.shape.len() > MAX_DIMS as usize {
                 return Err(bad(format!(
