@@ -3,7 +3,7 @@
 //! byte-level BPE vocabulary.
 
 use bitnet_models::gguf::tokenizer::{pre_tokenizer_regexes, GgufTokenizer, VocabKind};
-use bitnet_models::gguf::{GgufArray, GgufError, GgufMetadata, GgufValue};
+use bitnet_models::gguf::{write_gguf, GgufArray, GgufError, GgufFile, GgufMetadata, GgufValue};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 
@@ -176,6 +176,19 @@ fn sentencepiece_vocab_by_hand() {
             .unwrap(),
         "hello world €"
     );
+
+    // the same vocabulary through a GGUF file on disk
+    let dir = std::env::temp_dir().join(format!("bitnet-gguf-spm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spm.gguf");
+    write_gguf(&path, &spm_metadata(None, None), &[]).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let from_file = GgufTokenizer::from_gguf(&file).unwrap();
+    assert_eq!(
+        from_file.encode("hello world €", true).unwrap(),
+        tok.encode("hello world €", true).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 
     // no space prefix, no BOS
     let tok = GgufTokenizer::from_metadata(&spm_metadata(Some(false), Some(false)), "spm").unwrap();
