@@ -174,8 +174,43 @@ pub fn dequantize_into(
     }
 }
 
+/// Whether [`dequantize`] handles `format`.
+pub fn can_dequantize(format: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(
+        format,
+        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4_K | Q6_K | TQ1_0 | TQ2_0 | I2_S
+    )
+}
+
 /// Dequantizes `n` elements of `format` into a new vector.
 pub fn dequantize(format: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, FormatError> {
+    // Refuse before allocating the output: an unsupported type, or bytes that are not
+    // exactly what `n` elements take.
+    if !can_dequantize(format) {
+        return Err(FormatError::Unsupported {
+            format,
+            operation: "dequantization",
+        });
+    }
+    match format.tensor_bytes(&[n as u64]) {
+        Some(expected) if expected == bytes.len() as u64 => {}
+        Some(expected) => {
+            return Err(FormatError::ByteLength {
+                format,
+                n,
+                expected: expected as usize,
+                got: bytes.len(),
+            })
+        }
+        None => {
+            let block = match format {
+                GgmlType::I2_S => i2_s::CHUNK,
+                _ => format.block_geometry().0 as usize,
+            };
+            return Err(FormatError::NotBlockMultiple { format, n, block });
+        }
+    }
     let mut out = vec![0.0f32; n];
     dequantize_into(format, bytes, n, &mut out)?;
     Ok(out)
