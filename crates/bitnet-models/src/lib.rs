@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod safetensors;
 pub mod synth;
 pub mod tokenizer;

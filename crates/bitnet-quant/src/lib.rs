@@ -10,6 +10,7 @@
 //!   [`KernelPath`] chosen at run time.
 
 mod aligned;
+pub mod formats;
 pub mod hf_pack;
 pub mod int8;
 pub mod kernels;
