@@ -16,7 +16,7 @@ use crate::default_model::DEFAULT_MODEL;
 /// What to feed the model: text or token ids.
 #[derive(Args, Clone)]
 pub struct InputArgs {
-    /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]).
+    /// Checkpoint directory (config.json + model.safetensors [+ tokenizer.json]) or a .gguf file.
     /// Without it, the embedded default model runs.
     #[arg(short, long)]
     pub model: Option<PathBuf>,
@@ -265,6 +265,11 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let dir: &Path = &a.path;
+    if dir.is_file() {
+        let file = bitnet_models::gguf::GgufFile::open(dir)?;
+        print!("{}", file.inspect());
+        return Ok(());
+    }
     let cfg = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
     let mut tensors = Vec::new();
@@ -321,5 +326,68 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     for (n, d, s, b) in &tensors {
         println!("  {n:<60} {d:<5} {s:?} {b} B");
     }
+    Ok(())
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ConvertType {
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    #[value(name = "tq1_0")]
+    Tq1_0,
+    #[value(name = "i2_s")]
+    I2S,
+    F16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LmHeadType {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q6_k")]
+    Q6K,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// HF checkpoint directory (any BitNet form `bitnet generate` runs).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output .gguf file (written to a temporary file and renamed when complete).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Type of the ternary projections: tq2_0 / tq1_0 (llama.cpp), i2_s (bitnet.cpp), f16.
+    #[arg(long = "type", value_enum)]
+    pub weight_type: ConvertType,
+    /// Type of the embeddings and untied lm_head.
+    #[arg(long, value_enum, default_value_t = LmHeadType::F16)]
+    pub lm_head_type: LmHeadType,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+    let weight = match a.weight_type {
+        ConvertType::Tq2_0 => WeightType::Tq2_0,
+        ConvertType::Tq1_0 => WeightType::Tq1_0,
+        ConvertType::I2S => WeightType::I2S,
+        ConvertType::F16 => WeightType::F16,
+    };
+    let head = match a.lm_head_type {
+        LmHeadType::F16 => HeadType::F16,
+        LmHeadType::Q8_0 => HeadType::Q8_0,
+        LmHeadType::Q6K => HeadType::Q6K,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {elapsed_precise}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    convert_hf_to_gguf(&a.model, &a.out, weight, head, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("wrote {}", a.out.display());
     Ok(())
 }

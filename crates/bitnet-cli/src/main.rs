@@ -41,6 +41,12 @@ enum Command {
   bitnet bench --model /tmp/bitnet-2b4t -p 128,512 -n 128 -t 1,2 -r 3
   bitnet bench --model /tmp/bitnet-2b4t -p 512 -n 0 --output json")]
     Bench(bench::BenchArgs),
+    /// Convert a Hugging Face BitNet checkpoint to GGUF (llama.cpp TQ types, bitnet.cpp I2_S).
+    #[command(after_help = "Examples:
+  bitnet convert --model ./bitnet-b1.58-2B-4T --out 2b4t-tq2_0.gguf --type tq2_0
+  bitnet convert --model ./bitnet-b1.58-2B-4T --out 2b4t-i2_s.gguf --type i2_s --lm-head-type q6_k
+  bitnet generate --model 2b4t-i2_s.gguf --prompt \"Hello\"")]
+    Convert(commands::ConvertArgs),
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
     #[command(after_help = "Examples:
   bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
@@ -57,6 +63,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Convert(a) => commands::convert(a),
         Command::Train(a) => bitnet_training::run_train(&a),
     };
     if let Err(e) = result {

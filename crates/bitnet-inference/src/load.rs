@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use bitnet_models::gguf::tokenizer::GgufTokenizer;
+use bitnet_models::gguf::GgufFile;
 use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::tokenizer::Tokenizer;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
@@ -26,7 +28,11 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
     load_dir_with(dir, LoadOptions::default())
 }
 
+/// Loads a checkpoint directory or a `.gguf` file.
 pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
+    if dir.is_file() {
+        return load_gguf(dir, opts);
+    }
     if !dir.is_dir() {
         return Err(ModelError::config(dir, "is not a directory holding config.json and model.safetensors"));
     }
@@ -71,5 +77,24 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
         model: Model::new(weights, CpuBackend::new(), opts.head),
         tokenizer: Some(tokenizer),
         source,
+    })
+}
+
+/// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
+pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
+    let file = GgufFile::open(path).map_err(|e| ModelError::tensor(path, e.to_string()))?;
+    let weights = ModelWeights::from_gguf(&file)?;
+    let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
+        true => {
+            let t =
+                GgufTokenizer::from_gguf(&file).map_err(|e| ModelError::tokenizer(path, e.to_string()))?;
+            Some(Tokenizer::from_tokenizer(t.into_tokenizer(), path))
+        }
+        false => None,
+    };
+    Ok(LoadedModel {
+        model: Model::new(weights, CpuBackend::new(), opts.head),
+        tokenizer,
+        source: path.to_path_buf(),
     })
 }

@@ -1,8 +1,10 @@
 //! Model configs and checkpoint loaders: Hugging Face safetensors and GGUF.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod gguf_model;
 pub mod safetensors;
 pub mod synth;
 pub mod tokenizer;

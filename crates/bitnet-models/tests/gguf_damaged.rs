@@ -42,10 +42,7 @@ fn valid_file() -> Vec<u8> {
     // the last tensor is 128 bytes: a multiple of the alignment, so no padding follows it
     let f = GgufFile::from_bytes(bytes.clone(), "valid").unwrap();
     let last = f.tensor("f32").unwrap();
-    assert_eq!(
-        f.data_offset() + last.offset() + last.n_bytes(),
-        bytes.len() as u64
-    );
+    assert_eq!(f.data_offset() + last.offset() + last.n_bytes(), bytes.len() as u64);
     bytes
 }
 
@@ -78,9 +75,7 @@ fn truncation_at_50_random_points() {
 #[test]
 fn random_header_byte_flips_do_not_panic() {
     let bytes = valid_file();
-    let header_len = GgufFile::from_bytes(bytes.clone(), "v")
-        .unwrap()
-        .data_offset() as usize;
+    let header_len = GgufFile::from_bytes(bytes.clone(), "v").unwrap().data_offset() as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut errors = 0;
     for _ in 0..2000 {
@@ -181,22 +176,10 @@ fn absurd_counts_lengths_dims_and_offsets() {
     for v in [HUGE, u64::MAX, 1 << 40, 1000] {
         fails("tensor count", with_u64(b, l.n_tensors_at, v), "tensor");
         fails("kv count", with_u64(b, l.n_kv_at, v), "metadata");
-        fails(
-            "key length",
-            with_u64(b, l.key_len_at, v),
-            "metadata[0] key length",
-        );
-        fails(
-            "string length",
-            with_u64(b, l.str_len_at, v),
-            "'general.name' length",
-        );
+        fails("key length", with_u64(b, l.key_len_at, v), "metadata[0] key length");
+        fails("string length", with_u64(b, l.str_len_at, v), "'general.name' length");
         fails("array count", with_u64(b, l.arr_count_at, v), "'arr' count");
-        fails(
-            "tensor name length",
-            with_u64(b, l.name_len_at, v),
-            "tensor[0] name length",
-        );
+        fails("tensor name length", with_u64(b, l.name_len_at, v), "tensor[0] name length");
         fails("offset", with_u64(b, l.offset_at, v), "offset");
     }
     for v in [HUGE, u64::MAX, 1 << 40] {
@@ -209,27 +192,11 @@ fn absurd_counts_lengths_dims_and_offsets() {
     fails("n_dims 5", with_u32(b, l.n_dims_at, 5), "at most 4");
     fails("type id", with_u32(b, l.type_at, 1000), "type id 1000");
     fails("removed type id", with_u32(b, l.type_at, 4), "type id 4");
-    fails(
-        "misaligned offset",
-        with_u64(b, l.offset_at, 8),
-        "alignment",
-    );
-    fails(
-        "value type",
-        with_u32(b, l.key_len_at + 8 + 12, 99),
-        "unknown value type 99",
-    );
-    fails(
-        "array element type",
-        with_u32(b, l.arr_count_at - 4, 77),
-        "unknown value type 77",
-    );
+    fails("misaligned offset", with_u64(b, l.offset_at, 8), "alignment");
+    fails("value type", with_u32(b, l.key_len_at + 8 + 12, 99), "unknown value type 99");
+    fails("array element type", with_u32(b, l.arr_count_at - 4, 77), "unknown value type 77");
     fails("version 1", with_u32(b, 4, 1), "version 1");
-    fails(
-        "big endian",
-        with_u32(b, 4, 3u32.swap_bytes()),
-        "big-endian",
-    );
+    fails("big endian", with_u32(b, 4, 3u32.swap_bytes()), "big-endian");
     fails("magic", [b"GGML", &b[4..]].concat(), "not a GGUF file");
     fails("empty", Vec::new(), "not a GGUF file");
     // f32 [4, 2] at offset 0 needs 32 bytes; the file has 32 after the header
@@ -304,8 +271,5 @@ fn a_lying_file_on_disk_is_an_error_with_its_path() {
     let empty = dir.join("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
     assert!(GgufFile::open(&empty).is_err());
-    assert!(matches!(
-        GgufFile::open(dir.join("missing.gguf")),
-        Err(GgufError::Io { .. })
-    ));
+    assert!(matches!(GgufFile::open(dir.join("missing.gguf")), Err(GgufError::Io { .. })));
 }

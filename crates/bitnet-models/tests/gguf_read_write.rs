@@ -4,8 +4,8 @@
 mod gguf_support;
 
 use bitnet_models::gguf::{
-    inspect, write_gguf, Dialect, GgufArray, GgufError, GgufFile, GgufMetadata, GgufValue,
-    GgufWriter, TensorSpec, WriterOptions,
+    inspect, write_gguf, Dialect, GgufArray, GgufError, GgufFile, GgufMetadata, GgufValue, GgufWriter,
+    TensorSpec, WriterOptions,
 };
 use bitnet_quant::formats::{self, i2_s, GgmlType};
 use gguf_support::{data_dir, temp_dir, Raw};
@@ -42,10 +42,7 @@ fn reads_hand_built_v2_and_v3() {
         assert_eq!(f.dequantize("a").unwrap(), vec![1.0, -2.0, 3.5, 0.0]);
         assert_eq!(f.dequantize("b").unwrap(), vec![1.0, -2.0, 0.5, 0.0]);
         assert_eq!(f.dialect(), Dialect::Common);
-        assert!(matches!(
-            f.tensor_data("c"),
-            Err(GgufError::NoSuchTensor { .. })
-        ));
+        assert!(matches!(f.tensor_data("c"), Err(GgufError::NoSuchTensor { .. })));
     }
 }
 
@@ -81,22 +78,12 @@ fn reads_the_reference_python_writer() {
     assert_eq!(md.get("test.f64"), Some(&GgufValue::F64(-1.0e300)));
     assert_eq!(md.get("test.bool"), Some(&GgufValue::Bool(true)));
     assert_eq!(md.get_str("test.string"), Some("héllo ▁ 世界 🙂"));
-    assert_eq!(
-        md.get("test.arr_i32"),
-        Some(&GgufValue::Array(GgufArray::I32(vec![1, -2, 3])))
-    );
+    assert_eq!(md.get("test.arr_i32"), Some(&GgufValue::Array(GgufArray::I32(vec![1, -2, 3]))));
     assert_eq!(
         md.get("test.arr_str"),
-        Some(&GgufValue::Array(GgufArray::String(vec![
-            "a".into(),
-            "".into(),
-            "ü".into()
-        ])))
+        Some(&GgufValue::Array(GgufArray::String(vec!["a".into(), "".into(), "ü".into()])))
     );
-    assert_eq!(
-        md.get("test.arr_bool"),
-        Some(&GgufValue::Array(GgufArray::Bool(vec![true, false, true])))
-    );
+    assert_eq!(md.get("test.arr_bool"), Some(&GgufValue::Array(GgufArray::Bool(vec![true, false, true]))));
     assert_eq!(
         md.get("test.arr_nested"),
         Some(&GgufValue::Array(GgufArray::Array(vec![
@@ -148,10 +135,7 @@ fn all_types_metadata() -> GgufMetadata {
     md.insert("arr.i32", GgufArray::I32(vec![7; 100]).into());
     md.insert("arr.f32", GgufArray::F32(vec![0.5, -0.0]).into());
     md.insert("arr.bool", GgufArray::Bool(vec![true, false]).into());
-    md.insert(
-        "arr.string",
-        GgufArray::String(vec!["▁the".into(), "".into(), "🙂".into()]).into(),
-    );
+    md.insert("arr.string", GgufArray::String(vec!["▁the".into(), "".into(), "🙂".into()]).into());
     md.insert("arr.u64", GgufArray::U64(vec![u64::MAX]).into());
     md.insert("arr.i64", GgufArray::I64(vec![i64::MIN]).into());
     md.insert("arr.f64", GgufArray::F64(vec![1e-300]).into());
@@ -187,10 +171,7 @@ fn write_then_read_gives_the_same_metadata_and_bytes() {
             (TensorSpec::new("odd.f32", GgmlType::F32, &[3]), &f32b),
             (TensorSpec::new("tq1", GgmlType::TQ1_0, &[512]), &tq1),
             (TensorSpec::new("q8", GgmlType::Q8_0, &[32, 3]), &q8),
-            (
-                TensorSpec::new("scalar.f16", GgmlType::F16, &[10, 1, 1, 1]),
-                &f16,
-            ),
+            (TensorSpec::new("scalar.f16", GgmlType::F16, &[10, 1, 1, 1]), &f16),
             (TensorSpec::new("empty", GgmlType::F32, &[0]), &[]),
         ];
         let path = dir.join(format!("v{version}.gguf"));
@@ -220,10 +201,8 @@ fn write_then_read_gives_the_same_metadata_and_bytes() {
         assert_eq!(f.bytes().len() as u64 % f.alignment(), 0);
     }
     // nothing but the finished files is left in the directory
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["v2.gguf", "v3.gguf"]);
 }
@@ -232,30 +211,17 @@ fn write_then_read_gives_the_same_metadata_and_bytes() {
 fn writer_refuses_to_leave_half_files() {
     let dir = temp_dir("plan");
     let md = GgufMetadata::new();
-    let specs = vec![
-        TensorSpec::new("a", GgmlType::F32, &[2]),
-        TensorSpec::new("b", GgmlType::F32, &[2]),
-    ];
+    let specs = vec![TensorSpec::new("a", GgmlType::F32, &[2]), TensorSpec::new("b", GgmlType::F32, &[2])];
     let path = dir.join("out.gguf");
     let mut w = GgufWriter::create(&path, &md, specs.clone()).unwrap();
     // out of order, wrong size, unknown
-    assert!(matches!(
-        w.write_tensor("b", &[0; 8]),
-        Err(GgufError::Plan { .. })
-    ));
-    assert!(matches!(
-        w.write_tensor("a", &[0; 7]),
-        Err(GgufError::Plan { .. })
-    ));
+    assert!(matches!(w.write_tensor("b", &[0; 8]), Err(GgufError::Plan { .. })));
+    assert!(matches!(w.write_tensor("a", &[0; 7]), Err(GgufError::Plan { .. })));
     w.write_tensor("a", &[0; 8]).unwrap();
     let err = w.finish().unwrap_err().to_string();
     assert!(err.contains("'b' is next"), "{err}");
     assert!(!path.exists());
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        0,
-        "temp file left behind"
-    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "temp file left behind");
 
     // a writer dropped half-way removes its temporary file
     let mut w = GgufWriter::create(&path, &md, specs.clone()).unwrap();
@@ -271,18 +237,10 @@ fn writer_refuses_to_leave_half_files() {
     assert!(!path.exists());
 
     // plans that cannot be written
-    let bad =
-        |specs: Vec<TensorSpec>| GgufWriter::create(dir.join("bad.gguf"), &md, specs).is_err();
+    let bad = |specs: Vec<TensorSpec>| GgufWriter::create(dir.join("bad.gguf"), &md, specs).is_err();
     assert!(bad(vec![TensorSpec::new("q", GgmlType::Q8_0, &[31])]));
-    assert!(bad(vec![
-        TensorSpec::new("x", GgmlType::F32, &[1]),
-        TensorSpec::new("x", GgmlType::F32, &[1])
-    ]));
-    assert!(bad(vec![TensorSpec::new(
-        "x",
-        GgmlType::F32,
-        &[1, 1, 1, 1, 1]
-    )]));
+    assert!(bad(vec![TensorSpec::new("x", GgmlType::F32, &[1]), TensorSpec::new("x", GgmlType::F32, &[1])]));
+    assert!(bad(vec![TensorSpec::new("x", GgmlType::F32, &[1, 1, 1, 1, 1])]));
     assert!(bad(vec![
         TensorSpec::new("i", GgmlType::I2_S, &[128]),
         TensorSpec::new("m", GgmlType::MXFP4, &[32])
@@ -335,65 +293,37 @@ fn dialect_detection() {
     md.insert("general.architecture", "bitnet".into());
     let tq = formats::tq2_0::pack(&[0i8; 256], &[1.0]).unwrap();
     let p = dir.join("tq.gguf");
-    write_gguf(
-        &p,
-        &md,
-        &[(TensorSpec::new("w", GgmlType::TQ2_0, &[256]), &tq)],
-    )
-    .unwrap();
+    write_gguf(&p, &md, &[(TensorSpec::new("w", GgmlType::TQ2_0, &[256]), &tq)]).unwrap();
     assert_eq!(GgufFile::open(&p).unwrap().dialect(), Dialect::Common);
 
     // id 39 is TL2 or MXFP4: the size decides
     let tl2 = vec![0u8; GgmlType::TL2.tensor_bytes(&[512, 4]).unwrap() as usize];
     let p = dir.join("tl2.gguf");
-    let w = write_gguf(
-        &p,
-        &md,
-        &[(TensorSpec::new("w", GgmlType::TL2, &[512, 4]), &tl2)],
-    );
+    let w = write_gguf(&p, &md, &[(TensorSpec::new("w", GgmlType::TL2, &[512, 4]), &tl2)]);
     w.unwrap();
     let f = GgufFile::open(&p).unwrap();
-    assert_eq!(
-        (f.dialect(), f.tensors()[0].type_id()),
-        (Dialect::BitnetCpp, 39)
-    );
+    assert_eq!((f.dialect(), f.tensors()[0].type_id()), (Dialect::BitnetCpp, 39));
     assert_eq!(f.tensors()[0].ggml_type(), GgmlType::TL2);
 
     let mx = vec![0u8; GgmlType::MXFP4.tensor_bytes(&[512, 4]).unwrap() as usize];
     let p = dir.join("mxfp4.gguf");
-    write_gguf(
-        &p,
-        &md,
-        &[(TensorSpec::new("w", GgmlType::MXFP4, &[512, 4]), &mx)],
-    )
-    .unwrap();
+    write_gguf(&p, &md, &[(TensorSpec::new("w", GgmlType::MXFP4, &[512, 4]), &mx)]).unwrap();
     let f = GgufFile::open(&p).unwrap();
-    assert_eq!(
-        (f.dialect(), f.tensors()[0].type_id()),
-        (Dialect::Upstream, 39)
-    );
+    assert_eq!((f.dialect(), f.tensors()[0].type_id()), (Dialect::Upstream, 39));
     assert_eq!(f.tensors()[0].ggml_type(), GgmlType::MXFP4);
 
     // id 36 with id 40 contradicts: the verdict is bitnet.cpp, and id 40 is then an error
     let mut r = Raw::header(3, 2, 0);
     r.tensor("a", &[128], 36, 0).tensor("b", &[64], 40, 64);
     r.pad(32).raw(&[0u8; 128]);
-    let err = GgufFile::from_bytes(r.bytes, "mixed")
-        .err()
-        .unwrap()
-        .to_string();
+    let err = GgufFile::from_bytes(r.bytes, "mixed").err().unwrap().to_string();
     assert!(err.contains("type id 40"), "{err}");
 
     // written I2_S round-trips and the writer picks bitnet.cpp ids
     let codes: Vec<i8> = (0..256).map(|i| (i % 3) as i8 - 1).collect();
     let data = i2_s::pack(&codes, 0.75).unwrap();
     let p = dir.join("i2s.gguf");
-    write_gguf(
-        &p,
-        &md,
-        &[(TensorSpec::new("w", GgmlType::I2_S, &[128, 2]), &data)],
-    )
-    .unwrap();
+    write_gguf(&p, &md, &[(TensorSpec::new("w", GgmlType::I2_S, &[128, 2]), &data)]).unwrap();
     let f = GgufFile::open(&p).unwrap();
     assert_eq!(f.tensors()[0].type_id(), 36);
     assert_eq!(f.ternary_codes("w").unwrap().codes, codes);
@@ -411,10 +341,7 @@ fn inspect_summarizes() {
     assert!(s.contains("TQ2_0   [256, 2]  132 bytes"), "{s}");
 
     let mut md = GgufMetadata::new();
-    md.insert(
-        "tokens",
-        GgufArray::String((0..1000).map(|i| format!("t{i}")).collect()).into(),
-    );
+    md.insert("tokens", GgufArray::String((0..1000).map(|i| format!("t{i}")).collect()).into());
     md.insert("template", "x".repeat(1000).into());
     let dir = temp_dir("inspect");
     let p = dir.join("a.gguf");

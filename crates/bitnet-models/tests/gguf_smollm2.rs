@@ -37,10 +37,7 @@ fn smollm2_header_and_tensors() {
     assert_eq!(f.dialect(), Dialect::Common);
     assert_eq!(f.data_offset(), 1_785_664);
     let e = f.tensor("token_embd.weight").unwrap();
-    assert_eq!(
-        (e.ggml_type(), e.shape()),
-        (GgmlType::Q8_0, &[576u64, 49152][..])
-    );
+    assert_eq!((e.ggml_type(), e.shape()), (GgmlType::Q8_0, &[576u64, 49152][..]));
     assert_eq!(e.n_bytes(), 30_081_024);
     // first values and f64 sums from gguf-py's dequantization of the same tensors
     let cases: [(&str, GgmlType, [f32; 4], f64); 4] = [
@@ -62,12 +59,7 @@ fn smollm2_header_and_tensors() {
             [0.261_962_9, -0.065_673_83, -0.024_719_24, 0.098_144_53],
             191.08612442016602,
         ),
-        (
-            "output_norm.weight",
-            GgmlType::F32,
-            [1.7578125, 1.8203125, 1.78125, 1.6015625],
-            1038.33203125,
-        ),
+        ("output_norm.weight", GgmlType::F32, [1.7578125, 1.8203125, 1.78125, 1.6015625], 1038.33203125),
     ];
     for (name, ty, head, sum) in cases {
         assert_eq!(f.tensor(name).unwrap().ggml_type(), ty, "{name}");
@@ -76,10 +68,7 @@ fn smollm2_header_and_tensors() {
             assert!((a - b).abs() < 1e-6, "{name}: {a} vs {b}");
         }
         let s: f64 = v.iter().map(|&x| f64::from(x)).sum();
-        assert!(
-            (s - sum).abs() < 1e-6 * sum.abs().max(1.0),
-            "{name}: sum {s} vs {sum}"
-        );
+        assert!((s - sum).abs() < 1e-6 * sum.abs().max(1.0), "{name}: sum {s} vs {sum}");
     }
     let summary = f.inspect();
     assert!(summary.contains("tokenizer.ggml.tokens"), "{summary}");
@@ -97,26 +86,19 @@ fn smollm2_tokenizer_matches_llama_cpp() {
     assert_eq!(tok.vocab_size(), 49152);
     assert!(tok.chat_template().unwrap().contains("<|im_start|>"));
 
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(data_dir().join("smollm2_tokenize.json")).unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data_dir().join("smollm2_tokenize.json")).unwrap())
+            .unwrap();
     let cases = json["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
     let mut failures = Vec::new();
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> =
+            case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let got = tok.encode(text, true).unwrap();
         if got != want {
-            failures.push(format!(
-                "{text:?}\n  llama.cpp {want:?}\n  ours      {got:?}"
-            ));
+            failures.push(format!("{text:?}\n  llama.cpp {want:?}\n  ours      {got:?}"));
         }
         // byte-level BPE loses nothing: decoding gives the text back
         assert_eq!(tok.decode(&got, false).unwrap(), text);

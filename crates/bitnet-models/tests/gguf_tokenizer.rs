@@ -161,21 +161,11 @@ fn sentencepiece_vocab_by_hand() {
         vec![1, piece("▁hello"), piece("▁w"), piece("orl"), piece("d")]
     );
     // "€" is not a piece: its three UTF-8 bytes become byte tokens
-    assert_eq!(
-        tok.encode("€", true).unwrap(),
-        vec![1, piece("▁"), 3 + 0xE2, 3 + 0x82, 3 + 0xAC]
-    );
+    assert_eq!(tok.encode("€", true).unwrap(), vec![1, piece("▁"), 3 + 0xE2, 3 + 0x82, 3 + 0xAC]);
     assert_eq!(tok.encode("", true).unwrap(), vec![1]);
     // special tokens in the text, and the space prefix after them
-    assert_eq!(
-        tok.encode("<s>hello</s>", false).unwrap(),
-        vec![1, piece("▁hello"), 2]
-    );
-    assert_eq!(
-        tok.decode(&tok.encode("hello world €", true).unwrap(), true)
-            .unwrap(),
-        "hello world €"
-    );
+    assert_eq!(tok.encode("<s>hello</s>", false).unwrap(), vec![1, piece("▁hello"), 2]);
+    assert_eq!(tok.decode(&tok.encode("hello world €", true).unwrap(), true).unwrap(), "hello world €");
 
     // the same vocabulary through a GGUF file on disk
     let dir = std::env::temp_dir().join(format!("bitnet-gguf-spm-{}", std::process::id()));
@@ -184,10 +174,7 @@ fn sentencepiece_vocab_by_hand() {
     write_gguf(&path, &spm_metadata(None, None), &[]).unwrap();
     let file = GgufFile::open(&path).unwrap();
     let from_file = GgufTokenizer::from_gguf(&file).unwrap();
-    assert_eq!(
-        from_file.encode("hello world €", true).unwrap(),
-        tok.encode("hello world €", true).unwrap()
-    );
+    assert_eq!(from_file.encode("hello world €", true).unwrap(), tok.encode("hello world €", true).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 
     // no space prefix, no BOS
@@ -200,13 +187,10 @@ fn sentencepiece_vocab_by_hand() {
 
 #[test]
 fn sentencepiece_matches_the_llama_cpp_algorithm() {
-    let alphabet = [
-        'a', 'b', 'c', 'd', 'e', 'h', 'l', 'o', 'w', 'r', ' ', ' ', '€', '中', '\n',
-    ];
+    let alphabet = ['a', 'b', 'c', 'd', 'e', 'h', 'l', 'o', 'w', 'r', ' ', ' ', '€', '中', '\n'];
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     for (prefix, bos) in [(true, true), (false, false)] {
-        let tok =
-            GgufTokenizer::from_metadata(&spm_metadata(Some(prefix), Some(bos)), "spm").unwrap();
+        let tok = GgufTokenizer::from_metadata(&spm_metadata(Some(prefix), Some(bos)), "spm").unwrap();
         let mut texts: Vec<String> = [
             "hello world",
             "  hello  world  ",
@@ -223,11 +207,7 @@ fn sentencepiece_matches_the_llama_cpp_algorithm() {
         .collect();
         for _ in 0..500 {
             let n = rng.random_range(0..24);
-            texts.push(
-                (0..n)
-                    .map(|_| alphabet[rng.random_range(0..alphabet.len())])
-                    .collect(),
-            );
+            texts.push((0..n).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect());
         }
         for t in &texts {
             assert_eq!(
@@ -282,22 +262,12 @@ fn byte_level_bpe_vocab_by_hand() {
     let the = 256 + 2;
     let cat = 256 + 5;
     assert_eq!(tok.encode(" the cat", true).unwrap(), vec![the, cat]);
-    assert_eq!(
-        tok.encode("x the<|end|>", true).unwrap(),
-        vec![u32::from(b'x'), the, 264]
-    );
+    assert_eq!(tok.encode("x the<|end|>", true).unwrap(), vec![u32::from(b'x'), the, 264]);
     // the GPT-2 regex keeps digits together: "12" merges; smollm splits digits first
     assert_eq!(tok.encode("12", true).unwrap(), vec![256 + 7]);
     let smol = GgufTokenizer::from_metadata(&bpe_metadata("smollm"), "bpe").unwrap();
-    assert_eq!(
-        smol.encode("12", true).unwrap(),
-        vec![u32::from(b'1'), u32::from(b'2')]
-    );
-    assert_eq!(
-        tok.decode(&tok.encode("héllo\n wörld", true).unwrap(), false)
-            .unwrap(),
-        "héllo\n wörld"
-    );
+    assert_eq!(smol.encode("12", true).unwrap(), vec![u32::from(b'1'), u32::from(b'2')]);
+    assert_eq!(tok.decode(&tok.encode("héllo\n wörld", true).unwrap(), false).unwrap(), "héllo\n wörld");
 
     // llama3-family names add BOS by default; add_bos_token overrides
     let mut md = bpe_metadata("llama-bpe");
@@ -348,22 +318,16 @@ fn every_mapped_pre_tokenizer_builds() {
         "glm4",
     ] {
         assert!(pre_tokenizer_regexes(pre).is_some(), "{pre}");
-        let tok = GgufTokenizer::from_metadata(&bpe_metadata(pre), "bpe")
-            .unwrap_or_else(|e| panic!("{pre}: {e}"));
-        let ids = tok
-            .encode("Hello, wörld 123 the cat\n\n  x", false)
-            .unwrap();
+        let tok =
+            GgufTokenizer::from_metadata(&bpe_metadata(pre), "bpe").unwrap_or_else(|e| panic!("{pre}: {e}"));
+        let ids = tok.encode("Hello, wörld 123 the cat\n\n  x", false).unwrap();
         assert!(!ids.is_empty(), "{pre}");
     }
 }
 
 #[test]
 fn bad_tokenizer_metadata_is_an_error() {
-    let err = |md: &GgufMetadata| {
-        GgufTokenizer::from_metadata(md, "vocab.gguf")
-            .err()
-            .unwrap()
-    };
+    let err = |md: &GgufMetadata| GgufTokenizer::from_metadata(md, "vocab.gguf").err().unwrap();
 
     let e = err(&bpe_metadata("no-such-pre")).to_string();
     assert!(e.contains("vocab.gguf") && e.contains("no-such-pre"), "{e}");

@@ -255,10 +255,7 @@ fn wrong_lengths_are_errors() {
         let bytes = vec![0u8; len];
         assert!(dequantize(ty, &bytes, n).is_err(), "{ty} n={n} len={len}");
     }
-    assert!(matches!(
-        dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256),
-        Err(FormatError::Unsupported { .. })
-    ));
+    assert!(matches!(dequantize(GgmlType::IQ2_XXS, &[0u8; 66], 256), Err(FormatError::Unsupported { .. })));
     assert!(tq2_0::pack(&[2i8; 256], &[1.0]).is_err());
     assert!(tq1_0::pack(&[0i8; 256], &[1.0, 2.0]).is_err());
     assert!(i2_s::pack(&[0i8; 100], 1.0).is_err());
@@ -268,17 +265,10 @@ fn wrong_lengths_are_errors() {
 fn tensor_bytes_of_each_dialect_type() {
     assert_eq!(GgmlType::Q8_0.tensor_bytes(&[64, 3]), Some(2 * 3 * 34));
     assert_eq!(GgmlType::Q8_0.tensor_bytes(&[33, 3]), None);
-    assert_eq!(
-        GgmlType::TQ2_0.tensor_bytes(&[2560, 10]),
-        Some(10 * 10 * 66)
-    );
-    assert_eq!(
-        GgmlType::I2_S.tensor_bytes(&[2560, 6912]),
-        Some(2560 * 6912 / 4 + 32)
-    );
+    assert_eq!(GgmlType::TQ2_0.tensor_bytes(&[2560, 10]), Some(10 * 10 * 66));
+    assert_eq!(GgmlType::I2_S.tensor_bytes(&[2560, 6912]), Some(2560 * 6912 / 4 + 32));
     // TL2: (ne0-256)*ne1/3*5/8 + 256*ne1/2*4/8, rounded up to 32, + 32
-    let tl2 =
-        ((2560 - 256) * 2560 / 3 * 5 / 8 + 256 * 2560 / 2 * 4 / 8u64).next_multiple_of(32) + 32;
+    let tl2 = ((2560 - 256) * 2560 / 3 * 5 / 8 + 256 * 2560 / 2 * 4 / 8u64).next_multiple_of(32) + 32;
     assert_eq!(GgmlType::TL2.tensor_bytes(&[2560, 2560]), Some(tl2));
     assert_eq!(GgmlType::F32.tensor_bytes(&[u64::MAX, 2]), None);
 }

@@ -1,9 +1,7 @@
 //! Round-trip properties of the block formats: pack -> extract is the identity on ternary
 //! codes, quantize -> dequantize stays within each format's error bound.
 
-use bitnet_quant::formats::{
-    dequantize, float, i2_s, quantize, ternary_codes, tq1_0, tq2_0, GgmlType,
-};
+use bitnet_quant::formats::{dequantize, float, i2_s, quantize, ternary_codes, tq1_0, tq2_0, GgmlType};
 use proptest::prelude::*;
 
 fn codes(n: usize) -> impl Strategy<Value = Vec<i8>> {
@@ -128,13 +126,7 @@ proptest! {
 #[test]
 fn all_zero_blocks() {
     let x = vec![0.0f32; 256];
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q6_K,
-        GgmlType::TQ1_0,
-        GgmlType::TQ2_0,
-        GgmlType::I2_S,
-    ] {
+    for ty in [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S] {
         let y = dequantize(ty, &quantize(ty, &x).unwrap(), 256).unwrap();
         assert_eq!(y, x, "{ty}");
     }
@@ -146,13 +138,7 @@ fn non_finite_input_does_not_panic() {
     x[0] = f32::NAN;
     x[1] = f32::INFINITY;
     x[2] = f32::NEG_INFINITY;
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q6_K,
-        GgmlType::TQ1_0,
-        GgmlType::TQ2_0,
-        GgmlType::I2_S,
-    ] {
+    for ty in [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S] {
         let bytes = quantize(ty, &x).unwrap();
         let _ = dequantize(ty, &bytes, 256).unwrap();
     }

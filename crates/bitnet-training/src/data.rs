@@ -137,7 +137,8 @@ pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Resul
     let width: u32 = if vocab_size <= u16::MAX as usize + 1 { 2 } else { 4 };
     let tmp = path.with_extension("tmp");
     {
-        let mut f = BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+        let mut f =
+            BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
         f.write_all(MAGIC)?;
         f.write_all(&width.to_le_bytes())?;
         f.write_all(&0u32.to_le_bytes())?;
@@ -150,7 +151,8 @@ pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Resul
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 

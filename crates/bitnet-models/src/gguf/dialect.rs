@@ -113,14 +113,8 @@ pub fn type_id(ty: GgmlType, dialect: Dialect) -> Option<u32> {
 pub fn dialect_for_types(types: impl IntoIterator<Item = GgmlType>) -> Option<Dialect> {
     let (mut bitnet, mut upstream) = (false, false);
     for t in types {
-        bitnet |= matches!(
-            t,
-            GgmlType::I2_S | GgmlType::I8_S | GgmlType::TL1 | GgmlType::TL2
-        );
-        upstream |= matches!(
-            t,
-            GgmlType::MXFP4 | GgmlType::NVFP4 | GgmlType::Q1_0 | GgmlType::Q2_0
-        );
+        bitnet |= matches!(t, GgmlType::I2_S | GgmlType::I8_S | GgmlType::TL1 | GgmlType::TL2);
+        upstream |= matches!(t, GgmlType::MXFP4 | GgmlType::NVFP4 | GgmlType::Q1_0 | GgmlType::Q2_0);
     }
     match (bitnet, upstream) {
         (true, true) => None,
@@ -150,17 +144,11 @@ pub(crate) fn detect(
     if let Some(t) = tensors.iter().find(|t| (36..=38).contains(&t.type_id)) {
         return (
             Dialect::BitnetCpp,
-            format!(
-                "tensor '{}' has type id {}, which only bitnet.cpp writes",
-                t.name, t.type_id
-            ),
+            format!("tensor '{}' has type id {}, which only bitnet.cpp writes", t.name, t.type_id),
         );
     }
     if arch == "bitnet-b1.58" {
-        return (
-            Dialect::BitnetCpp,
-            "architecture 'bitnet-b1.58' is written only by bitnet.cpp".into(),
-        );
+        return (Dialect::BitnetCpp, "architecture 'bitnet-b1.58' is written only by bitnet.cpp".into());
     }
     if let Some(t) = tensors.iter().find(|t| t.type_id == 39) {
         let fits = |ty: GgmlType| match (ty.tensor_bytes(t.shape), t.room) {
@@ -169,47 +157,30 @@ pub(crate) fn detect(
         };
         let (tl2, mxfp4) = (fits(GgmlType::TL2), fits(GgmlType::MXFP4));
         return match (tl2, mxfp4) {
-            (true, false) => (
-                Dialect::BitnetCpp,
-                format!("tensor '{}' (type id 39) has the size of TL2", t.name),
-            ),
-            (false, true) => (
-                Dialect::Upstream,
-                format!("tensor '{}' (type id 39) has the size of MXFP4", t.name),
-            ),
+            (true, false) => {
+                (Dialect::BitnetCpp, format!("tensor '{}' (type id 39) has the size of TL2", t.name))
+            }
+            (false, true) => {
+                (Dialect::Upstream, format!("tensor '{}' (type id 39) has the size of MXFP4", t.name))
+            }
             _ if arch == "bitnet" => (
                 Dialect::BitnetCpp,
-                format!(
-                    "tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is 'bitnet'",
-                    t.name
-                ),
+                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is 'bitnet'", t.name),
             ),
             _ => (
                 Dialect::Upstream,
-                format!(
-                    "tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is '{arch}'",
-                    t.name
-                ),
+                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is '{arch}'", t.name),
             ),
         };
     }
     if let Some(t) = tensors.iter().find(|t| (40..=42).contains(&t.type_id)) {
         return (
             Dialect::Upstream,
-            format!(
-                "tensor '{}' has type id {}, which only upstream llama.cpp has",
-                t.name, t.type_id
-            ),
+            format!("tensor '{}' has type id {}, which only upstream llama.cpp has", t.name, t.type_id),
         );
     }
     if metadata.get_u64("general.file_type") == Some(40) {
-        return (
-            Dialect::BitnetCpp,
-            "general.file_type 40 is bitnet.cpp's MOSTLY_I2_S".into(),
-        );
+        return (Dialect::BitnetCpp, "general.file_type 40 is bitnet.cpp's MOSTLY_I2_S".into());
     }
-    (
-        Dialect::Common,
-        "all tensor type ids are 35 or lower, which both dialects read alike".into(),
-    )
+    (Dialect::Common, "all tensor type ids are 35 or lower, which both dialects read alike".into())
 }

@@ -18,32 +18,15 @@ pub enum GgufError {
     BadMagic { file: String, found: Vec<u8> },
 
     #[error("{file}: GGUF version {version} at offset 4 is not supported (2 and 3 are){hint}")]
-    UnsupportedVersion {
-        file: String,
-        version: u32,
-        hint: &'static str,
-    },
+    UnsupportedVersion { file: String, version: u32, hint: &'static str },
 
     /// A field that needs more bytes than the file has left.
-    #[error(
-        "{file}: {field} at offset {offset} needs {needed} bytes but the file ends at {file_len}"
-    )]
-    Truncated {
-        file: String,
-        field: String,
-        offset: u64,
-        needed: u64,
-        file_len: u64,
-    },
+    #[error("{file}: {field} at offset {offset} needs {needed} bytes but the file ends at {file_len}")]
+    Truncated { file: String, field: String, offset: u64, needed: u64, file_len: u64 },
 
     /// A field whose value is impossible or inconsistent with the rest of the file.
     #[error("{file}: {field} at offset {offset}: {reason}")]
-    Invalid {
-        file: String,
-        field: String,
-        offset: u64,
-        reason: String,
-    },
+    Invalid { file: String, field: String, offset: u64, reason: String },
 
     #[error("{file}: no tensor named '{name}'")]
     NoSuchTensor { file: String, name: String },
@@ -60,12 +43,7 @@ pub enum GgufError {
     MissingKey { file: String, key: String },
 
     #[error("{file}: metadata key '{key}' is {found}, expected {expected}")]
-    WrongType {
-        file: String,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { file: String, key: String, expected: &'static str, found: String },
 
     #[error("{file}: tokenizer: {reason}")]
     Tokenizer { file: String, reason: String },

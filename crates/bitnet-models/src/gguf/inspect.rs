@@ -21,15 +21,9 @@ fn short_string(s: &str) -> String {
 
 fn array_summary(a: &GgufArray) -> String {
     let n = a.len();
-    let items: Vec<String> = (0..n.min(ARRAY_HEAD))
-        .filter_map(|i| a.get(i))
-        .map(|v| value_summary(&v))
-        .collect();
-    let more = if n > ARRAY_HEAD {
-        format!(", … {} more", n - ARRAY_HEAD)
-    } else {
-        String::new()
-    };
+    let items: Vec<String> =
+        (0..n.min(ARRAY_HEAD)).filter_map(|i| a.get(i)).map(|v| value_summary(&v)).collect();
+    let more = if n > ARRAY_HEAD { format!(", … {} more", n - ARRAY_HEAD) } else { String::new() };
     format!("[{}{more}]", items.join(", "))
 }
 
@@ -89,50 +83,20 @@ fn human_bytes(n: u64) -> String {
 pub fn inspect(header: &GgufHeader) -> String {
     let mut s = String::new();
     let md = header.metadata();
-    let _ = writeln!(
-        s,
-        "GGUF v{} file {} ({})",
-        header.version(),
-        header.file(),
-        human_bytes(header.file_len())
-    );
-    let _ = writeln!(
-        s,
-        "dialect: {} ({})",
-        header.dialect(),
-        header.dialect_reason()
-    );
-    let _ = writeln!(
-        s,
-        "alignment: {}, data section at offset {}",
-        header.alignment(),
-        header.data_offset()
-    );
+    let _ =
+        writeln!(s, "GGUF v{} file {} ({})", header.version(), header.file(), human_bytes(header.file_len()));
+    let _ = writeln!(s, "dialect: {} ({})", header.dialect(), header.dialect_reason());
+    let _ = writeln!(s, "alignment: {}, data section at offset {}", header.alignment(), header.data_offset());
     let _ = writeln!(s, "metadata: {} keys", md.len());
     let width = md.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in md.iter() {
-        let _ = writeln!(
-            s,
-            "  {key:<width$}  {:<18} {}",
-            type_summary(value),
-            value_summary(value)
-        );
+        let _ = writeln!(s, "  {key:<width$}  {:<18} {}", type_summary(value), value_summary(value));
     }
     let total: u64 = header.tensors().iter().map(|t| t.n_bytes()).sum();
     let params: u64 = header.tensors().iter().map(|t| t.n_elements()).sum();
-    let _ = writeln!(
-        s,
-        "tensors: {} ({} parameters, {})",
-        header.tensors().len(),
-        params,
-        human_bytes(total)
-    );
-    let width = header
-        .tensors()
-        .iter()
-        .map(|t| t.name().len())
-        .max()
-        .unwrap_or(0);
+    let _ =
+        writeln!(s, "tensors: {} ({} parameters, {})", header.tensors().len(), params, human_bytes(total));
+    let width = header.tensors().iter().map(|t| t.name().len()).max().unwrap_or(0);
     for t in header.tensors() {
         let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
         let _ = writeln!(

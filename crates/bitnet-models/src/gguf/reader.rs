@@ -122,12 +122,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn invalid(&self, field: String, offset: usize, reason: String) -> GgufError {
-        GgufError::Invalid {
-            file: self.file.to_owned(),
-            field,
-            offset: offset as u64,
-            reason,
-        }
+        GgufError::Invalid { file: self.file.to_owned(), field, offset: offset as u64, reason }
     }
 
     fn take(&mut self, n: u64, field: &dyn Fn() -> String) -> Result<&'a [u8], GgufError> {
@@ -161,10 +156,7 @@ impl<'a> Cursor<'a> {
             return Err(self.invalid(
                 format!("{} length", field()),
                 at,
-                format!(
-                    "{len} bytes, but only {} are left in the file",
-                    self.remaining()
-                ),
+                format!("{len} bytes, but only {} are left in the file", self.remaining()),
             ));
         }
         let start = self.pos;
@@ -245,19 +237,13 @@ impl<'a> Cursor<'a> {
         field: &dyn Fn() -> String,
         conv: fn([u8; N]) -> T,
     ) -> Result<Vec<T>, GgufError> {
-        let bytes = n
-            .checked_mul(N as u64)
-            .filter(|&b| b <= self.remaining())
-            .ok_or_else(|| {
-                self.invalid(
-                    field(),
-                    self.pos,
-                    format!(
-                        "{n} elements of {N} bytes cannot fit in the {} bytes left",
-                        self.remaining()
-                    ),
-                )
-            })?;
+        let bytes = n.checked_mul(N as u64).filter(|&b| b <= self.remaining()).ok_or_else(|| {
+            self.invalid(
+                field(),
+                self.pos,
+                format!("{n} elements of {N} bytes cannot fit in the {} bytes left", self.remaining()),
+            )
+        })?;
         let raw = self.take(bytes, field)?;
         Ok(raw
             .chunks_exact(N)
@@ -269,18 +255,10 @@ impl<'a> Cursor<'a> {
             .collect())
     }
 
-    fn array_value(
-        &mut self,
-        depth: u32,
-        field: &dyn Fn() -> String,
-    ) -> Result<GgufArray, GgufError> {
+    fn array_value(&mut self, depth: u32, field: &dyn Fn() -> String) -> Result<GgufArray, GgufError> {
         let at = self.pos;
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.invalid(
-                field(),
-                at,
-                format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"),
-            ));
+            return Err(self.invalid(field(), at, format!("arrays nested deeper than {MAX_ARRAY_DEPTH}")));
         }
         let elem = self.value_type(&|| format!("{} element type", field()))?;
         let count_at = self.pos;
@@ -343,17 +321,10 @@ impl GgufHeader {
     /// Parses and checks the header of a GGUF file held in `bytes`. `file` names the file
     /// in error messages.
     pub fn parse(bytes: &[u8], file: &str) -> Result<Self, GgufError> {
-        let mut c = Cursor {
-            bytes,
-            pos: 0,
-            file,
-        };
+        let mut c = Cursor { bytes, pos: 0, file };
         let magic = bytes.get(..4).unwrap_or(bytes);
         if magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic {
-                file: file.to_owned(),
-                found: magic.to_vec(),
-            });
+            return Err(GgufError::BadMagic { file: file.to_owned(), found: magic.to_vec() });
         }
         c.pos = 4;
         let version = c.u32(&|| "version".into())?;
@@ -365,11 +336,7 @@ impl GgufHeader {
             } else {
                 ""
             };
-            return Err(GgufError::UnsupportedVersion {
-                file: file.to_owned(),
-                version,
-                hint,
-            });
+            return Err(GgufError::UnsupportedVersion { file: file.to_owned(), version, hint });
         }
         let n_tensors_at = c.pos;
         let n_tensors = c.u64(&|| "tensor count".into())?;
@@ -444,10 +411,8 @@ impl GgufHeader {
             for d in 0..n_dims {
                 let at = c.pos;
                 let dim = c.u64(&|| field(&format!("dims[{d}]")))?;
-                n_elements = n_elements
-                    .checked_mul(dim)
-                    .filter(|&n| n <= i64::MAX as u64)
-                    .ok_or_else(|| {
+                n_elements =
+                    n_elements.checked_mul(dim).filter(|&n| n <= i64::MAX as u64).ok_or_else(|| {
                         c.invalid(
                             field(&format!("dims[{d}]")),
                             at,
@@ -460,16 +425,7 @@ impl GgufHeader {
             let type_id = c.u32(&|| field("type"))?;
             let offset_at = c.pos;
             let offset = c.u64(&|| field("offset"))?;
-            raw.push(RawInfo {
-                name,
-                shape,
-                n_elements,
-                type_id,
-                type_at,
-                offset,
-                offset_at,
-                info_at,
-            });
+            raw.push(RawInfo { name, shape, n_elements, type_id, type_at, offset, offset_at, info_at });
         }
 
         let data_offset = (c.pos as u64).next_multiple_of(alignment);
@@ -503,12 +459,7 @@ impl GgufHeader {
         let raw_view: Vec<RawTensor<'_>> = raw
             .iter()
             .zip(&room)
-            .map(|(r, &room)| RawTensor {
-                name: &r.name,
-                type_id: r.type_id,
-                shape: &r.shape,
-                room,
-            })
+            .map(|(r, &room)| RawTensor { name: &r.name, type_id: r.type_id, shape: &r.shape, room })
             .collect();
         let (dialect, dialect_reason) = dialect::detect(&metadata, &raw_view, alignment);
 
@@ -541,10 +492,7 @@ impl GgufHeader {
                 return Err(c.invalid(
                     field("offset"),
                     r.offset_at,
-                    format!(
-                        "{} is not a multiple of the alignment {alignment}",
-                        r.offset
-                    ),
+                    format!("{} is not a multiple of the alignment {alignment}", r.offset),
                 ));
             }
             let end = r.offset.checked_add(n_bytes).filter(|&e| e <= data_len);
@@ -622,10 +570,9 @@ impl GgufHeader {
 
     /// The bytes of tensor `name` within `bytes`, the file the header was parsed from.
     pub fn tensor_data<'b>(&self, bytes: &'b [u8], name: &str) -> Result<&'b [u8], GgufError> {
-        let info = self.tensor(name).ok_or_else(|| GgufError::NoSuchTensor {
-            file: self.file.clone(),
-            name: name.to_owned(),
-        })?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| GgufError::NoSuchTensor { file: self.file.clone(), name: name.to_owned() })?;
         let start = self.data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(info.n_bytes));
         match (start, end) {
@@ -634,10 +581,7 @@ impl GgufHeader {
                 file: self.file.clone(),
                 field: format!("tensor '{name}' data"),
                 offset: info.info_offset,
-                reason: format!(
-                    "the bytes given hold {} bytes, fewer than the header says",
-                    bytes.len()
-                ),
+                reason: format!("the bytes given hold {} bytes, fewer than the header says", bytes.len()),
             }),
         }
     }
@@ -674,11 +618,7 @@ impl GgufFile {
         let name = path.display().to_string();
         let io = |action: &'static str| {
             let name = name.clone();
-            move |source| GgufError::Io {
-                file: name,
-                action,
-                source,
-            }
+            move |source| GgufError::Io { file: name, action, source }
         };
         let file = std::fs::File::open(path).map_err(io("cannot open"))?;
         let len = file.metadata().map_err(io("cannot stat"))?.len();
@@ -696,10 +636,7 @@ impl GgufFile {
     /// Parses a GGUF file held in memory; `file` names it in messages.
     pub fn from_bytes(bytes: Vec<u8>, file: &str) -> Result<Self, GgufError> {
         let header = GgufHeader::parse(&bytes, file)?;
-        Ok(GgufFile {
-            header,
-            storage: Storage::Owned(bytes),
-        })
+        Ok(GgufFile { header, storage: Storage::Owned(bytes) })
     }
 
     pub fn header(&self) -> &GgufHeader {
@@ -743,10 +680,9 @@ impl GgufFile {
     }
 
     fn info_and_len(&self, name: &str) -> Result<(&TensorInfo, usize), GgufError> {
-        let info = self.tensor(name).ok_or_else(|| GgufError::NoSuchTensor {
-            file: self.file().to_owned(),
-            name: name.to_owned(),
-        })?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| GgufError::NoSuchTensor { file: self.file().to_owned(), name: name.to_owned() })?;
         let n = usize::try_from(info.n_elements).map_err(|_| GgufError::Invalid {
             file: self.file().to_owned(),
             field: format!("tensor '{name}' dims"),

@@ -91,44 +91,27 @@ pub struct PreTokenizerSpec {
 /// `None` for a name this table lacks (including those llama.cpp handles with custom code).
 pub fn pre_tokenizer_regexes(pre: &str) -> Option<PreTokenizerSpec> {
     let spec = |regexes: Vec<&'static str>, ignore_merges: bool, add_bos_default: bool| {
-        Some(PreTokenizerSpec {
-            regexes,
-            ignore_merges,
-            add_bos_default,
-        })
+        Some(PreTokenizerSpec { regexes, ignore_merges, add_bos_default })
     };
     match pre {
-        "" | "default" => spec(
-            vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
-            false,
-            false,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" => spec(vec![LLAMA3], true, true),
+        "" | "default" => {
+            spec(vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false, false)
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+            spec(vec![LLAMA3], true, true)
+        }
         "dbrx" | "smaug-bpe" | "chatglm-bpe" => spec(vec![LLAMA3], false, false),
         "glm4" => spec(vec![LLAMA3], true, false),
-        "deepseek-coder" => spec(
-            vec![
-                "[\r\n]",
-                r"\s?\p{L}+",
-                r"\s?\p{P}+",
-                "[一-龥ࠀ-一가-퟿]+",
-                r"\p{N}",
-            ],
-            false,
-            false,
-        ),
-        "falcon" => spec(
-            vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"],
-            false,
-            false,
-        ),
+        "deepseek-coder" => {
+            spec(vec!["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"], false, false)
+        }
+        "falcon" => spec(vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"], false, false),
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
             spec(vec![r"\p{N}", GPT2], false, false)
         }
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
-        | "a.x-4.0" | "mellum" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "exaone4"
-        | "mpt" | "olmo" | "jais" | "trillion" => spec(vec![GPT2], false, false),
+        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
+        | "mellum" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "exaone4" | "mpt" | "olmo" | "jais"
+        | "trillion" => spec(vec![GPT2], false, false),
         "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" | "hunyuan" | "grok-2" => {
             spec(vec![QWEN2], false, false)
         }
@@ -197,10 +180,7 @@ struct Md<'a> {
 
 impl Md<'_> {
     fn err(&self, reason: String) -> GgufError {
-        GgufError::Tokenizer {
-            file: self.file.to_owned(),
-            reason,
-        }
+        GgufError::Tokenizer { file: self.file.to_owned(), reason }
     }
 
     fn wrong(&self, key: &str, expected: &'static str, found: &GgufValue) -> GgufError {
@@ -208,12 +188,7 @@ impl Md<'_> {
             GgufValue::Array(a) => format!("an array of {}", a.element_type()),
             v => format!("a {}", v.value_type()),
         };
-        GgufError::WrongType {
-            file: self.file.to_owned(),
-            key: key.to_owned(),
-            expected,
-            found,
-        }
+        GgufError::WrongType { file: self.file.to_owned(), key: key.to_owned(), expected, found }
     }
 
     fn str(&self, key: &str) -> Result<Option<&str>, GgufError> {
@@ -246,9 +221,7 @@ impl Md<'_> {
             None => Ok(None),
             Some(v) => {
                 let id = v.as_i64().ok_or_else(|| self.wrong(key, "an integer", v))?;
-                Ok(Some(
-                    u32::try_from(id).ok().filter(|&i| (i as usize) < n_tokens),
-                ))
+                Ok(Some(u32::try_from(id).ok().filter(|&i| (i as usize) < n_tokens)))
             }
         }
     }
@@ -259,30 +232,17 @@ fn token_texts(tokens: &[String]) -> Vec<String> {
     tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                t.clone()
-            }
-        })
+        .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.clone() })
         .collect()
 }
 
 /// `text -> id`, the last id winning for repeated texts as in llama.cpp.
 fn vocab_map(texts: &[String]) -> Vocab {
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect()
+    texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
 }
 
 fn is_special_type(t: i32) -> bool {
-    matches!(
-        t,
-        token_type::CONTROL | token_type::USER_DEFINED | token_type::UNKNOWN
-    )
+    matches!(t, token_type::CONTROL | token_type::USER_DEFINED | token_type::UNKNOWN)
 }
 
 impl GgufTokenizer {
@@ -294,25 +254,19 @@ impl GgufTokenizer {
     /// Builds the tokenizer described by `md`; `file` names it in errors.
     pub fn from_metadata(md: &GgufMetadata, file: &str) -> Result<Self, GgufError> {
         let m = Md { md, file };
-        let model = m.str(KEY_MODEL)?.ok_or_else(|| GgufError::MissingKey {
-            file: file.to_owned(),
-            key: KEY_MODEL.into(),
-        })?;
+        let model = m
+            .str(KEY_MODEL)?
+            .ok_or_else(|| GgufError::MissingKey { file: file.to_owned(), key: KEY_MODEL.into() })?;
         let kind = match model {
             "gpt2" => VocabKind::Bpe,
             "llama" => VocabKind::SentencePiece,
             other => {
-                return Err(m.err(format!(
-                    "vocabulary model '{other}' is not supported (gpt2 and llama are)"
-                )))
+                return Err(m.err(format!("vocabulary model '{other}' is not supported (gpt2 and llama are)")))
             }
         };
         let tokens = m
             .strings(KEY_TOKENS)?
-            .ok_or_else(|| GgufError::MissingKey {
-                file: file.to_owned(),
-                key: KEY_TOKENS.into(),
-            })?;
+            .ok_or_else(|| GgufError::MissingKey { file: file.to_owned(), key: KEY_TOKENS.into() })?;
         if tokens.is_empty() || tokens.len() > u32::MAX as usize {
             return Err(m.err(format!("{} tokens in {KEY_TOKENS}", tokens.len())));
         }
@@ -321,10 +275,7 @@ impl GgufTokenizer {
             None => vec![token_type::NORMAL; n],
             Some(GgufValue::Array(GgufArray::I32(v))) if v.len() >= n => v[..n].to_vec(),
             Some(GgufValue::Array(GgufArray::I32(v))) => {
-                return Err(m.err(format!(
-                    "{KEY_TOKEN_TYPE} has {} entries for {n} tokens",
-                    v.len()
-                )))
+                return Err(m.err(format!("{KEY_TOKEN_TYPE} has {} entries for {n} tokens", v.len())))
             }
             Some(v) => return Err(m.wrong(KEY_TOKEN_TYPE, "an array of i32", v)),
         };
@@ -334,13 +285,12 @@ impl GgufTokenizer {
         let add_bos_default;
         let mut tokenizer = match kind {
             VocabKind::Bpe => {
-                let spec =
-                    pre_tokenizer_regexes(pre.as_deref().unwrap_or("")).ok_or_else(|| {
-                        m.err(format!(
-                            "pre-tokenizer '{}' is not in the table of gguf::tokenizer",
-                            pre.as_deref().unwrap_or("")
-                        ))
-                    })?;
+                let spec = pre_tokenizer_regexes(pre.as_deref().unwrap_or("")).ok_or_else(|| {
+                    m.err(format!(
+                        "pre-tokenizer '{}' is not in the table of gguf::tokenizer",
+                        pre.as_deref().unwrap_or("")
+                    ))
+                })?;
                 add_bos_default = spec.add_bos_default;
                 build_bpe(&m, &texts, &spec)?
             }
@@ -457,53 +407,35 @@ impl GgufTokenizer {
     /// Token ids of `text`; with `add_special`, BOS/EOS as the metadata asks (like
     /// `llama_tokenize(..., add_special = true, parse_special = true)`).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, GgufError> {
-        self.tokenizer
-            .encode(text, add_special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| GgufError::Tokenizer {
-                file: self.file.clone(),
-                reason: format!("encoding failed: {e}"),
-            })
+        self.tokenizer.encode(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| {
+            GgufError::Tokenizer { file: self.file.clone(), reason: format!("encoding failed: {e}") }
+        })
     }
 
     /// The text of `ids`; with `skip_special`, special tokens are left out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, GgufError> {
-        self.tokenizer
-            .decode(ids, skip_special)
-            .map_err(|e| GgufError::Tokenizer {
-                file: self.file.clone(),
-                reason: format!("decoding failed: {e}"),
-            })
+        self.tokenizer.decode(ids, skip_special).map_err(|e| GgufError::Tokenizer {
+            file: self.file.clone(),
+            reason: format!("decoding failed: {e}"),
+        })
     }
 }
 
 /// Byte-level BPE: vocabulary, merges and the regex pre-tokenizer of `spec`.
-fn build_bpe(
-    m: &Md<'_>,
-    texts: &[String],
-    spec: &PreTokenizerSpec,
-) -> Result<Tokenizer, GgufError> {
+fn build_bpe(m: &Md<'_>, texts: &[String], spec: &PreTokenizerSpec) -> Result<Tokenizer, GgufError> {
     let vocab = vocab_map(texts);
     let raw_merges = m
         .strings(KEY_MERGES)?
-        .ok_or_else(|| GgufError::MissingKey {
-            file: m.file.to_owned(),
-            key: KEY_MERGES.into(),
-        })?;
+        .ok_or_else(|| GgufError::MissingKey { file: m.file.to_owned(), key: KEY_MERGES.into() })?;
     // A merge splits at the first space after its first byte (so "  a" merges " " and "a"
     // in llama.cpp's reading). Merges with a side or a result outside the vocabulary can
     // never produce a token; the tokenizers crate refuses them, so they are dropped.
     let mut merges: Merges = Vec::with_capacity(raw_merges.len());
     for mg in raw_merges {
-        let split = mg
-            .char_indices()
-            .skip(1)
-            .find(|&(_, c)| c == ' ')
-            .map(|(i, _)| i);
+        let split = mg.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
         let Some(i) = split else { continue };
         let (a, b) = (&mg[..i], &mg[i + 1..]);
-        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}"))
-        {
+        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}")) {
             merges.push((a.to_owned(), b.to_owned()));
         }
     }
@@ -514,12 +446,9 @@ fn build_bpe(
         .map_err(|e| m.err(format!("BPE model: {e}")))?;
     let mut pre: Vec<PreTokenizerWrapper> = Vec::with_capacity(spec.regexes.len() + 1);
     for re in &spec.regexes {
-        let split = Split::new(
-            SplitPattern::Regex((*re).to_owned()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| m.err(format!("pre-tokenizer regex {re:?}: {e}")))?;
+        let split =
+            Split::new(SplitPattern::Regex((*re).to_owned()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| m.err(format!("pre-tokenizer regex {re:?}: {e}")))?;
         pre.push(split.into());
     }
     pre.push(ByteLevel::new(false, false, false).into());
@@ -558,12 +487,7 @@ fn build_spm(
     let piece: HashMap<&str, usize> = texts
         .iter()
         .enumerate()
-        .filter(|(i, _)| {
-            !matches!(
-                types[*i],
-                token_type::CONTROL | token_type::UNKNOWN | token_type::BYTE
-            )
-        })
+        .filter(|(i, _)| !matches!(types[*i], token_type::CONTROL | token_type::UNKNOWN | token_type::BYTE))
         .map(|(i, t)| (t.as_str(), i))
         .collect();
     // One merge per split of a piece into two pieces, best score first (ties: lower id),
@@ -580,37 +504,20 @@ fn build_spm(
             }
         }
     }
-    ranked.sort_by(|x, y| {
-        y.0.total_cmp(&x.0)
-            .then(x.1.cmp(&y.1))
-            .then(x.2.len().cmp(&y.2.len()))
-    });
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.len().cmp(&y.2.len())));
     let merges: Merges = ranked.into_iter().map(|(_, _, a, b)| (a, b)).collect();
 
-    let unk = texts
-        .iter()
-        .zip(types)
-        .find(|(_, &t)| t == token_type::UNKNOWN)
-        .map(|(t, _)| t.clone());
+    let unk = texts.iter().zip(types).find(|(_, &t)| t == token_type::UNKNOWN).map(|(t, _)| t.clone());
     let has_bytes = (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(has_bytes)
-        .fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk);
     }
-    let bpe = builder
-        .build()
-        .map_err(|e| m.err(format!("SentencePiece model: {e}")))?;
+    let bpe = builder.build().map_err(|e| m.err(format!("SentencePiece model: {e}")))?;
 
     let replace = Replace::new(" ", SPM_SPACE).map_err(|e| m.err(format!("normalizer: {e}")))?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
-        NormalizerSequence::new(vec![
-            Prepend::new(SPM_SPACE.to_owned()).into(),
-            replace.into(),
-        ])
-        .into()
+        NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_owned()).into(), replace.into()]).into()
     } else {
         replace.into()
     };
@@ -659,11 +566,7 @@ fn bos_eos_processor(
         pair.push(part.clone());
     }
     for part in &single {
-        pair.push(if part == "$A" {
-            "$B".into()
-        } else {
-            part.clone()
-        });
+        pair.push(if part == "$A" { "$B".into() } else { part.clone() });
     }
     // Pieces are given as a list, so token texts with spaces stay whole.
     TemplateProcessing::builder()

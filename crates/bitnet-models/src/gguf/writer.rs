@@ -38,11 +38,7 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     pub fn new(name: impl Into<String>, ggml_type: GgmlType, shape: &[u64]) -> Self {
-        TensorSpec {
-            name: name.into(),
-            ggml_type,
-            shape: shape.to_vec(),
-        }
+        TensorSpec { name: name.into(), ggml_type, shape: shape.to_vec() }
     }
 }
 
@@ -152,33 +148,24 @@ impl GgufWriter {
         options: WriterOptions,
     ) -> Result<Self, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let plan_err = |reason: String| GgufError::Plan {
-            path: path.clone(),
-            reason,
-        };
+        let plan_err = |reason: String| GgufError::Plan { path: path.clone(), reason };
         if options.version != 2 && options.version != 3 {
-            return Err(plan_err(format!(
-                "GGUF version {} cannot be written (2 or 3)",
-                options.version
-            )));
+            return Err(plan_err(format!("GGUF version {} cannot be written (2 or 3)", options.version)));
         }
         let alignment = match metadata.get(KEY_ALIGNMENT) {
             None => DEFAULT_ALIGNMENT,
             Some(GgufValue::U32(a)) if a.is_power_of_two() => u64::from(*a),
             Some(v) => {
-                return Err(plan_err(format!(
-                    "{KEY_ALIGNMENT} must be a u32 power of two, got {v:?}"
-                )))
+                return Err(plan_err(format!("{KEY_ALIGNMENT} must be a u32 power of two, got {v:?}")))
             }
         };
-        let dialect =
-            dialect::dialect_for_types(tensors.iter().map(|t| t.ggml_type)).ok_or_else(|| {
-                plan_err(
-                    "the tensors mix bitnet.cpp-only types (I2_S, TL1, TL2) with \
+        let dialect = dialect::dialect_for_types(tensors.iter().map(|t| t.ggml_type)).ok_or_else(|| {
+            plan_err(
+                "the tensors mix bitnet.cpp-only types (I2_S, TL1, TL2) with \
                      upstream-only ones (MXFP4, NVFP4, Q1_0, Q2_0): no GGUF dialect holds both"
-                        .into(),
-                )
-            })?;
+                    .into(),
+            )
+        })?;
 
         let mut enc = Enc(Vec::new());
         enc.0.extend_from_slice(&GGUF_MAGIC);
@@ -209,17 +196,12 @@ impl GgufWriter {
                 )));
             }
             if spec.shape.len() > MAX_DIMS as usize {
-                return Err(bad(format!(
-                    "{} dimensions, at most {MAX_DIMS}",
-                    spec.shape.len()
-                )));
+                return Err(bad(format!("{} dimensions, at most {MAX_DIMS}", spec.shape.len())));
             }
-            let n_bytes = spec.ggml_type.tensor_bytes(&spec.shape).ok_or_else(|| {
-                bad(format!(
-                    "shape {:?} does not fit type {}",
-                    spec.shape, spec.ggml_type
-                ))
-            })?;
+            let n_bytes = spec
+                .ggml_type
+                .tensor_bytes(&spec.shape)
+                .ok_or_else(|| bad(format!("shape {:?} does not fit type {}", spec.shape, spec.ggml_type)))?;
             let id = dialect::type_id(spec.ggml_type, dialect)
                 .ok_or_else(|| bad(format!("type {} has no id in GGUF", spec.ggml_type)))?;
             enc.string(&spec.name);
@@ -250,11 +232,8 @@ impl GgufWriter {
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|source| GgufError::Io {
+        let file =
+            File::options().write(true).create_new(true).open(&tmp).map_err(|source| GgufError::Io {
                 file: tmp.display().to_string(),
                 action: "cannot create the temporary file",
                 source,
@@ -286,10 +265,7 @@ impl GgufWriter {
     }
 
     fn plan_err(&self, reason: String) -> GgufError {
-        GgufError::Plan {
-            path: self.path.clone(),
-            reason,
-        }
+        GgufError::Plan { path: self.path.clone(), reason }
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> Result<(), GgufError> {
@@ -317,9 +293,7 @@ impl GgufWriter {
                 "tensor '{name}' given, but the plan has '{}' next (tensors go in plan order)",
                 p.spec.name
             ))),
-            None => Err(self.plan_err(format!(
-                "tensor '{name}' given, but every planned tensor is written"
-            ))),
+            None => Err(self.plan_err(format!("tensor '{name}' given, but every planned tensor is written"))),
         }
     }
 
@@ -335,21 +309,14 @@ impl GgufWriter {
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), GgufError> {
         let n_bytes = self.begin(name)?;
         if data.len() as u64 != n_bytes {
-            return Err(self.plan_err(format!(
-                "tensor '{name}' needs {n_bytes} bytes, got {}",
-                data.len()
-            )));
+            return Err(self.plan_err(format!("tensor '{name}' needs {n_bytes} bytes, got {}", data.len())));
         }
         self.write_all(data)?;
         self.end()
     }
 
     /// Writes the next planned tensor, `name`, from exactly its byte count read off `reader`.
-    pub fn write_tensor_from(
-        &mut self,
-        name: &str,
-        reader: &mut dyn Read,
-    ) -> Result<(), GgufError> {
+    pub fn write_tensor_from(&mut self, name: &str, reader: &mut dyn Read) -> Result<(), GgufError> {
         let n_bytes = self.begin(name)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut left = n_bytes;
@@ -389,23 +356,13 @@ impl GgufWriter {
                 p.spec.name
             )));
         }
-        let out = self
-            .out
-            .take()
-            .ok_or_else(|| self.plan_err("the writer failed earlier".into()))?;
+        let out = self.out.take().ok_or_else(|| self.plan_err("the writer failed earlier".into()))?;
         let tmp_name = self.tmp.display().to_string();
         let io = |action: &'static str| {
             let file = tmp_name.clone();
-            move |source| GgufError::Io {
-                file,
-                action,
-                source,
-            }
+            move |source| GgufError::Io { file, action, source }
         };
-        let file = out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .map_err(io("cannot flush"))?;
+        let file = out.into_inner().map_err(|e| e.into_error()).map_err(io("cannot flush"))?;
         file.sync_all().map_err(io("cannot sync"))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(io("cannot rename into place"))?;

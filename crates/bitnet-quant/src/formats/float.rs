@@ -55,9 +55,7 @@ pub fn dequantize_f16(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> 
 
 /// Encodes f32 values as little-endian f16.
 pub fn quantize_f16(x: &[f32]) -> Vec<u8> {
-    x.iter()
-        .flat_map(|&v| f32_to_f16_bits(v).to_le_bytes())
-        .collect()
+    x.iter().flat_map(|&v| f32_to_f16_bits(v).to_le_bytes()).collect()
 }
 
 /// Decodes little-endian bf16 values into `out`.
@@ -71,7 +69,5 @@ pub fn dequantize_bf16(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError>
 
 /// Encodes f32 values as little-endian bf16.
 pub fn quantize_bf16(x: &[f32]) -> Vec<u8> {
-    x.iter()
-        .flat_map(|&v| f32_to_bf16_bits(v).to_le_bytes())
-        .collect()
+    x.iter().flat_map(|&v| f32_to_bf16_bits(v).to_le_bytes()).collect()
 }

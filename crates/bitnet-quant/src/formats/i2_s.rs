@@ -27,12 +27,7 @@ fn check(n: usize, got: usize) -> Result<usize, FormatError> {
     let chunks = check_multiple(GgmlType::I2_S, n, CHUNK)?;
     let expected = tensor_bytes(n);
     if got != expected {
-        return Err(FormatError::ByteLength {
-            format: GgmlType::I2_S,
-            n,
-            expected,
-            got,
-        });
+        return Err(FormatError::ByteLength { format: GgmlType::I2_S, n, expected, got });
     }
     Ok(chunks)
 }
@@ -47,12 +42,7 @@ fn element_of(p: usize, g: usize) -> usize {
 pub fn scale(bytes: &[u8], n: usize) -> Result<f32, FormatError> {
     check(n, bytes.len())?;
     let at = n / 4;
-    Ok(f32::from_le_bytes([
-        bytes[at],
-        bytes[at + 1],
-        bytes[at + 2],
-        bytes[at + 3],
-    ]))
+    Ok(f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]))
 }
 
 /// Decodes I2_S bytes into `out` (`out.len()` elements). The code 3, which the packer never
@@ -60,10 +50,7 @@ pub fn scale(bytes: &[u8], n: usize) -> Result<f32, FormatError> {
 pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     let n = out.len();
     let s = scale(bytes, n)?;
-    for (chunk, o) in bytes[..n / 4]
-        .chunks_exact(CHUNK_BYTES)
-        .zip(out.chunks_exact_mut(CHUNK))
-    {
+    for (chunk, o) in bytes[..n / 4].chunks_exact(CHUNK_BYTES).zip(out.chunks_exact_mut(CHUNK)) {
         for (p, &b) in chunk.iter().enumerate() {
             for g in 0..4 {
                 let code = i32::from((b >> (6 - 2 * g)) & 3);
@@ -78,10 +65,8 @@ pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
 pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     let s = scale(bytes, n)?;
     let mut codes = vec![0i8; n];
-    for (ci, (chunk, c)) in bytes[..n / 4]
-        .chunks_exact(CHUNK_BYTES)
-        .zip(codes.chunks_exact_mut(CHUNK))
-        .enumerate()
+    for (ci, (chunk, c)) in
+        bytes[..n / 4].chunks_exact(CHUNK_BYTES).zip(codes.chunks_exact_mut(CHUNK)).enumerate()
     {
         for (p, &b) in chunk.iter().enumerate() {
             for g in 0..4 {
@@ -98,11 +83,7 @@ pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
             }
         }
     }
-    Ok(TernaryCodes {
-        codes,
-        scales: vec![s],
-        block_len: n,
-    })
+    Ok(TernaryCodes { codes, scales: vec![s], block_len: n })
 }
 
 /// Packs exact codes in {-1, 0, +1} (a multiple of 128) with the tensor scale.
@@ -110,10 +91,7 @@ pub fn pack(codes: &[i8], scale: f32) -> Result<Vec<u8>, FormatError> {
     let n = codes.len();
     check_multiple(GgmlType::I2_S, n, CHUNK)?;
     let mut out = vec![0u8; tensor_bytes(n)];
-    for (ci, (c, y)) in codes
-        .chunks_exact(CHUNK)
-        .zip(out[..n / 4].chunks_exact_mut(CHUNK_BYTES))
-        .enumerate()
+    for (ci, (c, y)) in codes.chunks_exact(CHUNK).zip(out[..n / 4].chunks_exact_mut(CHUNK_BYTES)).enumerate()
     {
         for (p, byte) in y.iter_mut().enumerate() {
             for g in 0..4 {

@@ -28,26 +28,14 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
 /// Decodes Q4_K bytes into `out` (`out.len()` elements).
 pub fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
-    check_blocks(
-        GgmlType::Q4_K,
-        out.len(),
-        QK_K,
-        Q4_K_BLOCK_BYTES,
-        bytes.len(),
-    )?;
-    for (blk, o) in bytes
-        .chunks_exact(Q4_K_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(QK_K))
-    {
+    check_blocks(GgmlType::Q4_K, out.len(), QK_K, Q4_K_BLOCK_BYTES, bytes.len())?;
+    for (blk, o) in bytes.chunks_exact(Q4_K_BLOCK_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let d = f16_at(blk, 0);
         let dmin = f16_at(blk, 2);
         let scales = &blk[4..16];
@@ -69,17 +57,8 @@ pub fn dequantize_q4_k(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError>
 
 /// Decodes Q6_K bytes into `out` (`out.len()` elements).
 pub fn dequantize_q6_k(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
-    check_blocks(
-        GgmlType::Q6_K,
-        out.len(),
-        QK_K,
-        Q6_K_BLOCK_BYTES,
-        bytes.len(),
-    )?;
-    for (blk, o) in bytes
-        .chunks_exact(Q6_K_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(QK_K))
-    {
+    check_blocks(GgmlType::Q6_K, out.len(), QK_K, Q6_K_BLOCK_BYTES, bytes.len())?;
+    for (blk, o) in bytes.chunks_exact(Q6_K_BLOCK_BYTES).zip(out.chunks_exact_mut(QK_K)) {
         let d = f16_at(blk, 208);
         for h in 0..2 {
             let ql = &blk[64 * h..64 * h + 64];
@@ -167,10 +146,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], levels: &mut [u8]) -> f32 {
 pub fn quantize_q6_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
     let blocks = check_multiple(GgmlType::Q6_K, x.len(), QK_K)?;
     let mut out = vec![0u8; blocks * Q6_K_BLOCK_BYTES];
-    for (xb, y) in x
-        .chunks_exact(QK_K)
-        .zip(out.chunks_exact_mut(Q6_K_BLOCK_BYTES))
-    {
+    for (xb, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(Q6_K_BLOCK_BYTES)) {
         let mut levels = [0u8; QK_K];
         let mut scales = [0.0f32; QK_K / 16];
         let mut max_scale = 0.0f32;

@@ -26,44 +26,19 @@ pub use types::GgmlType;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FormatError {
     #[error("{format}: {n} elements is not a multiple of the block size {block}")]
-    NotBlockMultiple {
-        format: GgmlType,
-        n: usize,
-        block: usize,
-    },
+    NotBlockMultiple { format: GgmlType, n: usize, block: usize },
     #[error("{format}: {n} elements need {expected} bytes, got {got}")]
-    ByteLength {
-        format: GgmlType,
-        n: usize,
-        expected: usize,
-        got: usize,
-    },
+    ByteLength { format: GgmlType, n: usize, expected: usize, got: usize },
     #[error("{format}: output buffer holds {got} elements, need {n}")]
-    OutputLength {
-        format: GgmlType,
-        n: usize,
-        got: usize,
-    },
+    OutputLength { format: GgmlType, n: usize, got: usize },
     #[error("{format}: element {index} has code {code}, which is not a ternary value")]
-    NotTernary {
-        format: GgmlType,
-        index: usize,
-        code: i32,
-    },
+    NotTernary { format: GgmlType, index: usize, code: i32 },
     #[error("{format}: {what} count {got} does not match the {expected} the codes need")]
-    ScaleCount {
-        format: GgmlType,
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    ScaleCount { format: GgmlType, what: &'static str, expected: usize, got: usize },
     #[error("{format}: {n} elements overflow the size computation")]
     Overflow { format: GgmlType, n: usize },
     #[error("{format}: {operation} is not implemented for this format")]
-    Unsupported {
-        format: GgmlType,
-        operation: &'static str,
-    },
+    Unsupported { format: GgmlType, operation: &'static str },
 }
 
 /// Exact ternary weights read out of a ternary format: codes in {-1, 0, +1} and their scales.
@@ -86,11 +61,7 @@ impl TernaryCodes {
 
     /// The float value of every element, `code * scale`.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.codes
-            .iter()
-            .enumerate()
-            .map(|(i, &c)| f32::from(c) * self.scale_of(i))
-            .collect()
+        self.codes.iter().enumerate().map(|(i, &c)| f32::from(c) * self.scale_of(i)).collect()
     }
 }
 
@@ -107,26 +78,15 @@ pub(crate) fn check_blocks(
         return Err(FormatError::NotBlockMultiple { format, n, block });
     }
     let blocks = n / block;
-    let expected = blocks
-        .checked_mul(block_bytes)
-        .ok_or(FormatError::Overflow { format, n })?;
+    let expected = blocks.checked_mul(block_bytes).ok_or(FormatError::Overflow { format, n })?;
     if expected != got {
-        return Err(FormatError::ByteLength {
-            format,
-            n,
-            expected,
-            got,
-        });
+        return Err(FormatError::ByteLength { format, n, expected, got });
     }
     Ok(blocks)
 }
 
 /// Checks that `n` is a multiple of `block`; returns the number of blocks.
-pub(crate) fn check_multiple(
-    format: GgmlType,
-    n: usize,
-    block: usize,
-) -> Result<usize, FormatError> {
+pub(crate) fn check_multiple(format: GgmlType, n: usize, block: usize) -> Result<usize, FormatError> {
     if !n.is_multiple_of(block) {
         return Err(FormatError::NotBlockMultiple { format, n, block });
     }
@@ -147,12 +107,7 @@ pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 /// Dequantizes `n` elements of `format` from `bytes` into `out[..n]`.
-pub fn dequantize_into(
-    format: GgmlType,
-    bytes: &[u8],
-    n: usize,
-    out: &mut [f32],
-) -> Result<(), FormatError> {
+pub fn dequantize_into(format: GgmlType, bytes: &[u8], n: usize, out: &mut [f32]) -> Result<(), FormatError> {
     check_out(format, n, out.len())?;
     let out = &mut out[..n];
     match format {
@@ -167,20 +122,14 @@ pub fn dequantize_into(
         GgmlType::TQ1_0 => tq1_0::dequantize(bytes, out),
         GgmlType::TQ2_0 => tq2_0::dequantize(bytes, out),
         GgmlType::I2_S => i2_s::dequantize(bytes, out),
-        other => Err(FormatError::Unsupported {
-            format: other,
-            operation: "dequantization",
-        }),
+        other => Err(FormatError::Unsupported { format: other, operation: "dequantization" }),
     }
 }
 
 /// Whether [`dequantize`] handles `format`.
 pub fn can_dequantize(format: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(
-        format,
-        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4_K | Q6_K | TQ1_0 | TQ2_0 | I2_S
-    )
+    matches!(format, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4_K | Q6_K | TQ1_0 | TQ2_0 | I2_S)
 }
 
 /// Dequantizes `n` elements of `format` into a new vector.
@@ -188,20 +137,12 @@ pub fn dequantize(format: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, 
     // Refuse before allocating the output: an unsupported type, or bytes that are not
     // exactly what `n` elements take.
     if !can_dequantize(format) {
-        return Err(FormatError::Unsupported {
-            format,
-            operation: "dequantization",
-        });
+        return Err(FormatError::Unsupported { format, operation: "dequantization" });
     }
     match format.tensor_bytes(&[n as u64]) {
         Some(expected) if expected == bytes.len() as u64 => {}
         Some(expected) => {
-            return Err(FormatError::ByteLength {
-                format,
-                n,
-                expected: expected as usize,
-                got: bytes.len(),
-            })
+            return Err(FormatError::ByteLength { format, n, expected: expected as usize, got: bytes.len() })
         }
         None => {
             let block = match format {
@@ -227,26 +168,16 @@ pub fn quantize(format: GgmlType, x: &[f32]) -> Result<Vec<u8>, FormatError> {
         GgmlType::TQ1_0 => tq1_0::quantize(x),
         GgmlType::TQ2_0 => tq2_0::quantize(x),
         GgmlType::I2_S => i2_s::quantize(x),
-        other => Err(FormatError::Unsupported {
-            format: other,
-            operation: "quantization",
-        }),
+        other => Err(FormatError::Unsupported { format: other, operation: "quantization" }),
     }
 }
 
 /// The exact ternary codes and scales of `n` elements of a ternary format.
-pub fn ternary_codes(
-    format: GgmlType,
-    bytes: &[u8],
-    n: usize,
-) -> Result<TernaryCodes, FormatError> {
+pub fn ternary_codes(format: GgmlType, bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     match format {
         GgmlType::TQ1_0 => tq1_0::extract(bytes, n),
         GgmlType::TQ2_0 => tq2_0::extract(bytes, n),
         GgmlType::I2_S => i2_s::extract(bytes, n),
-        other => Err(FormatError::Unsupported {
-            format: other,
-            operation: "ternary code extraction",
-        }),
+        other => Err(FormatError::Unsupported { format: other, operation: "ternary code extraction" }),
     }
 }

@@ -14,17 +14,8 @@ pub const Q4_1_BLOCK_BYTES: usize = 20;
 
 /// Decodes Q4_0 bytes into `out` (`out.len()` elements).
 pub fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
-    check_blocks(
-        GgmlType::Q4_0,
-        out.len(),
-        BLOCK,
-        Q4_0_BLOCK_BYTES,
-        bytes.len(),
-    )?;
-    for (blk, o) in bytes
-        .chunks_exact(Q4_0_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
+    check_blocks(GgmlType::Q4_0, out.len(), BLOCK, Q4_0_BLOCK_BYTES, bytes.len())?;
+    for (blk, o) in bytes.chunks_exact(Q4_0_BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK)) {
         let d = f16_at(blk, 0);
         let (lo, hi) = o.split_at_mut(BLOCK / 2);
         for (j, &q) in blk[2..].iter().enumerate() {
@@ -37,17 +28,8 @@ pub fn dequantize_q4_0(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError>
 
 /// Decodes Q4_1 bytes into `out` (`out.len()` elements).
 pub fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
-    check_blocks(
-        GgmlType::Q4_1,
-        out.len(),
-        BLOCK,
-        Q4_1_BLOCK_BYTES,
-        bytes.len(),
-    )?;
-    for (blk, o) in bytes
-        .chunks_exact(Q4_1_BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
+    check_blocks(GgmlType::Q4_1, out.len(), BLOCK, Q4_1_BLOCK_BYTES, bytes.len())?;
+    for (blk, o) in bytes.chunks_exact(Q4_1_BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK)) {
         let d = f16_at(blk, 0);
         let m = f16_at(blk, 2);
         let (lo, hi) = o.split_at_mut(BLOCK / 2);

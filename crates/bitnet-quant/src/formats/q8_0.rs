@@ -11,10 +11,7 @@ pub const BLOCK_BYTES: usize = 34;
 /// Decodes Q8_0 bytes into `out` (`out.len()` elements).
 pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     check_blocks(GgmlType::Q8_0, out.len(), BLOCK, BLOCK_BYTES, bytes.len())?;
-    for (blk, o) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
+    for (blk, o) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK)) {
         let d = f16_at(blk, 0);
         for (v, &q) in o.iter_mut().zip(&blk[2..]) {
             *v = f32::from(q as i8) * d;

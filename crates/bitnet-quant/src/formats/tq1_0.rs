@@ -67,10 +67,7 @@ fn for_each_trit(blk: &[u8], mut f: impl FnMut(usize, u8)) {
 /// Decodes TQ1_0 bytes into `out` (`out.len()` elements).
 pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     check_blocks(GgmlType::TQ1_0, out.len(), BLOCK, BLOCK_BYTES, bytes.len())?;
-    for (blk, o) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
+    for (blk, o) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK)) {
         let d = f16_at(blk, D_AT);
         for_each_trit(blk, |e, t| o[e] = (i32::from(t) - 1) as f32 * d);
     }
@@ -82,18 +79,11 @@ pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     let blocks = check_blocks(GgmlType::TQ1_0, n, BLOCK, BLOCK_BYTES, bytes.len())?;
     let mut codes = vec![0i8; n];
     let mut scales = Vec::with_capacity(blocks);
-    for (blk, c) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(codes.chunks_exact_mut(BLOCK))
-    {
+    for (blk, c) in bytes.chunks_exact(BLOCK_BYTES).zip(codes.chunks_exact_mut(BLOCK)) {
         scales.push(f16_at(blk, D_AT));
         for_each_trit(blk, |e, t| c[e] = t as i8 - 1);
     }
-    Ok(TernaryCodes {
-        codes,
-        scales,
-        block_len: BLOCK,
-    })
+    Ok(TernaryCodes { codes, scales, block_len: BLOCK })
 }
 
 /// Packs exact codes in {-1, 0, +1} with one scale per 256-element block (stored as f16).
@@ -108,18 +98,10 @@ pub fn pack(codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
         });
     }
     if let Some(i) = codes.iter().position(|c| !(-1..=1).contains(c)) {
-        return Err(FormatError::NotTernary {
-            format: GgmlType::TQ1_0,
-            index: i,
-            code: i32::from(codes[i]),
-        });
+        return Err(FormatError::NotTernary { format: GgmlType::TQ1_0, index: i, code: i32::from(codes[i]) });
     }
     let mut out = vec![0u8; blocks * BLOCK_BYTES];
-    for ((y, c), &d) in out
-        .chunks_exact_mut(BLOCK_BYTES)
-        .zip(codes.chunks_exact(BLOCK))
-        .zip(scales)
-    {
+    for ((y, c), &d) in out.chunks_exact_mut(BLOCK_BYTES).zip(codes.chunks_exact(BLOCK)).zip(scales) {
         for (b, slot) in y[..D_AT].iter_mut().enumerate() {
             let mut trits = [0u8; 5];
             for (t, e) in trits.iter_mut().zip(byte_elements(b)) {

@@ -22,10 +22,7 @@ fn element_of(byte: usize, n: usize) -> usize {
 /// Decodes TQ2_0 bytes into `out` (`out.len()` elements).
 pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
     check_blocks(GgmlType::TQ2_0, out.len(), BLOCK, BLOCK_BYTES, bytes.len())?;
-    for (blk, o) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
+    for (blk, o) in bytes.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(BLOCK)) {
         let d = f16_at(blk, QS_BYTES);
         for (b, &q) in blk[..QS_BYTES].iter().enumerate() {
             for n in 0..4 {
@@ -42,11 +39,7 @@ pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     let blocks = check_blocks(GgmlType::TQ2_0, n, BLOCK, BLOCK_BYTES, bytes.len())?;
     let mut codes = vec![0i8; n];
     let mut scales = Vec::with_capacity(blocks);
-    for (bi, (blk, c)) in bytes
-        .chunks_exact(BLOCK_BYTES)
-        .zip(codes.chunks_exact_mut(BLOCK))
-        .enumerate()
-    {
+    for (bi, (blk, c)) in bytes.chunks_exact(BLOCK_BYTES).zip(codes.chunks_exact_mut(BLOCK)).enumerate() {
         scales.push(f16_at(blk, QS_BYTES));
         for (b, &q) in blk[..QS_BYTES].iter().enumerate() {
             for n in 0..4 {
@@ -63,11 +56,7 @@ pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
             }
         }
     }
-    Ok(TernaryCodes {
-        codes,
-        scales,
-        block_len: BLOCK,
-    })
+    Ok(TernaryCodes { codes, scales, block_len: BLOCK })
 }
 
 /// Packs exact codes in {-1, 0, +1} with one scale per 256-element block (stored as f16).
@@ -82,11 +71,8 @@ pub fn pack(codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
         });
     }
     let mut out = vec![0u8; blocks * BLOCK_BYTES];
-    for (bi, ((y, c), &d)) in out
-        .chunks_exact_mut(BLOCK_BYTES)
-        .zip(codes.chunks_exact(BLOCK))
-        .zip(scales)
-        .enumerate()
+    for (bi, ((y, c), &d)) in
+        out.chunks_exact_mut(BLOCK_BYTES).zip(codes.chunks_exact(BLOCK)).zip(scales).enumerate()
     {
         for (b, q) in y[..QS_BYTES].iter_mut().enumerate() {
             for n in 0..4 {

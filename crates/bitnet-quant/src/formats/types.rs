@@ -236,10 +236,7 @@ impl GgmlType {
 
     /// True for the formats that hold ternary weights ({-1, 0, +1} times a scale).
     pub fn is_ternary(self) -> bool {
-        matches!(
-            self,
-            GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::TL1 | GgmlType::TL2
-        )
+        matches!(self, GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::TL1 | GgmlType::TL2)
     }
 }
 

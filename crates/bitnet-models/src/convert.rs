@@ -1,0 +1,308 @@
+//! Hugging Face BitNet checkpoint → GGUF, one tensor at a time.
+//!
+//! The ternary projections go to TQ2_0 / TQ1_0 (llama.cpp) or I2_S (bitnet.cpp) with their
+//! exact codes and one scale (`mean|W|`) per matrix, or to F16 as dequantized values. Names and
+//! metadata keys are llama.cpp's: `general.architecture` is `bitnet-b1.58` for ReLU² models
+//! (bitnet.cpp's 2B-4T), `bitnet` for SiLU models with sub-norms (llama.cpp's 1bitLLM arch),
+//! `llama` for HF1BitLLM-style models. The tokenizer.json vocabulary is written as a `gpt2` BPE
+//! vocabulary. Memory stays near the largest tensor: each is read, converted and written
+//! before the next, into a temporary file renamed at the end.
+
+use std::path::Path;
+
+use bitnet_quant::absmean_ternary;
+use bitnet_quant::formats::{self, GgmlType};
+use bitnet_quant::hf_pack::unpack_hf;
+use serde_json::Value;
+
+use crate::gguf::{GgufArray, GgufMetadata, GgufValue, GgufWriter, TensorSpec};
+use crate::safetensors::TensorStore;
+use crate::{Activation, Architecture, ModelConfig, ModelError, QuantForm};
+
+/// Type of the ternary projections in the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    Tq2_0,
+    Tq1_0,
+    I2S,
+    F16,
+}
+
+/// Type of the embeddings / lm_head in the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadType {
+    F16,
+    Q8_0,
+    Q6K,
+}
+
+impl WeightType {
+    fn ggml(self) -> GgmlType {
+        match self {
+            WeightType::Tq2_0 => GgmlType::TQ2_0,
+            WeightType::Tq1_0 => GgmlType::TQ1_0,
+            WeightType::I2S => GgmlType::I2_S,
+            WeightType::F16 => GgmlType::F16,
+        }
+    }
+}
+
+impl HeadType {
+    fn ggml(self) -> GgmlType {
+        match self {
+            HeadType::F16 => GgmlType::F16,
+            HeadType::Q8_0 => GgmlType::Q8_0,
+            HeadType::Q6K => GgmlType::Q6_K,
+        }
+    }
+}
+
+/// What goes into the GGUF: its name, where it comes from, how it is stored.
+enum Source {
+    /// A float tensor copied (as F32 for norms, `head` type for embeddings/head).
+    Float(String, GgmlType),
+    /// A projection `[rows, cols]`: HF prefix.
+    Projection(String, usize, usize),
+}
+
+fn gguf_arch(cfg: &ModelConfig) -> &'static str {
+    match (cfg.activation, cfg.sub_norms) {
+        (Activation::Relu2, _) => "bitnet-b1.58",
+        (Activation::Silu, true) => "bitnet",
+        (Activation::Silu, false) => "llama",
+    }
+}
+
+fn plan(
+    cfg: &ModelConfig,
+    weight: WeightType,
+    head: HeadType,
+    store: &TensorStore,
+) -> Vec<(TensorSpec, Source)> {
+    let (h, q, kv, i) =
+        (cfg.hidden_size as u64, cfg.q_dim() as u64, cfg.kv_dim() as u64, cfg.intermediate_size as u64);
+    let v = cfg.vocab_size as u64;
+    let mut out = vec![(
+        TensorSpec::new("token_embd.weight", head.ggml(), &[h, v]),
+        Source::Float("model.embed_tokens.weight".into(), head.ggml()),
+    )];
+    let sub = match cfg.architecture {
+        Architecture::BitNet1bitLLM => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
+        _ => ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+    };
+    for l in 0..cfg.num_layers {
+        let (b, p) = (format!("blk.{l}"), format!("model.layers.{l}"));
+        let norm = |gguf: &str, hf: &str, n: u64| {
+            (
+                TensorSpec::new(format!("{b}.{gguf}.weight"), GgmlType::F32, &[n]),
+                Source::Float(format!("{p}.{hf}.weight"), GgmlType::F32),
+            )
+        };
+        let proj = |gguf: &str, hf: &str, rows: u64, cols: u64| {
+            (
+                TensorSpec::new(format!("{b}.{gguf}.weight"), weight.ggml(), &[cols, rows]),
+                Source::Projection(format!("{p}.{hf}"), rows as usize, cols as usize),
+            )
+        };
+        out.push(norm("attn_norm", "input_layernorm", h));
+        out.push(proj("attn_q", "self_attn.q_proj", q, h));
+        out.push(proj("attn_k", "self_attn.k_proj", kv, h));
+        out.push(proj("attn_v", "self_attn.v_proj", kv, h));
+        out.push(proj("attn_output", "self_attn.o_proj", h, q));
+        if cfg.sub_norms {
+            out.push(norm("attn_sub_norm", sub.0, q));
+            out.push(norm("ffn_sub_norm", sub.1, i));
+        }
+        out.push(norm("ffn_norm", "post_attention_layernorm", h));
+        out.push(proj("ffn_gate", "mlp.gate_proj", i, h));
+        out.push(proj("ffn_up", "mlp.up_proj", i, h));
+        out.push(proj("ffn_down", "mlp.down_proj", h, i));
+    }
+    out.push((
+        TensorSpec::new("output_norm.weight", GgmlType::F32, &[h]),
+        Source::Float("model.norm.weight".into(), GgmlType::F32),
+    ));
+    if !cfg.tie_word_embeddings && store.contains("lm_head.weight") {
+        out.push((
+            TensorSpec::new("output.weight", head.ggml(), &[h, v]),
+            Source::Float("lm_head.weight".into(), head.ggml()),
+        ));
+    }
+    out
+}
+
+/// The exact ternary codes and `mean|W|` of one HF projection, whatever its form.
+pub fn projection_codes(
+    store: &TensorStore,
+    cfg: &ModelConfig,
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<i8>, f32), ModelError> {
+    let t = store.get(&format!("{prefix}.weight"))?;
+    match cfg.quant_form {
+        QuantForm::Online => {
+            t.expect_shape(&[rows, cols])?;
+            Ok(absmean_ternary(&t.to_f32()?))
+        }
+        QuantForm::PackedMultiply | QuantForm::PackedDivide => {
+            t.expect_shape(&[rows / 4, cols])?;
+            let codes = unpack_hf(t.as_u8()?, rows, cols)
+                .map_err(|e| ModelError::tensor(t.path, format!("tensor `{prefix}.weight`: {e}")))?;
+            let s = store.get(&format!("{prefix}.weight_scale"))?.to_f32()?.first().copied().unwrap_or(0.0);
+            let mean = if cfg.quant_form == QuantForm::PackedDivide { 1.0 / s } else { s };
+            Ok((codes, mean))
+        }
+    }
+}
+
+fn fmt_err(path: &Path, name: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::tensor(path, format!("converting `{name}`: {e}"))
+}
+
+/// Metadata of the GGUF: architecture keys and the tokenizer.
+fn metadata(cfg: &ModelConfig, tokenizer_json: Option<&Value>, name: &str) -> GgufMetadata {
+    let arch = gguf_arch(cfg);
+    let mut md = GgufMetadata::new();
+    let k = |s: &str| format!("{arch}.{s}");
+    md.insert("general.architecture", GgufValue::String(arch.into()));
+    md.insert("general.name", GgufValue::String(name.into()));
+    md.insert(k("context_length"), GgufValue::U32(cfg.max_position_embeddings as u32));
+    md.insert(k("embedding_length"), GgufValue::U32(cfg.hidden_size as u32));
+    md.insert(k("feed_forward_length"), GgufValue::U32(cfg.intermediate_size as u32));
+    md.insert(k("block_count"), GgufValue::U32(cfg.num_layers as u32));
+    md.insert(k("attention.head_count"), GgufValue::U32(cfg.num_heads as u32));
+    md.insert(k("attention.head_count_kv"), GgufValue::U32(cfg.num_kv_heads as u32));
+    md.insert(k("attention.key_length"), GgufValue::U32(cfg.head_dim as u32));
+    md.insert(k("attention.value_length"), GgufValue::U32(cfg.head_dim as u32));
+    md.insert(k("rope.dimension_count"), GgufValue::U32(cfg.head_dim as u32));
+    md.insert(k("rope.freq_base"), GgufValue::F32(cfg.rope_theta));
+    md.insert(k("attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
+    md.insert(k("vocab_size"), GgufValue::U32(cfg.vocab_size as u32));
+    if let Some(tok) = tokenizer_json {
+        add_tokenizer(&mut md, cfg, tok);
+    }
+    md
+}
+
+/// tokenizer.json (byte-level BPE) as llama.cpp's `gpt2` vocabulary.
+fn add_tokenizer(md: &mut GgufMetadata, cfg: &ModelConfig, tok: &Value) {
+    let Some(vocab) = tok.pointer("/model/vocab").and_then(Value::as_object) else { return };
+    let mut tokens = vec![String::new(); cfg.vocab_size];
+    let mut types = vec![1i32; cfg.vocab_size];
+    for (t, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = t.clone();
+        }
+    }
+    for added in tok.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
+        if let (Some(id), Some(content)) =
+            (added.get("id").and_then(Value::as_u64), added.get("content").and_then(Value::as_str))
+        {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = content.to_string();
+                types[id as usize] = 3; // control
+            }
+        }
+    }
+    // Ids the tokenizer does not use still need a name: llama.cpp wants every slot.
+    for (i, t) in tokens.iter_mut().enumerate() {
+        if t.is_empty() {
+            *t = format!("[PAD{i}]");
+            types[i] = 5; // unused
+        }
+    }
+    let merges: Vec<String> = tok
+        .pointer("/model/merges")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Value::String(s) => Some(s.clone()),
+            Value::Array(pair) => Some(pair.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")),
+            _ => None,
+        })
+        .collect();
+    md.insert("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
+    md.insert(
+        "tokenizer.ggml.pre",
+        GgufValue::String(if cfg.vocab_size >= 128_000 { "llama-bpe" } else { "gpt-2" }.into()),
+    );
+    md.insert("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::String(tokens)));
+    md.insert("tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(types)));
+    md.insert("tokenizer.ggml.merges", GgufValue::Array(GgufArray::String(merges)));
+    if let Some(b) = cfg.bos_token_id {
+        md.insert("tokenizer.ggml.bos_token_id", GgufValue::U32(b));
+        md.insert("tokenizer.ggml.add_bos_token", GgufValue::Bool(true));
+    }
+    if let Some(&e) = cfg.eos_token_ids.first() {
+        md.insert("tokenizer.ggml.eos_token_id", GgufValue::U32(e));
+    }
+}
+
+/// Converts the HF checkpoint in `src` to `dst`; `progress(done, total)` after each tensor.
+pub fn convert_hf_to_gguf(
+    src: &Path,
+    dst: &Path,
+    weight: WeightType,
+    head: HeadType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), ModelError> {
+    let cfg = ModelConfig::from_dir(src)?;
+    let store = TensorStore::open_dir(src)?;
+    let block = match weight {
+        WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
+        WeightType::I2S => 128,
+        WeightType::F16 => 1,
+    };
+    for (what, n) in [
+        ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+        ("q_dim", cfg.q_dim()),
+    ] {
+        if n % block != 0 {
+            return Err(ModelError::config(
+                &src.join("config.json"),
+                format!(
+                    "{what} {n} is not a multiple of {block}: {weight:?} stores rows in blocks of {block}"
+                ),
+            ));
+        }
+    }
+    let tok_json: Option<Value> =
+        std::fs::read_to_string(src.join("tokenizer.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let md = metadata(&cfg, tok_json.as_ref(), &name);
+    let plan = plan(&cfg, weight, head, &store);
+    let total = plan.len();
+    let gerr = |e: crate::gguf::GgufError| ModelError::tensor(dst, e.to_string());
+    let mut w = GgufWriter::create(dst, &md, plan.iter().map(|(s, _)| s.clone()).collect()).map_err(gerr)?;
+    for (done, (spec, source)) in plan.iter().enumerate() {
+        let bytes = match source {
+            Source::Float(hf, ty) => {
+                let t = store.get(hf)?;
+                let x = t.to_f32()?;
+                match ty {
+                    GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    _ => formats::quantize(*ty, &x).map_err(|e| fmt_err(dst, hf, e))?,
+                }
+            }
+            Source::Projection(prefix, rows, cols) => {
+                let (codes, scale) = projection_codes(&store, &cfg, prefix, *rows, *cols)?;
+                let r = match weight {
+                    WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; codes.len() / 256]),
+                    WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; codes.len() / 256]),
+                    WeightType::I2S => formats::i2_s::pack(&codes, scale),
+                    WeightType::F16 => Ok(formats::float::quantize_f16(
+                        &codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>(),
+                    )),
+                };
+                r.map_err(|e| fmt_err(dst, prefix, e))?
+            }
+        };
+        w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
+        progress(done + 1, total);
+    }
+    w.finish().map_err(gerr)?;
+    Ok(())
+}

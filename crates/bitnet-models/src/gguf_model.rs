@@ -1,0 +1,257 @@
+//! Running a GGUF file: the model config from its metadata and its tensors as [`ModelWeights`].
+//!
+//! Architectures, under the names their writers use:
+//! * `bitnet-b1.58` (bitnet.cpp's 2B-4T): ReLU² gate, sub-norms, tied head.
+//! * `bitnet` (llama.cpp's 1bitLLM arch): SiLU gate, sub-norms, optional per-tensor `.scale`
+//!   multipliers, tied unless `output.weight` is present.
+//! * `llama` with ternary tensors (Llama3-8B-1.58, Falcon3-1.58): SiLU gate, no sub-norms.
+//!
+//! Ternary tensors (TQ1_0, TQ2_0, I2_S) are read out as exact codes and repacked into the
+//! kernel layout. Activations stay per-token int8 as BitNet defines them, whatever the weight
+//! format: TQ files are not run with llama.cpp's per-256 Q8_K activations. The engine keeps one
+//! scale per matrix, so a TQ tensor whose non-zero blocks carry different scales is refused with
+//! a clear error rather than approximated. Float and other quantized projection tensors are
+//! dequantized and absmean-ternarized, like the HF master form.
+
+use std::path::Path;
+
+use bitnet_core::{DenseData, DenseMatrix};
+use bitnet_quant::formats::GgmlType;
+use bitnet_quant::{absmean_ternary, TernaryMatrix, WeightScale};
+use rayon::prelude::*;
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::weights::{LayerWeights, Projection};
+use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm};
+
+fn gguf_err(e: GgufError) -> ModelError {
+    ModelError::Tensor { path: Default::default(), message: e.to_string() }
+}
+
+/// The config a GGUF file's metadata describes.
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
+    let path = Path::new(file.file());
+    let md = file.metadata();
+    let arch_name = md
+        .get_str("general.architecture")
+        .ok_or_else(|| ModelError::config(path, "metadata has no `general.architecture`"))?
+        .to_string();
+    let (architecture, activation, sub_norms) = match arch_name.as_str() {
+        "bitnet-b1.58" | "bitnet-25" => (Architecture::BitNet, Activation::Relu2, true),
+        "bitnet" => (Architecture::BitNet1bitLLM, Activation::Silu, true),
+        "llama" => (Architecture::Llama158, Activation::Silu, false),
+        other => return Err(ModelError::config(
+            path,
+            format!(
+                "general.architecture `{other}` is not a BitNet architecture (bitnet-b1.58, bitnet, llama)"
+            ),
+        )),
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let int = |k: &str| -> Result<usize, ModelError> {
+        md.get_u64(&key(k)).map(|v| v as usize).ok_or_else(|| {
+            ModelError::config(path, format!("metadata key `{}` is missing or not an integer", key(k)))
+        })
+    };
+    let float = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
+    let hidden_size = int("embedding_length")?;
+    let num_heads = int("attention.head_count")?;
+    let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| ModelError::tensor(path, "tensor `token_embd.weight` is missing"))?;
+    let vocab_size = embd.shape().get(1).copied().unwrap_or(0) as usize;
+    let head_dim = match md.get_u64(&key("attention.key_length")) {
+        Some(d) => d as usize,
+        None if num_heads > 0 => hidden_size / num_heads,
+        None => 0,
+    };
+    let eos: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|k| md.get_u64(k))
+        .map(|v| v as u32)
+        .collect();
+    let cfg = ModelConfig {
+        architecture,
+        vocab_size,
+        hidden_size,
+        intermediate_size: int("feed_forward_length")?,
+        num_layers: int("block_count")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+        rope_theta: float("rope.freq_base").unwrap_or(match architecture {
+            Architecture::BitNet1bitLLM => 10_000.0,
+            _ => 500_000.0,
+        }) as f32,
+        max_position_embeddings: int("context_length").unwrap_or(2048),
+        tie_word_embeddings: file.tensor("output.weight").is_none(),
+        activation,
+        sub_norms,
+        // Weights are ternarized at load whatever their GGUF type; the scale multiplies.
+        quant_form: QuantForm::PackedMultiply,
+        bitlinear_input_norm: None,
+        bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+        eos_token_ids: eos,
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+/// A float tensor of `n` values (any type the reader dequantizes).
+fn floats(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| ModelError::tensor(Path::new(file.file()), format!("tensor `{name}` is missing")))?;
+    if info.n_elements() != n as u64 {
+        return Err(ModelError::tensor(
+            Path::new(file.file()),
+            format!(
+                "tensor `{name}` has shape {:?} ({} values), expected {n}",
+                info.shape(),
+                info.n_elements()
+            ),
+        ));
+    }
+    file.dequantize(name).map_err(gguf_err)
+}
+
+fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix, ModelError> {
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| ModelError::tensor(Path::new(file.file()), format!("tensor `{name}` is missing")))?;
+    // Keep 16-bit floats as they are; everything else is widened to f32 exactly.
+    let data = match info.ggml_type() {
+        GgmlType::BF16 | GgmlType::F16 => {
+            let raw = file.tensor_data(name).map_err(gguf_err)?;
+            if raw.len() != rows * cols * 2 {
+                return Err(ModelError::tensor(
+                    Path::new(file.file()),
+                    format!("tensor `{name}` has {} bytes, expected [{rows}, {cols}]", raw.len()),
+                ));
+            }
+            let bits = raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            match info.ggml_type() {
+                GgmlType::BF16 => DenseData::Bf16(bits.map(half::bf16::from_bits).collect()),
+                _ => DenseData::F16(bits.map(half::f16::from_bits).collect()),
+            }
+        }
+        _ => DenseData::F32(floats(file, name, rows * cols)?),
+    };
+    Ok(DenseMatrix { rows, cols, data })
+}
+
+/// One projection `[rows, cols]`: exact ternary codes where the type is ternary, else
+/// ternarized from floats; times the optional `.scale` tensor of llama.cpp's bitnet arch.
+fn projection(file: &GgufFile, base: &str, rows: usize, cols: usize) -> Result<Projection, ModelError> {
+    let path = Path::new(file.file());
+    let name = format!("{base}.weight");
+    let info =
+        file.tensor(&name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
+    // GGUF lists dimensions fastest-first: [in, out].
+    if info.shape() != [cols as u64, rows as u64] {
+        return Err(ModelError::tensor(
+            path,
+            format!("tensor `{name}` has shape {:?}, expected [{cols}, {rows}]", info.shape()),
+        ));
+    }
+    let extra = match file.tensor(&format!("{base}.scale")) {
+        Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
+        None => 1.0,
+    };
+    let (codes, scale) = match info.ggml_type() {
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
+            let t = file.ternary_codes(&name).map_err(gguf_err)?;
+            let mut nonzero = t
+                .scales
+                .iter()
+                .enumerate()
+                .filter(|&(b, _)| {
+                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())]
+                        .iter()
+                        .any(|&c| c != 0)
+                })
+                .map(|(_, &s)| s);
+            let first = nonzero.next().unwrap_or(0.0);
+            if nonzero.any(|s| s.to_bits() != first.to_bits()) {
+                return Err(ModelError::tensor(
+                    path,
+                    format!("tensor `{name}`: its {:?} blocks carry different scales; this engine runs ternary matrices with one scale", info.ggml_type()),
+                ));
+            }
+            (t.codes, first)
+        }
+        _ => ternarize_floats(&floats(file, &name, rows * cols)?),
+    };
+    let weight = TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
+        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+    Ok(Projection { weight, input_norm: None })
+}
+
+/// Float projection weights: values already of the form `t · a` (a dequantized ternary matrix,
+/// as `bitnet convert --type f16` and other converters write) keep their codes and `a`;
+/// anything else is a master weight, absmean-ternarized as transformers does online.
+fn ternarize_floats(w: &[f32]) -> (Vec<i8>, f32) {
+    let a = w.iter().map(|v| v.abs()).find(|&v| v != 0.0).unwrap_or(0.0);
+    if w.iter().all(|&v| v == 0.0 || v.abs() == a) {
+        let codes = w
+            .iter()
+            .map(|&v| {
+                if v == 0.0 {
+                    0
+                } else if v > 0.0 {
+                    1
+                } else {
+                    -1
+                }
+            })
+            .collect();
+        return (codes, a);
+    }
+    absmean_ternary(w)
+}
+
+fn layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<LayerWeights, ModelError> {
+    let p = format!("blk.{l}");
+    let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let sub = |name: &str, n: usize| -> Result<Option<Vec<f32>>, ModelError> {
+        if cfg.sub_norms {
+            Ok(Some(floats(file, &format!("{p}.{name}.weight"), n)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(LayerWeights {
+        input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
+        post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
+        q_proj: projection(file, &format!("{p}.attn_q"), q, h)?,
+        k_proj: projection(file, &format!("{p}.attn_k"), kv, h)?,
+        v_proj: projection(file, &format!("{p}.attn_v"), kv, h)?,
+        o_proj: projection(file, &format!("{p}.attn_output"), h, q)?,
+        attn_sub_norm: sub("attn_sub_norm", q)?,
+        gate_proj: projection(file, &format!("{p}.ffn_gate"), i, h)?,
+        up_proj: projection(file, &format!("{p}.ffn_up"), i, h)?,
+        down_proj: projection(file, &format!("{p}.ffn_down"), h, i)?,
+        ffn_sub_norm: sub("ffn_sub_norm", i)?,
+    })
+}
+
+impl ModelWeights {
+    /// Loads every tensor of a GGUF model, checking names, shapes and types.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let config = config_from_gguf(file)?;
+        let cfg = &config;
+        let embed_tokens = dense(file, "token_embd.weight", cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_layers)
+            .into_par_iter()
+            .map(|l| layer(file, cfg, l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let final_norm = floats(file, "output_norm.weight", cfg.hidden_size)?;
+        let lm_head = match cfg.tie_word_embeddings {
+            true => None,
+            false => Some(dense(file, "output.weight", cfg.vocab_size, cfg.hidden_size)?),
+        };
+        Ok(Self { config, embed_tokens, layers, final_norm, lm_head })
+    }
+}
