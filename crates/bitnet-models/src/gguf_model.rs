@@ -40,12 +40,14 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         "bitnet-b1.58" | "bitnet-25" => (Architecture::BitNet, Activation::Relu2, true),
         "bitnet" => (Architecture::BitNet1bitLLM, Activation::Silu, true),
         "llama" => (Architecture::Llama158, Activation::Silu, false),
-        other => return Err(ModelError::config(
-            path,
-            format!(
+        other => {
+            return Err(ModelError::config(
+                path,
+                format!(
                 "general.architecture `{other}` is not a BitNet architecture (bitnet-b1.58, bitnet, llama)"
             ),
-        )),
+            ))
+        }
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let int = |k: &str| -> Result<usize, ModelError> {
