@@ -365,24 +365,58 @@ pub struct ConvertArgs {
     pub lm_head_type: LmHeadType,
 }
 
-pub fn convert(a: ConvertArgs) -> Result<()> {
-    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
-    let weight = match a.weight_type {
-        ConvertType::Tq2_0 => WeightType::Tq2_0,
-        ConvertType::Tq1_0 => WeightType::Tq1_0,
-        ConvertType::I2S => WeightType::I2S,
-        ConvertType::F16 => WeightType::F16,
-    };
-    let head = match a.lm_head_type {
-        LmHeadType::F16 => HeadType::F16,
-        LmHeadType::Q8_0 => HeadType::Q8_0,
-        LmHeadType::Q6K => HeadType::Q6K,
-    };
+impl ConvertType {
+    fn weight_type(self) -> bitnet_models::convert::WeightType {
+        use bitnet_models::convert::WeightType;
+        match self {
+            ConvertType::Tq2_0 => WeightType::Tq2_0,
+            ConvertType::Tq1_0 => WeightType::Tq1_0,
+            ConvertType::I2S => WeightType::I2S,
+            ConvertType::F16 => WeightType::F16,
+        }
+    }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {elapsed_precise}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// Source .gguf file.
+    pub src: PathBuf,
+    /// Output .gguf file.
+    pub dst: PathBuf,
+    /// New type of the ternary projections.
+    #[arg(long = "type", value_enum)]
+    pub weight_type: ConvertType,
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let bar = progress_bar();
+    bitnet_models::convert::requantize_gguf(&a.src, &a.dst, a.weight_type.weight_type(), |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    eprintln!("wrote {}", a.dst.display());
+    Ok(())
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType};
+    let weight = a.weight_type.weight_type();
+    let head = match a.lm_head_type {
+        LmHeadType::F16 => HeadType::F16,
+        LmHeadType::Q8_0 => HeadType::Q8_0,
+        LmHeadType::Q6K => HeadType::Q6K,
+    };
+    let bar = progress_bar();
     convert_hf_to_gguf(&a.model, &a.out, weight, head, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);

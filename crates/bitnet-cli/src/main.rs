@@ -47,6 +47,11 @@ enum Command {
   bitnet convert --model ./bitnet-b1.58-2B-4T --out 2b4t-i2_s.gguf --type i2_s --lm-head-type q6_k
   bitnet generate --model 2b4t-i2_s.gguf --prompt \"Hello\"")]
     Convert(commands::ConvertArgs),
+    /// Re-encode the ternary tensors of a GGUF file as another type.
+    #[command(after_help = "Examples:
+  bitnet quantize model-i2_s.gguf model-tq2_0.gguf --type tq2_0
+  bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
+    Quantize(commands::QuantizeArgs),
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
     #[command(after_help = "Examples:
   bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
@@ -64,6 +69,7 @@ fn main() {
         Command::Synth(a) => commands::synth(a),
         Command::Bench(a) => bench::bench(a),
         Command::Convert(a) => commands::convert(a),
+        Command::Quantize(a) => commands::quantize(a),
         Command::Train(a) => bitnet_training::run_train(&a),
     };
     if let Err(e) = result {

@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use bitnet_inference::load::{load_gguf, LoadOptions};
-use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+use bitnet_models::convert::{convert_hf_to_gguf, requantize_gguf, HeadType, WeightType};
 use bitnet_models::synth::{write_synthetic, SynthShape};
 use common::*;
 
@@ -84,6 +84,15 @@ fn ternary_gguf_types_are_exact() {
         let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
         let d = max_abs_diff(&prefill_logits(&mut m.model, &prompt), &want);
         assert!(d < 1e-3, "{weight:?}: logits differ from the HF checkpoint by {d}");
+    }
+    // `bitnet quantize` between the types keeps the codes and the scale.
+    let from = dir.path().join("Tq2_0.gguf");
+    for weight in [WeightType::Tq1_0, WeightType::I2S, WeightType::F16] {
+        let dst = dir.path().join(format!("requantized-{weight:?}.gguf"));
+        requantize_gguf(&from, &dst, weight, |_, _| {}).unwrap();
+        let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
+        let d = max_abs_diff(&prefill_logits(&mut m.model, &prompt), &want);
+        assert!(d < 1e-3, "TQ2_0 requantized to {weight:?}: logits differ by {d}");
     }
 }
 

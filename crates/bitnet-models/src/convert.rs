@@ -306,3 +306,66 @@ pub fn convert_hf_to_gguf(
     w.finish().map_err(gerr)?;
     Ok(())
 }
+
+/// Whether a GGUF tensor name is one of the ternary projections.
+fn is_projection(name: &str) -> bool {
+    name.starts_with("blk.")
+        && ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+            .iter()
+            .any(|p| name.ends_with(&format!(".{p}.weight")))
+}
+
+/// `bitnet quantize`: re-encodes the ternary projections of a GGUF file as `weight` (exact
+/// codes, one scale per matrix), copying every other tensor and the metadata unchanged.
+pub fn requantize_gguf(
+    src: &Path,
+    dst: &Path,
+    weight: WeightType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), ModelError> {
+    use crate::gguf::GgufFile;
+    let file = GgufFile::open(src).map_err(|e| ModelError::tensor(src, e.to_string()))?;
+    let gerr = |e: crate::gguf::GgufError| ModelError::tensor(dst, e.to_string());
+    let block = match weight {
+        WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
+        WeightType::I2S => 128,
+        WeightType::F16 => 1,
+    };
+    let mut specs = Vec::new();
+    for t in file.tensors() {
+        let ty = if is_projection(t.name()) { weight.ggml() } else { t.ggml_type() };
+        if is_projection(t.name()) && t.shape().first().is_some_and(|&c| c % block != 0) {
+            return Err(ModelError::tensor(
+                src,
+                format!("tensor `{}` has rows of {:?} values: {weight:?} needs a multiple of {block}", t.name(), t.shape().first()),
+            ));
+        }
+        specs.push(TensorSpec::new(t.name(), ty, t.shape()));
+    }
+    let mut md = file.metadata().clone();
+    md.remove("general.alignment");
+    let mut w = GgufWriter::create(dst, &md, specs.clone()).map_err(gerr)?;
+    let total = specs.len();
+    for (done, spec) in specs.iter().enumerate() {
+        if is_projection(&spec.name) {
+            let n = spec.shape.iter().product::<u64>() as usize;
+            let (codes, scale) = crate::gguf_model::ternary_codes_of(&file, &spec.name, n)?;
+            let bytes = match weight {
+                WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; n / 256]),
+                WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; n / 256]),
+                WeightType::I2S => formats::i2_s::pack(&codes, scale),
+                WeightType::F16 => {
+                    Ok(formats::float::quantize_f16(&codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>()))
+                }
+            }
+            .map_err(|e| fmt_err(dst, &spec.name, e))?;
+            w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
+        } else {
+            let data = file.tensor_data(&spec.name).map_err(gerr)?;
+            w.write_tensor(&spec.name, data).map_err(gerr)?;
+        }
+        progress(done + 1, total);
+    }
+    w.finish().map_err(gerr)?;
+    Ok(())
+}

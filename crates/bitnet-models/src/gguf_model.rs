@@ -162,39 +162,49 @@ fn projection(file: &GgufFile, base: &str, rows: usize, cols: usize) -> Result<P
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
-    let (codes, scale) = match info.ggml_type() {
+    let (codes, scale) = ternary_codes_of(file, &name, rows * cols)?;
+    let weight = TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
+        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+    Ok(Projection { weight, input_norm: None })
+}
+
+/// The exact ternary codes and single scale of a projection tensor of `n` values, whatever
+/// its GGUF type.
+pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8>, f32), ModelError> {
+    let path = Path::new(file.file());
+    let info = file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
+    match info.ggml_type() {
         GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
-            let t = file.ternary_codes(&name).map_err(gguf_err)?;
+            let t = file.ternary_codes(name).map_err(gguf_err)?;
             let mut nonzero = t
                 .scales
                 .iter()
                 .enumerate()
                 .filter(|&(b, _)| {
-                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())]
-                        .iter()
-                        .any(|&c| c != 0)
+                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())].iter().any(|&c| c != 0)
                 })
                 .map(|(_, &s)| s);
             let first = nonzero.next().unwrap_or(0.0);
             if nonzero.any(|s| s.to_bits() != first.to_bits()) {
                 return Err(ModelError::tensor(
                     path,
-                    format!("tensor `{name}`: its {:?} blocks carry different scales; this engine runs ternary matrices with one scale", info.ggml_type()),
+                    format!(
+                        "tensor `{name}`: its {:?} blocks carry different scales; this engine runs ternary \
+                         matrices with one scale",
+                        info.ggml_type()
+                    ),
                 ));
             }
-            (t.codes, first)
+            Ok((t.codes, first))
         }
-        _ => ternarize_floats(&floats(file, &name, rows * cols)?),
-    };
-    let weight = TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
-        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
-    Ok(Projection { weight, input_norm: None })
+        _ => Ok(ternarize_floats(&floats(file, name, n)?)),
+    }
 }
 
 /// Float projection weights: values already of the form `t · a` (a dequantized ternary matrix,
 /// as `bitnet convert --type f16` and other converters write) keep their codes and `a`;
 /// anything else is a master weight, absmean-ternarized as transformers does online.
-fn ternarize_floats(w: &[f32]) -> (Vec<i8>, f32) {
+pub fn ternarize_floats(w: &[f32]) -> (Vec<i8>, f32) {
     let a = w.iter().map(|v| v.abs()).find(|&v| v != 0.0).unwrap_or(0.0);
     if w.iter().all(|&v| v == 0.0 || v.abs() == a) {
         let codes = w
