@@ -280,12 +280,27 @@ pub fn convert_hf_to_gguf(
     for (done, (spec, source)) in plan.iter().enumerate() {
         let bytes = match source {
             Source::Float(hf, ty) => {
+                // Embeddings and head are the largest tensors: convert them a block of rows at
+                // a time so that memory stays near one block, not the f32 copy of the matrix.
                 let t = store.get(hf)?;
-                let x = t.to_f32()?;
-                match ty {
-                    GgmlType::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    _ => formats::quantize(*ty, &x).map_err(|e| fmt_err(dst, hf, e))?,
+                let row = t.shape.last().copied().unwrap_or(1).max(1);
+                let rows_per_chunk = (1 << 20) / row + 1;
+                let mut error = None;
+                let chunks = t.data.chunks(rows_per_chunk * row * (t.dtype.bitsize() / 8)).map_while(|raw| {
+                    let part = crate::safetensors::TensorRef { data: raw, ..t };
+                    let converted = part.to_f32().and_then(|x| match ty {
+                        GgmlType::F32 => Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                        _ => formats::quantize(*ty, &x).map_err(|e| fmt_err(dst, hf, e)),
+                    });
+                    converted.map_err(|e| error = Some(e)).ok()
+                });
+                let written = w.write_tensor_from(&spec.name, &mut ChunkReader::new(chunks)).map_err(gerr);
+                if let Some(e) = error {
+                    return Err(e);
                 }
+                written?;
+                progress(done + 1, total);
+                continue;
             }
             Source::Projection(prefix, rows, cols) => {
                 let (codes, scale) = projection_codes(&store, &cfg, prefix, *rows, *cols)?;
@@ -368,4 +383,35 @@ pub fn requantize_gguf(
     }
     w.finish().map_err(gerr)?;
     Ok(())
+}
+
+/// A `Read` over byte chunks produced one at a time.
+struct ChunkReader<I: Iterator<Item = Vec<u8>>> {
+    chunks: I,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl<I: Iterator<Item = Vec<u8>>> ChunkReader<I> {
+    fn new(chunks: I) -> Self {
+        Self { chunks, current: Vec::new(), pos: 0 }
+    }
+}
+
+impl<I: Iterator<Item = Vec<u8>>> std::io::Read for ChunkReader<I> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.chunks.next() {
+                Some(c) => {
+                    self.current = c;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
