@@ -1,10 +1,10 @@
 //! GGUF: the container of llama.cpp and bitnet.cpp models.
 //!
 //! * [`GgufFile`] / [`GgufHeader`]: read v2 and v3 files, memory-mapped, every field checked
-//!   against the file (see [`reader`](self::reader) for the layout and checks);
+//!   against the file (see [`reader`] for the layout and checks);
 //! * [`GgufWriter`]: write a file tensor by tensor into a temporary file renamed into place;
 //! * [`Dialect`]: the two numberings of tensor types, upstream llama.cpp and bitnet.cpp,
-//!   and the rule that tells them apart (see [`dialect`](self::dialect));
+//!   and the rule that tells them apart (see [`dialect`]);
 //! * [`tokenizer`]: a `tokenizers::Tokenizer` built from the vocabulary in the metadata;
 //! * [`inspect()`]: a readable summary.
 //!
