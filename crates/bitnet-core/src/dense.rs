@@ -58,7 +58,9 @@ impl DenseMatrix {
         let (rows, cols) = (self.rows, self.cols);
         assert!(x.len() >= tokens * cols && out.len() >= tokens * rows);
         #[cfg(target_arch = "x86_64")]
-        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        let avx2 = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c");
         for t in 0..tokens {
             let xt = &x[t * cols..(t + 1) * cols];
             out[t * rows..(t + 1) * rows].par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(b, o)| {
@@ -67,10 +69,17 @@ impl DenseMatrix {
                     let range = (r0 + i) * cols..(r0 + i + 1) * cols;
                     #[cfg(target_arch = "x86_64")]
                     if avx2 {
-                        if let DenseData::Bf16(v) = &self.data {
-                            // SAFETY: avx2 and fma were detected at run time.
-                            *y = unsafe { avx2::dot_bf16(&v[range], xt) };
-                            continue;
+                        match &self.data {
+                            // SAFETY: avx2, fma and f16c were detected at run time.
+                            DenseData::Bf16(v) => {
+                                *y = unsafe { avx2::dot_bf16(&v[range], xt) };
+                                continue;
+                            }
+                            DenseData::F16(v) => {
+                                *y = unsafe { avx2::dot_f16(&v[range], xt) };
+                                continue;
+                            }
+                            DenseData::F32(_) => {}
                         }
                     }
                     *y = match &self.data {
@@ -127,7 +136,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use half::bf16;
+    use half::{bf16, f16};
     use std::arch::x86_64::*;
 
     /// bf16 · f32 dot product: widen 8 bf16 by a 16-bit shift, fused multiply-add into four
@@ -165,11 +174,39 @@ mod avx2 {
         }
         s
     }
+
+    /// f16 · f32 dot product: widen 8 f16 with `vcvtph2ps`, then as [`dot_bf16`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let off = i + 8 * j;
+                // SAFETY: off + 8 <= n, inside both slices.
+                let w = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(pa.add(off) as *const __m128i) });
+                *acc = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(pb.add(off)) }, *acc);
+            }
+            i += 16;
+        }
+        let sum = _mm256_add_ps(acc[0], acc[1]);
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: lanes holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        let mut s: f32 = lanes.iter().sum();
+        for k in i..n {
+            s += a[k].to_f32() * b[k];
+        }
+        s
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn bf16_matmul_matches_the_plain_loop_on_ragged_shapes() {
@@ -180,6 +217,16 @@ mod tests {
             let m = DenseMatrix { rows, cols, data: DenseData::Bf16(w.clone()) };
             let mut out = vec![0.0; 2 * rows];
             m.matmul(&x, 2, &mut out);
+            let h = DenseMatrix {
+                rows,
+                cols,
+                data: DenseData::F16(w.iter().map(|v| f16::from_f32(v.to_f32())).collect()),
+            };
+            let mut out16 = vec![0.0; 2 * rows];
+            h.matmul(&x, 2, &mut out16);
+            for (a, b) in out.iter().zip(&out16) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "f16 path: {a} vs {b}");
+            }
             for t in 0..2 {
                 for r in 0..rows {
                     let want: f64 =

@@ -352,7 +352,11 @@ pub fn requantize_gguf(
         if is_projection(t.name()) && t.shape().first().is_some_and(|&c| c % block != 0) {
             return Err(ModelError::tensor(
                 src,
-                format!("tensor `{}` has rows of {:?} values: {weight:?} needs a multiple of {block}", t.name(), t.shape().first()),
+                format!(
+                    "tensor `{}` has rows of {:?} values: {weight:?} needs a multiple of {block}",
+                    t.name(),
+                    t.shape().first()
+                ),
             ));
         }
         specs.push(TensorSpec::new(t.name(), ty, t.shape()));
@@ -369,9 +373,9 @@ pub fn requantize_gguf(
                 WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; n / 256]),
                 WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; n / 256]),
                 WeightType::I2S => formats::i2_s::pack(&codes, scale),
-                WeightType::F16 => {
-                    Ok(formats::float::quantize_f16(&codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>()))
-                }
+                WeightType::F16 => Ok(formats::float::quantize_f16(
+                    &codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>(),
+                )),
             }
             .map_err(|e| fmt_err(dst, &spec.name, e))?;
             w.write_tensor(&spec.name, &bytes).map_err(gerr)?;

@@ -172,7 +172,8 @@ fn projection(file: &GgufFile, base: &str, rows: usize, cols: usize) -> Result<P
 /// its GGUF type.
 pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8>, f32), ModelError> {
     let path = Path::new(file.file());
-    let info = file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
+    let info =
+        file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
     match info.ggml_type() {
         GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
             let t = file.ternary_codes(name).map_err(gguf_err)?;
@@ -181,7 +182,9 @@ pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8
                 .iter()
                 .enumerate()
                 .filter(|&(b, _)| {
-                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())].iter().any(|&c| c != 0)
+                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())]
+                        .iter()
+                        .any(|&c| c != 0)
                 })
                 .map(|(_, &s)| s);
             let first = nonzero.next().unwrap_or(0.0);
