@@ -57,7 +57,7 @@ impl HeadArg {
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Shapes to copy: 2b4t, large, 3b, 8b or tiny.
+    /// Shapes to copy: 2b4t, large, 3b, 8b, tiny or tiny-llama.
     #[arg(long)]
     pub config: String,
     /// Output directory.

@@ -25,7 +25,7 @@ pub struct SynthShape {
     pub max_position_embeddings: usize,
 }
 
-pub const SHAPES: [SynthShape; 5] = [
+pub const SHAPES: [SynthShape; 6] = [
     // microsoft/bitnet-b1.58-2B-4T
     SynthShape {
         name: "2b4t",
@@ -77,6 +77,19 @@ pub const SHAPES: [SynthShape; 5] = [
         llama: true,
         rope_theta: 500000.0,
         max_position_embeddings: 8192,
+    },
+    // Small llama-1.58 layout whose rows fit TQ1_0/TQ2_0 blocks (256): for llama.cpp cross-checks.
+    SynthShape {
+        name: "tiny-llama",
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        llama: true,
+        rope_theta: 10000.0,
+        max_position_embeddings: 256,
     },
     SynthShape {
         name: "tiny",
