@@ -121,9 +121,12 @@ pub struct TrainArgs {
     /// Sample generations printed (and saved to samples.txt) at the end.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
-    /// No progress bar (log lines go to stderr instead).
+    /// No progress bar and no log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Act as if Ctrl-C came right after step N (for tests of interrupt and resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
 }
 
 /// Everything that decides the numbers a run produces; stored in checkpoints and `run.json`.
@@ -542,7 +545,7 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         }
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
-        let stop = STOP.load(Ordering::SeqCst);
+        let stop = STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
         if (args.save_every > 0 && state.step % args.save_every == 0) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }
