@@ -539,6 +539,17 @@ impl<T: Real> Model<T> {
         loss
     }
 
+    /// The int8 codes (held as floats) of every BitLinear input, per layer, in the order
+    /// [q/k/v input, o_proj input, gate/up input, down_proj input] (for the gradient tests).
+    pub fn activation_codes(&self, w: &Prepared<T>, tokens: &[u32], batch: usize, seq: usize) -> Vec<[Vec<T>; 4]> {
+        let (ids, _) = Self::inputs_and_targets(tokens, batch, seq);
+        let (_, _, _, caches) = self.trunk_forward(w, &ids, batch, seq, true);
+        caches
+            .into_iter()
+            .map(|c| [c.h_in.codes, c.o_in.codes, c.h_post.codes, c.down_in.codes])
+            .collect()
+    }
+
     /// Logits `[ids.len(), vocab]` of one sequence.
     pub fn logits(&self, w: &Prepared<T>, ids: &[u32]) -> Vec<T> {
         let (v, h) = (self.config.vocab_size, self.config.hidden_size);
