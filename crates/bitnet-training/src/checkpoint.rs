@@ -34,7 +34,14 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 }
 
 /// Writes a checkpoint and keeps only the newest `keep` of them.
-pub fn save(out: &Path, params: &Params<f32>, opt: &AdamW, state: &TrainState, settings: &serde_json::Value, keep: usize) -> Result<PathBuf> {
+pub fn save(
+    out: &Path,
+    params: &Params<f32>,
+    opt: &AdamW,
+    state: &TrainState,
+    settings: &serde_json::Value,
+    keep: usize,
+) -> Result<PathBuf> {
     let dir = checkpoint_dir(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -93,17 +100,20 @@ pub struct Loaded {
 
 pub fn load(path: &Path) -> Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
     let info = meta.metadata().clone().unwrap_or_default();
     let state: TrainState = serde_json::from_str(info.get("state").context("checkpoint has no state")?)?;
-    let settings: serde_json::Value = serde_json::from_str(info.get("settings").context("checkpoint has no settings")?)?;
+    let settings: serde_json::Value =
+        serde_json::from_str(info.get("settings").context("checkpoint has no settings")?)?;
     let mut maps: [HashMap<String, Vec<f32>>; 3] = Default::default();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             bail!("checkpoint tensor {name} is not F32");
         }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let (slot, key) = match name.split_once('/') {
             Some(("param", k)) => (0, k),
             Some(("adam_m", k)) => (1, k),

@@ -137,7 +137,8 @@ pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Resul
     let width: u32 = if vocab_size <= u16::MAX as usize + 1 { 2 } else { 4 };
     let tmp = path.with_extension("tmp");
     {
-        let mut f = BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+        let mut f =
+            BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
         f.write_all(MAGIC)?;
         f.write_all(&width.to_le_bytes())?;
         f.write_all(&0u32.to_le_bytes())?;
@@ -150,7 +151,8 @@ pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Resul
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -170,7 +172,7 @@ impl TokenFile {
             bail!("{} is not a token file (bad header)", path.display());
         }
         let width = u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize;
-        if (width != 2 && width != 4) || (map.len() - HEADER) % width != 0 {
+        if (width != 2 && width != 4) || !(map.len() - HEADER).is_multiple_of(width) {
             bail!("{} has a bad token width or a truncated body", path.display());
         }
         let len = (map.len() - HEADER) / width;

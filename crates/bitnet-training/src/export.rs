@@ -25,7 +25,9 @@ use crate::model::{Model, Params, Prepared, PreparedLayer, Tensor};
 pub fn config_json(c: &ModelConfig, precision: Precision) -> Value {
     let (model_type, arch, act) = match c.architecture {
         Architecture::Llama158 => ("llama", "LlamaForCausalLM", "silu"),
-        _ => ("bitnet", "BitNetForCausalLM", if c.activation == Activation::Relu2 { "relu2" } else { "silu" }),
+        _ => {
+            ("bitnet", "BitNetForCausalLM", if c.activation == Activation::Relu2 { "relu2" } else { "silu" })
+        }
     };
     let mut v = json!({
         "architectures": [arch],
@@ -53,8 +55,7 @@ pub fn config_json(c: &ModelConfig, precision: Precision) -> Value {
         "vocab_size": c.vocab_size,
     });
     if precision == Precision::Ternary {
-        v["quantization_config"] =
-            json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"});
+        v["quantization_config"] = json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"});
     }
     if c.architecture == Architecture::Llama158 {
         v["mlp_bias"] = json!(false);
@@ -98,8 +99,11 @@ pub fn export_hf(model: &Model<f32>, dir: &Path) -> Result<()> {
     let cfg = config_json(&model.config, model.precision);
     write_atomic(&dir.join("config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     let gen = json!({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": true,
-                     "temperature": 0.8, "top_k": 40, "max_length": model.config.max_position_embeddings});
-    write_atomic(&dir.join("generation_config.json"), (serde_json::to_string_pretty(&gen)? + "\n").as_bytes())?;
+                     "temperature": 0.8, "top_k": 40});
+    write_atomic(
+        &dir.join("generation_config.json"),
+        (serde_json::to_string_pretty(&gen)? + "\n").as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -114,7 +118,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -136,7 +141,8 @@ pub fn load_hf(dir: &Path) -> Result<(Model<f32>, Prepared<f32>)> {
     let full_precision = raw.get("quantization_config").is_none();
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))?;
     let layout = crate::model::Layout::new(&config);
     let mut tensors = Vec::new();
     for (name, shape) in &layout.entries {

@@ -36,7 +36,11 @@ impl<T: Real> Params<T> {
             tensors: other
                 .tensors
                 .iter()
-                .map(|t| Tensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![T::ZERO; t.data.len()] })
+                .map(|t| Tensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    data: vec![T::ZERO; t.data.len()],
+                })
                 .collect(),
         }
     }
@@ -113,7 +117,8 @@ impl Layout {
             let q_ = add(format!("{p}self_attn.q_proj.weight"), vec![q, h]);
             let k_ = add(format!("{p}self_attn.k_proj.weight"), vec![kv, h]);
             let v_ = add(format!("{p}self_attn.v_proj.weight"), vec![kv, h]);
-            let attn_sub_norm = c.sub_norms.then(|| add(format!("{p}self_attn.attn_sub_norm.weight"), vec![q]));
+            let attn_sub_norm =
+                c.sub_norms.then(|| add(format!("{p}self_attn.attn_sub_norm.weight"), vec![q]));
             let o = add(format!("{p}self_attn.o_proj.weight"), vec![h, q]);
             let post_norm = add(format!("{p}post_attention_layernorm.weight"), vec![h]);
             let gate = add(format!("{p}mlp.gate_proj.weight"), vec![i, h]);
@@ -250,7 +255,12 @@ impl<T: Real> Model<T> {
             .layers
             .iter()
             .map(|s| PreparedLayer {
-                qkv: WeightGroup::quantize(&[self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)], &[q, kv, kv], h, p),
+                qkv: WeightGroup::quantize(
+                    &[self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)],
+                    &[q, kv, kv],
+                    h,
+                    p,
+                ),
                 o: WeightGroup::quantize(&[self.tensor(s.o)], &[h], q, p),
                 gate_up: WeightGroup::quantize(&[self.tensor(s.gate), self.tensor(s.up)], &[i, i], h, p),
                 down: WeightGroup::quantize(&[self.tensor(s.down)], &[h], i, p),
@@ -298,8 +308,18 @@ impl<T: Real> Model<T> {
         let lay = self.qkv_layout();
         let mut qkv = vec![T::ZERO; rows * lay.ld];
         bitlinear_forward(&h_in, &w.qkv, &mut qkv);
-        rope_forward(&mut qkv, HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads }, seq, &self.rope);
-        rope_forward(&mut qkv, HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads }, seq, &self.rope);
+        rope_forward(
+            &mut qkv,
+            HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads },
+            seq,
+            &self.rope,
+        );
+        rope_forward(
+            &mut qkv,
+            HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads },
+            seq,
+            &self.rope,
+        );
         let shape = self.attention_shape(batch, seq);
         let mut probs = vec![T::ZERO; shape.probs_len()];
         let mut attn = vec![T::ZERO; rows * qd];
@@ -361,6 +381,7 @@ impl<T: Real> Model<T> {
 
     /// Backward of one layer: `dx` holds the gradient of the layer's output and leaves holding
     /// the gradient of its input.
+    #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         l: usize,
@@ -384,7 +405,14 @@ impl<T: Real> Model<T> {
         let d_mlp = match s.ffn_sub_norm {
             Some(sn) => {
                 let mut d = vec![T::ZERO; rows * i];
-                rmsnorm_backward(&cache.mlp, self.tensor(sn), &cache.rstd_ffn_sub, &d_down_in, &mut d, &mut grads.tensors[sn].data);
+                rmsnorm_backward(
+                    &cache.mlp,
+                    self.tensor(sn),
+                    &cache.rstd_ffn_sub,
+                    &d_down_in,
+                    &mut d,
+                    &mut grads.tensors[sn].data,
+                );
                 d
             }
             None => d_down_in,
@@ -395,7 +423,13 @@ impl<T: Real> Model<T> {
         let mut g = grads.take(&[s.gate, s.up]);
         {
             let (a, b) = g.split_at_mut(1);
-            bitlinear_backward(&cache.h_post, &w.gate_up, &d_gate_up, Some(&mut d_normed), &mut [&mut a[0], &mut b[0]]);
+            bitlinear_backward(
+                &cache.h_post,
+                &w.gate_up,
+                &d_gate_up,
+                Some(&mut d_normed),
+                &mut [&mut a[0], &mut b[0]],
+            );
         }
         grads.put(&[s.gate, s.up], g);
         rmsnorm_backward(
@@ -415,22 +449,52 @@ impl<T: Real> Model<T> {
         let d_attn = match s.attn_sub_norm {
             Some(sn) => {
                 let mut d = vec![T::ZERO; rows * qd];
-                rmsnorm_backward(&cache.attn, self.tensor(sn), &cache.rstd_attn_sub, &d_o_in, &mut d, &mut grads.tensors[sn].data);
+                rmsnorm_backward(
+                    &cache.attn,
+                    self.tensor(sn),
+                    &cache.rstd_attn_sub,
+                    &d_o_in,
+                    &mut d,
+                    &mut grads.tensors[sn].data,
+                );
                 d
             }
             None => d_o_in,
         };
         let lay = self.qkv_layout();
         let mut d_qkv = vec![T::ZERO; rows * lay.ld];
-        attention_backward(&cache.qkv, lay, self.attention_shape(batch, seq), &cache.probs, &d_attn, &mut d_qkv);
-        rope_backward(&mut d_qkv, HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads }, seq, &self.rope);
-        rope_backward(&mut d_qkv, HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads }, seq, &self.rope);
+        attention_backward(
+            &cache.qkv,
+            lay,
+            self.attention_shape(batch, seq),
+            &cache.probs,
+            &d_attn,
+            &mut d_qkv,
+        );
+        rope_backward(
+            &mut d_qkv,
+            HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads },
+            seq,
+            &self.rope,
+        );
+        rope_backward(
+            &mut d_qkv,
+            HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads },
+            seq,
+            &self.rope,
+        );
         d_normed.fill(T::ZERO);
         let mut g = grads.take(&[s.q, s.k, s.v]);
         {
             let (a, rest) = g.split_at_mut(1);
             let (b, cc) = rest.split_at_mut(1);
-            bitlinear_backward(&cache.h_in, &w.qkv, &d_qkv, Some(&mut d_normed), &mut [&mut a[0], &mut b[0], &mut cc[0]]);
+            bitlinear_backward(
+                &cache.h_in,
+                &w.qkv,
+                &d_qkv,
+                Some(&mut d_normed),
+                &mut [&mut a[0], &mut b[0], &mut cc[0]],
+            );
         }
         grads.put(&[s.q, s.k, s.v], g);
         rmsnorm_backward(
@@ -531,7 +595,14 @@ impl<T: Real> Model<T> {
         drop(probs);
         let mut dx = vec![T::ZERO; rows * h];
         let fnorm = self.layout.final_norm;
-        rmsnorm_backward(&x_last, self.tensor(fnorm), &rstd, &d_normed, &mut dx, &mut grads.tensors[fnorm].data);
+        rmsnorm_backward(
+            &x_last,
+            self.tensor(fnorm),
+            &rstd,
+            &d_normed,
+            &mut dx,
+            &mut grads.tensors[fnorm].data,
+        );
         for (l, cache) in caches.iter().enumerate().rev() {
             self.layer_backward(l, &w.layers[l], cache, &mut dx, batch, seq, grads);
         }
@@ -541,13 +612,16 @@ impl<T: Real> Model<T> {
 
     /// The int8 codes (held as floats) of every BitLinear input, per layer, in the order
     /// [q/k/v input, o_proj input, gate/up input, down_proj input] (for the gradient tests).
-    pub fn activation_codes(&self, w: &Prepared<T>, tokens: &[u32], batch: usize, seq: usize) -> Vec<[Vec<T>; 4]> {
+    pub fn activation_codes(
+        &self,
+        w: &Prepared<T>,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Vec<[Vec<T>; 4]> {
         let (ids, _) = Self::inputs_and_targets(tokens, batch, seq);
         let (_, _, _, caches) = self.trunk_forward(w, &ids, batch, seq, true);
-        caches
-            .into_iter()
-            .map(|c| [c.h_in.codes, c.o_in.codes, c.h_post.codes, c.down_in.codes])
-            .collect()
+        caches.into_iter().map(|c| [c.h_in.codes, c.o_in.codes, c.h_post.codes, c.down_in.codes]).collect()
     }
 
     /// Logits `[ids.len(), vocab]` of one sequence.

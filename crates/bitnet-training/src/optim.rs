@@ -24,7 +24,15 @@ const CHUNK: usize = 4096;
 impl AdamW {
     pub fn new(params: &Params<f32>, layout: &Layout) -> Self {
         let decay = (0..params.tensors.len()).map(|i| layout.kind(i) != ParamKind::Norm).collect();
-        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, step: 0, m: Params::zeros_like(params), v: Params::zeros_like(params), decay }
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            step: 0,
+            m: Params::zeros_like(params),
+            v: Params::zeros_like(params),
+            decay,
+        }
     }
 
     /// One update: `p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + eps)`.
@@ -149,7 +157,15 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind) -> Schedule {
-        Schedule { kind, peak_lr: 1e-2, warmup: 10, total: 100, weight_decay: 0.1, min_lr_ratio: 0.1, stage2_ratio: 0.25 }
+        Schedule {
+            kind,
+            peak_lr: 1e-2,
+            warmup: 10,
+            total: 100,
+            weight_decay: 0.1,
+            min_lr_ratio: 0.1,
+            stage2_ratio: 0.25,
+        }
     }
 
     #[test]
@@ -179,7 +195,8 @@ mod tests {
     #[test]
     fn adamw_first_step_moves_by_lr() {
         use crate::model::{Params, Tensor};
-        let mut p = Params { tensors: vec![Tensor { name: "w".into(), shape: vec![2], data: vec![1.0, -1.0] }] };
+        let mut p =
+            Params { tensors: vec![Tensor { name: "w".into(), shape: vec![2], data: vec![1.0, -1.0] }] };
         let g = Params { tensors: vec![Tensor { name: "w".into(), shape: vec![2], data: vec![0.5, -2.0] }] };
         let mut opt = AdamW {
             beta1: 0.9,

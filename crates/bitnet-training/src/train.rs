@@ -200,16 +200,23 @@ impl RunSettings {
     /// The model config these settings describe.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let bitnet = self.arch == Arch::Bitnet;
-        if self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             bail!("--hidden {} must be a multiple of --heads {}", self.hidden, self.heads);
         }
         for (name, v) in [("hidden", self.hidden), ("intermediate", self.intermediate)] {
-            if v == 0 || v % 4 != 0 {
+            if v == 0 || !v.is_multiple_of(4) {
                 bail!("--{name} {v} must be a positive multiple of 4 (2-bit packing)");
             }
         }
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 || (self.hidden / self.heads * self.kv_heads) % 4 != 0 {
-            bail!("--kv-heads {} must divide --heads {} (and kv width must divide by 4)", self.kv_heads, self.heads);
+        if self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || !(self.hidden / self.heads * self.kv_heads).is_multiple_of(4)
+        {
+            bail!(
+                "--kv-heads {} must divide --heads {} (and kv width must divide by 4)",
+                self.kv_heads,
+                self.heads
+            );
         }
         if self.seq < 2 || self.batch == 0 || self.accum == 0 || self.steps == 0 || self.layers == 0 {
             bail!("--seq must be at least 2, and --batch, --accum, --steps and --layers positive");
@@ -291,7 +298,8 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the thread pool")?;
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the thread pool")?;
     HANDLER.call_once(|| {
         let _ = ctrlc::set_handler(request_stop);
     });
@@ -325,7 +333,9 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
         let text = read_text(&args.data)?;
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let given_tokenizer = match &args.tokenizer {
-            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --tokenizer {}", p.display()))?),
+            Some(p) => {
+                Some(std::fs::read(p).with_context(|| format!("reading --tokenizer {}", p.display()))?)
+            }
             None => None,
         };
         let key = {
@@ -337,7 +347,9 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
         };
         let cached = token_cache_dir().map(|d| d.join(format!("tokens-{key:016x}")));
         let files = ["tokenizer.json", "data/train.tokens", "data/val.tokens"];
-        let hit = cached.as_ref().is_some_and(|c| files.iter().all(|f| c.join(f.rsplit('/').next().unwrap()).exists()));
+        let hit = cached
+            .as_ref()
+            .is_some_and(|c| files.iter().all(|f| c.join(f.rsplit('/').next().unwrap()).exists()));
         if let (true, Some(c)) = (hit, &cached) {
             for f in files {
                 std::fs::copy(c.join(f.rsplit('/').next().unwrap()), out.join(f))
@@ -349,7 +361,10 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
             let tok = match (&given_tokenizer, &args.tokenizer) {
                 (Some(bytes), Some(p)) => Tokenizer::from_bytes(bytes)
                     .map_err(|e| anyhow::anyhow!("loading --tokenizer {}: {e}", p.display()))?,
-                _ => data::train_tokenizer(&data::tokenizer_sample(train_text, TOKENIZER_SAMPLE_BYTES), settings.vocab)?,
+                _ => data::train_tokenizer(
+                    &data::tokenizer_sample(train_text, TOKENIZER_SAMPLE_BYTES),
+                    settings.vocab,
+                )?,
             };
             let t1 = Instant::now();
             let vocab = tok.get_vocab_size(true);
@@ -377,12 +392,17 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
             }
         }
     }
-    let tok = Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("loading {}: {e}", tok_path.display()))?;
+    let tok = Tokenizer::from_file(&tok_path)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e}", tok_path.display()))?;
     settings.vocab = tok.get_vocab_size(true);
     let train = TokenFile::open(&data_dir.join("train.tokens"))?;
     let val = TokenFile::open(&data_dir.join("val.tokens"))?;
     if train.len() < settings.seq + 2 {
-        bail!("the training split has {} tokens, fewer than one window of --seq {} + 1", train.len(), settings.seq);
+        bail!(
+            "the training split has {} tokens, fewer than one window of --seq {} + 1",
+            train.len(),
+            settings.seq
+        );
     }
     if train.max_id() as usize >= settings.vocab {
         bail!("token ids exceed the vocabulary size {}", settings.vocab);
@@ -411,7 +431,12 @@ fn token_cache_dir() -> Option<PathBuf> {
     }
 }
 
-fn mean_val_loss(model: &Model<f32>, w: &crate::model::Prepared<f32>, windows: &[u32], s: &RunSettings) -> Option<f64> {
+fn mean_val_loss(
+    model: &Model<f32>,
+    w: &crate::model::Prepared<f32>,
+    windows: &[u32],
+    s: &RunSettings,
+) -> Option<f64> {
     let per = s.seq + 1;
     let n = windows.len() / per;
     if n == 0 {
@@ -433,18 +458,25 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
             format!("--resume: no checkpoint in {}", checkpoint::checkpoint_dir(out).display())
         })?;
         let loaded = checkpoint::load(&path)?;
-        let mut s: RunSettings = serde_json::from_value(loaded.settings.clone()).context("checkpoint settings")?;
+        let mut s: RunSettings =
+            serde_json::from_value(loaded.settings.clone()).context("checkpoint settings")?;
         if let Some(t) = args.threads {
             s.threads = t;
         }
         if s.threads != threads {
-            eprintln!("note: resuming with {threads} threads; the run used {} (losses may differ in the last bits)", s.threads);
+            eprintln!(
+                "note: resuming with {threads} threads; the run used {} (losses may differ in the last bits)",
+                s.threads
+            );
             s.threads = threads;
         }
         (s, Some(loaded))
     } else {
         if !existing.is_empty() {
-            bail!("{} already holds checkpoints; pass --resume to continue, or choose another --out", out.display());
+            bail!(
+                "{} already holds checkpoints; pass --resume to continue, or choose another --out",
+                out.display()
+            );
         }
         (RunSettings::from_args(args, threads), None)
     };
@@ -478,7 +510,8 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
             }
         }
     }
-    let mut log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log =
+        std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     for l in &log_lines {
         writeln!(log, "{l}")?;
     }
@@ -498,9 +531,14 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         s.tokens_per_step()
     );
 
-    let pb = if args.quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(s.steps), ProgressDrawTarget::stderr()) };
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(s.steps), ProgressDrawTarget::stderr())
+    };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_position(state.step);
     let mut grads = Params::<f32>::zeros_like(&model.params);
@@ -531,12 +569,22 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         last_loss = loss;
 
         let done = state.step == s.steps;
-        let eval_now = s.eval_every > 0 && (state.step % s.eval_every == 0 || done);
+        let eval_now = s.eval_every > 0 && (state.step.is_multiple_of(s.eval_every) || done);
         let elapsed = started.elapsed().as_secs_f64();
         let tps = (state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
-        if state.step % s.log_every == 0 || done || eval_now || state.step == 1 {
-            let val_loss = if eval_now { mean_val_loss(&model, &model.prepare(), &val_windows, &s) } else { None };
-            let line = LogLine { step: state.step, loss, val_loss, lr, grad_norm, tokens: state.tokens_seen, tokens_per_s: tps, elapsed_s: elapsed };
+        if state.step.is_multiple_of(s.log_every) || done || eval_now || state.step == 1 {
+            let val_loss =
+                if eval_now { mean_val_loss(&model, &model.prepare(), &val_windows, &s) } else { None };
+            let line = LogLine {
+                step: state.step,
+                loss,
+                val_loss,
+                lr,
+                grad_norm,
+                tokens: state.tokens_seen,
+                tokens_per_s: tps,
+                elapsed_s: elapsed,
+            };
             let text = serde_json::to_string(&line)?;
             writeln!(log, "{text}")?;
             if pb.is_hidden() && !args.quiet {
@@ -546,12 +594,15 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
         let stop = STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
-        if (args.save_every > 0 && state.step % args.save_every == 0) || done || stop {
+        if (args.save_every > 0 && state.step.is_multiple_of(args.save_every)) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }
         if stop && !done {
             stopped_early = true;
-            pb.println(format!("interrupted: checkpoint saved at step {}; continue with --resume", state.step));
+            pb.println(format!(
+                "interrupted: checkpoint saved at step {}; continue with --resume",
+                state.step
+            ));
             break;
         }
     }
@@ -565,8 +616,19 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     let weights = model.prepare();
     let t_val = Instant::now();
     let val_loss = if stopped_early { None } else { mean_val_loss(&model, &weights, &full_val, &s) };
-    eprintln!("final validation over {} tokens took {:.1} s", full_val.len() / (s.seq + 1) * s.seq, t_val.elapsed().as_secs_f64());
-    let summary = Summary { steps_done: state.step, stopped_early, final_loss: last_loss, val_loss, parameters: n_params, tokens_per_s };
+    eprintln!(
+        "final validation over {} tokens took {:.1} s",
+        full_val.len() / (s.seq + 1) * s.seq,
+        t_val.elapsed().as_secs_f64()
+    );
+    let summary = Summary {
+        steps_done: state.step,
+        stopped_early,
+        final_loss: last_loss,
+        val_loss,
+        parameters: n_params,
+        tokens_per_s,
+    };
     write_atomic(&out.join("metrics.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     eprintln!(
         "done: {} steps, last train loss {last_loss:.4}, validation loss {}, {tokens_per_s:.0} tokens/s; model in {}",
@@ -575,7 +637,13 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         out.display()
     );
     if args.samples > 0 && !stopped_early {
-        let prompts = ["The king said", "It is a truth universally acknowledged", "And God said", "My lord, I", "She was"];
+        let prompts = [
+            "The king said",
+            "It is a truth universally acknowledged",
+            "And God said",
+            "My lord, I",
+            "She was",
+        ];
         let mut rng = Rng::new(s.seed, 0x5A4D);
         let mut text = String::new();
         for p in prompts.iter().cycle().take(args.samples) {

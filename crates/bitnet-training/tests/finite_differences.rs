@@ -10,7 +10,9 @@ use bitnet_training::layers::attention::{attention_backward, attention_forward, 
 use bitnet_training::layers::bitlinear::{
     bitlinear_backward, bitlinear_forward, quantize_input, Precision, WeightGroup,
 };
-use bitnet_training::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
+use bitnet_training::layers::cross_entropy::{
+    head_cross_entropy_backward, head_forward, softmax_cross_entropy,
+};
 use bitnet_training::layers::embedding::{embedding_backward, embedding_forward};
 use bitnet_training::layers::gate::{gate_backward, gate_forward};
 use bitnet_training::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -202,7 +204,9 @@ fn bitlinear_ste_backward_matches_its_float_surrogate() {
     let x0 = randn(&mut rng, rows * k, 1.0);
     let w0 = randn(&mut rng, n * k, 0.2);
     let r = randn(&mut rng, rows * n, 1.0);
-    let parts = |w: &[f64]| -> [Vec<f64>; 3] { [w[..8 * k].to_vec(), w[8 * k..12 * k].to_vec(), w[12 * k..].to_vec()] };
+    let parts = |w: &[f64]| -> [Vec<f64>; 3] {
+        [w[..8 * k].to_vec(), w[8 * k..12 * k].to_vec(), w[12 * k..].to_vec()]
+    };
     let p0 = parts(&w0);
     let g = WeightGroup::quantize(&[&p0[0], &p0[1], &p0[2]], &sizes, k, Precision::Ternary);
     let xq = quantize_input(&x0, rows, k, Precision::Ternary);

@@ -59,17 +59,25 @@ fn load() -> Fixture {
     let dir = fixture_dir();
     let bytes = std::fs::read(dir.join("grad_tiny.safetensors")).expect("run tools/make_grad_fixture.py");
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     let floats = |name: &str| -> Vec<f64> {
         let v = st.tensor(name).unwrap();
         match v.dtype() {
-            Dtype::BF16 => v.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect(),
-            Dtype::F32 => v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect(),
+            Dtype::BF16 => {
+                v.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect()
+            }
+            Dtype::F32 => v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect(),
             d => panic!("{name}: unexpected {d:?}"),
         }
     };
     let ids = st.tensor("input_ids").unwrap();
-    let tokens = ids.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let tokens =
+        ids.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
     let layout = bitnet_training::Layout::new(&config());
     let mut params = Vec::new();
     let mut grads = Vec::new();
@@ -106,7 +114,11 @@ fn run<T: Real>(f: &Fixture) -> Outcome {
         tensors: f
             .params
             .iter()
-            .map(|(n, s, d)| Tensor { name: n.clone(), shape: s.clone(), data: d.iter().map(|&v| T::from_f64(v)).collect() })
+            .map(|(n, s, d)| Tensor {
+                name: n.clone(),
+                shape: s.clone(),
+                data: d.iter().map(|&v| T::from_f64(v)).collect(),
+            })
             .collect(),
     };
     let model = Model::<T>::from_params(config(), Precision::Ternary, params);
@@ -120,7 +132,11 @@ fn run<T: Real>(f: &Fixture) -> Outcome {
             flips += a.iter().zip(b).filter(|(x, y)| x.to_f64() != **y as f64).count();
         }
     }
-    Outcome { loss, grads: grads.tensors.into_iter().map(|t| t.data.iter().map(|v| v.to_f64()).collect()).collect(), flips }
+    Outcome {
+        loss,
+        grads: grads.tensors.into_iter().map(|t| t.data.iter().map(|v| v.to_f64()).collect()).collect(),
+        flips,
+    }
 }
 
 /// Worst `|a − b| / (|b| + 1e-3·max|b|)` over a tensor (relative error, with a floor at a
@@ -157,12 +173,19 @@ fn f32_model_matches_pytorch_where_no_int8_code_flips() {
     eprintln!("f32 model: {} of the int8 activation codes flipped against PyTorch f64", o.flips);
     assert!((o.loss - f.loss).abs() <= 1e-4 * f.loss, "loss {} vs PyTorch {}", o.loss, f.loss);
     for ((name, _, _), (mine, theirs)) in f.params.iter().zip(o.grads.iter().zip(&f.grads)) {
-        eprintln!("{name}: worst rel err {:.2e}, relative L2 {:.2e}", worst_rel(mine, theirs), rel_l2(mine, theirs));
+        eprintln!(
+            "{name}: worst rel err {:.2e}, relative L2 {:.2e}",
+            worst_rel(mine, theirs),
+            rel_l2(mine, theirs)
+        );
         if o.flips == 0 {
             // f32 accumulation noise: rtol 1e-4 on the tensor as a whole (relative L2), and
             // 1e-3 entry by entry (this model is deliberately ill-conditioned: loss 15.6)
             let (l2, worst) = (rel_l2(mine, theirs), worst_rel(mine, theirs));
-            assert!(l2 <= 1e-4 && worst <= 1e-3, "{name}: gradient differs by {l2:e} (L2) / {worst:e} (worst) with no code flipped");
+            assert!(
+                l2 <= 1e-4 && worst <= 1e-3,
+                "{name}: gradient differs by {l2:e} (L2) / {worst:e} (worst) with no code flipped"
+            );
         } else {
             let err = rel_l2(mine, theirs);
             eprintln!("{name}: relative L2 error {err:.2e}");

@@ -22,7 +22,10 @@ fn scratch(name: &str) -> PathBuf {
 
 /// About 40 KB of varied sentences, deterministic.
 fn write_corpus(dir: &Path) -> PathBuf {
-    let words = ["the", "king", "said", "that", "she", "was", "not", "a", "lady", "of", "great", "wit", "and", "he", "would", "go"];
+    let words = [
+        "the", "king", "said", "that", "she", "was", "not", "a", "lady", "of", "great", "wit", "and", "he",
+        "would", "go",
+    ];
     let mut text = String::new();
     let mut x: u64 = 12345;
     for line in 0..1200 {
@@ -40,10 +43,44 @@ fn write_corpus(dir: &Path) -> PathBuf {
 
 fn args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut v: Vec<String> = [
-        "train", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--preset", "tiny",
-        "--steps", "12", "--vocab", "300", "--hidden", "32", "--layers", "2", "--intermediate", "64",
-        "--heads", "2", "--kv-heads", "1", "--seq", "16", "--batch", "3", "--accum", "2", "--warmup", "3",
-        "--eval-every", "4", "--log-every", "1", "--threads", "2", "--samples", "0", "--quiet",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--steps",
+        "12",
+        "--vocab",
+        "300",
+        "--hidden",
+        "32",
+        "--layers",
+        "2",
+        "--intermediate",
+        "64",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--seq",
+        "16",
+        "--batch",
+        "3",
+        "--accum",
+        "2",
+        "--warmup",
+        "3",
+        "--eval-every",
+        "4",
+        "--log-every",
+        "1",
+        "--threads",
+        "2",
+        "--samples",
+        "0",
+        "--quiet",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -44,7 +44,13 @@ impl AttentionShape {
 
 /// Forward. `qkv` holds the rotated q and k and v (layout `lay`); writes the probabilities
 /// `probs` and the concatenated head outputs `out` (`[rows, n_heads·head_dim]`).
-pub fn attention_forward<T: Real>(qkv: &[T], lay: QkvLayout, s: AttentionShape, probs: &mut [T], out: &mut [T]) {
+pub fn attention_forward<T: Real>(
+    qkv: &[T],
+    lay: QkvLayout,
+    s: AttentionShape,
+    probs: &mut [T],
+    out: &mut [T],
+) {
     let (t, d) = (s.seq, s.head_dim);
     let q_dim = s.n_heads * d;
     assert_eq!(qkv.len(), s.batch * t * lay.ld);
@@ -63,14 +69,17 @@ pub fn attention_forward<T: Real>(qkv: &[T], lay: QkvLayout, s: AttentionShape, 
             // its own heads and the output columns of those heads in rows of sequence b.
             unsafe {
                 let p = probs_p.get().add((b * s.n_heads + h) * t * t);
-                let q = Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
-                let k = Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
+                let q =
+                    Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
+                let k =
+                    Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
                 matmul_strided(p, t, &q, &k, false);
                 let pm = std::slice::from_raw_parts_mut(p, t * t);
                 for (i, row) in pm.chunks_exact_mut(t).enumerate() {
                     causal_softmax_row(row, i, scale);
                 }
-                let v = Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
+                let v =
+                    Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
                 let pv = Strided { ptr: p as *const T, rows: t, cols: t, rs: t, transposed: false };
                 matmul_strided(out_p.get().add(b * t * q_dim + h * d), q_dim, &pv, &v, false);
             }
@@ -130,8 +139,15 @@ pub fn attention_backward<T: Real>(
                 let dbase = dqkv_p.get().add(b * t * lay.ld);
                 let p = probs_p.get().add((b * s.n_heads + h) * t * t);
                 let pm = std::slice::from_raw_parts(p, t * t);
-                let dout = Strided { ptr: dout_p.get().add(b * t * q_dim + h * d), rows: t, cols: d, rs: q_dim, transposed: false };
-                let v_t = Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
+                let dout = Strided {
+                    ptr: dout_p.get().add(b * t * q_dim + h * d),
+                    rows: t,
+                    cols: d,
+                    rs: q_dim,
+                    transposed: false,
+                };
+                let v_t =
+                    Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
                 matmul_strided(ds.as_mut_ptr(), t, &dout, &v_t, false);
                 let p_t = Strided { ptr: p, rows: t, cols: t, rs: t, transposed: true };
                 matmul_strided(dbase.add(lay.v + g * d), lay.ld, &p_t, &dout, true);
@@ -143,10 +159,12 @@ pub fn attention_backward<T: Real>(
                     dsr[i + 1..].fill(T::ZERO);
                 }
                 let dsv = Strided { ptr: ds.as_ptr(), rows: t, cols: t, rs: t, transposed: false };
-                let k = Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
+                let k =
+                    Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
                 matmul_strided(dbase.add(lay.q + h * d), lay.ld, &dsv, &k, true);
                 let ds_t = Strided { ptr: ds.as_ptr(), rows: t, cols: t, rs: t, transposed: true };
-                let q = Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
+                let q =
+                    Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
                 matmul_strided(dbase.add(lay.k + g * d), lay.ld, &ds_t, &q, true);
             }
         }

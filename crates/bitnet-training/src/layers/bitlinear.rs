@@ -105,8 +105,11 @@ pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Pre
     }
     let mut codes = vec![T::ZERO; rows * cols];
     let mut scale = vec![T::ZERO; rows];
-    codes.par_chunks_mut(cols * ROW_CHUNK).zip(x.par_chunks(cols * ROW_CHUNK)).zip(scale.par_chunks_mut(ROW_CHUNK)).for_each(
-        |((cc, xc), sc)| {
+    codes
+        .par_chunks_mut(cols * ROW_CHUNK)
+        .zip(x.par_chunks(cols * ROW_CHUNK))
+        .zip(scale.par_chunks_mut(ROW_CHUNK))
+        .for_each(|((cc, xc), sc)| {
             let mut q = vec![0i8; cols];
             for ((cr, xr), s) in cc.chunks_exact_mut(cols).zip(xc.chunks_exact(cols)).zip(sc) {
                 *s = T::quantize_activation_row(xr, &mut q);
@@ -114,8 +117,7 @@ pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Pre
                     *c = T::from_f64(v as f64);
                 }
             }
-        },
-    );
+        });
     QuantizedInput { rows, cols, codes, scale }
 }
 

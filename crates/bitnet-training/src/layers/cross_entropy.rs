@@ -7,7 +7,14 @@ use crate::linalg::{matmul, Operand, ROW_CHUNK};
 use crate::real::Real;
 
 /// `logits = x · headᵀ` for `x` `[rows, hidden]` and `head` `[vocab, hidden]`.
-pub fn head_forward<T: Real>(x: &[T], head: &[T], rows: usize, hidden: usize, vocab: usize, logits: &mut [T]) {
+pub fn head_forward<T: Real>(
+    x: &[T],
+    head: &[T],
+    rows: usize,
+    hidden: usize,
+    vocab: usize,
+    logits: &mut [T],
+) {
     matmul(logits, Operand::n(x, rows, hidden), Operand::t(head, vocab, hidden), false, true);
 }
 

@@ -30,14 +30,16 @@ fn act_and_slope<T: Real>(act: Activation, g: T) -> (T, T) {
 /// `gate_up` holds `[rows, 2·width]`: the gate in the first `width` columns, up in the rest.
 /// Writes `m = act(gate) ⊙ up` (`[rows, width]`).
 pub fn gate_forward<T: Real>(act: Activation, gate_up: &[T], width: usize, m: &mut [T]) {
-    m.par_chunks_mut(width * ROW_CHUNK).zip(gate_up.par_chunks(2 * width * ROW_CHUNK)).for_each(|(mc, gc)| {
-        for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
-            let (g, u) = gr.split_at(width);
-            for ((o, &gi), &ui) in mr.iter_mut().zip(g).zip(u) {
-                *o = act_and_slope(act, gi).0 * ui;
+    m.par_chunks_mut(width * ROW_CHUNK).zip(gate_up.par_chunks(2 * width * ROW_CHUNK)).for_each(
+        |(mc, gc)| {
+            for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
+                let (g, u) = gr.split_at(width);
+                for ((o, &gi), &ui) in mr.iter_mut().zip(g).zip(u) {
+                    *o = act_and_slope(act, gi).0 * ui;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Backward of [`gate_forward`]: `dgate += dm ⊙ up ⊙ act'(gate)`, `dup += dm ⊙ act(gate)`,
@@ -48,7 +50,9 @@ pub fn gate_backward<T: Real>(act: Activation, gate_up: &[T], dm: &[T], width: u
         .zip(gate_up.par_chunks(2 * width * ROW_CHUNK))
         .zip(dm.par_chunks(width * ROW_CHUNK))
         .for_each(|((dc, gc), dmc)| {
-            for ((dr, gr), dmr) in dc.chunks_exact_mut(2 * width).zip(gc.chunks_exact(2 * width)).zip(dmc.chunks_exact(width)) {
+            for ((dr, gr), dmr) in
+                dc.chunks_exact_mut(2 * width).zip(gc.chunks_exact(2 * width)).zip(dmc.chunks_exact(width))
+            {
                 let (g, u) = gr.split_at(width);
                 let (dg, du) = dr.split_at_mut(width);
                 for i in 0..width {
