@@ -614,13 +614,18 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     export_hf(&model, out)?;
     let full_val = data::validation_windows(&val_data, s.seq, s.final_eval_tokens);
     let weights = model.prepare();
-    let t_val = Instant::now();
-    let val_loss = if stopped_early { None } else { mean_val_loss(&model, &weights, &full_val, &s) };
-    eprintln!(
-        "final validation over {} tokens took {:.1} s",
-        full_val.len() / (s.seq + 1) * s.seq,
-        t_val.elapsed().as_secs_f64()
-    );
+    let val_loss = if stopped_early {
+        None
+    } else {
+        let t_val = Instant::now();
+        let v = mean_val_loss(&model, &weights, &full_val, &s);
+        eprintln!(
+            "final validation over {} tokens took {:.1} s",
+            full_val.len() / (s.seq + 1) * s.seq,
+            t_val.elapsed().as_secs_f64()
+        );
+        v
+    };
     let summary = Summary {
         steps_done: state.step,
         stopped_early,
@@ -631,7 +636,8 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     };
     write_atomic(&out.join("metrics.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     eprintln!(
-        "done: {} steps, last train loss {last_loss:.4}, validation loss {}, {tokens_per_s:.0} tokens/s; model in {}",
+        "{}: {} steps, last train loss {last_loss:.4}, validation loss {}, {tokens_per_s:.0} tokens/s; model in {}",
+        if stopped_early { "stopped" } else { "done" },
         state.step,
         val_loss.map_or("-".into(), |v| format!("{v:.4}")),
         out.display()
