@@ -25,8 +25,10 @@ pub const EOS_ID: u32 = 1;
 pub fn split_train_val(text: &str) -> (&str, &str) {
     let mark = text.len() * 95 / 100;
     let bytes = text.as_bytes();
-    let cut = match bytes[mark..].iter().position(|&b| b == b'\n') {
-        Some(p) => mark + p + 1,
+    // the first line start at or after the mark
+    let from = mark.saturating_sub(1);
+    let cut = match bytes[from..].iter().position(|&b| b == b'\n') {
+        Some(p) => from + p + 1,
         None => match bytes[..mark].iter().rposition(|&b| b == b'\n') {
             Some(p) => p + 1,
             None => (mark..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len()),
@@ -172,7 +174,7 @@ impl TokenFile {
             bail!("{} is not a token file (bad header)", path.display());
         }
         let width = u32::from_le_bytes(map[8..12].try_into().unwrap()) as usize;
-        if (width != 2 && width != 4) || (map.len() - HEADER) % width != 0 {
+        if (width != 2 && width != 4) || !(map.len() - HEADER).is_multiple_of(width) {
             bail!("{} has a bad token width or a truncated body", path.display());
         }
         let len = (map.len() - HEADER) / width;

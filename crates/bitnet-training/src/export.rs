@@ -99,7 +99,7 @@ pub fn export_hf(model: &Model<f32>, dir: &Path) -> Result<()> {
     let cfg = config_json(&model.config, model.precision);
     write_atomic(&dir.join("config.json"), (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     let gen = json!({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": true,
-                     "temperature": 0.8, "top_k": 40, "max_length": model.config.max_position_embeddings});
+                     "temperature": 0.8, "top_k": 40});
     write_atomic(
         &dir.join("generation_config.json"),
         (serde_json::to_string_pretty(&gen)? + "\n").as_bytes(),

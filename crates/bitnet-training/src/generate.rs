@@ -10,6 +10,7 @@ use crate::rng::Rng;
 
 /// Continues `prompt` (BOS is prepended by the tokenizer) by up to `max_new` tokens, sampling
 /// from the `top_k` most likely tokens at `temperature` (0 = greedy). Returns prompt + continuation.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_text(
     model: &Model<f32>,
     weights: &Prepared<f32>,

@@ -381,6 +381,7 @@ impl<T: Real> Model<T> {
 
     /// Backward of one layer: `dx` holds the gradient of the layer's output and leaves holding
     /// the gradient of its input.
+    #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         l: usize,
@@ -607,6 +608,20 @@ impl<T: Real> Model<T> {
         }
         embedding_backward(&dx, &ids, h, &mut grads.tensors[self.layout.embed].data);
         loss
+    }
+
+    /// The int8 codes (held as floats) of every BitLinear input, per layer, in the order
+    /// [q/k/v input, o_proj input, gate/up input, down_proj input] (for the gradient tests).
+    pub fn activation_codes(
+        &self,
+        w: &Prepared<T>,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Vec<[Vec<T>; 4]> {
+        let (ids, _) = Self::inputs_and_targets(tokens, batch, seq);
+        let (_, _, _, caches) = self.trunk_forward(w, &ids, batch, seq, true);
+        caches.into_iter().map(|c| [c.h_in.codes, c.o_in.codes, c.h_post.codes, c.down_in.codes]).collect()
     }
 
     /// Logits `[ids.len(), vocab]` of one sequence.

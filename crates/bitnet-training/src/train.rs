@@ -121,9 +121,12 @@ pub struct TrainArgs {
     /// Sample generations printed (and saved to samples.txt) at the end.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
-    /// No progress bar (log lines go to stderr instead).
+    /// No progress bar and no log lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Act as if Ctrl-C came right after step N (for tests of interrupt and resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<u64>,
 }
 
 /// Everything that decides the numbers a run produces; stored in checkpoints and `run.json`.
@@ -197,17 +200,17 @@ impl RunSettings {
     /// The model config these settings describe.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let bitnet = self.arch == Arch::Bitnet;
-        if self.heads == 0 || self.hidden % self.heads != 0 {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             bail!("--hidden {} must be a multiple of --heads {}", self.hidden, self.heads);
         }
         for (name, v) in [("hidden", self.hidden), ("intermediate", self.intermediate)] {
-            if v == 0 || v % 4 != 0 {
+            if v == 0 || !v.is_multiple_of(4) {
                 bail!("--{name} {v} must be a positive multiple of 4 (2-bit packing)");
             }
         }
         if self.kv_heads == 0
-            || self.heads % self.kv_heads != 0
-            || (self.hidden / self.heads * self.kv_heads) % 4 != 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || !(self.hidden / self.heads * self.kv_heads).is_multiple_of(4)
         {
             bail!(
                 "--kv-heads {} must divide --heads {} (and kv width must divide by 4)",
@@ -566,10 +569,10 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         last_loss = loss;
 
         let done = state.step == s.steps;
-        let eval_now = s.eval_every > 0 && (state.step % s.eval_every == 0 || done);
+        let eval_now = s.eval_every > 0 && (state.step.is_multiple_of(s.eval_every) || done);
         let elapsed = started.elapsed().as_secs_f64();
         let tps = (state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
-        if state.step % s.log_every == 0 || done || eval_now || state.step == 1 {
+        if state.step.is_multiple_of(s.log_every) || done || eval_now || state.step == 1 {
             let val_loss =
                 if eval_now { mean_val_loss(&model, &model.prepare(), &val_windows, &s) } else { None };
             let line = LogLine {
@@ -590,8 +593,8 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         }
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
-        let stop = STOP.load(Ordering::SeqCst);
-        if (args.save_every > 0 && state.step % args.save_every == 0) || done || stop {
+        let stop = STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
+        if (args.save_every > 0 && state.step.is_multiple_of(args.save_every)) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }
         if stop && !done {
@@ -611,13 +614,18 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     export_hf(&model, out)?;
     let full_val = data::validation_windows(&val_data, s.seq, s.final_eval_tokens);
     let weights = model.prepare();
-    let t_val = Instant::now();
-    let val_loss = if stopped_early { None } else { mean_val_loss(&model, &weights, &full_val, &s) };
-    eprintln!(
-        "final validation over {} tokens took {:.1} s",
-        full_val.len() / (s.seq + 1) * s.seq,
-        t_val.elapsed().as_secs_f64()
-    );
+    let val_loss = if stopped_early {
+        None
+    } else {
+        let t_val = Instant::now();
+        let v = mean_val_loss(&model, &weights, &full_val, &s);
+        eprintln!(
+            "final validation over {} tokens took {:.1} s",
+            full_val.len() / (s.seq + 1) * s.seq,
+            t_val.elapsed().as_secs_f64()
+        );
+        v
+    };
     let summary = Summary {
         steps_done: state.step,
         stopped_early,
@@ -628,7 +636,8 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     };
     write_atomic(&out.join("metrics.json"), (serde_json::to_string_pretty(&summary)? + "\n").as_bytes())?;
     eprintln!(
-        "done: {} steps, last train loss {last_loss:.4}, validation loss {}, {tokens_per_s:.0} tokens/s; model in {}",
+        "{}: {} steps, last train loss {last_loss:.4}, validation loss {}, {tokens_per_s:.0} tokens/s; model in {}",
+        if stopped_early { "stopped" } else { "done" },
         state.step,
         val_loss.map_or("-".into(), |v| format!("{v:.4}")),
         out.display()
