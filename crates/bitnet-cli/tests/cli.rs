@@ -97,7 +97,8 @@ fn logits_json_reproduces_transformers_logits() {
 fn default_model_runs_with_no_arguments_but_a_prompt() {
     let g = golden();
     let v = json_of(&["generate", "--prompt", g["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json"]);
-    assert_eq!(v["generated"].as_array().unwrap().len(), 16);
+    let n = v["generated"].as_array().unwrap().len();
+    assert!((1..=16).contains(&n), "{n} tokens");
     let out = bitnet(&["generate", "--prompt", "Hello", "--max-tokens", "4"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"), "speed goes to stderr");
@@ -133,8 +134,11 @@ fn stop_string_cuts_the_text() {
     let g = golden();
     let text = g["forms"]["packed"]["greedy_new_text"].as_str().unwrap();
     // Stop at the first " T" of the known greedy continuation.
+    let dir = fixture().join("packed");
     let v = json_of(&[
         "generate",
+        "--model",
+        dir.to_str().unwrap(),
         "--prompt",
         g["prompt"].as_str().unwrap(),
         "--max-tokens",
@@ -174,7 +178,12 @@ fn prompt_longer_than_the_context_is_an_error() {
 
 #[test]
 fn token_id_out_of_range_is_an_error() {
-    fails_with(&["generate", "--tokens", "0,512"], "token id 512 is out of range");
+    let dir = fixture().join("packed");
+    fails_with(
+        &["generate", "--model", dir.to_str().unwrap(), "--tokens", "0,512"],
+        "token id 512 is out of range",
+    );
+    fails_with(&["generate", "--tokens", "0,99999999"], "token id 99999999 is out of range");
     fails_with(&["logits", "--tokens", "7,99999"], "token id 99999 is out of range");
     fails_with(&["generate", "--tokens", "0,abc"], "`abc` is not a token id");
 }
