@@ -202,9 +202,16 @@ impl ModelConfig {
                 }
             }
         };
-        // A bitnet model with no quantization_config at all holds float masters.
-        let quant_form =
-            if qc.is_none() && architecture == Architecture::BitNet { QuantForm::Online } else { quant_form };
+        // Without quantization_config transformers runs a bitnet model's linears in full
+        // precision (a `--fp` training baseline, say): not a ternary model.
+        if qc.is_none() && architecture == Architecture::BitNet {
+            return Err(ModelError::config(
+                path,
+                "has no quantization_config, so transformers runs it in full precision; this engine runs \
+                 ternary models (add {\"quant_method\": \"bitnet\", \"linear_class\": \"autobitlinear\", \
+                 \"quantization_mode\": \"online\"} to ternarize its weights)",
+            ));
+        }
         let bitlinear_input_norm =
             qc.and_then(|q| field(q, "use_rms_norm")).and_then(Value::as_bool).unwrap_or(false).then(|| {
                 qc.and_then(|q| field(q, "rms_norm_eps")).and_then(Value::as_f64).unwrap_or(1e-6) as f32
