@@ -52,12 +52,27 @@ struct Row {
     threads: usize,
     tokens_per_s: f64,
     stddev: f64,
+    /// Median of the repetitions: robust to a run slowed by other processes.
+    median: f64,
+    /// 1-minute load average when the test started (Linux only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_per_token: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bandwidth_gbs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     roof_pct: Option<f64>,
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
@@ -67,24 +82,72 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Read bandwidth in GB/s: the threads sum a 1 GiB buffer, best of three passes.
+/// The probe's buffer: far larger than any cache.
+const PROBE_BYTES: usize = 1 << 30;
+/// Each pass over the buffer is timed in windows of this many bytes (8 × a 32 MiB L3).
+const PROBE_WINDOW: usize = 256 << 20;
+/// Passes over the buffer; the fastest window counts (other processes only ever slow one down,
+/// and a short window has a chance to run while they are off the cores).
+const PROBE_PASSES: usize = 5;
+
+/// Sums a slice with eight independent accumulators, so that the loop vectorizes and no add
+/// chain limits the read rate.
+#[inline(always)]
+fn sum_words_generic(c: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut chunks = c.chunks_exact(8);
+    for w in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(w) {
+            *a = a.wrapping_add(v);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(0u64, |a, &b| a.wrapping_add(b));
+    acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
+/// [`sum_words_generic`] compiled for AVX2 (32-byte loads).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(c: &[u64]) -> u64 {
+    sum_words_generic(c)
+}
+
+fn sum_words(c: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just above.
+        return unsafe { sum_words_avx2(c) };
+    }
+    sum_words_generic(c)
+}
+
+/// Read bandwidth in GB/s: every thread of `pool` sums 4 MiB pieces of a 1 GiB buffer (written
+/// first, so that no page is the shared zero page); each 256 MiB window of each of five passes
+/// is timed, and the fastest counts.
 fn bandwidth_probe(pool: &rayon::ThreadPool) -> f64 {
     use rayon::prelude::*;
-    let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
+    let buf: Vec<u64> = (0..(PROBE_BYTES / 8) as u64).collect();
     let mut best = 0.0f64;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let sum: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add)
-        });
-        let secs = start.elapsed().as_secs_f64();
-        std::hint::black_box(sum);
-        best = best.max((words * 8) as f64 / secs / 1e9);
+    for _ in 0..PROBE_PASSES {
+        for window in buf.chunks(PROBE_WINDOW / 8) {
+            let start = Instant::now();
+            let sum: u64 = pool
+                .install(|| window.par_chunks((4 << 20) / 8).map(sum_words).reduce(|| 0, u64::wrapping_add));
+            let secs = start.elapsed().as_secs_f64();
+            std::hint::black_box(sum);
+            best = best.max(std::mem::size_of_val(window) as f64 / secs / 1e9);
+        }
     }
     best
+}
+
+/// The 1-minute load average (Linux), to print beside the timings: on a shared machine it
+/// says how much of the CPU the run had.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 /// Token ids for timing: spread over the vocabulary, deterministic.
@@ -131,6 +194,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let bandwidth = if a.no_probe || a.generate == 0 { None } else { Some(bandwidth_probe(&pool)) };
         for &p in &a.prompts {
             pool.install(|| time_prompt(model, p.min(8)))?; // warm-up
+            let load = load_average();
             let runs = (0..a.repetitions)
                 .map(|_| pool.install(|| time_prompt(model, p)))
                 .collect::<Result<Vec<_>>>()?;
@@ -140,6 +204,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 threads: t,
                 tokens_per_s: mean,
                 stddev: std,
+                median: median(&runs),
+                load,
                 bytes_per_token: None,
                 bandwidth_gbs: None,
                 roof_pct: None,
@@ -147,16 +213,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         if a.generate > 0 {
             pool.install(|| time_generation(model, 4))?;
+            let load = load_average();
             let runs = (0..a.repetitions)
                 .map(|_| pool.install(|| time_generation(model, a.generate)))
                 .collect::<Result<Vec<_>>>()?;
             let (mean, std) = mean_std(&runs);
-            let roof = bandwidth.map(|bw| 100.0 * mean * bytes_per_token as f64 / (bw * 1e9));
+            // Weight bytes per second at the median speed, against the probe's read rate.
+            let roof = bandwidth.map(|bw| 100.0 * median(&runs) * bytes_per_token as f64 / (bw * 1e9));
             rows.push(Row {
                 test: format!("tg{}", a.generate),
                 threads: t,
                 tokens_per_s: mean,
                 stddev: std,
+                median: median(&runs),
+                load,
                 bytes_per_token: Some(bytes_per_token),
                 bandwidth_gbs: bandwidth,
                 roof_pct: roof,
@@ -172,14 +242,16 @@ fn print_rows(rows: &[Row], format: OutputFormat, model: &str) {
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default()),
         OutputFormat::Csv => {
-            println!("test,threads,tokens_per_s,stddev,bytes_per_token,bandwidth_gbs,roof_pct");
+            println!("test,threads,tokens_per_s,stddev,median,load,bytes_per_token,bandwidth_gbs,roof_pct");
             for r in rows {
                 println!(
-                    "{},{},{:.3},{:.3},{},{},{}",
+                    "{},{},{:.3},{:.3},{:.3},{},{},{},{}",
                     r.test,
                     r.threads,
                     r.tokens_per_s,
                     r.stddev,
+                    r.median,
+                    opt(r.load, 2),
                     r.bytes_per_token.map(|b| b.to_string()).unwrap_or_default(),
                     opt(r.bandwidth_gbs, 2),
                     opt(r.roof_pct, 1)
@@ -188,15 +260,19 @@ fn print_rows(rows: &[Row], format: OutputFormat, model: &str) {
         }
         OutputFormat::Md | OutputFormat::Table => {
             println!("model: {model}");
-            println!("| test | threads | tokens/s | ± | bytes/token | probe GB/s | % of roof |");
-            println!("|---|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| test | threads | tokens/s | ± | median | load | bytes/token | probe GB/s | % of roof |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             for r in rows {
                 println!(
-                    "| {} | {} | {:.2} | {:.2} | {} | {} | {} |",
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} |",
                     r.test,
                     r.threads,
                     r.tokens_per_s,
                     r.stddev,
+                    r.median,
+                    opt(r.load, 2),
                     r.bytes_per_token.map(|b| b.to_string()).unwrap_or_default(),
                     opt(r.bandwidth_gbs, 1),
                     opt(r.roof_pct, 1)

@@ -30,6 +30,10 @@ impl CpuBackend {
     }
 }
 
+/// Multiply-adds below which attention runs on the calling thread (2B-4T decoding: a context
+/// of about 800 tokens).
+const ATTENTION_PARALLEL_MIN: usize = 1 << 22;
+
 fn grow(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
@@ -168,28 +172,41 @@ impl Backend for CpuBackend {
         grow(&mut self.scores, s.rows * s.n_heads * ctx);
         let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
         // One task per (token, head): each owns its output slice and its row of scores.
-        out[..s.rows * s.n_heads * hd]
-            .par_chunks_mut(hd)
-            .zip(self.scores[..s.rows * s.n_heads * ctx].par_chunks_mut(ctx))
-            .enumerate()
-            .for_each(|(i, (o, scores))| {
-                let (t, h) = (i / s.n_heads, i % s.n_heads);
-                let kv_h = h / n_rep; // repeat_kv: q head h reads kv head h / n_rep
-                let qh = &q[(t * s.n_heads + h) * hd..(t * s.n_heads + h + 1) * hd];
-                let visible = s.pos0 + t + 1; // causal: positions 0..=pos0+t
-                for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                    let kj = &keys[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
-                    *sc = bitnet_core::dense::dot_f32(qh, kj) * scale;
+        let head = |i: usize, (o, scores): (&mut [f32], &mut [f32])| {
+            let (t, h) = (i / s.n_heads, i % s.n_heads);
+            let kv_h = h / n_rep; // repeat_kv: q head h reads kv head h / n_rep
+            let qh = &q[(t * s.n_heads + h) * hd..(t * s.n_heads + h + 1) * hd];
+            let visible = s.pos0 + t + 1; // causal: positions 0..=pos0+t
+            for (j, sc) in scores[..visible].iter_mut().enumerate() {
+                let kj = &keys[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
+                *sc = bitnet_core::dense::dot_f32(qh, kj) * scale;
+            }
+            ops::softmax(&mut scores[..visible]);
+            o.fill(0.0);
+            for (j, &p) in scores[..visible].iter().enumerate() {
+                let vj = &values[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
+                for (a, &b) in o.iter_mut().zip(vj) {
+                    *a += p * b;
                 }
-                ops::softmax(&mut scores[..visible]);
-                o.fill(0.0);
-                for (j, &p) in scores[..visible].iter().enumerate() {
-                    let vj = &values[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
-                    for (a, &b) in o.iter_mut().zip(vj) {
-                        *a += p * b;
-                    }
-                }
-            });
+            }
+        };
+        // Multiply-adds of QKᵀ and PV. A decoded token's attention over a short context is
+        // tens of microseconds: on the calling thread it costs no fork-join, which under load
+        // can wait a whole scheduler slice for a preempted helper.
+        let work = 2 * s.rows * s.n_heads * ctx * hd;
+        if work < ATTENTION_PARALLEL_MIN {
+            out[..s.rows * s.n_heads * hd]
+                .chunks_mut(hd)
+                .zip(self.scores[..s.rows * s.n_heads * ctx].chunks_mut(ctx))
+                .enumerate()
+                .for_each(|(i, pair)| head(i, pair));
+        } else {
+            out[..s.rows * s.n_heads * hd]
+                .par_chunks_mut(hd)
+                .zip(self.scores[..s.rows * s.n_heads * ctx].par_chunks_mut(ctx))
+                .enumerate()
+                .for_each(|(i, pair)| head(i, pair));
+        }
     }
 
     fn gate(&mut self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) {

@@ -157,11 +157,13 @@ impl Int8Matrix {
             // K = 0: every dot product is empty.
             (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
         } else if m == 1 {
-            for_ranges(w.groups(), macs, |groups| int8_gemv(path, w, x, groups, sink));
+            for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS_GEMV, |groups| {
+                int8_gemv(path, w, x, groups, sink)
+            });
         } else {
             // About 96 KiB of weights per cache block, as for the ternary GEMM.
             let block_rows = ((96 << 10) / w.stride().max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
-            for_ranges(w.groups(), macs, |groups| {
+            for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS, |groups| {
                 let end = (groups.end * ROW_TILE).min(w.rows());
                 let mut r = groups.start * ROW_TILE;
                 while r < end {

@@ -231,13 +231,15 @@ impl TernaryMatrix {
             // K = 0: every dot product is empty.
             (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
         } else if m == 1 {
-            for_ranges(w.tiles(), macs, |tiles| ternary_gemv(path, w, x, tiles, sink));
+            for_ranges(w.tiles(), macs, kernels::PARALLEL_MIN_MACS_GEMV, |tiles| {
+                ternary_gemv(path, w, x, tiles, sink)
+            });
         } else {
             // Rows per cache block: about 96 KiB of weights, which stay in L2 while every
             // token tile streams past them.
             let row_bytes = padded_cols(w.cols()) / 4;
             let block_rows = ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
-            for_ranges(w.tiles(), macs, |tiles| {
+            for_ranges(w.tiles(), macs, kernels::PARALLEL_MIN_MACS, |tiles| {
                 let end = (tiles.end * ROW_TILE).min(w.rows());
                 let mut r = tiles.start * ROW_TILE;
                 while r < end {

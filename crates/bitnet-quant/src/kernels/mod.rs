@@ -227,22 +227,31 @@ impl<F: Fn(i32, usize, usize) -> f32 + Sync> Sink for MapSink<'_, F> {
     }
 }
 
-/// Multiply-accumulates below which a product runs on the calling thread: waking the pool
-/// costs a few microseconds, about what one core needs for this much work.
-const PARALLEL_MIN_MACS: usize = 1 << 19;
+/// Multiply-accumulates below which a GEMM runs on the calling thread: waking the pool costs a
+/// few microseconds, about what one core needs for this much work.
+pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 19;
+
+/// The same for a GEMV (one token), which is cheaper per multiply-add: below 4 Mi MACs (the
+/// 640-row k/v projections of 2B-4T, 0.4 MB of weights, ~20 µs on one core) the hand-off is not
+/// worth it. Quiet, splitting them saved ~10 µs each; with other processes on the cores, each
+/// fork-join risks waiting a whole scheduler slice for a preempted helper, so a decoded token
+/// should cross as few of them as possible.
+pub(crate) const PARALLEL_MIN_MACS_GEMV: usize = 1 << 22;
 
 /// Runs `f` over `0..units` cut into contiguous ranges, on rayon's pool when `macs` (the work)
-/// is large enough and there is more than one thread, else on the calling thread.
-pub(crate) fn for_ranges(units: usize, macs: usize, f: impl Fn(Range<usize>) + Sync) {
+/// is at least `min_macs` and there is more than one thread, else on the calling thread.
+pub(crate) fn for_ranges(units: usize, macs: usize, min_macs: usize, f: impl Fn(Range<usize>) + Sync) {
     let threads = rayon::current_num_threads();
     if units == 0 {
         return;
     }
-    if threads <= 1 || units == 1 || macs < PARALLEL_MIN_MACS {
+    if threads <= 1 || units == 1 || macs < min_macs {
         f(0..units);
         return;
     }
-    // A few ranges per thread even out the load when other processes share the cores.
+    // A few ranges per thread even out the load when other processes share the cores: rayon
+    // splits the list in halves, so an idle thread steals whatever a preempted one has not
+    // started, and only the range in progress can hold up the join.
     let tasks = (threads * 4).min(units);
     (0..tasks).into_par_iter().for_each(|i| f(i * units / tasks..(i + 1) * units / tasks));
 }
