@@ -61,6 +61,16 @@ fn tiny_fixture_through_gguf_keeps_transformers_greedy_ids() {
 /// gives bit-identical logits to its HF checkpoint (same codes, same f16-exact scale).
 #[test]
 fn ternary_gguf_types_are_exact() {
+    ternary_types_exact_for(false);
+}
+
+/// The llama layout also reorders q/k rows for llama.cpp's interleaved RoPE, and back on load.
+#[test]
+fn ternary_gguf_types_are_exact_for_the_llama_layout() {
+    ternary_types_exact_for(true);
+}
+
+fn ternary_types_exact_for(llama: bool) {
     let dir = tempfile::tempdir().unwrap();
     let shape = SynthShape {
         name: "w256",
@@ -70,7 +80,7 @@ fn ternary_gguf_types_are_exact() {
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
-        llama: false,
+        llama,
         rope_theta: 10000.0,
         max_position_embeddings: 64,
     };

@@ -303,7 +303,10 @@ pub fn convert_hf_to_gguf(
                 continue;
             }
             Source::Projection(prefix, rows, cols) => {
-                let (codes, scale) = projection_codes(&store, &cfg, prefix, *rows, *cols)?;
+                let (mut codes, scale) = projection_codes(&store, &cfg, prefix, *rows, *cols)?;
+                if gguf_arch(&cfg) == "llama" {
+                    codes = llama_rope_rows(&codes, *cols, &spec.name, &cfg, false);
+                }
                 let r = match weight {
                     WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; codes.len() / 256]),
                     WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; codes.len() / 256]),
@@ -418,4 +421,36 @@ impl<I: Iterator<Item = Vec<u8>>> std::io::Read for ChunkReader<I> {
         self.pos += n;
         Ok(n)
     }
+}
+
+/// llama.cpp runs the `llama` architecture with interleaved RoPE pairs (x0, x1), while HF
+/// checkpoints rotate half-split pairs (x0, x_{d/2}); its converter therefore reorders the rows of
+/// q and k inside each head, and so do we: row `2i` of a head takes row `i`, row `2i+1` takes row
+/// `i + d/2` (`inverse` undoes it when reading such a file). Other tensors pass unchanged.
+pub fn llama_rope_rows(
+    codes: &[i8],
+    cols: usize,
+    gguf_name: &str,
+    cfg: &ModelConfig,
+    inverse: bool,
+) -> Vec<i8> {
+    let heads = if gguf_name.ends_with(".attn_q.weight") {
+        cfg.num_heads
+    } else if gguf_name.ends_with(".attn_k.weight") {
+        cfg.num_kv_heads
+    } else {
+        return codes.to_vec();
+    };
+    let d = cfg.head_dim;
+    let mut out = vec![0i8; codes.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for (interleaved, half_split) in [(2 * i, i), (2 * i + 1, i + d / 2)] {
+                let (to, from) = if inverse { (half_split, interleaved) } else { (interleaved, half_split) };
+                let (t, f) = ((h * d + to) * cols, (h * d + from) * cols);
+                out[t..t + cols].copy_from_slice(&codes[f..f + cols]);
+            }
+        }
+    }
+    out
 }

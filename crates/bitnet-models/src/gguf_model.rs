@@ -146,7 +146,13 @@ fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseM
 
 /// One projection `[rows, cols]`: exact ternary codes where the type is ternary, else
 /// ternarized from floats; times the optional `.scale` tensor of llama.cpp's bitnet arch.
-fn projection(file: &GgufFile, base: &str, rows: usize, cols: usize) -> Result<Projection, ModelError> {
+fn projection(
+    file: &GgufFile,
+    cfg: &ModelConfig,
+    base: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Projection, ModelError> {
     let path = Path::new(file.file());
     let name = format!("{base}.weight");
     let info =
@@ -162,7 +168,11 @@ fn projection(file: &GgufFile, base: &str, rows: usize, cols: usize) -> Result<P
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
-    let (codes, scale) = ternary_codes_of(file, &name, rows * cols)?;
+    let (mut codes, scale) = ternary_codes_of(file, &name, rows * cols)?;
+    if cfg.architecture == Architecture::Llama158 {
+        // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
+        codes = crate::convert::llama_rope_rows(&codes, cols, &name, cfg, true);
+    }
     let weight = TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
         .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
     Ok(Projection { weight, input_norm: None })
@@ -240,14 +250,14 @@ fn layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<LayerWeights, M
     Ok(LayerWeights {
         input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
         post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
-        q_proj: projection(file, &format!("{p}.attn_q"), q, h)?,
-        k_proj: projection(file, &format!("{p}.attn_k"), kv, h)?,
-        v_proj: projection(file, &format!("{p}.attn_v"), kv, h)?,
-        o_proj: projection(file, &format!("{p}.attn_output"), h, q)?,
+        q_proj: projection(file, cfg, &format!("{p}.attn_q"), q, h)?,
+        k_proj: projection(file, cfg, &format!("{p}.attn_k"), kv, h)?,
+        v_proj: projection(file, cfg, &format!("{p}.attn_v"), kv, h)?,
+        o_proj: projection(file, cfg, &format!("{p}.attn_output"), h, q)?,
         attn_sub_norm: sub("attn_sub_norm", q)?,
-        gate_proj: projection(file, &format!("{p}.ffn_gate"), i, h)?,
-        up_proj: projection(file, &format!("{p}.ffn_up"), i, h)?,
-        down_proj: projection(file, &format!("{p}.ffn_down"), h, i)?,
+        gate_proj: projection(file, cfg, &format!("{p}.ffn_gate"), i, h)?,
+        up_proj: projection(file, cfg, &format!("{p}.ffn_up"), i, h)?,
+        down_proj: projection(file, cfg, &format!("{p}.ffn_down"), h, i)?,
         ffn_sub_norm: sub("ffn_sub_norm", i)?,
     })
 }
