@@ -13,6 +13,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the training variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt, streamed to stdout; speed goes to stderr.
