@@ -37,6 +37,27 @@ pub enum HeadType {
 }
 
 impl WeightType {
+    /// Elements per block: rows of a projection must be a multiple of it.
+    fn block(self) -> usize {
+        match self {
+            WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
+            WeightType::I2S => 128,
+            WeightType::F16 => 1,
+        }
+    }
+
+    /// The bytes of exact ternary `codes` with one `scale` in this type.
+    fn encode(self, codes: &[i8], scale: f32) -> Result<Vec<u8>, formats::FormatError> {
+        match self {
+            WeightType::Tq2_0 => formats::tq2_0::pack(codes, &vec![scale; codes.len() / 256]),
+            WeightType::Tq1_0 => formats::tq1_0::pack(codes, &vec![scale; codes.len() / 256]),
+            WeightType::I2S => formats::i2_s::pack(codes, scale),
+            WeightType::F16 => {
+                Ok(formats::float::quantize_f16(&codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>()))
+            }
+        }
+    }
+
     fn ggml(self) -> GgmlType {
         match self {
             WeightType::Tq2_0 => GgmlType::TQ2_0,
@@ -250,11 +271,7 @@ pub fn convert_hf_to_gguf(
 ) -> Result<(), ModelError> {
     let cfg = ModelConfig::from_dir(src)?;
     let store = TensorStore::open_dir(src)?;
-    let block = match weight {
-        WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
-        WeightType::I2S => 128,
-        WeightType::F16 => 1,
-    };
+    let block = weight.block();
     for (what, n) in [
         ("hidden_size", cfg.hidden_size),
         ("intermediate_size", cfg.intermediate_size),
@@ -307,15 +324,7 @@ pub fn convert_hf_to_gguf(
                 if gguf_arch(&cfg) == "llama" {
                     codes = llama_rope_rows(&codes, *cols, &spec.name, &cfg, false);
                 }
-                let r = match weight {
-                    WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; codes.len() / 256]),
-                    WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; codes.len() / 256]),
-                    WeightType::I2S => formats::i2_s::pack(&codes, scale),
-                    WeightType::F16 => Ok(formats::float::quantize_f16(
-                        &codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>(),
-                    )),
-                };
-                r.map_err(|e| fmt_err(dst, prefix, e))?
+                weight.encode(&codes, scale).map_err(|e| fmt_err(dst, prefix, e))?
             }
         };
         w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
@@ -344,15 +353,11 @@ pub fn requantize_gguf(
     use crate::gguf::GgufFile;
     let file = GgufFile::open(src).map_err(|e| ModelError::tensor(src, e.to_string()))?;
     let gerr = |e: crate::gguf::GgufError| ModelError::tensor(dst, e.to_string());
-    let block = match weight {
-        WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
-        WeightType::I2S => 128,
-        WeightType::F16 => 1,
-    };
+    let block = weight.block();
     let mut specs = Vec::new();
     for t in file.tensors() {
         let ty = if is_projection(t.name()) { weight.ggml() } else { t.ggml_type() };
-        if is_projection(t.name()) && t.shape().first().is_some_and(|&c| c % block != 0) {
+        if is_projection(t.name()) && t.shape().first().is_some_and(|&c| c % block as u64 != 0) {
             return Err(ModelError::tensor(
                 src,
                 format!(
@@ -372,15 +377,7 @@ pub fn requantize_gguf(
         if is_projection(&spec.name) {
             let n = spec.shape.iter().product::<u64>() as usize;
             let (codes, scale) = crate::gguf_model::ternary_codes_of(&file, &spec.name, n)?;
-            let bytes = match weight {
-                WeightType::Tq2_0 => formats::tq2_0::pack(&codes, &vec![scale; n / 256]),
-                WeightType::Tq1_0 => formats::tq1_0::pack(&codes, &vec![scale; n / 256]),
-                WeightType::I2S => formats::i2_s::pack(&codes, scale),
-                WeightType::F16 => Ok(formats::float::quantize_f16(
-                    &codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>(),
-                )),
-            }
-            .map_err(|e| fmt_err(dst, &spec.name, e))?;
+            let bytes = weight.encode(&codes, scale).map_err(|e| fmt_err(dst, &spec.name, e))?;
             w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
         } else {
             let data = file.tensor_data(&spec.name).map_err(gerr)?;
