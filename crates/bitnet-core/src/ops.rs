@@ -4,8 +4,7 @@
 /// the gain (when there is one). The mean is accumulated in f64 so that it sits within an ulp of
 /// torch's f32 reduction whatever the summation order.
 pub fn rmsnorm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64;
-    let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+    let inv = inverse_rms(x, eps);
     match weight {
         Some(w) => {
             for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
@@ -17,6 +16,21 @@ pub fn rmsnorm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, out: &mut [f32])
                 *o = v * inv;
             }
         }
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)`, the square sum in f64.
+fn inverse_rms(x: &[f32], eps: f32) -> f32 {
+    let mean_sq = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64;
+    1.0 / ((mean_sq as f32) + eps).sqrt()
+}
+
+/// [`rmsnorm_row`] in place, with the same arithmetic.
+pub fn rmsnorm_row_in_place(x: &mut [f32], weight: Option<&[f32]>, eps: f32) {
+    let inv = inverse_rms(x, eps);
+    match weight {
+        Some(w) => x.iter_mut().zip(w).for_each(|(v, &g)| *v = g * (*v * inv)),
+        None => x.iter_mut().for_each(|v| *v *= inv),
     }
 }
 
@@ -57,6 +71,20 @@ pub fn rope_neox(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
             let (a, b) = (lo[i], hi[i]);
             lo[i] = a * cos[i] - b * sin[i];
             hi[i] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+/// [`rope_neox`] of `x` written to `out` (the KV cache), with the same arithmetic.
+pub fn rope_neox_into(x: &[f32], head_dim: usize, cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = head_dim / 2;
+    for (head, dst) in x.chunks_exact(head_dim).zip(out.chunks_exact_mut(head_dim)) {
+        let (lo, hi) = head.split_at(half);
+        let (dlo, dhi) = dst.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (lo[i], hi[i]);
+            dlo[i] = a * cos[i] - b * sin[i];
+            dhi[i] = b * cos[i] + a * sin[i];
         }
     }
 }

@@ -68,6 +68,31 @@ pub trait Backend: Send {
         width: usize,
         out: &mut Self::QuantBuffer,
     );
+    /// RMSNorm of `rows` rows of `x` (with an optional gain) quantized per token straight
+    /// into `out`: the normed floats exist one row at a time and are never stored.
+    fn norm_quantize(
+        &mut self,
+        x: &Self::Buffer,
+        gain: Option<&Self::Vector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::QuantBuffer,
+    );
+    /// `act(gate) · up`, through the FFN sub-norm when there is one, quantized per token into
+    /// `out` (the down projection's input) one row at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_quantize(
+        &mut self,
+        act: Activation,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        sub_norm: Option<&Self::Vector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::QuantBuffer,
+    );
     /// `out = BitLinear(x)` for the quantized rows in `x`.
     fn bitlinear(&mut self, w: &Self::Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
     /// `out = W · x` with int8 weights and activations, scaled back to float.
@@ -82,8 +107,10 @@ pub trait Backend: Send {
         n_heads: usize,
         head_dim: usize,
     );
-    /// Writes the keys and values of `rows` tokens at `pos0..` into `layer` of the cache.
-    fn kv_store(
+    /// RoPE on `rows` keys of `n_kv_heads` heads (positions `pos0..`), written with their values
+    /// straight into `layer` of the cache; `k` itself is left as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_store(
         &mut self,
         cache: &mut Self::KvCache,
         layer: usize,
@@ -91,6 +118,8 @@ pub trait Backend: Send {
         rows: usize,
         k: &Self::Buffer,
         v: &Self::Buffer,
+        inv_freq: &Self::Vector,
+        head_dim: usize,
     );
     /// Causal attention of `q` over the cache of `layer` (positions `0..pos0+rows`).
     fn attention(

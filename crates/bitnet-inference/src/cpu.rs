@@ -22,6 +22,8 @@ pub struct CpuBackend {
     /// cos/sin for the positions of one call.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// One row of floats between a fused producer (norm, gate) and the quantizer.
+    row: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -37,6 +39,19 @@ const ATTENTION_PARALLEL_MIN: usize = 1 << 22;
 fn grow(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
+    }
+}
+
+impl CpuBackend {
+    /// cos/sin of positions `pos0..pos0 + rows` into `rope_cos`/`rope_sin` (`half` per row).
+    fn rope_table(&mut self, inv_freq: &[f32], rows: usize, pos0: usize, half: usize) {
+        grow(&mut self.rope_cos, rows * half);
+        grow(&mut self.rope_sin, rows * half);
+        for t in 0..rows {
+            let (c, s) =
+                (&mut self.rope_cos[t * half..(t + 1) * half], &mut self.rope_sin[t * half..(t + 1) * half]);
+            ops::rope_cos_sin(pos0 + t, inv_freq, c, s);
+        }
     }
 }
 
@@ -110,6 +125,47 @@ impl Backend for CpuBackend {
         out.quantize(&x[first * width..(first + rows) * width], rows);
     }
 
+    fn norm_quantize(
+        &mut self,
+        x: &Vec<f32>,
+        gain: Option<&Vec<f32>>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut QuantizedActivations,
+    ) {
+        grow(&mut self.row, width);
+        let gain = gain.map(|g| g.as_slice());
+        out.quantize_each(rows, &mut self.row[..width], |t, row| {
+            ops::rmsnorm_row(&x[t * width..(t + 1) * width], gain, eps, row)
+        });
+    }
+
+    fn gate_quantize(
+        &mut self,
+        act: Activation,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+        sub_norm: Option<&Vec<f32>>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut QuantizedActivations,
+    ) {
+        grow(&mut self.row, width);
+        let sub_norm = sub_norm.map(|g| g.as_slice());
+        out.quantize_each(rows, &mut self.row[..width], |t, row| {
+            let (g, u) = (&gate[t * width..(t + 1) * width], &up[t * width..(t + 1) * width]);
+            match act {
+                Activation::Relu2 => ops::relu2_mul(g, u, row),
+                Activation::Silu => ops::silu_mul(g, u, row),
+            }
+            if sub_norm.is_some() {
+                ops::rmsnorm_row_in_place(row, sub_norm, eps);
+            }
+        });
+    }
+
     fn bitlinear(&mut self, w: &TernaryMatrix, x: &QuantizedActivations, out: &mut Vec<f32>) {
         w.forward(x, &mut out[..x.m() * w.rows()]);
     }
@@ -128,13 +184,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) {
         let half = head_dim / 2;
-        grow(&mut self.rope_cos, rows * half);
-        grow(&mut self.rope_sin, rows * half);
-        for t in 0..rows {
-            let (c, s) =
-                (&mut self.rope_cos[t * half..(t + 1) * half], &mut self.rope_sin[t * half..(t + 1) * half]);
-            ops::rope_cos_sin(pos0 + t, inv_freq, c, s);
-        }
+        self.rope_table(inv_freq, rows, pos0, half);
         let width = n_heads * head_dim;
         for (t, row) in x[..rows * width].chunks_exact_mut(width).enumerate() {
             let (c, s) = (&self.rope_cos[t * half..(t + 1) * half], &self.rope_sin[t * half..(t + 1) * half]);
@@ -142,7 +192,7 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn kv_store(
+    fn rope_kv_store(
         &mut self,
         cache: &mut CpuKvCache,
         layer: usize,
@@ -150,9 +200,16 @@ impl Backend for CpuBackend {
         rows: usize,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        inv_freq: &Vec<f32>,
+        head_dim: usize,
     ) {
-        let d = cache.kv_dim;
-        cache.keys[layer][pos0 * d..(pos0 + rows) * d].copy_from_slice(&k[..rows * d]);
+        let (d, half) = (cache.kv_dim, head_dim / 2);
+        self.rope_table(inv_freq, rows, pos0, half);
+        let keys = &mut cache.keys[layer][pos0 * d..(pos0 + rows) * d];
+        for (t, (dst, src)) in keys.chunks_exact_mut(d).zip(k.chunks_exact(d)).enumerate() {
+            let (c, s) = (&self.rope_cos[t * half..(t + 1) * half], &self.rope_sin[t * half..(t + 1) * half]);
+            ops::rope_neox_into(src, head_dim, c, s, dst);
+        }
         cache.values[layer][pos0 * d..(pos0 + rows) * d].copy_from_slice(&v[..rows * d]);
     }
 
@@ -226,5 +283,64 @@ impl Backend for CpuBackend {
 
     fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) {
         out.copy_from_slice(&b[offset..offset + out.len()]);
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+
+    fn data(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 31) % 1009) as f32 - 504.0) * 0.0037).collect()
+    }
+
+    fn same(a: &QuantizedActivations, b: &QuantizedActivations) {
+        assert_eq!(a.m(), b.m());
+        for t in 0..a.m() {
+            assert_eq!(a.row(t), b.row(t), "token {t}");
+            assert_eq!(a.scale(t).to_bits(), b.scale(t).to_bits());
+            assert_eq!(a.sum(t), b.sum(t));
+        }
+    }
+
+    /// The fused passes are the unfused ones, value for value.
+    #[test]
+    fn fused_norm_gate_and_rope_equal_the_separate_steps() {
+        let mut b = CpuBackend::new();
+        for (rows, width) in [(1, 256), (3, 300), (5, 64)] {
+            let (x, g, u, gain) =
+                (data(rows * width, 1), data(rows * width, 2), data(rows * width, 3), data(width, 4));
+            let mut fused = QuantizedActivations::new(rows, width);
+            let mut plain = QuantizedActivations::new(rows, width);
+            let mut normed = vec![0.0; rows * width];
+            for gain in [Some(&gain), None] {
+                b.norm_quantize(&x, gain, rows, width, 1e-5, &mut fused);
+                b.rmsnorm(&x, gain, rows, width, 1e-5, &mut normed);
+                b.quantize(&normed, 0, rows, width, &mut plain);
+                same(&fused, &plain);
+                for act in [Activation::Relu2, Activation::Silu] {
+                    b.gate_quantize(act, &g, &u, gain, rows, width, 1e-5, &mut fused);
+                    let mut gated = vec![0.0; rows * width];
+                    b.gate(act, &g, &u, rows * width, &mut gated);
+                    if gain.is_some() {
+                        b.rmsnorm(&gated, gain, rows, width, 1e-5, &mut normed);
+                        gated.copy_from_slice(&normed);
+                    }
+                    b.quantize(&gated, 0, rows, width, &mut plain);
+                    same(&fused, &plain);
+                }
+            }
+        }
+        let (head_dim, kv_heads, rows, pos0) = (16, 2, 3, 4);
+        let d = head_dim * kv_heads;
+        let inv_freq = ops::rope_inv_freq(10_000.0, head_dim);
+        let (k, v) = (data(rows * d, 5), data(rows * d, 6));
+        let mut cache = b.kv_cache(2, 8, d);
+        b.rope_kv_store(&mut cache, 1, pos0, rows, &k, &v, &inv_freq, head_dim);
+        let mut rotated = k.clone();
+        b.rope(&mut rotated, &inv_freq, rows, pos0, kv_heads, head_dim);
+        assert_eq!(&cache.keys[1][pos0 * d..(pos0 + rows) * d], &rotated[..]);
+        assert_eq!(&cache.values[1][pos0 * d..(pos0 + rows) * d], &v[..]);
+        assert!(cache.keys[0].iter().all(|&x| x == 0.0));
     }
 }

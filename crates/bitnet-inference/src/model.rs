@@ -277,19 +277,23 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let b = &mut self.backend;
         let a = &mut s.act;
-        b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
-        // q, k and v read the same input: quantize it once unless each has its own norm.
+        // q, k and v read the same input: normed and quantized once, in one pass, unless each
+        // projection has its own norm (1bitLLM).
         let shared = layer.q_proj.input_norm.is_none();
+        if shared {
+            b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden);
+        } else {
+            b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
+        }
         for (proj, out) in [(&layer.q_proj, &mut a.q), (&layer.k_proj, &mut a.k), (&layer.v_proj, &mut a.v)] {
-            if !shared || std::ptr::eq(proj, &layer.q_proj) {
+            if !shared {
                 quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
             }
             b.bitlinear(&proj.weight, &a.quant_hidden, out);
         }
 
         b.rope(&mut a.q, &self.rope_inv_freq, rows, s.pos, c.num_heads, c.head_dim);
-        b.rope(&mut a.k, &self.rope_inv_freq, rows, s.pos, c.num_kv_heads, c.head_dim);
-        b.kv_store(&mut s.cache, l, s.pos, rows, &a.k, &a.v);
+        b.rope_kv_store(&mut s.cache, l, s.pos, rows, &a.k, &a.v, &self.rope_inv_freq, c.head_dim);
         let shape = AttentionShape {
             rows,
             pos0: s.pos,
@@ -299,14 +303,14 @@ impl<B: Backend> Model<B> {
         };
         b.attention(&a.q, &s.cache, l, shape, &mut a.attn);
 
-        let o_in = match &layer.attn_sub_norm {
-            Some(g) => {
+        match (&layer.attn_sub_norm, layer.o_proj.input_norm.is_some()) {
+            (Some(g), false) => b.norm_quantize(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.quant_attn),
+            (Some(g), true) => {
                 b.rmsnorm(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.normed);
-                &a.normed
+                quantize_for(b, &layer.o_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_attn);
             }
-            None => &a.attn,
-        };
-        quantize_for(b, &layer.o_proj, o_in, rows, &mut a.scratch, &mut a.quant_attn);
+            (None, _) => quantize_for(b, &layer.o_proj, &a.attn, rows, &mut a.scratch, &mut a.quant_attn),
+        }
         b.bitlinear(&layer.o_proj.weight, &a.quant_attn, &mut a.proj);
         b.add(&mut a.x, &a.proj, rows * h);
     }
@@ -318,24 +322,34 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let b = &mut self.backend;
         let a = &mut s.act;
-        b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
         let shared = layer.gate_proj.input_norm.is_none();
-        quantize_for(b, &layer.gate_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+        if shared {
+            b.norm_quantize(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.quant_hidden);
+        } else {
+            b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
+            quantize_for(b, &layer.gate_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+        }
         b.bitlinear(&layer.gate_proj.weight, &a.quant_hidden, &mut a.gate);
         if !shared {
             quantize_for(b, &layer.up_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
         }
         b.bitlinear(&layer.up_proj.weight, &a.quant_hidden, &mut a.up);
-        // The gated product overwrites the norm output, which is no longer needed.
-        b.gate(c.activation, &a.gate, &a.up, rows * i, &mut a.normed);
-        let down_in = match &layer.ffn_sub_norm {
-            Some(g) => {
-                b.rmsnorm(&a.normed, Some(g), rows, i, eps, &mut a.gate);
-                &a.gate
-            }
-            None => &a.normed,
-        };
-        quantize_for(b, &layer.down_proj, down_in, rows, &mut a.scratch, &mut a.quant_inter);
+        if layer.down_proj.input_norm.is_none() {
+            // Gate, sub-norm and quantization in one pass over each row.
+            let sub_norm = layer.ffn_sub_norm.as_ref();
+            b.gate_quantize(c.activation, &a.gate, &a.up, sub_norm, rows, i, eps, &mut a.quant_inter);
+        } else {
+            // The gated product overwrites the norm output, which is no longer needed.
+            b.gate(c.activation, &a.gate, &a.up, rows * i, &mut a.normed);
+            let down_in = match &layer.ffn_sub_norm {
+                Some(g) => {
+                    b.rmsnorm(&a.normed, Some(g), rows, i, eps, &mut a.gate);
+                    &a.gate
+                }
+                None => &a.normed,
+            };
+            quantize_for(b, &layer.down_proj, down_in, rows, &mut a.scratch, &mut a.quant_inter);
+        }
         b.bitlinear(&layer.down_proj.weight, &a.quant_inter, &mut a.proj);
         b.add(&mut a.x, &a.proj, rows * h);
     }

@@ -88,6 +88,24 @@ impl QuantizedActivations {
         }
     }
 
+    /// Quantizes `m` tokens that `fill(i, row)` writes one at a time into `row` (`k` floats of
+    /// caller-owned scratch): the producer of the floats (a norm, a gate) and the quantizer
+    /// share one cache-resident row, and the `m × k` floats are never stored. Equal to
+    /// [`Self::quantize`] of the same rows.
+    pub fn quantize_each(&mut self, m: usize, row: &mut [f32], mut fill: impl FnMut(usize, &mut [f32])) {
+        assert!(m <= self.max_m && row.len() == self.k, "activation buffer too small");
+        self.m = m;
+        let (k, stride) = (self.k, self.stride);
+        let q = self.q.as_i8_mut();
+        for i in 0..m {
+            fill(i, row);
+            let qi = &mut q[i * stride..i * stride + k];
+            self.scales[i] =
+                if k == 0 { 127.0 / crate::quantize::QUANT_EPS } else { quantize_activation_row(row, qi) };
+            self.sums[i] = qi.iter().map(|&v| v as i32).sum();
+        }
+    }
+
     /// Loads already-quantized tokens: `q` holds `m` rows of `k` int8 values, `scales` their
     /// `s_a`. For callers with their own activation quantizer, and for tests.
     pub fn set_int8(&mut self, q: &[i8], scales: &[f32], m: usize) -> Result<(), QuantError> {
@@ -325,5 +343,28 @@ pub fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
 pub fn reference_gemv_i32(t: &[i8], rows: usize, cols: usize, x: &[i8], out: &mut [i32]) {
     for (r, o) in out.iter_mut().enumerate().take(rows) {
         *o = dot_i8(&t[r * cols..(r + 1) * cols], x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QuantizedActivations;
+
+    #[test]
+    fn quantize_each_equals_quantize() {
+        for (m, k) in [(1, 1), (3, 257), (5, 2560), (2, 0)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let mut whole = QuantizedActivations::new(m, k);
+            whole.quantize(&x, m);
+            let mut each = QuantizedActivations::new(m, k);
+            let mut row = vec![0.0; k];
+            each.quantize_each(m, &mut row, |i, r| r.copy_from_slice(&x[i * k..(i + 1) * k]));
+            assert_eq!(each.m(), m);
+            for i in 0..m {
+                assert_eq!(each.padded_row(i), whole.padded_row(i));
+                assert_eq!(each.scale(i).to_bits(), whole.scale(i).to_bits());
+                assert_eq!(each.sum(i), whole.sum(i));
+            }
+        }
     }
 }
