@@ -95,6 +95,14 @@ pub trait Backend: Send {
     );
     /// `out = BitLinear(x)` for the quantized rows in `x`.
     fn bitlinear(&mut self, w: &Self::Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
+    /// `outs[i] = BitLinear_i(x)` for matrices that read the same input (q, k, v; gate, up),
+    /// as one unit of work for the device.
+    fn bitlinear_many<const N: usize>(
+        &mut self,
+        ws: [&Self::Linear; N],
+        x: &Self::QuantBuffer,
+        outs: [&mut Self::Buffer; N],
+    );
     /// `out = W · x` with int8 weights and activations, scaled back to float.
     fn int8_linear(&mut self, w: &Self::Int8Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
     /// NeoX RoPE on `rows` rows of `n_heads` heads, for positions `pos0..pos0+rows`.

@@ -170,6 +170,22 @@ impl Backend for CpuBackend {
         w.forward(x, &mut out[..x.m() * w.rows()]);
     }
 
+    fn bitlinear_many<const N: usize>(
+        &mut self,
+        ws: [&TernaryMatrix; N],
+        x: &QuantizedActivations,
+        outs: [&mut Vec<f32>; N],
+    ) {
+        let m = x.m();
+        let mut i = 0;
+        let outs = outs.map(|o| {
+            let rows = ws[i].rows();
+            i += 1;
+            &mut o[..m * rows]
+        });
+        TernaryMatrix::forward_many(ws, x, outs);
+    }
+
     fn int8_linear(&mut self, w: &Int8Matrix, x: &QuantizedActivations, out: &mut Vec<f32>) {
         w.forward(x, &mut out[..x.m() * w.rows()]);
     }

@@ -282,14 +282,16 @@ impl<B: Backend> Model<B> {
         let shared = layer.q_proj.input_norm.is_none();
         if shared {
             b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden);
+            let qkv = [&layer.q_proj.weight, &layer.k_proj.weight, &layer.v_proj.weight];
+            b.bitlinear_many(qkv, &a.quant_hidden, [&mut a.q, &mut a.k, &mut a.v]);
         } else {
             b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
-        }
-        for (proj, out) in [(&layer.q_proj, &mut a.q), (&layer.k_proj, &mut a.k), (&layer.v_proj, &mut a.v)] {
-            if !shared {
+            for (proj, out) in
+                [(&layer.q_proj, &mut a.q), (&layer.k_proj, &mut a.k), (&layer.v_proj, &mut a.v)]
+            {
                 quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+                b.bitlinear(&proj.weight, &a.quant_hidden, out);
             }
-            b.bitlinear(&proj.weight, &a.quant_hidden, out);
         }
 
         b.rope(&mut a.q, &self.rope_inv_freq, rows, s.pos, c.num_heads, c.head_dim);
@@ -325,15 +327,15 @@ impl<B: Backend> Model<B> {
         let shared = layer.gate_proj.input_norm.is_none();
         if shared {
             b.norm_quantize(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.quant_hidden);
+            let gate_up = [&layer.gate_proj.weight, &layer.up_proj.weight];
+            b.bitlinear_many(gate_up, &a.quant_hidden, [&mut a.gate, &mut a.up]);
         } else {
             b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
-            quantize_for(b, &layer.gate_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+            for (proj, out) in [(&layer.gate_proj, &mut a.gate), (&layer.up_proj, &mut a.up)] {
+                quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
+                b.bitlinear(&proj.weight, &a.quant_hidden, out);
+            }
         }
-        b.bitlinear(&layer.gate_proj.weight, &a.quant_hidden, &mut a.gate);
-        if !shared {
-            quantize_for(b, &layer.up_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
-        }
-        b.bitlinear(&layer.up_proj.weight, &a.quant_hidden, &mut a.up);
         if layer.down_proj.input_norm.is_none() {
             // Gate, sub-norm and quantization in one pass over each row.
             let sub_norm = layer.ffn_sub_norm.as_ref();

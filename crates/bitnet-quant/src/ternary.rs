@@ -4,6 +4,8 @@
 //! `acc = Σ q_i8 · t`, then `y = acc / s_a · mean|W|` (multiplier form) or
 //! `y = acc / (s_a · weight_scale)` (BitLinear divisor form).
 
+use std::ops::Range;
+
 use crate::aligned::AlignedBytes;
 use crate::kernels::{self, for_ranges, I32Sink, KernelPath, MapSink, SharedOut, Sink};
 use crate::layout::{padded_cols, PackedTernary, ROW_TILE};
@@ -243,30 +245,86 @@ impl TernaryMatrix {
     /// Splits the product by row tiles over the thread pool and runs `path`'s kernels.
     fn run<S: Sink>(&self, path: KernelPath, x: &QuantizedActivations, sink: &S) {
         let path = path.or_best();
-        let (w, m) = (&self.packed, x.m());
-        let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
+        let w = &self.packed;
         if w.blocks() == 0 {
             // K = 0: every dot product is empty.
-            (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
-        } else if m == 1 {
-            for_ranges(w.tiles(), macs, kernels::PARALLEL_MIN_MACS_GEMV, |tiles| {
-                ternary_gemv(path, w, x, tiles, sink)
-            });
-        } else {
-            // Rows per cache block: about 96 KiB of weights, which stay in L2 while every
-            // token tile streams past them.
-            let row_bytes = padded_cols(w.cols()) / 4;
-            let block_rows = ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
-            for_ranges(w.tiles(), macs, kernels::PARALLEL_MIN_MACS, |tiles| {
-                let end = (tiles.end * ROW_TILE).min(w.rows());
-                let mut r = tiles.start * ROW_TILE;
-                while r < end {
-                    let rows = r..(r + block_rows).min(end);
-                    ternary_gemm(path, w, x, rows.clone(), 0..m, sink);
-                    r = rows.end;
-                }
-            });
+            (0..x.m()).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
+            return;
         }
+        for_ranges(w.tiles(), self.macs(x), Self::parallel_min(x), |tiles| {
+            self.run_tiles(path, x, tiles, sink)
+        });
+    }
+
+    /// Multiply-adds of the product with `x`, padding included.
+    fn macs(&self, x: &QuantizedActivations) -> usize {
+        x.m() * self.packed.tiles() * ROW_TILE * padded_cols(self.packed.cols())
+    }
+
+    fn parallel_min(x: &QuantizedActivations) -> usize {
+        if x.m() == 1 {
+            kernels::PARALLEL_MIN_MACS_GEMV
+        } else {
+            kernels::PARALLEL_MIN_MACS
+        }
+    }
+
+    /// The row tiles `tiles` of the product, on the calling thread.
+    fn run_tiles<S: Sink>(&self, path: KernelPath, x: &QuantizedActivations, tiles: Range<usize>, sink: &S) {
+        let (w, m) = (&self.packed, x.m());
+        if m == 1 {
+            ternary_gemv(path, w, x, tiles, sink);
+            return;
+        }
+        // Rows per cache block: about 96 KiB of weights, which stay in L2 while every token
+        // tile streams past them.
+        let row_bytes = padded_cols(w.cols()) / 4;
+        let block_rows = ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
+        let end = (tiles.end * ROW_TILE).min(w.rows());
+        let mut r = tiles.start * ROW_TILE;
+        while r < end {
+            let rows = r..(r + block_rows).min(end);
+            ternary_gemm(path, w, x, rows.clone(), 0..m, sink);
+            r = rows.end;
+        }
+    }
+
+    /// [`TernaryMatrix::forward`] of `N` matrices of the same width on the same activations
+    /// (q, k and v; gate and up) in one parallel region: one hand-off to the thread pool
+    /// instead of `N`, and small products (the k/v projections) share the threads rather
+    /// than run on the caller alone. Allocates nothing.
+    pub fn forward_many<const N: usize>(
+        mats: [&TernaryMatrix; N],
+        x: &QuantizedActivations,
+        outs: [&mut [f32]; N],
+    ) {
+        let path = KernelPath::active().or_best();
+        let s_a = x.scales();
+        let mut outs = outs.map(Some);
+        let sinks: [_; N] = std::array::from_fn(|i| {
+            let (w, out) = (mats[i], outs[i].take().expect("each output is taken once"));
+            w.check(x, out.len());
+            let scale = w.scale;
+            MapSink(SharedOut::new(out, w.rows()), move |acc, t, _r| scale.apply(acc, s_a[t]))
+        });
+        if mats.iter().any(|w| w.packed.blocks() == 0) {
+            // K = 0 (all matrices share it): nothing to split.
+            mats.iter().zip(&sinks).for_each(|(w, sink)| w.run(path, x, sink));
+            return;
+        }
+        let tiles: [usize; N] = std::array::from_fn(|i| mats[i].packed.tiles());
+        let macs = mats.iter().map(|w| w.macs(x)).sum();
+        for_ranges(tiles.iter().sum(), macs, Self::parallel_min(x), |range| {
+            // `range` counts the tiles of all matrices one after another.
+            let mut first = 0;
+            for i in 0..N {
+                let (lo, hi) = (range.start.max(first), range.end.min(first + tiles[i]));
+                if lo < hi {
+                    mats[i].run_tiles(path, x, lo - first..hi - first, &sinks[i]);
+                }
+                first += tiles[i];
+            }
+        });
     }
 }
 
@@ -275,7 +333,7 @@ fn ternary_gemv<S: Sink>(
     path: KernelPath,
     w: &PackedTernary,
     x: &QuantizedActivations,
-    tiles: std::ops::Range<usize>,
+    tiles: Range<usize>,
     sink: &S,
 ) {
     match path {
@@ -303,8 +361,8 @@ fn ternary_gemm<S: Sink>(
     path: KernelPath,
     w: &PackedTernary,
     x: &QuantizedActivations,
-    rows: std::ops::Range<usize>,
-    tokens: std::ops::Range<usize>,
+    rows: Range<usize>,
+    tokens: Range<usize>,
     sink: &S,
 ) {
     match path {

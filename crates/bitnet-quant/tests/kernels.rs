@@ -127,3 +127,41 @@ fn int8_matrix_quantizes_per_row() {
     assert_eq!(m.rows(), 3);
     assert_eq!(m.cols(), 5);
 }
+
+/// Several matrices in one parallel region give exactly what each gives alone, whatever the
+/// thread count and however the tile ranges straddle the matrices.
+#[test]
+fn forward_many_equals_forward_of_each() {
+    let k = 2560;
+    let codes = |n: usize, seed: usize| -> Vec<i8> {
+        (0..n * k).map(|i| ((i * 7 + seed * 13 + i / 9) % 3) as i8 - 1).collect()
+    };
+    let (q, kk, v) = (
+        TernaryMatrix::from_ternary(&codes(2000, 1), 2000, k, WeightScale::Multiply(0.7)).unwrap(),
+        TernaryMatrix::from_ternary(&codes(1645, 2), 1645, k, WeightScale::Divide(1.3)).unwrap(),
+        TernaryMatrix::from_ternary(&codes(13, 3), 13, k, WeightScale::Multiply(2.0)).unwrap(),
+    );
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for m in [1, 3] {
+            let xf: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.01).collect();
+            let mut x = QuantizedActivations::new(m, k);
+            x.quantize(&xf, m);
+            let mut alone = [vec![0.0f32; m * 2000], vec![0.0; m * 1645], vec![0.0; m * 13]];
+            let mut together = alone.clone();
+            pool.install(|| {
+                for (w, out) in [&q, &kk, &v].into_iter().zip(alone.iter_mut()) {
+                    w.forward(&x, out);
+                }
+                let [a, b, c] = &mut together;
+                TernaryMatrix::forward_many([&q, &kk, &v], &x, [a, b, c]);
+            });
+            for (a, t) in alone.iter().zip(&together) {
+                assert!(
+                    a.iter().zip(t).all(|(a, t)| a.to_bits() == t.to_bits()),
+                    "{threads} threads, m = {m}"
+                );
+            }
+        }
+    }
+}
