@@ -360,7 +360,8 @@ pub struct ConvertArgs {
     /// Type of the ternary projections: tq2_0 / tq1_0 (llama.cpp), i2_s (bitnet.cpp), f16.
     #[arg(long = "type", value_enum)]
     pub weight_type: ConvertType,
-    /// Type of the embeddings and untied lm_head.
+    /// Type of the lm_head: the tied embedding table, or `output.weight` of an untied model
+    /// (whose embedding table stays f16).
     #[arg(long, value_enum, default_value_t = LmHeadType::F16)]
     pub lm_head_type: LmHeadType,
 }

@@ -116,3 +116,27 @@ fn tq_types_refuse_rows_that_are_not_a_multiple_of_256() {
     assert!(e.to_string().contains("not a multiple of 256"), "{e}");
     assert!(!dir.path().join("x.gguf").exists());
 }
+
+/// `--lm-head-type` types the head: the tied table of a tied model, `output.weight` of an
+/// untied one, whose embedding table stays f16. The untied model still runs.
+#[test]
+fn head_type_applies_to_the_head_only() {
+    use bitnet_models::gguf::GgufFile;
+    use bitnet_quant::formats::GgmlType;
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, tied) in [("hf-bitnet-tiny/packed", true), ("llama158/packed_bitlinear", false)] {
+        let dst = dir.path().join("h.gguf");
+        convert_hf_to_gguf(&fixtures().join(fixture), &dst, WeightType::I2S, HeadType::Q8_0, |_, _| {})
+            .unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        let file = GgufFile::open(&dst).unwrap();
+        let ty = |name: &str| file.header().tensor(name).map(|t| t.ggml_type());
+        if tied {
+            assert_eq!(ty("token_embd.weight"), Some(GgmlType::Q8_0), "{fixture}");
+            assert_eq!(ty("output.weight"), None, "{fixture}");
+        } else {
+            assert_eq!(ty("token_embd.weight"), Some(GgmlType::F16), "{fixture}");
+            assert_eq!(ty("output.weight"), Some(GgmlType::Q8_0), "{fixture}");
+        }
+        load_gguf(&dst, LoadOptions::default()).unwrap_or_else(|e| panic!("{fixture}: {e}"));
+    }
+}

@@ -103,9 +103,13 @@ fn plan(
     let (h, q, kv, i) =
         (cfg.hidden_size as u64, cfg.q_dim() as u64, cfg.kv_dim() as u64, cfg.intermediate_size as u64);
     let v = cfg.vocab_size as u64;
+    let untied = !cfg.tie_word_embeddings && store.contains("lm_head.weight");
+    // A tied table is the lm_head too, so it takes the head's type; an untied one is only
+    // looked up, a row per token, and stays f16.
+    let embd = if untied { HeadType::F16 } else { head };
     let mut out = vec![(
-        TensorSpec::new("token_embd.weight", head.ggml(), &[h, v]),
-        Source::Float("model.embed_tokens.weight".into(), head.ggml()),
+        TensorSpec::new("token_embd.weight", embd.ggml(), &[h, v]),
+        Source::Float("model.embed_tokens.weight".into(), embd.ggml()),
     )];
     let sub = match cfg.architecture {
         Architecture::BitNet1bitLLM => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
@@ -143,7 +147,7 @@ fn plan(
         TensorSpec::new("output_norm.weight", GgmlType::F32, &[h]),
         Source::Float("model.norm.weight".into(), GgmlType::F32),
     ));
-    if !cfg.tie_word_embeddings && store.contains("lm_head.weight") {
+    if untied {
         out.push((
             TensorSpec::new("output.weight", head.ggml(), &[h, v]),
             Source::Float("lm_head.weight".into(), head.ggml()),
