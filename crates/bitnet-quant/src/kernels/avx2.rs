@@ -192,7 +192,7 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
     // Only the rows and steps that `unpack_panel` writes are ever read, so the codes need no
     // initialisation (zeroing 96 KiB per call would cost a few percent).
     let mut codes = PanelCodes::uninit();
-    let mut partial = [[0i32; TOKEN_BLOCK]; PANEL_ROWS];
+    let mut partial = [[0i32; PANEL_ROWS]; TOKEN_BLOCK];
     let mut r0 = rows.start;
     while r0 < rows.end {
         let panel = r0..(r0 + PANEL_ROWS).min(rows.end);
@@ -227,11 +227,8 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
                     };
                 }
             }
-            for t in tb..tb + tn {
-                let sum = x.sum(t);
-                for (r, p) in panel.clone().zip(&partial) {
-                    sink.put(t, r, p[t - tb] - sum);
-                }
+            for (t, p) in (tb..tb + tn).zip(&partial) {
+                sink.put_run(t, panel.start, &p[..panel.len()], x.sum(t));
             }
             tb += tn;
         }
@@ -283,7 +280,7 @@ fn reduce4(a: [__m256i; 4]) -> __m128i {
     _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t))
 }
 
-/// Tokens `t..t + T` against every row of `chunk`: `partial[row][j0 + j]` gets (or, for the
+/// Tokens `t..t + T` against every row of `chunk`: `partial[j0 + j][row]` gets (or, for the
 /// first chunk, is set to) token `t + j`'s `Σ u·x` over the chunk. Returns `T`.
 ///
 /// # Safety
@@ -295,7 +292,7 @@ unsafe fn micro_tile<const T: usize>(
     chunk: &Chunk,
     t: usize,
     j0: usize,
-    partial: &mut [[i32; TOKEN_BLOCK]; PANEL_ROWS],
+    partial: &mut [[i32; PANEL_ROWS]; TOKEN_BLOCK],
 ) -> usize {
     let steps = chunk.blocks.len() * BLOCK_COLS / 32;
     assert!(steps <= CHUNK_STEPS && chunk.rows <= PANEL_ROWS && j0 + T <= TOKEN_BLOCK);
@@ -304,7 +301,8 @@ unsafe fn micro_tile<const T: usize>(
     let xp: [*const i8; T] = std::array::from_fn(|j| xs[j].as_ptr());
     let base: *const u8 = chunk.codes.as_ptr().cast();
     let ones = _mm256_set1_epi16(1);
-    for (pr, p) in partial.iter_mut().enumerate().take(chunk.rows) {
+    let partial = &mut partial[j0..j0 + T];
+    for pr in 0..chunk.rows {
         let mut acc = [_mm256_setzero_si256(); T];
         for s in 0..steps {
             // SAFETY: row `pr` of the chunk holds `steps · 32` codes from `pr · steps · 32`,
@@ -317,7 +315,6 @@ unsafe fn micro_tile<const T: usize>(
                 }
             }
         }
-        let p = &mut p[j0..j0 + T];
         for q in (0..T).step_by(4) {
             let wide = std::array::from_fn(|j| {
                 acc.get(q + j).map_or(_mm256_setzero_si256(), |&a| _mm256_madd_epi16(a, ones))
@@ -325,7 +322,8 @@ unsafe fn micro_tile<const T: usize>(
             let mut sums = [0i32; 4];
             // SAFETY: `sums` has room for 16 bytes.
             unsafe { _mm_storeu_si128(sums.as_mut_ptr().cast(), reduce4(wide)) };
-            for (pj, sj) in p[q..].iter_mut().zip(sums) {
+            for (pj, sj) in partial[q..].iter_mut().zip(sums) {
+                let pj = &mut pj[pr];
                 *pj = if chunk.first { sj } else { *pj + sj };
             }
         }
