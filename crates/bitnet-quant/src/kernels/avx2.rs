@@ -24,6 +24,10 @@ use crate::QuantizedActivations;
 
 /// Tokens that share one weight row in the int8 GEMM.
 const TOKEN_TILE: usize = 8;
+/// Blocks whose i16 partial sums (row-wise GEMM) can be added before widening: a block adds 8 `maddubs`
+/// results in [-512, 508] to each lane, and 64 of them stay within [-32768, 32512].
+const I16_BLOCKS: usize = 8;
+
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn load(p: *const u8) -> __m256i {
@@ -49,6 +53,25 @@ fn codes(v: __m256i) -> [__m256i; 4] {
         _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
         _mm256_and_si256(_mm256_srli_epi16::<6>(v), mask),
     ]
+}
+
+/// `Σ u·x` over the 128 columns that one 32-byte half of a block codes, as i16 lanes in
+/// [-2048, 2032]. `x` points at the activation of the half's first column.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn half_dot(c: &[__m256i; 4], x: *const i8) -> __m256i {
+    // SAFETY: `x` and the three offsets below are inside the 256-column block of `x`.
+    unsafe {
+        let p01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[0], load_i8(x)),
+            _mm256_maddubs_epi16(c[1], load_i8(x.add(64))),
+        );
+        let p23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(c[2], load_i8(x.add(128))),
+            _mm256_maddubs_epi16(c[3], load_i8(x.add(192))),
+        );
+        _mm256_add_epi16(p01, p23)
+    }
 }
 
 /// `4 · Σ u·x` over one 64-byte block as i16 lanes in [-16384, 16256], for the GEMV.
@@ -166,12 +189,16 @@ const CHUNK_BLOCKS: usize = 8;
 const CHUNK_STEPS: usize = CHUNK_BLOCKS * BLOCK_COLS / 32;
 /// Tokens whose partial sums a panel keeps while it walks the K-chunks.
 const TOKEN_BLOCK: usize = 128;
+/// Fewer tokens than this take the row-wise GEMM: unpacking a panel costs about as much as
+/// applying it to a few tokens (at M = 2 the panel kernel ran at half the row-wise speed; they
+/// break even near 24 tokens for K = 2560 and 12–16 for K = 6912).
+const PANEL_MIN_TOKENS: usize = 24;
 
 /// Unpacked codes of one panel × one K-chunk, one byte per code: row `pr`'s `steps · 32`
 /// codes from `pr · steps · 32` on.
 type PanelCodes = std::mem::MaybeUninit<[u8; PANEL_ROWS * CHUNK_STEPS * 32]>;
 
-/// GEMM over `rows` × `tokens`. Panels of 48 rows are unpacked one K-chunk (≤ 2048 columns)
+/// GEMM over `rows` × `tokens`. From 24 tokens on, panels of 48 rows are unpacked one K-chunk (≤ 2048 columns)
 /// at a time into u8 codes on the stack (the unpacking is shared by up to 128 tokens); a
 /// 1-row × 12-token microkernel multiplies them with `vpmaddubsw` into i16 sums that are
 /// widened once per chunk, and partial sums per (row, token) carry across chunks.
@@ -187,6 +214,19 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
     sink: &S,
 ) {
     assert!(rows.end <= w.rows() && tokens.end <= x.m());
+    if tokens.len() < PANEL_MIN_TOKENS {
+        // Rows per block: about 96 KiB of packed weights, which stay in L2 while every token
+        // tile streams past them.
+        let block_rows = ((96 << 10) / (w.blocks() * BLOCK_BYTES).max(1)).clamp(ROW_TILE, 512);
+        let mut r = rows.start;
+        while r < rows.end {
+            let end = (r + block_rows / ROW_TILE * ROW_TILE).min(rows.end);
+            // SAFETY: AVX2 is present (this function's contract).
+            unsafe { ternary_gemm_rowwise(w, x, r..end, tokens.clone(), sink) };
+            r = end;
+        }
+        return;
+    }
     let blocks = w.blocks();
     let chunks = blocks.div_ceil(CHUNK_BLOCKS);
     // Only the rows and steps that `unpack_panel` writes are ever read, so the codes need no
@@ -329,6 +369,83 @@ unsafe fn micro_tile<const T: usize>(
         }
     }
     T
+}
+
+/// The GEMM for fewer than [`PANEL_MIN_TOKENS`] tokens: each row's weight block is decoded in
+/// registers and applied to a tile of up to eight tokens.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_gemm_rowwise<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        // SAFETY: AVX2 is present (this function's contract).
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => ternary_tile::<TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => ternary_tile::<4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => ternary_tile::<2, S>(w, x, rows.clone(), t0, sink),
+                _ => ternary_tile::<1, S>(w, x, rows.clone(), t0, sink),
+            }
+        };
+    }
+}
+
+/// Tokens `t0..t0 + MT` against `rows`; returns `MT`.
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_tile<const MT: usize, S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let blocks = w.blocks();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= blocks * BLOCK_COLS));
+    let xp: [*const i8; MT] = std::array::from_fn(|i| xs[i].as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    for r in rows {
+        let tile = w.tile(r / ROW_TILE);
+        let wr = tile[(r % ROW_TILE) * BLOCK_BYTES..].as_ptr();
+        let mut acc32 = [_mm256_setzero_si256(); 8];
+        let mut b = 0;
+        while b < blocks {
+            let end = (b + I16_BLOCKS).min(blocks);
+            let mut acc16 = [_mm256_setzero_si256(); MT];
+            for bb in b..end {
+                // One 32-byte half at a time: 4 code registers and MT accumulators fit the
+                // 16 ymm registers.
+                for half in 0..2 {
+                    // SAFETY: row `r`'s block `bb` starts `bb · 8 · 64` bytes after its first
+                    // block, inside `tile`; token rows hold `blocks · 256` activations.
+                    unsafe {
+                        let c = codes(load(wr.add(bb * ROW_TILE * BLOCK_BYTES + 32 * half)));
+                        for i in 0..MT {
+                            let xh = xp[i].add(bb * BLOCK_COLS + 32 * half);
+                            acc16[i] = _mm256_add_epi16(acc16[i], half_dot(&c, xh));
+                        }
+                    }
+                }
+            }
+            for i in 0..MT {
+                acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones));
+            }
+            b = end;
+        }
+        let dots = to_array(reduce8(&acc32));
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            sink.put(t0 + i, r, d - x.sum(t0 + i));
+        }
+    }
+    MT
 }
 
 /// `x·w` pairwise for 32 int8 values as i32 lanes (8 × 4 products).
