@@ -10,8 +10,9 @@ use crate::int8::{self, Int8Matrix};
 use crate::ternary::{self, QuantizedActivations, TernaryMatrix, WeightScale};
 use crate::KernelPath;
 
-/// Token counts every path is checked with.
-pub const MS: [usize; 5] = [1, 2, 3, 7, 33];
+/// Token counts every path is checked with: ragged, and around the AVX2 GEMM's switch to panels
+/// at 24 tokens, its 12-token microkernel (tails of 1, 4, 6, 8, 9, 11) and 128-token block.
+pub const MS: [usize; 14] = [1, 2, 3, 5, 7, 12, 13, 23, 24, 30, 33, 35, 64, 129];
 /// Widths every path is checked with: ragged, block-sized, and the 2B-4T model's.
 pub const KS: [usize; 12] = [1, 31, 32, 127, 128, 129, 255, 256, 1000, 2304, 2560, 6912];
 /// Output rows: odd, below, at and above the row tile.
@@ -85,7 +86,9 @@ pub fn cases() -> Vec<Case> {
         }
     }
     for fill in [Fill::Min, Fill::Max, Fill::Alternating] {
-        for (m, k, n) in [(1, 2048, 9), (3, 2304, 17), (9, 6912, 8), (1, 129, 3), (33, 4096, 7)] {
+        for (m, k, n) in
+            [(1, 2048, 9), (3, 2304, 17), (9, 6912, 8), (1, 129, 3), (33, 4096, 7), (25, 2048, 50)]
+        {
             out.push(Case { m, k, n, fill, seed: 7 });
         }
     }

@@ -278,8 +278,13 @@ impl TernaryMatrix {
         }
         // Rows per cache block: about 96 KiB of weights, which stay in L2 while every token
         // tile streams past them.
+        // The AVX2 kernel blocks itself (it unpacks row panels), so it takes the whole range.
         let row_bytes = padded_cols(w.cols()) / 4;
-        let block_rows = ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
+        let block_rows = if path == KernelPath::Avx2 {
+            w.rows()
+        } else {
+            ((96 << 10) / row_bytes.max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE
+        };
         let end = (tiles.end * ROW_TILE).min(w.rows());
         let mut r = tiles.start * ROW_TILE;
         while r < end {

@@ -23,7 +23,7 @@ fn odd_thread_counts_split_rows_correctly() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             for path in KernelPath::available() {
-                for (m, k, n) in [(1, 2560, 1647), (5, 2560, 203), (17, 1000, 129)] {
+                for (m, k, n) in [(1, 2560, 1647), (5, 2560, 203), (17, 1000, 129), (40, 2560, 203)] {
                     let case = Case { m, k, n, fill: Fill::Random, seed: 99 };
                     check_ternary(path, &case).unwrap();
                     check_int8(path, &case).unwrap();

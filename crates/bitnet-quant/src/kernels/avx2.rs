@@ -4,7 +4,8 @@
 //! are summed in i16 while they provably fit, widened with `vpmaddwd(·, 1)` to i32, reduced,
 //! and the token's activation sum is subtracted to shift the codes to {-1, 0, 1}. The GEMV is
 //! bound by the instructions that unpack the codes, so it extracts half of them without a
-//! shift ([`block_dot_x4`]); the GEMM unpacks each block once for eight tokens.
+//! shift ([`block_dot_x4`]). The GEMM unpacks a panel of rows once into one byte per code on
+//! the stack and shares it among up to 128 tokens ([`ternary_gemm`]).
 //!
 //! Int8: `vpmaddubsw(|x|, sign(w, x))` = `x·w` pairwise (|x| ≤ 128 and |w| ≤ 127, so a pair sum
 //! is at most 32512 and never saturates), widened to i32 at once.
@@ -21,9 +22,9 @@ use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
 
-/// Tokens that share one unpacked weight block in the GEMM.
+/// Tokens that share one weight row in the int8 GEMM.
 const TOKEN_TILE: usize = 8;
-/// Blocks whose i16 partial sums can be added before widening: a block adds 8 `maddubs`
+/// Blocks whose i16 partial sums (row-wise GEMM) can be added before widening: a block adds 8 `maddubs`
 /// results in [-512, 508] to each lane, and 64 of them stay within [-32768, 32512].
 const I16_BLOCKS: usize = 8;
 
@@ -173,13 +174,210 @@ pub(crate) unsafe fn ternary_gemv<S: Sink>(
     }
 }
 
-/// GEMM over `rows` × `tokens`: each row's weight block is unpacked once and applied to a tile
-/// of up to eight tokens.
+/// Tokens of the GEMM microkernel: one row's codes stay in a register while `NR` tokens'
+/// activations are memory operands of `vpmaddubsw` (one code register, `NR` accumulators and
+/// a product fit the 16 ymm registers without spilling an accumulator).
+const NR: usize = 12;
+/// Rows unpacked together: a token tile of activations is reused from L1 across them.
+const PANEL_ROWS: usize = 48;
+/// Blocks per K-chunk. An accumulator adds one `maddubs` result in [-512, 508] per 32 columns
+/// (codes u ∈ {0, 1, 2} times x ∈ [-128, 127], two per lane: 2·2·(-128) = -512 and
+/// 2·2·127 = 508, so `maddubs` never saturates); a chunk of 8 blocks is 64 of them, within
+/// [-32768, 32512], so the i16 sums never wrap before they are widened at the end of the chunk.
+const CHUNK_BLOCKS: usize = 8;
+/// 32-column steps in a chunk.
+const CHUNK_STEPS: usize = CHUNK_BLOCKS * BLOCK_COLS / 32;
+/// Tokens whose partial sums a panel keeps while it walks the K-chunks.
+const TOKEN_BLOCK: usize = 128;
+/// Fewer tokens than this take the row-wise GEMM: unpacking a panel costs about as much as
+/// applying it to a few tokens (at M = 2 the panel kernel ran at half the row-wise speed; they
+/// break even near 24 tokens for K = 2560 and 12–16 for K = 6912).
+const PANEL_MIN_TOKENS: usize = 24;
+
+/// Unpacked codes of one panel × one K-chunk, one byte per code: row `pr`'s `steps · 32`
+/// codes from `pr · steps · 32` on.
+type PanelCodes = std::mem::MaybeUninit<[u8; PANEL_ROWS * CHUNK_STEPS * 32]>;
+
+/// GEMM over `rows` × `tokens`. From 24 tokens on, panels of 48 rows are unpacked one K-chunk (≤ 2048 columns)
+/// at a time into u8 codes on the stack (the unpacking is shared by up to 128 tokens); a
+/// 1-row × 12-token microkernel multiplies them with `vpmaddubsw` into i16 sums that are
+/// widened once per chunk, and partial sums per (row, token) carry across chunks.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn ternary_gemm<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    assert!(rows.end <= w.rows() && tokens.end <= x.m());
+    if tokens.len() < PANEL_MIN_TOKENS {
+        // Rows per block: about 96 KiB of packed weights, which stay in L2 while every token
+        // tile streams past them.
+        let block_rows = ((96 << 10) / (w.blocks() * BLOCK_BYTES).max(1)).clamp(ROW_TILE, 512);
+        let mut r = rows.start;
+        while r < rows.end {
+            let end = (r + block_rows / ROW_TILE * ROW_TILE).min(rows.end);
+            // SAFETY: AVX2 is present (this function's contract).
+            unsafe { ternary_gemm_rowwise(w, x, r..end, tokens.clone(), sink) };
+            r = end;
+        }
+        return;
+    }
+    let blocks = w.blocks();
+    let chunks = blocks.div_ceil(CHUNK_BLOCKS);
+    // Only the rows and steps that `unpack_panel` writes are ever read, so the codes need no
+    // initialisation (zeroing 96 KiB per call would cost a few percent).
+    let mut codes = PanelCodes::uninit();
+    let mut partial = [[0i32; PANEL_ROWS]; TOKEN_BLOCK];
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let panel = r0..(r0 + PANEL_ROWS).min(rows.end);
+        let mut tb = tokens.start;
+        while tb < tokens.end {
+            let tn = (tokens.end - tb).min(TOKEN_BLOCK);
+            for c in 0..chunks {
+                // Even chunks of at most 8 blocks.
+                let blocks = c * blocks / chunks..(c + 1) * blocks / chunks;
+                // SAFETY: AVX2 is present (this function's contract).
+                unsafe { unpack_panel(w, panel.clone(), blocks.clone(), &mut codes) };
+                let chunk = Chunk { codes: &codes, rows: panel.len(), blocks, first: c == 0 };
+                let mut t = tb;
+                while t < tb + tn {
+                    // SAFETY: AVX2 is present; every call's tokens are below `tb + tn`, within
+                    // the token block, and the chunk's rows were unpacked just above.
+                    t += unsafe {
+                        match tb + tn - t {
+                            NR.. => micro_tile::<NR>(x, &chunk, t, t - tb, &mut partial),
+                            11 => micro_tile::<11>(x, &chunk, t, t - tb, &mut partial),
+                            10 => micro_tile::<10>(x, &chunk, t, t - tb, &mut partial),
+                            9 => micro_tile::<9>(x, &chunk, t, t - tb, &mut partial),
+                            8 => micro_tile::<8>(x, &chunk, t, t - tb, &mut partial),
+                            7 => micro_tile::<7>(x, &chunk, t, t - tb, &mut partial),
+                            6 => micro_tile::<6>(x, &chunk, t, t - tb, &mut partial),
+                            5 => micro_tile::<5>(x, &chunk, t, t - tb, &mut partial),
+                            4 => micro_tile::<4>(x, &chunk, t, t - tb, &mut partial),
+                            3 => micro_tile::<3>(x, &chunk, t, t - tb, &mut partial),
+                            2 => micro_tile::<2>(x, &chunk, t, t - tb, &mut partial),
+                            _ => micro_tile::<1>(x, &chunk, t, t - tb, &mut partial),
+                        }
+                    };
+                }
+            }
+            for (t, p) in (tb..tb + tn).zip(&partial) {
+                sink.put_run(t, panel.start, &p[..panel.len()], x.sum(t));
+            }
+            tb += tn;
+        }
+        r0 = panel.end;
+    }
+}
+
+/// Unpacks blocks `blocks` (at most 8) of the rows `panel` (at most 48) into `out`, row `pr`
+/// of the panel at `pr · steps · 32` with `steps = 8 · blocks.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_panel(w: &PackedTernary, panel: Range<usize>, blocks: Range<usize>, out: &mut PanelCodes) {
+    assert!(panel.len() <= PANEL_ROWS && panel.end <= w.rows());
+    assert!(blocks.len() <= CHUNK_BLOCKS && blocks.end <= w.blocks());
+    let steps = blocks.len() * BLOCK_COLS / 32;
+    let dst: *mut u8 = out.as_mut_ptr().cast();
+    for (pr, r) in panel.enumerate() {
+        let tile = w.tile(r / ROW_TILE);
+        let wr = tile[(r % ROW_TILE) * BLOCK_BYTES..].as_ptr();
+        for (bb, b) in blocks.clone().enumerate() {
+            for half in 0..2 {
+                // SAFETY: row `r`'s block `b` lies `b · 8 · 64` bytes after its first block,
+                // inside `tile`. The step `8·bb + 2·s + half` is below `steps ≤ CHUNK_STEPS`
+                // and `pr < PANEL_ROWS`, so every store is inside `out`.
+                unsafe {
+                    let c = codes(load(wr.add(b * ROW_TILE * BLOCK_BYTES + 32 * half)));
+                    for (s, cs) in c.iter().enumerate() {
+                        let step = 8 * bb + 2 * s + half;
+                        _mm256_storeu_si256(dst.add((pr * steps + step) * 32).cast(), *cs);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One unpacked K-chunk: `rows` rows of codes for `blocks`; `first` if it starts the row.
+struct Chunk<'a> {
+    codes: &'a PanelCodes,
+    rows: usize,
+    blocks: Range<usize>,
+    first: bool,
+}
+
+/// Lane `j` of the result is the sum of the i32 lanes of `a[j]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn reduce4(a: [__m256i; 4]) -> __m128i {
+    let t = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t))
+}
+
+/// Tokens `t..t + T` against every row of `chunk`: `partial[j0 + j][row]` gets (or, for the
+/// first chunk, is set to) token `t + j`'s `Σ u·x` over the chunk. Returns `T`.
+///
+/// # Safety
+/// The CPU must support AVX2, and `chunk.codes` must hold the unpacked codes of
+/// `chunk.rows` rows for `chunk.blocks` (as [`unpack_panel`] leaves them).
+#[target_feature(enable = "avx2")]
+unsafe fn micro_tile<const T: usize>(
+    x: &QuantizedActivations,
+    chunk: &Chunk,
+    t: usize,
+    j0: usize,
+    partial: &mut [[i32; PANEL_ROWS]; TOKEN_BLOCK],
+) -> usize {
+    let steps = chunk.blocks.len() * BLOCK_COLS / 32;
+    assert!(steps <= CHUNK_STEPS && chunk.rows <= PANEL_ROWS && j0 + T <= TOKEN_BLOCK);
+    let xs: [&[i8]; T] = std::array::from_fn(|j| &x.padded_row(t + j)[chunk.blocks.start * BLOCK_COLS..]);
+    assert!(xs.iter().all(|r| r.len() >= steps * 32));
+    let xp: [*const i8; T] = std::array::from_fn(|j| xs[j].as_ptr());
+    let base: *const u8 = chunk.codes.as_ptr().cast();
+    let ones = _mm256_set1_epi16(1);
+    let partial = &mut partial[j0..j0 + T];
+    for pr in 0..chunk.rows {
+        let mut acc = [_mm256_setzero_si256(); T];
+        for s in 0..steps {
+            // SAFETY: row `pr` of the chunk holds `steps · 32` codes from `pr · steps · 32`,
+            // written by `unpack_panel` (this function's contract); every token row holds
+            // `steps · 32` activations from the chunk's first column (asserted above).
+            unsafe {
+                let c = load(base.add((pr * steps + s) * 32));
+                for (a, xj) in acc.iter_mut().zip(xp) {
+                    *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(c, load_i8(xj.add(32 * s))));
+                }
+            }
+        }
+        for q in (0..T).step_by(4) {
+            let wide = std::array::from_fn(|j| {
+                acc.get(q + j).map_or(_mm256_setzero_si256(), |&a| _mm256_madd_epi16(a, ones))
+            });
+            let mut sums = [0i32; 4];
+            // SAFETY: `sums` has room for 16 bytes.
+            unsafe { _mm_storeu_si128(sums.as_mut_ptr().cast(), reduce4(wide)) };
+            for (pj, sj) in partial[q..].iter_mut().zip(sums) {
+                let pj = &mut pj[pr];
+                *pj = if chunk.first { sj } else { *pj + sj };
+            }
+        }
+    }
+    T
+}
+
+/// The GEMM for fewer than [`PANEL_MIN_TOKENS`] tokens: each row's weight block is decoded in
+/// registers and applied to a tile of up to eight tokens.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_gemm_rowwise<S: Sink>(
     w: &PackedTernary,
     x: &QuantizedActivations,
     rows: Range<usize>,

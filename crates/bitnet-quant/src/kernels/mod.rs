@@ -176,6 +176,14 @@ impl std::fmt::Display for KernelPath {
 /// integer dot product `Σ_c x[t, c] · W[r, c]`.
 pub(crate) trait Sink: Sync {
     fn put(&self, t: usize, r: usize, acc: i32);
+
+    /// `put(t, r0 + i, accs[i] - sub)` for every `i`: a run of rows of one token, which the
+    /// sinks write in one loop that the compiler can vectorise.
+    fn put_run(&self, t: usize, r0: usize, accs: &[i32], sub: i32) {
+        for (i, &acc) in accs.iter().enumerate() {
+            self.put(t, r0 + i, acc - sub);
+        }
+    }
 }
 
 /// A `[m, n]` token-major output that tasks owning disjoint rows write into concurrently.
@@ -205,6 +213,18 @@ impl<'a, T> SharedOut<'a, T> {
         // `Sync` impl).
         unsafe { self.ptr.add(i).write(v) }
     }
+
+    /// Writes `f(i)` to row `r0 + i` of token `t` for `i < len`.
+    #[inline]
+    pub(crate) fn write_run(&self, t: usize, r0: usize, len: usize, f: impl Fn(usize) -> T) {
+        let start = t * self.n + r0;
+        assert!(r0 + len <= self.n && start + len <= self.len, "kernel output index out of range");
+        for i in 0..len {
+            // SAFETY: `start + i < start + len <= len` (checked above), and these elements are
+            // written by one task only (see the `Sync` impl).
+            unsafe { self.ptr.add(start + i).write(f(i)) }
+        }
+    }
 }
 
 /// Integer outputs.
@@ -215,6 +235,11 @@ impl Sink for I32Sink<'_> {
     fn put(&self, t: usize, r: usize, acc: i32) {
         self.0.write(t, r, acc)
     }
+
+    #[inline]
+    fn put_run(&self, t: usize, r0: usize, accs: &[i32], sub: i32) {
+        self.0.write_run(t, r0, accs.len(), |i| accs[i] - sub)
+    }
 }
 
 /// Float outputs `f(acc, t, r)`: the scales are applied as each dot product finishes.
@@ -224,6 +249,11 @@ impl<F: Fn(i32, usize, usize) -> f32 + Sync> Sink for MapSink<'_, F> {
     #[inline]
     fn put(&self, t: usize, r: usize, acc: i32) {
         self.0.write(t, r, (self.1)(acc, t, r))
+    }
+
+    #[inline]
+    fn put_run(&self, t: usize, r0: usize, accs: &[i32], sub: i32) {
+        self.0.write_run(t, r0, accs.len(), |i| (self.1)(accs[i] - sub, t, r0 + i))
     }
 }
 
