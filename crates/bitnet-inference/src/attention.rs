@@ -44,13 +44,15 @@ impl Kernel {
     /// The fastest kernel this CPU runs for heads of `head_dim`.
     pub fn detect(head_dim: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if head_dim % 16 == 0 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        {
             return Kernel::Avx2;
         }
         let _ = head_dim;
         Kernel::Portable
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn qk(self, q: &[f32], m: usize, hd: usize, k: &[f32], ks: usize, kn: usize, s: &mut [f32]) {
         match self {
             Kernel::Portable => portable::qk(q, m, hd, k, ks, kn, s, KEY_TILE),
@@ -60,6 +62,7 @@ impl Kernel {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn pv(self, p: &[f32], m: usize, kn: usize, v: &[f32], vs: usize, o: &mut [f32], hd: usize) {
         match self {
             Kernel::Portable => portable::pv(p, KEY_TILE, m, kn, v, vs, o, hd),
@@ -110,7 +113,7 @@ impl Attention<'_> {
         assert!(out.len() >= self.rows * self.n_heads * hd && self.q.len() >= self.rows * self.n_heads * hd);
         let ctx = self.pos0 + self.rows;
         assert!(self.keys.len() >= ctx * self.kv_dim && self.values.len() >= ctx * self.kv_dim);
-        assert!(kernel == Kernel::Portable || hd % 16 == 0);
+        assert!(kernel == Kernel::Portable || hd.is_multiple_of(16));
         let tq = self.tile_tokens();
         let tiles = self.rows.div_ceil(tq);
         let tasks = tiles * self.n_kv_heads;
@@ -264,7 +267,7 @@ mod avx2 {
         if m == 0 || kn == 0 {
             return;
         }
-        assert!(hd % 8 == 0 && q.len() >= m * hd && k.len() >= (kn - 1) * ks + hd);
+        assert!(hd.is_multiple_of(8) && q.len() >= m * hd && k.len() >= (kn - 1) * ks + hd);
         assert!(s.len() >= (m - 1) * ss + kn);
         let (q, k, s) = (q.as_ptr(), k.as_ptr(), s.as_mut_ptr());
         let mut i = 0;
@@ -370,7 +373,7 @@ mod avx2 {
         if m == 0 || kn == 0 {
             return;
         }
-        assert!(hd % 16 == 0 && p.len() >= (m - 1) * ps + kn && v.len() >= (kn - 1) * vs + hd);
+        assert!(hd.is_multiple_of(16) && p.len() >= (m - 1) * ps + kn && v.len() >= (kn - 1) * vs + hd);
         assert!(o.len() >= m * hd);
         let (p, v, o) = (p.as_ptr(), v.as_ptr(), o.as_mut_ptr());
         let mut i = 0;
@@ -460,7 +463,7 @@ mod avx2 {
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
         let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
         let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
             y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
         }
         y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0)));
