@@ -1,11 +1,10 @@
 //! The CPU backend: host buffers, ternary kernels from bitnet-quant, rayon threads.
 
+use crate::attention::{Attention, Kernel};
+use crate::backend::{AttentionShape, Backend};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
 use bitnet_quant::{Int8Matrix, QuantizedActivations, TernaryMatrix};
-use rayon::prelude::*;
-
-use crate::backend::{AttentionShape, Backend};
 
 /// Keys and values of every layer, each `[max_tokens, kv_dim]`.
 pub struct CpuKvCache {
@@ -17,8 +16,9 @@ pub struct CpuKvCache {
 
 #[derive(Default)]
 pub struct CpuBackend {
-    /// Attention scores, grown to the largest call seen and then reused.
-    scores: Vec<f32>,
+    /// Attention scratch (per worker: packed queries, output rows, a key tile's scores),
+    /// grown to the largest call seen and then reused.
+    scratch: Vec<f32>,
     /// cos/sin for the positions of one call.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -32,7 +32,7 @@ impl CpuBackend {
     }
 }
 
-/// Multiply-adds below which attention runs on the calling thread (2B-4T decoding: a context
+/// Multiply-adds (of QKᵀ and PV, unmasked) below which attention runs on the calling thread (2B-4T decoding: a context
 /// of about 800 tokens).
 const ATTENTION_PARALLEL_MIN: usize = 1 << 22;
 
@@ -237,49 +237,22 @@ impl Backend for CpuBackend {
         s: AttentionShape,
         out: &mut Vec<f32>,
     ) {
-        let ctx = s.pos0 + s.rows;
-        let hd = s.head_dim;
-        let n_rep = s.n_heads / s.n_kv_heads;
-        let kv_dim = cache.kv_dim;
-        let scale = (hd as f32).powf(-0.5);
-        grow(&mut self.scores, s.rows * s.n_heads * ctx);
-        let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-        // One task per (token, head): each owns its output slice and its row of scores.
-        let head = |i: usize, (o, scores): (&mut [f32], &mut [f32])| {
-            let (t, h) = (i / s.n_heads, i % s.n_heads);
-            let kv_h = h / n_rep; // repeat_kv: q head h reads kv head h / n_rep
-            let qh = &q[(t * s.n_heads + h) * hd..(t * s.n_heads + h + 1) * hd];
-            let visible = s.pos0 + t + 1; // causal: positions 0..=pos0+t
-            for (j, sc) in scores[..visible].iter_mut().enumerate() {
-                let kj = &keys[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
-                *sc = bitnet_core::dense::dot_f32(qh, kj) * scale;
-            }
-            ops::softmax(&mut scores[..visible]);
-            o.fill(0.0);
-            for (j, &p) in scores[..visible].iter().enumerate() {
-                let vj = &values[j * kv_dim + kv_h * hd..j * kv_dim + (kv_h + 1) * hd];
-                for (a, &b) in o.iter_mut().zip(vj) {
-                    *a += p * b;
-                }
-            }
+        let a = Attention {
+            q,
+            keys: &cache.keys[layer],
+            values: &cache.values[layer],
+            kv_dim: cache.kv_dim,
+            rows: s.rows,
+            pos0: s.pos0,
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
         };
-        // Multiply-adds of QKᵀ and PV. A decoded token's attention over a short context is
-        // tens of microseconds: on the calling thread it costs no fork-join, which under load
-        // can wait a whole scheduler slice for a preempted helper.
-        let work = 2 * s.rows * s.n_heads * ctx * hd;
-        if work < ATTENTION_PARALLEL_MIN {
-            out[..s.rows * s.n_heads * hd]
-                .chunks_mut(hd)
-                .zip(self.scores[..s.rows * s.n_heads * ctx].chunks_mut(ctx))
-                .enumerate()
-                .for_each(|(i, pair)| head(i, pair));
-        } else {
-            out[..s.rows * s.n_heads * hd]
-                .par_chunks_mut(hd)
-                .zip(self.scores[..s.rows * s.n_heads * ctx].par_chunks_mut(ctx))
-                .enumerate()
-                .for_each(|(i, pair)| head(i, pair));
-        }
+        // A decoded token's attention over a short context is tens of microseconds: on the
+        // calling thread it costs no fork-join, which under load can wait a whole scheduler
+        // slice for a preempted helper.
+        let workers = if a.work() < ATTENTION_PARALLEL_MIN { 1 } else { rayon::current_num_threads() };
+        a.run(Kernel::detect(s.head_dim), workers, &mut self.scratch, out);
     }
 
     fn gate(&mut self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) {

@@ -1,5 +1,6 @@
 //! The BitNet b1.58 forward pass over a [`Backend`], KV cache, sampling and generation.
 
+pub mod attention;
 pub mod backend;
 pub mod cpu;
 pub mod generate;

@@ -111,8 +111,7 @@ fn tq_types_refuse_rows_that_are_not_a_multiple_of_256() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("hf-bitnet-tiny/packed");
     let e = convert_hf_to_gguf(&src, &dir.path().join("x.gguf"), WeightType::Tq2_0, HeadType::F16, |_, _| {})
-        .err()
-        .expect("hidden 128 cannot be TQ2_0");
+        .expect_err("hidden 128 cannot be TQ2_0");
     assert!(e.to_string().contains("not a multiple of 256"), "{e}");
     assert!(!dir.path().join("x.gguf").exists());
 }
