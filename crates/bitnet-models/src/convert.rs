@@ -424,13 +424,13 @@ impl<I: Iterator<Item = Vec<u8>>> std::io::Read for ChunkReader<I> {
 /// checkpoints rotate half-split pairs (x0, x_{d/2}); its converter therefore reorders the rows of
 /// q and k inside each head, and so do we: row `2i` of a head takes row `i`, row `2i+1` takes row
 /// `i + d/2` (`inverse` undoes it when reading such a file). Other tensors pass unchanged.
-pub fn llama_rope_rows(
-    codes: &[i8],
+pub fn llama_rope_rows<T: Copy + Default>(
+    codes: &[T],
     cols: usize,
     gguf_name: &str,
     cfg: &ModelConfig,
     inverse: bool,
-) -> Vec<i8> {
+) -> Vec<T> {
     let heads = if gguf_name.ends_with(".attn_q.weight") {
         cfg.num_heads
     } else if gguf_name.ends_with(".attn_k.weight") {
@@ -439,7 +439,7 @@ pub fn llama_rope_rows(
         return codes.to_vec();
     };
     let d = cfg.head_dim;
-    let mut out = vec![0i8; codes.len()];
+    let mut out = vec![T::default(); codes.len()];
     for h in 0..heads {
         for i in 0..d / 2 {
             for (interleaved, half_split) in [(2 * i, i), (2 * i + 1, i + d / 2)] {

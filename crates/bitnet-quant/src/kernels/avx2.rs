@@ -200,6 +200,42 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
     }
 }
 
+/// Per-block dot products of the eight rows of tile `g` with one token's padded activations
+/// `xr`, whose per-block sums are `bsums`: `out[b · 8 + ri] = Σ_{c ∈ block b} t[8g + ri, c] · x[c]`,
+/// the same integers as the scalar `ternary_tile_block_dots`.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_tile_block_dots(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    bsums: &[i32],
+    out: &mut [i32],
+) {
+    let blocks = w.blocks();
+    let tile = w.tile(g);
+    assert!(xr.len() >= blocks * BLOCK_COLS && bsums.len() >= blocks && out.len() >= blocks * ROW_TILE);
+    assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    let ones = _mm256_set1_epi16(1);
+    for b in 0..blocks {
+        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+        // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` holds `blocks` blocks
+        // of 256 activations (both checked above), so every offset below is in bounds.
+        unsafe {
+            let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+            let xb = xr.as_ptr().add(b * BLOCK_COLS);
+            for (ri, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_madd_epi16(block_dot_x4(wb.add(ri * BLOCK_BYTES), xb), ones);
+            }
+        }
+        // 4·Σ u·x per row, a multiple of 4; Σ t·x = Σ u·x − Σ x.
+        let dots = _mm256_sub_epi32(_mm256_srai_epi32::<2>(reduce8(&acc)), _mm256_set1_epi32(bsums[b]));
+        out[b * ROW_TILE..(b + 1) * ROW_TILE].copy_from_slice(&to_array(dots));
+    }
+}
+
 /// Tokens `t0..t0 + MT` against `rows`; returns `MT`.
 #[target_feature(enable = "avx2")]
 unsafe fn ternary_tile<const MT: usize, S: Sink>(
