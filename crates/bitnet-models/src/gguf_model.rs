@@ -222,7 +222,10 @@ pub fn projection_codes(
             match one_scale(&t) {
                 Some(s) => Ok((t.codes, Scales::One(s))),
                 None => {
-                    if t.block_len != TQ_BLOCK || cols % TQ_BLOCK != 0 || t.codes.len() != rows * cols {
+                    if t.block_len != TQ_BLOCK
+                        || !cols.is_multiple_of(TQ_BLOCK)
+                        || t.codes.len() != rows * cols
+                    {
                         return Err(ModelError::tensor(
                             path,
                             format!("tensor `{name}`: {} blocks do not tile rows of {cols}", t.block_len),
