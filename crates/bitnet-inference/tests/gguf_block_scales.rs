@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use bitnet_inference::load::{load_gguf, LoadOptions};
-use bitnet_models::convert::{convert_hf_to_gguf, llama_rope_rows, HeadType, WeightType};
+use bitnet_models::convert::{convert_hf_to_gguf, llama_rope_rows, requantize_gguf, HeadType, WeightType};
 use bitnet_models::gguf::GgufFile;
 use bitnet_models::synth::{write_synthetic, SynthShape};
 use bitnet_models::{Architecture, ModelWeights, Projection};
@@ -97,6 +97,20 @@ fn tq_files_with_per_block_scales_run_exactly() {
             let got = prefill_logits(&mut m.model, &prompt);
             assert!(got.iter().all(|v| v.is_finite()), "llama={llama} {weight:?}: non-finite logits");
             assert!(max_abs_diff(&got, &base) > 1e-3, "llama={llama} {weight:?}: block scales had no effect");
+            // `bitnet quantize` keeps the block scales between TQ types and refuses the others.
+            let other = match weight {
+                WeightType::Tq2_0 => WeightType::Tq1_0,
+                _ => WeightType::Tq2_0,
+            };
+            let requantized = dir.path().join(format!("{llama}-{weight:?}-blocks-as-{other:?}.gguf"));
+            requantize_gguf(&blocked, &requantized, other, |_, _| {}).unwrap();
+            let again =
+                prefill_logits(&mut load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
+            assert_eq!(again, got, "llama={llama} {weight:?} requantized to {other:?}");
+            for single in [WeightType::I2S, WeightType::F16] {
+                let e = requantize_gguf(&blocked, &dir.path().join("x.gguf"), single, |_, _| {}).unwrap_err();
+                assert!(e.to_string().contains("different scales"), "{e}");
+            }
             // Generation with the KV cache agrees with re-running the whole sequence.
             let (new, _) = greedy_with_cache(&mut m.model, &prompt, 6);
             let mut seq = prompt.clone();

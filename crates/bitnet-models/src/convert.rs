@@ -343,7 +343,9 @@ fn is_projection(name: &str) -> bool {
 }
 
 /// `bitnet quantize`: re-encodes the ternary projections of a GGUF file as `weight` (exact
-/// codes, one scale per matrix), copying every other tensor and the metadata unchanged.
+/// codes, one scale per matrix), copying every other tensor and the metadata unchanged. A TQ
+/// tensor whose blocks carry different scales keeps them between TQ1_0 and TQ2_0 and is an
+/// error for I2_S and F16.
 pub fn requantize_gguf(
     src: &Path,
     dst: &Path,
@@ -375,9 +377,26 @@ pub fn requantize_gguf(
     let total = specs.len();
     for (done, spec) in specs.iter().enumerate() {
         if is_projection(&spec.name) {
+            use crate::gguf_model::{projection_codes, Scales};
             let n = spec.shape.iter().product::<u64>() as usize;
-            let (codes, scale) = crate::gguf_model::ternary_codes_of(&file, &spec.name, n)?;
-            let bytes = weight.encode(&codes, scale).map_err(|e| fmt_err(dst, &spec.name, e))?;
+            let cols = spec.shape.first().copied().unwrap_or(1).max(1) as usize;
+            let bytes = match (projection_codes(&file, &spec.name, n / cols, cols)?, weight) {
+                // TQ1_0 and TQ2_0 share the 256-block, so differing block scales carry over.
+                ((codes, Scales::Blocks(d)), WeightType::Tq2_0) => formats::tq2_0::pack(&codes, &d),
+                ((codes, Scales::Blocks(d)), WeightType::Tq1_0) => formats::tq1_0::pack(&codes, &d),
+                ((_, Scales::Blocks(_)), _) => {
+                    return Err(ModelError::tensor(
+                        src,
+                        format!(
+                            "tensor `{}`: its blocks carry different scales, which {weight:?} cannot hold \
+                             (one scale per matrix)",
+                            spec.name
+                        ),
+                    ))
+                }
+                ((codes, Scales::One(scale)), _) => weight.encode(&codes, scale),
+            }
+            .map_err(|e| fmt_err(dst, &spec.name, e))?;
             w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
         } else {
             let data = file.tensor_data(&spec.name).map_err(gerr)?;
