@@ -247,11 +247,10 @@ impl TernaryMatrix {
         assert_eq!(x.k(), self.cols(), "activation width does not match the matrix");
         assert!(out.len() >= x.m() * rows * blocks, "output buffer too small");
         let path = path.or_best();
-        let bsums = block_sums(x, blocks);
         let mut part = vec![0i32; blocks * ROW_TILE];
         for t in 0..x.m() {
             for g in 0..self.packed.tiles() {
-                tile_block_dots(path, &self.packed, g, x.padded_row(t), &bsums[t * blocks..], &mut part);
+                tile_block_dots(path, &self.packed, g, x.padded_row(t), &mut part);
                 for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
                     let r = g * ROW_TILE + ri;
                     for b in 0..blocks {
@@ -303,14 +302,23 @@ impl TernaryMatrix {
             out[..m * rows].fill(0.0);
             return;
         }
-        let bsums = block_sums(x, blocks);
         let sink = SharedOut::new(out, rows);
         let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
-        for_ranges(w.tiles(), macs, kernels::PARALLEL_MIN_MACS, |tiles| {
-            let mut part = vec![0i32; blocks * ROW_TILE];
+        let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
+        for_ranges(w.tiles(), macs, min_macs, |tiles| {
+            // The partials of one tile and token; on the stack up to 64 blocks (16384 columns),
+            // so that decoding allocates nothing.
+            let mut stack = [0i32; STACK_BLOCKS * ROW_TILE];
+            let mut heap = Vec::new();
+            let part: &mut [i32] = if blocks <= STACK_BLOCKS {
+                &mut stack[..blocks * ROW_TILE]
+            } else {
+                heap.resize(blocks * ROW_TILE, 0);
+                &mut heap
+            };
             for g in tiles {
                 for t in 0..m {
-                    tile_block_dots(path, w, g, x.padded_row(t), &bsums[t * blocks..], &mut part);
+                    tile_block_dots(path, w, g, x.padded_row(t), part);
                     for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
                         let r = g * ROW_TILE + ri;
                         let dr = &d[r * blocks..(r + 1) * blocks];
@@ -360,27 +368,19 @@ impl TernaryMatrix {
     }
 }
 
-/// `Σ x` over each 256-column block of each token: `[m, blocks]`.
-fn block_sums(x: &QuantizedActivations, blocks: usize) -> Vec<i32> {
-    let mut sums = vec![0i32; x.m() * blocks];
-    for t in 0..x.m() {
-        for (b, chunk) in x.padded_row(t).chunks_exact(crate::layout::BLOCK_COLS).take(blocks).enumerate() {
-            sums[t * blocks + b] = chunk.iter().map(|&v| v as i32).sum();
-        }
-    }
-    sums
-}
+/// Blocks whose partials the block-scaled forward keeps on the stack.
+const STACK_BLOCKS: usize = 64;
 
 /// Per-block dot products of tile `g` with one token on `path` (AVX2 on x86-64 CPUs that have
 /// it, the scalar kernel elsewhere; both give the same integers).
-fn tile_block_dots(path: KernelPath, w: &PackedTernary, g: usize, xr: &[i8], bsums: &[i32], out: &mut [i32]) {
+fn tile_block_dots(path: KernelPath, w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if path != KernelPath::Scalar && KernelPath::Avx2.is_available() {
         // SAFETY: AVX2 is available (checked just above).
-        unsafe { kernels::avx2::ternary_tile_block_dots(w, g, xr, bsums, out) };
+        unsafe { kernels::avx2::ternary_tile_block_dots(w, g, xr, out) };
         return;
     }
-    let _ = (path, bsums);
+    let _ = path;
     kernels::scalar::ternary_tile_block_dots(w, g, xr, out);
 }
 
