@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 mod common;
 
+use bitnet_inference::load::{load_gguf, LoadOptions};
+use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+
 struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
@@ -36,8 +39,26 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn decoding_a_token_allocates_nothing() {
     use bitnet_inference::{Logits, Sampler, SamplingParams};
-    for fixture in ["hf-bitnet-tiny/packed", "llama158/packed_bitlinear", "userms/packed_bitlinear"] {
-        let mut loaded = common::load(&common::fixtures().join(fixture));
+    // A GGUF file whose TQ2_0 blocks carry different scales runs the block-scaled product.
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blocks) = (dir.path().join("tq2_0.gguf"), dir.path().join("tq2_0-blocks.gguf"));
+    convert_hf_to_gguf(
+        &common::fixtures().join("trained-llama158"),
+        &plain,
+        WeightType::Tq2_0,
+        HeadType::F16,
+        |_, _| {},
+    )
+    .unwrap();
+    common::rescale_blocks(&plain, &blocks);
+    let models = ["hf-bitnet-tiny/packed", "llama158/packed_bitlinear", "userms/packed_bitlinear"]
+        .into_iter()
+        .map(|f| (f.to_string(), common::load(&common::fixtures().join(f))))
+        .chain(std::iter::once((
+            "trained-llama158 as TQ2_0 with block scales".to_string(),
+            load_gguf(&blocks, LoadOptions::default()).unwrap(),
+        )));
+    for (fixture, mut loaded) in models {
         let model = &mut loaded.model;
         let vocab = model.config.vocab_size;
         let steps = 40;

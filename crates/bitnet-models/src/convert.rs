@@ -347,7 +347,9 @@ fn is_projection(name: &str) -> bool {
 }
 
 /// `bitnet quantize`: re-encodes the ternary projections of a GGUF file as `weight` (exact
-/// codes, one scale per matrix), copying every other tensor and the metadata unchanged.
+/// codes, one scale per matrix), copying every other tensor and the metadata unchanged. A TQ
+/// tensor whose blocks carry different scales keeps them between TQ1_0 and TQ2_0 and is an
+/// error for I2_S and F16.
 pub fn requantize_gguf(
     src: &Path,
     dst: &Path,
@@ -379,9 +381,26 @@ pub fn requantize_gguf(
     let total = specs.len();
     for (done, spec) in specs.iter().enumerate() {
         if is_projection(&spec.name) {
+            use crate::gguf_model::{projection_codes, Scales};
             let n = spec.shape.iter().product::<u64>() as usize;
-            let (codes, scale) = crate::gguf_model::ternary_codes_of(&file, &spec.name, n)?;
-            let bytes = weight.encode(&codes, scale).map_err(|e| fmt_err(dst, &spec.name, e))?;
+            let cols = spec.shape.first().copied().unwrap_or(1).max(1) as usize;
+            let bytes = match (projection_codes(&file, &spec.name, n / cols, cols)?, weight) {
+                // TQ1_0 and TQ2_0 share the 256-block, so differing block scales carry over.
+                ((codes, Scales::Blocks(d)), WeightType::Tq2_0) => formats::tq2_0::pack(&codes, &d),
+                ((codes, Scales::Blocks(d)), WeightType::Tq1_0) => formats::tq1_0::pack(&codes, &d),
+                ((_, Scales::Blocks(_)), _) => {
+                    return Err(ModelError::tensor(
+                        src,
+                        format!(
+                            "tensor `{}`: its blocks carry different scales, which {weight:?} cannot hold \
+                             (one scale per matrix)",
+                            spec.name
+                        ),
+                    ))
+                }
+                ((codes, Scales::One(scale)), _) => weight.encode(&codes, scale),
+            }
+            .map_err(|e| fmt_err(dst, &spec.name, e))?;
             w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
         } else {
             let data = file.tensor_data(&spec.name).map_err(gerr)?;
@@ -428,13 +447,13 @@ impl<I: Iterator<Item = Vec<u8>>> std::io::Read for ChunkReader<I> {
 /// checkpoints rotate half-split pairs (x0, x_{d/2}); its converter therefore reorders the rows of
 /// q and k inside each head, and so do we: row `2i` of a head takes row `i`, row `2i+1` takes row
 /// `i + d/2` (`inverse` undoes it when reading such a file). Other tensors pass unchanged.
-pub fn llama_rope_rows(
-    codes: &[i8],
+pub fn llama_rope_rows<T: Copy + Default>(
+    codes: &[T],
     cols: usize,
     gguf_name: &str,
     cfg: &ModelConfig,
     inverse: bool,
-) -> Vec<i8> {
+) -> Vec<T> {
     let heads = if gguf_name.ends_with(".attn_q.weight") {
         cfg.num_heads
     } else if gguf_name.ends_with(".attn_k.weight") {
@@ -443,7 +462,7 @@ pub fn llama_rope_rows(
         return codes.to_vec();
     };
     let d = cfg.head_dim;
-    let mut out = vec![0i8; codes.len()];
+    let mut out = vec![T::default(); codes.len()];
     for h in 0..heads {
         for i in 0..d / 2 {
             for (interleaved, half_split) in [(2 * i, i), (2 * i + 1, i + d / 2)] {

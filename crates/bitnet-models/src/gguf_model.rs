@@ -8,10 +8,12 @@
 //!
 //! Ternary tensors (TQ1_0, TQ2_0, I2_S) are read out as exact codes and repacked into the
 //! kernel layout. Activations stay per-token int8 as BitNet defines them, whatever the weight
-//! format: TQ files are not run with llama.cpp's per-256 Q8_K activations. The engine keeps one
-//! scale per matrix, so a TQ tensor whose non-zero blocks carry different scales is refused with
-//! a clear error rather than approximated. Float and other quantized projection tensors are
-//! dequantized and absmean-ternarized, like the HF master form.
+//! format: TQ files are not run with llama.cpp's per-256 Q8_K activations. When every non-zero
+//! block of a TQ tensor has the same scale (what BitNet converters write: one `mean|W|` per
+//! matrix), the matrix runs on the one-scale kernels. Otherwise its per-256 scales are kept, one
+//! per (row, 256-column block), and honoured exactly by the block-scaled product
+//! ([`TernaryMatrix::from_ternary_block_scaled`]). Float and other quantized projection tensors
+//! are dequantized and absmean-ternarized, like the HF master form.
 
 use std::path::Path;
 
@@ -168,18 +170,103 @@ fn projection(
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
-    let (mut codes, scale) = ternary_codes_of(file, &name, rows * cols)?;
-    if cfg.architecture == Architecture::Llama158 {
+    let (mut codes, scales) = projection_codes(file, &name, rows, cols)?;
+    let llama = cfg.architecture == Architecture::Llama158;
+    if llama {
         // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
         codes = crate::convert::llama_rope_rows(&codes, cols, &name, cfg, true);
     }
-    let weight = TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
-        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+    let weight = match scales {
+        Scales::One(scale) => {
+            TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
+        }
+        Scales::Blocks(mut d) => {
+            if llama {
+                d = crate::convert::llama_rope_rows(&d, cols / TQ_BLOCK, &name, cfg, true);
+            }
+            TernaryMatrix::from_ternary_block_scaled(&codes, rows, cols, d, WeightScale::Multiply(extra))
+        }
+    }
+    .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
     Ok(Projection { weight, input_norm: None })
 }
 
+/// The block of TQ1_0/TQ2_0, which is also the kernels' block of columns.
+const TQ_BLOCK: usize = 256;
+
+/// The scales of a projection's codes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scales {
+    /// One multiplier for the whole matrix.
+    One(f32),
+    /// One multiplier per (row, 256-column block), `[rows, cols / 256]` row-major.
+    Blocks(Vec<f32>),
+}
+
+/// The exact codes of a projection `[rows, cols]` and its scales: one if every non-zero block
+/// agrees (or the type has one), else those of the TQ blocks, which lie along rows because GGUF
+/// requires `cols` to be a multiple of 256 for TQ types. Blocks that are all zero get scale 0,
+/// so that a stray infinite or NaN scale there cannot reach the output.
+pub fn projection_codes(
+    file: &GgufFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<(Vec<i8>, Scales), ModelError> {
+    let path = Path::new(file.file());
+    let info =
+        file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
+    match info.ggml_type() {
+        GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+            let t = file.ternary_codes(name).map_err(gguf_err)?;
+            match one_scale(&t) {
+                Some(s) => Ok((t.codes, Scales::One(s))),
+                None => {
+                    if t.block_len != TQ_BLOCK
+                        || !cols.is_multiple_of(TQ_BLOCK)
+                        || t.codes.len() != rows * cols
+                    {
+                        return Err(ModelError::tensor(
+                            path,
+                            format!("tensor `{name}`: {} blocks do not tile rows of {cols}", t.block_len),
+                        ));
+                    }
+                    let d = t
+                        .scales
+                        .iter()
+                        .zip(t.codes.chunks(t.block_len))
+                        .map(|(&s, c)| if c.iter().all(|&v| v == 0) { 0.0 } else { s })
+                        .collect();
+                    Ok((t.codes, Scales::Blocks(d)))
+                }
+            }
+        }
+        _ => ternary_codes_of(file, name, rows * cols).map(|(c, s)| (c, Scales::One(s))),
+    }
+}
+
+/// The scale shared by every block with a non-zero code (0 if there is none), or `None` if they
+/// differ.
+fn one_scale(t: &bitnet_quant::formats::TernaryCodes) -> Option<f32> {
+    let mut nonzero = t
+        .scales
+        .iter()
+        .enumerate()
+        .filter(|&(b, _)| {
+            t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())].iter().any(|&c| c != 0)
+        })
+        .map(|(_, &s)| s);
+    let first = nonzero.next().unwrap_or(0.0);
+    match nonzero.all(|s| s.to_bits() == first.to_bits()) {
+        true => Some(first),
+        false => None,
+    }
+}
+
 /// The exact ternary codes and single scale of a projection tensor of `n` values, whatever
-/// its GGUF type.
+/// its GGUF type. A TQ tensor whose non-zero blocks carry different scales is an error here
+/// (re-encoding to one scale would change it); the model loader keeps such scales
+/// ([`projection_codes`]).
 pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8>, f32), ModelError> {
     let path = Path::new(file.file());
     let info =
@@ -187,28 +274,17 @@ pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8
     match info.ggml_type() {
         GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
             let t = file.ternary_codes(name).map_err(gguf_err)?;
-            let mut nonzero = t
-                .scales
-                .iter()
-                .enumerate()
-                .filter(|&(b, _)| {
-                    t.codes[b * t.block_len..((b + 1) * t.block_len).min(t.codes.len())]
-                        .iter()
-                        .any(|&c| c != 0)
-                })
-                .map(|(_, &s)| s);
-            let first = nonzero.next().unwrap_or(0.0);
-            if nonzero.any(|s| s.to_bits() != first.to_bits()) {
-                return Err(ModelError::tensor(
+            match one_scale(&t) {
+                Some(first) => Ok((t.codes, first)),
+                None => Err(ModelError::tensor(
                     path,
                     format!(
-                        "tensor `{name}`: its {:?} blocks carry different scales; this engine runs ternary \
-                         matrices with one scale",
+                        "tensor `{name}`: its {:?} blocks carry different scales, which this operation \
+                         cannot keep (it writes one scale per matrix)",
                         info.ggml_type()
                     ),
-                ));
+                )),
             }
-            Ok((t.codes, first))
         }
         _ => Ok(ternarize_floats(&floats(file, name, n)?)),
     }

@@ -30,6 +30,16 @@ impl WeightScale {
         }
     }
 
+    /// Applies the scale to a float combination of integer dot products (the block-scaled
+    /// path, [`TernaryMatrix::from_ternary_block_scaled`]).
+    #[inline]
+    pub fn apply_f32(self, acc: f32, s_a: f32) -> f32 {
+        match self {
+            WeightScale::Multiply(m) => (acc / s_a) * m,
+            WeightScale::Divide(d) => acc / (s_a * d),
+        }
+    }
+
     /// The multiplier equivalent, `mean|W|`, whichever form is stored.
     pub fn multiplier(self) -> f32 {
         match self {
@@ -166,10 +176,16 @@ impl QuantizedActivations {
 
 /// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale, packed
 /// at construction into the kernels' layout ([`crate::layout`]).
+///
+/// Optionally it also carries one f32 multiplier per (row, 256-column block), for weights
+/// whose blocks were quantized with their own scales (llama.cpp's TQ1_0/TQ2_0): see
+/// [`TernaryMatrix::from_ternary_block_scaled`].
 #[derive(Clone, Debug)]
 pub struct TernaryMatrix {
     packed: PackedTernary,
     scale: WeightScale,
+    /// `[rows, blocks]` row-major multipliers `d[r, b]` of the 256-column blocks.
+    block_scales: Option<Vec<f32>>,
 }
 
 impl TernaryMatrix {
@@ -189,7 +205,35 @@ impl TernaryMatrix {
         if let Some(bad) = codes.iter().find(|&&c| !(-1..=1).contains(&c)) {
             return Err(QuantError::Shape(format!("ternary code {bad} is not in {{-1, 0, 1}}")));
         }
-        Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale })
+        Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale, block_scales: None })
+    }
+
+    /// Builds a matrix whose 256-column blocks carry their own multipliers:
+    /// `block_scales[r · blocks + b]` scales columns `256b..256b + 256` of row `r`
+    /// (`blocks = cols.div_ceil(256)`, the kernels' block, which is also TQ1_0/TQ2_0's).
+    ///
+    /// [`TernaryMatrix::forward`] then computes, for a token with activation scale `s_a`,
+    /// `y[r] = scale(Σ_b d[r, b] · P[r, b], s_a)` where `P[r, b] = Σ_{c ∈ b} t[r, c] · x[c]` is the
+    /// exact i32 partial of block `b`, converted to f32 (exact: |P| ≤ 256 · 128) and combined in
+    /// the order b = 0, 1, … on every kernel path, so all paths give the same bits. This is slower
+    /// than the one-scale kernels and is meant only for weights that need it.
+    pub fn from_ternary_block_scaled(
+        codes: &[i8],
+        rows: usize,
+        cols: usize,
+        block_scales: Vec<f32>,
+        scale: WeightScale,
+    ) -> Result<Self, QuantError> {
+        let blocks = cols.div_ceil(crate::layout::BLOCK_COLS);
+        if rows.checked_mul(blocks) != Some(block_scales.len()) {
+            return Err(QuantError::Shape(format!(
+                "{} block scales are not one per (row, 256-column block) of a [{rows}, {cols}] matrix",
+                block_scales.len()
+            )));
+        }
+        let mut m = Self::from_ternary(codes, rows, cols, scale)?;
+        m.block_scales = Some(block_scales);
+        Ok(m)
     }
 
     pub fn rows(&self) -> usize {
@@ -201,9 +245,13 @@ impl TernaryMatrix {
     pub fn scale(&self) -> WeightScale {
         self.scale
     }
-    /// Bytes the packed weights take in memory (2 bits per weight, plus padding).
+    /// The per-(row, 256-column block) multipliers, `[rows, blocks]` row-major, if any.
+    pub fn block_scales(&self) -> Option<&[f32]> {
+        self.block_scales.as_deref()
+    }
+    /// Bytes the packed weights (2 bits per weight, plus padding) and any block scales take.
     pub fn bytes(&self) -> usize {
-        self.packed.bytes()
+        self.packed.bytes() + self.block_scales.as_ref().map_or(0, |d| d.len() * 4)
     }
 
     /// The row-major ternary codes (for export and tests).
@@ -211,7 +259,30 @@ impl TernaryMatrix {
         self.packed.unpack()
     }
 
+    /// Integer products of each 256-column block:
+    /// `out[(i * rows + r) * blocks + b] = Σ_{c ∈ block b} x[i, c] · W[r, c]` for every token
+    /// `i` (the partials the block-scaled forward combines; any matrix has them).
+    pub fn matmul_block_i32_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [i32]) {
+        let (rows, blocks) = (self.rows(), self.packed.blocks());
+        assert_eq!(x.k(), self.cols(), "activation width does not match the matrix");
+        assert!(out.len() >= x.m() * rows * blocks, "output buffer too small");
+        let path = path.or_best();
+        let mut part = vec![0i32; blocks * ROW_TILE];
+        for t in 0..x.m() {
+            for g in 0..self.packed.tiles() {
+                tile_block_dots(path, &self.packed, g, x.padded_row(t), &mut part);
+                for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
+                    let r = g * ROW_TILE + ri;
+                    for b in 0..blocks {
+                        out[(t * rows + r) * blocks + b] = part[b * ROW_TILE + ri];
+                    }
+                }
+            }
+        }
+    }
+
     /// Integer products `out[i * rows + r] = Σ_c x[i, c] · W[r, c]` for every token `i`.
+    /// Block scales, if any, are not applied: these are the products of the codes.
     pub fn matmul_i32(&self, x: &QuantizedActivations, out: &mut [i32]) {
         self.matmul_i32_with(KernelPath::active(), x, out)
     }
@@ -232,9 +303,54 @@ impl TernaryMatrix {
     /// run `path`).
     pub fn forward_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [f32]) {
         self.check(x, out.len());
+        if let Some(d) = &self.block_scales {
+            return self.forward_block_scaled(path, x, d, out);
+        }
         let (scale, s_a) = (self.scale, x.scales());
         let sink = MapSink(SharedOut::new(out, self.rows()), move |acc, t, _r| scale.apply(acc, s_a[t]));
         self.run(path, x, &sink);
+    }
+
+    /// The block-scaled forward (see [`TernaryMatrix::from_ternary_block_scaled`]): per row
+    /// tile and token, the kernel gives the i32 partial of every block, then the partials are
+    /// scaled and summed in block order.
+    fn forward_block_scaled(&self, path: KernelPath, x: &QuantizedActivations, d: &[f32], out: &mut [f32]) {
+        let path = path.or_best();
+        let (w, m) = (&self.packed, x.m());
+        let (rows, blocks, scale) = (w.rows(), w.blocks(), self.scale);
+        if blocks == 0 {
+            out[..m * rows].fill(0.0);
+            return;
+        }
+        let sink = SharedOut::new(out, rows);
+        let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
+        let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
+        for_ranges(w.tiles(), macs, min_macs, |tiles| {
+            // The partials of one tile and token; on the stack up to 64 blocks (16384 columns),
+            // so that decoding allocates nothing.
+            let mut stack = [0i32; STACK_BLOCKS * ROW_TILE];
+            let mut heap = Vec::new();
+            let part: &mut [i32] = if blocks <= STACK_BLOCKS {
+                &mut stack[..blocks * ROW_TILE]
+            } else {
+                heap.resize(blocks * ROW_TILE, 0);
+                &mut heap
+            };
+            for g in tiles {
+                for t in 0..m {
+                    tile_block_dots(path, w, g, x.padded_row(t), part);
+                    for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
+                        let r = g * ROW_TILE + ri;
+                        let dr = &d[r * blocks..(r + 1) * blocks];
+                        let mut acc = 0.0f32;
+                        for (b, &db) in dr.iter().enumerate() {
+                            acc += db * part[b * ROW_TILE + ri] as f32;
+                        }
+                        sink.write(t, r, scale.apply_f32(acc, x.scale(t)));
+                    }
+                }
+            }
+        });
     }
 
     fn check(&self, x: &QuantizedActivations, out_len: usize) {
@@ -331,6 +447,22 @@ impl TernaryMatrix {
             }
         });
     }
+}
+
+/// Blocks whose partials the block-scaled forward keeps on the stack.
+const STACK_BLOCKS: usize = 64;
+
+/// Per-block dot products of tile `g` with one token on `path` (AVX2 on x86-64 CPUs that have
+/// it, the scalar kernel elsewhere; both give the same integers).
+fn tile_block_dots(path: KernelPath, w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if path != KernelPath::Scalar && KernelPath::Avx2.is_available() {
+        // SAFETY: AVX2 is available (checked just above).
+        unsafe { kernels::avx2::ternary_tile_block_dots(w, g, xr, out) };
+        return;
+    }
+    let _ = path;
+    kernels::scalar::ternary_tile_block_dots(w, g, xr, out);
 }
 
 /// `W · x[0]` for the rows of `tiles` on `path`, which the caller has checked is available.

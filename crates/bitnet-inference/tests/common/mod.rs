@@ -96,4 +96,41 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
 pub mod parity;
+
+/// The factor by which [`rescale_blocks`] multiplies the scale of block `b` of a tensor (the
+/// file stores the product rounded to f16, like any TQ scale).
+pub fn block_factor(b: usize) -> f32 {
+    [1.0, 1.25, 0.75, 2.0, 0.5][b % 5]
+}
+
+/// Copies `src` to `dst`, multiplying the scale of block `b` of every TQ1_0/TQ2_0 tensor by
+/// [`block_factor`]`(b)`; codes and every other byte stay as they are.
+pub fn rescale_blocks(src: &Path, dst: &Path) {
+    use bitnet_models::gguf::{GgufFile, GgufWriter, TensorSpec};
+    use bitnet_quant::formats::{self, GgmlType};
+    let file = GgufFile::open(src).unwrap();
+    let specs: Vec<TensorSpec> =
+        file.tensors().iter().map(|t| TensorSpec::new(t.name(), t.ggml_type(), t.shape())).collect();
+    let mut md = file.metadata().clone();
+    md.remove("general.alignment");
+    let mut w = GgufWriter::create(dst, &md, specs.clone()).unwrap();
+    for spec in &specs {
+        match spec.ggml_type {
+            GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+                let t = file.ternary_codes(&spec.name).unwrap();
+                let scales: Vec<f32> =
+                    t.scales.iter().enumerate().map(|(b, &s)| s * block_factor(b)).collect();
+                let bytes = match spec.ggml_type {
+                    GgmlType::TQ1_0 => formats::tq1_0::pack(&t.codes, &scales),
+                    _ => formats::tq2_0::pack(&t.codes, &scales),
+                }
+                .unwrap();
+                w.write_tensor(&spec.name, &bytes).unwrap();
+            }
+            _ => w.write_tensor(&spec.name, file.tensor_data(&spec.name).unwrap()).unwrap(),
+        }
+    }
+    w.finish().unwrap();
+}

@@ -398,6 +398,43 @@ unsafe fn ternary_gemm_rowwise<S: Sink>(
     }
 }
 
+/// Per-block dot products of the eight rows of tile `g` with one token's padded activations
+/// `xr`: `out[b · 8 + ri] = Σ_{c ∈ block b} t[8g + ri, c] · x[c]`, the same integers as the
+/// scalar `ternary_tile_block_dots`. Each block's activation sum (to shift the codes to
+/// {-1, 0, 1}) is taken here, so nothing is allocated.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_tile_block_dots(w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
+    let blocks = w.blocks();
+    let tile = w.tile(g);
+    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * ROW_TILE);
+    assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    let (ones, ones8) = (_mm256_set1_epi16(1), _mm256_set1_epi8(1));
+    for b in 0..blocks {
+        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+        let mut xsum16 = _mm256_setzero_si256();
+        // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` holds `blocks` blocks
+        // of 256 activations (both checked above), so every offset below is in bounds.
+        unsafe {
+            let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+            let xb = xr.as_ptr().add(b * BLOCK_COLS);
+            for (ri, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_madd_epi16(block_dot_x4(wb.add(ri * BLOCK_BYTES), xb), ones);
+            }
+            // Σ x: pair sums in [-256, 254], eight of them per lane fit i16.
+            for q in 0..BLOCK_COLS / 32 {
+                xsum16 = _mm256_add_epi16(xsum16, _mm256_maddubs_epi16(ones8, load_i8(xb.add(32 * q))));
+            }
+        }
+        let xsum: i32 = to_array(_mm256_madd_epi16(xsum16, ones)).iter().sum();
+        // 4·Σ u·x per row, a multiple of 4; Σ t·x = Σ u·x − Σ x.
+        let dots = _mm256_sub_epi32(_mm256_srai_epi32::<2>(reduce8(&acc)), _mm256_set1_epi32(xsum));
+        out[b * ROW_TILE..(b + 1) * ROW_TILE].copy_from_slice(&to_array(dots));
+    }
+}
+
 /// Tokens `t0..t0 + MT` against `rows`; returns `MT`.
 #[target_feature(enable = "avx2")]
 unsafe fn ternary_tile<const MT: usize, S: Sink>(

@@ -65,6 +65,19 @@ pub(crate) fn ternary_gemm<S: Sink>(
     }
 }
 
+/// Per-block dot products of the rows of tile `g` with one token's padded activations `xr`:
+/// `out[b · 8 + ri] = Σ_{c ∈ block b} t[8g + ri, c] · x[c]` (rows past the matrix give 0).
+pub(crate) fn ternary_tile_block_dots(w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
+    let tile = w.tile(g);
+    for b in 0..w.blocks() {
+        for ri in 0..ROW_TILE {
+            let at = (b * ROW_TILE + ri) * BLOCK_BYTES;
+            out[b * ROW_TILE + ri] =
+                block_dot(&tile[at..at + BLOCK_BYTES], &xr[b * BLOCK_COLS..(b + 1) * BLOCK_COLS]);
+        }
+    }
+}
+
 pub(crate) fn int8_gemm<S: Sink>(
     w: &PackedInt8,
     x: &QuantizedActivations,

@@ -1,0 +1,152 @@
+//! TQ1_0/TQ2_0 files whose 256-blocks carry different scales (as llama.cpp's own quantizer
+//! writes them) run with those scales honoured exactly.
+
+mod common;
+
+use std::path::Path;
+
+use bitnet_inference::load::{load_gguf, LoadOptions};
+use bitnet_models::convert::{convert_hf_to_gguf, llama_rope_rows, requantize_gguf, HeadType, WeightType};
+use bitnet_models::gguf::GgufFile;
+use bitnet_models::synth::{write_synthetic, SynthShape};
+use bitnet_models::{Architecture, ModelWeights, Projection};
+use bitnet_quant::formats;
+use bitnet_quant::QuantizedActivations;
+use common::*;
+
+fn projections(w: &ModelWeights, l: usize) -> [(&'static str, &Projection); 7] {
+    let x = &w.layers[l];
+    [
+        ("attn_q", &x.q_proj),
+        ("attn_k", &x.k_proj),
+        ("attn_v", &x.v_proj),
+        ("attn_output", &x.o_proj),
+        ("ffn_gate", &x.gate_proj),
+        ("ffn_up", &x.up_proj),
+        ("ffn_down", &x.down_proj),
+    ]
+}
+
+/// Every projection of the rescaled file gives the dense product of its dequantized tensor (in
+/// HF row order) with the same int8 activations, within 1e-6 of the magnitude of the terms.
+fn check_projections_dense(path: &Path) {
+    let file = GgufFile::open(path).unwrap();
+    let w = ModelWeights::from_gguf(&file).unwrap();
+    let cfg = &w.config;
+    for l in 0..cfg.num_layers {
+        for (name, p) in projections(&w, l) {
+            let gname = format!("blk.{l}.{name}.weight");
+            let (rows, cols) = (p.weight.rows(), p.weight.cols());
+            assert!(p.weight.block_scales().is_some(), "{gname}: expected per-block scales");
+            let info = file.tensor(&gname).unwrap();
+            let mut dense =
+                formats::dequantize(info.ggml_type(), file.tensor_data(&gname).unwrap(), rows * cols)
+                    .unwrap();
+            if cfg.architecture == Architecture::Llama158 {
+                dense = llama_rope_rows(&dense, cols, &gname, cfg, true);
+            }
+            let m = 3;
+            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.7).collect();
+            let mut q = QuantizedActivations::new(m, cols);
+            q.quantize(&x, m);
+            let mut got = vec![0.0f32; m * rows];
+            p.weight.forward(&q, &mut got);
+            for t in 0..m {
+                let (xt, s_a) = (q.row(t), q.scale(t) as f64);
+                for r in 0..rows {
+                    let row = &dense[r * cols..(r + 1) * cols];
+                    let want: f64 = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / s_a;
+                    let mag: f64 =
+                        row.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>() / s_a;
+                    let g = got[t * rows + r] as f64;
+                    assert!((g - want).abs() <= 1e-6 * mag + 1e-30, "{gname} t{t} r{r}: {g} vs dense {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tq_files_with_per_block_scales_run_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    for llama in [false, true] {
+        let shape = SynthShape {
+            name: "w256",
+            vocab_size: 300,
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            llama,
+            rope_theta: 10000.0,
+            max_position_embeddings: 64,
+        };
+        let src = dir.path().join(format!("hf-{llama}"));
+        write_synthetic(&shape, &src, 5).unwrap();
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 23 + 1) % 298).collect();
+        for weight in [WeightType::Tq2_0, WeightType::Tq1_0] {
+            let one = dir.path().join(format!("{llama}-{weight:?}.gguf"));
+            convert_hf_to_gguf(&src, &one, weight, HeadType::F16, |_, _| {}).unwrap();
+            let blocked = dir.path().join(format!("{llama}-{weight:?}-blocks.gguf"));
+            rescale_blocks(&one, &blocked);
+            check_projections_dense(&blocked);
+            // The whole model runs, and the scales matter.
+            let base = prefill_logits(&mut load_gguf(&one, LoadOptions::default()).unwrap().model, &prompt);
+            let mut m = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            let got = prefill_logits(&mut m.model, &prompt);
+            assert!(got.iter().all(|v| v.is_finite()), "llama={llama} {weight:?}: non-finite logits");
+            assert!(max_abs_diff(&got, &base) > 1e-3, "llama={llama} {weight:?}: block scales had no effect");
+            // `bitnet quantize` keeps the block scales between TQ types and refuses the others.
+            let other = match weight {
+                WeightType::Tq2_0 => WeightType::Tq1_0,
+                _ => WeightType::Tq2_0,
+            };
+            let requantized = dir.path().join(format!("{llama}-{weight:?}-blocks-as-{other:?}.gguf"));
+            requantize_gguf(&blocked, &requantized, other, |_, _| {}).unwrap();
+            let again =
+                prefill_logits(&mut load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
+            assert_eq!(again, got, "llama={llama} {weight:?} requantized to {other:?}");
+            for single in [WeightType::I2S, WeightType::F16] {
+                let e = requantize_gguf(&blocked, &dir.path().join("x.gguf"), single, |_, _| {}).unwrap_err();
+                assert!(e.to_string().contains("different scales"), "{e}");
+            }
+            // Generation with the KV cache agrees with re-running the whole sequence.
+            let (new, _) = greedy_with_cache(&mut m.model, &prompt, 6);
+            let mut seq = prompt.clone();
+            let mut fresh = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            for &id in &new {
+                let logits = prefill_logits(&mut fresh.model, &seq);
+                let vocab = shape.vocab_size;
+                assert_eq!(top_k(&logits[logits.len() - vocab..], 1)[0] as u32, id);
+                seq.push(id);
+            }
+        }
+    }
+}
+
+/// A file whose blocks all share one scale still takes the one-scale kernels.
+#[test]
+fn equal_block_scales_keep_the_one_scale_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SynthShape {
+        name: "w256",
+        vocab_size: 300,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 1,
+        num_heads: 4,
+        num_kv_heads: 2,
+        llama: false,
+        rope_theta: 10000.0,
+        max_position_embeddings: 64,
+    };
+    let src = dir.path().join("hf");
+    write_synthetic(&shape, &src, 7).unwrap();
+    let one = dir.path().join("one.gguf");
+    convert_hf_to_gguf(&src, &one, WeightType::Tq2_0, HeadType::F16, |_, _| {}).unwrap();
+    let w = ModelWeights::from_gguf(&GgufFile::open(&one).unwrap()).unwrap();
+    for (name, p) in projections(&w, 0) {
+        assert!(p.weight.block_scales().is_none(), "{name}");
+    }
+}
