@@ -5,13 +5,14 @@ use bitnet_models::{Activation, ModelConfig};
 
 use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
 use crate::layers::bitlinear::{
-    bitlinear_backward, bitlinear_forward, quantize_input, Precision, QuantizedInput, WeightGroup,
+    bitlinear_backward_in, bitlinear_forward, quantize_input_in, Precision, QuantizedInput, WeightGroup,
 };
 use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
 use crate::layers::embedding::{embedding_backward, embedding_forward};
 use crate::layers::gate::{gate_backward, gate_forward};
 use crate::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::layers::rope::{rope_backward, rope_forward, HeadsView, RopeTable};
+use crate::linalg::Scratch;
 use crate::real::Real;
 use crate::rng::Rng;
 
@@ -196,6 +197,37 @@ struct LayerCache<T> {
     down_in: QuantizedInput<T>,
 }
 
+impl<T: Real> LayerCache<T> {
+    /// Gives every buffer back to `scratch`.
+    fn recycle(self, scratch: &Scratch<T>) {
+        let Self {
+            x_in,
+            rstd_in,
+            h_in,
+            qkv,
+            probs,
+            attn,
+            rstd_attn_sub,
+            o_in,
+            x_mid,
+            rstd_post,
+            h_post,
+            gate_up,
+            mlp,
+            rstd_ffn_sub,
+            down_in,
+        } = self;
+        for v in
+            [x_in, rstd_in, qkv, probs, attn, rstd_attn_sub, x_mid, rstd_post, gate_up, mlp, rstd_ffn_sub]
+        {
+            scratch.recycle(v);
+        }
+        for q in [h_in, o_in, h_post, down_in] {
+            q.recycle(scratch);
+        }
+    }
+}
+
 /// The model: config, precision, parameters.
 #[derive(Clone, Debug)]
 pub struct Model<T> {
@@ -204,6 +236,8 @@ pub struct Model<T> {
     pub layout: Layout,
     pub params: Params<T>,
     rope: RopeTable<T>,
+    /// Activation and gradient buffers recycled from step to step.
+    scratch: Scratch<T>,
 }
 
 /// Standard deviation of the initial linear and embedding weights.
@@ -238,7 +272,7 @@ impl<T: Real> Model<T> {
             assert!(name == &t.name && shape == &t.shape, "parameter {} does not fit the config", t.name);
         }
         let rope = RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta);
-        Self { config, precision, layout, params, rope }
+        Self { config, precision, layout, params, rope, scratch: Scratch::default() }
     }
 
     fn tensor(&self, i: usize) -> &[T] {
@@ -300,13 +334,13 @@ impl<T: Real> Model<T> {
         let p = self.precision;
 
         // attention block: x + o_proj(sub_norm(Attn(RoPE(qkv(norm(x))))))
-        let x_in = x.to_vec();
-        let mut normed = vec![T::ZERO; rows * h];
-        let mut rstd_in = vec![T::ZERO; rows];
+        let x_in = self.scratch.copy_of(x);
+        let mut normed = self.scratch.zeros(rows * h);
+        let mut rstd_in = self.scratch.zeros(rows);
         rmsnorm_forward(x, self.tensor(s.input_norm), eps, &mut normed, &mut rstd_in);
-        let h_in = quantize_input(&normed, rows, h, p);
+        let h_in = quantize_input_in(&normed, rows, h, p, &self.scratch);
         let lay = self.qkv_layout();
-        let mut qkv = vec![T::ZERO; rows * lay.ld];
+        let mut qkv = self.scratch.zeros(rows * lay.ld);
         bitlinear_forward(&h_in, &w.qkv, &mut qkv);
         rope_forward(
             &mut qkv,
@@ -321,44 +355,50 @@ impl<T: Real> Model<T> {
             &self.rope,
         );
         let shape = self.attention_shape(batch, seq);
-        let mut probs = vec![T::ZERO; shape.probs_len()];
-        let mut attn = vec![T::ZERO; rows * qd];
+        let mut probs = self.scratch.zeros(shape.probs_len());
+        let mut attn = self.scratch.zeros(rows * qd);
         attention_forward(&qkv, lay, shape, &mut probs, &mut attn);
         let mut rstd_attn_sub = Vec::new();
         let o_in = match s.attn_sub_norm {
             Some(sn) => {
-                let mut a = vec![T::ZERO; rows * qd];
-                rstd_attn_sub = vec![T::ZERO; rows];
+                let mut a = self.scratch.zeros(rows * qd);
+                rstd_attn_sub = self.scratch.zeros(rows);
                 rmsnorm_forward(&attn, self.tensor(sn), eps, &mut a, &mut rstd_attn_sub);
-                quantize_input(&a, rows, qd, p)
+                let q = quantize_input_in(&a, rows, qd, p, &self.scratch);
+                self.scratch.recycle(a);
+                q
             }
-            None => quantize_input(&attn, rows, qd, p),
+            None => quantize_input_in(&attn, rows, qd, p, &self.scratch),
         };
-        let mut branch = vec![T::ZERO; rows * h];
+        let mut branch = self.scratch.zeros(rows * h);
         bitlinear_forward(&o_in, &w.o, &mut branch);
         add_into(x, &branch);
 
         // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
-        let x_mid = x.to_vec();
-        let mut rstd_post = vec![T::ZERO; rows];
+        let x_mid = self.scratch.copy_of(x);
+        let mut rstd_post = self.scratch.zeros(rows);
         rmsnorm_forward(x, self.tensor(s.post_norm), eps, &mut normed, &mut rstd_post);
-        let h_post = quantize_input(&normed, rows, h, p);
-        let mut gate_up = vec![T::ZERO; rows * 2 * i];
+        let h_post = quantize_input_in(&normed, rows, h, p, &self.scratch);
+        let mut gate_up = self.scratch.zeros(rows * 2 * i);
         bitlinear_forward(&h_post, &w.gate_up, &mut gate_up);
-        let mut mlp = vec![T::ZERO; rows * i];
+        let mut mlp = self.scratch.zeros(rows * i);
         gate_forward(c.activation, &gate_up, i, &mut mlp);
         let mut rstd_ffn_sub = Vec::new();
         let down_in = match s.ffn_sub_norm {
             Some(sn) => {
-                let mut m = vec![T::ZERO; rows * i];
-                rstd_ffn_sub = vec![T::ZERO; rows];
+                let mut m = self.scratch.zeros(rows * i);
+                rstd_ffn_sub = self.scratch.zeros(rows);
                 rmsnorm_forward(&mlp, self.tensor(sn), eps, &mut m, &mut rstd_ffn_sub);
-                quantize_input(&m, rows, i, p)
+                let q = quantize_input_in(&m, rows, i, p, &self.scratch);
+                self.scratch.recycle(m);
+                q
             }
-            None => quantize_input(&mlp, rows, i, p),
+            None => quantize_input_in(&mlp, rows, i, p, &self.scratch),
         };
         bitlinear_forward(&down_in, &w.down, &mut branch);
         add_into(x, &branch);
+        self.scratch.recycle(branch);
+        self.scratch.recycle(normed);
 
         LayerCache {
             x_in,
@@ -398,13 +438,20 @@ impl<T: Real> Model<T> {
         let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.q_dim());
 
         // MLP block, last op first.
-        let mut d_down_in = vec![T::ZERO; rows * i];
+        let mut d_down_in = self.scratch.zeros(rows * i);
         let mut g = grads.take(&[s.down]);
-        bitlinear_backward(&cache.down_in, &w.down, dx, Some(&mut d_down_in), &mut [&mut g[0]]);
+        bitlinear_backward_in(
+            &cache.down_in,
+            &w.down,
+            dx,
+            Some(&mut d_down_in),
+            &mut [&mut g[0]],
+            &self.scratch,
+        );
         grads.put(&[s.down], g);
         let d_mlp = match s.ffn_sub_norm {
             Some(sn) => {
-                let mut d = vec![T::ZERO; rows * i];
+                let mut d = self.scratch.zeros(rows * i);
                 rmsnorm_backward(
                     &cache.mlp,
                     self.tensor(sn),
@@ -413,22 +460,24 @@ impl<T: Real> Model<T> {
                     &mut d,
                     &mut grads.tensors[sn].data,
                 );
+                self.scratch.recycle(d_down_in);
                 d
             }
             None => d_down_in,
         };
-        let mut d_gate_up = vec![T::ZERO; rows * 2 * i];
+        let mut d_gate_up = self.scratch.zeros(rows * 2 * i);
         gate_backward(c.activation, &cache.gate_up, &d_mlp, i, &mut d_gate_up);
-        let mut d_normed = vec![T::ZERO; rows * h];
+        let mut d_normed = self.scratch.zeros(rows * h);
         let mut g = grads.take(&[s.gate, s.up]);
         {
             let (a, b) = g.split_at_mut(1);
-            bitlinear_backward(
+            bitlinear_backward_in(
                 &cache.h_post,
                 &w.gate_up,
                 &d_gate_up,
                 Some(&mut d_normed),
                 &mut [&mut a[0], &mut b[0]],
+                &self.scratch,
             );
         }
         grads.put(&[s.gate, s.up], g);
@@ -442,13 +491,13 @@ impl<T: Real> Model<T> {
         );
 
         // Attention block.
-        let mut d_o_in = vec![T::ZERO; rows * qd];
+        let mut d_o_in = self.scratch.zeros(rows * qd);
         let mut g = grads.take(&[s.o]);
-        bitlinear_backward(&cache.o_in, &w.o, dx, Some(&mut d_o_in), &mut [&mut g[0]]);
+        bitlinear_backward_in(&cache.o_in, &w.o, dx, Some(&mut d_o_in), &mut [&mut g[0]], &self.scratch);
         grads.put(&[s.o], g);
         let d_attn = match s.attn_sub_norm {
             Some(sn) => {
-                let mut d = vec![T::ZERO; rows * qd];
+                let mut d = self.scratch.zeros(rows * qd);
                 rmsnorm_backward(
                     &cache.attn,
                     self.tensor(sn),
@@ -457,12 +506,13 @@ impl<T: Real> Model<T> {
                     &mut d,
                     &mut grads.tensors[sn].data,
                 );
+                self.scratch.recycle(d_o_in);
                 d
             }
             None => d_o_in,
         };
         let lay = self.qkv_layout();
-        let mut d_qkv = vec![T::ZERO; rows * lay.ld];
+        let mut d_qkv = self.scratch.zeros(rows * lay.ld);
         attention_backward(
             &cache.qkv,
             lay,
@@ -488,12 +538,13 @@ impl<T: Real> Model<T> {
         {
             let (a, rest) = g.split_at_mut(1);
             let (b, cc) = rest.split_at_mut(1);
-            bitlinear_backward(
+            bitlinear_backward_in(
                 &cache.h_in,
                 &w.qkv,
                 &d_qkv,
                 Some(&mut d_normed),
                 &mut [&mut a[0], &mut b[0], &mut cc[0]],
+                &self.scratch,
             );
         }
         grads.put(&[s.q, s.k, s.v], g);
@@ -505,6 +556,9 @@ impl<T: Real> Model<T> {
             dx,
             &mut grads.tensors[s.input_norm].data,
         );
+        for v in [d_mlp, d_gate_up, d_normed, d_attn, d_qkv] {
+            self.scratch.recycle(v);
+        }
     }
 
     /// Embedding, every layer and the final norm: returns the normed last hidden states
@@ -521,17 +575,19 @@ impl<T: Real> Model<T> {
         let h = self.config.hidden_size;
         let rows = batch * seq;
         assert_eq!(ids.len(), rows);
-        let mut x = vec![T::ZERO; rows * h];
+        let mut x = self.scratch.zeros(rows * h);
         embedding_forward(self.tensor(self.layout.embed), ids, h, &mut x);
         let mut caches = Vec::new();
         for (l, lw) in w.layers.iter().enumerate() {
             let cache = self.layer_forward(l, lw, &mut x, batch, seq);
             if keep {
                 caches.push(cache);
+            } else {
+                cache.recycle(&self.scratch);
             }
         }
-        let mut normed = vec![T::ZERO; rows * h];
-        let mut rstd = vec![T::ZERO; rows];
+        let mut normed = self.scratch.zeros(rows * h);
+        let mut rstd = self.scratch.zeros(rows);
         rmsnorm_forward(&x, self.tensor(self.layout.final_norm), self.eps(), &mut normed, &mut rstd);
         (x, normed, rstd, caches)
     }
@@ -574,11 +630,11 @@ impl<T: Real> Model<T> {
         let (v, h) = (self.config.vocab_size, self.config.hidden_size);
         let (x_last, normed, rstd, caches) = self.trunk_forward(w, &ids, batch, seq, true);
         let head = self.layout.head();
-        let mut probs = vec![T::ZERO; rows * v];
+        let mut probs = self.scratch.zeros(rows * v);
         head_forward(&normed, self.tensor(head), rows, h, v, &mut probs);
         let loss = softmax_cross_entropy(&mut probs, &targets, v) / rows as f64;
 
-        let mut d_normed = vec![T::ZERO; rows * h];
+        let mut d_normed = self.scratch.zeros(rows * h);
         let mut g = grads.take(&[head]);
         head_cross_entropy_backward(
             &normed,
@@ -592,8 +648,8 @@ impl<T: Real> Model<T> {
             &mut g[0],
         );
         grads.put(&[head], g);
-        drop(probs);
-        let mut dx = vec![T::ZERO; rows * h];
+        self.scratch.recycle(probs);
+        let mut dx = self.scratch.zeros(rows * h);
         let fnorm = self.layout.final_norm;
         rmsnorm_backward(
             &x_last,
@@ -603,10 +659,14 @@ impl<T: Real> Model<T> {
             &mut dx,
             &mut grads.tensors[fnorm].data,
         );
-        for (l, cache) in caches.iter().enumerate().rev() {
-            self.layer_backward(l, &w.layers[l], cache, &mut dx, batch, seq, grads);
+        for (l, cache) in caches.into_iter().enumerate().rev() {
+            self.layer_backward(l, &w.layers[l], &cache, &mut dx, batch, seq, grads);
+            cache.recycle(&self.scratch);
         }
         embedding_backward(&dx, &ids, h, &mut grads.tensors[self.layout.embed].data);
+        for v in [x_last, normed, rstd, d_normed, dx] {
+            self.scratch.recycle(v);
+        }
         loss
     }
 

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{matmul, Operand, ROW_CHUNK};
+use crate::linalg::{matmul, Operand, Scratch, ROW_CHUNK};
 use crate::real::Real;
 
 /// Whether the linears are quantized (the b1.58 model) or full-precision (the `--fp` baseline).
@@ -99,12 +99,26 @@ pub struct QuantizedInput<T> {
 
 /// Quantizes `x` (`[rows, cols]`) per token (`ActQuant`), or keeps it as is in full precision.
 pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Precision) -> QuantizedInput<T> {
+    quantize_input_in(x, rows, cols, precision, &Scratch::default())
+}
+
+/// [`quantize_input`] with its buffers taken from `scratch`.
+pub fn quantize_input_in<T: Real>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    precision: Precision,
+    scratch: &Scratch<T>,
+) -> QuantizedInput<T> {
     assert_eq!(x.len(), rows * cols);
     if precision == Precision::Full {
-        return QuantizedInput { rows, cols, codes: x.to_vec(), scale: vec![T::ONE; rows] };
+        let mut scale = scratch.empty(rows);
+        scale.resize(rows, T::ONE);
+        return QuantizedInput { rows, cols, codes: scratch.copy_of(x), scale };
     }
-    let mut codes = vec![T::ZERO; rows * cols];
-    let mut scale = vec![T::ZERO; rows];
+    // Every code and scale is written below.
+    let mut codes = scratch.zeros(rows * cols);
+    let mut scale = scratch.zeros(rows);
     codes
         .par_chunks_mut(cols * ROW_CHUNK)
         .zip(x.par_chunks(cols * ROW_CHUNK))
@@ -122,6 +136,12 @@ pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Pre
 }
 
 impl<T: Real> QuantizedInput<T> {
+    /// Gives the buffers back to `scratch`.
+    pub fn recycle(self, scratch: &Scratch<T>) {
+        scratch.recycle(self.codes);
+        scratch.recycle(self.scale);
+    }
+
     /// The dequantized input `q / s_a` (what the STE's surrogate multiplies).
     pub fn dequantized(&self) -> Vec<T> {
         let mut v = self.codes.clone();
@@ -159,13 +179,25 @@ pub fn bitlinear_backward<T: Real>(
     dx: Option<&mut [T]>,
     dw: &mut [&mut [T]],
 ) {
+    bitlinear_backward_in(x, w, dy, dx, dw, &Scratch::default())
+}
+
+/// [`bitlinear_backward`] with its temporaries taken from (and given back to) `scratch`.
+pub fn bitlinear_backward_in<T: Real>(
+    x: &QuantizedInput<T>,
+    w: &WeightGroup<T>,
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [&mut [T]],
+    scratch: &Scratch<T>,
+) {
     let n = w.out_features();
     let k = w.in_features;
     if let Some(dx) = dx {
         matmul(dx, Operand::n(dy, x.rows, n), Operand::n(&w.dequant, n, k), true, true);
     }
     // dy / s_a per row, so that the product with the integer codes gives dYᵀ · (q / s_a).
-    let mut dy_scaled = dy.to_vec();
+    let mut dy_scaled = scratch.copy_of(dy);
     dy_scaled.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(dc, sc)| {
         for (dr, &s_a) in dc.chunks_exact_mut(n).zip(sc) {
             for v in dr {
@@ -176,9 +208,10 @@ pub fn bitlinear_backward<T: Real>(
     assert_eq!(dw.len(), w.out_sizes.len());
     if dw.len() == 1 {
         matmul(dw[0], Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), true, true);
+        scratch.recycle(dy_scaled);
         return;
     }
-    let mut dw_all = vec![T::ZERO; n * k];
+    let mut dw_all = scratch.zeros(n * k);
     matmul(&mut dw_all, Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), false, true);
     let mut offset = 0;
     for (g, &np) in dw.iter_mut().zip(&w.out_sizes) {
@@ -187,4 +220,6 @@ pub fn bitlinear_backward<T: Real>(
         }
         offset += np;
     }
+    scratch.recycle(dy_scaled);
+    scratch.recycle(dw_all);
 }
