@@ -139,3 +139,43 @@ fn head_type_applies_to_the_head_only() {
         load_gguf(&dst, LoadOptions::default()).unwrap_or_else(|e| panic!("{fixture}: {e}"));
     }
 }
+
+/// The TQ formats need rows of 256, which the tiny fixture's width of 128 cannot give, so a
+/// transformers fixture 256 wide (`w256-tq`, made by tools/make_hf_fixture.py) goes through
+/// TQ2_0, TQ1_0 and I2_S in each of its three HF forms: transformers' greedy ids, and logits
+/// against the HF path — within 1e-3 where the stored scale is exact (I2_S keeps an f32 scale,
+/// TQ an f16 one, exact for the packed form's bf16 scale), otherwise (TQ of the master's f32
+/// mean or of packed_bitlinear's 1/d, rounded to f16) argmax agreement and cosine per position.
+#[test]
+fn w256_fixture_through_tq_and_i2s_keeps_transformers_greedy_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    for form in ["master", "packed", "packed_bitlinear"] {
+        let src = fixtures().join("w256-tq").join(form);
+        let golden = Golden::open(&fixtures().join(format!("w256-tq/golden/{form}_f32.safetensors")));
+        let prompt = golden.u32s("input_ids");
+        let want = golden.u32s("greedy_ids");
+        let hf_logits = prefill_logits(&mut load(&src).model, &prompt);
+        for weight in [WeightType::Tq2_0, WeightType::Tq1_0, WeightType::I2S] {
+            let dst = dir.path().join(format!("{form}-{weight:?}.gguf"));
+            convert(&src, &dst, weight);
+            let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
+            let (new, _) = greedy_with_cache(&mut m.model, &prompt, want.len() - prompt.len());
+            assert_eq!(new, want[prompt.len()..], "{form} as {weight:?}: greedy ids");
+            let got = prefill_logits(&mut m.model, &prompt);
+            let exact_scale = weight == WeightType::I2S || form == "packed";
+            if exact_scale {
+                let d = max_abs_diff(&got, &hf_logits);
+                assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
+            } else {
+                let vocab = m.model.config.vocab_size;
+                let positions = got.len() / vocab;
+                let mut agree = 0;
+                for (pos, (g, w)) in got.chunks(vocab).zip(hf_logits.chunks(vocab)).enumerate() {
+                    agree += (top_k(g, 1) == top_k(w, 1)) as usize;
+                    assert!(cosine(g, w) > 0.99, "{form} as {weight:?}: cosine at {pos}");
+                }
+                assert!(agree + 2 >= positions, "{form} as {weight:?}: argmax agrees at {agree} of {positions}");
+            }
+        }
+    }
+}
