@@ -174,7 +174,10 @@ fn w256_fixture_through_tq_and_i2s_keeps_transformers_greedy_ids() {
                     agree += (top_k(g, 1) == top_k(w, 1)) as usize;
                     assert!(cosine(g, w) > 0.99, "{form} as {weight:?}: cosine at {pos}");
                 }
-                assert!(agree + 2 >= positions, "{form} as {weight:?}: argmax agrees at {agree} of {positions}");
+                assert!(
+                    agree + 2 >= positions,
+                    "{form} as {weight:?}: argmax agrees at {agree} of {positions}"
+                );
             }
         }
     }

@@ -419,6 +419,13 @@ impl TernaryMatrix {
         x: &QuantizedActivations,
         outs: [&mut [f32]; N],
     ) {
+        if mats.iter().any(|w| w.block_scales.is_some()) {
+            // Per-block scales have their own product (rare: TQ files whose blocks differ).
+            for (w, out) in mats.into_iter().zip(outs) {
+                w.forward(x, out);
+            }
+            return;
+        }
         let path = KernelPath::active().or_best();
         let s_a = x.scales();
         let mut outs = outs.map(Some);

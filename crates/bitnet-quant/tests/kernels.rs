@@ -141,6 +141,11 @@ fn forward_many_equals_forward_of_each() {
         TernaryMatrix::from_ternary(&codes(1645, 2), 1645, k, WeightScale::Divide(1.3)).unwrap(),
         TernaryMatrix::from_ternary(&codes(13, 3), 13, k, WeightScale::Multiply(2.0)).unwrap(),
     );
+    // A matrix with per-block scales (TQ files whose blocks differ) takes its own product.
+    let scales: Vec<f32> = (0..13 * 10).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+    let blocky =
+        TernaryMatrix::from_ternary_block_scaled(&codes(13, 4), 13, k, scales, WeightScale::Multiply(1.0))
+            .unwrap();
     for threads in [1, 2, 3] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         for m in [1, 3] {
@@ -156,6 +161,15 @@ fn forward_many_equals_forward_of_each() {
                 let [a, b, c] = &mut together;
                 TernaryMatrix::forward_many([&q, &kk, &v], &x, [a, b, c]);
             });
+            let (mut q_alone, mut b_alone) = (vec![0.0f32; m * 2000], vec![0.0f32; m * 13]);
+            let (mut q_many, mut b_many) = (q_alone.clone(), b_alone.clone());
+            pool.install(|| {
+                q.forward(&x, &mut q_alone);
+                blocky.forward(&x, &mut b_alone);
+                TernaryMatrix::forward_many([&q, &blocky], &x, [&mut q_many, &mut b_many]);
+            });
+            assert_eq!(q_alone, q_many, "{threads} threads, m = {m}, with a block-scaled matrix");
+            assert_eq!(b_alone, b_many, "{threads} threads, m = {m}: the block-scaled matrix");
             for (a, t) in alone.iter().zip(&together) {
                 assert!(
                     a.iter().zip(t).all(|(a, t)| a.to_bits() == t.to_bits()),
