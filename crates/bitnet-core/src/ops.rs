@@ -68,11 +68,15 @@ pub fn rope_neox(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     for head in x.chunks_exact_mut(head_dim) {
         let (lo, hi) = head.split_at_mut(half);
         for i in 0..half {
-            let (a, b) = (lo[i], hi[i]);
-            lo[i] = a * cos[i] - b * sin[i];
-            hi[i] = b * cos[i] + a * sin[i];
+            (lo[i], hi[i]) = rotate(lo[i], hi[i], cos[i], sin[i]);
         }
     }
+}
+
+/// One NeoX pair `(a, b)` (dims `i` and `i + d/2`) turned by the angle of `cos`, `sin`.
+#[inline]
+fn rotate(a: f32, b: f32, cos: f32, sin: f32) -> (f32, f32) {
+    (a * cos - b * sin, b * cos + a * sin)
 }
 
 /// [`rope_neox`] of `x` written to `out` (the KV cache), with the same arithmetic.
@@ -82,9 +86,7 @@ pub fn rope_neox_into(x: &[f32], head_dim: usize, cos: &[f32], sin: &[f32], out:
         let (lo, hi) = head.split_at(half);
         let (dlo, dhi) = dst.split_at_mut(half);
         for i in 0..half {
-            let (a, b) = (lo[i], hi[i]);
-            dlo[i] = a * cos[i] - b * sin[i];
-            dhi[i] = b * cos[i] + a * sin[i];
+            (dlo[i], dhi[i]) = rotate(lo[i], hi[i], cos[i], sin[i]);
         }
     }
 }

@@ -42,6 +42,14 @@ fn grow(v: &mut Vec<f32>, len: usize) {
     }
 }
 
+/// `out = act(gate) · up`.
+fn gated(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    match act {
+        Activation::Relu2 => ops::relu2_mul(gate, up, out),
+        Activation::Silu => ops::silu_mul(gate, up, out),
+    }
+}
+
 impl CpuBackend {
     /// cos/sin of positions `pos0..pos0 + rows` into `rope_cos`/`rope_sin` (`half` per row).
     fn rope_table(&mut self, inv_freq: &[f32], rows: usize, pos0: usize, half: usize) {
@@ -156,10 +164,7 @@ impl Backend for CpuBackend {
         let sub_norm = sub_norm.map(|g| g.as_slice());
         out.quantize_each(rows, &mut self.row[..width], |t, row| {
             let (g, u) = (&gate[t * width..(t + 1) * width], &up[t * width..(t + 1) * width]);
-            match act {
-                Activation::Relu2 => ops::relu2_mul(g, u, row),
-                Activation::Silu => ops::silu_mul(g, u, row),
-            }
+            gated(act, g, u, row);
             if sub_norm.is_some() {
                 ops::rmsnorm_row_in_place(row, sub_norm, eps);
             }
@@ -256,10 +261,7 @@ impl Backend for CpuBackend {
     }
 
     fn gate(&mut self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) {
-        match act {
-            Activation::Relu2 => ops::relu2_mul(&gate[..len], &up[..len], &mut out[..len]),
-            Activation::Silu => ops::silu_mul(&gate[..len], &up[..len], &mut out[..len]),
-        }
+        gated(act, &gate[..len], &up[..len], &mut out[..len]);
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {

@@ -70,18 +70,7 @@ fn check_projections_dense(path: &Path) {
 fn tq_files_with_per_block_scales_run_exactly() {
     let dir = tempfile::tempdir().unwrap();
     for llama in [false, true] {
-        let shape = SynthShape {
-            name: "w256",
-            vocab_size: 300,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            llama,
-            rope_theta: 10000.0,
-            max_position_embeddings: 64,
-        };
+        let shape = w256_shape(llama);
         let src = dir.path().join(format!("hf-{llama}"));
         write_synthetic(&shape, &src, 5).unwrap();
         let prompt: Vec<u32> = (0..12).map(|i| (i * 23 + 1) % 298).collect();
@@ -129,18 +118,7 @@ fn tq_files_with_per_block_scales_run_exactly() {
 #[test]
 fn equal_block_scales_keep_the_one_scale_matrix() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = SynthShape {
-        name: "w256",
-        vocab_size: 300,
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_layers: 1,
-        num_heads: 4,
-        num_kv_heads: 2,
-        llama: false,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-    };
+    let shape = SynthShape { num_layers: 1, ..w256_shape(false) };
     let src = dir.path().join("hf");
     write_synthetic(&shape, &src, 7).unwrap();
     let one = dir.path().join("one.gguf");

@@ -6,12 +6,24 @@ use std::path::Path;
 
 use bitnet_inference::load::{load_gguf, LoadOptions};
 use bitnet_models::convert::{convert_hf_to_gguf, requantize_gguf, HeadType, WeightType};
-use bitnet_models::synth::{write_synthetic, SynthShape};
+use bitnet_models::synth::write_synthetic;
 use common::*;
 
 fn convert(src: &Path, dst: &Path, weight: WeightType) {
     convert_hf_to_gguf(src, dst, weight, HeadType::F16, |_, _| {})
         .unwrap_or_else(|e| panic!("{weight:?}: {e}"));
+}
+
+/// Where a GGUF type rounds a scale, logits move a little: per position, cosine > 0.99 with
+/// the HF path, and the argmax agrees at `min_agree` positions or more.
+fn same_direction(got: &[f32], want: &[f32], vocab: usize, min_agree: usize, what: &str) {
+    let mut agree = 0;
+    for (pos, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
+        agree += (top_k(g, 1) == top_k(w, 1)) as usize;
+        assert!(cosine(g, w) > 0.99, "{what}: cosine at {pos}");
+    }
+    let positions = got.len() / vocab;
+    assert!(agree >= min_agree, "{what}: argmax agrees at {agree} of {positions} positions");
 }
 
 /// The tiny fixture's three forms as I2_S and F16 GGUF: transformers' greedy ids, and logits
@@ -36,13 +48,7 @@ fn tiny_fixture_through_gguf_keeps_transformers_greedy_ids() {
             if weight == WeightType::F16 {
                 // F16 rounds a scale that is not f16-exact (the master mean, a bitlinear 1/d) to 10 bits: the shifted
                 // activations flip int8 roundings, so compare argmax and direction per position.
-                let vocab = m.model.config.vocab_size;
-                let mut agree = 0;
-                for (pos, (g, w)) in got.chunks(vocab).zip(hf_logits.chunks(vocab)).enumerate() {
-                    agree += (top_k(g, 1) == top_k(w, 1)) as usize;
-                    assert!(cosine(g, w) > 0.99, "{form} as F16: cosine at {pos}");
-                }
-                assert!(agree >= 14, "{form} as F16: argmax agrees at {agree} of 16 positions");
+                same_direction(&got, &hf_logits, m.model.config.vocab_size, 14, &format!("{form} as F16"));
             } else {
                 let d = max_abs_diff(&got, &hf_logits);
                 assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
@@ -72,18 +78,7 @@ fn ternary_gguf_types_are_exact_for_the_llama_layout() {
 
 fn ternary_types_exact_for(llama: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let shape = SynthShape {
-        name: "w256",
-        vocab_size: 300,
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        llama,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-    };
+    let shape = w256_shape(llama);
     let src = dir.path().join("hf");
     write_synthetic(&shape, &src, 5).unwrap();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 23 + 1) % 298).collect();
@@ -168,16 +163,8 @@ fn w256_fixture_through_tq_and_i2s_keeps_transformers_greedy_ids() {
                 assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
             } else {
                 let vocab = m.model.config.vocab_size;
-                let positions = got.len() / vocab;
-                let mut agree = 0;
-                for (pos, (g, w)) in got.chunks(vocab).zip(hf_logits.chunks(vocab)).enumerate() {
-                    agree += (top_k(g, 1) == top_k(w, 1)) as usize;
-                    assert!(cosine(g, w) > 0.99, "{form} as {weight:?}: cosine at {pos}");
-                }
-                assert!(
-                    agree + 2 >= positions,
-                    "{form} as {weight:?}: argmax agrees at {agree} of {positions}"
-                );
+                let min_agree = (got.len() / vocab).saturating_sub(2);
+                same_direction(&got, &hf_logits, vocab, min_agree, &format!("{form} as {weight:?}"));
             }
         }
     }

@@ -275,6 +275,23 @@ impl<T: Real> Model<T> {
         Self { config, precision, layout, params, rope, scratch: Scratch::default() }
     }
 
+    /// Backward of an optional sub-norm (tensor `norm`) whose input was `x`: the gradient at
+    /// its input, `d_out` itself (no copy) when the layer has none.
+    fn sub_norm_backward(
+        &self,
+        norm: Option<usize>,
+        x: &[T],
+        rstd: &[T],
+        d_out: Vec<T>,
+        grads: &mut Params<T>,
+    ) -> Vec<T> {
+        let Some(n) = norm else { return d_out };
+        let mut d = self.scratch.zeros(d_out.len());
+        rmsnorm_backward(x, self.tensor(n), rstd, &d_out, &mut d, &mut grads.tensors[n].data);
+        self.scratch.recycle(d_out);
+        d
+    }
+
     fn tensor(&self, i: usize) -> &[T] {
         &self.params.tensors[i].data
     }
@@ -449,22 +466,7 @@ impl<T: Real> Model<T> {
             &self.scratch,
         );
         grads.put(&[s.down], g);
-        let d_mlp = match s.ffn_sub_norm {
-            Some(sn) => {
-                let mut d = self.scratch.zeros(rows * i);
-                rmsnorm_backward(
-                    &cache.mlp,
-                    self.tensor(sn),
-                    &cache.rstd_ffn_sub,
-                    &d_down_in,
-                    &mut d,
-                    &mut grads.tensors[sn].data,
-                );
-                self.scratch.recycle(d_down_in);
-                d
-            }
-            None => d_down_in,
-        };
+        let d_mlp = self.sub_norm_backward(s.ffn_sub_norm, &cache.mlp, &cache.rstd_ffn_sub, d_down_in, grads);
         let mut d_gate_up = self.scratch.zeros(rows * 2 * i);
         gate_backward(c.activation, &cache.gate_up, &d_mlp, i, &mut d_gate_up);
         let mut d_normed = self.scratch.zeros(rows * h);
@@ -495,22 +497,8 @@ impl<T: Real> Model<T> {
         let mut g = grads.take(&[s.o]);
         bitlinear_backward_in(&cache.o_in, &w.o, dx, Some(&mut d_o_in), &mut [&mut g[0]], &self.scratch);
         grads.put(&[s.o], g);
-        let d_attn = match s.attn_sub_norm {
-            Some(sn) => {
-                let mut d = self.scratch.zeros(rows * qd);
-                rmsnorm_backward(
-                    &cache.attn,
-                    self.tensor(sn),
-                    &cache.rstd_attn_sub,
-                    &d_o_in,
-                    &mut d,
-                    &mut grads.tensors[sn].data,
-                );
-                self.scratch.recycle(d_o_in);
-                d
-            }
-            None => d_o_in,
-        };
+        let d_attn =
+            self.sub_norm_backward(s.attn_sub_norm, &cache.attn, &cache.rstd_attn_sub, d_o_in, grads);
         let lay = self.qkv_layout();
         let mut d_qkv = self.scratch.zeros(rows * lay.ld);
         attention_backward(

@@ -8,6 +8,7 @@ use bitnet_inference::load::{load_dir, LoadedModel};
 use bitnet_inference::CpuBackend;
 use bitnet_inference::{Logits, Model};
 use bitnet_models::safetensors::{Bytes, TensorStore};
+use bitnet_models::synth::SynthShape;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -133,4 +134,20 @@ pub fn rescale_blocks(src: &Path, dst: &Path) {
         }
     }
     w.finish().unwrap();
+}
+
+/// A small synthetic model 256 wide, so that the TQ types (rows of 256) can carry it.
+pub fn w256_shape(llama: bool) -> SynthShape {
+    SynthShape {
+        name: "w256",
+        vocab_size: 300,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        llama,
+        rope_theta: 10000.0,
+        max_position_embeddings: 64,
+    }
 }
