@@ -14,9 +14,8 @@
 //! cannot meet a non-ternary code.
 
 use super::{
-    check_blocks, check_multiple, f16_at, float,
-    tq2_0::{absmax_scale, round_ternary},
-    FormatError, GgmlType, TernaryCodes,
+    check_blocks, check_multiple, f16_at, float, tq2_0::absmax_ternary_blocks, FormatError, GgmlType,
+    TernaryCodes,
 };
 
 pub const BLOCK: usize = 256;
@@ -119,15 +118,6 @@ pub fn pack(codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
 /// Encodes `x` (a multiple of 256 elements) as TQ1_0 like `quantize_row_tq1_0_ref`:
 /// `d = max|x|` per block, code `round(x / d)` (ties away from zero), `1/d` from the f32 `d`.
 pub fn quantize(x: &[f32]) -> Result<Vec<u8>, FormatError> {
-    let blocks = check_multiple(GgmlType::TQ1_0, x.len(), BLOCK)?;
-    let mut codes = vec![0i8; x.len()];
-    let mut scales = Vec::with_capacity(blocks);
-    for (xb, c) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
-        let (d, id) = absmax_scale(xb);
-        scales.push(d);
-        for (ci, &v) in c.iter_mut().zip(xb) {
-            *ci = round_ternary(v * id);
-        }
-    }
+    let (codes, scales) = absmax_ternary_blocks(GgmlType::TQ1_0, x)?;
     pack(&codes, &scales)
 }

@@ -96,7 +96,14 @@ pub fn pack(codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
 /// Encodes `x` (a multiple of 256 elements) as TQ2_0 like `quantize_row_tq2_0_ref`:
 /// `d = max|x|` per block, code `round(x / d)` (ties away from zero), `1/d` from the f32 `d`.
 pub fn quantize(x: &[f32]) -> Result<Vec<u8>, FormatError> {
-    let blocks = check_multiple(GgmlType::TQ2_0, x.len(), BLOCK)?;
+    let (codes, scales) = absmax_ternary_blocks(GgmlType::TQ2_0, x)?;
+    pack(&codes, &scales)
+}
+
+/// The codes and per-256 scales both TQ quantizers store: `d = max|x|` per block, code
+/// `round(x / d)` (ties away from zero), `1/d` from the f32 `d`.
+pub(crate) fn absmax_ternary_blocks(format: GgmlType, x: &[f32]) -> Result<(Vec<i8>, Vec<f32>), FormatError> {
+    let blocks = check_multiple(format, x.len(), BLOCK)?;
     let mut codes = vec![0i8; x.len()];
     let mut scales = Vec::with_capacity(blocks);
     for (xb, c) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
@@ -106,17 +113,17 @@ pub fn quantize(x: &[f32]) -> Result<Vec<u8>, FormatError> {
             *ci = round_ternary(v * id);
         }
     }
-    pack(&codes, &scales)
+    Ok((codes, scales))
 }
 
 /// `(max|x|, 1/max|x|)`, the inverse 0 for an all-zero block.
-pub(crate) fn absmax_scale(x: &[f32]) -> (f32, f32) {
+fn absmax_scale(x: &[f32]) -> (f32, f32) {
     let d = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }
 
 /// `lroundf(v)` limited to {-1, 0, +1} (NaN gives 0).
 #[inline]
-pub(crate) fn round_ternary(v: f32) -> i8 {
+fn round_ternary(v: f32) -> i8 {
     (v.round() as i32).clamp(-1, 1) as i8
 }
