@@ -32,8 +32,9 @@ pub struct InputArgs {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
-    /// lm_head storage: `float` as in the checkpoint (exact), or `int8` (half the bytes of bf16,
-    /// faster decoding, logits within about 1 % of the float ones).
+    /// lm_head storage: `float` as in the checkpoint (exact), `int8` (half the bytes of bf16,
+    /// faster decoding, logits within about 1 % of the float ones) or `int6` (6 bits a weight,
+    /// three quarters of int8's bytes, a coarser approximation).
     #[arg(long, value_enum, default_value_t = HeadArg::Float)]
     pub lm_head: HeadArg,
 }
@@ -42,6 +43,7 @@ pub struct InputArgs {
 pub enum HeadArg {
     Float,
     Int8,
+    Int6,
 }
 
 impl HeadArg {
@@ -50,6 +52,7 @@ impl HeadArg {
             head: match self {
                 HeadArg::Float => HeadFormat::Float,
                 HeadArg::Int8 => HeadFormat::Int8,
+                HeadArg::Int6 => HeadFormat::Int6,
             },
         }
     }

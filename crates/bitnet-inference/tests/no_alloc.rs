@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 mod common;
 
-use bitnet_inference::load::{load_gguf, LoadOptions};
+use bitnet_inference::load::{load_dir_with, load_gguf, LoadOptions};
+use bitnet_inference::HeadFormat;
 use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
 
 struct Counting;
@@ -57,7 +58,14 @@ fn decoding_a_token_allocates_nothing() {
         .chain(std::iter::once((
             "trained-llama158 as TQ2_0 with block scales".to_string(),
             load_gguf(&blocks, LoadOptions::default()).unwrap(),
-        )));
+        )))
+        .chain([HeadFormat::Int8, HeadFormat::Int6].map(|head| {
+            let dir = common::fixtures().join("hf-bitnet-tiny/packed");
+            (
+                format!("hf-bitnet-tiny with a {head:?} head"),
+                load_dir_with(&dir, LoadOptions { head }).unwrap(),
+            )
+        }));
     for (fixture, mut loaded) in models {
         let model = &mut loaded.model;
         let vocab = model.config.vocab_size;

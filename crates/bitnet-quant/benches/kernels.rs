@@ -80,6 +80,17 @@ fn lm_head() -> &'static Int8Matrix {
     })
 }
 
+/// The head in 6 bits.
+fn lm_head_int6() -> &'static Int8Matrix {
+    static CACHE: OnceLock<Int8Matrix> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let (rows, cols) = (LM_HEAD.rows, LM_HEAD.cols);
+        let mut rng = Rng::new(43);
+        let q: Vec<i8> = (0..rows * cols).map(|_| rng.range(-31, 31) as i8).collect();
+        Int8Matrix::from_int6(&q, &vec![0.01; rows], rows, cols).unwrap()
+    })
+}
+
 fn activations(m: usize, k: usize) -> QuantizedActivations {
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
     let mut q = QuantizedActivations::new(m, k);
@@ -116,6 +127,14 @@ fn ternary_gemm_m512(bencher: Bencher, case: Case) {
 #[divan::bench(args = cases(&[LM_HEAD], false), max_time = 3)]
 fn int8_lm_head_gemv(bencher: Bencher, case: Case) {
     let w = lm_head();
+    let x = activations(1, LM_HEAD.cols);
+    let mut out = vec![0f32; LM_HEAD.rows];
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| w.forward_with(case.path, &x, &mut out));
+}
+
+#[divan::bench(args = cases(&[LM_HEAD], false), max_time = 3)]
+fn int6_lm_head_gemv(bencher: Bencher, case: Case) {
+    let w = lm_head_int6();
     let x = activations(1, LM_HEAD.cols);
     let mut out = vec![0f32; LM_HEAD.rows];
     bencher.counter(BytesCount::new(w.bytes())).bench_local(|| w.forward_with(case.path, &x, &mut out));

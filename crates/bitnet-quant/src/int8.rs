@@ -1,11 +1,13 @@
-//! `Int8Matrix`: a dense int8 weight matrix with one f32 scale per row, for an lm_head that the
-//! user chooses to run in int8 instead of float.
+//! `Int8Matrix`: a dense matrix of small integers with one f32 scale per row, for an lm_head
+//! that the user chooses to run in int8 (or 6 bits) instead of float.
 //!
 //! `W[r, c] ≈ q[r, c] · scale[r]` with `q ∈ [-127, 127]` (symmetric; -128 is refused because
-//! the AVX2 kernel negates weights). The product with int8 activations is
-//! `acc = Σ_c x[c] · q[r, c]` in i32, and the float output is `(acc / s_a) · scale[r]`.
+//! the AVX2 kernel negates weights), stored in 8 bits, or `q ∈ [-31, 31]` stored in 6
+//! ([`crate::int6`]). The product with int8 activations is `acc = Σ_c x[c] · q[r, c]` in i32,
+//! and the float output is `(acc / s_a) · scale[r]`.
 
 use crate::aligned::AlignedBytes;
+use crate::int6::{self, PackedInt6};
 use crate::kernels::{self, for_ranges, I32Sink, KernelPath, MapSink, SharedOut, Sink};
 use crate::layout::{padded_cols, ROW_TILE};
 use crate::quantize::{quantize_symmetric, Granularity};
@@ -53,11 +55,18 @@ impl PackedInt8 {
     }
 }
 
-/// A dense int8 matrix `[rows, cols]` with a per-row f32 scale (a multiplier).
+/// A dense integer matrix `[rows, cols]` with a per-row f32 scale (a multiplier), stored in
+/// 8 or 6 bits per weight.
 #[derive(Clone, Debug)]
 pub struct Int8Matrix {
-    packed: PackedInt8,
+    packed: Storage,
     scales: Vec<f32>,
+}
+
+#[derive(Clone, Debug)]
+enum Storage {
+    Int8(PackedInt8),
+    Int6(PackedInt6),
 }
 
 impl Int8Matrix {
@@ -76,28 +85,60 @@ impl Int8Matrix {
 
     /// Builds the matrix from row-major int8 weights in [-127, 127] and one scale per row.
     pub fn from_int8(q: &[i8], scales: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        Self::check_codes(q, scales, rows, cols, 127)?;
+        Ok(Self { packed: Storage::Int8(PackedInt8::pack(q, rows, cols)), scales: scales.to_vec() })
+    }
+
+    /// Builds the matrix from row-major weights in [-31, 31], stored in 6 bits each, and one
+    /// scale per row.
+    pub fn from_int6(q: &[i8], scales: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        Self::check_codes(q, scales, rows, cols, int6::MAX_ABS)?;
+        Ok(Self { packed: Storage::Int6(PackedInt6::pack(q, rows, cols)), scales: scales.to_vec() })
+    }
+
+    fn check_codes(
+        q: &[i8],
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+        max_abs: i8,
+    ) -> Result<(), QuantError> {
         if rows.checked_mul(cols) != Some(q.len()) || scales.len() != rows {
             return Err(QuantError::Shape(format!(
-                "{} int8 weights and {} row scales cannot form a [{rows}, {cols}] matrix",
+                "{} integer weights and {} row scales cannot form a [{rows}, {cols}] matrix",
                 q.len(),
                 scales.len()
             )));
         }
-        if let Some(i) = q.iter().position(|&v| v == i8::MIN) {
+        if let Some(i) = q.iter().position(|&v| v < -max_abs || v > max_abs) {
             return Err(QuantError::Shape(format!(
-                "int8 weight -128 at row {}, column {}: the int8 kernels take symmetric weights in [-127, 127]",
+                "weight {} at row {}, column {}: this storage takes symmetric weights in [-{max_abs}, {max_abs}]",
+                q[i],
                 i / cols,
                 i % cols
             )));
         }
-        Ok(Self { packed: PackedInt8::pack(q, rows, cols), scales: scales.to_vec() })
+        Ok(())
     }
 
     pub fn rows(&self) -> usize {
-        self.packed.rows
+        match &self.packed {
+            Storage::Int8(p) => p.rows,
+            Storage::Int6(p) => p.rows(),
+        }
     }
     pub fn cols(&self) -> usize {
-        self.packed.cols
+        match &self.packed {
+            Storage::Int8(p) => p.cols,
+            Storage::Int6(p) => p.cols(),
+        }
+    }
+    /// Bits per stored weight: 8, or 6.
+    pub fn bits(&self) -> u32 {
+        match &self.packed {
+            Storage::Int8(_) => 8,
+            Storage::Int6(_) => 6,
+        }
     }
     /// The per-row multipliers: `W[r, c] ≈ q[r, c] · scales()[r]`.
     pub fn scales(&self) -> &[f32] {
@@ -105,15 +146,25 @@ impl Int8Matrix {
     }
     /// Bytes the weights take in memory (padding included, scales excluded).
     pub fn bytes(&self) -> usize {
-        self.packed.data.as_bytes().len()
+        match &self.packed {
+            Storage::Int8(p) => p.data.as_bytes().len(),
+            Storage::Int6(p) => p.bytes(),
+        }
     }
 
-    /// The row-major int8 weights.
+    /// The row-major weights, one `i8` each whatever the storage.
     pub fn to_int8(&self) -> Vec<i8> {
         let (rows, cols) = (self.rows(), self.cols());
         let mut q = Vec::with_capacity(rows * cols);
-        for r in 0..rows {
-            q.extend_from_slice(&self.packed.row(r)[..cols]);
+        match &self.packed {
+            Storage::Int8(p) => (0..rows).for_each(|r| q.extend_from_slice(&p.row(r)[..cols])),
+            Storage::Int6(p) => {
+                let mut u = vec![0u8; p.padded_cols()];
+                for r in 0..rows {
+                    p.decode_row(r, &mut u);
+                    q.extend(u[..cols].iter().map(|&v| (v as i32 - int6::OFFSET) as i8));
+                }
+            }
         }
         q
     }
@@ -150,30 +201,63 @@ impl Int8Matrix {
     }
 
     fn run<S: Sink>(&self, path: KernelPath, x: &QuantizedActivations, sink: &S) {
-        let path = path.or_best();
-        let (w, m) = (&self.packed, x.m());
-        let macs = m * w.groups() * ROW_TILE * w.stride();
-        if w.stride() == 0 {
-            // K = 0: every dot product is empty.
-            (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
-        } else if m == 1 {
-            for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS_GEMV, |groups| {
-                int8_gemv(path, w, x, groups, sink)
-            });
-        } else {
-            // About 96 KiB of weights per cache block, as for the ternary GEMM.
-            let block_rows = ((96 << 10) / w.stride().max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
-            for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS, |groups| {
-                let end = (groups.end * ROW_TILE).min(w.rows());
-                let mut r = groups.start * ROW_TILE;
-                while r < end {
-                    let rows = r..(r + block_rows).min(end);
-                    int8_gemm(path, w, x, rows.clone(), 0..m, sink);
-                    r = rows.end;
-                }
-            });
+        match &self.packed {
+            Storage::Int8(w) => run_int8(path.or_best(), w, x, sink),
+            Storage::Int6(w) => run_int6(path.or_best(), w, x, sink),
         }
     }
+}
+
+fn run_int8<S: Sink>(path: KernelPath, w: &PackedInt8, x: &QuantizedActivations, sink: &S) {
+    let m = x.m();
+    let macs = m * w.groups() * ROW_TILE * w.stride();
+    if w.stride() == 0 {
+        // K = 0: every dot product is empty.
+        (0..m).for_each(|t| (0..w.rows()).for_each(|r| sink.put(t, r, 0)));
+    } else if m == 1 {
+        for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS_GEMV, |groups| {
+            int8_gemv(path, w, x, groups, sink)
+        });
+    } else {
+        // About 96 KiB of weights per cache block, as for the ternary GEMM.
+        let block_rows = ((96 << 10) / w.stride().max(1)).clamp(ROW_TILE, 512) / ROW_TILE * ROW_TILE;
+        for_ranges(w.groups(), macs, kernels::PARALLEL_MIN_MACS, |groups| {
+            let end = (groups.end * ROW_TILE).min(w.rows());
+            let mut r = groups.start * ROW_TILE;
+            while r < end {
+                let rows = r..(r + block_rows).min(end);
+                int8_gemm(path, w, x, rows.clone(), 0..m, sink);
+                r = rows.end;
+            }
+        });
+    }
+}
+
+/// The 6-bit products: AVX2 where the CPU has it (every AVX-512 CPU does), the scalar
+/// reference elsewhere.
+fn run_int6<S: Sink>(path: KernelPath, w: &PackedInt6, x: &QuantizedActivations, sink: &S) {
+    let m = x.m();
+    let macs = m * w.groups() * ROW_TILE * w.padded_cols();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = matches!(path, KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni);
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = {
+        let _ = path;
+        false
+    };
+    let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
+    for_ranges(w.groups(), macs, min_macs, |groups| {
+        let rows = groups.start * ROW_TILE..(groups.end * ROW_TILE).min(w.rows());
+        match () {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX-512 paths imply AVX2, and `or_best` passed only available paths.
+            () if avx2 && m == 1 => unsafe { kernels::avx2::int6_gemv(w, x, groups, sink) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            () if avx2 => unsafe { kernels::avx2::int6_gemm(w, x, rows, 0..m, sink) },
+            () => kernels::scalar::int6_gemm(w, x, rows, 0..m, sink),
+        }
+    });
 }
 
 fn int8_gemv<S: Sink>(

@@ -118,14 +118,15 @@ fn ternary_weights(case: &Case, rng: &mut Rng) -> Vec<i8> {
         .collect()
 }
 
-fn int8_weights(case: &Case, rng: &mut Rng) -> Vec<i8> {
+/// Weights in `[-max, max]`: random, or (extreme fills) rows of `max` and `-max`.
+fn int_weights(case: &Case, rng: &mut Rng, max: i32) -> Vec<i8> {
     let (n, k) = (case.n, case.k);
     (0..n * k)
         .map(|i| match case.fill {
-            Fill::Random => rng.range(-127, 127) as i8,
-            _ if i / k < n / 2 => 127,
-            _ if i / k == n / 2 => rng.range(-127, 127) as i8,
-            _ => -127,
+            Fill::Random => rng.range(-max, max) as i8,
+            _ if i / k < n / 2 => max as i8,
+            _ if i / k == n / 2 => rng.range(-max, max) as i8,
+            _ => -max as i8,
         })
         .collect()
 }
@@ -176,11 +177,26 @@ pub fn check_ternary(path: KernelPath, case: &Case) -> Result<(), String> {
 
 /// Checks the int8 product on `path` for one case: integers and floats.
 pub fn check_int8(path: KernelPath, case: &Case) -> Result<(), String> {
-    let mut rng = Rng::new(case.seed ^ 0x1878);
+    check_int(path, case, 8)
+}
+
+/// Checks the 6-bit product on `path` for one case: integers and floats.
+pub fn check_int6(path: KernelPath, case: &Case) -> Result<(), String> {
+    check_int(path, case, 6)
+}
+
+fn check_int(path: KernelPath, case: &Case, bits: u32) -> Result<(), String> {
+    let mut rng = Rng::new(case.seed ^ 0x1878 ^ bits as u64);
     let (x, q) = activations(case, &mut rng);
-    let wq = int8_weights(case, &mut rng);
+    let max = (1 << (bits - 1)) - 1;
+    let wq = int_weights(case, &mut rng, max);
     let scales: Vec<f32> = (0..case.n).map(|r| 0.01 + r as f32 * 0.003).collect();
-    let w = Int8Matrix::from_int8(&wq, &scales, case.n, case.k).map_err(|e| e.to_string())?;
+    let w = match bits {
+        8 => Int8Matrix::from_int8(&wq, &scales, case.n, case.k),
+        _ => Int8Matrix::from_int6(&wq, &scales, case.n, case.k),
+    }
+    .map_err(|e| e.to_string())?;
+    let kind = if bits == 8 { "int8" } else { "int6" };
     let mut want = vec![0i32; case.n];
     let mut got = vec![0i32; case.m * case.n];
     let mut got_f = vec![0f32; case.m * case.n];
@@ -191,24 +207,40 @@ pub fn check_int8(path: KernelPath, case: &Case) -> Result<(), String> {
         for r in 0..case.n {
             let (g, wv) = (got[t * case.n + r], want[r]);
             if g != wv {
-                return Err(describe("int8 i32", path, case, t, r, g.to_string(), wv.to_string()));
+                return Err(describe(
+                    &format!("{kind} i32"),
+                    path,
+                    case,
+                    t,
+                    r,
+                    g.to_string(),
+                    wv.to_string(),
+                ));
             }
             let (gf, wf) = (got_f[t * case.n + r], (wv as f32 / x.scale(t)) * scales[r]);
             if gf.to_bits() != wf.to_bits() {
-                return Err(describe("int8 f32", path, case, t, r, gf.to_string(), wf.to_string()));
+                return Err(describe(
+                    &format!("{kind} f32"),
+                    path,
+                    case,
+                    t,
+                    r,
+                    gf.to_string(),
+                    wf.to_string(),
+                ));
             }
         }
     }
     Ok(())
 }
 
-/// Runs every case of [`cases`] on `path`, ternary and int8. Returns the number of products
+/// Runs every case of [`cases`] on `path`, ternary, int8 and 6-bit. Returns the number of products
 /// checked, or every mismatch found.
 pub fn check_path(path: KernelPath) -> Result<usize, Vec<String>> {
     let mut failures = Vec::new();
     let mut checked = 0;
     for case in cases() {
-        for result in [check_ternary(path, &case), check_int8(path, &case)] {
+        for result in [check_ternary(path, &case), check_int8(path, &case), check_int6(path, &case)] {
             checked += 1;
             if let Err(e) = result {
                 failures.push(e);

@@ -1,7 +1,7 @@
 //! Every kernel path this CPU can run against the scalar reference: integer outputs equal,
 //! float outputs bit-identical.
 
-use bitnet_quant::selftest::{check_int8, check_path, check_ternary, Case, Fill};
+use bitnet_quant::selftest::{check_int6, check_int8, check_path, check_ternary, Case, Fill};
 use bitnet_quant::{Int8Matrix, KernelPath, QuantizedActivations, TernaryMatrix, WeightScale};
 
 #[test]
@@ -27,6 +27,7 @@ fn odd_thread_counts_split_rows_correctly() {
                     let case = Case { m, k, n, fill: Fill::Random, seed: 99 };
                     check_ternary(path, &case).unwrap();
                     check_int8(path, &case).unwrap();
+                    check_int6(path, &case).unwrap();
                 }
             }
         });
@@ -40,6 +41,7 @@ fn an_unavailable_path_falls_back_to_a_correct_one() {
         let case = Case { m: 3, k: 300, n: 11, fill: Fill::Random, seed: 5 };
         check_ternary(path, &case).unwrap();
         check_int8(path, &case).unwrap();
+        check_int6(path, &case).unwrap();
     }
 }
 
@@ -110,6 +112,10 @@ fn bad_shapes_are_errors() {
     assert!(TernaryMatrix::from_ternary(&[], usize::MAX, 2, WeightScale::Multiply(1.0)).is_err());
     assert!(Int8Matrix::from_int8(&[0; 6], &[1.0], 2, 3).is_err());
     assert!(Int8Matrix::from_int8(&[-128], &[1.0], 1, 1).is_err());
+    assert!(Int8Matrix::from_int6(&[0; 6], &[1.0], 2, 3).is_err());
+    assert!(Int8Matrix::from_int6(&[31, -32], &[1.0], 1, 2).is_err());
+    assert!(Int8Matrix::from_int6(&[32], &[1.0], 1, 1).is_err());
+    assert!(Int8Matrix::from_int6(&[31, -31], &[1.0], 1, 2).is_ok());
     assert!(Int8Matrix::quantize(&[1.0; 5], 2, 3).is_err());
     let mut x = QuantizedActivations::new(2, 3);
     assert!(x.set_int8(&[0; 9], &[1.0; 3], 3).is_err());

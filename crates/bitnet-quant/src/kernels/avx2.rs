@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::Sink;
+use crate::int6::{self, PackedInt6, CHUNK_BYTES, CHUNK_COLS};
 use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
@@ -166,7 +167,9 @@ pub(crate) unsafe fn ternary_gemv<S: Sink>(
                 let xb = xr.as_ptr().add(b * BLOCK_COLS);
                 for (ri, a) in acc.iter_mut().enumerate() {
                     // A hint, never a fault: past the last tile it touches nothing we read.
-                    _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast(),
+                    );
                     let p = block_dot_x4(wb.add(ri * BLOCK_BYTES), xb);
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(p, ones));
                 }
@@ -641,4 +644,145 @@ pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
         *qi = crate::quantize::round_to_i8(xi * s);
     }
     s
+}
+
+/// The offset codes `u` of one 128-column chunk of a 6-bit row ([`crate::int6`]), 32
+/// columns per vector.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn int6_chunk(p: *const u8) -> [__m256i; 4] {
+    let (m4, m_hi) = (_mm256_set1_epi8(15), _mm256_set1_epi8(0x30));
+    // SAFETY: `p` points at a 96-byte chunk.
+    let (lo0, lo1, hi) = unsafe { (load(p), load(p.add(32)), load(p.add(64))) };
+    // Each high pair is shifted to bits 4–5 and masked, so what a 16-bit shift carries across
+    // a byte boundary is dropped.
+    let (h0, h1) = (_mm256_slli_epi16::<4>(hi), _mm256_slli_epi16::<2>(hi));
+    let h3 = _mm256_srli_epi16::<2>(hi);
+    [
+        _mm256_or_si256(_mm256_and_si256(lo0, m4), _mm256_and_si256(h0, m_hi)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), _mm256_and_si256(h1, m_hi)),
+        _mm256_or_si256(_mm256_and_si256(lo1, m4), _mm256_and_si256(hi, m_hi)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4), _mm256_and_si256(h3, m_hi)),
+    ]
+}
+
+/// `Σ u·x` over one 128-column chunk as i32 lanes, `x` pointing at its first activation.
+/// `u ≤ 63` and `|x| ≤ 128`, so a `maddubs` lane is at most 16128 in magnitude and the sum of
+/// two still fits i16.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn int6_chunk_dot(u: [__m256i; 4], x: *const i8, ones: __m256i) -> __m256i {
+    // SAFETY: `x` points at 128 readable activations.
+    unsafe {
+        let p01 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(u[0], load_i8(x)),
+            _mm256_maddubs_epi16(u[1], load_i8(x.add(32))),
+        );
+        let p23 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(u[2], load_i8(x.add(64))),
+            _mm256_maddubs_epi16(u[3], load_i8(x.add(96))),
+        );
+        _mm256_add_epi32(_mm256_madd_epi16(p01, ones), _mm256_madd_epi16(p23, ones))
+    }
+}
+
+/// 6-bit GEMV (one token), eight rows at a time: `Σ u·x − 32 · Σ x` per row.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn int6_gemv<S: Sink>(
+    w: &PackedInt6,
+    x: &QuantizedActivations,
+    groups: Range<usize>,
+    sink: &S,
+) {
+    let chunks = w.padded_cols() / CHUNK_COLS;
+    let xr = x.padded_row(0);
+    assert!(xr.len() >= w.padded_cols());
+    let offset_sum = _mm256_set1_epi32(int6::OFFSET * x.sum(0));
+    let ones = _mm256_set1_epi16(1);
+    for g in groups {
+        let group = w.group(g);
+        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+        for c in 0..chunks {
+            // SAFETY: the group holds `chunks` steps of 8 interleaved 96-byte chunks, and `xr`
+            // holds `chunks · 128` activations.
+            unsafe {
+                let xc = xr.as_ptr().add(c * CHUNK_COLS);
+                let step = group.as_ptr().add(c * ROW_TILE * CHUNK_BYTES);
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    // Hints at 96·ri and, for odd ri, 96·ri + 32 touch each of the step's twelve
+                    // cache lines once.
+                    let ahead = step.wrapping_add(GEMV_PREFETCH_BYTES + ri * CHUNK_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    if ri % 2 == 1 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(32).cast());
+                    }
+                    let u = int6_chunk(step.add(ri * CHUNK_BYTES));
+                    *a = _mm256_add_epi32(*a, int6_chunk_dot(u, xc, ones));
+                }
+            }
+        }
+        let dots = to_array(_mm256_sub_epi32(reduce8(&acc), offset_sum));
+        let r0 = g * ROW_TILE;
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(0, r0 + ri, d);
+        }
+    }
+}
+
+/// 6-bit GEMM over `rows` × `tokens`: each group of eight rows is decoded once into offset
+/// codes, which every token then reuses from L1.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn int6_gemm<S: Sink>(
+    w: &PackedInt6,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let (padded, chunks) = (w.padded_cols(), w.padded_cols() / CHUNK_COLS);
+    let ones = _mm256_set1_epi16(1);
+    let mut u = vec![0u8; ROW_TILE * padded];
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let n = (rows.end - r0).min(ROW_TILE);
+        for ri in 0..n {
+            for c in 0..chunks {
+                // SAFETY: `chunk` checks its bounds; `u` has room for 8 rows.
+                unsafe {
+                    let v = int6_chunk(w.chunk(r0 + ri, c).as_ptr());
+                    let dst = u.as_mut_ptr().add(ri * padded + c * CHUNK_COLS);
+                    for (i, vi) in v.iter().enumerate() {
+                        _mm256_storeu_si256(dst.add(32 * i).cast(), *vi);
+                    }
+                }
+            }
+        }
+        for t in tokens.clone() {
+            let xr = x.padded_row(t);
+            assert!(xr.len() >= padded);
+            let mut acc = [_mm256_setzero_si256(); ROW_TILE];
+            for c in 0..chunks {
+                // SAFETY: `xr` and each decoded row hold `chunks · 128` values.
+                unsafe {
+                    let xc = xr.as_ptr().add(c * CHUNK_COLS);
+                    for (ri, a) in acc.iter_mut().enumerate().take(n) {
+                        let p = u.as_ptr().add(ri * padded + c * CHUNK_COLS);
+                        let uv = [load(p), load(p.add(32)), load(p.add(64)), load(p.add(96))];
+                        *a = _mm256_add_epi32(*a, int6_chunk_dot(uv, xc, ones));
+                    }
+                }
+            }
+            let dots = to_array(_mm256_sub_epi32(reduce8(&acc), _mm256_set1_epi32(int6::OFFSET * x.sum(t))));
+            for (ri, &d) in dots.iter().enumerate().take(n) {
+                sink.put(t, r0 + ri, d);
+            }
+        }
+        r0 += n;
+    }
 }

@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::Sink;
+use crate::int6::{self, PackedInt6};
 use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
@@ -90,6 +91,28 @@ pub(crate) fn int8_gemm<S: Sink>(
         for t in tokens.clone() {
             let acc = wr.iter().zip(x.padded_row(t)).map(|(&a, &b)| a as i32 * b as i32).sum();
             sink.put(t, r, acc);
+        }
+    }
+}
+
+/// The 6-bit product: chunk by chunk, the offset codes `u = q + 32` decoded, then
+/// `Σ u·x − 32 · Σ x` (the same integers as `Σ q·x`). Allocates nothing.
+pub(crate) fn int6_gemm<S: Sink>(
+    w: &PackedInt6,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let mut u = [0u8; int6::CHUNK_COLS];
+    for r in rows {
+        for t in tokens.clone() {
+            let mut acc = 0i32;
+            for (c, xc) in x.padded_row(t)[..w.padded_cols()].chunks_exact(int6::CHUNK_COLS).enumerate() {
+                w.decode_chunk(r, c, &mut u);
+                acc += u.iter().zip(xc).map(|(&a, &b)| a as i32 * b as i32).sum::<i32>();
+            }
+            sink.put(t, r, acc - int6::OFFSET * x.sum(t));
         }
     }
 }
