@@ -13,8 +13,11 @@ use crate::layout::{padded_cols, ROW_TILE};
 use crate::quantize::{quantize_symmetric, Granularity};
 use crate::{QuantError, QuantizedActivations};
 
-/// Int8 weights, row-major with each row zero-padded to the activations' padded width and the
-/// row count padded to a multiple of 8, so a GEMV can run eight rows at a time.
+/// Int8 weights, each row zero-padded to the activations' padded width (a multiple of 256) and
+/// the row count padded to a multiple of 8. Each group of eight rows is stored
+/// chunk-interleaved: columns 0..64 of rows 0–7, then columns 64..128 of rows 0–7, and so on,
+/// so the GEMV, which runs eight rows at a time, reads one sequential stream (eight separate
+/// row streams kept the hardware prefetcher behind: see KERNELS.md).
 #[derive(Clone, Debug)]
 pub(crate) struct PackedInt8 {
     rows: usize,
@@ -23,32 +26,54 @@ pub(crate) struct PackedInt8 {
     data: AlignedBytes,
 }
 
+/// Columns of one row stored together.
+pub(crate) const CHUNK: usize = 64;
+
 impl PackedInt8 {
     fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
         let stride = padded_cols(cols);
         let mut data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
         let buf = data.as_i8_mut();
         for (r, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
-            buf[r * stride..r * stride + cols].copy_from_slice(row);
+            let group = r / ROW_TILE * ROW_TILE * stride;
+            for (c, part) in row.chunks(CHUNK).enumerate() {
+                let at = group + Self::group_offset(r % ROW_TILE, c * CHUNK);
+                buf[at..at + part.len()].copy_from_slice(part);
+            }
         }
         Self { rows, cols, stride, data }
+    }
+
+    /// Where column `c` of a group's row `ri` sits inside the group; the values up to the
+    /// next multiple of 64 columns follow it.
+    #[inline(always)]
+    pub(crate) fn group_offset(ri: usize, c: usize) -> usize {
+        (c / CHUNK * ROW_TILE + ri) * CHUNK + c % CHUNK
     }
 
     pub(crate) fn rows(&self) -> usize {
         self.rows
     }
-    /// Bytes between rows (`padded_cols(cols)`).
+    /// Padded columns per row (`padded_cols(cols)`).
     pub(crate) fn stride(&self) -> usize {
         self.stride
     }
-    /// Row `r` with its zero padding (`stride` values).
-    pub(crate) fn row(&self, r: usize) -> &[i8] {
-        &self.data.as_i8()[r * self.stride..(r + 1) * self.stride]
-    }
-    /// Rows `8g..8g+8` (padding rows included): `8 · stride` values.
+    /// Rows `8g..8g+8` (padding rows included), chunk-interleaved: `8 · stride` values.
     pub(crate) fn group(&self, g: usize) -> &[i8] {
         let len = ROW_TILE * self.stride;
         &self.data.as_i8()[g * len..(g + 1) * len]
+    }
+    /// Row `r`'s group and its place in it: `(group, r % 8)`.
+    pub(crate) fn row_in_group(&self, r: usize) -> (&[i8], usize) {
+        (self.group(r / ROW_TILE), r % ROW_TILE)
+    }
+    /// Row `r` with its zero padding, `stride` values.
+    pub(crate) fn row_to(&self, r: usize, out: &mut Vec<i8>) {
+        let (group, ri) = self.row_in_group(r);
+        for c in (0..self.stride).step_by(CHUNK) {
+            let at = Self::group_offset(ri, c);
+            out.extend_from_slice(&group[at..at + CHUNK]);
+        }
     }
     fn groups(&self) -> usize {
         self.rows.div_ceil(ROW_TILE)
@@ -157,7 +182,14 @@ impl Int8Matrix {
         let (rows, cols) = (self.rows(), self.cols());
         let mut q = Vec::with_capacity(rows * cols);
         match &self.packed {
-            Storage::Int8(p) => (0..rows).for_each(|r| q.extend_from_slice(&p.row(r)[..cols])),
+            Storage::Int8(p) => {
+                let mut row = Vec::with_capacity(p.stride());
+                for r in 0..rows {
+                    row.clear();
+                    p.row_to(r, &mut row);
+                    q.extend_from_slice(&row[..cols]);
+                }
+            }
             Storage::Int6(p) => {
                 let mut u = vec![0u8; p.padded_cols()];
                 for r in 0..rows {

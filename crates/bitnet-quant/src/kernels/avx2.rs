@@ -17,19 +17,14 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::Sink;
+use super::{Sink, GEMV_PREFETCH_BYTES};
 use crate::int6::{self, PackedInt6, CHUNK_BYTES, CHUNK_COLS};
-use crate::int8::PackedInt8;
+use crate::int8::{PackedInt8, CHUNK};
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
 
 /// Tokens that share one weight row in the int8 GEMM.
 const TOKEN_TILE: usize = 8;
-/// How far ahead of its reads the ternary GEMV asks for weights (six 8-row block steps). The
-/// kernel computes about as fast as one core streams from DRAM, and the hardware prefetcher
-/// alone leaves the two unoverlapped: with the hint one core went from 12.3 to 15.5 GB/s and
-/// two from 18.3 to 22.6 (`layer_sweep` bench, alternated; 1.5–6 KiB all helped, 3 KiB best).
-const GEMV_PREFETCH_BYTES: usize = 6 * ROW_TILE * BLOCK_BYTES;
 /// Blocks whose i16 partial sums (row-wise GEMM) can be added before widening: a block adds 8 `maddubs`
 /// results in [-512, 508] to each lane, and 64 of them stay within [-32768, 32512].
 const I16_BLOCKS: usize = 8;
@@ -520,14 +515,21 @@ pub(crate) unsafe fn int8_gemv<S: Sink>(
     for g in groups {
         let group = w.group(g);
         let mut acc = [_mm256_setzero_si256(); ROW_TILE];
-        for c in (0..stride).step_by(32) {
-            // SAFETY: the group holds 8 rows of `stride` bytes and `xr` `stride` values;
-            // `c + 32 <= stride` because the stride is a multiple of 256.
+        for c in (0..stride).step_by(CHUNK) {
+            // SAFETY: the group holds `stride / 64` steps of eight 64-byte chunks and `xr`
+            // `stride` values; `c + 64 <= stride` because the stride is a multiple of 256.
             unsafe {
-                let xv = load_i8(xr.as_ptr().add(c));
+                let (x0, x1) = (load_i8(xr.as_ptr().add(c)), load_i8(xr.as_ptr().add(c + 32)));
+                let step = group.as_ptr().add(c * ROW_TILE);
                 for (ri, a) in acc.iter_mut().enumerate() {
-                    let wv = load_i8(group.as_ptr().add(ri * stride + c));
-                    *a = _mm256_add_epi32(*a, int8_dot(wv, xv, ones));
+                    let wc = step.add(ri * CHUNK);
+                    // A hint, never a fault (see the ternary GEMV).
+                    _mm_prefetch::<_MM_HINT_T0>(wc.wrapping_add(GEMV_PREFETCH_BYTES).cast());
+                    let d = _mm256_add_epi32(
+                        int8_dot(load_i8(wc), x0, ones),
+                        int8_dot(load_i8(wc.add(32)), x1, ones),
+                    );
+                    *a = _mm256_add_epi32(*a, d);
                 }
             }
         }
@@ -578,12 +580,13 @@ unsafe fn int8_tile<const MT: usize, S: Sink>(
     assert!(xs.iter().all(|r| r.len() >= stride));
     let ones = _mm256_set1_epi16(1);
     for r in rows {
-        let wr = w.row(r);
+        let (group, ri) = w.row_in_group(r);
         let mut acc = [_mm256_setzero_si256(); 8];
         for c in (0..stride).step_by(32) {
-            // SAFETY: `wr` and every token row hold `stride` values and `c + 32 <= stride`.
+            // SAFETY: the group holds 8 rows and every token row `stride` values, and
+            // `c + 32 <= stride`; 32 values from an even multiple of 32 stay in one chunk.
             unsafe {
-                let wv = load_i8(wr.as_ptr().add(c));
+                let wv = load_i8(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
                 for i in 0..MT {
                     acc[i] = _mm256_add_epi32(acc[i], int8_dot(wv, load_i8(xs[i].as_ptr().add(c)), ones));
                 }

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::reduce8;
-use super::Sink;
+use super::{Sink, GEMV_PREFETCH_BYTES};
 use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
@@ -168,6 +168,10 @@ unsafe fn ternary_gemv_body<const VNNI: bool, S: Sink>(
                 let xb = load_block_x(xr.as_ptr().add(b * BLOCK_COLS));
                 let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
                 for ri in 0..ROW_TILE {
+                    // A hint, never a fault: past the last tile it touches nothing we read.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast(),
+                    );
                     let c = codes_x4(load(wb.add(ri * BLOCK_BYTES)));
                     if VNNI {
                         acc1[ri] = _mm512_dpbusd_epi32(acc1[ri], c[0], xb[0]);
@@ -383,7 +387,9 @@ unsafe fn int8_gemv_body<const VNNI: bool, S: Sink>(
                 let xv = load(xr.as_ptr().add(c));
                 let (xa, neg) = (_mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
                 for (ri, a) in acc.iter_mut().enumerate() {
-                    *a = int8_acc::<VNNI>(*a, load(group.as_ptr().add(ri * stride + c)), xa, neg);
+                    let wc = group.as_ptr().add(PackedInt8::group_offset(ri, c));
+                    _mm_prefetch::<_MM_HINT_T0>(wc.wrapping_add(GEMV_PREFETCH_BYTES).cast());
+                    *a = int8_acc::<VNNI>(*a, load(wc), xa, neg);
                 }
             }
             reduce8_512(&acc)
@@ -456,13 +462,14 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
         let n = (tokens.end - t0).min(TOKEN_TILE);
         let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
         for r in rows.clone() {
-            let wr = w.row(r).as_ptr();
-            // SAFETY: the weight row and every token row hold `stride` values and
-            // `c + 64 <= stride`; the features are the wrapper's.
+            let (group, ri) = w.row_in_group(r);
+            // SAFETY: the group holds 8 rows and every token row `stride` values, and
+            // `c + 64 <= stride` with `c` a multiple of 64 (one whole chunk); the features are
+            // the wrapper's.
             let dots = unsafe {
                 let mut acc = [_mm512_setzero_si512(); TOKEN_TILE];
                 for c in (0..stride).step_by(64) {
-                    let wv = load(wr.add(c));
+                    let wv = load(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
                     for i in 0..TOKEN_TILE {
                         let xv = load(xs[i].add(c));
                         acc[i] = int8_acc::<VNNI>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));

@@ -269,7 +269,11 @@ unsafe fn int8_gemv_body<const DOT: bool, S: Sink>(
             for c in (0..stride).step_by(16) {
                 let xv = vld1q_s8(xr.as_ptr().add(c));
                 for (ri, a) in acc.iter_mut().enumerate() {
-                    *a = int8_acc::<DOT>(*a, vld1q_s8(group.as_ptr().add(ri * stride + c)), xv);
+                    *a = int8_acc::<DOT>(
+                        *a,
+                        vld1q_s8(group.as_ptr().add(PackedInt8::group_offset(ri, c))),
+                        xv,
+                    );
                 }
             }
             reduce8(&acc)
@@ -299,13 +303,13 @@ unsafe fn int8_gemm_body<const DOT: bool, S: Sink>(
         let n = (tokens.end - t0).min(TOKEN_TILE);
         let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
         for r in rows.clone() {
-            let wr = w.row(r).as_ptr();
-            // SAFETY: the weight row and every token row hold `stride` values and
-            // `c + 16 <= stride`.
+            let (group, ri) = w.row_in_group(r);
+            // SAFETY: the group holds 8 rows and every token row `stride` values, and
+            // `c + 16 <= stride` with `c` a multiple of 16 (inside one chunk).
             let dots = unsafe {
                 let mut acc = [vdupq_n_s32(0); TOKEN_TILE];
                 for c in (0..stride).step_by(16) {
-                    let wv = vld1q_s8(wr.add(c));
+                    let wv = vld1q_s8(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
                     for i in 0..TOKEN_TILE {
                         acc[i] = int8_acc::<DOT>(acc[i], wv, vld1q_s8(xs[i].add(c)));
                     }

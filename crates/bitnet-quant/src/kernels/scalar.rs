@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::Sink;
 use crate::int6::{self, PackedInt6};
-use crate::int8::PackedInt8;
+use crate::int8::{PackedInt8, CHUNK};
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
 
@@ -87,9 +87,14 @@ pub(crate) fn int8_gemm<S: Sink>(
     sink: &S,
 ) {
     for r in rows {
-        let wr = w.row(r);
+        let (group, ri) = w.row_in_group(r);
         for t in tokens.clone() {
-            let acc = wr.iter().zip(x.padded_row(t)).map(|(&a, &b)| a as i32 * b as i32).sum();
+            let xr = x.padded_row(t);
+            let mut acc = 0i32;
+            for c in (0..w.stride()).step_by(CHUNK) {
+                let wc = &group[PackedInt8::group_offset(ri, c)..][..CHUNK];
+                acc += wc.iter().zip(&xr[c..c + CHUNK]).map(|(&a, &b)| a as i32 * b as i32).sum::<i32>();
+            }
             sink.put(t, r, acc);
         }
     }
