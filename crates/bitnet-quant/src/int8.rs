@@ -265,29 +265,34 @@ fn run_int8<S: Sink>(path: KernelPath, w: &PackedInt8, x: &QuantizedActivations,
     }
 }
 
-/// The 6-bit products: AVX2 where the CPU has it (every AVX-512 CPU does), the scalar
-/// reference elsewhere.
+/// The 6-bit products: AVX2 on x86 (every AVX-512 CPU has it), NEON on aarch64 (the GEMV
+/// once per token), the scalar reference elsewhere.
 fn run_int6<S: Sink>(path: KernelPath, w: &PackedInt6, x: &QuantizedActivations, sink: &S) {
     let m = x.m();
     let macs = m * w.groups() * ROW_TILE * w.padded_cols();
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = matches!(path, KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni);
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = {
-        let _ = path;
-        false
-    };
     let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
     for_ranges(w.groups(), macs, min_macs, |groups| {
         let rows = groups.start * ROW_TILE..(groups.end * ROW_TILE).min(w.rows());
-        match () {
+        match path {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the AVX-512 paths imply AVX2, and `or_best` passed only available paths.
-            () if avx2 && m == 1 => unsafe { kernels::avx2::int6_gemv(w, x, groups, sink) },
+            KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni if m == 1 => {
+                // SAFETY: the AVX-512 paths imply AVX2, and `or_best` passed only available paths.
+                unsafe { kernels::avx2::int6_gemv(w, x, groups, sink) }
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            () if avx2 => unsafe { kernels::avx2::int6_gemm(w, x, rows, 0..m, sink) },
-            () => kernels::scalar::int6_gemm(w, x, rows, 0..m, sink),
+            KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni => unsafe {
+                kernels::avx2::int6_gemm(w, x, rows, 0..m, sink)
+            },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            KernelPath::NeonPlain => (0..m)
+                .for_each(|t| unsafe { kernels::neon::int6_gemv::<false, S>(w, x, t, groups.clone(), sink) }),
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            KernelPath::NeonDotprod => (0..m)
+                .for_each(|t| unsafe { kernels::neon::int6_gemv::<true, S>(w, x, t, groups.clone(), sink) }),
+            _ => kernels::scalar::int6_gemm(w, x, rows, 0..m, sink),
         }
     });
 }

@@ -16,6 +16,7 @@ use std::arch::asm;
 use std::ops::Range;
 
 use super::Sink;
+use crate::int6::{self, PackedInt6, CHUNK_BYTES, CHUNK_COLS};
 use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
@@ -111,6 +112,8 @@ dot_wrappers!(int8_gemv, int8_gemv_dot, int8_gemv_plain, int8_gemv_body,
     (w: &PackedInt8, x: &QuantizedActivations, groups: Range<usize>, sink: &S));
 dot_wrappers!(int8_gemm, int8_gemm_dot, int8_gemm_plain, int8_gemm_body,
     (w: &PackedInt8, x: &QuantizedActivations, rows: Range<usize>, tokens: Range<usize>, sink: &S));
+dot_wrappers!(int6_gemv, int6_gemv_dot, int6_gemv_plain, int6_gemv_body,
+    (w: &PackedInt6, x: &QuantizedActivations, token: usize, groups: Range<usize>, sink: &S));
 
 #[inline(always)]
 unsafe fn ternary_gemv_body<const DOT: bool, S: Sink>(
@@ -321,5 +324,71 @@ unsafe fn int8_gemm_body<const DOT: bool, S: Sink>(
             }
         }
         t0 += n;
+    }
+}
+
+/// The offset codes `u` of one 128-column chunk of a 6-bit row ([`crate::int6`]), 16
+/// consecutive columns per vector; `u ≤ 63`, so they are valid signed bytes for `sdot`.
+#[inline(always)]
+unsafe fn int6_chunk(p: *const u8) -> [int8x16_t; 8] {
+    // SAFETY: `p` points at a 96-byte chunk; NEON is baseline.
+    unsafe {
+        let (m4, m_hi) = (vdupq_n_u8(15), vdupq_n_u8(0x30));
+        let lo = [vld1q_u8(p), vld1q_u8(p.add(16)), vld1q_u8(p.add(32)), vld1q_u8(p.add(48))];
+        let hi = [vld1q_u8(p.add(64)), vld1q_u8(p.add(80))];
+        std::array::from_fn(|v| {
+            // Columns 16v..16v+16: low nibbles in `lo` (low half for columns below 32 in each
+            // 64, high half above), high pairs in field `c / 32` of `hi`, moved to bits 4–5.
+            let c = 16 * v;
+            let l = lo[c % 32 / 16 + 2 * (c / 64)];
+            let nibble = if c / 32 % 2 == 0 { vandq_u8(l, m4) } else { vshrq_n_u8::<4>(l) };
+            let h = hi[c % 32 / 16];
+            let pair = match c / 32 {
+                0 => vshlq_n_u8::<4>(h),
+                1 => vshlq_n_u8::<2>(h),
+                2 => h,
+                _ => vshrq_n_u8::<2>(h),
+            };
+            vreinterpretq_s8_u8(vorrq_u8(nibble, vandq_u8(pair, m_hi)))
+        })
+    }
+}
+
+/// 6-bit GEMV of token `token`, eight rows at a time: `Σ u·x − 32 · Σ x` per row.
+#[inline(always)]
+unsafe fn int6_gemv_body<const DOT: bool, S: Sink>(
+    w: &PackedInt6,
+    x: &QuantizedActivations,
+    token: usize,
+    groups: Range<usize>,
+    sink: &S,
+) {
+    let chunks = w.padded_cols() / CHUNK_COLS;
+    let xr = x.padded_row(token);
+    assert!(xr.len() >= w.padded_cols());
+    let offset_sum = int6::OFFSET * x.sum(token);
+    for g in groups {
+        let group = w.group(g);
+        // SAFETY: the group holds `chunks` steps of 8 interleaved 96-byte chunks and `xr`
+        // `chunks · 128` activations; `u ≤ 63` keeps the plain path's i16 pairs in range.
+        let dots = unsafe {
+            let mut acc = [vdupq_n_s32(0); ROW_TILE];
+            for c in 0..chunks {
+                let xc: [int8x16_t; 8] =
+                    std::array::from_fn(|v| vld1q_s8(xr.as_ptr().add(c * CHUNK_COLS + 16 * v)));
+                let step = group.as_ptr().add(c * ROW_TILE * CHUNK_BYTES);
+                for (ri, a) in acc.iter_mut().enumerate() {
+                    let u = int6_chunk(step.add(ri * CHUNK_BYTES));
+                    for v in 0..8 {
+                        *a = int8_acc::<DOT>(*a, u[v], xc[v]);
+                    }
+                }
+            }
+            reduce8(&acc)
+        };
+        let r0 = g * ROW_TILE;
+        for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
+            sink.put(token, r0 + ri, d - offset_sum);
+        }
     }
 }
