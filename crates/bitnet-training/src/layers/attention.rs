@@ -122,10 +122,13 @@ fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
             max = *v;
         }
     }
-    let mut sum = T::ZERO;
     for v in live.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v -= max;
+    }
+    T::exp_in_place(live);
+    let mut sum = T::ZERO;
+    for &v in live.iter() {
+        sum += v;
     }
     for v in live.iter_mut() {
         *v /= sum;
