@@ -2,6 +2,7 @@
 //!
 //! All matrices are row-major. A transposed operand is read through its strides, never copied.
 
+use bitnet_quant::QuantizedActivations;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -179,17 +180,58 @@ where
 ///
 /// A step allocates and frees the same few hundred MB every time; fresh large allocations come
 /// from `mmap` and fault in page by page (about a seventh of a step's time when profiled). The
-/// pool hands the freed buffers back instead. Every buffer is handed out zeroed or fully
-/// overwritten, so results do not depend on what it held.
-pub struct Scratch<T>(std::sync::Mutex<Vec<Vec<T>>>);
+/// pool hands the freed buffers back instead. Every float buffer is handed out zeroed or fully
+/// overwritten, so results do not depend on what it held; the integer buffers of the ternary
+/// forward are always fully overwritten by their user.
+pub struct Scratch<T> {
+    floats: Pool<Vec<T>>,
+    /// The i32 sums of the integer BitLinear forward.
+    sums: Pool<Vec<i32>>,
+    /// The int8 codes of a BitLinear input on their way into an activation buffer.
+    int8: Pool<Vec<i8>>,
+    /// Activation buffers of the integer kernels (a few hundred KB to a few MB each).
+    activations: Pool<QuantizedActivations>,
+}
 
-impl<T> Default for Scratch<T> {
+/// Buffers of one kind waiting to be reused.
+struct Pool<V>(std::sync::Mutex<Vec<V>>);
+
+impl<V> Default for Pool<V> {
     fn default() -> Self {
         Self(std::sync::Mutex::new(Vec::new()))
     }
 }
 
-/// A clone starts with an empty pool.
+impl<V> Pool<V> {
+    /// The pooled buffer of smallest `size` among those `size` accepts (`None`: does not fit).
+    fn take(&self, size: impl Fn(&V) -> Option<usize>) -> Option<V> {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| size(v).map(|s| (i, s)))
+            .min_by_key(|&(_, s)| s)
+            .map(|(i, _)| i);
+        best.map(|i| pool.swap_remove(i))
+    }
+
+    fn give(&self, v: V) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+    }
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Self {
+            floats: Pool::default(),
+            sums: Pool::default(),
+            int8: Pool::default(),
+            activations: Pool::default(),
+        }
+    }
+}
+
+/// A clone starts with empty pools.
 impl<T> Clone for Scratch<T> {
     fn clone(&self) -> Self {
         Self::default()
@@ -202,19 +244,22 @@ impl<T> std::fmt::Debug for Scratch<T> {
     }
 }
 
+/// A pooled vector of length `n` whose contents are unspecified (the caller overwrites them).
+fn reused_vec<V: Copy + Default>(pool: &Pool<Vec<V>>, n: usize) -> Vec<V> {
+    let mut v = pool.take(|v| (v.capacity() >= n).then_some(v.capacity())).unwrap_or_default();
+    if v.len() >= n {
+        v.truncate(n);
+    } else {
+        v.resize(n, V::default());
+    }
+    v
+}
+
 impl<T: Real> Scratch<T> {
     /// An empty buffer with room for at least `n` values (the smallest pooled one that fits).
     pub fn empty(&self, n: usize) -> Vec<T> {
-        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let best = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.capacity() >= n)
-            .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i);
-        match best {
-            Some(i) => {
-                let mut v = pool.swap_remove(i);
+        match self.floats.take(|v| (v.capacity() >= n).then_some(v.capacity())) {
+            Some(mut v) => {
                 v.clear();
                 v
             }
@@ -239,8 +284,41 @@ impl<T: Real> Scratch<T> {
     /// Gives a buffer back to the pool.
     pub fn recycle(&self, v: Vec<T>) {
         if v.capacity() > 0 {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+            self.floats.give(v);
         }
+    }
+
+    /// `n` i32s with unspecified contents, for a product that writes every one of them.
+    pub fn sums(&self, n: usize) -> Vec<i32> {
+        reused_vec(&self.sums, n)
+    }
+
+    pub fn recycle_sums(&self, v: Vec<i32>) {
+        if v.capacity() > 0 {
+            self.sums.give(v);
+        }
+    }
+
+    /// `n` i8s with unspecified contents, for a quantizer that writes every one of them.
+    pub fn int8(&self, n: usize) -> Vec<i8> {
+        reused_vec(&self.int8, n)
+    }
+
+    pub fn recycle_int8(&self, v: Vec<i8>) {
+        if v.capacity() > 0 {
+            self.int8.give(v);
+        }
+    }
+
+    /// An activation buffer for at least `m` tokens of width `k`.
+    pub fn activations(&self, m: usize, k: usize) -> QuantizedActivations {
+        self.activations
+            .take(|a| (a.k() == k && a.capacity() >= m).then_some(a.capacity()))
+            .unwrap_or_else(|| QuantizedActivations::new(m, k))
+    }
+
+    pub fn recycle_activations(&self, a: QuantizedActivations) {
+        self.activations.give(a);
     }
 }
 

@@ -5,7 +5,7 @@ use bitnet_models::{Activation, ModelConfig};
 
 use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
 use crate::layers::bitlinear::{
-    bitlinear_backward_in, bitlinear_forward, quantize_input_in, Precision, QuantizedInput, WeightGroup,
+    bitlinear_backward_in, bitlinear_forward_in, quantize_input_in, Precision, QuantizedInput, WeightGroup,
 };
 use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
 use crate::layers::embedding::{embedding_backward, embedding_forward};
@@ -358,7 +358,7 @@ impl<T: Real> Model<T> {
         let h_in = quantize_input_in(&normed, rows, h, p, &self.scratch);
         let lay = self.qkv_layout();
         let mut qkv = self.scratch.zeros(rows * lay.ld);
-        bitlinear_forward(&h_in, &w.qkv, &mut qkv);
+        bitlinear_forward_in(&h_in, &w.qkv, &mut qkv, &self.scratch);
         rope_forward(
             &mut qkv,
             HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads },
@@ -388,7 +388,7 @@ impl<T: Real> Model<T> {
             None => quantize_input_in(&attn, rows, qd, p, &self.scratch),
         };
         let mut branch = self.scratch.zeros(rows * h);
-        bitlinear_forward(&o_in, &w.o, &mut branch);
+        bitlinear_forward_in(&o_in, &w.o, &mut branch, &self.scratch);
         add_into(x, &branch);
 
         // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
@@ -397,7 +397,7 @@ impl<T: Real> Model<T> {
         rmsnorm_forward(x, self.tensor(s.post_norm), eps, &mut normed, &mut rstd_post);
         let h_post = quantize_input_in(&normed, rows, h, p, &self.scratch);
         let mut gate_up = self.scratch.zeros(rows * 2 * i);
-        bitlinear_forward(&h_post, &w.gate_up, &mut gate_up);
+        bitlinear_forward_in(&h_post, &w.gate_up, &mut gate_up, &self.scratch);
         let mut mlp = self.scratch.zeros(rows * i);
         gate_forward(c.activation, &gate_up, i, &mut mlp);
         let mut rstd_ffn_sub = Vec::new();
@@ -412,7 +412,7 @@ impl<T: Real> Model<T> {
             }
             None => quantize_input_in(&mlp, rows, i, p, &self.scratch),
         };
-        bitlinear_forward(&down_in, &w.down, &mut branch);
+        bitlinear_forward_in(&down_in, &w.down, &mut branch, &self.scratch);
         add_into(x, &branch);
         self.scratch.recycle(branch);
         self.scratch.recycle(normed);

@@ -4,6 +4,11 @@
 //! Query head `j` reads kv head `j / n_rep` (`repeat_kv` expands each kv head contiguously).
 //! Work is split by (sequence, kv head): each task owns the query heads of its group, so the
 //! backward's sums into `dk` and `dv` never race and always run in the same order.
+//!
+//! The products are tiled into blocks of [`BLOCK`] positions so that they cover only the causal
+//! half: a block of queries meets the keys up to its last row, a block of keys the queries from
+//! its first row on. What the tiles leave out is exactly zero (masked probabilities and their
+//! gradients), so only the order of the float sums changes.
 
 use rayon::prelude::*;
 
@@ -18,6 +23,24 @@ pub struct AttentionShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// Positions per tile of the causal products.
+const BLOCK: usize = 64;
+
+/// The tiles `(start, end)` of `0..t`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |start| (start, (start + BLOCK).min(t)))
+}
+
+/// `rows` rows of `cols` from row `r` on, of a row-major matrix at `ptr` with row stride `rs`.
+fn rows_at<T>(ptr: *const T, rs: usize, r: usize, rows: usize, cols: usize) -> Strided<T> {
+    Strided { ptr: ptr.wrapping_add(r * rs), rows, cols, rs, transposed: false }
+}
+
+/// The transpose of `m`.
+fn transposed<T>(m: Strided<T>) -> Strided<T> {
+    Strided { transposed: true, ..m }
 }
 
 /// Where q, k and v sit in the fused `[rows, ld]` projection output.
@@ -69,25 +92,27 @@ pub fn attention_forward<T: Real>(
             // its own heads and the output columns of those heads in rows of sequence b.
             unsafe {
                 let p = probs_p.get().add((b * s.n_heads + h) * t * t);
-                let q =
-                    Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
-                let k =
-                    Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
-                matmul_strided(p, t, &q, &k, false);
-                let pm = std::slice::from_raw_parts_mut(p, t * t);
-                for (i, row) in pm.chunks_exact_mut(t).enumerate() {
-                    causal_softmax_row(row, i, scale);
+                let (q, k, v) = (base.add(lay.q + h * d), base.add(lay.k + g * d), base.add(lay.v + g * d));
+                // Query rows r0..r1 see keys 0..r1: their scores, softmax and P·v.
+                for (r0, r1) in blocks(t) {
+                    let scores = p.add(r0 * t);
+                    let q_rows = rows_at(q, lay.ld, r0, r1 - r0, d);
+                    matmul_strided(scores, t, &q_rows, &transposed(rows_at(k, lay.ld, 0, r1, d)), false);
+                    let pm = std::slice::from_raw_parts_mut(scores, (r1 - r0) * t);
+                    for (i, row) in (r0..r1).zip(pm.chunks_exact_mut(t)) {
+                        causal_softmax_row(row, i, scale);
+                    }
+                    let p_rows = rows_at(scores as *const T, t, 0, r1 - r0, r1);
+                    let o = out_p.get().add((b * t + r0) * q_dim + h * d);
+                    matmul_strided(o, q_dim, &p_rows, &rows_at(v, lay.ld, 0, r1, d), false);
                 }
-                let v =
-                    Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
-                let pv = Strided { ptr: p as *const T, rows: t, cols: t, rs: t, transposed: false };
-                matmul_strided(out_p.get().add(b * t * q_dim + h * d), q_dim, &pv, &v, false);
             }
         }
     });
 }
 
 /// Scales the row of scores, masks the positions after `i` and applies the softmax in place.
+/// Reads only `row[..=i]`; the rest need not have been written.
 fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
     let (live, future) = row.split_at_mut(i + 1);
     let mut max = live[0] * scale;
@@ -97,10 +122,13 @@ fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
             max = *v;
         }
     }
-    let mut sum = T::ZERO;
     for v in live.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v -= max;
+    }
+    T::exp_in_place(live);
+    let mut sum = T::ZERO;
+    for &v in live.iter() {
+        sum += v;
     }
     for v in live.iter_mut() {
         *v /= sum;
@@ -139,18 +167,20 @@ pub fn attention_backward<T: Real>(
                 let dbase = dqkv_p.get().add(b * t * lay.ld);
                 let p = probs_p.get().add((b * s.n_heads + h) * t * t);
                 let pm = std::slice::from_raw_parts(p, t * t);
-                let dout = Strided {
-                    ptr: dout_p.get().add(b * t * q_dim + h * d),
-                    rows: t,
-                    cols: d,
-                    rs: q_dim,
-                    transposed: false,
-                };
-                let v_t =
-                    Strided { ptr: base.add(lay.v + g * d), rows: t, cols: d, rs: lay.ld, transposed: true };
-                matmul_strided(ds.as_mut_ptr(), t, &dout, &v_t, false);
-                let p_t = Strided { ptr: p, rows: t, cols: t, rs: t, transposed: true };
-                matmul_strided(dbase.add(lay.v + g * d), lay.ld, &p_t, &dout, true);
+                let dout = dout_p.get().add(b * t * q_dim + h * d);
+                let (q, k, v) = (base.add(lay.q + h * d), base.add(lay.k + g * d), base.add(lay.v + g * d));
+                // dP = dO·vᵀ, for query rows r0..r1 and keys 0..r1.
+                for (r0, r1) in blocks(t) {
+                    let dout_rows = rows_at(dout, q_dim, r0, r1 - r0, d);
+                    let v_t = transposed(rows_at(v, lay.ld, 0, r1, d));
+                    matmul_strided(ds.as_mut_ptr().add(r0 * t), t, &dout_rows, &v_t, false);
+                }
+                // dv += Pᵀ·dO, for keys c0..c1 and query rows c0..t.
+                for (c0, c1) in blocks(t) {
+                    let p_t = transposed(rows_at(p.add(c0), t, c0, t - c0, c1 - c0));
+                    let dv = dbase.add(c0 * lay.ld + lay.v + g * d);
+                    matmul_strided(dv, lay.ld, &p_t, &rows_at(dout, q_dim, c0, t - c0, d), true);
+                }
                 for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)).enumerate() {
                     let dot = dsr[..=i].iter().zip(&pr[..=i]).map(|(&a, &b)| a * b).sum::<T>();
                     for j in 0..=i {
@@ -158,15 +188,101 @@ pub fn attention_backward<T: Real>(
                     }
                     dsr[i + 1..].fill(T::ZERO);
                 }
-                let dsv = Strided { ptr: ds.as_ptr(), rows: t, cols: t, rs: t, transposed: false };
-                let k =
-                    Strided { ptr: base.add(lay.k + g * d), rows: t, cols: d, rs: lay.ld, transposed: false };
-                matmul_strided(dbase.add(lay.q + h * d), lay.ld, &dsv, &k, true);
-                let ds_t = Strided { ptr: ds.as_ptr(), rows: t, cols: t, rs: t, transposed: true };
-                let q =
-                    Strided { ptr: base.add(lay.q + h * d), rows: t, cols: d, rs: lay.ld, transposed: false };
-                matmul_strided(dbase.add(lay.k + g * d), lay.ld, &ds_t, &q, true);
+                // dq += dS·k, for query rows r0..r1 and keys 0..r1.
+                for (r0, r1) in blocks(t) {
+                    let ds_rows = rows_at(ds.as_ptr(), t, r0, r1 - r0, r1);
+                    let dq = dbase.add(r0 * lay.ld + lay.q + h * d);
+                    matmul_strided(dq, lay.ld, &ds_rows, &rows_at(k, lay.ld, 0, r1, d), true);
+                }
+                // dk += dSᵀ·q, for keys c0..c1 and query rows c0..t.
+                for (c0, c1) in blocks(t) {
+                    let ds_t = transposed(rows_at(ds.as_ptr().add(c0), t, c0, t - c0, c1 - c0));
+                    let dk = dbase.add(c0 * lay.ld + lay.k + g * d);
+                    matmul_strided(dk, lay.ld, &ds_t, &rows_at(q, lay.ld, c0, t - c0, d), true);
+                }
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Forward and backward in plain loops over the full `t × t` scores, masked afterwards:
+    /// `(probs, out, d_qkv)`.
+    fn naive(
+        qkv: &[f64],
+        lay: QkvLayout,
+        s: AttentionShape,
+        d_out: &[f64],
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (t, d, scale) = (s.seq, s.head_dim, s.scale());
+        let q_dim = s.n_heads * d;
+        let mut probs = vec![0.0; s.probs_len()];
+        let mut out = vec![0.0; s.batch * t * q_dim];
+        let mut d_qkv = vec![0.0; qkv.len()];
+        let at = |b: usize, i: usize, col: usize| qkv[(b * t + i) * lay.ld + col];
+        for b in 0..s.batch {
+            for h in 0..s.n_heads {
+                let g = h / s.n_rep();
+                let (qc, kc, vc) = (lay.q + h * d, lay.k + g * d, lay.v + g * d);
+                let p = &mut probs[(b * s.n_heads + h) * t * t..][..t * t];
+                for i in 0..t {
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| (0..d).map(|e| at(b, i, qc + e) * at(b, j, kc + e)).sum::<f64>() * scale)
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let sum: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
+                    for (j, &x) in scores.iter().enumerate() {
+                        p[i * t + j] = (x - max).exp() / sum;
+                    }
+                    for e in 0..d {
+                        out[(b * t + i) * q_dim + h * d + e] =
+                            (0..=i).map(|j| p[i * t + j] * at(b, j, vc + e)).sum();
+                    }
+                }
+                for i in 0..t {
+                    let d_o = &d_out[(b * t + i) * q_dim + h * d..][..d];
+                    let dp: Vec<f64> =
+                        (0..t).map(|j| (0..d).map(|e| d_o[e] * at(b, j, vc + e)).sum()).collect();
+                    let dot: f64 = (0..t).map(|j| dp[j] * p[i * t + j]).sum();
+                    for j in 0..t {
+                        let ds = p[i * t + j] * (dp[j] - dot) * scale;
+                        for e in 0..d {
+                            d_qkv[(b * t + i) * lay.ld + qc + e] += ds * at(b, j, kc + e);
+                            d_qkv[(b * t + j) * lay.ld + kc + e] += ds * at(b, i, qc + e);
+                            d_qkv[(b * t + j) * lay.ld + vc + e] += p[i * t + j] * d_o[e];
+                        }
+                    }
+                }
+            }
+        }
+        (probs, out, d_qkv)
+    }
+
+    #[test]
+    fn tiled_products_equal_the_full_masked_ones() {
+        let mut rng = Rng::new(11, 0);
+        // One tile, a whole number of tiles, and a partial last tile.
+        for seq in [5, 2 * BLOCK, 2 * BLOCK + 22] {
+            let s = AttentionShape { batch: 2, seq, n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+            let (qd, kvd) = (32, 16);
+            let lay = QkvLayout { ld: qd + 2 * kvd, q: 0, k: qd, v: qd + kvd };
+            let qkv: Vec<f64> = (0..s.batch * seq * lay.ld).map(|_| rng.normal()).collect();
+            let d_out: Vec<f64> = (0..s.batch * seq * qd).map(|_| rng.normal()).collect();
+            let mut probs = vec![f64::NAN; s.probs_len()];
+            let mut out = vec![0.0; s.batch * seq * qd];
+            attention_forward(&qkv, lay, s, &mut probs, &mut out);
+            let mut d_qkv = vec![0.0; qkv.len()];
+            attention_backward(&qkv, lay, s, &probs, &d_out, &mut d_qkv);
+            let (want_probs, want_out, want_d) = naive(&qkv, lay, s, &d_out);
+            let close =
+                |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-12 * (1.0 + y.abs()));
+            assert!(close(&probs, &want_probs), "probabilities, seq {seq}");
+            assert!(close(&out, &want_out), "outputs, seq {seq}");
+            assert!(close(&d_qkv, &want_d), "gradients, seq {seq}");
+        }
+    }
 }

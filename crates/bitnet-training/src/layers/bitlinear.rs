@@ -2,7 +2,9 @@
 //!
 //! Forward (b1.58): the latent weights are absmean-ternarized per matrix and the input is
 //! absmax-quantized to int8 per token; the product runs on the integer codes and is scaled
-//! back as `y = (Σ q·t) / s_a · mean|W|`, the same arithmetic as the inference kernels.
+//! back as `y = (Σ q·t) / s_a · mean|W|`, the same arithmetic as the inference kernels. The
+//! integer sums come from `bitnet_quant`'s ternary × int8 kernels; they are exact, so `y` is the
+//! same as a float product of the codes would give, in `f32` and `f64` alike.
 //! Backward (STE, `w + (q(w) − w).detach()`): quantization counts as the identity, so
 //! `dX = dY · W_q` and `dW = dYᵀ · X_q`, with `W_q`, `X_q` the dequantized values.
 //!
@@ -10,6 +12,7 @@
 //! weights are stacked by output rows so one matrix product serves all of them, while each keeps
 //! its own scale.
 
+use bitnet_quant::{QuantizedActivations, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 
 use crate::linalg::{matmul, Operand, Scratch, ROW_CHUNK};
@@ -34,6 +37,10 @@ pub struct WeightGroup<T> {
     pub dequant: Vec<T>,
     /// `mean|W|` per projection (1 in full precision).
     pub scales: Vec<T>,
+    /// The ternary codes of every projection, packed for the integer forward (`None` in full
+    /// precision). The integer sums do not depend on the scales, so one matrix serves the
+    /// group; its own scale is never applied.
+    pub packed: Option<TernaryMatrix>,
 }
 
 impl<T: Real> WeightGroup<T> {
@@ -41,6 +48,7 @@ impl<T: Real> WeightGroup<T> {
     pub fn quantize(weights: &[&[T]], out_sizes: &[usize], in_features: usize, precision: Precision) -> Self {
         let total: usize = out_sizes.iter().sum();
         let mut codes = Vec::with_capacity(total * in_features);
+        let mut ternary = Vec::new();
         let mut scales = Vec::with_capacity(weights.len());
         for (w, &n) in weights.iter().zip(out_sizes) {
             assert_eq!(w.len(), n * in_features, "weight does not have its declared shape");
@@ -48,6 +56,7 @@ impl<T: Real> WeightGroup<T> {
                 Precision::Ternary => {
                     let (t, mean) = T::absmean_ternary(w);
                     codes.extend(t.iter().map(|&c| T::from_f64(c as f64)));
+                    ternary.extend_from_slice(&t);
                     scales.push(mean);
                 }
                 Precision::Full => {
@@ -56,11 +65,24 @@ impl<T: Real> WeightGroup<T> {
                 }
             }
         }
-        Self::from_codes(codes, scales, out_sizes, in_features)
+        let packed = (precision == Precision::Ternary).then(|| pack_ternary(&ternary, total, in_features));
+        Self::with_packed(codes, scales, out_sizes, in_features, packed)
     }
 
     /// A group from stored ternary codes and scales (a loaded packed checkpoint).
     pub fn from_codes(codes: Vec<T>, scales: Vec<T>, out_sizes: &[usize], in_features: usize) -> Self {
+        let ternary: Vec<i8> = codes.iter().map(|&c| c.to_f64() as i8).collect();
+        let packed = pack_ternary(&ternary, out_sizes.iter().sum(), in_features);
+        Self::with_packed(codes, scales, out_sizes, in_features, Some(packed))
+    }
+
+    fn with_packed(
+        codes: Vec<T>,
+        scales: Vec<T>,
+        out_sizes: &[usize],
+        in_features: usize,
+        packed: Option<TernaryMatrix>,
+    ) -> Self {
         let mut dequant = codes.clone();
         let mut offset = 0;
         for (&n, &s) in out_sizes.iter().zip(&scales) {
@@ -69,7 +91,7 @@ impl<T: Real> WeightGroup<T> {
             }
             offset += n;
         }
-        Self { out_sizes: out_sizes.to_vec(), in_features, codes, dequant, scales }
+        Self { out_sizes: out_sizes.to_vec(), in_features, codes, dequant, scales, packed }
     }
 
     /// Σ of the projections' output features.
@@ -87,6 +109,13 @@ impl<T: Real> WeightGroup<T> {
     }
 }
 
+/// Packs the stacked `[rows, cols]` ternary codes of a group for the integer kernels.
+fn pack_ternary(ternary: &[i8], rows: usize, cols: usize) -> TernaryMatrix {
+    // The scale is a placeholder: the forward takes the integer sums and scales them itself.
+    TernaryMatrix::from_ternary(ternary, rows, cols, WeightScale::Multiply(1.0))
+        .expect("a group's codes are ternary and fill its shape")
+}
+
 /// A BitLinear input as the product sees it: int8 codes per token (held as floats) and the
 /// per-token scale `s_a`. In full precision the codes are the input itself and `s_a = 1`.
 #[derive(Clone, Debug)]
@@ -95,6 +124,9 @@ pub struct QuantizedInput<T> {
     pub cols: usize,
     pub codes: Vec<T>,
     pub scale: Vec<T>,
+    /// The same codes as int8, laid out for the integer kernels (`None` in full precision).
+    /// Only the codes are read from it: its f32 scales are `scale` rounded, and unused.
+    pub int8: Option<QuantizedActivations>,
 }
 
 /// Quantizes `x` (`[rows, cols]`) per token (`ActQuant`), or keeps it as is in full precision.
@@ -114,25 +146,31 @@ pub fn quantize_input_in<T: Real>(
     if precision == Precision::Full {
         let mut scale = scratch.empty(rows);
         scale.resize(rows, T::ONE);
-        return QuantizedInput { rows, cols, codes: scratch.copy_of(x), scale };
+        return QuantizedInput { rows, cols, codes: scratch.copy_of(x), scale, int8: None };
     }
     // Every code and scale is written below.
     let mut codes = scratch.zeros(rows * cols);
     let mut scale = scratch.zeros(rows);
+    let mut int8 = scratch.int8(rows * cols);
     codes
         .par_chunks_mut(cols * ROW_CHUNK)
+        .zip(int8.par_chunks_mut(cols * ROW_CHUNK))
         .zip(x.par_chunks(cols * ROW_CHUNK))
         .zip(scale.par_chunks_mut(ROW_CHUNK))
-        .for_each(|((cc, xc), sc)| {
-            let mut q = vec![0i8; cols];
-            for ((cr, xr), s) in cc.chunks_exact_mut(cols).zip(xc.chunks_exact(cols)).zip(sc) {
-                *s = T::quantize_activation_row(xr, &mut q);
-                for (c, &v) in cr.iter_mut().zip(&q) {
+        .for_each(|(((cc, qc), xc), sc)| {
+            let rows = cc.chunks_exact_mut(cols).zip(qc.chunks_exact_mut(cols)).zip(xc.chunks_exact(cols));
+            for (((cr, qr), xr), s) in rows.zip(sc) {
+                *s = T::quantize_activation_row(xr, qr);
+                for (c, &v) in cr.iter_mut().zip(qr.iter()) {
                     *c = T::from_f64(v as f64);
                 }
             }
         });
-    QuantizedInput { rows, cols, codes, scale }
+    let mut acts = scratch.activations(rows, cols);
+    let scale_f32: Vec<f32> = scale.iter().map(|s| s.to_f64() as f32).collect();
+    acts.set_int8(&int8, &scale_f32, rows).expect("codes and scales have the input's shape");
+    scratch.recycle_int8(int8);
+    QuantizedInput { rows, cols, codes, scale, int8: Some(acts) }
 }
 
 impl<T: Real> QuantizedInput<T> {
@@ -140,6 +178,9 @@ impl<T: Real> QuantizedInput<T> {
     pub fn recycle(self, scratch: &Scratch<T>) {
         scratch.recycle(self.codes);
         scratch.recycle(self.scale);
+        if let Some(acts) = self.int8 {
+            scratch.recycle_activations(acts);
+        }
     }
 
     /// The dequantized input `q / s_a` (what the STE's surrogate multiplies).
@@ -156,17 +197,50 @@ impl<T: Real> QuantizedInput<T> {
 
 /// `y[i, c] = (Σ_k x_q[i, k] · t[c, k]) / s_a[i] · scale(c)`: `y` is `[rows, Σ out]`.
 pub fn bitlinear_forward<T: Real>(x: &QuantizedInput<T>, w: &WeightGroup<T>, y: &mut [T]) {
+    bitlinear_forward_in(x, w, y, &Scratch::default())
+}
+
+/// [`bitlinear_forward`] with its temporaries taken from (and given back to) `scratch`.
+///
+/// Ternary weights on int8 inputs take the integer kernels, anything else (full precision) the
+/// float product. The integer sums are what a float product of the codes gave before, bit for
+/// bit: every partial sum is an integer far below 2^24, so that product was exact too.
+pub fn bitlinear_forward_in<T: Real>(
+    x: &QuantizedInput<T>,
+    w: &WeightGroup<T>,
+    y: &mut [T],
+    scratch: &Scratch<T>,
+) {
     assert_eq!(x.cols, w.in_features, "BitLinear input width does not match the weights");
     let n = w.out_features();
-    matmul(y, Operand::n(&x.codes, x.rows, x.cols), Operand::t(&w.codes, n, x.cols), false, true);
     let col_scale = w.column_scales();
-    y.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(yc, sc)| {
-        for (yr, &s_a) in yc.chunks_exact_mut(n).zip(sc) {
-            for (v, &m) in yr.iter_mut().zip(&col_scale) {
-                *v = *v / s_a * m;
-            }
+    match (&w.packed, &x.int8) {
+        (Some(packed), Some(acts)) => {
+            let mut sums = scratch.sums(x.rows * n);
+            packed.matmul_i32(acts, &mut sums);
+            y.par_chunks_mut(n * ROW_CHUNK)
+                .zip(sums.par_chunks(n * ROW_CHUNK))
+                .zip(x.scale.par_chunks(ROW_CHUNK))
+                .for_each(|((yc, ic), sc)| {
+                    for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
+                        for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
+                            *v = T::from_f64(acc as f64) / s_a * m;
+                        }
+                    }
+                });
+            scratch.recycle_sums(sums);
         }
-    });
+        _ => {
+            matmul(y, Operand::n(&x.codes, x.rows, x.cols), Operand::t(&w.codes, n, x.cols), false, true);
+            y.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(yc, sc)| {
+                for (yr, &s_a) in yc.chunks_exact_mut(n).zip(sc) {
+                    for (v, &m) in yr.iter_mut().zip(&col_scale) {
+                        *v = *v / s_a * m;
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// Backward of [`bitlinear_forward`] under the STE.
@@ -222,4 +296,54 @@ pub fn bitlinear_backward_in<T: Real>(
     }
     scratch.recycle(dy_scaled);
     scratch.recycle(dw_all);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The forward as a float product of the codes, `(x_q · tᵀ) / s_a · m` (the path the
+    /// integer kernels replaced).
+    fn float_forward<T: Real>(x: &QuantizedInput<T>, w: &WeightGroup<T>) -> Vec<T> {
+        let n = w.out_features();
+        let mut y = vec![T::ZERO; x.rows * n];
+        matmul(&mut y, Operand::n(&x.codes, x.rows, x.cols), Operand::t(&w.codes, n, x.cols), false, false);
+        let col_scale = w.column_scales();
+        for (yr, &s_a) in y.chunks_exact_mut(n).zip(&x.scale) {
+            for (v, &m) in yr.iter_mut().zip(&col_scale) {
+                *v = *v / s_a * m;
+            }
+        }
+        y
+    }
+
+    fn integer_forward_is_the_float_product_bit_for_bit<T: Real>() {
+        let mut rng = Rng::new(7, 3);
+        // Groups of one and of three projections; widths below, at and past a 256-column block.
+        for (rows, k, sizes) in [(1, 5, vec![3]), (37, 256, vec![16, 8, 8]), (70, 800, vec![40, 40])] {
+            let weights: Vec<Vec<T>> = sizes
+                .iter()
+                .map(|&n| (0..n * k).map(|_| T::from_f64(rng.normal() * 0.02)).collect())
+                .collect();
+            let refs: Vec<&[T]> = weights.iter().map(|w| w.as_slice()).collect();
+            let w = WeightGroup::quantize(&refs, &sizes, k, Precision::Ternary);
+            let x: Vec<T> = (0..rows * k).map(|_| T::from_f64(rng.normal())).collect();
+            let xq = quantize_input(&x, rows, k, Precision::Ternary);
+            let mut y = vec![T::ZERO; rows * w.out_features()];
+            bitlinear_forward(&xq, &w, &mut y);
+            let want = float_forward(&xq, &w);
+            assert!(y.iter().zip(&want).all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits()));
+        }
+    }
+
+    #[test]
+    fn integer_forward_is_the_float_product_bit_for_bit_f32() {
+        integer_forward_is_the_float_product_bit_for_bit::<f32>();
+    }
+
+    #[test]
+    fn integer_forward_is_the_float_product_bit_for_bit_f64() {
+        integer_forward_is_the_float_product_bit_for_bit::<f64>();
+    }
 }

@@ -30,10 +30,13 @@ pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: 
             for ((row, &target), out) in lc.chunks_exact_mut(vocab).zip(tc).zip(oc) {
                 let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m });
                 let target_logit = row[target as usize];
-                let mut sum = T::ZERO;
                 for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
+                    *v -= max;
+                }
+                T::exp_in_place(row);
+                let mut sum = T::ZERO;
+                for &v in row.iter() {
+                    sum += v;
                 }
                 *out = (sum.ln() + max - target_logit).to_f64();
                 for v in row.iter_mut() {
