@@ -63,7 +63,7 @@ impl DenseMatrix {
             && std::is_x86_feature_detected!("f16c");
         for t in 0..tokens {
             let xt = &x[t * cols..(t + 1) * cols];
-            out[t * rows..(t + 1) * rows].par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(b, o)| {
+            let row_block = |(b, o): (usize, &mut [f32])| {
                 let r0 = b * ROWS_PER_TASK;
                 for (i, y) in o.iter_mut().enumerate() {
                     let range = (r0 + i) * cols..(r0 + i + 1) * cols;
@@ -88,7 +88,13 @@ impl DenseMatrix {
                         DenseData::F16(v) => dot_widen(&v[range], xt, |w| w.to_f32()),
                     };
                 }
-            });
+            };
+            let out_t = &mut out[t * rows..(t + 1) * rows];
+            if crate::threads::parallel_threads() == 1 {
+                out_t.chunks_mut(ROWS_PER_TASK).enumerate().for_each(row_block);
+            } else {
+                out_t.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(row_block);
+            }
         }
     }
 }

@@ -4,5 +4,6 @@
 pub mod cpu;
 pub mod dense;
 pub mod ops;
+pub mod threads;
 
 pub use dense::{DenseData, DenseMatrix};

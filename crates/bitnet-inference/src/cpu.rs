@@ -256,7 +256,8 @@ impl Backend for CpuBackend {
         // A decoded token's attention over a short context is tens of microseconds: on the
         // calling thread it costs no fork-join, which under load can wait a whole scheduler
         // slice for a preempted helper.
-        let workers = if a.work() < ATTENTION_PARALLEL_MIN { 1 } else { rayon::current_num_threads() };
+        let workers =
+            if a.work() < ATTENTION_PARALLEL_MIN { 1 } else { bitnet_core::threads::parallel_threads() };
         a.run(Kernel::detect(s.head_dim), workers, &mut self.scratch, out);
     }
 

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod backend;
 pub mod cpu;
 pub mod generate;
+pub mod governor;
 pub mod load;
 pub mod model;
 pub mod sampling;

@@ -5,6 +5,7 @@ use bitnet_models::{ModelConfig, ModelWeights, Projection};
 use bitnet_quant::Int8Matrix;
 
 use crate::backend::{AttentionShape, Backend};
+use crate::governor::{DecodeGovernor, Mode};
 use crate::InferenceError;
 
 /// A BitLinear on the device, with its optional input RMSNorm (`use_rms_norm`).
@@ -42,6 +43,8 @@ pub struct Model<B: Backend> {
     rope_inv_freq: B::Vector,
     /// Weight bytes one decoded token reads: every projection, the head, one embedding row.
     pub weight_bytes_per_token: usize,
+    /// Chooses the threads of decode steps (`None` when `BITNET_DECODE_GOVERNOR=off`).
+    governor: Option<DecodeGovernor>,
 }
 
 /// How the lm_head is stored for inference.
@@ -179,6 +182,7 @@ impl<B: Backend> Model<B> {
             config: cfg,
             backend,
             weight_bytes_per_token,
+            governor: DecodeGovernor::enabled().then(DecodeGovernor::default),
         }
     }
 
@@ -240,6 +244,12 @@ impl<B: Backend> Model<B> {
             });
         }
         session.logits.clear();
+        // One decoded token: the governor picks all threads or the calling one.
+        let governed = ids.len() == 1 && rayon::current_num_threads() > 1 && self.governor.is_some();
+        let started = std::time::Instant::now();
+        if governed && self.governor.as_ref().is_some_and(|g| g.mode() == Mode::Solo) {
+            bitnet_core::threads::set_parallel_cap(1);
+        }
         let n_chunks = ids.len().div_ceil(session.max_batch);
         for (ci, chunk) in ids.chunks(session.max_batch).enumerate() {
             self.forward_chunk(session, chunk);
@@ -250,6 +260,12 @@ impl<B: Backend> Model<B> {
                 Logits::Last => {}
             }
             session.pos += chunk.len();
+        }
+        if governed {
+            bitnet_core::threads::set_parallel_cap(usize::MAX);
+            if let Some(g) = &mut self.governor {
+                g.record(started.elapsed());
+            }
         }
         Ok(())
     }

@@ -280,7 +280,7 @@ pub(crate) const PARALLEL_MIN_MACS_GEMV: usize = 1 << 22;
 /// Runs `f` over `0..units` cut into contiguous ranges, on rayon's pool when `macs` (the work)
 /// is at least `min_macs` and there is more than one thread, else on the calling thread.
 pub(crate) fn for_ranges(units: usize, macs: usize, min_macs: usize, f: impl Fn(Range<usize>) + Sync) {
-    let threads = rayon::current_num_threads();
+    let threads = bitnet_core::threads::parallel_threads();
     if units == 0 {
         return;
     }
