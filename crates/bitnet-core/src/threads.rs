@@ -16,3 +16,25 @@ pub fn parallel_threads() -> usize {
 pub fn set_parallel_cap(threads: usize) {
     CAP.store(threads.max(1), Ordering::Relaxed);
 }
+
+/// Caps parallel steps at one thread until dropped (also when a panic unwinds past it).
+pub struct SoloGuard(());
+
+impl SoloGuard {
+    pub fn new() -> Self {
+        set_parallel_cap(1);
+        SoloGuard(())
+    }
+}
+
+impl Default for SoloGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for SoloGuard {
+    fn drop(&mut self) {
+        set_parallel_cap(usize::MAX);
+    }
+}

@@ -247,9 +247,8 @@ impl<B: Backend> Model<B> {
         // One decoded token: the governor picks all threads or the calling one.
         let governed = ids.len() == 1 && rayon::current_num_threads() > 1 && self.governor.is_some();
         let started = std::time::Instant::now();
-        if governed && self.governor.as_ref().is_some_and(|g| g.mode() == Mode::Solo) {
-            bitnet_core::threads::set_parallel_cap(1);
-        }
+        let solo = governed && self.governor.as_ref().is_some_and(|g| g.mode() == Mode::Solo);
+        let cap = solo.then(bitnet_core::threads::SoloGuard::new);
         let n_chunks = ids.len().div_ceil(session.max_batch);
         for (ci, chunk) in ids.chunks(session.max_batch).enumerate() {
             self.forward_chunk(session, chunk);
@@ -261,8 +260,8 @@ impl<B: Backend> Model<B> {
             }
             session.pos += chunk.len();
         }
+        drop(cap);
         if governed {
-            bitnet_core::threads::set_parallel_cap(usize::MAX);
             if let Some(g) = &mut self.governor {
                 g.record(started.elapsed());
             }
