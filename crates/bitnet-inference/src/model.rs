@@ -75,7 +75,8 @@ impl HeadFormat {
 enum Head<B: Backend> {
     /// `None`: tied to the embeddings.
     Float(Option<B::Dense>),
-    Int8(B::Int8Linear),
+    /// Int8 or 6-bit weights, one scale per row.
+    Integer(B::Int8Linear),
 }
 
 /// Which positions get logits.
@@ -153,7 +154,7 @@ impl<B: Backend> Model<B> {
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
         let head = match head_format.int_bits() {
             None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m))),
-            Some(bits) => Head::Int8(backend.upload_int8(quantize_head(weights.lm_head(), bits))),
+            Some(bits) => Head::Integer(backend.upload_int8(quantize_head(weights.lm_head(), bits))),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
@@ -280,7 +281,7 @@ impl<B: Backend> Model<B> {
             Head::Float(head) => {
                 b.lm_head(head.as_ref().unwrap_or(&self.embed_tokens), &a.normed, first, count, &mut a.logits)
             }
-            Head::Int8(head) => {
+            Head::Integer(head) => {
                 b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
                 b.int8_linear(head, &a.quant_hidden, &mut a.logits);
             }
