@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use bitnet_inference::load::{load_gguf, LoadOptions};
+use bitnet_inference::load::{load_gguf, LoadOptions, LoadedModel};
 use bitnet_models::convert::{convert_hf_to_gguf, requantize_gguf, HeadType, WeightType};
 use bitnet_models::synth::write_synthetic;
 use common::*;
@@ -12,6 +12,33 @@ use common::*;
 fn convert(src: &Path, dst: &Path, weight: WeightType) {
     convert_hf_to_gguf(src, dst, weight, HeadType::F16, |_, _| {})
         .unwrap_or_else(|e| panic!("{weight:?}: {e}"));
+}
+
+/// Converts each HF form of the transformers fixture `fixture` to each GGUF type of `weights`,
+/// checks that it decodes transformers' greedy ids, and hands `check` the form, the type, the
+/// loaded model, the prompt, its prefill logits and the HF path's.
+fn through_gguf(
+    fixture: &str,
+    weights: &[WeightType],
+    mut check: impl FnMut(&str, WeightType, &LoadedModel, &[u32], &[f32], &[f32]),
+) {
+    let dir = tempfile::tempdir().unwrap();
+    for form in ["master", "packed", "packed_bitlinear"] {
+        let src = fixtures().join(fixture).join(form);
+        let golden = Golden::open(&fixtures().join(format!("{fixture}/golden/{form}_f32.safetensors")));
+        let prompt = golden.u32s("input_ids");
+        let want = golden.u32s("greedy_ids");
+        let hf_logits = prefill_logits(&mut load(&src).model, &prompt);
+        for &weight in weights {
+            let dst = dir.path().join(format!("{form}-{weight:?}.gguf"));
+            convert(&src, &dst, weight);
+            let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
+            let (new, _) = greedy_with_cache(&mut m.model, &prompt, want.len() - prompt.len());
+            assert_eq!(new, want[prompt.len()..], "{form} as {weight:?}: greedy ids");
+            let got = prefill_logits(&mut m.model, &prompt);
+            check(form, weight, &m, &prompt, &got, &hf_logits);
+        }
+    }
 }
 
 /// Where a GGUF type rounds a scale, logits move a little: per position, cosine > 0.99 with
@@ -31,26 +58,16 @@ fn same_direction(got: &[f32], want: &[f32], vocab: usize, min_agree: usize, wha
 /// except in F16 (see below).
 #[test]
 fn tiny_fixture_through_gguf_keeps_transformers_greedy_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    for form in ["master", "packed", "packed_bitlinear"] {
-        let src = fixtures().join("hf-bitnet-tiny").join(form);
-        let golden = Golden::open(&fixtures().join(format!("hf-bitnet-tiny/golden/{form}_f32.safetensors")));
-        let prompt = golden.u32s("input_ids");
-        let want = golden.u32s("greedy_ids");
-        let hf_logits = prefill_logits(&mut load(&src).model, &prompt);
-        for weight in [WeightType::I2S, WeightType::F16] {
-            let dst = dir.path().join(format!("{form}-{weight:?}.gguf"));
-            convert(&src, &dst, weight);
-            let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
-            let (new, _) = greedy_with_cache(&mut m.model, &prompt, want.len() - prompt.len());
-            assert_eq!(new, want[prompt.len()..], "{form} as {weight:?}: greedy ids");
-            let got = prefill_logits(&mut m.model, &prompt);
+    through_gguf(
+        "hf-bitnet-tiny",
+        &[WeightType::I2S, WeightType::F16],
+        |form, weight, m, prompt, got, hf_logits| {
             if weight == WeightType::F16 {
                 // F16 rounds a scale that is not f16-exact (the master mean, a bitlinear 1/d) to 10 bits: the shifted
                 // activations flip int8 roundings, so compare argmax and direction per position.
-                same_direction(&got, &hf_logits, m.model.config.vocab_size, 14, &format!("{form} as F16"));
+                same_direction(got, hf_logits, m.model.config.vocab_size, 14, &format!("{form} as F16"));
             } else {
-                let d = max_abs_diff(&got, &hf_logits);
+                let d = max_abs_diff(got, hf_logits);
                 assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
             }
             let tok = m.tokenizer.as_ref().expect("the GGUF carries the vocabulary");
@@ -59,8 +76,8 @@ fn tiny_fixture_through_gguf_keeps_transformers_greedy_ids() {
                 prompt,
                 "{form}: GGUF tokenizer"
             );
-        }
-    }
+        },
+    );
 }
 
 /// TQ formats need rows of 256: a synthetic model of that width, through TQ2_0, TQ1_0 and I2_S,
@@ -143,29 +160,16 @@ fn head_type_applies_to_the_head_only() {
 /// mean or of packed_bitlinear's 1/d, rounded to f16) argmax agreement and cosine per position.
 #[test]
 fn w256_fixture_through_tq_and_i2s_keeps_transformers_greedy_ids() {
-    let dir = tempfile::tempdir().unwrap();
-    for form in ["master", "packed", "packed_bitlinear"] {
-        let src = fixtures().join("w256-tq").join(form);
-        let golden = Golden::open(&fixtures().join(format!("w256-tq/golden/{form}_f32.safetensors")));
-        let prompt = golden.u32s("input_ids");
-        let want = golden.u32s("greedy_ids");
-        let hf_logits = prefill_logits(&mut load(&src).model, &prompt);
-        for weight in [WeightType::Tq2_0, WeightType::Tq1_0, WeightType::I2S] {
-            let dst = dir.path().join(format!("{form}-{weight:?}.gguf"));
-            convert(&src, &dst, weight);
-            let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
-            let (new, _) = greedy_with_cache(&mut m.model, &prompt, want.len() - prompt.len());
-            assert_eq!(new, want[prompt.len()..], "{form} as {weight:?}: greedy ids");
-            let got = prefill_logits(&mut m.model, &prompt);
-            let exact_scale = weight == WeightType::I2S || form == "packed";
-            if exact_scale {
-                let d = max_abs_diff(&got, &hf_logits);
-                assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
-            } else {
-                let vocab = m.model.config.vocab_size;
-                let min_agree = (got.len() / vocab).saturating_sub(2);
-                same_direction(&got, &hf_logits, vocab, min_agree, &format!("{form} as {weight:?}"));
-            }
+    let weights = [WeightType::Tq2_0, WeightType::Tq1_0, WeightType::I2S];
+    through_gguf("w256-tq", &weights, |form, weight, m, _, got, hf_logits| {
+        let exact_scale = weight == WeightType::I2S || form == "packed";
+        if exact_scale {
+            let d = max_abs_diff(got, hf_logits);
+            assert!(d <= 1e-3, "{form} as {weight:?}: logits differ from the HF path by {d}");
+        } else {
+            let vocab = m.model.config.vocab_size;
+            let min_agree = (got.len() / vocab).saturating_sub(2);
+            same_direction(got, hf_logits, vocab, min_agree, &format!("{form} as {weight:?}"));
         }
-    }
+    });
 }

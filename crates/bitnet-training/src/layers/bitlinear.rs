@@ -111,7 +111,8 @@ impl<T: Real> WeightGroup<T> {
 
 /// Packs the stacked `[rows, cols]` ternary codes of a group for the integer kernels.
 fn pack_ternary(ternary: &[i8], rows: usize, cols: usize) -> TernaryMatrix {
-    // The scale is a placeholder: the forward takes the integer sums and scales them itself.
+    // Only `matmul_i32` reads this matrix, and integer sums carry no scale: the forward applies
+    // each projection's own `mean|W|` to them, so the matrix's scale is 1 and never used.
     TernaryMatrix::from_ternary(ternary, rows, cols, WeightScale::Multiply(1.0))
         .expect("a group's codes are ternary and fill its shape")
 }
