@@ -16,7 +16,8 @@ pub const QUANT_EPS: f32 = 1e-5;
 /// Returns the ternary codes and `mean|w|` (the multiplier that dequantizes them).
 pub fn absmean_ternary(w: &[f32]) -> (Vec<i8>, f32) {
     let s = 1.0 / abs_mean(w).max(QUANT_EPS);
-    let t = w.iter().map(|&v| (v * s).round_ties_even().clamp(-1.0, 1.0) as i8).collect();
+    // Rounding after the clamp to [-128, 127] gives the same codes and vectorizes.
+    let t = w.iter().map(|&v| round_to_i8(v * s).clamp(-1, 1)).collect();
     (t, 1.0 / s)
 }
 
@@ -176,6 +177,22 @@ mod tests {
                 assert_eq!(round_to_i8(v), v.round_ties_even() as i8, "{v}");
             }
         }
+    }
+
+    #[test]
+    fn absmean_codes_are_the_rounded_and_clamped_ratios() {
+        let mut rng = crate::selftest::Rng::new(5);
+        let mut w: Vec<f32> = (0..4099).map(|_| (rng.range(-50_000, 50_000) as f32) * 1e-5).collect();
+        // Halves of the mean, outliers, a signed zero.
+        let m = abs_mean(&w);
+        w.extend([0.5 * m, -0.5 * m, 1.5 * m, -1.5 * m, 10.0, -10.0, -0.0]);
+        let (t, _) = absmean_ternary(&w);
+        let s = 1.0 / abs_mean(&w).max(QUANT_EPS);
+        for (&v, &code) in w.iter().zip(&t) {
+            let want = (v * s).round_ties_even().clamp(-1.0, 1.0) as i8;
+            assert_eq!(code, want, "{v}");
+        }
+        assert!(t.iter().any(|&c| c == 0) && t.iter().any(|&c| c == 1) && t.iter().any(|&c| c == -1));
     }
 
     #[test]

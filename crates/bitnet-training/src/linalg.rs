@@ -267,6 +267,18 @@ impl<T: Real> Scratch<T> {
         }
     }
 
+    /// `n` values with unspecified contents, for a caller that writes every one of them before
+    /// reading any (skips the zeroing pass of [`Scratch::zeros`]).
+    pub fn dirty(&self, n: usize) -> Vec<T> {
+        let mut v = self.floats.take(|v| (v.capacity() >= n).then_some(v.capacity())).unwrap_or_default();
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, T::ZERO);
+        }
+        v
+    }
+
     /// `n` zeros.
     pub fn zeros(&self, n: usize) -> Vec<T> {
         let mut v = self.empty(n);

@@ -352,12 +352,12 @@ impl<T: Real> Model<T> {
 
         // attention block: x + o_proj(sub_norm(Attn(RoPE(qkv(norm(x))))))
         let x_in = self.scratch.copy_of(x);
-        let mut normed = self.scratch.zeros(rows * h);
-        let mut rstd_in = self.scratch.zeros(rows);
+        let mut normed = self.scratch.dirty(rows * h);
+        let mut rstd_in = self.scratch.dirty(rows);
         rmsnorm_forward(x, self.tensor(s.input_norm), eps, &mut normed, &mut rstd_in);
         let h_in = quantize_input_in(&normed, rows, h, p, &self.scratch);
         let lay = self.qkv_layout();
-        let mut qkv = self.scratch.zeros(rows * lay.ld);
+        let mut qkv = self.scratch.dirty(rows * lay.ld);
         bitlinear_forward_in(&h_in, &w.qkv, &mut qkv, &self.scratch);
         rope_forward(
             &mut qkv,
@@ -372,14 +372,14 @@ impl<T: Real> Model<T> {
             &self.rope,
         );
         let shape = self.attention_shape(batch, seq);
-        let mut probs = self.scratch.zeros(shape.probs_len());
-        let mut attn = self.scratch.zeros(rows * qd);
+        let mut probs = self.scratch.dirty(shape.probs_len());
+        let mut attn = self.scratch.dirty(rows * qd);
         attention_forward(&qkv, lay, shape, &mut probs, &mut attn);
         let mut rstd_attn_sub = Vec::new();
         let o_in = match s.attn_sub_norm {
             Some(sn) => {
-                let mut a = self.scratch.zeros(rows * qd);
-                rstd_attn_sub = self.scratch.zeros(rows);
+                let mut a = self.scratch.dirty(rows * qd);
+                rstd_attn_sub = self.scratch.dirty(rows);
                 rmsnorm_forward(&attn, self.tensor(sn), eps, &mut a, &mut rstd_attn_sub);
                 let q = quantize_input_in(&a, rows, qd, p, &self.scratch);
                 self.scratch.recycle(a);
@@ -387,24 +387,24 @@ impl<T: Real> Model<T> {
             }
             None => quantize_input_in(&attn, rows, qd, p, &self.scratch),
         };
-        let mut branch = self.scratch.zeros(rows * h);
+        let mut branch = self.scratch.dirty(rows * h);
         bitlinear_forward_in(&o_in, &w.o, &mut branch, &self.scratch);
         add_into(x, &branch);
 
         // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
         let x_mid = self.scratch.copy_of(x);
-        let mut rstd_post = self.scratch.zeros(rows);
+        let mut rstd_post = self.scratch.dirty(rows);
         rmsnorm_forward(x, self.tensor(s.post_norm), eps, &mut normed, &mut rstd_post);
         let h_post = quantize_input_in(&normed, rows, h, p, &self.scratch);
-        let mut gate_up = self.scratch.zeros(rows * 2 * i);
+        let mut gate_up = self.scratch.dirty(rows * 2 * i);
         bitlinear_forward_in(&h_post, &w.gate_up, &mut gate_up, &self.scratch);
-        let mut mlp = self.scratch.zeros(rows * i);
+        let mut mlp = self.scratch.dirty(rows * i);
         gate_forward(c.activation, &gate_up, i, &mut mlp);
         let mut rstd_ffn_sub = Vec::new();
         let down_in = match s.ffn_sub_norm {
             Some(sn) => {
-                let mut m = self.scratch.zeros(rows * i);
-                rstd_ffn_sub = self.scratch.zeros(rows);
+                let mut m = self.scratch.dirty(rows * i);
+                rstd_ffn_sub = self.scratch.dirty(rows);
                 rmsnorm_forward(&mlp, self.tensor(sn), eps, &mut m, &mut rstd_ffn_sub);
                 let q = quantize_input_in(&m, rows, i, p, &self.scratch);
                 self.scratch.recycle(m);
@@ -455,7 +455,7 @@ impl<T: Real> Model<T> {
         let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.q_dim());
 
         // MLP block, last op first.
-        let mut d_down_in = self.scratch.zeros(rows * i);
+        let mut d_down_in = self.scratch.dirty(rows * i);
         let mut g = grads.take(&[s.down]);
         bitlinear_backward_in(
             &cache.down_in,
@@ -467,9 +467,9 @@ impl<T: Real> Model<T> {
         );
         grads.put(&[s.down], g);
         let d_mlp = self.sub_norm_backward(s.ffn_sub_norm, &cache.mlp, &cache.rstd_ffn_sub, d_down_in, grads);
-        let mut d_gate_up = self.scratch.zeros(rows * 2 * i);
+        let mut d_gate_up = self.scratch.dirty(rows * 2 * i);
         gate_backward(c.activation, &cache.gate_up, &d_mlp, i, &mut d_gate_up);
-        let mut d_normed = self.scratch.zeros(rows * h);
+        let mut d_normed = self.scratch.dirty(rows * h);
         let mut g = grads.take(&[s.gate, s.up]);
         {
             let (a, b) = g.split_at_mut(1);
@@ -493,7 +493,7 @@ impl<T: Real> Model<T> {
         );
 
         // Attention block.
-        let mut d_o_in = self.scratch.zeros(rows * qd);
+        let mut d_o_in = self.scratch.dirty(rows * qd);
         let mut g = grads.take(&[s.o]);
         bitlinear_backward_in(&cache.o_in, &w.o, dx, Some(&mut d_o_in), &mut [&mut g[0]], &self.scratch);
         grads.put(&[s.o], g);
@@ -521,7 +521,6 @@ impl<T: Real> Model<T> {
             seq,
             &self.rope,
         );
-        d_normed.fill(T::ZERO);
         let mut g = grads.take(&[s.q, s.k, s.v]);
         {
             let (a, rest) = g.split_at_mut(1);
@@ -563,7 +562,7 @@ impl<T: Real> Model<T> {
         let h = self.config.hidden_size;
         let rows = batch * seq;
         assert_eq!(ids.len(), rows);
-        let mut x = self.scratch.zeros(rows * h);
+        let mut x = self.scratch.dirty(rows * h);
         embedding_forward(self.tensor(self.layout.embed), ids, h, &mut x);
         let mut caches = Vec::new();
         for (l, lw) in w.layers.iter().enumerate() {
@@ -574,8 +573,8 @@ impl<T: Real> Model<T> {
                 cache.recycle(&self.scratch);
             }
         }
-        let mut normed = self.scratch.zeros(rows * h);
-        let mut rstd = self.scratch.zeros(rows);
+        let mut normed = self.scratch.dirty(rows * h);
+        let mut rstd = self.scratch.dirty(rows);
         rmsnorm_forward(&x, self.tensor(self.layout.final_norm), self.eps(), &mut normed, &mut rstd);
         (x, normed, rstd, caches)
     }
@@ -618,11 +617,11 @@ impl<T: Real> Model<T> {
         let (v, h) = (self.config.vocab_size, self.config.hidden_size);
         let (x_last, normed, rstd, caches) = self.trunk_forward(w, &ids, batch, seq, true);
         let head = self.layout.head();
-        let mut probs = self.scratch.zeros(rows * v);
+        let mut probs = self.scratch.dirty(rows * v);
         head_forward(&normed, self.tensor(head), rows, h, v, &mut probs);
         let loss = softmax_cross_entropy(&mut probs, &targets, v) / rows as f64;
 
-        let mut d_normed = self.scratch.zeros(rows * h);
+        let mut d_normed = self.scratch.dirty(rows * h);
         let mut g = grads.take(&[head]);
         head_cross_entropy_backward(
             &normed,

@@ -101,7 +101,8 @@ fn check_gate(act: Activation) {
         gate_forward(act, gu, width, &mut m);
         dot(&m, &r)
     };
-    let mut d = vec![0.0; gu.len()];
+    // The backward overwrites its output: what the buffer held must not matter.
+    let mut d = vec![f64::NAN; gu.len()];
     gate_backward(act, &gu, &r, width, &mut d);
     check(&format!("{act:?}.gate_up"), &gu, &d, 1000, 1e-7, f);
 }
@@ -186,7 +187,7 @@ fn bitlinear_full_precision_backward_matches_finite_differences() {
     };
     let g = WeightGroup::quantize(&[&w[..3 * k], &w[3 * k..]], &sizes, k, Precision::Full);
     let xq = quantize_input(&x, rows, k, Precision::Full);
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = vec![f64::NAN; x.len()]; // overwritten
     let mut dw = vec![0.0; w.len()];
     {
         let (a, b) = dw.split_at_mut(3 * k);
@@ -258,7 +259,7 @@ fn head_cross_entropy_backward_matches_finite_differences() {
     let mut probs = vec![0.0; rows * vocab];
     head_forward(&x, &head, rows, hidden, vocab, &mut probs);
     softmax_cross_entropy(&mut probs, &targets, vocab);
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = vec![f64::NAN; x.len()]; // overwritten
     let mut dhead = vec![0.0; head.len()];
     head_cross_entropy_backward(&x, &head, &mut probs, &targets, scale, hidden, vocab, &mut dx, &mut dhead);
     check("head_ce.x", &x, &dx, 1000, 1e-7, |xp| f(xp, &head));

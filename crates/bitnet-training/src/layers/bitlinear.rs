@@ -150,8 +150,8 @@ pub fn quantize_input_in<T: Real>(
         return QuantizedInput { rows, cols, codes: scratch.copy_of(x), scale, int8: None };
     }
     // Every code and scale is written below.
-    let mut codes = scratch.zeros(rows * cols);
-    let mut scale = scratch.zeros(rows);
+    let mut codes = scratch.dirty(rows * cols);
+    let mut scale = scratch.dirty(rows);
     let mut int8 = scratch.int8(rows * cols);
     codes
         .par_chunks_mut(cols * ROW_CHUNK)
@@ -245,7 +245,7 @@ pub fn bitlinear_forward_in<T: Real>(
 }
 
 /// Backward of [`bitlinear_forward`] under the STE.
-/// `dx += dy · W_q` (skipped when `dx` is `None`), and for each projection `p`,
+/// Writes `dx = dy · W_q` (skipped when `dx` is `None`), and for each projection `p` adds
 /// `dw[p] += dy_pᵀ · X_q` with `X_q = q / s_a`.
 pub fn bitlinear_backward<T: Real>(
     x: &QuantizedInput<T>,
@@ -269,24 +269,28 @@ pub fn bitlinear_backward_in<T: Real>(
     let n = w.out_features();
     let k = w.in_features;
     if let Some(dx) = dx {
-        matmul(dx, Operand::n(dy, x.rows, n), Operand::n(&w.dequant, n, k), true, true);
+        matmul(dx, Operand::n(dy, x.rows, n), Operand::n(&w.dequant, n, k), false, true);
     }
     // dy / s_a per row, so that the product with the integer codes gives dYᵀ · (q / s_a).
-    let mut dy_scaled = scratch.copy_of(dy);
-    dy_scaled.par_chunks_mut(n * ROW_CHUNK).zip(x.scale.par_chunks(ROW_CHUNK)).for_each(|(dc, sc)| {
-        for (dr, &s_a) in dc.chunks_exact_mut(n).zip(sc) {
-            for v in dr {
-                *v /= s_a;
+    let mut dy_scaled = scratch.dirty(dy.len());
+    dy_scaled
+        .par_chunks_mut(n * ROW_CHUNK)
+        .zip(dy.par_chunks(n * ROW_CHUNK))
+        .zip(x.scale.par_chunks(ROW_CHUNK))
+        .for_each(|((dc, yc), sc)| {
+            for ((dr, yr), &s_a) in dc.chunks_exact_mut(n).zip(yc.chunks_exact(n)).zip(sc) {
+                for (v, &y) in dr.iter_mut().zip(yr) {
+                    *v = y / s_a;
+                }
             }
-        }
-    });
+        });
     assert_eq!(dw.len(), w.out_sizes.len());
     if dw.len() == 1 {
         matmul(dw[0], Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), true, true);
         scratch.recycle(dy_scaled);
         return;
     }
-    let mut dw_all = scratch.zeros(n * k);
+    let mut dw_all = scratch.dirty(n * k);
     matmul(&mut dw_all, Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), false, true);
     let mut offset = 0;
     for (g, &np) in dw.iter_mut().zip(&w.out_sizes) {

@@ -48,7 +48,7 @@ pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: 
 }
 
 /// Backward of `scale · Σ_rows CE` through the head: `dlogits = (P − onehot) · scale`;
-/// `dx += dlogits · head`, `dhead += dlogitsᵀ · x`. `probs` is consumed as scratch.
+/// writes `dx = dlogits · head` and adds `dhead += dlogitsᵀ · x`. `probs` is consumed as scratch.
 #[allow(clippy::too_many_arguments)]
 pub fn head_cross_entropy_backward<T: Real>(
     x: &[T],
@@ -70,6 +70,6 @@ pub fn head_cross_entropy_backward<T: Real>(
             }
         }
     });
-    matmul(dx, Operand::n(probs, rows, vocab), Operand::n(head, vocab, hidden), true, true);
+    matmul(dx, Operand::n(probs, rows, vocab), Operand::n(head, vocab, hidden), false, true);
     matmul(dhead, Operand::t(probs, rows, vocab), Operand::n(x, rows, hidden), true, true);
 }

@@ -11,18 +11,43 @@ fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
-/// `act(g)` and `act'(g)`.
-#[inline]
-fn act_and_slope<T: Real>(act: Activation, g: T) -> (T, T) {
+/// `m = act(g) ⊙ u` over one row.
+fn forward_row<T: Real>(act: Activation, g: &[T], u: &[T], m: &mut [T]) {
+    // One loop per activation, so that the ReLU² loop has no exp in it and vectorizes.
+    match act {
+        Activation::Relu2 => {
+            for ((o, &gi), &ui) in m.iter_mut().zip(g).zip(u) {
+                let r = gi.max(T::ZERO);
+                *o = r * r * ui;
+            }
+        }
+        Activation::Silu => {
+            for ((o, &gi), &ui) in m.iter_mut().zip(g).zip(u) {
+                *o = gi * sigmoid(gi) * ui;
+            }
+        }
+    }
+}
+
+/// `dg = dm ⊙ u ⊙ act'(g)`, `du = dm ⊙ act(g)` over one row.
+fn backward_row<T: Real>(act: Activation, g: &[T], u: &[T], dm: &[T], dg: &mut [T], du: &mut [T]) {
+    let rows = dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dm);
     match act {
         // relu2 = square(relu(x)): slope 2·relu(x)
         Activation::Relu2 => {
-            let r = g.max(T::ZERO);
-            (r * r, T::from_f64(2.0) * r)
+            for ((((dgi, dui), &gi), &ui), &d) in rows {
+                let r = gi.max(T::ZERO);
+                *dgi = d * ui * (r + r);
+                *dui = d * (r * r);
+            }
         }
+        // silu' = s·(1 + x·(1 − s)) with s = sigmoid(x)
         Activation::Silu => {
-            let s = sigmoid(g);
-            (g * s, s * (T::ONE + g * (T::ONE - s)))
+            for ((((dgi, dui), &gi), &ui), &d) in rows {
+                let s = sigmoid(gi);
+                *dgi = d * ui * (s * (T::ONE + gi * (T::ONE - s)));
+                *dui = d * (gi * s);
+            }
         }
     }
 }
@@ -34,16 +59,14 @@ pub fn gate_forward<T: Real>(act: Activation, gate_up: &[T], width: usize, m: &m
         |(mc, gc)| {
             for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
                 let (g, u) = gr.split_at(width);
-                for ((o, &gi), &ui) in mr.iter_mut().zip(g).zip(u) {
-                    *o = act_and_slope(act, gi).0 * ui;
-                }
+                forward_row(act, g, u, mr);
             }
         },
     );
 }
 
-/// Backward of [`gate_forward`]: `dgate += dm ⊙ up ⊙ act'(gate)`, `dup += dm ⊙ act(gate)`,
-/// both into `d_gate_up` (`[rows, 2·width]`).
+/// Backward of [`gate_forward`]: writes `dgate = dm ⊙ up ⊙ act'(gate)` and `dup = dm ⊙ act(gate)`
+/// into `d_gate_up` (`[rows, 2·width]`), overwriting it.
 pub fn gate_backward<T: Real>(act: Activation, gate_up: &[T], dm: &[T], width: usize, d_gate_up: &mut [T]) {
     d_gate_up
         .par_chunks_mut(2 * width * ROW_CHUNK)
@@ -55,11 +78,7 @@ pub fn gate_backward<T: Real>(act: Activation, gate_up: &[T], dm: &[T], width: u
             {
                 let (g, u) = gr.split_at(width);
                 let (dg, du) = dr.split_at_mut(width);
-                for i in 0..width {
-                    let (a, slope) = act_and_slope(act, g[i]);
-                    dg[i] += dmr[i] * u[i] * slope;
-                    du[i] += dmr[i] * a;
-                }
+                backward_row(act, g, u, dmr, dg, du);
             }
         });
 }
