@@ -192,7 +192,7 @@ mod tests {
             let want = (v * s).round_ties_even().clamp(-1.0, 1.0) as i8;
             assert_eq!(code, want, "{v}");
         }
-        assert!(t.iter().any(|&c| c == 0) && t.iter().any(|&c| c == 1) && t.iter().any(|&c| c == -1));
+        assert!(t.contains(&0) && t.contains(&1) && t.contains(&-1));
     }
 
     #[test]
