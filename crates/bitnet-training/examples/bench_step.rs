@@ -42,22 +42,36 @@ fn main() {
         let mut grads = Params::zeros_like(&model.params);
         let mut rng = Rng::new(1, 2);
         let mut t0 = Instant::now();
+        // Seconds in: preparing the weights, forward + backward, clipping + AdamW.
+        let mut phases = [0.0f64; 3];
         for step in 0..=steps {
             if step == 1 {
                 t0 = Instant::now(); // the first step warms up
+                phases = [0.0; 3];
             }
             let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(4096) as u32).collect();
+            let t = Instant::now();
             let w = model.prepare();
             grads.fill_zero();
+            phases[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             model.loss_and_grads(&w, &tokens, batch, seq, &mut grads, 1.0);
+            phases[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             clip_grad_norm(&mut grads, 1.0);
             opt.update(&mut model.params, &grads, 1e-3, 0.1);
+            phases[2] += t.elapsed().as_secs_f64();
         }
         let tps = (steps * batch * seq) as f64 / t0.elapsed().as_secs_f64();
+        let ms = |s: f64| s * 1e3 / steps as f64;
         println!(
-            "bitnet-training threads={threads} params={} {precision:?} tokens/s={tps:.0} per_thread={:.0}",
+            "bitnet-training threads={threads} params={} {precision:?} tokens/s={tps:.0} per_thread={:.0} \
+             ms/step: prepare={:.1} fwd+bwd={:.1} clip+adamw={:.1}",
             model.params.count(),
-            tps / threads as f64
+            tps / threads as f64,
+            ms(phases[0]),
+            ms(phases[1]),
+            ms(phases[2]),
         );
     });
 }

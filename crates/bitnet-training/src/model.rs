@@ -12,6 +12,8 @@ use crate::layers::embedding::{embedding_backward, embedding_forward};
 use crate::layers::gate::{gate_backward, gate_forward};
 use crate::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::layers::rope::{rope_backward, rope_forward, HeadsView, RopeTable};
+use rayon::prelude::*;
+
 use crate::linalg::Scratch;
 use crate::real::Real;
 use crate::rng::Rng;
@@ -297,6 +299,7 @@ impl<T: Real> Model<T> {
     }
 
     /// Quantizes the latent linears (once per optimizer step; reused by every micro-batch).
+    /// The sixteen-odd groups are independent, so they are made in parallel.
     pub fn prepare(&self) -> Prepared<T> {
         let c = &self.config;
         let (h, i, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
@@ -304,17 +307,33 @@ impl<T: Real> Model<T> {
         let layers = self
             .layout
             .layers
-            .iter()
-            .map(|s| PreparedLayer {
-                qkv: WeightGroup::quantize(
-                    &[self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)],
-                    &[q, kv, kv],
-                    h,
-                    p,
-                ),
-                o: WeightGroup::quantize(&[self.tensor(s.o)], &[h], q, p),
-                gate_up: WeightGroup::quantize(&[self.tensor(s.gate), self.tensor(s.up)], &[i, i], h, p),
-                down: WeightGroup::quantize(&[self.tensor(s.down)], &[h], i, p),
+            .par_iter()
+            .map(|s| {
+                let ((qkv, o), (gate_up, down)) = rayon::join(
+                    || {
+                        rayon::join(
+                            || {
+                                let w = [self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)];
+                                WeightGroup::quantize(&w, &[q, kv, kv], h, p)
+                            },
+                            || WeightGroup::quantize(&[self.tensor(s.o)], &[h], q, p),
+                        )
+                    },
+                    || {
+                        rayon::join(
+                            || {
+                                WeightGroup::quantize(
+                                    &[self.tensor(s.gate), self.tensor(s.up)],
+                                    &[i, i],
+                                    h,
+                                    p,
+                                )
+                            },
+                            || WeightGroup::quantize(&[self.tensor(s.down)], &[h], i, p),
+                        )
+                    },
+                );
+                PreparedLayer { qkv, o, gate_up, down }
             })
             .collect();
         Prepared { layers }
@@ -695,8 +714,12 @@ impl<T: Real> Model<T> {
     }
 }
 
+/// `x += y`, elementwise (the residual add).
 fn add_into<T: Real>(x: &mut [T], y: &[T]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    const CHUNK: usize = 1 << 14;
+    x.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(xc, yc)| {
+        for (a, &b) in xc.iter_mut().zip(yc) {
+            *a += b;
+        }
+    });
 }
