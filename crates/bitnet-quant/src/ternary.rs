@@ -4,6 +4,7 @@
 //! `acc = Σ q_i8 · t`, then `y = acc / s_a · mean|W|` (multiplier form) or
 //! `y = acc / (s_a · weight_scale)` (BitLinear divisor form).
 
+use rayon::prelude::*;
 use std::ops::Range;
 
 use crate::aligned::AlignedBytes;
@@ -132,11 +133,15 @@ impl QuantizedActivations {
         }
         self.m = m;
         let (k, stride) = (self.k, self.stride);
-        let buf = self.q.as_i8_mut();
-        for i in 0..m {
-            let src = &q[i * k..(i + 1) * k];
-            buf[i * stride..i * stride + k].copy_from_slice(src);
-            self.sums[i] = src.iter().map(|&v| v as i32).sum();
+        if k == 0 {
+            self.sums[..m].fill(0);
+        } else {
+            // Row by row in parallel: a training step loads a few MB per projection here.
+            let rows = self.q.as_i8_mut()[..m * stride].par_chunks_mut(stride).zip(q.par_chunks(k));
+            rows.zip(self.sums[..m].par_iter_mut()).with_min_len(64).for_each(|((dst, src), sum)| {
+                dst[..k].copy_from_slice(src);
+                *sum = src.iter().map(|&v| v as i32).sum();
+            });
         }
         self.scales[..m].copy_from_slice(scales);
         Ok(())

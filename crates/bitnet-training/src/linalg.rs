@@ -176,6 +176,9 @@ where
     }
 }
 
+/// Values per task of the parallel fills and copies (64 KB of f32).
+const COPY_CHUNK: usize = 1 << 14;
+
 /// Recycled buffers for the activations and gradients of a step.
 ///
 /// A step allocates and frees the same few hundred MB every time; fresh large allocations come
@@ -281,15 +284,16 @@ impl<T: Real> Scratch<T> {
 
     /// `n` zeros.
     pub fn zeros(&self, n: usize) -> Vec<T> {
-        let mut v = self.empty(n);
-        v.resize(n, T::ZERO);
+        let mut v = self.dirty(n);
+        // Buffers run to tens of MB: one thread's memset would be a serial stretch of the step.
+        v.par_chunks_mut(COPY_CHUNK).for_each(|c| c.fill(T::ZERO));
         v
     }
 
     /// A copy of `x`.
     pub fn copy_of(&self, x: &[T]) -> Vec<T> {
-        let mut v = self.empty(x.len());
-        v.extend_from_slice(x);
+        let mut v = self.dirty(x.len());
+        v.par_chunks_mut(COPY_CHUNK).zip(x.par_chunks(COPY_CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
         v
     }
 

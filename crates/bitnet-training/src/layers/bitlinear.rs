@@ -294,9 +294,14 @@ pub fn bitlinear_backward_in<T: Real>(
     matmul(&mut dw_all, Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), false, true);
     let mut offset = 0;
     for (g, &np) in dw.iter_mut().zip(&w.out_sizes) {
-        for (d, &v) in g.iter_mut().zip(&dw_all[offset * k..(offset + np) * k]) {
-            *d += v;
-        }
+        let part = &dw_all[offset * k..(offset + np) * k];
+        g.par_chunks_mut((k * ROW_CHUNK).max(1)).zip(part.par_chunks((k * ROW_CHUNK).max(1))).for_each(
+            |(gc, pc)| {
+                for (d, &v) in gc.iter_mut().zip(pc) {
+                    *d += v;
+                }
+            },
+        );
         offset += np;
     }
     scratch.recycle(dy_scaled);
