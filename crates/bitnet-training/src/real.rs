@@ -53,6 +53,42 @@ pub trait Real:
     fn quantize_activation_row(x: &[Self], q: &mut [i8]) -> Self;
 }
 
+/// Independent partial sums of [`sum_lanes`] and [`dot_lanes`]: a plain `.sum()` of floats is one
+/// serial chain (the order is fixed), at one add per add-latency; eight chains vectorize.
+const LANES: usize = 8;
+
+/// `Σ f(i)` for `i < n`, accumulated in [`LANES`] interleaved partial sums then added pairwise.
+/// The order depends only on `n`, so results are deterministic.
+#[inline(always)]
+pub fn lanes<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let body = n - n % LANES;
+    for i in (0..body).step_by(LANES) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(i + j);
+        }
+    }
+    for (j, i) in (body..n).enumerate() {
+        acc[j] += f(i);
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+}
+
+/// `Σ x`, vectorizable (see [`lanes`]).
+#[inline]
+pub fn sum_lanes<T: Real>(x: &[T]) -> T {
+    lanes(x.len(), |i| x[i])
+}
+
+/// `Σ x·y` over the shorter of the two, vectorizable (see [`lanes`]).
+#[inline]
+pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &y[..n]);
+    lanes(n, |i| x[i] * y[i])
+}
+
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
@@ -204,6 +240,20 @@ impl Real for f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_sums_equal_the_exact_sums() {
+        // Small integers sum exactly in f32 in any order, so every length must match exactly.
+        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 255, 4096, 4099] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 23) as f32 - 11.0).collect();
+            let y: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 13) as f32 - 6.0).collect();
+            let sum: i64 = x.iter().map(|&v| v as i64).sum();
+            let dot: i64 = x.iter().zip(&y).map(|(&a, &b)| (a * b) as i64).sum();
+            assert_eq!(sum_lanes(&x) as i64, sum, "sum, n = {n}");
+            assert_eq!(dot_lanes(&x, &y) as i64, dot, "dot, n = {n}");
+            assert_eq!(lanes(n, |i| x[i] * 2.0) as i64, 2 * sum, "lanes, n = {n}");
+        }
+    }
 
     /// Distance of `got` from the exact `want` in units of the f32 spacing at `want`.
     fn ulps(got: f32, want: f64) -> f64 {

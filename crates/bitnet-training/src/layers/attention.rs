@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{matmul_strided, SharedConst, SharedMut, Strided};
-use crate::real::Real;
+use crate::real::{dot_lanes, sum_lanes, Real};
 
 /// Sizes of one attention call over a batch of `batch` sequences of `seq` tokens.
 #[derive(Clone, Copy, Debug)]
@@ -126,10 +126,7 @@ fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
         *v -= max;
     }
     T::exp_in_place(live);
-    let mut sum = T::ZERO;
-    for &v in live.iter() {
-        sum += v;
-    }
+    let sum = sum_lanes(live);
     for v in live.iter_mut() {
         *v /= sum;
     }
@@ -182,7 +179,7 @@ pub fn attention_backward<T: Real>(
                     matmul_strided(dv, lay.ld, &p_t, &rows_at(dout, q_dim, c0, t - c0, d), true);
                 }
                 for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)).enumerate() {
-                    let dot = dsr[..=i].iter().zip(&pr[..=i]).map(|(&a, &b)| a * b).sum::<T>();
+                    let dot = dot_lanes(&dsr[..=i], &pr[..=i]);
                     for j in 0..=i {
                         dsr[j] = pr[j] * (dsr[j] - dot) * scale;
                     }

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{matmul, Operand, ROW_CHUNK};
-use crate::real::Real;
+use crate::real::{sum_lanes, Real};
 
 /// `logits = x · headᵀ` for `x` `[rows, hidden]` and `head` `[vocab, hidden]`.
 pub fn head_forward<T: Real>(
@@ -34,10 +34,7 @@ pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: 
                     *v -= max;
                 }
                 T::exp_in_place(row);
-                let mut sum = T::ZERO;
-                for &v in row.iter() {
-                    sum += v;
-                }
+                let sum = sum_lanes(row);
                 *out = (sum.ln() + max - target_logit).to_f64();
                 for v in row.iter_mut() {
                     *v /= sum;

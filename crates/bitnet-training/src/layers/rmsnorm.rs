@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{reduce_rows, ROW_CHUNK};
-use crate::real::Real;
+use crate::real::{dot_lanes, lanes, Real};
 
 /// Normalizes each row of `x` (`[rows, width]`) into `y`; keeps `rstd = 1/sqrt(mean(x²)+eps)`.
 pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mut [T]) {
@@ -13,7 +13,7 @@ pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mu
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
         .for_each(|((yc, xc), rc)| {
             for ((yr, xr), r) in yc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(rc) {
-                let ms = xr.iter().map(|&v| v * v).sum::<T>() / T::from_f64(width as f64);
+                let ms = dot_lanes(xr, xr) / T::from_f64(width as f64);
                 *r = (ms + eps).sqrt().recip();
                 for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
                     *o = g * (v * *r);
@@ -35,7 +35,8 @@ pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mu
             for (((dxr, xr), dyr), &r) in
                 dxc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(dyc.chunks_exact(width)).zip(rc)
             {
-                let dot = xr.iter().zip(dyr).zip(w).map(|((&v, &d), &g)| g * d * v * r).sum::<T>();
+                let (xr, dyr, w) = (&xr[..width], &dyr[..width], &w[..width]);
+                let dot = lanes(width, |j| w[j] * dyr[j] * xr[j] * r);
                 let mean = dot / T::from_f64(width as f64);
                 for (((o, &v), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
                     *o += r * (g * d - v * r * mean);
