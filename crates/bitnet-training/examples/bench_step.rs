@@ -48,6 +48,7 @@ fn main() {
             if step == 1 {
                 t0 = Instant::now(); // the first step warms up
                 phases = [0.0; 3];
+                bitnet_training::profile::take();
             }
             let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(4096) as u32).collect();
             let t = Instant::now();
@@ -73,5 +74,9 @@ fn main() {
             ms(phases[1]),
             ms(phases[2]),
         );
+        // With BITNET_TRAIN_PROFILE=1: inclusive wall time per layer function, per step.
+        for (name, secs, calls) in bitnet_training::profile::take() {
+            println!("  {name:<28} {:>8.1} ms/step {:>6} calls/step", ms(secs), calls / steps as u64);
+        }
     });
 }

@@ -14,6 +14,7 @@ pub mod layers;
 pub mod linalg;
 pub mod model;
 pub mod optim;
+pub mod profile;
 pub mod real;
 pub mod rng;
 pub mod train;

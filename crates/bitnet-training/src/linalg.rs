@@ -51,6 +51,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 18;
 /// `parallel` lets the product use the current rayon pool; pass `false` from inside a
 /// parallel loop.
 pub fn matmul<T: Real>(c: &mut [T], a: Operand<'_, T>, b: Operand<'_, T>, accumulate: bool, parallel: bool) {
+    let _t = crate::profile::section("matmul (f32 GEMM)");
     let (m, k) = a.shape();
     let (kb, n) = b.shape();
     assert_eq!(k, kb, "inner dimensions of a matrix product differ");
@@ -284,6 +285,7 @@ impl<T: Real> Scratch<T> {
 
     /// `n` zeros.
     pub fn zeros(&self, n: usize) -> Vec<T> {
+        let _t = crate::profile::section("scratch zeros and copies");
         let mut v = self.dirty(n);
         // Buffers run to tens of MB: one thread's memset would be a serial stretch of the step.
         v.par_chunks_mut(COPY_CHUNK).for_each(|c| c.fill(T::ZERO));
@@ -292,6 +294,7 @@ impl<T: Real> Scratch<T> {
 
     /// A copy of `x`.
     pub fn copy_of(&self, x: &[T]) -> Vec<T> {
+        let _t = crate::profile::section("scratch zeros and copies");
         let mut v = self.dirty(x.len());
         v.par_chunks_mut(COPY_CHUNK).zip(x.par_chunks(COPY_CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
         v

@@ -362,6 +362,7 @@ impl<T: Real> Model<T> {
         batch: usize,
         seq: usize,
     ) -> LayerCache<T> {
+        let _t = crate::profile::section("layer_forward (all)");
         let c = &self.config;
         let s = &self.layout.layers[l];
         let rows = batch * seq;
@@ -468,6 +469,7 @@ impl<T: Real> Model<T> {
         seq: usize,
         grads: &mut Params<T>,
     ) {
+        let _t = crate::profile::section("layer_backward (all)");
         let c = &self.config;
         let s = &self.layout.layers[l];
         let rows = batch * seq;
@@ -716,6 +718,7 @@ impl<T: Real> Model<T> {
 
 /// `x += y`, elementwise (the residual add).
 fn add_into<T: Real>(x: &mut [T], y: &[T]) {
+    let _t = crate::profile::section("residual_add");
     const CHUNK: usize = 1 << 14;
     x.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(xc, yc)| {
         for (a, &b) in xc.iter_mut().zip(yc) {

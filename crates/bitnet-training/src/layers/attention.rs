@@ -74,6 +74,7 @@ pub fn attention_forward<T: Real>(
     probs: &mut [T],
     out: &mut [T],
 ) {
+    let _t = crate::profile::section("attention_forward");
     let (t, d) = (s.seq, s.head_dim);
     let q_dim = s.n_heads * d;
     assert_eq!(qkv.len(), s.batch * t * lay.ld);
@@ -143,6 +144,7 @@ pub fn attention_backward<T: Real>(
     d_out: &[T],
     d_qkv: &mut [T],
 ) {
+    let _t = crate::profile::section("attention_backward");
     let (t, d) = (s.seq, s.head_dim);
     let q_dim = s.n_heads * d;
     assert_eq!(d_qkv.len(), qkv.len());

@@ -143,6 +143,7 @@ pub fn quantize_input_in<T: Real>(
     precision: Precision,
     scratch: &Scratch<T>,
 ) -> QuantizedInput<T> {
+    let _t = crate::profile::section("quantize_input");
     assert_eq!(x.len(), rows * cols);
     if precision == Precision::Full {
         let mut scale = scratch.empty(rows);
@@ -212,6 +213,7 @@ pub fn bitlinear_forward_in<T: Real>(
     y: &mut [T],
     scratch: &Scratch<T>,
 ) {
+    let _t = crate::profile::section("bitlinear_forward");
     assert_eq!(x.cols, w.in_features, "BitLinear input width does not match the weights");
     let n = w.out_features();
     let col_scale = w.column_scales();
@@ -266,6 +268,7 @@ pub fn bitlinear_backward_in<T: Real>(
     dw: &mut [&mut [T]],
     scratch: &Scratch<T>,
 ) {
+    let _t = crate::profile::section("bitlinear_backward");
     let n = w.out_features();
     let k = w.in_features;
     if let Some(dx) = dx {

@@ -15,12 +15,14 @@ pub fn head_forward<T: Real>(
     vocab: usize,
     logits: &mut [T],
 ) {
+    let _t = crate::profile::section("head_forward");
     matmul(logits, Operand::n(x, rows, hidden), Operand::t(head, vocab, hidden), false, true);
 }
 
 /// Turns `logits` into softmax probabilities in place and returns the SUM over rows of
 /// `logsumexp(row) − row[target]` (accumulated in f64, in row order).
 pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: usize) -> f64 {
+    let _t = crate::profile::section("softmax_cross_entropy");
     let mut losses = vec![0.0f64; targets.len()];
     logits
         .par_chunks_mut(vocab * ROW_CHUNK)
@@ -58,6 +60,7 @@ pub fn head_cross_entropy_backward<T: Real>(
     dx: &mut [T],
     dhead: &mut [T],
 ) {
+    let _t = crate::profile::section("head_backward");
     let rows = targets.len();
     probs.par_chunks_mut(vocab * ROW_CHUNK).zip(targets.par_chunks(ROW_CHUNK)).for_each(|(pc, tc)| {
         for (row, &target) in pc.chunks_exact_mut(vocab).zip(tc) {

@@ -7,6 +7,7 @@ use crate::real::Real;
 
 /// `x[i] = table[ids[i]]` for `table` of `[vocab, hidden]`.
 pub fn embedding_forward<T: Real>(table: &[T], ids: &[u32], hidden: usize, x: &mut [T]) {
+    let _t = crate::profile::section("embedding_forward");
     x.par_chunks_mut(hidden * ROW_CHUNK).zip(ids.par_chunks(ROW_CHUNK)).for_each(|(xc, ic)| {
         for (row, &id) in xc.chunks_exact_mut(hidden).zip(ic) {
             let id = id as usize;
@@ -21,6 +22,7 @@ const COLUMNS: usize = 16;
 /// `dtable[ids[i]] += dx[i]`, in token order (deterministic). Tasks split the columns, so every
 /// element still sums its tokens in order, whatever the thread count.
 pub fn embedding_backward<T: Real>(dx: &[T], ids: &[u32], hidden: usize, dtable: &mut [T]) {
+    let _t = crate::profile::section("embedding_backward");
     let vocab = dtable.len() / hidden.max(1);
     let table = crate::linalg::SharedMut(dtable.as_mut_ptr());
     (0..hidden.div_ceil(COLUMNS)).into_par_iter().for_each(|task| {

@@ -55,6 +55,7 @@ fn backward_row<T: Real>(act: Activation, g: &[T], u: &[T], dm: &[T], dg: &mut [
 /// `gate_up` holds `[rows, 2·width]`: the gate in the first `width` columns, up in the rest.
 /// Writes `m = act(gate) ⊙ up` (`[rows, width]`).
 pub fn gate_forward<T: Real>(act: Activation, gate_up: &[T], width: usize, m: &mut [T]) {
+    let _t = crate::profile::section("gate_forward");
     m.par_chunks_mut(width * ROW_CHUNK).zip(gate_up.par_chunks(2 * width * ROW_CHUNK)).for_each(
         |(mc, gc)| {
             for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
@@ -68,6 +69,7 @@ pub fn gate_forward<T: Real>(act: Activation, gate_up: &[T], width: usize, m: &m
 /// Backward of [`gate_forward`]: writes `dgate = dm ⊙ up ⊙ act'(gate)` and `dup = dm ⊙ act(gate)`
 /// into `d_gate_up` (`[rows, 2·width]`), overwriting it.
 pub fn gate_backward<T: Real>(act: Activation, gate_up: &[T], dm: &[T], width: usize, d_gate_up: &mut [T]) {
+    let _t = crate::profile::section("gate_backward");
     d_gate_up
         .par_chunks_mut(2 * width * ROW_CHUNK)
         .zip(gate_up.par_chunks(2 * width * ROW_CHUNK))

@@ -7,6 +7,7 @@ use crate::real::{dot_lanes, lanes, Real};
 
 /// Normalizes each row of `x` (`[rows, width]`) into `y`; keeps `rstd = 1/sqrt(mean(x²)+eps)`.
 pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mut [T]) {
+    let _t = crate::profile::section("rmsnorm_forward");
     let width = w.len();
     y.par_chunks_mut(width * ROW_CHUNK)
         .zip(x.par_chunks(width * ROW_CHUNK))
@@ -25,6 +26,7 @@ pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mu
 /// Backward of [`rmsnorm_forward`]. With `x̂ = x·rstd` and `g = w ⊙ dy`:
 /// `dx += rstd · (g − x̂ · mean(g ⊙ x̂))`, `dw += Σ_rows dy ⊙ x̂`.
 pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
+    let _t = crate::profile::section("rmsnorm_backward");
     let width = w.len();
     let rows = rstd.len();
     dx.par_chunks_mut(width * ROW_CHUNK)

@@ -55,6 +55,7 @@ pub fn rope_backward<T: Real>(dx: &mut [T], view: HeadsView, seq_len: usize, tab
 }
 
 fn rotate<T: Real>(x: &mut [T], view: HeadsView, seq_len: usize, table: &RopeTable<T>, inverse: bool) {
+    let _t = crate::profile::section("rope");
     let half = table.half;
     assert!(seq_len <= table.max_pos, "sequence longer than the RoPE table");
     x.par_chunks_mut(view.ld * ROW_CHUNK).enumerate().for_each(|(chunk, xc)| {
