@@ -615,11 +615,22 @@ impl<T: Real> Model<T> {
     /// Mean next-token cross-entropy of `batch` windows of `seq + 1` tokens (no gradients).
     pub fn loss(&self, w: &Prepared<T>, tokens: &[u32], batch: usize, seq: usize) -> f64 {
         let (ids, targets) = Self::inputs_and_targets(tokens, batch, seq);
-        let (_, normed, _, _) = self.trunk_forward(w, &ids, batch, seq, false);
-        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
-        let mut logits = vec![T::ZERO; ids.len() * v];
-        head_forward(&normed, self.tensor(self.layout.head()), ids.len(), h, v, &mut logits);
-        softmax_cross_entropy(&mut logits, &targets, v) / ids.len() as f64
+        let (x, normed, rstd, _) = self.trunk_forward(w, &ids, batch, seq, false);
+        self.scratch.recycle(x);
+        self.scratch.recycle(rstd);
+        let (v, h, rows) = (self.config.vocab_size, self.config.hidden_size, ids.len());
+        let chunk = head_chunk_rows(v);
+        let mut logits = self.scratch.dirty(chunk.min(rows) * v);
+        let mut loss_sum = 0.0;
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            let l = &mut logits[..n * v];
+            head_forward(&normed[r0 * h..(r0 + n) * h], self.tensor(self.layout.head()), n, h, v, l);
+            loss_sum += softmax_cross_entropy(l, &targets[r0..r0 + n], v);
+        }
+        self.scratch.recycle(logits);
+        self.scratch.recycle(normed);
+        loss_sum / rows as f64
     }
 
     /// Mean cross-entropy of the windows and its gradient: ADDS `grad_scale · ∂loss/∂θ` into
@@ -633,28 +644,53 @@ impl<T: Real> Model<T> {
         grads: &mut Params<T>,
         grad_scale: f64,
     ) -> f64 {
+        let chunk = head_chunk_rows(self.config.vocab_size);
+        self.loss_and_grads_chunked(w, tokens, batch, seq, grads, grad_scale, chunk)
+    }
+
+    /// [`Model::loss_and_grads`] with the head taken `chunk` rows at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_and_grads_chunked(
+        &self,
+        w: &Prepared<T>,
+        tokens: &[u32],
+        batch: usize,
+        seq: usize,
+        grads: &mut Params<T>,
+        grad_scale: f64,
+        chunk: usize,
+    ) -> f64 {
         let (ids, targets) = Self::inputs_and_targets(tokens, batch, seq);
         let rows = ids.len();
         let (v, h) = (self.config.vocab_size, self.config.hidden_size);
         let (x_last, normed, rstd, caches) = self.trunk_forward(w, &ids, batch, seq, true);
         let head = self.layout.head();
-        let mut probs = self.scratch.dirty(rows * v);
-        head_forward(&normed, self.tensor(head), rows, h, v, &mut probs);
-        let loss = softmax_cross_entropy(&mut probs, &targets, v) / rows as f64;
-
         let mut d_normed = self.scratch.dirty(rows * h);
         let mut g = grads.take(&[head]);
-        head_cross_entropy_backward(
-            &normed,
-            self.tensor(head),
-            &mut probs,
-            &targets,
-            T::from_f64(grad_scale / rows as f64),
-            h,
-            v,
-            &mut d_normed,
-            &mut g[0],
-        );
+        let mut probs = self.scratch.dirty(chunk.min(rows) * v);
+        let mut loss_sum = 0.0;
+        // The head and its loss a chunk of rows at a time: the `[rows, vocab]` probabilities
+        // would otherwise be the largest buffer of a step, and a chunk stays in cache from the
+        // softmax to the two products of the backward.
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            let (x, p) = (&normed[r0 * h..(r0 + n) * h], &mut probs[..n * v]);
+            head_forward(x, self.tensor(head), n, h, v, p);
+            let t = &targets[r0..r0 + n];
+            loss_sum += softmax_cross_entropy(p, t, v);
+            head_cross_entropy_backward(
+                x,
+                self.tensor(head),
+                p,
+                t,
+                T::from_f64(grad_scale / rows as f64),
+                h,
+                v,
+                &mut d_normed[r0 * h..(r0 + n) * h],
+                &mut g[0],
+            );
+        }
+        let loss = loss_sum / rows as f64;
         grads.put(&[head], g);
         self.scratch.recycle(probs);
         let mut dx = self.scratch.zeros(rows * h);
@@ -716,6 +752,12 @@ impl<T: Real> Model<T> {
     }
 }
 
+/// Rows per chunk of the head and its loss: about 2 M floats of probabilities (8 MB in f32),
+/// a multiple of 16 rows, at least 16.
+fn head_chunk_rows(vocab: usize) -> usize {
+    ((2 << 20) / vocab.max(1)).max(16) / 16 * 16
+}
+
 /// `x += y`, elementwise (the residual add).
 fn add_into<T: Real>(x: &mut [T], y: &[T]) {
     let _t = crate::profile::section("residual_add");
@@ -725,4 +767,58 @@ fn add_into<T: Real>(x: &mut [T], y: &[T]) {
             *a += b;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use bitnet_models::{Architecture, QuantForm};
+
+    /// The head taken in chunks of 16 rows (a ragged last one) gives the loss and gradients of
+    /// the head over all rows at once, up to the order of the float sums.
+    #[test]
+    fn chunked_head_equals_the_whole_head() {
+        let cfg = ModelConfig {
+            architecture: Architecture::BitNet,
+            vocab_size: 29,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 32,
+            tie_word_embeddings: true,
+            activation: Activation::Relu2,
+            sub_norms: true,
+            quant_form: QuantForm::PackedMultiply,
+            bitlinear_input_norm: None,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        let model = Model::<f64>::init(cfg, Precision::Ternary, 5);
+        let (batch, seq) = (3, 15); // 45 rows: chunks of 16, 16, 13
+        let mut rng = Rng::new(6, 0);
+        let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(29) as u32).collect();
+        let w = model.prepare();
+        let run = |chunk: usize| {
+            let mut g = Params::zeros_like(&model.params);
+            let loss = model.loss_and_grads_chunked(&w, &tokens, batch, seq, &mut g, 1.0, chunk);
+            (loss, g)
+        };
+        let (whole_loss, whole) = run(batch * seq);
+        let (chunked_loss, chunked) = run(16);
+        assert!((whole_loss - chunked_loss).abs() <= 1e-12 * whole_loss.abs());
+        assert!((whole_loss - model.loss(&w, &tokens, batch, seq)).abs() <= 1e-12 * whole_loss.abs());
+        for (a, b) in whole.tensors.iter().zip(&chunked.tensors) {
+            let max = a.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(max > 0.0, "{} has no gradient", a.name);
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() <= 1e-12 * max, "{}: {x} vs {y}", a.name);
+            }
+        }
+    }
 }
