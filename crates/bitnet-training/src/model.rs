@@ -633,6 +633,37 @@ impl<T: Real> Model<T> {
         loss_sum / rows as f64
     }
 
+    /// The head and the mean cross-entropy over `normed` (`[rows, hidden]`), and their backward:
+    /// returns the SUM of the rows' losses, writes `d_normed`, adds into the head's gradient.
+    /// A chunk of `chunk` rows at a time: the `[rows, vocab]` probabilities would otherwise be the
+    /// largest buffer of a step, and a chunk stays in cache from the softmax to the two products
+    /// of the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn head_loss_and_backward(
+        &self,
+        normed: &[T],
+        targets: &[u32],
+        grad_scale: T,
+        chunk: usize,
+        d_normed: &mut [T],
+        d_head: &mut [T],
+    ) -> f64 {
+        let (v, h, rows) = (self.config.vocab_size, self.config.hidden_size, targets.len());
+        let head = self.tensor(self.layout.head());
+        let mut probs = self.scratch.dirty(chunk.min(rows) * v);
+        let mut loss_sum = 0.0;
+        for r0 in (0..rows).step_by(chunk) {
+            let n = chunk.min(rows - r0);
+            let (x, p, t) = (&normed[r0 * h..(r0 + n) * h], &mut probs[..n * v], &targets[r0..r0 + n]);
+            head_forward(x, head, n, h, v, p);
+            loss_sum += softmax_cross_entropy(p, t, v);
+            let dx = &mut d_normed[r0 * h..(r0 + n) * h];
+            head_cross_entropy_backward(x, head, p, t, grad_scale, h, v, dx, d_head);
+        }
+        self.scratch.recycle(probs);
+        loss_sum
+    }
+
     /// Mean cross-entropy of the windows and its gradient: ADDS `grad_scale · ∂loss/∂θ` into
     /// `grads` (so micro-batches of one step accumulate with `grad_scale = 1/accum`).
     pub fn loss_and_grads(
@@ -644,55 +675,18 @@ impl<T: Real> Model<T> {
         grads: &mut Params<T>,
         grad_scale: f64,
     ) -> f64 {
-        let chunk = head_chunk_rows(self.config.vocab_size);
-        self.loss_and_grads_chunked(w, tokens, batch, seq, grads, grad_scale, chunk)
-    }
-
-    /// [`Model::loss_and_grads`] with the head taken `chunk` rows at a time.
-    #[allow(clippy::too_many_arguments)]
-    fn loss_and_grads_chunked(
-        &self,
-        w: &Prepared<T>,
-        tokens: &[u32],
-        batch: usize,
-        seq: usize,
-        grads: &mut Params<T>,
-        grad_scale: f64,
-        chunk: usize,
-    ) -> f64 {
         let (ids, targets) = Self::inputs_and_targets(tokens, batch, seq);
         let rows = ids.len();
-        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let h = self.config.hidden_size;
         let (x_last, normed, rstd, caches) = self.trunk_forward(w, &ids, batch, seq, true);
         let head = self.layout.head();
         let mut d_normed = self.scratch.dirty(rows * h);
         let mut g = grads.take(&[head]);
-        let mut probs = self.scratch.dirty(chunk.min(rows) * v);
-        let mut loss_sum = 0.0;
-        // The head and its loss a chunk of rows at a time: the `[rows, vocab]` probabilities
-        // would otherwise be the largest buffer of a step, and a chunk stays in cache from the
-        // softmax to the two products of the backward.
-        for r0 in (0..rows).step_by(chunk) {
-            let n = chunk.min(rows - r0);
-            let (x, p) = (&normed[r0 * h..(r0 + n) * h], &mut probs[..n * v]);
-            head_forward(x, self.tensor(head), n, h, v, p);
-            let t = &targets[r0..r0 + n];
-            loss_sum += softmax_cross_entropy(p, t, v);
-            head_cross_entropy_backward(
-                x,
-                self.tensor(head),
-                p,
-                t,
-                T::from_f64(grad_scale / rows as f64),
-                h,
-                v,
-                &mut d_normed[r0 * h..(r0 + n) * h],
-                &mut g[0],
-            );
-        }
-        let loss = loss_sum / rows as f64;
+        let scale = T::from_f64(grad_scale / rows as f64);
+        let chunk = head_chunk_rows(self.config.vocab_size);
+        let loss = self.head_loss_and_backward(&normed, &targets, scale, chunk, &mut d_normed, &mut g[0]);
+        let loss = loss / rows as f64;
         grads.put(&[head], g);
-        self.scratch.recycle(probs);
         let mut dx = self.scratch.zeros(rows * h);
         let fnorm = self.layout.final_norm;
         rmsnorm_backward(
@@ -804,20 +798,26 @@ mod tests {
         let mut rng = Rng::new(6, 0);
         let tokens: Vec<u32> = (0..batch * (seq + 1)).map(|_| rng.below(29) as u32).collect();
         let w = model.prepare();
+        let (ids, targets) = Model::<f64>::inputs_and_targets(&tokens, batch, seq);
+        let (_, normed, _, _) = model.trunk_forward(&w, &ids, batch, seq, false);
+        let rows = batch * seq;
         let run = |chunk: usize| {
-            let mut g = Params::zeros_like(&model.params);
-            let loss = model.loss_and_grads_chunked(&w, &tokens, batch, seq, &mut g, 1.0, chunk);
-            (loss, g)
+            let mut d_normed = vec![f64::NAN; rows * 16];
+            let mut d_head = vec![0.0; 29 * 16];
+            let loss =
+                model.head_loss_and_backward(&normed, &targets, 0.5, chunk, &mut d_normed, &mut d_head);
+            (loss, d_normed, d_head)
         };
-        let (whole_loss, whole) = run(batch * seq);
-        let (chunked_loss, chunked) = run(16);
+        let (whole_loss, whole_dx, whole_dh) = run(rows);
+        let (chunked_loss, chunked_dx, chunked_dh) = run(16);
         assert!((whole_loss - chunked_loss).abs() <= 1e-12 * whole_loss.abs());
-        assert!((whole_loss - model.loss(&w, &tokens, batch, seq)).abs() <= 1e-12 * whole_loss.abs());
-        for (a, b) in whole.tensors.iter().zip(&chunked.tensors) {
-            let max = a.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            assert!(max > 0.0, "{} has no gradient", a.name);
-            for (x, y) in a.data.iter().zip(&b.data) {
-                assert!((x - y).abs() <= 1e-12 * max, "{}: {x} vs {y}", a.name);
+        let mean = model.loss(&w, &tokens, batch, seq);
+        assert!((whole_loss / rows as f64 - mean).abs() <= 1e-12 * mean.abs());
+        for (name, a, b) in [("d_normed", &whole_dx, &chunked_dx), ("d_head", &whole_dh, &chunked_dh)] {
+            let max = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(max > 0.0, "{name} is zero");
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert!((x - y).abs() <= 1e-12 * max, "{name}: {x} vs {y}");
             }
         }
     }
