@@ -286,12 +286,20 @@ fn run_int6<S: Sink>(path: KernelPath, w: &PackedInt6, x: &QuantizedActivations,
             },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            KernelPath::NeonPlain => (0..m)
-                .for_each(|t| unsafe { kernels::neon::int6_gemv::<false, S>(w, x, t, groups.clone(), sink) }),
+            KernelPath::NeonPlain if m == 1 => unsafe {
+                kernels::neon::int6_gemv::<false, S>(w, x, 0, groups, sink)
+            },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            KernelPath::NeonDotprod => (0..m)
-                .for_each(|t| unsafe { kernels::neon::int6_gemv::<true, S>(w, x, t, groups.clone(), sink) }),
+            KernelPath::NeonDotprod if m == 1 => unsafe {
+                kernels::neon::int6_gemv::<true, S>(w, x, 0, groups, sink)
+            },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            KernelPath::NeonPlain => unsafe { kernels::neon::int6_gemm::<false, S>(w, x, rows, 0..m, sink) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            KernelPath::NeonDotprod => unsafe { kernels::neon::int6_gemm::<true, S>(w, x, rows, 0..m, sink) },
             _ => kernels::scalar::int6_gemm(w, x, rows, 0..m, sink),
         }
     });

@@ -187,7 +187,8 @@ pub(crate) trait Sink: Sync {
     fn put(&self, t: usize, r: usize, acc: i32);
 
     /// `put(t, r0 + i, accs[i] - sub)` for every `i`: a run of rows of one token, which the
-    /// sinks write in one loop that the compiler can vectorise.
+    /// sinks write in one loop that the compiler can vectorise. (Only the x86 kernels use it.)
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn put_run(&self, t: usize, r0: usize, accs: &[i32], sub: i32) {
         for (i, &acc) in accs.iter().enumerate() {
             self.put(t, r0 + i, acc - sub);
@@ -225,6 +226,7 @@ impl<'a, T> SharedOut<'a, T> {
 
     /// Writes `f(i)` to row `r0 + i` of token `t` for `i < len`.
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn write_run(&self, t: usize, r0: usize, len: usize, f: impl Fn(usize) -> T) {
         let start = t * self.n + r0;
         assert!(r0 + len <= self.n && start + len <= self.len, "kernel output index out of range");

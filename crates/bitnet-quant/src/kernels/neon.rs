@@ -114,6 +114,8 @@ dot_wrappers!(int8_gemm, int8_gemm_dot, int8_gemm_plain, int8_gemm_body,
     (w: &PackedInt8, x: &QuantizedActivations, rows: Range<usize>, tokens: Range<usize>, sink: &S));
 dot_wrappers!(int6_gemv, int6_gemv_dot, int6_gemv_plain, int6_gemv_body,
     (w: &PackedInt6, x: &QuantizedActivations, token: usize, groups: Range<usize>, sink: &S));
+dot_wrappers!(int6_gemm, int6_gemm_dot, int6_gemm_plain, int6_gemm_body,
+    (w: &PackedInt6, x: &QuantizedActivations, rows: Range<usize>, tokens: Range<usize>, sink: &S));
 
 #[inline(always)]
 unsafe fn ternary_gemv_body<const DOT: bool, S: Sink>(
@@ -390,5 +392,47 @@ unsafe fn int6_gemv_body<const DOT: bool, S: Sink>(
         for (ri, &d) in dots.iter().enumerate().take(w.rows() - r0) {
             sink.put(token, r0 + ri, d - offset_sum);
         }
+    }
+}
+
+/// 6-bit GEMM: eight tokens per pass, each chunk of a row decoded once for all eight;
+/// `Σ u·x − 32 · Σ x` per token and row.
+#[inline(always)]
+unsafe fn int6_gemm_body<const DOT: bool, S: Sink>(
+    w: &PackedInt6,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    let chunks = w.padded_cols() / CHUNK_COLS;
+    for t in tokens.clone() {
+        assert!(x.padded_row(t).len() >= w.padded_cols());
+    }
+    // A partial last tile reuses the lanes of the missing tokens.
+    let mut t0 = tokens.start;
+    while t0 < tokens.end {
+        let n = (tokens.end - t0).min(TOKEN_TILE);
+        let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
+        for r in rows.clone() {
+            // SAFETY: every chunk is 96 bytes and every token row holds `chunks · 128`
+            // activations; `u ≤ 63` keeps the plain path's i16 pairs in range.
+            let dots = unsafe {
+                let mut acc = [vdupq_n_s32(0); TOKEN_TILE];
+                for c in 0..chunks {
+                    let u = int6_chunk(w.chunk(r, c).as_ptr());
+                    for (a, &xp) in acc.iter_mut().zip(&xs) {
+                        for (v, &uv) in u.iter().enumerate() {
+                            *a = int8_acc::<DOT>(*a, uv, vld1q_s8(xp.add(c * CHUNK_COLS + 16 * v)));
+                        }
+                    }
+                }
+                reduce8(&acc)
+            };
+            for (i, &d) in dots.iter().enumerate().take(n) {
+                sink.put(t0 + i, r, d - int6::OFFSET * x.sum(t0 + i));
+            }
+        }
+        t0 += n;
     }
 }
