@@ -609,6 +609,14 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     pb.finish_and_clear();
     log.flush()?;
     let elapsed = started.elapsed().as_secs_f64();
+    // BITNET_TRAIN_PROFILE=1: where this run's time went, by layer function (validation included).
+    let profile = crate::profile::take();
+    if !profile.is_empty() {
+        eprintln!("time per layer function over {elapsed:.1} s of training (inclusive):");
+        for (name, secs, calls) in profile {
+            eprintln!("  {name:<28} {secs:>8.2} s {calls:>8} calls");
+        }
+    }
     let tokens_per_s = (state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
 
     export_hf(&model, out)?;
