@@ -177,8 +177,18 @@ where
     }
 }
 
-/// Values per task of the parallel fills and copies (64 KB of f32).
+/// Values per task of the parallel fills, copies and adds (64 KB of f32).
 const COPY_CHUNK: usize = 1 << 14;
+
+/// `x += y`, elementwise (the residual add, a group's gradient split), in parallel.
+pub fn add_into<T: Real>(x: &mut [T], y: &[T]) {
+    let _t = crate::profile::section("add_into");
+    x.par_chunks_mut(COPY_CHUNK).zip(y.par_chunks(COPY_CHUNK)).for_each(|(xc, yc)| {
+        for (a, &b) in xc.iter_mut().zip(yc) {
+            *a += b;
+        }
+    });
+}
 
 /// Recycled buffers for the activations and gradients of a step.
 ///
@@ -274,13 +284,7 @@ impl<T: Real> Scratch<T> {
     /// `n` values with unspecified contents, for a caller that writes every one of them before
     /// reading any (skips the zeroing pass of [`Scratch::zeros`]).
     pub fn dirty(&self, n: usize) -> Vec<T> {
-        let mut v = self.floats.take(|v| (v.capacity() >= n).then_some(v.capacity())).unwrap_or_default();
-        if v.len() >= n {
-            v.truncate(n);
-        } else {
-            v.resize(n, T::ZERO);
-        }
-        v
+        reused_vec(&self.floats, n)
     }
 
     /// `n` zeros.

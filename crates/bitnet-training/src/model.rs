@@ -2,6 +2,7 @@
 //! what the backward needs, and the backward, layer by layer in the reverse order of the forward.
 
 use bitnet_models::{Activation, ModelConfig};
+use rayon::prelude::*;
 
 use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
 use crate::layers::bitlinear::{
@@ -12,9 +13,7 @@ use crate::layers::embedding::{embedding_backward, embedding_forward};
 use crate::layers::gate::{gate_backward, gate_forward};
 use crate::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use crate::layers::rope::{rope_backward, rope_forward, HeadsView, RopeTable};
-use rayon::prelude::*;
-
-use crate::linalg::Scratch;
+use crate::linalg::{add_into, Scratch};
 use crate::real::Real;
 use crate::rng::Rng;
 
@@ -309,29 +308,13 @@ impl<T: Real> Model<T> {
             .layers
             .par_iter()
             .map(|s| {
+                let group = |tensors: &[usize], outs: &[usize], in_features: usize| {
+                    let w: Vec<&[T]> = tensors.iter().map(|&t| self.tensor(t)).collect();
+                    WeightGroup::quantize(&w, outs, in_features, p)
+                };
                 let ((qkv, o), (gate_up, down)) = rayon::join(
-                    || {
-                        rayon::join(
-                            || {
-                                let w = [self.tensor(s.q), self.tensor(s.k), self.tensor(s.v)];
-                                WeightGroup::quantize(&w, &[q, kv, kv], h, p)
-                            },
-                            || WeightGroup::quantize(&[self.tensor(s.o)], &[h], q, p),
-                        )
-                    },
-                    || {
-                        rayon::join(
-                            || {
-                                WeightGroup::quantize(
-                                    &[self.tensor(s.gate), self.tensor(s.up)],
-                                    &[i, i],
-                                    h,
-                                    p,
-                                )
-                            },
-                            || WeightGroup::quantize(&[self.tensor(s.down)], &[h], i, p),
-                        )
-                    },
+                    || rayon::join(|| group(&[s.q, s.k, s.v], &[q, kv, kv], h), || group(&[s.o], &[h], q)),
+                    || rayon::join(|| group(&[s.gate, s.up], &[i, i], h), || group(&[s.down], &[h], i)),
                 );
                 PreparedLayer { qkv, o, gate_up, down }
             })
@@ -750,17 +733,6 @@ impl<T: Real> Model<T> {
 /// a multiple of 16 rows, at least 16.
 fn head_chunk_rows(vocab: usize) -> usize {
     ((2 << 20) / vocab.max(1)).max(16) / 16 * 16
-}
-
-/// `x += y`, elementwise (the residual add).
-fn add_into<T: Real>(x: &mut [T], y: &[T]) {
-    let _t = crate::profile::section("residual_add");
-    const CHUNK: usize = 1 << 14;
-    x.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(xc, yc)| {
-        for (a, &b) in xc.iter_mut().zip(yc) {
-            *a += b;
-        }
-    });
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 use bitnet_quant::{QuantizedActivations, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 
-use crate::linalg::{matmul, Operand, Scratch, ROW_CHUNK};
+use crate::linalg::{add_into, matmul, Operand, Scratch, ROW_CHUNK};
 use crate::real::Real;
 
 /// Whether the linears are quantized (the b1.58 model) or full-precision (the `--fp` baseline).
@@ -297,14 +297,7 @@ pub fn bitlinear_backward_in<T: Real>(
     matmul(&mut dw_all, Operand::t(&dy_scaled, x.rows, n), Operand::n(&x.codes, x.rows, k), false, true);
     let mut offset = 0;
     for (g, &np) in dw.iter_mut().zip(&w.out_sizes) {
-        let part = &dw_all[offset * k..(offset + np) * k];
-        g.par_chunks_mut((k * ROW_CHUNK).max(1)).zip(part.par_chunks((k * ROW_CHUNK).max(1))).for_each(
-            |(gc, pc)| {
-                for (d, &v) in gc.iter_mut().zip(pc) {
-                    *d += v;
-                }
-            },
-        );
+        add_into(g, &dw_all[offset * k..(offset + np) * k]);
         offset += np;
     }
     scratch.recycle(dy_scaled);
