@@ -38,6 +38,13 @@ const SHAPES: [Shape; 4] = [
     Shape { name: "gate_up", rows: 6912, cols: 2560 },
     Shape { name: "down", rows: 2560, cols: 6912 },
 ];
+/// The BitLinear shapes of the `small` training preset (hidden 256, intermediate 800): short
+/// rows, where a GEMM's per-output work (reductions, stores) weighs most.
+const TRAIN_SHAPES: [Shape; 3] = [
+    Shape { name: "train_qkv", rows: 512, cols: 256 },
+    Shape { name: "train_gate_up", rows: 1600, cols: 256 },
+    Shape { name: "train_down", rows: 256, cols: 800 },
+];
 const LM_HEAD: Shape = Shape { name: "lm_head", rows: 128256, cols: 2560 };
 
 #[derive(Clone, Copy)]
@@ -65,8 +72,8 @@ fn random_ternary(rows: usize, cols: usize, seed: u64) -> TernaryMatrix {
 
 /// One packed matrix per shape, built on first use.
 fn ternary(shape: Shape) -> &'static TernaryMatrix {
-    static CACHE: [OnceLock<TernaryMatrix>; 4] = [const { OnceLock::new() }; 4];
-    let i = SHAPES.iter().position(|s| *s == shape).unwrap();
+    static CACHE: [OnceLock<TernaryMatrix>; 7] = [const { OnceLock::new() }; 7];
+    let i = SHAPES.iter().chain(&TRAIN_SHAPES).position(|s| *s == shape).unwrap();
     CACHE[i].get_or_init(|| random_ternary(shape.rows, shape.cols, i as u64))
 }
 
@@ -122,6 +129,21 @@ fn ternary_gemm_m128(bencher: Bencher, case: Case) {
 #[divan::bench(args = cases(&SHAPES, false), max_time = 4, sample_count = 10)]
 fn ternary_gemm_m512(bencher: Bencher, case: Case) {
     gemm(bencher, case, 512)
+}
+
+#[divan::bench(args = cases(&TRAIN_SHAPES, false), max_time = 3, sample_count = 20)]
+fn ternary_gemm_train_m1024(bencher: Bencher, case: Case) {
+    gemm(bencher, case, 1024)
+}
+
+/// The integer sums alone, as the training forward takes them.
+#[divan::bench(args = cases(&TRAIN_SHAPES, false), max_time = 3, sample_count = 20)]
+fn ternary_gemm_i32_train_m1024(bencher: Bencher, case: Case) {
+    let (w, m) = (ternary(case.shape), 1024);
+    let x = activations(m, case.shape.cols);
+    let mut out = vec![0i32; m * case.shape.rows];
+    let macs = m * case.shape.rows * case.shape.cols;
+    bencher.counter(ItemsCount::new(macs)).bench_local(|| w.matmul_i32_with(case.path, &x, &mut out));
 }
 
 #[divan::bench(args = cases(&[LM_HEAD], false), max_time = 3)]

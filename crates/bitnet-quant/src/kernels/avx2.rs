@@ -5,7 +5,8 @@
 //! and the token's activation sum is subtracted to shift the codes to {-1, 0, 1}. The GEMV is
 //! bound by the instructions that unpack the codes, so it extracts half of them without a
 //! shift ([`block_dot_x4`]). The GEMM unpacks a panel of rows once into one byte per code on
-//! the stack and shares it among up to 128 tokens ([`ternary_gemm`]).
+//! the stack, eight rows interleaved so that each lane sums for one row, and shares it among
+//! up to 128 tokens ([`ternary_gemm`]).
 //!
 //! Int8: `vpmaddubsw(|x|, sign(w, x))` = `x·w` pairwise (|x| ≤ 128 and |w| ≤ 127, so a pair sum
 //! is at most 32512 and never saturates), widened to i32 at once.
@@ -179,19 +180,25 @@ pub(crate) unsafe fn ternary_gemv<S: Sink>(
     }
 }
 
-/// Tokens of the GEMM microkernel: one row's codes stay in a register while `NR` tokens'
-/// activations are memory operands of `vpmaddubsw` (one code register, `NR` accumulators and
-/// a product fit the 16 ymm registers without spilling an accumulator).
-const NR: usize = 12;
+/// Row groups of the GEMM microkernel: each group is a row tile of 8 rows, one row per i32
+/// lane (two i16 lanes while summing).
+const MR_GROUPS: usize = 2;
+/// Tokens of the GEMM microkernel: 2 groups × 6 tokens = 12 accumulators, plus two code
+/// registers and one broadcast activation, fit the 16 ymm registers without spilling.
+const NR: usize = 6;
 /// Rows unpacked together: a token tile of activations is reused from L1 across them.
 const PANEL_ROWS: usize = 48;
-/// Blocks per K-chunk. An accumulator adds one `maddubs` result in [-512, 508] per 32 columns
-/// (codes u ∈ {0, 1, 2} times x ∈ [-128, 127], two per lane: 2·2·(-128) = -512 and
-/// 2·2·127 = 508, so `maddubs` never saturates); a chunk of 8 blocks is 64 of them, within
-/// [-32768, 32512], so the i16 sums never wrap before they are widened at the end of the chunk.
+/// Row groups in a panel.
+const PANEL_GROUPS: usize = PANEL_ROWS / ROW_TILE;
+/// Blocks per K-chunk: the unpacked panel is 48 rows × 2048 codes, 96 KiB, and stays in L2.
 const CHUNK_BLOCKS: usize = 8;
-/// 32-column steps in a chunk.
-const CHUNK_STEPS: usize = CHUNK_BLOCKS * BLOCK_COLS / 32;
+/// Four-column steps in a block. A step adds one `maddubs` result in [-512, 508] to each
+/// i16 lane (codes u ∈ {0, 1, 2} times x ∈ [-128, 127], two per lane: 2·2·(-128) = -512 and
+/// 2·2·127 = 508, so `maddubs` never saturates); a block is 64 of them, within
+/// [-32768, 32512], so the i16 sums are widened once per block and never wrap.
+const BLOCK_STEPS: usize = BLOCK_COLS / 4;
+/// Four-column steps in a chunk.
+const CHUNK_STEPS: usize = CHUNK_BLOCKS * BLOCK_STEPS;
 /// Tokens whose partial sums a panel keeps while it walks the K-chunks.
 const TOKEN_BLOCK: usize = 128;
 /// Fewer tokens than this take the row-wise GEMM: unpacking a panel costs about as much as
@@ -199,14 +206,18 @@ const TOKEN_BLOCK: usize = 128;
 /// break even near 24 tokens for K = 2560 and 12–16 for K = 6912).
 const PANEL_MIN_TOKENS: usize = 24;
 
-/// Unpacked codes of one panel × one K-chunk, one byte per code: row `pr`'s `steps · 32`
-/// codes from `pr · steps · 32` on.
-type PanelCodes = std::mem::MaybeUninit<[u8; PANEL_ROWS * CHUNK_STEPS * 32]>;
+/// Unpacked codes of one panel × one K-chunk, one byte per code, *row-interleaved*: the 32
+/// bytes of (group `gi`, step `s`) hold, for the group's rows `r = 0..8` in turn, the codes of
+/// columns `4s..4s + 4`, at `(gi · steps + s) · 32` with `steps = 64 · blocks`.
+type PanelCodes = std::mem::MaybeUninit<[u8; PANEL_GROUPS * CHUNK_STEPS * 32]>;
 
-/// GEMM over `rows` × `tokens`. From 24 tokens on, panels of 48 rows are unpacked one K-chunk (≤ 2048 columns)
-/// at a time into u8 codes on the stack (the unpacking is shared by up to 128 tokens); a
-/// 1-row × 12-token microkernel multiplies them with `vpmaddubsw` into i16 sums that are
-/// widened once per chunk, and partial sums per (row, token) carry across chunks.
+/// GEMM over `rows` × `tokens`. From 24 tokens on, panels of 48 rows are unpacked one K-chunk
+/// (≤ 2048 columns) at a time into u8 codes on the stack, eight rows interleaved four columns
+/// at a time (the unpacking is shared by up to 128 tokens). The microkernel broadcasts four
+/// activations of a token to all lanes and multiplies them with `vpmaddubsw` by the codes of
+/// 2 × 8 rows: every lane sums for one row, so the sums leave the kernel as vectors of eight
+/// rows with no horizontal reduction, which short rows (K = 256) would pay for on every
+/// output. Partial sums per (row, token) carry across blocks and chunks in i32.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -232,15 +243,18 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
         }
         return;
     }
+    // Panels start on a row tile: the unpacking reads whole tiles (the last one padded).
+    assert_eq!(rows.start % ROW_TILE, 0, "the GEMM's rows start on a row tile");
     let blocks = w.blocks();
     let chunks = blocks.div_ceil(CHUNK_BLOCKS);
-    // Only the rows and steps that `unpack_panel` writes are ever read, so the codes need no
+    // Only the groups and steps that `unpack_panel` writes are ever read, so the codes need no
     // initialisation (zeroing 96 KiB per call would cost a few percent).
     let mut codes = PanelCodes::uninit();
     let mut partial = [[0i32; PANEL_ROWS]; TOKEN_BLOCK];
     let mut r0 = rows.start;
     while r0 < rows.end {
         let panel = r0..(r0 + PANEL_ROWS).min(rows.end);
+        let groups = panel.len().div_ceil(ROW_TILE);
         let mut tb = tokens.start;
         while tb < tokens.end {
             let tn = (tokens.end - tb).min(TOKEN_BLOCK);
@@ -248,21 +262,20 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
                 // Even chunks of at most 8 blocks.
                 let blocks = c * blocks / chunks..(c + 1) * blocks / chunks;
                 // SAFETY: AVX2 is present (this function's contract).
-                unsafe { unpack_panel(w, panel.clone(), blocks.clone(), &mut codes) };
-                let chunk = Chunk { codes: &codes, rows: panel.len(), blocks, first: c == 0 };
+                unsafe { unpack_panel(w, panel.start / ROW_TILE, groups, blocks.clone(), &mut codes) };
+                let last_block_steps = if blocks.end == w.blocks() {
+                    (w.cols() - (blocks.end - 1) * BLOCK_COLS).div_ceil(4)
+                } else {
+                    BLOCK_STEPS
+                };
+                let chunk = Chunk { codes: &codes, groups, blocks, first: c == 0, last_block_steps };
                 let mut t = tb;
                 while t < tb + tn {
                     // SAFETY: AVX2 is present; every call's tokens are below `tb + tn`, within
-                    // the token block, and the chunk's rows were unpacked just above.
+                    // the token block, and the chunk's groups were unpacked just above.
                     t += unsafe {
                         match tb + tn - t {
                             NR.. => micro_tile::<NR>(x, &chunk, t, t - tb, &mut partial),
-                            11 => micro_tile::<11>(x, &chunk, t, t - tb, &mut partial),
-                            10 => micro_tile::<10>(x, &chunk, t, t - tb, &mut partial),
-                            9 => micro_tile::<9>(x, &chunk, t, t - tb, &mut partial),
-                            8 => micro_tile::<8>(x, &chunk, t, t - tb, &mut partial),
-                            7 => micro_tile::<7>(x, &chunk, t, t - tb, &mut partial),
-                            6 => micro_tile::<6>(x, &chunk, t, t - tb, &mut partial),
                             5 => micro_tile::<5>(x, &chunk, t, t - tb, &mut partial),
                             4 => micro_tile::<4>(x, &chunk, t, t - tb, &mut partial),
                             3 => micro_tile::<3>(x, &chunk, t, t - tb, &mut partial),
@@ -281,27 +294,75 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
     }
 }
 
-/// Unpacks blocks `blocks` (at most 8) of the rows `panel` (at most 48) into `out`, row `pr`
-/// of the panel at `pr · steps · 32` with `steps = 8 · blocks.len()`.
+/// Transposes an 8 × 8 matrix of 32-bit elements: lane `i` of `out[j]` is lane `j` of `v[i]`.
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn unpack_panel(w: &PackedTernary, panel: Range<usize>, blocks: Range<usize>, out: &mut PanelCodes) {
-    assert!(panel.len() <= PANEL_ROWS && panel.end <= w.rows());
+fn transpose8x8_epi32(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // t[2p] = (a0 b0 a1 b1 | a4 b4 a5 b5), t[2p + 1] = (a2 b2 a3 b3 | a6 b6 a7 b7) of pair p.
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let half = i / 4; // rows 0..4 or 4..8
+        let (a, b) = (t[4 * half + (i % 4) / 2], t[4 * half + 2 + (i % 4) / 2]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    // u[4h + j] holds element j (and j + 4) of rows 4h..4h + 4.
+    std::array::from_fn(|j| {
+        let (a, b) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            _mm256_permute2x128_si256::<0x20>(a, b)
+        } else {
+            _mm256_permute2x128_si256::<0x31>(a, b)
+        }
+    })
+}
+
+/// Unpacks blocks `blocks` (at most 8) of the row tiles `first..first + groups` (at most 6)
+/// into `out` in the row-interleaved order of [`PanelCodes`].
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_panel(
+    w: &PackedTernary,
+    first: usize,
+    groups: usize,
+    blocks: Range<usize>,
+    out: &mut PanelCodes,
+) {
+    assert!(groups <= PANEL_GROUPS && first + groups <= w.tiles());
     assert!(blocks.len() <= CHUNK_BLOCKS && blocks.end <= w.blocks());
-    let steps = blocks.len() * BLOCK_COLS / 32;
+    let steps = blocks.len() * BLOCK_STEPS;
     let dst: *mut u8 = out.as_mut_ptr().cast();
-    for (pr, r) in panel.enumerate() {
-        let tile = w.tile(r / ROW_TILE);
-        let wr = tile[(r % ROW_TILE) * BLOCK_BYTES..].as_ptr();
+    let mask = _mm256_set1_epi8(3);
+    for gi in 0..groups {
+        let tile = w.tile(first + gi);
+        assert!(tile.len() >= blocks.end * ROW_TILE * BLOCK_BYTES);
         for (bb, b) in blocks.clone().enumerate() {
             for half in 0..2 {
-                // SAFETY: row `r`'s block `b` lies `b · 8 · 64` bytes after its first block,
-                // inside `tile`. The step `8·bb + 2·s + half` is below `steps ≤ CHUNK_STEPS`
-                // and `pr < PANEL_ROWS`, so every store is inside `out`.
-                unsafe {
-                    let c = codes(load(wr.add(b * ROW_TILE * BLOCK_BYTES + 32 * half)));
-                    for (s, cs) in c.iter().enumerate() {
-                        let step = 8 * bb + 2 * s + half;
-                        _mm256_storeu_si256(dst.add((pr * steps + step) * 32).cast(), *cs);
+                // Field `s` of a half holds 32 consecutive columns, 64·s + 32·half on: eight
+                // 4-column steps, which the transpose turns from one vector per row into one
+                // vector per step.
+                for s in 0..4 {
+                    let shift = _mm_cvtsi32_si128(2 * s as i32);
+                    // SAFETY: row `r` of the tile's block `b` is the 64 bytes at
+                    // `(b · 8 + r) · 64`, inside `tile` (asserted above).
+                    let rows: [__m256i; 8] = std::array::from_fn(|r| unsafe {
+                        let v = load(tile.as_ptr().add((b * ROW_TILE + r) * BLOCK_BYTES + 32 * half));
+                        _mm256_and_si256(_mm256_srl_epi16(v, shift), mask)
+                    });
+                    let first_step = bb * BLOCK_STEPS + 16 * s + 8 * half;
+                    for (d, v) in transpose8x8_epi32(rows).into_iter().enumerate() {
+                        // SAFETY: `gi < 6` and `first_step + d < steps ≤ CHUNK_STEPS`, so the
+                        // 32 bytes are inside `out`.
+                        unsafe { _mm256_storeu_si256(dst.add((gi * steps + first_step + d) * 32).cast(), v) };
                     }
                 }
             }
@@ -309,28 +370,21 @@ unsafe fn unpack_panel(w: &PackedTernary, panel: Range<usize>, blocks: Range<usi
     }
 }
 
-/// One unpacked K-chunk: `rows` rows of codes for `blocks`; `first` if it starts the row.
+/// One unpacked K-chunk: `groups` row groups of codes for `blocks`; `first` if it starts the
+/// row; `last_block_steps` the steps of its last block that hold columns of the matrix.
 struct Chunk<'a> {
     codes: &'a PanelCodes,
-    rows: usize,
+    groups: usize,
     blocks: Range<usize>,
     first: bool,
+    last_block_steps: usize,
 }
 
-/// Lane `j` of the result is the sum of the i32 lanes of `a[j]`.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn reduce4(a: [__m256i; 4]) -> __m128i {
-    let t = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-    _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t))
-}
-
-/// Tokens `t..t + T` against every row of `chunk`: `partial[j0 + j][row]` gets (or, for the
-/// first chunk, is set to) token `t + j`'s `Σ u·x` over the chunk. Returns `T`.
+/// Tokens `t..t + T` against every row group of `chunk`, two groups at a time. Returns `T`.
 ///
 /// # Safety
 /// The CPU must support AVX2, and `chunk.codes` must hold the unpacked codes of
-/// `chunk.rows` rows for `chunk.blocks` (as [`unpack_panel`] leaves them).
+/// `chunk.groups` groups for `chunk.blocks` (as [`unpack_panel`] leaves them).
 #[target_feature(enable = "avx2")]
 unsafe fn micro_tile<const T: usize>(
     x: &QuantizedActivations,
@@ -339,41 +393,81 @@ unsafe fn micro_tile<const T: usize>(
     j0: usize,
     partial: &mut [[i32; PANEL_ROWS]; TOKEN_BLOCK],
 ) -> usize {
-    let steps = chunk.blocks.len() * BLOCK_COLS / 32;
-    assert!(steps <= CHUNK_STEPS && chunk.rows <= PANEL_ROWS && j0 + T <= TOKEN_BLOCK);
+    let steps = chunk.blocks.len() * BLOCK_STEPS;
+    assert!(steps <= CHUNK_STEPS && chunk.groups <= PANEL_GROUPS && j0 + T <= TOKEN_BLOCK);
     let xs: [&[i8]; T] = std::array::from_fn(|j| &x.padded_row(t + j)[chunk.blocks.start * BLOCK_COLS..]);
-    assert!(xs.iter().all(|r| r.len() >= steps * 32));
+    assert!(xs.iter().all(|r| r.len() >= steps * 4));
     let xp: [*const i8; T] = std::array::from_fn(|j| xs[j].as_ptr());
-    let base: *const u8 = chunk.codes.as_ptr().cast();
-    let ones = _mm256_set1_epi16(1);
     let partial = &mut partial[j0..j0 + T];
-    for pr in 0..chunk.rows {
-        let mut acc = [_mm256_setzero_si256(); T];
-        for s in 0..steps {
-            // SAFETY: row `pr` of the chunk holds `steps · 32` codes from `pr · steps · 32`,
-            // written by `unpack_panel` (this function's contract); every token row holds
-            // `steps · 32` activations from the chunk's first column (asserted above).
+    let mut g = 0;
+    while g < chunk.groups {
+        // SAFETY: AVX2 is present and the codes are unpacked (this function's contract);
+        // `g` plus the kernel's groups stay below `chunk.groups`, and every token row holds
+        // `steps · 4` activations from the chunk's first column (asserted above).
+        unsafe {
+            if chunk.groups - g >= MR_GROUPS {
+                micro_kernel::<MR_GROUPS, T>(&xp, chunk, g, partial);
+            } else {
+                micro_kernel::<1, T>(&xp, chunk, g, partial);
+            }
+        }
+        g += MR_GROUPS;
+    }
+    T
+}
+
+/// Row groups `g0..g0 + G` of `chunk` against the tokens whose activations (from the chunk's
+/// first column) `xp` points at: `partial[j][8·g + i]` gets (or, for the chunk that starts the
+/// row, is set to) token `j`'s `Σ u·x` over the chunk for row `i` of group `g`.
+///
+/// # Safety
+/// The CPU must support AVX2; `chunk.codes` must hold the unpacked codes of groups up to
+/// `g0 + G ≤ chunk.groups` for `chunk.blocks`, and every `xp[j]` must point at
+/// `64 · blocks · 4` readable activations.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn micro_kernel<const G: usize, const T: usize>(
+    xp: &[*const i8; T],
+    chunk: &Chunk,
+    g0: usize,
+    partial: &mut [[i32; PANEL_ROWS]],
+) {
+    let steps = chunk.blocks.len() * BLOCK_STEPS;
+    let codes: [*const u8; G] =
+        std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32));
+    let ones = _mm256_set1_epi16(1);
+    for bb in 0..chunk.blocks.len() {
+        // The last block of a row stops after its last live column: past it the codes are
+        // 1 (t = 0) against zero activations, and add nothing.
+        let live = if bb + 1 == chunk.blocks.len() { chunk.last_block_steps } else { BLOCK_STEPS };
+        let mut acc = [[_mm256_setzero_si256(); T]; G];
+        for s in bb * BLOCK_STEPS..bb * BLOCK_STEPS + live {
+            // SAFETY: step `s < steps` of groups below `chunk.groups` and the activations of
+            // columns `4s..4s + 4` are in bounds (this function's contract).
             unsafe {
-                let c = load(base.add((pr * steps + s) * 32));
-                for (a, xj) in acc.iter_mut().zip(xp) {
-                    *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(c, load_i8(xj.add(32 * s))));
+                let c: [__m256i; G] = std::array::from_fn(|gi| load(codes[gi].add(32 * s)));
+                for (j, &xj) in xp.iter().enumerate() {
+                    let xb = _mm256_set1_epi32(xj.add(4 * s).cast::<i32>().read_unaligned());
+                    for gi in 0..G {
+                        acc[gi][j] = _mm256_add_epi16(acc[gi][j], _mm256_maddubs_epi16(c[gi], xb));
+                    }
                 }
             }
         }
-        for q in (0..T).step_by(4) {
-            let wide = std::array::from_fn(|j| {
-                acc.get(q + j).map_or(_mm256_setzero_si256(), |&a| _mm256_madd_epi16(a, ones))
-            });
-            let mut sums = [0i32; 4];
-            // SAFETY: `sums` has room for 16 bytes.
-            unsafe { _mm_storeu_si128(sums.as_mut_ptr().cast(), reduce4(wide)) };
-            for (pj, sj) in partial[q..].iter_mut().zip(sums) {
-                let pj = &mut pj[pr];
-                *pj = if chunk.first { sj } else { *pj + sj };
+        // Lanes 2i and 2i + 1 hold row i's two halves of the step: `madd` with ones adds them.
+        let set = chunk.first && bb == 0;
+        for (gi, acc_g) in acc.iter().enumerate() {
+            for (a, pj) in acc_g.iter().zip(partial.iter_mut()) {
+                let sums = _mm256_madd_epi16(*a, ones);
+                let p = pj[8 * (g0 + gi)..][..8].as_mut_ptr().cast::<__m256i>();
+                // SAFETY: `p` points at 8 i32 of `partial` (the slice above).
+                unsafe {
+                    let v = if set { sums } else { _mm256_add_epi32(_mm256_loadu_si256(p), sums) };
+                    _mm256_storeu_si256(p, v);
+                }
             }
         }
     }
-    T
 }
 
 /// The GEMM for fewer than [`PANEL_MIN_TOKENS`] tokens: each row's weight block is decoded in
