@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
 use crate::layers::bitlinear::{
-    bitlinear_backward_in, bitlinear_forward_in, quantize_input_in, Precision, QuantizedInput, WeightGroup,
+    bitlinear_backward_in, bitlinear_forward_in, norm_quantize_input_in, quantize_input_in, Precision,
+    QuantizedInput, WeightGroup,
 };
 use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
 use crate::layers::embedding::{embedding_backward, embedding_forward};
@@ -355,10 +356,9 @@ impl<T: Real> Model<T> {
 
         // attention block: x + o_proj(sub_norm(Attn(RoPE(qkv(norm(x))))))
         let x_in = self.scratch.copy_of(x);
-        let mut normed = self.scratch.dirty(rows * h);
         let mut rstd_in = self.scratch.dirty(rows);
-        rmsnorm_forward(x, self.tensor(s.input_norm), eps, &mut normed, &mut rstd_in);
-        let h_in = quantize_input_in(&normed, rows, h, p, &self.scratch);
+        let h_in =
+            norm_quantize_input_in(x, self.tensor(s.input_norm), eps, rows, p, &mut rstd_in, &self.scratch);
         let lay = self.qkv_layout();
         let mut qkv = self.scratch.dirty(rows * lay.ld);
         bitlinear_forward_in(&h_in, &w.qkv, &mut qkv, &self.scratch);
@@ -381,12 +381,16 @@ impl<T: Real> Model<T> {
         let mut rstd_attn_sub = Vec::new();
         let o_in = match s.attn_sub_norm {
             Some(sn) => {
-                let mut a = self.scratch.dirty(rows * qd);
                 rstd_attn_sub = self.scratch.dirty(rows);
-                rmsnorm_forward(&attn, self.tensor(sn), eps, &mut a, &mut rstd_attn_sub);
-                let q = quantize_input_in(&a, rows, qd, p, &self.scratch);
-                self.scratch.recycle(a);
-                q
+                norm_quantize_input_in(
+                    &attn,
+                    self.tensor(sn),
+                    eps,
+                    rows,
+                    p,
+                    &mut rstd_attn_sub,
+                    &self.scratch,
+                )
             }
             None => quantize_input_in(&attn, rows, qd, p, &self.scratch),
         };
@@ -397,8 +401,8 @@ impl<T: Real> Model<T> {
         // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
         let x_mid = self.scratch.copy_of(x);
         let mut rstd_post = self.scratch.dirty(rows);
-        rmsnorm_forward(x, self.tensor(s.post_norm), eps, &mut normed, &mut rstd_post);
-        let h_post = quantize_input_in(&normed, rows, h, p, &self.scratch);
+        let h_post =
+            norm_quantize_input_in(x, self.tensor(s.post_norm), eps, rows, p, &mut rstd_post, &self.scratch);
         let mut gate_up = self.scratch.dirty(rows * 2 * i);
         bitlinear_forward_in(&h_post, &w.gate_up, &mut gate_up, &self.scratch);
         let mut mlp = self.scratch.dirty(rows * i);
@@ -406,19 +410,14 @@ impl<T: Real> Model<T> {
         let mut rstd_ffn_sub = Vec::new();
         let down_in = match s.ffn_sub_norm {
             Some(sn) => {
-                let mut m = self.scratch.dirty(rows * i);
                 rstd_ffn_sub = self.scratch.dirty(rows);
-                rmsnorm_forward(&mlp, self.tensor(sn), eps, &mut m, &mut rstd_ffn_sub);
-                let q = quantize_input_in(&m, rows, i, p, &self.scratch);
-                self.scratch.recycle(m);
-                q
+                norm_quantize_input_in(&mlp, self.tensor(sn), eps, rows, p, &mut rstd_ffn_sub, &self.scratch)
             }
             None => quantize_input_in(&mlp, rows, i, p, &self.scratch),
         };
         bitlinear_forward_in(&down_in, &w.down, &mut branch, &self.scratch);
         add_into(x, &branch);
         self.scratch.recycle(branch);
-        self.scratch.recycle(normed);
 
         LayerCache {
             x_in,

@@ -15,6 +15,7 @@
 use bitnet_quant::{QuantizedActivations, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 
+use crate::layers::rmsnorm::{rmsnorm_forward, rmsnorm_row};
 use crate::linalg::{add_into, matmul, Operand, Scratch, ROW_CHUNK};
 use crate::real::Real;
 
@@ -150,6 +151,65 @@ pub fn quantize_input_in<T: Real>(
         scale.resize(rows, T::ONE);
         return QuantizedInput { rows, cols, codes: scratch.copy_of(x), scale, int8: None };
     }
+    // The per-row extra output of `quantize_rows` is not needed here.
+    let mut unused = scratch.dirty(rows);
+    let q = quantize_rows(rows, cols, &mut unused, scratch, |first, _buf, q, s, _| {
+        let x_rows = x[first * cols..].chunks_exact(cols);
+        for ((xr, qr), s) in x_rows.zip(q.chunks_exact_mut(cols)).zip(s) {
+            *s = T::quantize_activation_row(xr, qr);
+        }
+    });
+    scratch.recycle(unused);
+    q
+}
+
+/// `quantize_input(rmsnorm(x))` without the normalized rows in between: each token is normalized
+/// into a small buffer and quantized at once (the sub-norms and pre-norms feed only their
+/// BitLinear). The same arithmetic as [`rmsnorm_forward`] then [`quantize_input_in`], so the same
+/// bits; `rstd` is written as the norm would write it. Full precision takes those two steps.
+///
+/// [`rmsnorm_forward`]: crate::layers::rmsnorm::rmsnorm_forward
+pub fn norm_quantize_input_in<T: Real>(
+    x: &[T],
+    norm_weight: &[T],
+    eps: T,
+    rows: usize,
+    precision: Precision,
+    rstd: &mut [T],
+    scratch: &Scratch<T>,
+) -> QuantizedInput<T> {
+    let cols = norm_weight.len();
+    assert_eq!(x.len(), rows * cols);
+    assert_eq!(rstd.len(), rows);
+    if precision == Precision::Full {
+        let mut normed = scratch.dirty(rows * cols);
+        rmsnorm_forward(x, norm_weight, eps, &mut normed, rstd);
+        let q = quantize_input_in(&normed, rows, cols, precision, scratch);
+        scratch.recycle(normed);
+        return q;
+    }
+    let _t = crate::profile::section("norm_quantize_input");
+    quantize_rows(rows, cols, rstd, scratch, |first, buf, q, s, rstd| {
+        let x_rows = x[first * cols..].chunks_exact(cols);
+        for (((xr, qr), s), r) in x_rows.zip(q.chunks_exact_mut(cols)).zip(s).zip(rstd) {
+            *r = rmsnorm_row(xr, norm_weight, eps, buf);
+            *s = T::quantize_activation_row(buf, qr);
+        }
+    })
+}
+
+/// The int8 quantization of `rows` rows of `cols`, [`ROW_CHUNK`] rows per task:
+/// `fill(first, buf, q, s, extra)` writes the codes `q` and scales `s` of the chunk's rows from
+/// `first` on, and may write their `extra` (a per-row output of the caller's); `buf` is a
+/// row-sized scratch of the task's own. Gives the codes as floats and laid out for the kernels.
+fn quantize_rows<T: Real>(
+    rows: usize,
+    cols: usize,
+    extra: &mut [T],
+    scratch: &Scratch<T>,
+    fill: impl Fn(usize, &mut [T], &mut [i8], &mut [T], &mut [T]) + Sync,
+) -> QuantizedInput<T> {
+    assert_eq!(extra.len(), rows);
     // Every code and scale is written below.
     let mut codes = scratch.dirty(rows * cols);
     let mut scale = scratch.dirty(rows);
@@ -157,17 +217,18 @@ pub fn quantize_input_in<T: Real>(
     codes
         .par_chunks_mut(cols * ROW_CHUNK)
         .zip(int8.par_chunks_mut(cols * ROW_CHUNK))
-        .zip(x.par_chunks(cols * ROW_CHUNK))
         .zip(scale.par_chunks_mut(ROW_CHUNK))
-        .for_each(|(((cc, qc), xc), sc)| {
-            let rows = cc.chunks_exact_mut(cols).zip(qc.chunks_exact_mut(cols)).zip(xc.chunks_exact(cols));
-            for (((cr, qr), xr), s) in rows.zip(sc) {
-                *s = T::quantize_activation_row(xr, qr);
-                for (c, &v) in cr.iter_mut().zip(qr.iter()) {
+        .zip(extra.par_chunks_mut(ROW_CHUNK))
+        .enumerate()
+        .for_each_init(
+            || vec![T::ZERO; cols],
+            |buf, (chunk, (((cc, qc), sc), ec))| {
+                fill(chunk * ROW_CHUNK, buf, qc, sc, ec);
+                for (c, &v) in cc.iter_mut().zip(qc.iter()) {
                     *c = T::from_f64(v as f64);
                 }
-            }
-        });
+            },
+        );
     let mut acts = scratch.activations(rows, cols);
     let scale_f32: Vec<f32> = scale.iter().map(|s| s.to_f64() as f32).collect();
     acts.set_int8(&int8, &scale_f32, rows).expect("codes and scales have the input's shape");
@@ -351,5 +412,33 @@ mod tests {
     #[test]
     fn integer_forward_is_the_float_product_bit_for_bit_f64() {
         integer_forward_is_the_float_product_bit_for_bit::<f64>();
+    }
+
+    /// The fused norm + quantize gives the bits of the two steps, in both precisions, on row
+    /// counts that end in a partial task chunk.
+    #[test]
+    fn fused_norm_quantize_equals_norm_then_quantize() {
+        let mut rng = Rng::new(5, 1);
+        for (rows, k) in [(1, 7), (ROW_CHUNK * 2 + 3, 256), (50, 800)] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.normal() as f32 * 3.0).collect();
+            let w: Vec<f32> = (0..k).map(|_| 1.0 + rng.normal() as f32 * 0.1).collect();
+            for precision in [Precision::Ternary, Precision::Full] {
+                let mut normed = vec![0.0; rows * k];
+                let mut want_rstd = vec![0.0; rows];
+                rmsnorm_forward(&x, &w, 1e-5, &mut normed, &mut want_rstd);
+                let want = quantize_input(&normed, rows, k, precision);
+                let mut rstd = vec![f32::NAN; rows];
+                let got =
+                    norm_quantize_input_in(&x, &w, 1e-5, rows, precision, &mut rstd, &Scratch::default());
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&rstd), bits(&want_rstd), "rstd, {rows}x{k} {precision:?}");
+                assert_eq!(bits(&got.codes), bits(&want.codes), "codes, {rows}x{k} {precision:?}");
+                assert_eq!(bits(&got.scale), bits(&want.scale), "scales, {rows}x{k} {precision:?}");
+                let int8 = |q: &QuantizedInput<f32>| {
+                    q.int8.as_ref().map(|a| (0..rows).map(|t| a.row(t).to_vec()).collect::<Vec<_>>())
+                };
+                assert_eq!(int8(&got), int8(&want), "int8 codes, {rows}x{k} {precision:?}");
+            }
+        }
     }
 }

@@ -14,13 +14,20 @@ pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mu
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
         .for_each(|((yc, xc), rc)| {
             for ((yr, xr), r) in yc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(rc) {
-                let ms = dot_lanes(xr, xr) / T::from_f64(width as f64);
-                *r = (ms + eps).sqrt().recip();
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = g * (v * *r);
-                }
+                *r = rmsnorm_row(xr, w, eps, yr);
             }
         });
+}
+
+/// One token of [`rmsnorm_forward`]: writes `y` and returns `rstd`.
+#[inline]
+pub fn rmsnorm_row<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T]) -> T {
+    let ms = dot_lanes(x, x) / T::from_f64(w.len() as f64);
+    let rstd = (ms + eps).sqrt().recip();
+    for ((o, &v), &g) in y.iter_mut().zip(x).zip(w) {
+        *o = g * (v * rstd);
+    }
+    rstd
 }
 
 /// Backward of [`rmsnorm_forward`]. With `x̂ = x·rstd` and `g = w ⊙ dy`:
