@@ -146,6 +146,24 @@ fn ternary_gemm_i32_train_m1024(bencher: Bencher, case: Case) {
     bencher.counter(ItemsCount::new(macs)).bench_local(|| w.matmul_i32_with(case.path, &x, &mut out));
 }
 
+/// The mixed-precision training backward's products on the `small` preset's gate/up shapes
+/// (1024 tokens): `dX = dY · W` (m = tokens, k = 1600, n = 256) and `dW = gᵀ · X`
+/// (m = 1600, k = tokens, n = 256).
+#[divan::bench(args = [("dx", 1024, 1600, 256), ("dw", 1600, 1024, 256)], max_time = 3, sample_count = 20)]
+fn gemm_i16_i8_train(bencher: Bencher, (_name, m, k, n): (&str, usize, usize, usize)) {
+    use bitnet_quant::int16::{gemm_i16_i8, ALayout, I16Rows, PackedPairs, ScaledOut};
+    let mut rng = Rng::new(3);
+    let a: Vec<i16> = (0..m * k).map(|_| rng.range(-32767, 32767) as i16).collect();
+    let b: Vec<i8> = (0..k * n).map(|_| rng.range(-127, 127) as i8).collect();
+    let packed = PackedPairs::from_i8(&b, k, n).unwrap();
+    let scale = vec![1e-6f32; m];
+    let mut out = vec![0f32; m * n];
+    bencher.counter(ItemsCount::new(m * k * n)).bench_local(|| {
+        let out = ScaledOut { out: &mut out, ldo: n, row_scale: &scale, accumulate: false };
+        gemm_i16_i8(I16Rows { data: &a, m, layout: ALayout::RowMajor { lda: k } }, &packed, out).unwrap()
+    });
+}
+
 #[divan::bench(args = cases(&[LM_HEAD], false), max_time = 3)]
 fn int8_lm_head_gemv(bencher: Bencher, case: Case) {
     let w = lm_head();

@@ -12,6 +12,7 @@
 mod aligned;
 pub mod formats;
 pub mod hf_pack;
+pub mod int16;
 pub mod int6;
 pub mod int8;
 pub mod kernels;

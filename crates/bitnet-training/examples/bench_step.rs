@@ -1,6 +1,6 @@
 //! Training throughput on random tokens, no data preparation: the `small` preset's model
 //! (4.3 M parameters) by default, the same shapes as bench/pytorch_qat_bench.py.
-//! `bench_step [threads] [steps] [--fp]`
+//! `bench_step [threads] [steps] [--fp] [--int16]` (`--int16`: the 16-bit backward)
 
 use std::time::Instant;
 
@@ -38,6 +38,9 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
         let mut model = Model::<f32>::init(cfg, precision, 0);
+        if args.iter().any(|a| a == "--int16") {
+            model.backward = bitnet_training::Backward::Int16;
+        }
         let mut opt = AdamW::new(&model.params, &model.layout);
         let mut grads = Params::zeros_like(&model.params);
         let mut rng = Rng::new(1, 2);
@@ -66,9 +69,10 @@ fn main() {
         let tps = (steps * batch * seq) as f64 / t0.elapsed().as_secs_f64();
         let ms = |s: f64| s * 1e3 / steps as f64;
         println!(
-            "bitnet-training threads={threads} params={} {precision:?} tokens/s={tps:.0} per_thread={:.0} \
+            "bitnet-training threads={threads} params={} {precision:?} backward={:?} tokens/s={tps:.0} per_thread={:.0} \
              ms/step: prepare={:.1} fwd+bwd={:.1} clip+adamw={:.1}",
             model.params.count(),
+            model.backward,
             tps / threads as f64,
             ms(phases[0]),
             ms(phases[1]),

@@ -19,7 +19,7 @@ pub mod real;
 pub mod rng;
 pub mod train;
 
-pub use layers::bitlinear::Precision;
+pub use layers::bitlinear::{Backward, Precision};
 pub use model::{Layout, Model, Params, Prepared, Tensor};
 pub use real::Real;
 pub use train::{run_train, train, Preset, RunSettings, Summary, TrainArgs};

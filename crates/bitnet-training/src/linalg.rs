@@ -2,6 +2,7 @@
 //!
 //! All matrices are row-major. A transposed operand is read through its strides, never copied.
 
+use bitnet_quant::int16::PackedPairs;
 use bitnet_quant::QuantizedActivations;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -205,6 +206,9 @@ pub struct Scratch<T> {
     int8: Pool<Vec<i8>>,
     /// Activation buffers of the integer kernels (a few hundred KB to a few MB each).
     activations: Pool<QuantizedActivations>,
+    /// 16-bit gradients and packed int8 operands of the mixed-precision backward.
+    int16: Pool<Vec<i16>>,
+    pairs: Pool<PackedPairs>,
 }
 
 /// Buffers of one kind waiting to be reused.
@@ -241,6 +245,8 @@ impl<T> Default for Scratch<T> {
             sums: Pool::default(),
             int8: Pool::default(),
             activations: Pool::default(),
+            int16: Pool::default(),
+            pairs: Pool::default(),
         }
     }
 }
@@ -342,6 +348,26 @@ impl<T: Real> Scratch<T> {
 
     pub fn recycle_activations(&self, a: QuantizedActivations) {
         self.activations.give(a);
+    }
+
+    /// `n` i16s with unspecified contents, for a quantizer that writes every one of them.
+    pub fn int16(&self, n: usize) -> Vec<i16> {
+        reused_vec(&self.int16, n)
+    }
+
+    pub fn recycle_int16(&self, v: Vec<i16>) {
+        if v.capacity() > 0 {
+            self.int16.give(v);
+        }
+    }
+
+    /// A packed-pairs buffer to `repack` (any pooled one: its allocation is reused).
+    pub fn pairs(&self) -> PackedPairs {
+        self.pairs.take(|_| Some(0)).unwrap_or_default()
+    }
+
+    pub fn recycle_pairs(&self, p: PackedPairs) {
+        self.pairs.give(p);
     }
 }
 

@@ -6,8 +6,8 @@ use rayon::prelude::*;
 
 use crate::layers::attention::{attention_backward, attention_forward, AttentionShape, QkvLayout};
 use crate::layers::bitlinear::{
-    bitlinear_backward_in, bitlinear_forward_in, norm_quantize_input_in, quantize_input_in, Precision,
-    QuantizedInput, WeightGroup,
+    bitlinear_backward_in, bitlinear_forward_in, norm_quantize_input_in, quantize_input_in, Backward,
+    Precision, QuantizedInput, WeightGroup,
 };
 use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
 use crate::layers::embedding::{embedding_backward, embedding_forward};
@@ -235,6 +235,8 @@ impl<T: Real> LayerCache<T> {
 pub struct Model<T> {
     pub config: ModelConfig,
     pub precision: Precision,
+    /// How the BitLinear backward multiplies ([`Backward::F32`] unless set).
+    pub backward: Backward,
     pub layout: Layout,
     pub params: Params<T>,
     rope: RopeTable<T>,
@@ -274,7 +276,7 @@ impl<T: Real> Model<T> {
             assert!(name == &t.name && shape == &t.shape, "parameter {} does not fit the config", t.name);
         }
         let rope = RopeTable::new(config.head_dim, config.max_position_embeddings, config.rope_theta);
-        Self { config, precision, layout, params, rope, scratch: Scratch::default() }
+        Self { config, precision, backward: Backward::F32, layout, params, rope, scratch: Scratch::default() }
     }
 
     /// Backward of an optional sub-norm (tensor `norm`) whose input was `x`: the gradient at
@@ -311,7 +313,11 @@ impl<T: Real> Model<T> {
             .map(|s| {
                 let group = |tensors: &[usize], outs: &[usize], in_features: usize| {
                     let w: Vec<&[T]> = tensors.iter().map(|&t| self.tensor(t)).collect();
-                    WeightGroup::quantize(&w, outs, in_features, p)
+                    let g = WeightGroup::quantize(&w, outs, in_features, p);
+                    match self.backward {
+                        Backward::F32 => g,
+                        Backward::Int16 => g.with_int16_backward(),
+                    }
                 };
                 let ((qkv, o), (gate_up, down)) = rayon::join(
                     || rayon::join(|| group(&[s.q, s.k, s.v], &[q, kv, kv], h), || group(&[s.o], &[h], q)),

@@ -51,6 +51,9 @@ pub trait Real:
     fn absmean_ternary(w: &[Self]) -> (Vec<i8>, Self);
     /// Per-token absmax int8 activations (§2.2): writes the codes, returns `s_a = 127 / max|x|`.
     fn quantize_activation_row(x: &[Self], q: &mut [i8]) -> Self;
+    /// `x` itself when `Self` is `f32` (for the kernels that exist only in f32).
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 /// Independent partial sums of [`sum_lanes`] and [`dot_lanes`]: a plain `.sum()` of floats is one
@@ -135,6 +138,12 @@ impl Real for f32 {
     }
     fn quantize_activation_row(x: &[Self], q: &mut [i8]) -> Self {
         bitnet_quant::quantize_activation_row(x, q)
+    }
+    fn as_f32(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]> {
+        Some(x)
     }
 }
 
@@ -234,6 +243,12 @@ impl Real for f64 {
             *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
         }
         s
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
     }
 }
 

@@ -154,6 +154,32 @@ fn interrupted_and_resumed_run_reproduces_the_uninterrupted_losses_bit_for_bit()
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--backward int16` is a setting of the run: a resumed run keeps it (without the flag) and
+/// reproduces the uninterrupted losses; its losses are not the f32 backward's.
+#[test]
+fn int16_backward_resumes_bit_for_bit() {
+    std::env::set_var("BITNET_CACHE_DIR", "off");
+    let dir = scratch("int16");
+    let data = write_corpus(&dir);
+    let (exact, straight, stopped) = (dir.join("f32"), dir.join("straight"), dir.join("stopped"));
+    train(&args(&data, &exact, &[])).unwrap();
+    train(&args(&data, &straight, &["--backward", "int16"])).unwrap();
+    let s = train(&args(&data, &stopped, &["--backward", "int16", "--stop-after", "6"])).unwrap();
+    assert!(s.stopped_early);
+    train(&args(&data, &stopped, &["--resume"])).unwrap();
+    let run_json = std::fs::read_to_string(stopped.join("run.json")).unwrap();
+    assert!(run_json.contains("\"backward\": \"int16\""), "{run_json}");
+    let (a, b, f) = (log(&straight), log(&stopped), log(&exact));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "step {}: {} vs {}", x.step, x.loss, y.loss);
+    }
+    // The first step's loss is the forward's, the same; later steps follow other gradients.
+    assert_eq!(a[0].loss.to_bits(), f[0].loss.to_bits());
+    assert!(a.iter().zip(&f).any(|(x, y)| x.loss != y.loss), "int16 gave the f32 losses");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn same_seed_same_threads_is_deterministic_and_seeds_differ() {
     std::env::set_var("BITNET_CACHE_DIR", "off");

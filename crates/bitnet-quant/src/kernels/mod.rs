@@ -224,6 +224,20 @@ impl<'a, T> SharedOut<'a, T> {
         unsafe { self.ptr.add(i).write(v) }
     }
 
+    /// The value at (`t`, `r`): for a product that adds into what the output holds. Only the
+    /// task that owns the element reads it, before it writes it.
+    #[inline]
+    pub(crate) fn read(&self, t: usize, r: usize) -> T
+    where
+        T: Copy,
+    {
+        let i = t * self.n + r;
+        assert!(r < self.n && i < self.len, "kernel output index out of range");
+        // SAFETY: in bounds (checked above); the element belongs to the calling task (see the
+        // `Sync` impl), which is not writing it concurrently.
+        unsafe { self.ptr.add(i).read() }
+    }
+
     /// Writes `f(i)` to row `r0 + i` of token `t` for `i < len`.
     #[inline]
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
