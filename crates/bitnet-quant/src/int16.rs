@@ -54,11 +54,19 @@ impl PackedPairs {
         let pairs = k.div_ceil(2);
         self.data.clear();
         self.data.resize(pairs * n_padded * 2, 0);
+        let simd = simd_available();
         if pairs > 0 {
             self.data.par_chunks_mut(pairs * PANEL_COLS * 2).enumerate().for_each(|(j, panel)| {
                 let cols = j * PANEL_COLS..((j + 1) * PANEL_COLS).min(n);
                 for (p, out) in panel.chunks_exact_mut(PANEL_COLS * 2).enumerate() {
                     let even = &row(2 * p)[cols.clone()];
+                    #[cfg(target_arch = "x86_64")]
+                    if simd && cols.len() == PANEL_COLS && 2 * p + 1 < k {
+                        let odd = &row(2 * p + 1)[cols.clone()];
+                        // SAFETY: AVX2 is present (`simd_available`); 16 values each.
+                        unsafe { interleave16_avx2(even, odd, out) };
+                        continue;
+                    }
                     let pairs_out = out.chunks_exact_mut(2).take(cols.len());
                     if 2 * p + 1 < k {
                         let odd = &row(2 * p + 1)[cols.clone()];
@@ -396,6 +404,23 @@ unsafe fn interleave_pair_avx2(even: (&[f32], f32), odd: Option<(&[f32], f32)>, 
     interleave_pair(even, odd, inv, q)
 }
 
+/// `out[2i] = even[i]`, `out[2i + 1] = odd[i]` for 16 int8 values each, widened to i16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn interleave16_avx2(even: &[i8], odd: &[i8], out: &mut [i16]) {
+    use std::arch::x86_64::*;
+    assert!(even.len() >= 16 && odd.len() >= 16 && out.len() >= 32);
+    // SAFETY: the lengths are checked above; unaligned loads and stores.
+    unsafe {
+        let e = _mm_loadu_si128(even.as_ptr().cast());
+        let o = _mm_loadu_si128(odd.as_ptr().cast());
+        let lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(e, o));
+        let hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(e, o));
+        _mm256_storeu_si256(out.as_mut_ptr().cast(), lo);
+        _mm256_storeu_si256(out.as_mut_ptr().add(16).cast(), hi);
+    }
+}
+
 /// Whether the quantizers' AVX2 builds can run (the same arithmetic, wider vectors).
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -459,11 +484,14 @@ mod avx2 {
 
     use super::{Task, K_CHUNK, PANEL_COLS, ROWS};
 
-    /// The task's rows, six at a time: the tile's i16 pairs are first copied into one stream
-    /// (`[pair][row]`, 24 bytes a pair, whatever `a`'s layout), then run against every
-    /// 16-column panel over the whole K with the f32 partials in a small stack tile, so the
-    /// output is read and written once. The packed tile (6 · 2K bytes) stays in L1/L2 across the
-    /// panels; a panel is one contiguous stream.
+    /// Pairs of a K-block: the packed pairs of a block (`K_BLOCK · 16 · 4` bytes per panel, 256
+    /// KiB at n = 256) stay in L2 while every row tile of the task runs over them.
+    const K_BLOCK: usize = 2 * K_CHUNK;
+
+    /// The task's rows by K-blocks, six rows at a time: the tile's i16 pairs of the block are
+    /// first copied into one stream (`[pair][row]`, 24 bytes a pair, whatever `a`'s layout),
+    /// then run against every 16-column panel with the f32 partials in a small stack tile,
+    /// which is read from and written to the output once per block.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA, and the task's shapes must have been checked by
@@ -472,64 +500,82 @@ mod avx2 {
     pub(super) unsafe fn gemm(task: &Task) {
         let pairs = task.b.pairs();
         let (row_stride, pair_stride) = task.a.strides();
-        let mut packed = vec![0i32; pairs * ROWS];
-        let mut r = task.rows.start;
-        while r < task.rows.end {
-            let rows = (task.rows.end - r).min(ROWS);
-            for (p, dst) in packed.chunks_exact_mut(ROWS).enumerate() {
-                for (i, d) in dst.iter_mut().enumerate().take(rows) {
-                    let at = (r + i) * row_stride + p * pair_stride;
-                    // The pair of i16 as one i32 (little-endian: the even k in the low half).
-                    *d = (task.a.data[at] as u16 as u32 | (task.a.data[at + 1] as u16 as u32) << 16) as i32;
-                }
-            }
-            for c0 in (0..task.b.n).step_by(PANEL_COLS) {
-                // SAFETY: AVX2 and FMA are present (this function's contract).
-                unsafe {
-                    match rows {
-                        6 => tile::<6>(task, &packed, r, c0),
-                        5 => tile::<5>(task, &packed, r, c0),
-                        4 => tile::<4>(task, &packed, r, c0),
-                        3 => tile::<3>(task, &packed, r, c0),
-                        2 => tile::<2>(task, &packed, r, c0),
-                        _ => tile::<1>(task, &packed, r, c0),
+        let mut packed = vec![0i32; K_BLOCK.min(pairs) * ROWS];
+        for p0 in (0..pairs).step_by(K_BLOCK) {
+            let block = p0..(p0 + K_BLOCK).min(pairs);
+            let first = p0 == 0 && !task.accumulate;
+            let mut r = task.rows.start;
+            while r < task.rows.end {
+                let rows = (task.rows.end - r).min(ROWS);
+                // Each pair of i16 is read as one i32 (little-endian: the even k in the low half,
+                // as `vpmaddwd` pairs them).
+                let last = (r + rows - 1) * row_stride + (block.end - 1) * pair_stride + 1;
+                assert!(last < task.a.data.len());
+                let base = task.a.data.as_ptr();
+                for (p, dst) in block.clone().zip(packed.chunks_exact_mut(ROWS)) {
+                    for (i, d) in dst.iter_mut().enumerate().take(rows) {
+                        // SAFETY: the pair's two values are at or below `last`, inside the data.
+                        *d = unsafe {
+                            base.add((r + i) * row_stride + p * pair_stride).cast::<i32>().read_unaligned()
+                        };
                     }
                 }
+                for c0 in (0..task.b.n).step_by(PANEL_COLS) {
+                    // SAFETY: AVX2 and FMA are present (this function's contract).
+                    unsafe {
+                        match rows {
+                            6 => tile::<6>(task, &packed, r, c0, block.clone(), first),
+                            5 => tile::<5>(task, &packed, r, c0, block.clone(), first),
+                            4 => tile::<4>(task, &packed, r, c0, block.clone(), first),
+                            3 => tile::<3>(task, &packed, r, c0, block.clone(), first),
+                            2 => tile::<2>(task, &packed, r, c0, block.clone(), first),
+                            _ => tile::<1>(task, &packed, r, c0, block.clone(), first),
+                        }
+                    }
+                }
+                r += rows;
             }
-            r += rows;
         }
     }
 
-    /// Rows `r..r + R` (their pairs in `packed`, `[pair][6]`) × columns `c0..c0 + 16` (those
-    /// below `n`) over the whole K: each chunk of 128 pairs is summed in i32 and added as
-    /// `row_scale · sum` to the f32 partials.
+    /// Rows `r..r + R` (their pairs of `block` in `packed`, `[pair][6]`) × columns
+    /// `c0..c0 + 16` (those below `n`): each chunk of 128 pairs is summed in i32 and added as
+    /// `row_scale · sum` to the f32 partials, which start from the output (or from zero, if
+    /// `first`).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(task: &Task, packed: &[i32], r: usize, c0: usize) {
+    unsafe fn tile<const R: usize>(
+        task: &Task,
+        packed: &[i32],
+        r: usize,
+        c0: usize,
+        block: std::ops::Range<usize>,
+        first: bool,
+    ) {
         let b = task.b;
         let pairs = b.pairs();
-        assert!(r + R <= task.rows.end && c0 < b.n && pairs > 0 && packed.len() >= pairs * ROWS);
+        assert!(
+            r + R <= task.rows.end && c0 < b.n && block.end <= pairs && packed.len() >= block.len() * ROWS
+        );
         let panel = b.data[b.index(0, c0)..][..pairs * PANEL_COLS * 2].as_ptr();
         let live = (b.n - c0).min(PANEL_COLS);
         let scales: [__m256; R] = std::array::from_fn(|i| _mm256_set1_ps(task.row_scale[r + i]));
-        // The f32 partials: what the output holds, or zero.
         let mut part = [[0f32; PANEL_COLS]; R];
-        if task.accumulate {
+        if !first {
             for (i, p) in part.iter_mut().enumerate() {
-                for (c, v) in p.iter_mut().enumerate().take(live) {
-                    *v = task.out.read(r + i, c0 + c);
-                }
+                task.out.read_run(r + i, c0, &mut p[..live]);
             }
         }
-        for q0 in (0..pairs).step_by(K_CHUNK / 2) {
+        // Chunk boundaries fall at multiples of 128 pairs from k = 0 (the block starts on one).
+        for q0 in block.clone().step_by(K_CHUNK / 2) {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for p in q0..(q0 + K_CHUNK / 2).min(pairs) {
+            for p in q0..(q0 + K_CHUNK / 2).min(block.end) {
                 // SAFETY: pair `p < pairs` of the panel is 32 values inside the panel's slice
-                // above, and `packed` holds `pairs · 6` values (asserted).
+                // above, and `packed` holds the block's pairs (asserted).
                 unsafe {
                     let bp = panel.add(p * PANEL_COLS * 2);
                     let b0 = _mm256_loadu_si256(bp.cast());
                     let b1 = _mm256_loadu_si256(bp.add(16).cast());
-                    let ap = packed.as_ptr().add(p * ROWS);
+                    let ap = packed.as_ptr().add((p - block.start) * ROWS);
                     for (i, acc_r) in acc.iter_mut().enumerate() {
                         let av = _mm256_set1_epi32(*ap.add(i));
                         acc_r[0] = _mm256_add_epi32(acc_r[0], _mm256_madd_epi16(av, b0));
@@ -551,7 +597,7 @@ mod avx2 {
             }
         }
         for (i, p) in part.iter().enumerate() {
-            task.out.write_run(r + i, c0, live, |c| p[c]);
+            task.out.write_slice(r + i, c0, &p[..live]);
         }
     }
 }

@@ -313,11 +313,7 @@ impl<T: Real> Model<T> {
             .map(|s| {
                 let group = |tensors: &[usize], outs: &[usize], in_features: usize| {
                     let w: Vec<&[T]> = tensors.iter().map(|&t| self.tensor(t)).collect();
-                    let g = WeightGroup::quantize(&w, outs, in_features, p);
-                    match self.backward {
-                        Backward::F32 => g,
-                        Backward::Int16 => g.with_int16_backward(),
-                    }
+                    WeightGroup::quantize_for(&w, outs, in_features, p, self.backward)
                 };
                 let ((qkv, o), (gate_up, down)) = rayon::join(
                     || rayon::join(|| group(&[s.q, s.k, s.v], &[q, kv, kv], h), || group(&[s.o], &[h], q)),

@@ -238,6 +238,38 @@ impl<'a, T> SharedOut<'a, T> {
         unsafe { self.ptr.add(i).read() }
     }
 
+    /// Copies rows `r0..r0 + dst.len()` of token `t` into `dst` (for a product that adds into
+    /// the output; only the task that owns the elements reads them).
+    #[inline]
+    pub(crate) fn read_run(&self, t: usize, r0: usize, dst: &mut [T])
+    where
+        T: Copy,
+    {
+        let start = t * self.n + r0;
+        assert!(
+            r0 + dst.len() <= self.n && start + dst.len() <= self.len,
+            "kernel output index out of range"
+        );
+        // SAFETY: in bounds (checked above); the elements belong to the calling task, which is
+        // not writing them concurrently.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(start), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Copies `src` to rows `r0..r0 + src.len()` of token `t`.
+    #[inline]
+    pub(crate) fn write_slice(&self, t: usize, r0: usize, src: &[T])
+    where
+        T: Copy,
+    {
+        let start = t * self.n + r0;
+        assert!(
+            r0 + src.len() <= self.n && start + src.len() <= self.len,
+            "kernel output index out of range"
+        );
+        // SAFETY: in bounds (checked above), and written by one task only (see the `Sync` impl).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(start), src.len()) }
+    }
+
     /// Writes `f(i)` to row `r0 + i` of token `t` for `i < len`.
     #[inline]
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

@@ -69,13 +69,25 @@ pub struct WeightGroup<T> {
     /// group; its own scale is never applied.
     pub packed: Option<TernaryMatrix>,
     /// The ternary codes `[Σ out, in]` as row pairs for the 16-bit backward's `dX` (`None`
-    /// unless [`WeightGroup::with_int16_backward`] made them).
+    /// unless [`WeightGroup::quantize_for`] was asked for them).
     pub pairs: Option<PackedPairs>,
 }
 
 impl<T: Real> WeightGroup<T> {
     /// Quantizes latent weights (`[out_p, in]` each) for one step.
     pub fn quantize(weights: &[&[T]], out_sizes: &[usize], in_features: usize, precision: Precision) -> Self {
+        Self::quantize_for(weights, out_sizes, in_features, precision, Backward::F32)
+    }
+
+    /// [`WeightGroup::quantize`], with the codes also packed for the 16-bit backward when
+    /// `backward` asks for it (ternary weights only: full precision keeps the f32 products).
+    pub fn quantize_for(
+        weights: &[&[T]],
+        out_sizes: &[usize],
+        in_features: usize,
+        precision: Precision,
+        backward: Backward,
+    ) -> Self {
         let total: usize = out_sizes.iter().sum();
         let mut codes = Vec::with_capacity(total * in_features);
         let mut ternary = Vec::new();
@@ -96,7 +108,13 @@ impl<T: Real> WeightGroup<T> {
             }
         }
         let packed = (precision == Precision::Ternary).then(|| pack_ternary(&ternary, total, in_features));
-        Self::with_packed(codes, scales, out_sizes, in_features, packed)
+        let mut group = Self::with_packed(codes, scales, out_sizes, in_features, packed);
+        if precision == Precision::Ternary && backward == Backward::Int16 {
+            let pairs =
+                PackedPairs::from_i8(&ternary, total, in_features).expect("codes fill the group's shape");
+            group.pairs = Some(pairs);
+        }
+        group
     }
 
     /// A group from stored ternary codes and scales (a loaded packed checkpoint).
@@ -122,17 +140,6 @@ impl<T: Real> WeightGroup<T> {
             offset += n;
         }
         Self { out_sizes: out_sizes.to_vec(), in_features, codes, dequant, scales, packed, pairs: None }
-    }
-
-    /// Packs the ternary codes for the 16-bit backward (a no-op in full precision, which keeps
-    /// the f32 products).
-    pub fn with_int16_backward(mut self) -> Self {
-        if self.packed.is_some() {
-            let (n, k) = (self.out_features(), self.in_features);
-            let codes: Vec<i8> = self.codes.iter().map(|c| c.to_f64() as i8).collect();
-            self.pairs = Some(PackedPairs::from_i8(&codes, n, k).expect("codes fill the group's shape"));
-        }
-        self
     }
 
     /// Σ of the projections' output features.
