@@ -211,7 +211,7 @@ pub fn gemm_i16_i8_with(
         }
         return Ok(());
     }
-    let simd = use_avx2(path);
+    let simd = Simd::for_path(path);
     let (row_scale, accumulate, ldo) = (out.row_scale, out.accumulate, out.ldo);
     let shared = SharedOut::new(out.out, ldo);
     // Row tiles of 6 (the kernel's height): a split never changes what a row computes.
@@ -219,14 +219,17 @@ pub fn gemm_i16_i8_with(
     for_ranges(tiles, m * k.max(1) * n, PARALLEL_MIN_MACS, |t: Range<usize>| {
         let rows = t.start * ROWS..(t.end * ROWS).min(m);
         let task = Task { a, b, row_scale, accumulate, out: &shared, rows };
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `use_avx2` confirmed AVX2 and FMA; the shapes were checked above.
-            unsafe { avx2::gemm(&task) };
-            return;
+        match simd {
+            // SAFETY (all three): `Simd::for_path` confirmed the CPU features; the shapes were
+            // checked above.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { avx2::gemm(&task) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Bw => unsafe { avx512::gemm::<false>(&task) },
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni => unsafe { avx512::gemm::<true>(&task) },
+            Simd::None => scalar_gemm(&task),
         }
-        let _ = simd;
-        scalar_gemm(&task);
     });
     Ok(())
 }
@@ -436,18 +439,36 @@ fn simd_available() -> bool {
 /// Rows of the kernel's register tile.
 const ROWS: usize = 6;
 
-fn use_avx2(path: KernelPath) -> bool {
+/// The kernel a path runs: AVX-512 (`vpdpwssd` with VNNI, else `vpmaddwd` + add) on 64-byte
+/// vectors, AVX2 with FMA on 32-byte ones, or the scalar reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Simd {
+    None,
     #[cfg(target_arch = "x86_64")]
-    {
-        let path = path.or_best();
-        matches!(path, KernelPath::Avx2 | KernelPath::Avx512Bw | KernelPath::Avx512Vnni)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bw,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Simd {
+    fn for_path(path: KernelPath) -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let path = path.or_best();
+            if path == KernelPath::Avx512Vnni {
+                return Simd::Avx512Vnni;
+            }
+            if path == KernelPath::Avx512Bw {
+                return Simd::Avx512Bw;
+            }
+            if path == KernelPath::Avx2 && std::arch::is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
         let _ = path;
-        false
+        Simd::None
     }
 }
 
@@ -478,64 +499,75 @@ fn scalar_gemm(task: &Task) {
     }
 }
 
+/// Pairs of a K-block: the packed pairs of a block (`K_BLOCK · n_padded · 4` bytes, 512 KiB at
+/// n = 256) are reused by every row tile of the task while they are in cache.
+const K_BLOCK: usize = 2 * K_CHUNK;
+
+/// The loops the SIMD kernels share: the task's rows by K-blocks, six rows at a time. A row
+/// tile's i16 pairs of the block are first copied into one stream (`[pair][row]`, 24 bytes a
+/// pair, whatever `a`'s layout), then `tile(packed, r, rows, c0, block, first)` runs them
+/// against the columns from `c0` on and returns how many columns it covered; it adds to the
+/// output, or overwrites it when `first`.
+#[cfg(target_arch = "x86_64")]
+fn drive(task: &Task, mut tile: impl FnMut(&[i32], usize, usize, usize, Range<usize>, bool) -> usize) {
+    let pairs = task.b.pairs();
+    let (row_stride, pair_stride) = task.a.strides();
+    let mut packed = vec![0i32; K_BLOCK.min(pairs) * ROWS];
+    let base = task.a.data.as_ptr();
+    for p0 in (0..pairs).step_by(K_BLOCK) {
+        let block = p0..(p0 + K_BLOCK).min(pairs);
+        let first = p0 == 0 && !task.accumulate;
+        let mut r = task.rows.start;
+        while r < task.rows.end {
+            let rows = (task.rows.end - r).min(ROWS);
+            // Each pair of i16 is read as one i32 (little-endian: the even k in the low half,
+            // as `vpmaddwd` pairs them).
+            let last = (r + rows - 1) * row_stride + (block.end - 1) * pair_stride + 1;
+            assert!(last < task.a.data.len());
+            for (p, dst) in block.clone().zip(packed.chunks_exact_mut(ROWS)) {
+                for (i, d) in dst.iter_mut().enumerate().take(rows) {
+                    // SAFETY: the pair's two values are at or below `last`, inside the data.
+                    *d = unsafe {
+                        base.add((r + i) * row_stride + p * pair_stride).cast::<i32>().read_unaligned()
+                    };
+                }
+            }
+            let mut c0 = 0;
+            while c0 < task.b.n {
+                c0 += tile(&packed, r, rows, c0, block.clone(), first);
+            }
+            r += rows;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Task, K_CHUNK, PANEL_COLS, ROWS};
+    use super::{drive, Task, K_CHUNK, PANEL_COLS, ROWS};
 
-    /// Pairs of a K-block: the packed pairs of a block (`K_BLOCK · 16 · 4` bytes per panel, 256
-    /// KiB at n = 256) stay in L2 while every row tile of the task runs over them.
-    const K_BLOCK: usize = 2 * K_CHUNK;
-
-    /// The task's rows by K-blocks, six rows at a time: the tile's i16 pairs of the block are
-    /// first copied into one stream (`[pair][row]`, 24 bytes a pair, whatever `a`'s layout),
-    /// then run against every 16-column panel with the f32 partials in a small stack tile,
-    /// which is read from and written to the output once per block.
+    /// 16 columns per tile; see [`drive`].
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA, and the task's shapes must have been checked by
     /// `gemm_i16_i8_with` (with K > 0).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm(task: &Task) {
-        let pairs = task.b.pairs();
-        let (row_stride, pair_stride) = task.a.strides();
-        let mut packed = vec![0i32; K_BLOCK.min(pairs) * ROWS];
-        for p0 in (0..pairs).step_by(K_BLOCK) {
-            let block = p0..(p0 + K_BLOCK).min(pairs);
-            let first = p0 == 0 && !task.accumulate;
-            let mut r = task.rows.start;
-            while r < task.rows.end {
-                let rows = (task.rows.end - r).min(ROWS);
-                // Each pair of i16 is read as one i32 (little-endian: the even k in the low half,
-                // as `vpmaddwd` pairs them).
-                let last = (r + rows - 1) * row_stride + (block.end - 1) * pair_stride + 1;
-                assert!(last < task.a.data.len());
-                let base = task.a.data.as_ptr();
-                for (p, dst) in block.clone().zip(packed.chunks_exact_mut(ROWS)) {
-                    for (i, d) in dst.iter_mut().enumerate().take(rows) {
-                        // SAFETY: the pair's two values are at or below `last`, inside the data.
-                        *d = unsafe {
-                            base.add((r + i) * row_stride + p * pair_stride).cast::<i32>().read_unaligned()
-                        };
-                    }
+        drive(task, |packed, r, rows, c0, block, first| {
+            // SAFETY: AVX2 and FMA are present (this function's contract).
+            unsafe {
+                match rows {
+                    6 => tile::<6>(task, packed, r, c0, block, first),
+                    5 => tile::<5>(task, packed, r, c0, block, first),
+                    4 => tile::<4>(task, packed, r, c0, block, first),
+                    3 => tile::<3>(task, packed, r, c0, block, first),
+                    2 => tile::<2>(task, packed, r, c0, block, first),
+                    _ => tile::<1>(task, packed, r, c0, block, first),
                 }
-                for c0 in (0..task.b.n).step_by(PANEL_COLS) {
-                    // SAFETY: AVX2 and FMA are present (this function's contract).
-                    unsafe {
-                        match rows {
-                            6 => tile::<6>(task, &packed, r, c0, block.clone(), first),
-                            5 => tile::<5>(task, &packed, r, c0, block.clone(), first),
-                            4 => tile::<4>(task, &packed, r, c0, block.clone(), first),
-                            3 => tile::<3>(task, &packed, r, c0, block.clone(), first),
-                            2 => tile::<2>(task, &packed, r, c0, block.clone(), first),
-                            _ => tile::<1>(task, &packed, r, c0, block.clone(), first),
-                        }
-                    }
-                }
-                r += rows;
             }
-        }
+            PANEL_COLS
+        });
     }
 
     /// Rows `r..r + R` (their pairs of `block` in `packed`, `[pair][6]`) × columns
@@ -598,6 +630,160 @@ mod avx2 {
         }
         for (i, p) in part.iter().enumerate() {
             task.out.write_slice(r + i, c0, &p[..live]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{drive, Task, K_CHUNK, PANEL_COLS};
+
+    /// Two 16-column panels per tile (one 64-byte vector of pairs each) where two are left;
+    /// see [`drive`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW (and VNNI if `VNNI`), and the task's shapes must
+    /// have been checked by `gemm_i16_i8_with` (with K > 0).
+    pub(super) unsafe fn gemm<const VNNI: bool>(task: &Task) {
+        drive(task, |packed, r, rows, c0, block, first| {
+            let two = c0 + PANEL_COLS < task.b.n;
+            macro_rules! run {
+                ($($r:literal),*) => {
+                    match (rows, two) {
+                        $(
+                            ($r, true) => tile::<$r, 2, VNNI>(task, packed, r, c0, block, first),
+                            ($r, false) => tile::<$r, 1, VNNI>(task, packed, r, c0, block, first),
+                        )*
+                        _ => unreachable!("a row tile has 1 to 6 rows"),
+                    }
+                };
+            }
+            // SAFETY: the CPU features are present (this function's contract).
+            unsafe { run!(1, 2, 3, 4, 5, 6) };
+            if two {
+                2 * PANEL_COLS
+            } else {
+                PANEL_COLS
+            }
+        });
+    }
+
+    /// The tile on the CPU features `VNNI` asks for.
+    ///
+    /// # Safety
+    /// As [`gemm`].
+    unsafe fn tile<const R: usize, const P: usize, const VNNI: bool>(
+        task: &Task,
+        packed: &[i32],
+        r: usize,
+        c0: usize,
+        block: std::ops::Range<usize>,
+        first: bool,
+    ) {
+        // SAFETY: as this function's contract.
+        unsafe {
+            if VNNI {
+                tile_vnni::<R, P>(task, packed, r, c0, block, first)
+            } else {
+                tile_bw::<R, P>(task, packed, r, c0, block, first)
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_vnni<const R: usize, const P: usize>(
+        task: &Task,
+        packed: &[i32],
+        r: usize,
+        c0: usize,
+        block: std::ops::Range<usize>,
+        first: bool,
+    ) {
+        // SAFETY: the features are enabled here.
+        unsafe { tile_body::<R, P, true>(task, packed, r, c0, block, first) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn tile_bw<const R: usize, const P: usize>(
+        task: &Task,
+        packed: &[i32],
+        r: usize,
+        c0: usize,
+        block: std::ops::Range<usize>,
+        first: bool,
+    ) {
+        // SAFETY: the features are enabled here.
+        unsafe { tile_body::<R, P, false>(task, packed, r, c0, block, first) }
+    }
+
+    /// Rows `r..r + R` × the `P` panels from `c0` (columns below `n`), as the AVX2 tile does
+    /// with 16 columns: the same chunks, conversions and fused multiply-adds, so the same bits.
+    #[inline(always)]
+    unsafe fn tile_body<const R: usize, const P: usize, const VNNI: bool>(
+        task: &Task,
+        packed: &[i32],
+        r: usize,
+        c0: usize,
+        block: std::ops::Range<usize>,
+        first: bool,
+    ) {
+        let b = task.b;
+        let pairs = b.pairs();
+        assert!(r + R <= task.rows.end && c0 + (P - 1) * PANEL_COLS < b.n && block.end <= pairs);
+        assert!(packed.len() >= block.len() * super::ROWS);
+        let panels: [*const i16; P] = std::array::from_fn(|j| {
+            b.data[b.index(0, c0 + j * PANEL_COLS)..][..pairs * PANEL_COLS * 2].as_ptr()
+        });
+        let live: [usize; P] = std::array::from_fn(|j| (b.n - (c0 + j * PANEL_COLS)).min(PANEL_COLS));
+        let scales: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(task.row_scale[r + i]));
+        let mut part = [[[0f32; PANEL_COLS]; P]; R];
+        if !first {
+            for (i, pr) in part.iter_mut().enumerate() {
+                for (j, pj) in pr.iter_mut().enumerate() {
+                    task.out.read_run(r + i, c0 + j * PANEL_COLS, &mut pj[..live[j]]);
+                }
+            }
+        }
+        for q0 in block.clone().step_by(K_CHUNK / 2) {
+            let mut acc = [[_mm512_setzero_si512(); P]; R];
+            for p in q0..(q0 + K_CHUNK / 2).min(block.end) {
+                // SAFETY: pair `p < pairs` of each panel is 32 values inside its slice above,
+                // and `packed` holds the block's pairs (asserted).
+                unsafe {
+                    let bv: [__m512i; P] =
+                        std::array::from_fn(|j| _mm512_loadu_si512(panels[j].add(p * 32).cast()));
+                    let ap = packed.as_ptr().add((p - block.start) * super::ROWS);
+                    for (i, acc_r) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_epi32(*ap.add(i));
+                        for (a, &bj) in acc_r.iter_mut().zip(&bv) {
+                            *a = if VNNI {
+                                _mm512_dpwssd_epi32(*a, av, bj)
+                            } else {
+                                _mm512_add_epi32(*a, _mm512_madd_epi16(av, bj))
+                            };
+                        }
+                    }
+                }
+            }
+            for ((pr, acc_r), &scale) in part.iter_mut().zip(&acc).zip(&scales) {
+                for (pj, &sums) in pr.iter_mut().zip(acc_r) {
+                    // SAFETY: `pj` holds 16 floats, one 64-byte vector.
+                    unsafe {
+                        let o = pj.as_mut_ptr();
+                        _mm512_storeu_ps(
+                            o,
+                            _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), _mm512_loadu_ps(o)),
+                        );
+                    }
+                }
+            }
+        }
+        for (i, pr) in part.iter().enumerate() {
+            for (j, pj) in pr.iter().enumerate() {
+                task.out.write_slice(r + i, c0 + j * PANEL_COLS, &pj[..live[j]]);
+            }
         }
     }
 }
