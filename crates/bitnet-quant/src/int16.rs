@@ -54,6 +54,7 @@ impl PackedPairs {
         let pairs = k.div_ceil(2);
         self.data.clear();
         self.data.resize(pairs * n_padded * 2, 0);
+        #[cfg(target_arch = "x86_64")]
         let simd = simd_available();
         if pairs > 0 {
             self.data.par_chunks_mut(pairs * PANEL_COLS * 2).enumerate().for_each(|(j, panel)| {
@@ -329,6 +330,7 @@ pub fn quantize_columns_i16(x: &[f32], div: &[f32], q: &mut [i16], scale: &mut [
     if n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
     let simd = simd_available();
     // Column maxima: partial maxima per chunk of rows, then their maximum (exact in any order).
     let amax = x
@@ -501,15 +503,26 @@ fn scalar_gemm(task: &Task) {
 
 /// Pairs of a K-block: the packed pairs of a block (`K_BLOCK · n_padded · 4` bytes, 512 KiB at
 /// n = 256) are reused by every row tile of the task while they are in cache.
+#[cfg(target_arch = "x86_64")]
 const K_BLOCK: usize = 2 * K_CHUNK;
+
+/// Where a tile runs: rows from `r` (their pairs of `block` packed as `[pair][6]`), columns from
+/// `c0`; `first` if it overwrites the output rather than adding to it.
+#[cfg(target_arch = "x86_64")]
+struct At<'a> {
+    packed: &'a [i32],
+    r: usize,
+    c0: usize,
+    block: Range<usize>,
+    first: bool,
+}
 
 /// The loops the SIMD kernels share: the task's rows by K-blocks, six rows at a time. A row
 /// tile's i16 pairs of the block are first copied into one stream (`[pair][row]`, 24 bytes a
-/// pair, whatever `a`'s layout), then `tile(packed, r, rows, c0, block, first)` runs them
-/// against the columns from `c0` on and returns how many columns it covered; it adds to the
-/// output, or overwrites it when `first`.
+/// pair, whatever `a`'s layout), then `tile(at, rows)` runs them against the columns from
+/// `at.c0` on and returns how many columns it covered.
 #[cfg(target_arch = "x86_64")]
-fn drive(task: &Task, mut tile: impl FnMut(&[i32], usize, usize, usize, Range<usize>, bool) -> usize) {
+fn drive(task: &Task, mut tile: impl FnMut(At, usize) -> usize) {
     let pairs = task.b.pairs();
     let (row_stride, pair_stride) = task.a.strides();
     let mut packed = vec![0i32; K_BLOCK.min(pairs) * ROWS];
@@ -534,7 +547,7 @@ fn drive(task: &Task, mut tile: impl FnMut(&[i32], usize, usize, usize, Range<us
             }
             let mut c0 = 0;
             while c0 < task.b.n {
-                c0 += tile(&packed, r, rows, c0, block.clone(), first);
+                c0 += tile(At { packed: &packed, r, c0, block: block.clone(), first }, rows);
             }
             r += rows;
         }
@@ -545,7 +558,7 @@ fn drive(task: &Task, mut tile: impl FnMut(&[i32], usize, usize, usize, Range<us
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{drive, Task, K_CHUNK, PANEL_COLS, ROWS};
+    use super::{drive, At, Task, K_CHUNK, PANEL_COLS, ROWS};
 
     /// 16 columns per tile; see [`drive`].
     ///
@@ -554,16 +567,16 @@ mod avx2 {
     /// `gemm_i16_i8_with` (with K > 0).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm(task: &Task) {
-        drive(task, |packed, r, rows, c0, block, first| {
+        drive(task, |at, rows| {
             // SAFETY: AVX2 and FMA are present (this function's contract).
             unsafe {
                 match rows {
-                    6 => tile::<6>(task, packed, r, c0, block, first),
-                    5 => tile::<5>(task, packed, r, c0, block, first),
-                    4 => tile::<4>(task, packed, r, c0, block, first),
-                    3 => tile::<3>(task, packed, r, c0, block, first),
-                    2 => tile::<2>(task, packed, r, c0, block, first),
-                    _ => tile::<1>(task, packed, r, c0, block, first),
+                    6 => tile::<6>(task, at),
+                    5 => tile::<5>(task, at),
+                    4 => tile::<4>(task, at),
+                    3 => tile::<3>(task, at),
+                    2 => tile::<2>(task, at),
+                    _ => tile::<1>(task, at),
                 }
             }
             PANEL_COLS
@@ -575,14 +588,8 @@ mod avx2 {
     /// `row_scale · sum` to the f32 partials, which start from the output (or from zero, if
     /// `first`).
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(
-        task: &Task,
-        packed: &[i32],
-        r: usize,
-        c0: usize,
-        block: std::ops::Range<usize>,
-        first: bool,
-    ) {
+    unsafe fn tile<const R: usize>(task: &Task, at: At) {
+        let At { packed, r, c0, block, first } = at;
         let b = task.b;
         let pairs = b.pairs();
         assert!(
@@ -638,7 +645,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{drive, Task, K_CHUNK, PANEL_COLS};
+    use super::{drive, At, Task, K_CHUNK, PANEL_COLS};
 
     /// Two 16-column panels per tile (one 64-byte vector of pairs each) where two are left;
     /// see [`drive`].
@@ -647,14 +654,14 @@ mod avx512 {
     /// The CPU must support AVX-512 F and BW (and VNNI if `VNNI`), and the task's shapes must
     /// have been checked by `gemm_i16_i8_with` (with K > 0).
     pub(super) unsafe fn gemm<const VNNI: bool>(task: &Task) {
-        drive(task, |packed, r, rows, c0, block, first| {
-            let two = c0 + PANEL_COLS < task.b.n;
+        drive(task, |at, rows| {
+            let two = at.c0 + PANEL_COLS < task.b.n;
             macro_rules! run {
                 ($($r:literal),*) => {
                     match (rows, two) {
                         $(
-                            ($r, true) => tile::<$r, 2, VNNI>(task, packed, r, c0, block, first),
-                            ($r, false) => tile::<$r, 1, VNNI>(task, packed, r, c0, block, first),
+                            ($r, true) => tile::<$r, 2, VNNI>(task, at),
+                            ($r, false) => tile::<$r, 1, VNNI>(task, at),
                         )*
                         _ => unreachable!("a row tile has 1 to 6 rows"),
                     }
@@ -674,61 +681,34 @@ mod avx512 {
     ///
     /// # Safety
     /// As [`gemm`].
-    unsafe fn tile<const R: usize, const P: usize, const VNNI: bool>(
-        task: &Task,
-        packed: &[i32],
-        r: usize,
-        c0: usize,
-        block: std::ops::Range<usize>,
-        first: bool,
-    ) {
+    unsafe fn tile<const R: usize, const P: usize, const VNNI: bool>(task: &Task, at: At) {
         // SAFETY: as this function's contract.
         unsafe {
             if VNNI {
-                tile_vnni::<R, P>(task, packed, r, c0, block, first)
+                tile_vnni::<R, P>(task, at)
             } else {
-                tile_bw::<R, P>(task, packed, r, c0, block, first)
+                tile_bw::<R, P>(task, at)
             }
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_vnni<const R: usize, const P: usize>(
-        task: &Task,
-        packed: &[i32],
-        r: usize,
-        c0: usize,
-        block: std::ops::Range<usize>,
-        first: bool,
-    ) {
+    unsafe fn tile_vnni<const R: usize, const P: usize>(task: &Task, at: At) {
         // SAFETY: the features are enabled here.
-        unsafe { tile_body::<R, P, true>(task, packed, r, c0, block, first) }
+        unsafe { tile_body::<R, P, true>(task, at) }
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn tile_bw<const R: usize, const P: usize>(
-        task: &Task,
-        packed: &[i32],
-        r: usize,
-        c0: usize,
-        block: std::ops::Range<usize>,
-        first: bool,
-    ) {
+    unsafe fn tile_bw<const R: usize, const P: usize>(task: &Task, at: At) {
         // SAFETY: the features are enabled here.
-        unsafe { tile_body::<R, P, false>(task, packed, r, c0, block, first) }
+        unsafe { tile_body::<R, P, false>(task, at) }
     }
 
     /// Rows `r..r + R` × the `P` panels from `c0` (columns below `n`), as the AVX2 tile does
     /// with 16 columns: the same chunks, conversions and fused multiply-adds, so the same bits.
     #[inline(always)]
-    unsafe fn tile_body<const R: usize, const P: usize, const VNNI: bool>(
-        task: &Task,
-        packed: &[i32],
-        r: usize,
-        c0: usize,
-        block: std::ops::Range<usize>,
-        first: bool,
-    ) {
+    unsafe fn tile_body<const R: usize, const P: usize, const VNNI: bool>(task: &Task, at: At) {
+        let At { packed, r, c0, block, first } = at;
         let b = task.b;
         let pairs = b.pairs();
         assert!(r + R <= task.rows.end && c0 + (P - 1) * PANEL_COLS < b.n && block.end <= pairs);

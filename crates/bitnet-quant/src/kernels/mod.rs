@@ -239,8 +239,10 @@ impl<'a, T> SharedOut<'a, T> {
     }
 
     /// Copies rows `r0..r0 + dst.len()` of token `t` into `dst` (for a product that adds into
-    /// the output; only the task that owns the elements reads them).
+    /// the output; only the task that owns the elements reads them). (Only the x86 kernels use
+    /// it.)
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn read_run(&self, t: usize, r0: usize, dst: &mut [T])
     where
         T: Copy,
@@ -257,6 +259,7 @@ impl<'a, T> SharedOut<'a, T> {
 
     /// Copies `src` to rows `r0..r0 + src.len()` of token `t`.
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn write_slice(&self, t: usize, r0: usize, src: &[T])
     where
         T: Copy,
