@@ -68,7 +68,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub fp: bool,
     /// The BitLinear backward's products: `f32` (exact STE gradients) or `int16` (16-bit
-    /// gradients times the integer codes: faster, within about 1e-4 of the exact gradients).
+    /// gradients times the integer codes, within about 1e-4 of the exact gradients: faster on
+    /// AVX2 CPUs and on many AVX-512 cores; on ARM it has no SIMD kernel yet, so keep f32).
     #[arg(long, value_enum, default_value = "f32")]
     pub backward: Backward,
     /// Worker threads (default: all cores). Results are bit-identical for a given count.
