@@ -227,6 +227,9 @@ impl RunSettings {
                 self.heads
             );
         }
+        if self.precision == Precision::Full && self.backward == Backward::Int16 {
+            bail!("--backward int16 multiplies by the ternary and int8 codes, which --fp does not have: drop one of them");
+        }
         if self.seq < 2 || self.batch == 0 || self.accum == 0 || self.steps == 0 || self.layers == 0 {
             bail!("--seq must be at least 2, and --batch, --accum, --steps and --layers positive");
         }

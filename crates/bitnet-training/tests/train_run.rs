@@ -219,5 +219,10 @@ fn bad_input_is_a_clear_error() {
     let data = write_corpus(&dir);
     let err = train(&args(&data, &dir.join("o4"), &["--hidden", "30"])).unwrap_err();
     assert!(err.to_string().contains("--hidden"), "{err}");
+    let err = train(&args(&data, &dir.join("o5"), &["--fp", "--backward", "int16"])).unwrap_err();
+    assert!(err.to_string().contains("--backward int16") && err.to_string().contains("--fp"), "{err}");
+    let bad = Cli::try_parse_from(["train", "--data", "x", "--out", "y", "--backward", "int4"]);
+    let msg = bad.err().unwrap().to_string();
+    assert!(msg.contains("int4") && msg.contains("int16"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

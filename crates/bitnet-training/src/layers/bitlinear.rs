@@ -41,7 +41,8 @@ pub enum Backward {
     #[default]
     F32,
     /// 16-bit gradients times the integer codes, summed in i32: faster, within ~2⁻¹⁶ of each
-    /// row's largest gradient. Used for ternary f32 models; anything else takes the f32 path.
+    /// row's largest gradient. For ternary f32 models (`bitnet train` refuses it with `--fp`;
+    /// the f64 models of the gradient tests take the f32 path).
     Int16,
 }
 
