@@ -5,8 +5,8 @@
 //! `out[r, c] (+)= Σ_chunks row_scale[r] · (Σ_{k ∈ chunk} a[r, k] · b[k, c])`: the integer sums
 //! run over chunks of [`K_CHUNK`] = 256 values of `k` (at most 256 · 32768 · 128 = 2^30 in
 //! magnitude, so i32 never wraps, whatever the i16 and int8 inputs), and each chunk is added to
-//! the f32 output with one fused multiply-add, chunk after chunk. The AVX2 kernel does exactly
-//! these operations, so it equals the scalar reference bit for bit.
+//! the f32 output with one fused multiply-add, chunk after chunk. The AVX2 and AVX-512 kernels
+//! do exactly these operations, so they equal the scalar reference bit for bit.
 //!
 //! The int8 operand is packed once into [`PackedPairs`]: rows `2p` and `2p + 1` interleaved as
 //! i16, so that `vpmaddwd` of a broadcast pair `(a[r, 2p], a[r, 2p + 1])` with 16 such i16 sums
@@ -21,7 +21,7 @@ use crate::QuantError;
 
 /// Values of `k` whose products are summed in i32 before they are scaled into the output.
 pub const K_CHUNK: usize = 256;
-/// Columns of a packed panel (two AVX2 vectors of eight i32 sums).
+/// Columns of a packed panel (two AVX2 vectors of eight i32 sums, one AVX-512 vector).
 pub const PANEL_COLS: usize = 16;
 
 /// An int8 matrix `b` (`[k, n]`) packed for [`gemm_i16_i8`] in panels of 16 columns (the last
