@@ -271,13 +271,18 @@ pub fn quantize_rows_i16(x: &[f32], n: usize, mul: &[f32], q: &mut [i16], lda: u
         x.len() == rows * n && mul.len() == n && lda >= n && q.len() == rows * lda,
         "quantize_rows_i16 shapes"
     );
+    if n == 0 {
+        q.fill(0);
+        scale.fill(0.0);
+        return;
+    }
     let simd = simd_available();
     q.par_chunks_mut(lda * QUANT_ROWS)
-        .zip(x.par_chunks(n.max(1) * QUANT_ROWS))
+        .zip(x.par_chunks(n * QUANT_ROWS))
         .zip(scale.par_chunks_mut(QUANT_ROWS))
         .for_each(|((qc, xc), sc)| {
             let mut scaled = vec![0f32; n];
-            for ((qr, xr), s) in qc.chunks_exact_mut(lda).zip(xc.chunks_exact(n.max(1))).zip(sc) {
+            for ((qr, xr), s) in qc.chunks_exact_mut(lda).zip(xc.chunks_exact(n)).zip(sc) {
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: AVX2 is present (`simd_available`).

@@ -189,6 +189,11 @@ fn row_quantizer_follows_its_definition() {
             assert!(q[r * lda..r * lda + n].iter().any(|&c| c.abs() == 32767));
         }
     }
+    // No columns: zero codes (the padding) and scales.
+    let mut q = vec![5i16; 4];
+    let mut scale = [1.0f32; 2];
+    quantize_rows_i16(&[], 0, &[], &mut q, 2, &mut scale);
+    assert_eq!((q, scale), (vec![0; 4], [0.0; 2]));
     // An all-zero row has scale 0 and zero codes.
     let mut q = vec![5i16; 4];
     let mut scale = [1.0f32];
