@@ -542,12 +542,29 @@ fn drive(task: &Task, mut tile: impl FnMut(At, usize) -> usize) {
             // as `vpmaddwd` pairs them).
             let last = (r + rows - 1) * row_stride + (block.end - 1) * pair_stride + 1;
             assert!(last < task.a.data.len());
-            for (p, dst) in block.clone().zip(packed.chunks_exact_mut(ROWS)) {
-                for (i, d) in dst.iter_mut().enumerate().take(rows) {
-                    // SAFETY: the pair's two values are at or below `last`, inside the data.
-                    *d = unsafe {
-                        base.add((r + i) * row_stride + p * pair_stride).cast::<i32>().read_unaligned()
-                    };
+            let dst = &mut packed[..block.len() * ROWS];
+            match task.a.layout {
+                // A pair's rows are side by side: one copy of `rows` i32 per pair.
+                ALayout::PairInterleaved { .. } => {
+                    for (p, d) in block.clone().zip(dst.chunks_exact_mut(ROWS)) {
+                        // SAFETY: the rows' pairs end at or below `last`, inside the data; `d`
+                        // has room for six.
+                        unsafe {
+                            let src = base.add(r * row_stride + p * pair_stride).cast::<u8>();
+                            std::ptr::copy_nonoverlapping(src, d.as_mut_ptr().cast::<u8>(), 4 * rows);
+                        }
+                    }
+                }
+                // A row's pairs are side by side: one strided pass per row.
+                ALayout::RowMajor { .. } => {
+                    for i in 0..rows {
+                        let src =
+                            base.wrapping_add((r + i) * row_stride + block.start * pair_stride).cast::<i32>();
+                        for (j, d) in dst.iter_mut().skip(i).step_by(ROWS).enumerate() {
+                            // SAFETY: pair `block.start + j` of row `r + i` is at or below `last`.
+                            *d = unsafe { src.add(j).read_unaligned() };
+                        }
+                    }
                 }
             }
             let mut c0 = 0;
