@@ -43,5 +43,21 @@ fn main() {
                 matmul(&mut dw, Operand::t(&dy, m, n), Operand::n(&a, m, k), true, true)
             });
         }
+        // The head on one chunk of 512 rows: logits, dx = dlogits·head, dhead += dlogitsᵀ·x.
+        let (rows, hidden, vocab) = (512usize, 256usize, 4096usize);
+        let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 7) as f32 - 3.0).collect();
+        let head: Vec<f32> = (0..vocab * hidden).map(|i| (i % 3) as f32 - 1.0).collect();
+        let mut logits = vec![0.0f32; rows * vocab];
+        let mut dx = vec![0.0f32; rows * hidden];
+        let mut dhead = vec![0.0f32; vocab * hidden];
+        time("head x·Eᵀ ", rows, hidden, vocab, || {
+            matmul(&mut logits, Operand::n(&x, rows, hidden), Operand::t(&head, vocab, hidden), false, true)
+        });
+        time("head dl·E ", rows, vocab, hidden, || {
+            matmul(&mut dx, Operand::n(&logits, rows, vocab), Operand::n(&head, vocab, hidden), false, true)
+        });
+        time("head dlᵀ·x", vocab, rows, hidden, || {
+            matmul(&mut dhead, Operand::t(&logits, rows, vocab), Operand::n(&x, rows, hidden), true, true)
+        });
     });
 }

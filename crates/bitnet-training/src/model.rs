@@ -354,13 +354,21 @@ impl<T: Real> Model<T> {
         let rows = batch * seq;
         let (h, i, qd) = (c.hidden_size, c.intermediate_size, c.q_dim());
         let eps = self.eps();
-        let p = self.precision;
+        let (p, bw) = (self.precision, self.backward);
 
         // attention block: x + o_proj(sub_norm(Attn(RoPE(qkv(norm(x))))))
         let x_in = self.scratch.copy_of(x);
         let mut rstd_in = self.scratch.dirty(rows);
-        let h_in =
-            norm_quantize_input_in(x, self.tensor(s.input_norm), eps, rows, p, &mut rstd_in, &self.scratch);
+        let h_in = norm_quantize_input_in(
+            x,
+            self.tensor(s.input_norm),
+            eps,
+            rows,
+            p,
+            bw,
+            &mut rstd_in,
+            &self.scratch,
+        );
         let lay = self.qkv_layout();
         let mut qkv = self.scratch.dirty(rows * lay.ld);
         bitlinear_forward_in(&h_in, &w.qkv, &mut qkv, &self.scratch);
@@ -390,11 +398,12 @@ impl<T: Real> Model<T> {
                     eps,
                     rows,
                     p,
+                    bw,
                     &mut rstd_attn_sub,
                     &self.scratch,
                 )
             }
-            None => quantize_input_in(&attn, rows, qd, p, &self.scratch),
+            None => quantize_input_in(&attn, rows, qd, p, bw, &self.scratch),
         };
         let mut branch = self.scratch.dirty(rows * h);
         bitlinear_forward_in(&o_in, &w.o, &mut branch, &self.scratch);
@@ -403,8 +412,16 @@ impl<T: Real> Model<T> {
         // MLP block: x + down(sub_norm(act(gate(norm(x))) ⊙ up(norm(x))))
         let x_mid = self.scratch.copy_of(x);
         let mut rstd_post = self.scratch.dirty(rows);
-        let h_post =
-            norm_quantize_input_in(x, self.tensor(s.post_norm), eps, rows, p, &mut rstd_post, &self.scratch);
+        let h_post = norm_quantize_input_in(
+            x,
+            self.tensor(s.post_norm),
+            eps,
+            rows,
+            p,
+            bw,
+            &mut rstd_post,
+            &self.scratch,
+        );
         let mut gate_up = self.scratch.dirty(rows * 2 * i);
         bitlinear_forward_in(&h_post, &w.gate_up, &mut gate_up, &self.scratch);
         let mut mlp = self.scratch.dirty(rows * i);
@@ -413,9 +430,18 @@ impl<T: Real> Model<T> {
         let down_in = match s.ffn_sub_norm {
             Some(sn) => {
                 rstd_ffn_sub = self.scratch.dirty(rows);
-                norm_quantize_input_in(&mlp, self.tensor(sn), eps, rows, p, &mut rstd_ffn_sub, &self.scratch)
+                norm_quantize_input_in(
+                    &mlp,
+                    self.tensor(sn),
+                    eps,
+                    rows,
+                    p,
+                    bw,
+                    &mut rstd_ffn_sub,
+                    &self.scratch,
+                )
             }
-            None => quantize_input_in(&mlp, rows, i, p, &self.scratch),
+            None => quantize_input_in(&mlp, rows, i, p, bw, &self.scratch),
         };
         bitlinear_forward_in(&down_in, &w.down, &mut branch, &self.scratch);
         add_into(x, &branch);
@@ -693,7 +719,8 @@ impl<T: Real> Model<T> {
     }
 
     /// The int8 codes (held as floats) of every BitLinear input, per layer, in the order
-    /// [q/k/v input, o_proj input, gate/up input, down_proj input] (for the gradient tests).
+    /// [q/k/v input, o_proj input, gate/up input, down_proj input] (for the gradient tests;
+    /// empty under the 16-bit backward, which keeps only the int8 codes).
     pub fn activation_codes(
         &self,
         w: &Prepared<T>,

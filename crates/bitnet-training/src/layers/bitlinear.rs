@@ -46,6 +46,14 @@ pub enum Backward {
     Int16,
 }
 
+impl Backward {
+    /// Whether the products of a `precision` model of `T` really run on 16-bit integers: the
+    /// ternary f32 models only (the f64 ones of the gradient tests take the f32 path).
+    pub fn is_int16<T: Real>(self, precision: Precision) -> bool {
+        self == Backward::Int16 && precision == Precision::Ternary && T::as_f32(&[]).is_some()
+    }
+}
+
 /// Whether the linears are quantized (the b1.58 model) or full-precision (the `--fp` baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Precision {
@@ -59,9 +67,11 @@ pub struct WeightGroup<T> {
     /// Output features of each projection, in stacking order.
     pub out_sizes: Vec<usize>,
     pub in_features: usize,
-    /// `[Σ out, in]`: ternary codes (as floats) or, in full precision, the weights.
+    /// `[Σ out, in]`: ternary codes (as floats) or, in full precision, the weights. Empty under
+    /// the 16-bit backward, which reads `packed` and `pairs` only.
     pub codes: Vec<T>,
-    /// `[Σ out, in]`: `codes · scale`, the weights the backward multiplies by.
+    /// `[Σ out, in]`: `codes · scale`, the weights the f32 backward multiplies by (empty under
+    /// the 16-bit backward).
     pub dequant: Vec<T>,
     /// `mean|W|` per projection (1 in full precision).
     pub scales: Vec<T>,
@@ -90,7 +100,9 @@ impl<T: Real> WeightGroup<T> {
         backward: Backward,
     ) -> Self {
         let total: usize = out_sizes.iter().sum();
-        let mut codes = Vec::with_capacity(total * in_features);
+        // The 16-bit backward never reads the float codes: making them is a third of this step.
+        let int16 = backward.is_int16::<T>(precision);
+        let mut codes = Vec::with_capacity(if int16 { 0 } else { total * in_features });
         let mut ternary = Vec::new();
         let mut scales = Vec::with_capacity(weights.len());
         for (w, &n) in weights.iter().zip(out_sizes) {
@@ -98,7 +110,9 @@ impl<T: Real> WeightGroup<T> {
             match precision {
                 Precision::Ternary => {
                     let (t, mean) = T::absmean_ternary(w);
-                    codes.extend(t.iter().map(|&c| T::from_f64(c as f64)));
+                    if !int16 {
+                        codes.extend(t.iter().map(|&c| T::from_f64(c as f64)));
+                    }
                     ternary.extend_from_slice(&t);
                     scales.push(mean);
                 }
@@ -110,7 +124,7 @@ impl<T: Real> WeightGroup<T> {
         }
         let packed = (precision == Precision::Ternary).then(|| pack_ternary(&ternary, total, in_features));
         let mut group = Self::with_packed(codes, scales, out_sizes, in_features, packed);
-        if precision == Precision::Ternary && backward == Backward::Int16 {
+        if int16 {
             let pairs =
                 PackedPairs::from_i8(&ternary, total, in_features).expect("codes fill the group's shape");
             group.pairs = Some(pairs);
@@ -134,7 +148,8 @@ impl<T: Real> WeightGroup<T> {
     ) -> Self {
         let mut dequant = codes.clone();
         let mut offset = 0;
-        for (&n, &s) in out_sizes.iter().zip(&scales) {
+        // No float codes (the 16-bit backward), no dequantized weights.
+        for (&n, &s) in out_sizes.iter().zip(&scales).filter(|_| !codes.is_empty()) {
             for v in &mut dequant[offset * in_features..(offset + n) * in_features] {
                 *v *= s;
             }
@@ -181,15 +196,17 @@ pub struct QuantizedInput<T> {
 
 /// Quantizes `x` (`[rows, cols]`) per token (`ActQuant`), or keeps it as is in full precision.
 pub fn quantize_input<T: Real>(x: &[T], rows: usize, cols: usize, precision: Precision) -> QuantizedInput<T> {
-    quantize_input_in(x, rows, cols, precision, &Scratch::default())
+    quantize_input_in(x, rows, cols, precision, Backward::F32, &Scratch::default())
 }
 
-/// [`quantize_input`] with its buffers taken from `scratch`.
+/// [`quantize_input`] with its buffers taken from `scratch`, for a layer whose backward is
+/// `backward` (the 16-bit one reads only the int8 codes: the float codes are left empty).
 pub fn quantize_input_in<T: Real>(
     x: &[T],
     rows: usize,
     cols: usize,
     precision: Precision,
+    backward: Backward,
     scratch: &Scratch<T>,
 ) -> QuantizedInput<T> {
     let _t = crate::profile::section("quantize_input");
@@ -201,7 +218,8 @@ pub fn quantize_input_in<T: Real>(
     }
     // The per-row extra output of `quantize_rows` is not needed here.
     let mut unused = scratch.dirty(rows);
-    let q = quantize_rows(rows, cols, &mut unused, scratch, |first, _buf, q, s, _| {
+    let float_codes = !backward.is_int16::<T>(precision);
+    let q = quantize_rows(rows, cols, float_codes, &mut unused, scratch, |first, _buf, q, s, _| {
         let x_rows = x[first * cols..].chunks_exact(cols);
         for ((xr, qr), s) in x_rows.zip(q.chunks_exact_mut(cols)).zip(s) {
             *s = T::quantize_activation_row(xr, qr);
@@ -223,6 +241,7 @@ pub fn norm_quantize_input_in<T: Real>(
     eps: T,
     rows: usize,
     precision: Precision,
+    backward: Backward,
     rstd: &mut [T],
     scratch: &Scratch<T>,
 ) -> QuantizedInput<T> {
@@ -232,12 +251,13 @@ pub fn norm_quantize_input_in<T: Real>(
     if precision == Precision::Full {
         let mut normed = scratch.dirty(rows * cols);
         rmsnorm_forward(x, norm_weight, eps, &mut normed, rstd);
-        let q = quantize_input_in(&normed, rows, cols, precision, scratch);
+        let q = quantize_input_in(&normed, rows, cols, precision, backward, scratch);
         scratch.recycle(normed);
         return q;
     }
     let _t = crate::profile::section("norm_quantize_input");
-    quantize_rows(rows, cols, rstd, scratch, |first, buf, q, s, rstd| {
+    let float_codes = !backward.is_int16::<T>(precision);
+    quantize_rows(rows, cols, float_codes, rstd, scratch, |first, buf, q, s, rstd| {
         let x_rows = x[first * cols..].chunks_exact(cols);
         for (((xr, qr), s), r) in x_rows.zip(q.chunks_exact_mut(cols)).zip(s).zip(rstd) {
             *r = rmsnorm_row(xr, norm_weight, eps, buf);
@@ -249,34 +269,38 @@ pub fn norm_quantize_input_in<T: Real>(
 /// The int8 quantization of `rows` rows of `cols`, [`ROW_CHUNK`] rows per task:
 /// `fill(first, buf, q, s, extra)` writes the codes `q` and scales `s` of the chunk's rows from
 /// `first` on, and may write their `extra` (a per-row output of the caller's); `buf` is a
-/// row-sized scratch of the task's own. Gives the codes as floats and laid out for the kernels.
+/// row-sized scratch of the task's own. Gives the codes laid out for the kernels, and as floats
+/// when `float_codes` (an empty `codes` otherwise).
 fn quantize_rows<T: Real>(
     rows: usize,
     cols: usize,
+    float_codes: bool,
     extra: &mut [T],
     scratch: &Scratch<T>,
     fill: impl Fn(usize, &mut [T], &mut [i8], &mut [T], &mut [T]) + Sync,
 ) -> QuantizedInput<T> {
     assert_eq!(extra.len(), rows);
     // Every code and scale is written below.
-    let mut codes = scratch.dirty(rows * cols);
+    let mut codes = if float_codes { scratch.dirty(rows * cols) } else { Vec::new() };
     let mut scale = scratch.dirty(rows);
     let mut int8 = scratch.int8(rows * cols);
-    codes
-        .par_chunks_mut(cols * ROW_CHUNK)
-        .zip(int8.par_chunks_mut(cols * ROW_CHUNK))
+    int8.par_chunks_mut(cols * ROW_CHUNK)
         .zip(scale.par_chunks_mut(ROW_CHUNK))
         .zip(extra.par_chunks_mut(ROW_CHUNK))
         .enumerate()
         .for_each_init(
             || vec![T::ZERO; cols],
-            |buf, (chunk, (((cc, qc), sc), ec))| {
+            |buf, (chunk, ((qc, sc), ec))| {
                 fill(chunk * ROW_CHUNK, buf, qc, sc, ec);
-                for (c, &v) in cc.iter_mut().zip(qc.iter()) {
-                    *c = T::from_f64(v as f64);
-                }
             },
         );
+    if float_codes {
+        codes.par_chunks_mut(cols * ROW_CHUNK).zip(int8.par_chunks(cols * ROW_CHUNK)).for_each(|(cc, qc)| {
+            for (c, &v) in cc.iter_mut().zip(qc) {
+                *c = T::from_f64(v as f64);
+            }
+        });
+    }
     let mut acts = scratch.activations(rows, cols);
     let scale_f32: Vec<f32> = scale.iter().map(|s| s.to_f64() as f32).collect();
     acts.set_int8(&int8, &scale_f32, rows).expect("codes and scales have the input's shape");
@@ -554,8 +578,16 @@ mod tests {
                 rmsnorm_forward(&x, &w, 1e-5, &mut normed, &mut want_rstd);
                 let want = quantize_input(&normed, rows, k, precision);
                 let mut rstd = vec![f32::NAN; rows];
-                let got =
-                    norm_quantize_input_in(&x, &w, 1e-5, rows, precision, &mut rstd, &Scratch::default());
+                let got = norm_quantize_input_in(
+                    &x,
+                    &w,
+                    1e-5,
+                    rows,
+                    precision,
+                    Backward::F32,
+                    &mut rstd,
+                    &Scratch::default(),
+                );
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&rstd), bits(&want_rstd), "rstd, {rows}x{k} {precision:?}");
                 assert_eq!(bits(&got.codes), bits(&want.codes), "codes, {rows}x{k} {precision:?}");
