@@ -235,6 +235,7 @@ pub fn quantize_input_in<T: Real>(
 /// bits; `rstd` is written as the norm would write it. Full precision takes those two steps.
 ///
 /// [`rmsnorm_forward`]: crate::layers::rmsnorm::rmsnorm_forward
+#[allow(clippy::too_many_arguments)]
 pub fn norm_quantize_input_in<T: Real>(
     x: &[T],
     norm_weight: &[T],
