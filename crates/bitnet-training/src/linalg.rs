@@ -155,29 +155,6 @@ pub unsafe fn matmul_strided<T: Real>(
 /// reduction in the same order whatever the thread count.
 pub const ROW_CHUNK: usize = 16;
 
-/// Sums per-chunk partial vectors in chunk order: a deterministic column reduction.
-/// `f(first_row, rows_of_chunk, partial)` adds the chunk's contribution into `partial`.
-pub fn reduce_rows<T: Real, F>(n_rows: usize, width: usize, out: &mut [T], f: F)
-where
-    F: Fn(usize, usize, &mut [T]) + Sync,
-{
-    let chunks = n_rows.div_ceil(ROW_CHUNK);
-    let partials: Vec<Vec<T>> = (0..chunks)
-        .into_par_iter()
-        .map(|c| {
-            let mut p = vec![T::ZERO; width];
-            let start = c * ROW_CHUNK;
-            f(start, ROW_CHUNK.min(n_rows - start), &mut p);
-            p
-        })
-        .collect();
-    for p in partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-}
-
 /// Values per task of the parallel fills, copies and adds (64 KB of f32).
 const COPY_CHUNK: usize = 1 << 14;
 

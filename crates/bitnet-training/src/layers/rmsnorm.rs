@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{reduce_rows, ROW_CHUNK};
+use crate::linalg::ROW_CHUNK;
 use crate::real::{dot_lanes, lanes, Real};
 
 /// Normalizes each row of `x` (`[rows, width]`) into `y`; keeps `rstd = 1/sqrt(mean(x²)+eps)`.
@@ -32,34 +32,37 @@ pub fn rmsnorm_row<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T]) -> T {
 
 /// Backward of [`rmsnorm_forward`]. With `x̂ = x·rstd` and `g = w ⊙ dy`:
 /// `dx += rstd · (g − x̂ · mean(g ⊙ x̂))`, `dw += Σ_rows dy ⊙ x̂`.
+///
+/// One pass over the rows does both (the pass is bound by memory): each chunk of [`ROW_CHUNK`]
+/// rows sums its share of `dw` in row order, and the shares are added in chunk order, so the
+/// sum's order does not depend on the thread count.
 pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
     let _t = crate::profile::section("rmsnorm_backward");
     let width = w.len();
-    let rows = rstd.len();
-    dx.par_chunks_mut(width * ROW_CHUNK)
+    let shares: Vec<Vec<T>> = dx
+        .par_chunks_mut(width * ROW_CHUNK)
         .zip(x.par_chunks(width * ROW_CHUNK))
         .zip(dy.par_chunks(width * ROW_CHUNK))
         .zip(rstd.par_chunks(ROW_CHUNK))
-        .for_each(|(((dxc, xc), dyc), rc)| {
+        .map(|(((dxc, xc), dyc), rc)| {
+            let mut share = vec![T::ZERO; width];
             for (((dxr, xr), dyr), &r) in
                 dxc.chunks_exact_mut(width).zip(xc.chunks_exact(width)).zip(dyc.chunks_exact(width)).zip(rc)
             {
                 let (xr, dyr, w) = (&xr[..width], &dyr[..width], &w[..width]);
                 let dot = lanes(width, |j| w[j] * dyr[j] * xr[j] * r);
                 let mean = dot / T::from_f64(width as f64);
-                for (((o, &v), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                for ((((o, s), &v), &d), &g) in dxr.iter_mut().zip(share.iter_mut()).zip(xr).zip(dyr).zip(w) {
                     *o += r * (g * d - v * r * mean);
+                    *s += d * v * r;
                 }
             }
-        });
-    reduce_rows(rows, width, dw, |start, n, part| {
-        for i in start..start + n {
-            let r = rstd[i];
-            for ((p, &v), &d) in
-                part.iter_mut().zip(&x[i * width..(i + 1) * width]).zip(&dy[i * width..(i + 1) * width])
-            {
-                *p += d * v * r;
-            }
+            share
+        })
+        .collect();
+    for share in shares {
+        for (o, v) in dw.iter_mut().zip(share) {
+            *o += v;
         }
-    });
+    }
 }
