@@ -9,7 +9,9 @@ use crate::layers::bitlinear::{
     bitlinear_backward_in, bitlinear_forward_in, norm_quantize_input_in, quantize_input_in, Backward,
     Precision, QuantizedInput, WeightGroup,
 };
-use crate::layers::cross_entropy::{head_cross_entropy_backward, head_forward, softmax_cross_entropy};
+use crate::layers::cross_entropy::{
+    head_backward, head_forward, softmax_cross_entropy, softmax_cross_entropy_grad,
+};
 use crate::layers::embedding::{embedding_backward, embedding_forward};
 use crate::layers::gate::{gate_backward, gate_forward};
 use crate::layers::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -666,9 +668,9 @@ impl<T: Real> Model<T> {
             let n = chunk.min(rows - r0);
             let (x, p, t) = (&normed[r0 * h..(r0 + n) * h], &mut probs[..n * v], &targets[r0..r0 + n]);
             head_forward(x, head, n, h, v, p);
-            loss_sum += softmax_cross_entropy(p, t, v);
+            loss_sum += softmax_cross_entropy_grad(p, t, v, grad_scale);
             let dx = &mut d_normed[r0 * h..(r0 + n) * h];
-            head_cross_entropy_backward(x, head, p, t, grad_scale, h, v, dx, d_head);
+            head_backward(x, head, p, n, h, v, dx, d_head);
         }
         self.scratch.recycle(probs);
         loss_sum

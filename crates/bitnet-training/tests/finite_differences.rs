@@ -11,7 +11,7 @@ use bitnet_training::layers::bitlinear::{
     bitlinear_backward, bitlinear_forward, quantize_input, Precision, WeightGroup,
 };
 use bitnet_training::layers::cross_entropy::{
-    head_cross_entropy_backward, head_forward, softmax_cross_entropy,
+    head_backward, head_forward, softmax_cross_entropy, softmax_cross_entropy_grad,
 };
 use bitnet_training::layers::embedding::{embedding_backward, embedding_forward};
 use bitnet_training::layers::gate::{gate_backward, gate_forward};
@@ -256,12 +256,13 @@ fn head_cross_entropy_backward_matches_finite_differences() {
         head_forward(x, head, rows, hidden, vocab, &mut logits);
         softmax_cross_entropy(&mut logits, &targets, vocab) * scale
     };
-    let mut probs = vec![0.0; rows * vocab];
-    head_forward(&x, &head, rows, hidden, vocab, &mut probs);
-    softmax_cross_entropy(&mut probs, &targets, vocab);
+    let mut dlogits = vec![0.0; rows * vocab];
+    head_forward(&x, &head, rows, hidden, vocab, &mut dlogits);
+    let loss = softmax_cross_entropy_grad(&mut dlogits, &targets, vocab, scale);
+    assert_eq!(loss * scale, f(&x, &head), "the gradient pass's loss is the loss");
     let mut dx = vec![f64::NAN; x.len()]; // overwritten
     let mut dhead = vec![0.0; head.len()];
-    head_cross_entropy_backward(&x, &head, &mut probs, &targets, scale, hidden, vocab, &mut dx, &mut dhead);
+    head_backward(&x, &head, &dlogits, rows, hidden, vocab, &mut dx, &mut dhead);
     check("head_ce.x", &x, &dx, 1000, 1e-7, |xp| f(xp, &head));
     check("head_ce.head", &head, &dhead, 1000, 1e-7, |hp| f(&x, hp));
 }

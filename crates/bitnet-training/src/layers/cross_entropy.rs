@@ -23,6 +23,34 @@ pub fn head_forward<T: Real>(
 /// `logsumexp(row) − row[target]` (accumulated in f64, in row order).
 pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: usize) -> f64 {
     let _t = crate::profile::section("softmax_cross_entropy");
+    cross_entropy_rows(logits, targets, vocab, |row, _, sum| {
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    })
+}
+
+/// [`softmax_cross_entropy`] that leaves the gradient of `scale · Σ_rows CE` instead of the
+/// probabilities: `dlogits = (P − onehot) · scale`, in the same pass that normalizes.
+pub fn softmax_cross_entropy_grad<T: Real>(logits: &mut [T], targets: &[u32], vocab: usize, scale: T) -> f64 {
+    let _t = crate::profile::section("softmax_cross_entropy");
+    cross_entropy_rows(logits, targets, vocab, |row, target, sum| {
+        let at_target = (row[target] / sum - T::ONE) * scale;
+        for v in row.iter_mut() {
+            *v = *v / sum * scale;
+        }
+        row[target] = at_target;
+    })
+}
+
+/// The per-row work of the two above: `finish(row, target, sum)` gets `exp(row − max)` and its
+/// sum. Returns the summed losses.
+fn cross_entropy_rows<T: Real>(
+    logits: &mut [T],
+    targets: &[u32],
+    vocab: usize,
+    finish: impl Fn(&mut [T], usize, T) + Sync,
+) -> f64 {
     let mut losses = vec![0.0f64; targets.len()];
     logits
         .par_chunks_mut(vocab * ROW_CHUNK)
@@ -38,38 +66,26 @@ pub fn softmax_cross_entropy<T: Real>(logits: &mut [T], targets: &[u32], vocab: 
                 T::exp_in_place(row);
                 let sum = sum_lanes(row);
                 *out = (sum.ln() + max - target_logit).to_f64();
-                for v in row.iter_mut() {
-                    *v /= sum;
-                }
+                finish(row, target as usize, sum);
             }
         });
     losses.iter().sum()
 }
 
-/// Backward of `scale · Σ_rows CE` through the head: `dlogits = (P − onehot) · scale`;
-/// writes `dx = dlogits · head` and adds `dhead += dlogitsᵀ · x`. `probs` is consumed as scratch.
+/// Backward through the head, from `dlogits` (what [`softmax_cross_entropy_grad`] leaves):
+/// writes `dx = dlogits · head` and adds `dhead += dlogitsᵀ · x`.
 #[allow(clippy::too_many_arguments)]
-pub fn head_cross_entropy_backward<T: Real>(
+pub fn head_backward<T: Real>(
     x: &[T],
     head: &[T],
-    probs: &mut [T],
-    targets: &[u32],
-    scale: T,
+    dlogits: &[T],
+    rows: usize,
     hidden: usize,
     vocab: usize,
     dx: &mut [T],
     dhead: &mut [T],
 ) {
     let _t = crate::profile::section("head_backward");
-    let rows = targets.len();
-    probs.par_chunks_mut(vocab * ROW_CHUNK).zip(targets.par_chunks(ROW_CHUNK)).for_each(|(pc, tc)| {
-        for (row, &target) in pc.chunks_exact_mut(vocab).zip(tc) {
-            row[target as usize] -= T::ONE;
-            for v in row.iter_mut() {
-                *v *= scale;
-            }
-        }
-    });
-    matmul(dx, Operand::n(probs, rows, vocab), Operand::n(head, vocab, hidden), false, true);
-    matmul(dhead, Operand::t(probs, rows, vocab), Operand::n(x, rows, hidden), true, true);
+    matmul(dx, Operand::n(dlogits, rows, vocab), Operand::n(head, vocab, hidden), false, true);
+    matmul(dhead, Operand::t(dlogits, rows, vocab), Operand::n(x, rows, hidden), true, true);
 }
