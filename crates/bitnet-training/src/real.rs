@@ -92,6 +92,29 @@ pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
     lanes(n, |i| x[i] * y[i])
 }
 
+/// The largest of `x` (which must not be empty), in
+/// [`LANES`] running maxima: a single running maximum is a serial compare-and-select chain.
+/// The maximum of numbers does not depend on the order it is taken in, so neither does this
+/// (for inputs without NaN, which a softmax's logits are).
+#[inline]
+pub fn max_lanes<T: Real>(x: &[T]) -> T {
+    let mut acc = [x[0]; LANES];
+    let chunks = x.chunks_exact(LANES);
+    for &v in chunks.remainder() {
+        if v > acc[0] {
+            acc[0] = v;
+        }
+    }
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            if v > *a {
+                *a = v;
+            }
+        }
+    }
+    acc.iter().fold(acc[0], |m, &v| if v > m { v } else { m })
+}
+
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
@@ -267,6 +290,17 @@ mod tests {
             assert_eq!(sum_lanes(&x) as i64, sum, "sum, n = {n}");
             assert_eq!(dot_lanes(&x, &y) as i64, dot, "dot, n = {n}");
             assert_eq!(lanes(n, |i| x[i] * 2.0) as i64, 2 * sum, "lanes, n = {n}");
+        }
+    }
+
+    #[test]
+    fn lane_maxima_equal_the_serial_maximum() {
+        // The largest value at every position of every length, ragged tails included.
+        for n in [1usize, 2, 7, 8, 9, 15, 16, 17, 255, 4099] {
+            for at in 0..n {
+                let x: Vec<f32> = (0..n).map(|i| if i == at { 3.5 } else { -((i % 11) as f32) }).collect();
+                assert_eq!(max_lanes(&x), 3.5, "n = {n}, largest at {at}");
+            }
         }
     }
 

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{matmul_strided, SharedConst, SharedMut, Strided};
-use crate::real::{dot_lanes, sum_lanes, Real};
+use crate::real::{dot_lanes, max_lanes, sum_lanes, Real};
 
 /// Sizes of one attention call over a batch of `batch` sequences of `seq` tokens.
 #[derive(Clone, Copy, Debug)]
@@ -116,13 +116,10 @@ pub fn attention_forward<T: Real>(
 /// Reads only `row[..=i]`; the rest need not have been written.
 fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
     let (live, future) = row.split_at_mut(i + 1);
-    let mut max = live[0] * scale;
     for v in live.iter_mut() {
         *v *= scale;
-        if *v > max {
-            max = *v;
-        }
     }
+    let max = max_lanes(live);
     for v in live.iter_mut() {
         *v -= max;
     }

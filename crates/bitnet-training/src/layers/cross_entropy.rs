@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{matmul, Operand, ROW_CHUNK};
-use crate::real::{sum_lanes, Real};
+use crate::real::{max_lanes, sum_lanes, Real};
 
 /// `logits = x · headᵀ` for `x` `[rows, hidden]` and `head` `[vocab, hidden]`.
 pub fn head_forward<T: Real>(
@@ -58,7 +58,7 @@ fn cross_entropy_rows<T: Real>(
         .zip(losses.par_chunks_mut(ROW_CHUNK))
         .for_each(|((lc, tc), oc)| {
             for ((row, &target), out) in lc.chunks_exact_mut(vocab).zip(tc).zip(oc) {
-                let max = row.iter().fold(row[0], |m, &v| if v > m { v } else { m });
+                let max = max_lanes(row);
                 let target_logit = row[target as usize];
                 for v in row.iter_mut() {
                     *v -= max;
