@@ -1,6 +1,6 @@
 //! `bitnet bench`: prompt processing (ppN) and generation (tgN) speed in the spirit of
 //! llama-bench, with a memory-bandwidth probe so each generation row says how close it is to
-//! the machine's roof.
+//! the machine's roof; with `--train PRESET`, training steps per second instead.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use bitnet_inference::load::load_dir_with;
 use bitnet_inference::{CpuBackend, Logits, Model};
+use bitnet_training::bench::{preset_model, time_steps};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
@@ -21,9 +22,23 @@ pub enum OutputFormat {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Checkpoint directory.
-    #[arg(short, long)]
-    pub model: PathBuf,
+    /// Checkpoint directory (inference rows).
+    #[arg(short, long, required_unless_present = "train", conflicts_with = "train")]
+    pub model: Option<PathBuf>,
+    /// Time training instead: optimizer steps of this `bitnet train --preset` model on random
+    /// tokens (forward, backward, AdamW), in tokens per second.
+    #[arg(long, value_enum)]
+    pub train: Option<bitnet_training::Preset>,
+    /// With --train: the full-precision baseline (as `bitnet train --fp`).
+    #[arg(long)]
+    pub fp: bool,
+    /// With --train: the BitLinear backward's products, f32 (the default) or int16 (as
+    /// `bitnet train --backward`).
+    #[arg(long, value_enum)]
+    pub backward: Option<bitnet_training::Backward>,
+    /// With --train: timed steps per repetition, after one warm-up step [default: 3].
+    #[arg(long)]
+    pub train_steps: Option<usize>,
     /// Prompt lengths to time (ppN rows); empty to skip.
     #[arg(short = 'p', long = "prompt", value_delimiter = ',', default_values_t = vec![512])]
     pub prompts: Vec<usize>,
@@ -177,7 +192,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.threads.contains(&0) || a.repetitions == 0 {
         bail!("--threads and --repetitions must be at least 1");
     }
-    let mut loaded = load_dir_with(&a.model, a.lm_head.options())?;
+    let Some(model_dir) = &a.model else {
+        return bench_training(&a);
+    };
+    if a.fp || a.backward.is_some() || a.train_steps.is_some() {
+        bail!("--fp, --backward and --train-steps apply to --train, not to --model");
+    }
+    let mut loaded = load_dir_with(model_dir, a.lm_head.options())?;
     let model = &mut loaded.model;
     let max_ctx = model.config.max_position_embeddings;
     if let Some(&p) = a.prompts.iter().find(|&&p| p == 0 || p > max_ctx) {
@@ -234,6 +255,52 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     print_rows(&rows, a.output, &loaded.source.display().to_string());
+    Ok(())
+}
+
+/// `bitnet bench --train PRESET`: one row per thread count; each repetition times
+/// `--train-steps` steps of a fresh model (the same seed, so the same work every time).
+fn bench_training(a: &BenchArgs) -> Result<()> {
+    let preset = a.train.context("--model or --train is required")?;
+    let (steps, backward) = (a.train_steps.unwrap_or(3), a.backward.unwrap_or_default());
+    if steps == 0 {
+        bail!("--train-steps must be at least 1");
+    }
+    let mut rows = Vec::new();
+    let mut described = String::new();
+    for &t in &a.threads {
+        let pool =
+            rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
+        let load = load_average();
+        let runs = (0..a.repetitions)
+            .map(|_| {
+                pool.install(|| {
+                    let (mut model, batch, seq) = preset_model(preset, a.fp, backward)?;
+                    described = format!(
+                        "train --preset {} ({} parameters, {:?}, backward {:?}, batch {batch} x {seq})",
+                        format!("{preset:?}").to_lowercase(),
+                        model.params.count(),
+                        model.precision,
+                        backward
+                    );
+                    Ok(time_steps(&mut model, batch, seq, steps, 1)?.tokens_per_s())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (mean, std) = mean_std(&runs);
+        rows.push(Row {
+            test: format!("train{steps}"),
+            threads: t,
+            tokens_per_s: mean,
+            stddev: std,
+            median: median(&runs),
+            load,
+            bytes_per_token: None,
+            bandwidth_gbs: None,
+            roof_pct: None,
+        });
+    }
+    print_rows(&rows, a.output, &described);
     Ok(())
 }
 

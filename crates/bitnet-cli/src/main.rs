@@ -38,10 +38,11 @@ enum Command {
   bitnet synth --config 2b4t --out /tmp/bitnet-2b4t
   bitnet synth --config tiny --out /tmp/tiny --seed 3")]
     Synth(commands::SynthArgs),
-    /// Time prompt processing (ppN) and generation (tgN), llama-bench style.
+    /// Time prompt processing (ppN) and generation (tgN), llama-bench style; or training steps.
     #[command(after_help = "Examples:
   bitnet bench --model /tmp/bitnet-2b4t -p 128,512 -n 128 -t 1,2 -r 3
-  bitnet bench --model /tmp/bitnet-2b4t -p 512 -n 0 --output json")]
+  bitnet bench --model /tmp/bitnet-2b4t -p 512 -n 0 --output json
+  bitnet bench --train small -t 1,2 --backward int16")]
     Bench(bench::BenchArgs),
     /// Convert a Hugging Face BitNet checkpoint to GGUF (llama.cpp TQ types, bitnet.cpp I2_S).
     #[command(after_help = "Examples:

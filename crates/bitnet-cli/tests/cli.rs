@@ -199,3 +199,24 @@ fn bad_sampling_flags_are_errors() {
     fails_with(&["generate", "--prompt", "hi", "--top-p", "0"], "--top-p");
     fails_with(&["generate", "--prompt", "hi", "--temperature=-1"], "--temperature");
 }
+
+#[test]
+fn bench_times_training_steps() {
+    let v =
+        json_of(&["bench", "--train", "tiny", "-t", "1,2", "-r", "1", "--train-steps", "1", "-o", "json"]);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "one row per thread count: {v}");
+    for (row, threads) in rows.iter().zip([1, 2]) {
+        assert_eq!(row["test"], "train1");
+        assert_eq!(row["threads"], threads);
+        assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}
+
+#[test]
+fn bad_bench_flags_are_errors() {
+    fails_with(&["bench", "--train", "tiny", "--fp", "--backward", "int16"], "--backward int16");
+    fails_with(&["bench", "--train", "tiny", "--train-steps", "0"], "--train-steps");
+    fails_with(&["bench", "--model", "/nonexistent/model", "--fp"], "apply to --train");
+    fails_with(&["bench", "--train", "tiny", "-t", "0"], "--threads");
+}

@@ -6,6 +6,7 @@
 //! resume bit for bit (`checkpoint`), export to the Hugging Face packed 2B-4T form (`export`),
 //! and the `bitnet train` command (`train`: [`TrainArgs`], [`run_train`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod export;

@@ -164,7 +164,7 @@ pub struct RunSettings {
 }
 
 impl RunSettings {
-    fn from_args(a: &TrainArgs, threads: usize) -> Self {
+    pub(crate) fn from_args(a: &TrainArgs, threads: usize) -> Self {
         // (vocab, hidden, layers, inter, heads, kv, seq, batch, steps, lr, warmup, eval, log)
         let p = match a.preset {
             Preset::Tiny => (512, 128, 2, 384, 4, 2, 128, 8, 300, 4e-3, 20, 50, 1),
