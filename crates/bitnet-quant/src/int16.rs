@@ -28,7 +28,7 @@ pub const PANEL_COLS: usize = 16;
 /// padded with zeros): panel `j` holds, for each pair of rows `p` in turn, the 16 pairs
 /// `(b[2p, c], b[2p + 1, c])` of its columns as i16, 64 contiguous bytes per pair, so the
 /// kernel walks a panel as one stream. An odd `k` gets a zero row.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackedPairs {
     k: usize,
     n: usize,
@@ -52,7 +52,8 @@ impl PackedPairs {
     pub fn repack<'r>(&mut self, k: usize, n: usize, row: impl Fn(usize) -> &'r [i8] + Sync) {
         let n_padded = n.div_ceil(PANEL_COLS) * PANEL_COLS;
         let pairs = k.div_ceil(2);
-        self.data.clear();
+        // Every value is written below (padding and the missing odd row as zeros), so the
+        // buffer keeps whatever it held: zeroing it first was a whole extra pass.
         self.data.resize(pairs * n_padded * 2, 0);
         #[cfg(target_arch = "x86_64")]
         let simd = simd_available();
@@ -68,7 +69,9 @@ impl PackedPairs {
                         unsafe { interleave16_avx2(even, odd, out) };
                         continue;
                     }
-                    let pairs_out = out.chunks_exact_mut(2).take(cols.len());
+                    let (live, padding) = out.split_at_mut(2 * cols.len());
+                    padding.fill(0);
+                    let pairs_out = live.chunks_exact_mut(2);
                     if 2 * p + 1 < k {
                         let odd = &row(2 * p + 1)[cols.clone()];
                         for ((pair, &e), &o) in pairs_out.zip(even).zip(odd) {
@@ -78,6 +81,7 @@ impl PackedPairs {
                     } else {
                         for (pair, &e) in pairs_out.zip(even) {
                             pair[0] = e as i16;
+                            pair[1] = 0;
                         }
                     }
                 }

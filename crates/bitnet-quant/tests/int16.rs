@@ -100,6 +100,20 @@ fn every_path_equals_the_definition_on_ragged_shapes() {
 }
 
 #[test]
+fn a_reused_packing_buffer_holds_exactly_the_new_matrix() {
+    // A buffer that held a larger matrix of nonzero values, repacked with odd k and a ragged
+    // last panel: its padding and its missing odd row must be zeros again, as in a fresh one.
+    let mut rng = Rng::new(17);
+    let big: Vec<i8> = (0..301 * 70).map(|_| rng.range(1, 127) as i8).collect();
+    for (k, n) in [(7usize, 17usize), (1, 1), (33, 40), (300, 5)] {
+        let mut reused = PackedPairs::from_i8(&big, 301, 70).unwrap();
+        let b: Vec<i8> = (0..k * n).map(|_| rng.range(-128, 127) as i8).collect();
+        reused.repack(k, n, |r| &b[r * n..(r + 1) * n]);
+        assert_eq!(reused, PackedPairs::from_i8(&b, k, n).unwrap(), "k={k} n={n}");
+    }
+}
+
+#[test]
 fn empty_sums_give_zero_or_leave_the_output() {
     let packed = PackedPairs::from_i8(&[], 0, 3).unwrap();
     let mut out = vec![f32::NAN; 6];
