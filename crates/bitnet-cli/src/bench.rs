@@ -80,6 +80,24 @@ struct Row {
     roof_pct: Option<f64>,
 }
 
+impl Row {
+    /// A row of `runs` (tokens/s of each repetition), with no bandwidth columns.
+    fn of_runs(test: String, threads: usize, runs: &[f64], load: Option<f64>) -> Self {
+        let (mean, std) = mean_std(runs);
+        Row {
+            test,
+            threads,
+            tokens_per_s: mean,
+            stddev: std,
+            median: median(runs),
+            load,
+            bytes_per_token: None,
+            bandwidth_gbs: None,
+            roof_pct: None,
+        }
+    }
+}
+
 fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
@@ -219,18 +237,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let runs = (0..a.repetitions)
                 .map(|_| pool.install(|| time_prompt(model, p)))
                 .collect::<Result<Vec<_>>>()?;
-            let (mean, std) = mean_std(&runs);
-            rows.push(Row {
-                test: format!("pp{p}"),
-                threads: t,
-                tokens_per_s: mean,
-                stddev: std,
-                median: median(&runs),
-                load,
-                bytes_per_token: None,
-                bandwidth_gbs: None,
-                roof_pct: None,
-            });
+            rows.push(Row::of_runs(format!("pp{p}"), t, &runs, load));
         }
         if a.generate > 0 {
             pool.install(|| time_generation(model, 4))?;
@@ -238,19 +245,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let runs = (0..a.repetitions)
                 .map(|_| pool.install(|| time_generation(model, a.generate)))
                 .collect::<Result<Vec<_>>>()?;
-            let (mean, std) = mean_std(&runs);
             // Weight bytes per second at the median speed, against the probe's read rate.
             let roof = bandwidth.map(|bw| 100.0 * median(&runs) * bytes_per_token as f64 / (bw * 1e9));
             rows.push(Row {
-                test: format!("tg{}", a.generate),
-                threads: t,
-                tokens_per_s: mean,
-                stddev: std,
-                median: median(&runs),
-                load,
                 bytes_per_token: Some(bytes_per_token),
                 bandwidth_gbs: bandwidth,
                 roof_pct: roof,
+                ..Row::of_runs(format!("tg{}", a.generate), t, &runs, load)
             });
         }
     }
@@ -287,18 +288,7 @@ fn bench_training(a: &BenchArgs) -> Result<()> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (mean, std) = mean_std(&runs);
-        rows.push(Row {
-            test: format!("train{steps}"),
-            threads: t,
-            tokens_per_s: mean,
-            stddev: std,
-            median: median(&runs),
-            load,
-            bytes_per_token: None,
-            bandwidth_gbs: None,
-            roof_pct: None,
-        });
+        rows.push(Row::of_runs(format!("train{steps}"), t, &runs, load));
     }
     print_rows(&rows, a.output, &described);
     Ok(())
