@@ -526,7 +526,16 @@ fn ternary_gemm<S: Sink>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         KernelPath::Avx512Vnni => unsafe {
-            kernels::avx512::ternary_gemm::<true, S>(w, x, rows, tokens, sink)
+            // Enough tokens to share an unpacked panel: the rows-in-lanes GEMM on `vpdpbusd`
+            // (1.2–2× the 512-bit row kernel at the 2B-4T shapes on Zen 4, 2–2.6× at the
+            // training shapes; crates/bitnet-quant/KERNELS.md).
+            if tokens.len() >= kernels::avx2::PANEL_MIN_TOKENS
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                kernels::avx2::ternary_gemm_vnni(w, x, rows, tokens, sink)
+            } else {
+                kernels::avx512::ternary_gemm::<true, S>(w, x, rows, tokens, sink)
+            }
         },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.

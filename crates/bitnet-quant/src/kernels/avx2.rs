@@ -204,7 +204,7 @@ const TOKEN_BLOCK: usize = 128;
 /// Fewer tokens than this take the row-wise GEMM: unpacking a panel costs about as much as
 /// applying it to a few tokens (at M = 2 the panel kernel ran at half the row-wise speed; they
 /// break even near 24 tokens for K = 2560 and 12–16 for K = 6912).
-const PANEL_MIN_TOKENS: usize = 24;
+pub(crate) const PANEL_MIN_TOKENS: usize = 24;
 
 /// Unpacked codes of one panel × one K-chunk, one byte per code, *row-interleaved*: the 32
 /// bytes of (group `gi`, step `s`) hold, for the group's rows `r = 0..8` in turn, the codes of
@@ -223,6 +223,40 @@ type PanelCodes = std::mem::MaybeUninit<[u8; PANEL_GROUPS * CHUNK_STEPS * 32]>;
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn ternary_gemm<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: AVX2 is present (this function's contract).
+    unsafe { ternary_gemm_panels::<false, S>(w, x, rows, tokens, sink) }
+}
+
+/// [`ternary_gemm`] with the microkernel on `vpdpbusd` (AVX-512 VNNI on 256-bit vectors): the
+/// same panels, each lane's four products summed straight into i32, so one instruction
+/// replaces `vpmaddubsw` + `vpaddw` and no i16 stage needs widening.
+///
+/// # Safety
+/// The CPU must support AVX2, AVX-512 F, VL and VNNI.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_gemm_vnni<S: Sink>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // SAFETY: the features are this function's contract.
+    unsafe { ternary_gemm_panels::<true, S>(w, x, rows, tokens, sink) }
+}
+
+/// The body of [`ternary_gemm`] and [`ternary_gemm_vnni`].
+///
+/// # Safety
+/// The CPU must support AVX2, and AVX-512 F, VL and VNNI if `VNNI`.
+#[target_feature(enable = "avx2")]
+unsafe fn ternary_gemm_panels<const VNNI: bool, S: Sink>(
     w: &PackedTernary,
     x: &QuantizedActivations,
     rows: Range<usize>,
@@ -275,12 +309,12 @@ pub(crate) unsafe fn ternary_gemm<S: Sink>(
                     // the token block, and the chunk's groups were unpacked just above.
                     t += unsafe {
                         match tb + tn - t {
-                            NR.. => micro_tile::<NR>(x, &chunk, t, t - tb, &mut partial),
-                            5 => micro_tile::<5>(x, &chunk, t, t - tb, &mut partial),
-                            4 => micro_tile::<4>(x, &chunk, t, t - tb, &mut partial),
-                            3 => micro_tile::<3>(x, &chunk, t, t - tb, &mut partial),
-                            2 => micro_tile::<2>(x, &chunk, t, t - tb, &mut partial),
-                            _ => micro_tile::<1>(x, &chunk, t, t - tb, &mut partial),
+                            NR.. => micro_tile::<VNNI, NR>(x, &chunk, t, t - tb, &mut partial),
+                            5 => micro_tile::<VNNI, 5>(x, &chunk, t, t - tb, &mut partial),
+                            4 => micro_tile::<VNNI, 4>(x, &chunk, t, t - tb, &mut partial),
+                            3 => micro_tile::<VNNI, 3>(x, &chunk, t, t - tb, &mut partial),
+                            2 => micro_tile::<VNNI, 2>(x, &chunk, t, t - tb, &mut partial),
+                            _ => micro_tile::<VNNI, 1>(x, &chunk, t, t - tb, &mut partial),
                         }
                     };
                 }
@@ -380,13 +414,15 @@ struct Chunk<'a> {
     last_block_steps: usize,
 }
 
-/// Tokens `t..t + T` against every row group of `chunk`, two groups at a time. Returns `T`.
+/// Tokens `t..t + T` against every row group of `chunk`, two groups at a time (three with
+/// VNNI, whose 32 registers hold 18 accumulators). Returns `T`.
 ///
 /// # Safety
-/// The CPU must support AVX2, and `chunk.codes` must hold the unpacked codes of
-/// `chunk.groups` groups for `chunk.blocks` (as [`unpack_panel`] leaves them).
+/// The CPU must support AVX2 (and AVX-512 F, VL and VNNI if `VNNI`), and `chunk.codes` must
+/// hold the unpacked codes of `chunk.groups` groups for `chunk.blocks` (as [`unpack_panel`]
+/// leaves them).
 #[target_feature(enable = "avx2")]
-unsafe fn micro_tile<const T: usize>(
+unsafe fn micro_tile<const VNNI: bool, const T: usize>(
     x: &QuantizedActivations,
     chunk: &Chunk,
     t: usize,
@@ -404,14 +440,15 @@ unsafe fn micro_tile<const T: usize>(
         // SAFETY: AVX2 is present and the codes are unpacked (this function's contract);
         // `g` plus the kernel's groups stay below `chunk.groups`, and every token row holds
         // `steps · 4` activations from the chunk's first column (asserted above).
-        unsafe {
-            if chunk.groups - g >= MR_GROUPS {
-                micro_kernel::<MR_GROUPS, T>(&xp, chunk, g, partial);
-            } else {
-                micro_kernel::<1, T>(&xp, chunk, g, partial);
+        g += unsafe {
+            match (VNNI, chunk.groups - g) {
+                (true, 3..) => micro_kernel_vnni::<3, T>(&xp, chunk, g, partial),
+                (true, 2) => micro_kernel_vnni::<2, T>(&xp, chunk, g, partial),
+                (true, _) => micro_kernel_vnni::<1, T>(&xp, chunk, g, partial),
+                (false, MR_GROUPS..) => micro_kernel::<MR_GROUPS, T>(&xp, chunk, g, partial),
+                (false, _) => micro_kernel::<1, T>(&xp, chunk, g, partial),
             }
-        }
-        g += MR_GROUPS;
+        };
     }
     T
 }
@@ -431,7 +468,7 @@ unsafe fn micro_kernel<const G: usize, const T: usize>(
     chunk: &Chunk,
     g0: usize,
     partial: &mut [[i32; PANEL_ROWS]],
-) {
+) -> usize {
     let steps = chunk.blocks.len() * BLOCK_STEPS;
     let codes: [*const u8; G] =
         std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32));
@@ -468,6 +505,51 @@ unsafe fn micro_kernel<const G: usize, const T: usize>(
             }
         }
     }
+    G
+}
+
+/// [`micro_kernel`] on `vpdpbusd`: every step adds its four products per row straight into the
+/// row's i32 lane, so the whole chunk runs in registers and reaches `partial` once. Returns `G`.
+///
+/// # Safety
+/// As [`micro_kernel`], and the CPU must support AVX-512 F, VL and VNNI.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+unsafe fn micro_kernel_vnni<const G: usize, const T: usize>(
+    xp: &[*const i8; T],
+    chunk: &Chunk,
+    g0: usize,
+    partial: &mut [[i32; PANEL_ROWS]],
+) -> usize {
+    let steps = chunk.blocks.len() * BLOCK_STEPS;
+    let codes: [*const u8; G] =
+        std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32));
+    // The last block stops after its last live column (see `micro_kernel`).
+    let live = steps - BLOCK_STEPS + chunk.last_block_steps;
+    let mut acc = [[_mm256_setzero_si256(); T]; G];
+    for s in 0..live {
+        // SAFETY: as in `micro_kernel`.
+        unsafe {
+            let c: [__m256i; G] = std::array::from_fn(|gi| load(codes[gi].add(32 * s)));
+            for (j, &xj) in xp.iter().enumerate() {
+                let xb = _mm256_set1_epi32(xj.add(4 * s).cast::<i32>().read_unaligned());
+                for gi in 0..G {
+                    acc[gi][j] = _mm256_dpbusd_epi32(acc[gi][j], c[gi], xb);
+                }
+            }
+        }
+    }
+    for (gi, acc_g) in acc.iter().enumerate() {
+        for (&sums, pj) in acc_g.iter().zip(partial.iter_mut()) {
+            let p = pj[8 * (g0 + gi)..][..8].as_mut_ptr().cast::<__m256i>();
+            // SAFETY: `p` points at 8 i32 of `partial` (the slice above).
+            unsafe {
+                let v = if chunk.first { sums } else { _mm256_add_epi32(_mm256_loadu_si256(p), sums) };
+                _mm256_storeu_si256(p, v);
+            }
+        }
+    }
+    G
 }
 
 /// The GEMM for fewer than [`PANEL_MIN_TOKENS`] tokens: each row's weight block is decoded in
