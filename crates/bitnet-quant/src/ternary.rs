@@ -299,6 +299,19 @@ impl TernaryMatrix {
         self.run(path, x, &I32Sink(SharedOut::new(out, self.rows())));
     }
 
+    /// `out[i * rows + r] = (Σ_c x[i, c] · W[r, c]) as f32 / div[i] · mul[r]`, each product
+    /// scaled as it leaves the kernel: training's BitLinear output, with its own per-token
+    /// `div` (`s_a`) and per-row `mul` (the weight scale of each fused projection), and no
+    /// `[tokens, rows]` buffer of i32 sums to write and read back.
+    pub fn matmul_div_mul(&self, x: &QuantizedActivations, div: &[f32], mul: &[f32], out: &mut [f32]) {
+        self.check(x, out.len());
+        assert!(div.len() >= x.m() && mul.len() >= self.rows(), "matmul_div_mul scales");
+        let sink = MapSink(SharedOut::new(out, self.rows()), move |acc: i32, t: usize, r: usize| {
+            acc as f32 / div[t] * mul[r]
+        });
+        self.run(KernelPath::active(), x, &sink);
+    }
+
     /// `out[i * rows + r] = scale(Σ_c x[i, c] · W[r, c], s_a[i])`: the BitLinear output.
     pub fn forward(&self, x: &QuantizedActivations, out: &mut [f32]) {
         self.forward_with(KernelPath::active(), x, out)

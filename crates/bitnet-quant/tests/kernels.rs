@@ -185,3 +185,32 @@ fn forward_many_equals_forward_of_each() {
         }
     }
 }
+
+/// `matmul_div_mul` scales each sum as the kernel hands it over: the bits of `matmul_i32`
+/// followed by `acc as f32 / div[t] · mul[r]`, on token counts either side of the panel
+/// GEMM's switch and on ragged widths and row counts.
+#[test]
+fn matmul_div_mul_equals_the_scaled_integer_product() {
+    let mut state = 11u64;
+    let mut next = move |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    for (m, k, rows) in [(1, 256, 9), (5, 31, 17), (24, 256, 67), (130, 800, 50), (37, 1000, 1)] {
+        let codes: Vec<i8> = (0..rows * k).map(|_| next(3) as i8 - 1).collect();
+        let w = TernaryMatrix::from_ternary(&codes, rows, k, WeightScale::Multiply(1.0)).unwrap();
+        let xf: Vec<f32> = (0..m * k).map(|_| next(2001) as f32 / 100.0 - 10.0).collect();
+        let mut x = QuantizedActivations::new(m, k);
+        x.quantize(&xf, m);
+        let div: Vec<f32> = (0..m).map(|_| 0.5 + next(1000) as f32 / 37.0).collect();
+        let mul: Vec<f32> = (0..rows).map(|_| 0.01 + next(1000) as f32 / 3000.0).collect();
+        let mut sums = vec![0i32; m * rows];
+        w.matmul_i32(&x, &mut sums);
+        let want: Vec<f32> =
+            sums.iter().enumerate().map(|(i, &acc)| acc as f32 / div[i / rows] * mul[i % rows]).collect();
+        let mut got = vec![f32::NAN; m * rows];
+        w.matmul_div_mul(&x, &div, &mul, &mut got);
+        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "m={m} k={k} rows={rows}: matmul_div_mul differs from the scaled matmul_i32");
+    }
+}

@@ -217,6 +217,27 @@ unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
     exp_in_place_f32(xs)
 }
 
+/// Runs `f` compiled for AVX2 and FMA where the CPU has them (twice SSE2's lanes; the same
+/// bits, as Rust never fuses a multiply and an add on its own). For element-wise loops over
+/// a chunk: `f` must be a closure that inlines into the wrapper, or its code stays baseline.
+#[inline(always)]
+pub fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA are available (checked just above).
+        return unsafe { wide_avx2(f) };
+    }
+    f()
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// The clamp floor under `mean|w|` and `max|x|` (transformers' 1e-5).
 const QUANT_EPS_F64: f64 = 1e-5;
 

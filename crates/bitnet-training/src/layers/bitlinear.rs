@@ -352,6 +352,16 @@ pub fn bitlinear_forward_in<T: Real>(
     let n = w.out_features();
     let col_scale = w.column_scales();
     match (&w.packed, &x.int8) {
+        (Some(packed), Some(acts)) if T::as_f32(&x.scale).is_some() => {
+            // f32: scaled as the kernel hands each run of sums over; the same operations as
+            // the two-pass form below (an i32 converts to f32 in one rounding either way).
+            let (Some(s_a), Some(m), Some(y)) =
+                (T::as_f32(&x.scale), T::as_f32(&col_scale), T::as_f32_mut(y))
+            else {
+                unreachable!("T is f32")
+            };
+            packed.matmul_div_mul(acts, s_a, m, y);
+        }
         (Some(packed), Some(acts)) => {
             let mut sums = scratch.sums(x.rows * n);
             packed.matmul_i32(acts, &mut sums);
@@ -359,11 +369,13 @@ pub fn bitlinear_forward_in<T: Real>(
                 .zip(sums.par_chunks(n * ROW_CHUNK))
                 .zip(x.scale.par_chunks(ROW_CHUNK))
                 .for_each(|((yc, ic), sc)| {
-                    for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
-                        for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
-                            *v = T::from_f64(acc as f64) / s_a * m;
+                    crate::real::wide(|| {
+                        for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
+                            for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
+                                *v = T::from_f64(acc as f64) / s_a * m;
+                            }
                         }
-                    }
+                    })
                 });
             scratch.recycle_sums(sums);
         }
@@ -538,8 +550,11 @@ mod tests {
 
     fn integer_forward_is_the_float_product_bit_for_bit<T: Real>() {
         let mut rng = Rng::new(7, 3);
-        // Groups of one and of three projections; widths below, at and past a 256-column block.
-        for (rows, k, sizes) in [(1, 5, vec![3]), (37, 256, vec![16, 8, 8]), (70, 800, vec![40, 40])] {
+        // Groups of one and of three projections; widths below, at and past a 256-column block;
+        // token counts on both sides of the panel GEMM's 24 and past its 128-token block.
+        for (rows, k, sizes) in
+            [(1, 5, vec![3]), (37, 256, vec![16, 8, 8]), (70, 800, vec![40, 40]), (300, 256, vec![24, 57])]
+        {
             let weights: Vec<Vec<T>> = sizes
                 .iter()
                 .map(|&n| (0..n * k).map(|_| T::from_f64(rng.normal() * 0.02)).collect())
