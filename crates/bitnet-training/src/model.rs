@@ -337,6 +337,14 @@ impl<T: Real> Model<T> {
         QkvLayout { ld: q + 2 * kv, q: 0, k: q, v: q + kv }
     }
 
+    /// The q heads and the k heads, which sit side by side at the start of a fused q/k/v row
+    /// (`qkv_layout`): RoPE rotates them in one pass.
+    fn rotated_heads(&self) -> HeadsView {
+        let lay = self.qkv_layout();
+        debug_assert_eq!(lay.k, lay.q + self.config.q_dim());
+        HeadsView { ld: lay.ld, offset: lay.q, n_heads: self.config.num_heads + self.config.num_kv_heads }
+    }
+
     fn eps(&self) -> T {
         T::from_f64(self.config.rms_norm_eps as f64)
     }
@@ -374,18 +382,7 @@ impl<T: Real> Model<T> {
         let lay = self.qkv_layout();
         let mut qkv = self.scratch.dirty(rows * lay.ld);
         bitlinear_forward_in(&h_in, &w.qkv, &mut qkv, &self.scratch);
-        rope_forward(
-            &mut qkv,
-            HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads },
-            seq,
-            &self.rope,
-        );
-        rope_forward(
-            &mut qkv,
-            HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads },
-            seq,
-            &self.rope,
-        );
+        rope_forward(&mut qkv, self.rotated_heads(), seq, &self.rope);
         let shape = self.attention_shape(batch, seq);
         let mut probs = self.scratch.dirty(shape.probs_len());
         let mut attn = self.scratch.dirty(rows * qd);
@@ -542,18 +539,7 @@ impl<T: Real> Model<T> {
             &d_attn,
             &mut d_qkv,
         );
-        rope_backward(
-            &mut d_qkv,
-            HeadsView { ld: lay.ld, offset: lay.q, n_heads: c.num_heads },
-            seq,
-            &self.rope,
-        );
-        rope_backward(
-            &mut d_qkv,
-            HeadsView { ld: lay.ld, offset: lay.k, n_heads: c.num_kv_heads },
-            seq,
-            &self.rope,
-        );
+        rope_backward(&mut d_qkv, self.rotated_heads(), seq, &self.rope);
         let mut g = grads.take(&[s.q, s.k, s.v]);
         {
             let (a, rest) = g.split_at_mut(1);

@@ -4,14 +4,15 @@ use bitnet_models::Activation;
 use rayon::prelude::*;
 
 use crate::linalg::ROW_CHUNK;
-use crate::real::Real;
+use crate::real::{wide, Real};
 
-#[inline]
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
 /// `m = act(g) ⊙ u` over one row.
+#[inline(always)]
 fn forward_row<T: Real>(act: Activation, g: &[T], u: &[T], m: &mut [T]) {
     // One loop per activation, so that the ReLU² loop has no exp in it and vectorizes.
     match act {
@@ -30,6 +31,7 @@ fn forward_row<T: Real>(act: Activation, g: &[T], u: &[T], m: &mut [T]) {
 }
 
 /// `dg = dm ⊙ u ⊙ act'(g)`, `du = dm ⊙ act(g)` over one row.
+#[inline(always)]
 fn backward_row<T: Real>(act: Activation, g: &[T], u: &[T], dm: &[T], dg: &mut [T], du: &mut [T]) {
     let rows = dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dm);
     match act {
@@ -58,10 +60,12 @@ pub fn gate_forward<T: Real>(act: Activation, gate_up: &[T], width: usize, m: &m
     let _t = crate::profile::section("gate_forward");
     m.par_chunks_mut(width * ROW_CHUNK).zip(gate_up.par_chunks(2 * width * ROW_CHUNK)).for_each(
         |(mc, gc)| {
-            for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
-                let (g, u) = gr.split_at(width);
-                forward_row(act, g, u, mr);
-            }
+            wide(|| {
+                for (mr, gr) in mc.chunks_exact_mut(width).zip(gc.chunks_exact(2 * width)) {
+                    let (g, u) = gr.split_at(width);
+                    forward_row(act, g, u, mr);
+                }
+            })
         },
     );
 }
@@ -75,12 +79,16 @@ pub fn gate_backward<T: Real>(act: Activation, gate_up: &[T], dm: &[T], width: u
         .zip(gate_up.par_chunks(2 * width * ROW_CHUNK))
         .zip(dm.par_chunks(width * ROW_CHUNK))
         .for_each(|((dc, gc), dmc)| {
-            for ((dr, gr), dmr) in
-                dc.chunks_exact_mut(2 * width).zip(gc.chunks_exact(2 * width)).zip(dmc.chunks_exact(width))
-            {
-                let (g, u) = gr.split_at(width);
-                let (dg, du) = dr.split_at_mut(width);
-                backward_row(act, g, u, dmr, dg, du);
-            }
+            wide(|| {
+                for ((dr, gr), dmr) in dc
+                    .chunks_exact_mut(2 * width)
+                    .zip(gc.chunks_exact(2 * width))
+                    .zip(dmc.chunks_exact(width))
+                {
+                    let (g, u) = gr.split_at(width);
+                    let (dg, du) = dr.split_at_mut(width);
+                    backward_row(act, g, u, dmr, dg, du);
+                }
+            })
         });
 }

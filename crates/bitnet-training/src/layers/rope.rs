@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::ROW_CHUNK;
-use crate::real::Real;
+use crate::real::{wide, Real};
 
 /// cos and sin for every position and frequency, `[max_pos, head_dim/2]`.
 /// Computed in f32 as transformers does (`inv_freq` and the angles in float32), then widened.
@@ -58,21 +58,24 @@ fn rotate<T: Real>(x: &mut [T], view: HeadsView, seq_len: usize, table: &RopeTab
     let _t = crate::profile::section("rope");
     let half = table.half;
     assert!(seq_len <= table.max_pos, "sequence longer than the RoPE table");
+    // The inverse rotation is the rotation by −angle: sin times −1, which is exact.
+    let sign = if inverse { -T::ONE } else { T::ONE };
     x.par_chunks_mut(view.ld * ROW_CHUNK).enumerate().for_each(|(chunk, xc)| {
-        for (r, row) in xc.chunks_exact_mut(view.ld).enumerate() {
-            let pos = (chunk * ROW_CHUNK + r) % seq_len;
-            let cos = &table.cos[pos * half..(pos + 1) * half];
-            let sin = &table.sin[pos * half..(pos + 1) * half];
-            for h in 0..view.n_heads {
-                let head = &mut row[view.offset + h * 2 * half..view.offset + (h + 1) * 2 * half];
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    let s = if inverse { -sin[i] } else { sin[i] };
-                    x1[i] = a * cos[i] - b * s;
-                    x2[i] = b * cos[i] + a * s;
+        wide(|| {
+            for (r, row) in xc.chunks_exact_mut(view.ld).enumerate() {
+                let pos = (chunk * ROW_CHUNK + r) % seq_len;
+                let cos = &table.cos[pos * half..(pos + 1) * half];
+                let sin = &table.sin[pos * half..(pos + 1) * half];
+                let heads = &mut row[view.offset..view.offset + view.n_heads * 2 * half];
+                for head in heads.chunks_exact_mut(2 * half) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for (((a, b), &c), &s) in x1.iter_mut().zip(x2.iter_mut()).zip(cos).zip(sin) {
+                        let (xa, xb, s) = (*a, *b, s * sign);
+                        *a = xa * c - xb * s;
+                        *b = xb * c + xa * s;
+                    }
                 }
             }
-        }
+        })
     });
 }
