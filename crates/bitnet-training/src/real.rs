@@ -79,13 +79,13 @@ pub fn lanes<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
 }
 
 /// `Σ x`, vectorizable (see [`lanes`]).
-#[inline]
+#[inline(always)]
 pub fn sum_lanes<T: Real>(x: &[T]) -> T {
     lanes(x.len(), |i| x[i])
 }
 
 /// `Σ x·y` over the shorter of the two, vectorizable (see [`lanes`]).
-#[inline]
+#[inline(always)]
 pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
@@ -96,7 +96,7 @@ pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
 /// [`LANES`] running maxima: a single running maximum is a serial compare-and-select chain.
 /// The maximum of numbers does not depend on the order it is taken in, so neither does this
 /// (for inputs without NaN, which a softmax's logits are).
-#[inline]
+#[inline(always)]
 pub fn max_lanes<T: Real>(x: &[T]) -> T {
     let mut acc = [x[0]; LANES];
     let chunks = x.chunks_exact(LANES);

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use crate::linalg::{matmul_strided, SharedConst, SharedMut, Strided};
-use crate::real::{dot_lanes, max_lanes, sum_lanes, Real};
+use crate::real::{dot_lanes, max_lanes, sum_lanes, wide, Real};
 
 /// Sizes of one attention call over a batch of `batch` sequences of `seq` tokens.
 #[derive(Clone, Copy, Debug)]
@@ -100,9 +100,11 @@ pub fn attention_forward<T: Real>(
                     let q_rows = rows_at(q, lay.ld, r0, r1 - r0, d);
                     matmul_strided(scores, t, &q_rows, &transposed(rows_at(k, lay.ld, 0, r1, d)), false);
                     let pm = std::slice::from_raw_parts_mut(scores, (r1 - r0) * t);
-                    for (i, row) in (r0..r1).zip(pm.chunks_exact_mut(t)) {
-                        causal_softmax_row(row, i, scale);
-                    }
+                    wide(|| {
+                        for (i, row) in (r0..r1).zip(pm.chunks_exact_mut(t)) {
+                            causal_softmax_row(row, i, scale);
+                        }
+                    });
                     let p_rows = rows_at(scores as *const T, t, 0, r1 - r0, r1);
                     let o = out_p.get().add((b * t + r0) * q_dim + h * d);
                     matmul_strided(o, q_dim, &p_rows, &rows_at(v, lay.ld, 0, r1, d), false);
@@ -114,6 +116,7 @@ pub fn attention_forward<T: Real>(
 
 /// Scales the row of scores, masks the positions after `i` and applies the softmax in place.
 /// Reads only `row[..=i]`; the rest need not have been written.
+#[inline(always)]
 fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
     let (live, future) = row.split_at_mut(i + 1);
     for v in live.iter_mut() {
@@ -177,13 +180,16 @@ pub fn attention_backward<T: Real>(
                     let dv = dbase.add(c0 * lay.ld + lay.v + g * d);
                     matmul_strided(dv, lay.ld, &p_t, &rows_at(dout, q_dim, c0, t - c0, d), true);
                 }
-                for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)).enumerate() {
-                    let dot = dot_lanes(&dsr[..=i], &pr[..=i]);
-                    for j in 0..=i {
-                        dsr[j] = pr[j] * (dsr[j] - dot) * scale;
+                wide(|| {
+                    for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)).enumerate() {
+                        let (live, future) = dsr.split_at_mut(i + 1);
+                        let dot = dot_lanes(live, &pr[..=i]);
+                        for (d, &p) in live.iter_mut().zip(pr) {
+                            *d = p * (*d - dot) * scale;
+                        }
+                        future.fill(T::ZERO);
                     }
-                    dsr[i + 1..].fill(T::ZERO);
-                }
+                });
                 // dq += dS·k, for query rows r0..r1 and keys 0..r1.
                 for (r0, r1) in blocks(t) {
                     let ds_rows = rows_at(ds.as_ptr(), t, r0, r1 - r0, r1);
