@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::model::{Layout, ParamKind, Params};
+use crate::real::{lanes, wide};
 
 /// AdamW (decoupled weight decay, as `torch.optim.AdamW`), with its moments.
 #[derive(Clone, Debug)]
@@ -52,23 +53,29 @@ impl AdamW {
                 .zip(self.m.tensors[i].data.par_chunks_mut(CHUNK))
                 .zip(self.v.tensors[i].data.par_chunks_mut(CHUNK))
                 .for_each(|(((pc, gc), mc), vc)| {
-                    for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc).zip(vc) {
-                        *p *= shrink;
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                    }
+                    wide(|| {
+                        for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc).zip(vc) {
+                            *p *= shrink;
+                            *m = b1 * *m + (1.0 - b1) * g;
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                        }
+                    })
                 });
         }
     }
 }
 
-/// The L2 norm of all gradients together (summed in f64, in a fixed order).
+/// The L2 norm of all gradients together (summed in f64, in a fixed order: eight lanes per
+/// chunk, the chunks in turn).
 pub fn global_norm(grads: &Params<f32>) -> f64 {
     let mut total = 0.0f64;
     for t in &grads.tensors {
-        let parts: Vec<f64> =
-            t.data.par_chunks(CHUNK).map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum()).collect();
+        let parts: Vec<f64> = t
+            .data
+            .par_chunks(CHUNK)
+            .map(|c| wide(|| lanes(c.len(), |j| (c[j] as f64) * (c[j] as f64))))
+            .collect();
         total += parts.iter().sum::<f64>();
     }
     total.sqrt()
@@ -81,7 +88,7 @@ pub fn clip_grad_norm(grads: &mut Params<f32>, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
         let s = (max_norm / (norm + 1e-6)) as f32;
         for t in &mut grads.tensors {
-            t.data.par_iter_mut().for_each(|g| *g *= s);
+            t.data.par_chunks_mut(CHUNK).for_each(|c| wide(|| c.iter_mut().for_each(|g| *g *= s)));
         }
     }
     norm
