@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use crate::layers::rmsnorm::{rmsnorm_forward, rmsnorm_row};
 use crate::linalg::{add_into, matmul, Operand, Scratch, ROW_CHUNK};
-use crate::real::Real;
+use crate::real::{wide, Real};
 
 /// How the backward's BitLinear products are computed (module docs).
 #[derive(
@@ -261,7 +261,7 @@ pub fn norm_quantize_input_in<T: Real>(
     quantize_rows(rows, cols, float_codes, rstd, scratch, |first, buf, q, s, rstd| {
         let x_rows = x[first * cols..].chunks_exact(cols);
         for (((xr, qr), s), r) in x_rows.zip(q.chunks_exact_mut(cols)).zip(s).zip(rstd) {
-            *r = rmsnorm_row(xr, norm_weight, eps, buf);
+            *r = wide(|| rmsnorm_row(xr, norm_weight, eps, buf));
             *s = T::quantize_activation_row(buf, qr);
         }
     })
@@ -369,7 +369,7 @@ pub fn bitlinear_forward_in<T: Real>(
                 .zip(sums.par_chunks(n * ROW_CHUNK))
                 .zip(x.scale.par_chunks(ROW_CHUNK))
                 .for_each(|((yc, ic), sc)| {
-                    crate::real::wide(|| {
+                    wide(|| {
                         for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
                             for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
                                 *v = T::from_f64(acc as f64) / s_a * m;

@@ -20,7 +20,7 @@ pub fn rmsnorm_forward<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T], rstd: &mu
 }
 
 /// One token of [`rmsnorm_forward`]: writes `y` and returns `rstd`.
-#[inline]
+#[inline(always)]
 pub fn rmsnorm_row<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T]) -> T {
     let ms = dot_lanes(x, x) / T::from_f64(w.len() as f64);
     let rstd = (ms + eps).sqrt().recip();
