@@ -554,8 +554,18 @@ fn drive(task: &Task, mut tile: impl FnMut(At, usize) -> usize) {
                         // SAFETY: the rows' pairs end at or below `last`, inside the data; `d`
                         // has room for six.
                         unsafe {
-                            let src = base.add(r * row_stride + p * pair_stride).cast::<u8>();
-                            std::ptr::copy_nonoverlapping(src, d.as_mut_ptr().cast::<u8>(), 4 * rows);
+                            let src = base.add(r * row_stride + p * pair_stride);
+                            if rows == ROWS {
+                                // A whole tile: a fixed-size copy (two moves), not a call.
+                                let pair: [i32; ROWS] = src.cast::<[i32; ROWS]>().read_unaligned();
+                                d.copy_from_slice(&pair);
+                            } else {
+                                std::ptr::copy_nonoverlapping(
+                                    src.cast::<u8>(),
+                                    d.as_mut_ptr().cast::<u8>(),
+                                    4 * rows,
+                                );
+                            }
                         }
                     }
                 }
