@@ -10,7 +10,8 @@ use crate::layers::bitlinear::{
     Precision, QuantizedInput, WeightGroup,
 };
 use crate::layers::cross_entropy::{
-    head_backward, head_forward, softmax_cross_entropy, softmax_cross_entropy_grad,
+    add_transposed, head_backward_t, head_forward, head_forward_t, softmax_cross_entropy,
+    softmax_cross_entropy_grad, transpose_head,
 };
 use crate::layers::embedding::{embedding_backward, embedding_forward};
 use crate::layers::gate::{gate_backward, gate_forward};
@@ -648,17 +649,26 @@ impl<T: Real> Model<T> {
     ) -> f64 {
         let (v, h, rows) = (self.config.vocab_size, self.config.hidden_size, targets.len());
         let head = self.tensor(self.layout.head());
+        // The head and its gradient in `[hidden, vocab]` form, which the products read faster.
+        let mut head_t = self.scratch.dirty(v * h);
+        transpose_head(head, v, h, &mut head_t);
+        let mut d_head_t = self.scratch.dirty(v * h);
         let mut probs = self.scratch.dirty(chunk.min(rows) * v);
         let mut loss_sum = 0.0;
         for r0 in (0..rows).step_by(chunk) {
             let n = chunk.min(rows - r0);
             let (x, p, t) = (&normed[r0 * h..(r0 + n) * h], &mut probs[..n * v], &targets[r0..r0 + n]);
-            head_forward(x, head, n, h, v, p);
+            head_forward_t(x, &head_t, n, h, v, p);
             loss_sum += softmax_cross_entropy_grad(p, t, v, grad_scale);
             let dx = &mut d_normed[r0 * h..(r0 + n) * h];
-            head_backward(x, head, p, n, h, v, dx, d_head);
+            head_backward_t(x, head, p, n, h, v, dx, &mut d_head_t, r0 > 0);
         }
-        self.scratch.recycle(probs);
+        if rows > 0 {
+            add_transposed(d_head, &d_head_t, v, h);
+        }
+        for buf in [probs, head_t, d_head_t] {
+            self.scratch.recycle(buf);
+        }
         loss_sum
     }
 
@@ -754,11 +764,13 @@ fn head_chunk_rows(vocab: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::cross_entropy::head_backward;
     use crate::rng::Rng;
     use bitnet_models::{Architecture, QuantForm};
 
     /// The head taken in chunks of 16 rows (a ragged last one) gives the loss and gradients of
-    /// the head over all rows at once, up to the order of the float sums.
+    /// the head over all rows at once, and of the plain (untransposed) head functions, up to
+    /// the order of the float sums.
     #[test]
     fn chunked_head_equals_the_whole_head() {
         let cfg = ModelConfig {
@@ -789,9 +801,11 @@ mod tests {
         let (ids, targets) = Model::<f64>::inputs_and_targets(&tokens, batch, seq);
         let (_, normed, _, _) = model.trunk_forward(&w, &ids, batch, seq, false);
         let rows = batch * seq;
+        // The head's gradient is added to what it holds (the embedding's share, say).
+        let d_head_before: Vec<f64> = (0..29 * 16).map(|_| rng.normal()).collect();
         let run = |chunk: usize| {
             let mut d_normed = vec![f64::NAN; rows * 16];
-            let mut d_head = vec![0.0; 29 * 16];
+            let mut d_head = d_head_before.clone();
             let loss =
                 model.head_loss_and_backward(&normed, &targets, 0.5, chunk, &mut d_normed, &mut d_head);
             (loss, d_normed, d_head)
@@ -801,7 +815,20 @@ mod tests {
         assert!((whole_loss - chunked_loss).abs() <= 1e-12 * whole_loss.abs());
         let mean = model.loss(&w, &tokens, batch, seq);
         assert!((whole_loss / rows as f64 - mean).abs() <= 1e-12 * mean.abs());
-        for (name, a, b) in [("d_normed", &whole_dx, &chunked_dx), ("d_head", &whole_dh, &chunked_dh)] {
+        // The layer functions the finite-difference tests check, on the head as stored.
+        let head = model.tensor(model.layout.head());
+        let mut dlogits = vec![0.0; rows * 29];
+        head_forward(&normed, head, rows, 16, 29, &mut dlogits);
+        let ref_loss = softmax_cross_entropy_grad(&mut dlogits, &targets, 29, 0.5);
+        let (mut ref_dx, mut ref_dh) = (vec![f64::NAN; rows * 16], d_head_before.clone());
+        head_backward(&normed, head, &dlogits, rows, 16, 29, &mut ref_dx, &mut ref_dh);
+        assert!((whole_loss - ref_loss).abs() <= 1e-12 * ref_loss.abs());
+        for (name, a, b) in [
+            ("d_normed", &whole_dx, &chunked_dx),
+            ("d_head", &whole_dh, &chunked_dh),
+            ("d_normed (plain head)", &ref_dx, &chunked_dx),
+            ("d_head (plain head)", &ref_dh, &chunked_dh),
+        ] {
             let max = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             assert!(max > 0.0, "{name} is zero");
             for (x, y) in a.iter().zip(b.iter()) {
