@@ -293,8 +293,8 @@ impl<T: Real> Model<T> {
         grads: &mut Params<T>,
     ) -> Vec<T> {
         let Some(n) = norm else { return d_out };
-        let mut d = self.scratch.zeros(d_out.len());
-        rmsnorm_backward(x, self.tensor(n), rstd, &d_out, &mut d, &mut grads.tensors[n].data);
+        let mut d = self.scratch.dirty(d_out.len());
+        rmsnorm_backward(x, self.tensor(n), rstd, &d_out, &mut d, false, &mut grads.tensors[n].data);
         self.scratch.recycle(d_out);
         d
     }
@@ -520,6 +520,7 @@ impl<T: Real> Model<T> {
             &cache.rstd_post,
             &d_normed,
             dx,
+            true,
             &mut grads.tensors[s.post_norm].data,
         );
 
@@ -531,7 +532,8 @@ impl<T: Real> Model<T> {
         let d_attn =
             self.sub_norm_backward(s.attn_sub_norm, &cache.attn, &cache.rstd_attn_sub, d_o_in, grads);
         let lay = self.qkv_layout();
-        let mut d_qkv = self.scratch.zeros(rows * lay.ld);
+        // attention_backward writes every element.
+        let mut d_qkv = self.scratch.dirty(rows * lay.ld);
         attention_backward(
             &cache.qkv,
             lay,
@@ -561,6 +563,7 @@ impl<T: Real> Model<T> {
             &cache.rstd_in,
             &d_normed,
             dx,
+            true,
             &mut grads.tensors[s.input_norm].data,
         );
         for v in [d_mlp, d_gate_up, d_normed, d_attn, d_qkv] {
@@ -695,7 +698,7 @@ impl<T: Real> Model<T> {
         let loss = self.head_loss_and_backward(&normed, &targets, scale, chunk, &mut d_normed, &mut g[0]);
         let loss = loss / rows as f64;
         grads.put(&[head], g);
-        let mut dx = self.scratch.zeros(rows * h);
+        let mut dx = self.scratch.dirty(rows * h);
         let fnorm = self.layout.final_norm;
         rmsnorm_backward(
             &x_last,
@@ -703,6 +706,7 @@ impl<T: Real> Model<T> {
             &rstd,
             &d_normed,
             &mut dx,
+            false,
             &mut grads.tensors[fnorm].data,
         );
         for (l, cache) in caches.into_iter().enumerate().rev() {

@@ -84,9 +84,13 @@ fn rmsnorm_backward_matches_finite_differences() {
     let mut y = vec![0.0; x.len()];
     let mut rstd = vec![0.0; rows];
     rmsnorm_forward(&x, &w, eps, &mut y, &mut rstd);
-    let mut dx = vec![0.0; x.len()];
+    // Written into a NaN buffer, and added to one that holds 1.5 everywhere.
+    let mut dx = vec![f64::NAN; x.len()];
     let mut dw = vec![0.0; width];
-    rmsnorm_backward(&x, &w, &rstd, &r, &mut dx, &mut dw);
+    rmsnorm_backward(&x, &w, &rstd, &r, &mut dx, false, &mut dw);
+    let mut dx_added = vec![1.5; x.len()];
+    rmsnorm_backward(&x, &w, &rstd, &r, &mut dx_added, true, &mut vec![0.0; width]);
+    assert!(dx.iter().zip(&dx_added).all(|(a, b)| (a + 1.5 - b).abs() <= 1e-12), "add_dx adds");
     check("rmsnorm.x", &x, &dx, 1000, 1e-7, |xp| f(xp, &w));
     check("rmsnorm.w", &w, &dw, 1000, 1e-7, |wp| f(&x, wp));
 }

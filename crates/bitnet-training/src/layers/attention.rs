@@ -158,7 +158,9 @@ fn causal_softmax_row<T: Real>(row: &mut [T], i: usize, scale: T) {
 }
 
 /// Backward. With `dP = dO·vᵀ` and `dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale`:
-/// `dq += dS·k`, `dk += dSᵀ·q`, `dv += Pᵀ·dO`, all into `d_qkv` (layout `lay`).
+/// `dq = dS·k`, `dk = Σ_heads dSᵀ·q`, `dv = Σ_heads Pᵀ·dO`, all WRITTEN into `d_qkv` (layout
+/// `lay`, every element): each tile of dq is one product, and the first query head of a kv
+/// group overwrites dk and dv, so the buffer needs no zeroing first.
 pub fn attention_backward<T: Real>(
     qkv: &[T],
     lay: QkvLayout,
@@ -204,7 +206,7 @@ pub fn attention_backward<T: Real>(
                     for (c0, c1) in blocks(t) {
                         let p_t = transposed(rows_at(p.add(c0), t, c0, t - c0, c1 - c0));
                         let dv = dbase.add(c0 * lay.ld + lay.v + g * d);
-                        matmul_strided(dv, lay.ld, &p_t, &rows_at(dout, q_dim, c0, t - c0, d), true);
+                        matmul_strided(dv, lay.ld, &p_t, &rows_at(dout, q_dim, c0, t - c0, d), r > 0);
                     }
                     wide(|| {
                         for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(pm.chunks_exact(t)).enumerate() {
@@ -220,13 +222,13 @@ pub fn attention_backward<T: Real>(
                     for (r0, r1) in blocks(t) {
                         let ds_rows = rows_at(ds.as_ptr(), t, r0, r1 - r0, r1);
                         let dq = dbase.add(r0 * lay.ld + lay.q + h * d);
-                        matmul_strided(dq, lay.ld, &ds_rows, &rows_at(k, lay.ld, 0, r1, d), true);
+                        matmul_strided(dq, lay.ld, &ds_rows, &rows_at(k, lay.ld, 0, r1, d), false);
                     }
                     // dk += dSᵀ·q, for keys c0..c1 and query rows c0..t.
                     for (c0, c1) in blocks(t) {
                         let ds_t = transposed(rows_at(ds.as_ptr().add(c0), t, c0, t - c0, c1 - c0));
                         let dk = dbase.add(c0 * lay.ld + lay.k + g * d);
-                        matmul_strided(dk, lay.ld, &ds_t, &rows_at(q, lay.ld, c0, t - c0, d), true);
+                        matmul_strided(dk, lay.ld, &ds_t, &rows_at(q, lay.ld, c0, t - c0, d), r > 0);
                     }
                 }
             }
@@ -304,7 +306,8 @@ mod tests {
             let mut probs = vec![f64::NAN; s.probs_len()];
             let mut out = vec![0.0; s.batch * seq * qd];
             attention_forward(&qkv, lay, s, &mut probs, &mut out);
-            let mut d_qkv = vec![0.0; qkv.len()];
+            // NaN first: the backward must write every element, not add to it.
+            let mut d_qkv = vec![f64::NAN; qkv.len()];
             attention_backward(&qkv, lay, s, &probs, &d_out, &mut d_qkv);
             let (want_probs, want_out, want_d) = naive(&qkv, lay, s, &d_out);
             let close =

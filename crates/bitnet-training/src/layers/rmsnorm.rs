@@ -31,12 +31,21 @@ pub fn rmsnorm_row<T: Real>(x: &[T], w: &[T], eps: T, y: &mut [T]) -> T {
 }
 
 /// Backward of [`rmsnorm_forward`]. With `x̂ = x·rstd` and `g = w ⊙ dy`:
-/// `dx += rstd · (g − x̂ · mean(g ⊙ x̂))`, `dw += Σ_rows dy ⊙ x̂`.
+/// `dx (+)= rstd · (g − x̂ · mean(g ⊙ x̂))` (added to `dx` if `add_dx`, the residual stream's
+/// gradient; else written, so that a fresh buffer needs no zeroing), `dw += Σ_rows dy ⊙ x̂`.
 ///
 /// One pass over the rows does both (the pass is bound by memory): each chunk of [`ROW_CHUNK`]
 /// rows sums its share of `dw` in row order, and the shares are added in chunk order, so the
 /// sum's order does not depend on the thread count.
-pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
+pub fn rmsnorm_backward<T: Real>(
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    add_dx: bool,
+    dw: &mut [T],
+) {
     let _t = crate::profile::section("rmsnorm_backward");
     let width = w.len();
     let shares: Vec<Vec<T>> = dx
@@ -53,7 +62,8 @@ pub fn rmsnorm_backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], dx: &mu
                 let dot = lanes(width, |j| w[j] * dyr[j] * xr[j] * r);
                 let mean = dot / T::from_f64(width as f64);
                 for ((((o, s), &v), &d), &g) in dxr.iter_mut().zip(share.iter_mut()).zip(xr).zip(dyr).zip(w) {
-                    *o += r * (g * d - v * r * mean);
+                    let dxv = r * (g * d - v * r * mean);
+                    *o = if add_dx { *o + dxv } else { dxv };
                     *s += d * v * r;
                 }
             }
