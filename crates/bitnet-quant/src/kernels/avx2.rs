@@ -469,9 +469,7 @@ unsafe fn micro_kernel<const G: usize, const T: usize>(
     g0: usize,
     partial: &mut [[i32; PANEL_ROWS]],
 ) -> usize {
-    let steps = chunk.blocks.len() * BLOCK_STEPS;
-    let codes: [*const u8; G] =
-        std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32));
+    let codes = group_codes::<G>(chunk, g0);
     let ones = _mm256_set1_epi16(1);
     for bb in 0..chunk.blocks.len() {
         // The last block of a row stops after its last live column: past it the codes are
@@ -495,13 +493,7 @@ unsafe fn micro_kernel<const G: usize, const T: usize>(
         let set = chunk.first && bb == 0;
         for (gi, acc_g) in acc.iter().enumerate() {
             for (a, pj) in acc_g.iter().zip(partial.iter_mut()) {
-                let sums = _mm256_madd_epi16(*a, ones);
-                let p = pj[8 * (g0 + gi)..][..8].as_mut_ptr().cast::<__m256i>();
-                // SAFETY: `p` points at 8 i32 of `partial` (the slice above).
-                unsafe {
-                    let v = if set { sums } else { _mm256_add_epi32(_mm256_loadu_si256(p), sums) };
-                    _mm256_storeu_si256(p, v);
-                }
+                put_partial(&mut pj[8 * (g0 + gi)..][..8], _mm256_madd_epi16(*a, ones), set);
             }
         }
     }
@@ -522,8 +514,7 @@ unsafe fn micro_kernel_vnni<const G: usize, const T: usize>(
     partial: &mut [[i32; PANEL_ROWS]],
 ) -> usize {
     let steps = chunk.blocks.len() * BLOCK_STEPS;
-    let codes: [*const u8; G] =
-        std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32));
+    let codes = group_codes::<G>(chunk, g0);
     // The last block stops after its last live column (see `micro_kernel`).
     let live = steps - BLOCK_STEPS + chunk.last_block_steps;
     let mut acc = [[_mm256_setzero_si256(); T]; G];
@@ -541,15 +532,29 @@ unsafe fn micro_kernel_vnni<const G: usize, const T: usize>(
     }
     for (gi, acc_g) in acc.iter().enumerate() {
         for (&sums, pj) in acc_g.iter().zip(partial.iter_mut()) {
-            let p = pj[8 * (g0 + gi)..][..8].as_mut_ptr().cast::<__m256i>();
-            // SAFETY: `p` points at 8 i32 of `partial` (the slice above).
-            unsafe {
-                let v = if chunk.first { sums } else { _mm256_add_epi32(_mm256_loadu_si256(p), sums) };
-                _mm256_storeu_si256(p, v);
-            }
+            put_partial(&mut pj[8 * (g0 + gi)..][..8], sums, chunk.first);
         }
     }
     G
+}
+
+/// Where the unpacked codes of row groups `g0..g0 + G` of `chunk` start.
+fn group_codes<const G: usize>(chunk: &Chunk, g0: usize) -> [*const u8; G] {
+    let steps = chunk.blocks.len() * BLOCK_STEPS;
+    std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32))
+}
+
+/// Sets (`set`) or adds to the eight i32 partial sums `p` the lanes of `sums`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn put_partial(p: &mut [i32], sums: __m256i, set: bool) {
+    assert_eq!(p.len(), 8);
+    let p = p.as_mut_ptr().cast::<__m256i>();
+    // SAFETY: `p` points at 8 i32 (asserted above).
+    unsafe {
+        let v = if set { sums } else { _mm256_add_epi32(_mm256_loadu_si256(p), sums) };
+        _mm256_storeu_si256(p, v);
+    }
 }
 
 /// The GEMM for fewer than [`PANEL_MIN_TOKENS`] tokens: each row's weight block is decoded in

@@ -50,7 +50,7 @@ fn transposed<T>(m: Strided<T>) -> Strided<T> {
 ///
 /// # Safety
 /// `src` must point at `t` readable rows of `d` values, `ld` apart.
-unsafe fn transpose_head<T: Real>(src: *const T, ld: usize, t: usize, d: usize, dst: &mut [T]) {
+unsafe fn transpose_kv_head<T: Real>(src: *const T, ld: usize, t: usize, d: usize, dst: &mut [T]) {
     assert_eq!(dst.len(), d * t);
     for j in 0..t {
         // SAFETY: row `j < t` holds `d` values (this function's contract).
@@ -108,7 +108,7 @@ pub fn attention_forward<T: Real>(
             let (b, g) = (unit / s.n_kv_heads, unit % s.n_kv_heads);
             let base = qkv_p.get().wrapping_add(b * t * lay.ld);
             // SAFETY: the kv head's rows of sequence b are inside `qkv`.
-            unsafe { transpose_head(base.add(lay.k + g * d), lay.ld, t, d, k_t) };
+            unsafe { transpose_kv_head(base.add(lay.k + g * d), lay.ld, t, d, k_t) };
             for r in 0..s.n_rep() {
                 let h = g * s.n_rep() + r;
                 // SAFETY: task (b, g) reads rows of sequence b and writes only the probabilities of
@@ -184,7 +184,7 @@ pub fn attention_backward<T: Real>(
         |(ds, v_t), unit| {
             let (b, g) = (unit / s.n_kv_heads, unit % s.n_kv_heads);
             // SAFETY: the kv head's rows of sequence b are inside `qkv`.
-            unsafe { transpose_head(qkv_p.get().add(b * t * lay.ld + lay.v + g * d), lay.ld, t, d, v_t) };
+            unsafe { transpose_kv_head(qkv_p.get().add(b * t * lay.ld + lay.v + g * d), lay.ld, t, d, v_t) };
             for r in 0..s.n_rep() {
                 let h = g * s.n_rep() + r;
                 // SAFETY: task (b, g) writes dq of its own heads and dk, dv of its kv head, all in

@@ -369,13 +369,11 @@ pub fn bitlinear_forward_in<T: Real>(
                 .zip(sums.par_chunks(n * ROW_CHUNK))
                 .zip(x.scale.par_chunks(ROW_CHUNK))
                 .for_each(|((yc, ic), sc)| {
-                    wide(|| {
-                        for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
-                            for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
-                                *v = T::from_f64(acc as f64) / s_a * m;
-                            }
+                    for ((yr, ir), &s_a) in yc.chunks_exact_mut(n).zip(ic.chunks_exact(n)).zip(sc) {
+                        for ((v, &acc), &m) in yr.iter_mut().zip(ir).zip(&col_scale) {
+                            *v = T::from_f64(acc as f64) / s_a * m;
                         }
-                    })
+                    }
                 });
             scratch.recycle_sums(sums);
         }
