@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitnet_inference::load::load_dir_with;
-use bitnet_inference::{CpuBackend, Logits, Model};
+use bitnet_inference::{CpuBackend, Logits, Model, Sequence};
+
+use crate::commands::single_sequence_context;
 use bitnet_training::bench::{preset_model, time_steps};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -188,20 +190,22 @@ fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn time_prompt(model: &mut Model<CpuBackend>, n: usize) -> Result<f64> {
+fn time_prompt(model: &Model<CpuBackend>, n: usize) -> Result<f64> {
     let ids = bench_ids(n, model.config.vocab_size);
-    let mut s = model.session(n, 512);
+    let mut ctx = single_sequence_context(model, n)?;
+    let mut seq = Sequence::new();
     let start = Instant::now();
-    model.forward(&mut s, &ids, Logits::Last)?;
+    model.forward(&mut ctx, &mut seq, &ids, Logits::Last)?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn time_generation(model: &mut Model<CpuBackend>, n: usize) -> Result<f64> {
+fn time_generation(model: &Model<CpuBackend>, n: usize) -> Result<f64> {
     let ids = bench_ids(n, model.config.vocab_size);
-    let mut s = model.session(n, 1);
+    let mut ctx = single_sequence_context(model, n)?;
+    let mut seq = Sequence::new();
     let start = Instant::now();
     for &id in &ids {
-        model.forward(&mut s, &[id], Logits::Last)?;
+        model.forward(&mut ctx, &mut seq, &[id], Logits::Last)?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
@@ -216,8 +220,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.fp || a.backward.is_some() || a.train_steps.is_some() {
         bail!("--fp, --backward and --train-steps apply to --train, not to --model");
     }
-    let mut loaded = load_dir_with(model_dir, a.lm_head.options())?;
-    let model = &mut loaded.model;
+    let loaded = load_dir_with(model_dir, a.lm_head.options())?;
+    let model = &loaded.model;
     let max_ctx = model.config.max_position_embeddings;
     if let Some(&p) = a.prompts.iter().find(|&&p| p == 0 || p > max_ctx) {
         bail!("-p {p}: prompt lengths must be between 1 and the model's context ({max_ctx})");

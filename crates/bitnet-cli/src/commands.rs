@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
-use bitnet_inference::{generate as run_generation, GenerateOptions, HeadFormat, Logits, SamplingParams};
+use bitnet_inference::{
+    generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
+    HeadFormat, Logits, Model, SamplingParams, Sequence,
+};
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
@@ -185,6 +188,21 @@ fn context_len(input: &InputArgs, cfg: &ModelConfig) -> usize {
     input.ctx.unwrap_or(cfg.max_position_embeddings)
 }
 
+/// Whether the decode governor runs (`BITNET_DECODE_GOVERNOR=off` turns it off).
+pub fn governor_enabled() -> bool {
+    std::env::var("BITNET_DECODE_GOVERNOR").map_or(true, |v| v != "off")
+}
+
+/// A context for one sequence of up to `tokens` tokens, on the process's thread pool.
+pub fn single_sequence_context(model: &Model<CpuBackend>, tokens: usize) -> Result<RunContext<CpuBackend>> {
+    let opts = ContextOptions {
+        max_seq_tokens: Some(tokens),
+        governor: governor_enabled(),
+        ..ContextOptions::new(tokens)
+    };
+    Ok(RunContext::new(model, CpuBackend::new(), &opts)?)
+}
+
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -193,8 +211,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         min_p: a.min_p,
         repeat_penalty: a.repeat_penalty,
         seed: a.seed,
+        ..SamplingParams::default()
     };
-    sampling.validate().map_err(anyhow::Error::msg)?;
+    sampling.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
     set_threads(a.input.threads)?;
     let mut loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
@@ -212,15 +231,17 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         eos_ids: loaded.model.config.eos_token_ids.clone(),
         stop_strings: a.stop.clone(),
     };
-    let mut session = loaded.model.session(ids.len() + max_new, 512);
+    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new)?;
+    let mut seq = Sequence::new();
     let stdout = std::io::stdout();
     let json = a.json;
-    let g = run_generation(&mut loaded.model, &mut session, &tokenizer, &ids, &opts, |piece| {
+    let g = run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
         if !json {
             let mut out = stdout.lock();
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         }
+        std::ops::ControlFlow::Continue(())
     })?;
     if json {
         let v = json!({
@@ -250,17 +271,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input)?;
+    let loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
-    let mut session = loaded.model.session(ids.len(), 512);
+    let mut run = single_sequence_context(&loaded.model, ids.len())?;
+    let mut seq = Sequence::new();
     let mode = if a.all_positions { Logits::All } else { Logits::Last };
-    loaded.model.forward(&mut session, &ids, mode)?;
+    loaded.model.forward(&mut run, &mut seq, &ids, mode)?;
     let vocab = loaded.model.config.vocab_size;
-    let rows: Vec<&[f32]> = session.logits.chunks_exact(vocab).collect();
+    let rows: Vec<&[f32]> = run.logits().chunks_exact(vocab).collect();
     let v = json!({ "tokens": ids, "logits": rows });
     println!("{v}");
     Ok(())

@@ -53,7 +53,10 @@ impl DenseMatrix {
     }
 
     /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `tokens` rows of `x`: a float linear layer.
-    /// Threads split the weight rows; nothing is allocated.
+    /// Threads split the weight rows, and each task runs every token over its rows, so the
+    /// weights are read once per call however many tokens there are (a batch of decoded
+    /// sequences); each value is the same dot product whatever the number of tokens. Nothing is
+    /// allocated.
     pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
         assert!(x.len() >= tokens * cols && out.len() >= tokens * rows);
@@ -61,41 +64,56 @@ impl DenseMatrix {
         let avx2 = std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c");
-        for t in 0..tokens {
-            let xt = &x[t * cols..(t + 1) * cols];
-            let row_block = |(b, o): (usize, &mut [f32])| {
-                let r0 = b * ROWS_PER_TASK;
-                for (i, y) in o.iter_mut().enumerate() {
-                    let range = (r0 + i) * cols..(r0 + i + 1) * cols;
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        match &self.data {
-                            // SAFETY: avx2, fma and f16c were detected at run time.
-                            DenseData::Bf16(v) => {
-                                *y = unsafe { avx2::dot_bf16(&v[range], xt) };
-                                continue;
-                            }
-                            DenseData::F16(v) => {
-                                *y = unsafe { avx2::dot_f16(&v[range], xt) };
-                                continue;
-                            }
-                            DenseData::F32(_) => {}
-                        }
-                    }
-                    *y = match &self.data {
-                        DenseData::F32(v) => dot_f32(&v[range], xt),
-                        DenseData::Bf16(v) => dot_widen(&v[range], xt, bf16_to_f32),
-                        DenseData::F16(v) => dot_widen(&v[range], xt, |w| w.to_f32()),
-                    };
+        let dot = |r: usize, xt: &[f32]| -> f32 {
+            let range = r * cols..(r + 1) * cols;
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                match &self.data {
+                    // SAFETY: avx2, fma and f16c were detected at run time.
+                    DenseData::Bf16(v) => return unsafe { avx2::dot_bf16(&v[range], xt) },
+                    // SAFETY: as above.
+                    DenseData::F16(v) => return unsafe { avx2::dot_f16(&v[range], xt) },
+                    DenseData::F32(_) => {}
                 }
-            };
-            let out_t = &mut out[t * rows..(t + 1) * rows];
-            if crate::threads::parallel_threads() == 1 {
-                out_t.chunks_mut(ROWS_PER_TASK).enumerate().for_each(row_block);
-            } else {
-                out_t.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(row_block);
             }
+            match &self.data {
+                DenseData::F32(v) => dot_f32(&v[range], xt),
+                DenseData::Bf16(v) => dot_widen(&v[range], xt, bf16_to_f32),
+                DenseData::F16(v) => dot_widen(&v[range], xt, |w| w.to_f32()),
+            }
+        };
+        let out_ptr = SharedRows(out.as_mut_ptr());
+        let row_block = |b: usize| {
+            let r0 = b * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(rows);
+            for t in 0..tokens {
+                let xt = &x[t * cols..(t + 1) * cols];
+                // SAFETY: out holds tokens × rows values (asserted above); this task alone
+                // writes rows r0..r1 of each token.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * rows + r0), r1 - r0) };
+                for (i, y) in o.iter_mut().enumerate() {
+                    *y = dot(r0 + i, xt);
+                }
+            }
+        };
+        let blocks = rows.div_ceil(ROWS_PER_TASK);
+        if crate::threads::parallel_threads() == 1 {
+            (0..blocks).for_each(row_block);
+        } else {
+            (0..blocks).into_par_iter().for_each(row_block);
         }
+    }
+}
+
+/// The output of [`DenseMatrix::matmul`], written by tasks at disjoint rows.
+struct SharedRows(*mut f32);
+// SAFETY: tasks write disjoint rows through it (see `DenseMatrix::matmul`).
+unsafe impl Sync for SharedRows {}
+unsafe impl Send for SharedRows {}
+
+impl SharedRows {
+    fn get(&self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -232,6 +250,12 @@ mod tests {
             h.matmul(&x, 2, &mut out16);
             for (a, b) in out.iter().zip(&out16) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "f16 path: {a} vs {b}");
+            }
+            // A token's logits do not depend on the other tokens of the call (batch exactness).
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                let mut alone = vec![0.0; rows];
+                m.matmul(xt, 1, &mut alone);
+                assert_eq!(alone, out[t * rows..(t + 1) * rows], "[{rows}x{cols}] token {t} alone");
             }
             for t in 0..2 {
                 for r in 0..rows {

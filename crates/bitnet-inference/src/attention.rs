@@ -1,32 +1,96 @@
-//! Blocked causal attention on the CPU (flash-attention style).
+//! Blocked causal attention on the CPU (flash-attention style) over a paged KV cache.
 //!
-//! Work is split into tasks of (kv head, tile of query tokens). A task stacks the `n_rep` query
-//! heads that read its kv head, for every token of its tile, into one block of rows, then walks
-//! the keys in tiles of [`KEY_TILE`]: scores `S = Q·Kᵀ` of the block against the key tile, the
-//! causal mask, an online softmax (running max and sum per row, in f32) and `O += P·V`. Key
-//! tiles past the last token of the query tile are never visited. Both products run in an
-//! AVX2/FMA register-blocked microkernel where the CPU has it, and in portable loops otherwise.
+//! A call serves a batch of segments, each the query rows of one sequence over that sequence's
+//! cached keys and values, found through its block table. Work is split into tasks of
+//! (segment, kv head, tile of query tokens). A task stacks the `n_rep` query heads that read its
+//! kv head, for every token of its tile, into one block of rows, then walks the sequence's
+//! cache one block ([`KEY_TILE`] keys) at a time: scores `S = Q·Kᵀ` of the rows against the
+//! block's keys, the causal mask, an online softmax (running max and sum per row, in f32) and
+//! `O += P·V`. Blocks past the last token of the query tile are never visited. Both products
+//! run in an AVX2/FMA register-blocked microkernel where the CPU has it, and in portable loops
+//! otherwise. A cache of bf16 or f16 is widened to f32 a block at a time into the task's scratch.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-/// Keys per tile: one tile's scores for a block of rows stay in L1.
-pub const KEY_TILE: usize = 64;
+use crate::backend::AttentionSegment;
+use crate::kv::BLOCK_TOKENS;
+
+/// Keys per tile: one cache block. One tile's scores for a block of rows stay in L1.
+pub const KEY_TILE: usize = BLOCK_TOKENS;
 /// Rows (query heads × tokens) a task aims at; a multiple of the microkernels' row blocks
 /// (3 and 6).
 const ROWS_TARGET: usize = 48;
 
-/// One attention call: queries `[rows, n_heads, head_dim]`, the layer's cache
-/// `[positions, kv_dim]` holding positions `0..pos0 + rows`.
+/// One layer's cached keys or values, `[slots, kv_dim]`, in their stored element type.
+#[derive(Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    /// bfloat16 bits.
+    Bf16(&'a [u16]),
+    /// IEEE half bits.
+    F16(&'a [u16]),
+}
+
+impl KvSlice<'_> {
+    fn len(&self) -> usize {
+        match self {
+            KvSlice::F32(x) => x.len(),
+            KvSlice::Bf16(x) | KvSlice::F16(x) => x.len(),
+        }
+    }
+
+    /// `n` rows of `hd` values starting at `start`, `stride` apart: the stored f32 rows themselves
+    /// (with their stride), or widened into `buf` (stride `hd`).
+    fn rows<'b>(
+        &'b self,
+        start: usize,
+        stride: usize,
+        n: usize,
+        hd: usize,
+        buf: &'b mut [f32],
+    ) -> (&'b [f32], usize)
+    where
+        Self: 'b,
+    {
+        let widen = |src: &[u16], buf: &mut [f32], f: fn(u16) -> f32| {
+            for j in 0..n {
+                let s = &src[start + j * stride..][..hd];
+                for (d, &x) in buf[j * hd..(j + 1) * hd].iter_mut().zip(s) {
+                    *d = f(x);
+                }
+            }
+        };
+        match self {
+            KvSlice::F32(x) => (&x[start..], stride),
+            KvSlice::Bf16(x) => {
+                widen(x, buf, |b| half::bf16::from_bits(b).to_f32());
+                (&buf[..n * hd], hd)
+            }
+            KvSlice::F16(x) => {
+                widen(x, buf, |b| half::f16::from_bits(b).to_f32());
+                (&buf[..n * hd], hd)
+            }
+        }
+    }
+
+    fn is_f32(&self) -> bool {
+        matches!(self, KvSlice::F32(_))
+    }
+}
+
+/// One attention call: queries `[batch rows, n_heads, head_dim]`, and each segment's rows over
+/// the layer's cache `[slots, kv_dim]` through the segment's block table.
 #[derive(Clone, Copy)]
 pub struct Attention<'a> {
     pub q: &'a [f32],
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: KvSlice<'a>,
+    pub values: KvSlice<'a>,
     pub kv_dim: usize,
-    pub rows: usize,
-    pub pos0: usize,
+    /// The block tables of every segment, one after another.
+    pub tables: &'a [u32],
+    pub segments: &'a [AttentionSegment],
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -84,6 +148,11 @@ impl Kernel {
 }
 
 impl Attention<'_> {
+    /// The blocks that hold segment `s`'s context.
+    fn blocks(&self, s: &AttentionSegment) -> &[u32] {
+        &self.tables[s.table_start..s.table_start + (s.pos0 + s.rows).div_ceil(KEY_TILE)]
+    }
+
     fn n_rep(&self) -> usize {
         self.n_heads / self.n_kv_heads
     }
@@ -93,30 +162,44 @@ impl Attention<'_> {
         (ROWS_TARGET / self.n_rep()).max(1)
     }
 
-    /// Scratch floats one worker needs.
+    /// Scratch floats one worker needs: packed queries, outputs, a tile's scores, running max
+    /// and sum, and (for a 16-bit cache) one block of keys and values widened to f32.
     pub fn scratch_per_worker(&self) -> usize {
         let m = self.tile_tokens() * self.n_rep();
-        m * (2 * self.head_dim + KEY_TILE + 2)
+        let widened = if self.keys.is_f32() { 0 } else { 2 * KEY_TILE * self.head_dim };
+        m * (2 * self.head_dim + KEY_TILE + 2) + widened
     }
 
-    /// Multiply-adds of QKᵀ and PV (as if unmasked: what the old per-head loop counted).
+    /// Multiply-adds of QKᵀ and PV (as if unmasked).
     pub fn work(&self) -> usize {
-        2 * self.rows * self.n_heads * (self.pos0 + self.rows) * self.head_dim
+        self.segments.iter().map(|s| 2 * s.rows * self.n_heads * (s.pos0 + s.rows) * self.head_dim).sum()
     }
 
-    /// Attention of every query row into `out` (`[rows, n_heads, head_dim]`). `scratch` grows
-    /// to `workers` × [`Self::scratch_per_worker`] and is reused; `workers > 1` runs the tasks
-    /// on the current rayon pool.
+    /// Attention of every segment's query rows into `out` (`[batch rows, n_heads, head_dim]`).
+    /// `scratch` grows to `workers` × [`Self::scratch_per_worker`] and is reused; `workers > 1`
+    /// runs the tasks on the current rayon pool.
     pub fn run(&self, kernel: Kernel, workers: usize, scratch: &mut Vec<f32>, out: &mut [f32]) {
         let (hd, n_rep) = (self.head_dim, self.n_rep());
         assert!(self.n_kv_heads * n_rep == self.n_heads && self.n_kv_heads * hd <= self.kv_dim);
-        assert!(out.len() >= self.rows * self.n_heads * hd && self.q.len() >= self.rows * self.n_heads * hd);
-        let ctx = self.pos0 + self.rows;
-        assert!(self.keys.len() >= ctx * self.kv_dim && self.values.len() >= ctx * self.kv_dim);
         assert!(kernel == Kernel::Portable || hd.is_multiple_of(16));
+        let slots = self.keys.len() / self.kv_dim.max(1);
+        assert!(self.values.len() >= slots * self.kv_dim);
+        let row_width = self.n_heads * hd;
+        for s in self.segments {
+            let end = s.first_row + s.rows;
+            assert!(out.len() >= end * row_width && self.q.len() >= end * row_width);
+            let table_end = s.table_start + (s.pos0 + s.rows).div_ceil(KEY_TILE);
+            assert!(table_end <= self.tables.len(), "a segment's block table is shorter than its context");
+            assert!(
+                self.blocks(s).iter().all(|&b| (b as usize + 1) * KEY_TILE <= slots),
+                "a block outside the cache"
+            );
+        }
         let tq = self.tile_tokens();
-        let tiles = self.rows.div_ceil(tq);
-        let tasks = tiles * self.n_kv_heads;
+        // Tasks of segment i are numbered from first_task[i]: its tiles (last first: the last
+        // query tiles see the most keys) × kv heads.
+        let tasks_of = |s: &AttentionSegment| s.rows.div_ceil(tq) * self.n_kv_heads;
+        let tasks: usize = self.segments.iter().map(tasks_of).sum();
         let workers = workers.clamp(1, tasks.max(1));
         let slab = self.scratch_per_worker();
         if scratch.len() < workers * slab {
@@ -124,16 +207,26 @@ impl Attention<'_> {
         }
         let next = AtomicUsize::new(0);
         let out = OutPtr(out.as_mut_ptr());
-        // Tasks are handed out heaviest first (the last query tiles see the most keys).
-        let work = |slab: &mut [f32]| loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= tasks {
-                break;
+        let work = |slab: &mut [f32]| {
+            // Tasks are taken in order, so a worker's segment cursor only moves forward.
+            let (mut seg, mut seg_first) = (0, 0);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= tasks {
+                    break;
+                }
+                while i >= seg_first + tasks_of(&self.segments[seg]) {
+                    seg_first += tasks_of(&self.segments[seg]);
+                    seg += 1;
+                }
+                let s = &self.segments[seg];
+                let local = i - seg_first;
+                let tiles = s.rows.div_ceil(tq);
+                let tile = tiles - 1 - local / self.n_kv_heads;
+                let g = local % self.n_kv_heads;
+                let t1 = ((tile + 1) * tq).min(s.rows);
+                self.tile(kernel, s, g, tile * tq, t1, slab, &out);
             }
-            let tile = tiles - 1 - i / self.n_kv_heads;
-            let g = i % self.n_kv_heads;
-            let t1 = ((tile + 1) * tq).min(self.rows);
-            self.tile(kernel, g, tile * tq, t1, slab, &out);
         };
         if workers == 1 {
             work(&mut scratch[..slab]);
@@ -142,18 +235,30 @@ impl Attention<'_> {
         }
     }
 
-    /// Query heads `g * n_rep..(g + 1) * n_rep` of tokens `t0..t1`.
-    fn tile(&self, kernel: Kernel, g: usize, t0: usize, t1: usize, slab: &mut [f32], out: &OutPtr) {
+    /// Query heads `g * n_rep..(g + 1) * n_rep` of tokens `t0..t1` of segment `seg`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        kernel: Kernel,
+        seg: &AttentionSegment,
+        g: usize,
+        t0: usize,
+        t1: usize,
+        slab: &mut [f32],
+        out: &OutPtr,
+    ) {
         let (hd, n_rep, kv_dim) = (self.head_dim, self.n_rep(), self.kv_dim);
         let m = (t1 - t0) * n_rep;
         let (qp, rest) = slab.split_at_mut(m * hd);
         let (o, rest) = rest.split_at_mut(m * hd);
         let (s, rest) = rest.split_at_mut(m * KEY_TILE);
         let (mx, rest) = rest.split_at_mut(m);
-        let l = &mut rest[..m];
+        let (l, rest) = rest.split_at_mut(m);
+        let (kbuf, vbuf) = rest.split_at_mut(rest.len() / 2);
         // Row i is token t0 + i / n_rep, head g * n_rep + i % n_rep: for one token the n_rep
         // heads of a group are adjacent, so rows come n_rep × hd floats at a time.
-        let row_offset = |i: usize| ((t0 + i / n_rep) * self.n_heads + g * n_rep + i % n_rep) * hd;
+        let row_offset =
+            |i: usize| ((seg.first_row + t0 + i / n_rep) * self.n_heads + g * n_rep + i % n_rep) * hd;
         let scale = (hd as f32).powf(-0.5);
         for (i, dst) in qp.chunks_exact_mut(hd).enumerate() {
             let src = &self.q[row_offset(i)..row_offset(i) + hd];
@@ -164,13 +269,15 @@ impl Attention<'_> {
         o.fill(0.0);
         mx.fill(f32::NEG_INFINITY);
         l.fill(0.0);
-        let (keys, values) = (&self.keys[g * hd..], &self.values[g * hd..]);
-        let end = self.pos0 + t1; // keys the last token sees
-        for k0 in (0..end).step_by(KEY_TILE) {
+        let end = seg.pos0 + t1; // keys the last token sees
+        for (bi, &block) in self.blocks(seg)[..end.div_ceil(KEY_TILE)].iter().enumerate() {
+            let k0 = bi * KEY_TILE;
             let kn = KEY_TILE.min(end - k0);
-            kernel.qk(qp, m, hd, &keys[k0 * kv_dim..], kv_dim, kn, s);
+            let start = block as usize * KEY_TILE * kv_dim + g * hd;
+            let (keys, ks) = self.keys.rows(start, kv_dim, kn, hd, kbuf);
+            kernel.qk(qp, m, hd, keys, ks, kn, s);
             for i in 0..m {
-                let visible = self.pos0 + t0 + i / n_rep + 1;
+                let visible = seg.pos0 + t0 + i / n_rep + 1;
                 let valid = kn.min(visible.saturating_sub(k0));
                 let row = &mut s[i * KEY_TILE..i * KEY_TILE + kn];
                 row[valid..].fill(0.0); // causal mask: these keys get no weight
@@ -189,13 +296,14 @@ impl Attention<'_> {
                 l[i] = l[i] * alpha + sum;
                 mx[i] = new_max;
             }
-            kernel.pv(s, m, kn, &values[k0 * kv_dim..], kv_dim, o, hd);
+            let (values, vs) = self.values.rows(start, kv_dim, kn, hd, vbuf);
+            kernel.pv(s, m, kn, values, vs, o, hd);
         }
         for (i, oi) in o.chunks_exact(hd).enumerate() {
             let inv = 1.0 / l[i];
-            // SAFETY: `run` checked out.len() >= rows * n_heads * hd; row_offset(i) + hd is
-            // inside it, and no other task writes these rows (each (token, head) belongs to
-            // exactly one (kv head, query tile) task).
+            // SAFETY: `run` checked out.len() covers every segment's rows; row_offset(i) + hd is
+            // inside it, and no other task writes these rows (each (segment, token, head)
+            // belongs to exactly one (segment, kv head, query tile) task).
             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(row_offset(i)), hd) };
             for (d, &x) in dst.iter_mut().zip(oi) {
                 *d = x * inv;
@@ -476,18 +584,27 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// One sequence's rows and its keys and values laid out by position, `[ctx, kv_dim]`.
+    struct Case {
+        q: Vec<f32>,
+        keys: Vec<f32>,
+        values: Vec<f32>,
+        rows: usize,
+        pos0: usize,
+    }
+
     /// Per (token, head): scores, causal mask, softmax in f64, weighted sum of values.
-    fn reference(a: &Attention) -> Vec<f32> {
-        let (hd, n_rep) = (a.head_dim, a.n_heads / a.n_kv_heads);
-        let mut out = vec![0.0; a.rows * a.n_heads * hd];
-        for t in 0..a.rows {
-            for h in 0..a.n_heads {
+    fn reference(c: &Case, n_heads: usize, n_kv: usize, hd: usize) -> Vec<f32> {
+        let (n_rep, kv_dim) = (n_heads / n_kv, n_kv * hd);
+        let mut out = vec![0.0; c.rows * n_heads * hd];
+        for t in 0..c.rows {
+            for h in 0..n_heads {
                 let g = h / n_rep;
-                let q = &a.q[(t * a.n_heads + h) * hd..][..hd];
-                let visible = a.pos0 + t + 1;
+                let q = &c.q[(t * n_heads + h) * hd..][..hd];
+                let visible = c.pos0 + t + 1;
                 let scores: Vec<f64> = (0..visible)
                     .map(|j| {
-                        let k = &a.keys[j * a.kv_dim + g * hd..][..hd];
+                        let k = &c.keys[j * kv_dim + g * hd..][..hd];
                         q.iter().zip(k).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / (hd as f64).sqrt()
                     })
                     .collect();
@@ -495,9 +612,8 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for d in 0..hd {
-                    let o: f64 =
-                        (0..visible).map(|j| e[j] * a.values[j * a.kv_dim + g * hd + d] as f64).sum();
-                    out[(t * a.n_heads + h) * hd + d] = (o / sum) as f32;
+                    let o: f64 = (0..visible).map(|j| e[j] * c.values[j * kv_dim + g * hd + d] as f64).sum();
+                    out[(t * n_heads + h) * hd + d] = (o / sum) as f32;
                 }
             }
         }
@@ -516,65 +632,190 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn blocked_attention_matches_reference_on_ragged_shapes() {
+    /// The cases' keys and values scattered into a cache of blocks in a shuffled order, with the
+    /// block table of each case.
+    fn paged(cases: &[Case], kv_dim: usize) -> (Vec<f32>, Vec<f32>, Vec<Vec<u32>>) {
+        let blocks_of = |c: &Case| (c.pos0 + c.rows).div_ceil(KEY_TILE);
+        let total: usize = cases.iter().map(blocks_of).sum::<usize>() + 2;
+        // A fixed permutation of the block ids (odd multiplier modulo total, made coprime).
+        let mut step = 7;
+        while gcd(step, total) != 1 {
+            step += 2;
+        }
+        let mut ids = (0..total).map(|i| ((i * step + 3) % total) as u32);
+        let (mut keys, mut values) = (
+            pseudo_random(total * KEY_TILE * kv_dim, 99, 9.0),
+            pseudo_random(total * KEY_TILE * kv_dim, 98, 9.0),
+        );
+        let mut tables = Vec::new();
+        for c in cases {
+            let table: Vec<u32> = (&mut ids).take(blocks_of(c)).collect();
+            for p in 0..c.pos0 + c.rows {
+                let slot = table[p / KEY_TILE] as usize * KEY_TILE + p % KEY_TILE;
+                keys[slot * kv_dim..(slot + 1) * kv_dim]
+                    .copy_from_slice(&c.keys[p * kv_dim..(p + 1) * kv_dim]);
+                values[slot * kv_dim..(slot + 1) * kv_dim]
+                    .copy_from_slice(&c.values[p * kv_dim..(p + 1) * kv_dim]);
+            }
+            tables.push(table);
+        }
+        (keys, values, tables)
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+
+    fn kernels() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Portable];
         if Kernel::detect(64) != Kernel::Portable {
             kernels.push(Kernel::detect(64));
         }
+        kernels
+    }
+
+    #[test]
+    fn paged_batched_attention_matches_reference_on_ragged_shapes() {
         let mut scratch = Vec::new();
-        for &rows in &[1, 3, 17, 70] {
-            for &pos0 in &[0, 5] {
-                for &n_rep in &[1, 4] {
-                    for &hd in &[32, 64, 128] {
-                        let n_kv = 2;
-                        let n_heads = n_kv * n_rep;
-                        let kv_dim = n_kv * hd;
+        for &n_rep in &[1, 4] {
+            for &hd in &[32, 64, 128] {
+                let n_kv = 2;
+                let (n_heads, kv_dim) = (n_kv * n_rep, n_kv * hd);
+                // Segments of several sequences in one call: prefill chunks, decode steps, and
+                // contexts ending inside, at and past block boundaries.
+                let shapes = [(1, 0), (3, 5), (17, 0), (70, 5), (1, 31), (1, 64), (33, 31)];
+                let cases: Vec<Case> = shapes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(rows, pos0))| {
+                        let seed = (i * 1000 + n_rep * 10 + hd) as u64;
                         let ctx = pos0 + rows;
-                        let seed = (rows * 1000 + pos0 * 100 + n_rep * 10 + hd) as u64;
-                        // Amplitude 2 gives peaked softmaxes (scores up to ~hd/√hd·4).
-                        let q = pseudo_random(rows * n_heads * hd, seed, 2.0);
-                        let keys = pseudo_random((ctx + 3) * kv_dim, seed + 1, 2.0);
-                        let values = pseudo_random((ctx + 3) * kv_dim, seed + 2, 1.0);
-                        let a = Attention {
-                            q: &q,
-                            keys: &keys,
-                            values: &values,
-                            kv_dim,
+                        Case {
+                            // Amplitude 2 gives peaked softmaxes.
+                            q: pseudo_random(rows * n_heads * hd, seed, 2.0),
+                            keys: pseudo_random(ctx * kv_dim, seed + 1, 2.0),
+                            values: pseudo_random(ctx * kv_dim, seed + 2, 1.0),
                             rows,
                             pos0,
-                            n_heads,
-                            n_kv_heads: n_kv,
-                            head_dim: hd,
-                        };
-                        let want = reference(&a);
-                        for &kernel in &kernels {
-                            for workers in [1, 3] {
-                                let mut got = vec![f32::NAN; want.len()];
-                                a.run(kernel, workers, &mut scratch, &mut got);
-                                let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-                                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                                    assert!(
-                                        (g - w).abs() <= 1e-5 * norm.max(w.abs()),
-                                        "{kernel:?} rows {rows} pos0 {pos0} n_rep {n_rep} hd {hd} \
-                                         workers {workers} [{i}]: {g} vs {w}"
-                                    );
-                                }
-                            }
-                            // Decoding token t (rows 1 at pos0 + t) gives bit-identical rows to
-                            // the prefill: KV-cache decode equals a full recompute.
-                            for t in [0, rows / 2, rows - 1] {
-                                let step =
-                                    Attention { q: &q[t * n_heads * hd..], rows: 1, pos0: pos0 + t, ..a };
-                                let mut full = vec![0.0; want.len()];
-                                let mut one = vec![0.0; n_heads * hd];
-                                a.run(kernel, 1, &mut scratch, &mut full);
-                                step.run(kernel, 1, &mut scratch, &mut one);
-                                assert_eq!(one, full[t * n_heads * hd..(t + 1) * n_heads * hd], "{kernel:?}");
+                        }
+                    })
+                    .collect();
+                let (keys, values, per_case) = paged(&cases, kv_dim);
+                let tables: Vec<u32> = per_case.concat();
+                let mut q = Vec::new();
+                let mut segments = Vec::new();
+                let mut want = Vec::new();
+                let mut table_start = 0;
+                for (c, table) in cases.iter().zip(&per_case) {
+                    segments.push(AttentionSegment {
+                        first_row: q.len() / (n_heads * hd),
+                        rows: c.rows,
+                        pos0: c.pos0,
+                        table_start,
+                    });
+                    table_start += table.len();
+                    q.extend_from_slice(&c.q);
+                    want.extend(reference(c, n_heads, n_kv, hd));
+                }
+                let a = Attention {
+                    q: &q,
+                    keys: KvSlice::F32(&keys),
+                    values: KvSlice::F32(&values),
+                    kv_dim,
+                    tables: &tables,
+                    segments: &segments,
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                };
+                for &kernel in &kernels() {
+                    for workers in [1, 3] {
+                        let mut got = vec![f32::NAN; want.len()];
+                        a.run(kernel, workers, &mut scratch, &mut got);
+                        let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+                        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * norm.max(w.abs()),
+                                "{kernel:?} n_rep {n_rep} hd {hd} workers {workers} [{i}]: {g} vs {w}"
+                            );
+                        }
+                        // Each segment alone gives bit-identical rows to the batch, and decoding
+                        // token t (one row at pos0 + t) gives the prefill's row: batching and
+                        // KV-cache decoding change nothing.
+                        for (si, s) in segments.iter().enumerate() {
+                            let width = n_heads * hd;
+                            let batch_rows = &got[s.first_row * width..(s.first_row + s.rows) * width];
+                            let alone = AttentionSegment { first_row: 0, ..*s };
+                            let one = Attention { q: &q[s.first_row * width..], segments: &[alone], ..a };
+                            let mut own = vec![0.0; s.rows * width];
+                            one.run(kernel, 1, &mut scratch, &mut own);
+                            assert_eq!(own, batch_rows, "{kernel:?} segment {si}");
+                            for t in [0, s.rows / 2, s.rows - 1] {
+                                let step = AttentionSegment { first_row: 0, rows: 1, pos0: s.pos0 + t, ..*s };
+                                let q_t = &q[(s.first_row + t) * width..];
+                                let mut row = vec![0.0; width];
+                                Attention { q: q_t, segments: &[step], ..a }.run(
+                                    kernel,
+                                    1,
+                                    &mut scratch,
+                                    &mut row,
+                                );
+                                assert_eq!(
+                                    row,
+                                    batch_rows[t * width..(t + 1) * width],
+                                    "{kernel:?} seg {si} t {t}"
+                                );
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_16_bit_cache_equals_the_f32_cache_of_its_rounded_values() {
+        use half::{bf16, f16};
+        let (n_heads, n_kv, hd) = (4, 2, 64);
+        let kv_dim = n_kv * hd;
+        let (rows, pos0): (usize, usize) = (40, 9);
+        let ctx = pos0 + rows;
+        let table: Vec<u32> = (0..ctx.div_ceil(KEY_TILE) as u32).rev().collect();
+        let slots = table.len() * KEY_TILE;
+        let q = pseudo_random(rows * n_heads * hd, 1, 2.0);
+        let (k, v) = (pseudo_random(slots * kv_dim, 2, 2.0), pseudo_random(slots * kv_dim, 3, 1.0));
+        let seg = [AttentionSegment { first_row: 0, rows, pos0, table_start: 0 }];
+        let mut scratch = Vec::new();
+        type Round = (fn(f32) -> u16, fn(u16) -> f32);
+        let bf: Round = (|x| bf16::from_f32(x).to_bits(), |b| bf16::from_bits(b).to_f32());
+        let hf: Round = (|x| f16::from_f32(x).to_bits(), |b| f16::from_bits(b).to_f32());
+        for (name, (to_bits, from_bits)) in [("bf16", bf), ("f16", hf)] {
+            let (kb, vb): (Vec<u16>, Vec<u16>) =
+                (k.iter().map(|&x| to_bits(x)).collect(), v.iter().map(|&x| to_bits(x)).collect());
+            let (kr, vr): (Vec<f32>, Vec<f32>) =
+                (kb.iter().map(|&b| from_bits(b)).collect(), vb.iter().map(|&b| from_bits(b)).collect());
+            let wrap = |x: &'static [u16]| if name == "bf16" { KvSlice::Bf16(x) } else { KvSlice::F16(x) };
+            let (kb, vb): (&'static [u16], &'static [u16]) = (kb.leak(), vb.leak());
+            for kernel in kernels() {
+                let base = Attention {
+                    q: &q,
+                    keys: KvSlice::F32(&kr),
+                    values: KvSlice::F32(&vr),
+                    kv_dim,
+                    tables: &table,
+                    segments: &seg,
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                };
+                let (mut want, mut got) = (vec![0.0; rows * n_heads * hd], vec![1.0; rows * n_heads * hd]);
+                base.run(kernel, 1, &mut scratch, &mut want);
+                Attention { keys: wrap(kb), values: wrap(vb), ..base }.run(kernel, 2, &mut scratch, &mut got);
+                assert_eq!(got, want, "{name} {kernel:?}");
             }
         }
     }

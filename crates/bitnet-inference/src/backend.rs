@@ -1,26 +1,53 @@
 //! The coarse operations a device must provide to run the BitNet forward pass.
 //!
-//! The model is written once over this trait. Buffers are allocated once per session for the
-//! largest batch, and every operation names how many rows (tokens) of them are live, so a
-//! decode step allocates nothing.
+//! The model is written once over this trait. A backend owns its layouts: it receives host
+//! weights and keeps them however its kernels want. Allocation and uploads are fallible
+//! (device memory runs out); the operations of a forward step are not, and a device reports
+//! its first failure at the next [`Backend::synchronize`].
+//!
+//! Activation buffers are allocated once per context for the largest batch, and every
+//! operation names how many rows (tokens) of them are live, so a decode step allocates nothing.
+//! A batch's rows come from several sequences: row-wise operations (norms, quantization,
+//! projections, the gate) run over all rows at once, while RoPE, the KV store and attention
+//! take each row's position and cache slot.
 
 use bitnet_core::DenseMatrix;
 use bitnet_models::Activation;
 use bitnet_quant::{Int8Matrix, TernaryMatrix};
 
-/// Sizes of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    /// Tokens in this call.
+use crate::kv::KvType;
+
+/// A backend's failure: allocation, transfer or the device itself.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of {device} memory allocating {what} ({bytes} bytes)")]
+    OutOfMemory { device: String, what: &'static str, bytes: usize },
+    #[error("{device}: {message}")]
+    Device { device: String, message: String },
+}
+
+/// Rows of one sequence in a batch, as attention sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionSegment {
+    /// Index of the segment's first row in the batch.
+    pub first_row: usize,
     pub rows: usize,
-    /// Position of the first of them in the sequence.
+    /// Position of the first row in its sequence; the cache holds positions `0..pos0 + rows`.
     pub pos0: usize,
+    /// Where the sequence's block table starts in the call's `tables`: block
+    /// `tables[table_start + p / BLOCK_TOKENS]` holds position `p`.
+    pub table_start: usize,
+}
+
+/// Head counts and size of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
 }
 
-/// `Send` so that a whole generation loop can run on a worker thread of the pool.
+/// `Send` so that a context can run on a worker thread of its pool.
 pub trait Backend: Send {
     /// A ternary matrix in the device's kernel layout.
     type Linear: Send + Sync;
@@ -34,21 +61,31 @@ pub trait Backend: Send {
     type Buffer: Send;
     /// Int8 activations with one scale per token.
     type QuantBuffer: Send;
-    /// Keys and values of every layer of one sequence.
-    type KvCache: Send;
+    /// Keys and values of every layer: `blocks × BLOCK_TOKENS` slots of `kv_dim` per layer.
+    type KvStore: Send;
 
     fn name(&self) -> String;
 
-    fn upload_linear(&self, w: TernaryMatrix) -> Self::Linear;
-    fn upload_dense(&self, m: DenseMatrix) -> Self::Dense;
-    fn upload_int8(&self, m: Int8Matrix) -> Self::Int8Linear;
-    fn upload_vector(&self, v: &[f32]) -> Self::Vector;
-    fn buffer(&self, len: usize) -> Self::Buffer;
-    fn quant_buffer(&self, max_rows: usize, width: usize) -> Self::QuantBuffer;
-    fn kv_cache(&self, layers: usize, max_tokens: usize, kv_dim: usize) -> Self::KvCache;
+    fn upload_linear(&self, w: TernaryMatrix) -> Result<Self::Linear, BackendError>;
+    fn upload_dense(&self, m: DenseMatrix) -> Result<Self::Dense, BackendError>;
+    fn upload_int8(&self, m: Int8Matrix) -> Result<Self::Int8Linear, BackendError>;
+    fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector, BackendError>;
+    fn buffer(&self, len: usize) -> Result<Self::Buffer, BackendError>;
+    fn quant_buffer(&self, max_rows: usize, width: usize) -> Result<Self::QuantBuffer, BackendError>;
+    fn kv_store(
+        &self,
+        layers: usize,
+        blocks: usize,
+        kv_dim: usize,
+        kv_type: KvType,
+    ) -> Result<Self::KvStore, BackendError>;
+    /// Waits for the queued work and reports the first failure since the last call.
+    fn synchronize(&mut self) -> Result<(), BackendError>;
 
     /// `out[t] = table[ids[t]]`.
     fn embedding(&mut self, table: &Self::Dense, ids: &[u32], out: &mut Self::Buffer);
+    /// `out[t] = x[rows[t]]` for rows of `width`: gathers the rows that want logits.
+    fn gather_rows(&mut self, x: &Self::Buffer, rows: &[u32], width: usize, out: &mut Self::Buffer);
     /// RMSNorm of `rows` rows of `width`, with an optional gain.
     fn rmsnorm(
         &mut self,
@@ -105,37 +142,40 @@ pub trait Backend: Send {
     );
     /// `out = W · x` with int8 weights and activations, scaled back to float.
     fn int8_linear(&mut self, w: &Self::Int8Linear, x: &Self::QuantBuffer, out: &mut Self::Buffer);
-    /// NeoX RoPE on `rows` rows of `n_heads` heads, for positions `pos0..pos0+rows`.
+    /// NeoX RoPE on rows of `n_heads` heads; row `t` is at position `positions[t]`.
     fn rope(
         &mut self,
         x: &mut Self::Buffer,
         inv_freq: &Self::Vector,
-        rows: usize,
-        pos0: usize,
+        positions: &[u32],
         n_heads: usize,
         head_dim: usize,
     );
-    /// RoPE on `rows` keys of `n_kv_heads` heads (positions `pos0..`), written with their values
-    /// straight into `layer` of the cache; `k` itself is left as it was.
+    /// RoPE on the keys of every row (`n_kv_heads` heads, row `t` at `positions[t]`), written with
+    /// their values straight into cache slot `slots[t]` of `layer`; `k` itself is left as it was.
     #[allow(clippy::too_many_arguments)]
     fn rope_kv_store(
         &mut self,
-        cache: &mut Self::KvCache,
+        store: &mut Self::KvStore,
         layer: usize,
-        pos0: usize,
-        rows: usize,
         k: &Self::Buffer,
         v: &Self::Buffer,
+        positions: &[u32],
+        slots: &[u32],
         inv_freq: &Self::Vector,
         head_dim: usize,
     );
-    /// Causal attention of `q` over the cache of `layer` (positions `0..pos0+rows`).
+    /// Causal attention of each segment's query rows over its own cached keys and values,
+    /// found through its block table in `tables`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
         q: &Self::Buffer,
-        cache: &Self::KvCache,
+        store: &Self::KvStore,
         layer: usize,
-        shape: AttentionShape,
+        tables: &[u32],
+        segments: &[AttentionSegment],
+        shape: HeadShape,
         out: &mut Self::Buffer,
     );
     /// `out = act(gate) · up` over `len` values.
@@ -159,5 +199,5 @@ pub trait Backend: Send {
         out: &mut Self::Buffer,
     );
     /// Copies `out.len()` values starting at `offset` of a buffer to the host.
-    fn read(&mut self, b: &Self::Buffer, offset: usize, out: &mut [f32]);
+    fn read(&mut self, b: &Self::Buffer, offset: usize, out: &mut [f32]) -> Result<(), BackendError>;
 }

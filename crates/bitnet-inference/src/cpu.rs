@@ -1,17 +1,51 @@
 //! The CPU backend: host buffers, ternary kernels from bitnet-quant, rayon threads.
 
-use crate::attention::{Attention, Kernel};
-use crate::backend::{AttentionShape, Backend};
+use crate::attention::{Attention, Kernel, KvSlice};
+use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
+use crate::kv::{KvType, BLOCK_TOKENS};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
 use bitnet_quant::{Int8Matrix, QuantizedActivations, TernaryMatrix};
 
-/// Keys and values of every layer, each `[max_tokens, kv_dim]`.
-pub struct CpuKvCache {
-    pub keys: Vec<Vec<f32>>,
-    pub values: Vec<Vec<f32>>,
+/// One layer's keys or values, `[slots, kv_dim]`.
+pub enum KvData {
+    F32(Vec<f32>),
+    /// bf16 or f16 bits, as the store's type says.
+    Half(Vec<u16>),
+}
+
+/// Keys and values of every layer in blocks of [`BLOCK_TOKENS`] slots.
+pub struct CpuKvStore {
+    pub keys: Vec<KvData>,
+    pub values: Vec<KvData>,
     pub kv_dim: usize,
-    pub max_tokens: usize,
+    pub kv_type: KvType,
+}
+
+impl CpuKvStore {
+    fn slice<'a>(&self, data: &'a KvData) -> KvSlice<'a> {
+        match (data, self.kv_type) {
+            (KvData::F32(x), _) => KvSlice::F32(x),
+            (KvData::Half(x), KvType::Bf16) => KvSlice::Bf16(x),
+            (KvData::Half(x), _) => KvSlice::F16(x),
+        }
+    }
+
+    /// Writes `src` into slot `slot` of one layer's data, rounding to the store's type.
+    fn put(kv_type: KvType, data: &mut KvData, slot: usize, kv_dim: usize, src: &[f32]) {
+        match data {
+            KvData::F32(x) => x[slot * kv_dim..(slot + 1) * kv_dim].copy_from_slice(src),
+            KvData::Half(x) => {
+                let dst = &mut x[slot * kv_dim..(slot + 1) * kv_dim];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = match kv_type {
+                        KvType::Bf16 => half::bf16::from_f32(v).to_bits(),
+                        _ => half::f16::from_f32(v).to_bits(),
+                    };
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -19,10 +53,10 @@ pub struct CpuBackend {
     /// Attention scratch (per worker: packed queries, output rows, a key tile's scores),
     /// grown to the largest call seen and then reused.
     scratch: Vec<f32>,
-    /// cos/sin for the positions of one call.
+    /// cos/sin for the rows of one call.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
-    /// One row of floats between a fused producer (norm, gate) and the quantizer.
+    /// One row of floats between a fused producer (norm, gate) and the quantizer, and one rotated key.
     row: Vec<f32>,
 }
 
@@ -30,6 +64,18 @@ impl CpuBackend {
     pub fn new() -> Self {
         Self::default()
     }
+}
+
+/// A zeroed vector of `len` elements, or an error instead of an abort when memory is short.
+pub(crate) fn try_vec<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>, BackendError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| BackendError::OutOfMemory {
+        device: "cpu".into(),
+        what,
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    })?;
+    v.resize(len, T::default());
+    Ok(v)
 }
 
 /// Multiply-adds (of QKᵀ and PV, unmasked) below which attention runs on the calling thread (2B-4T decoding: a context
@@ -51,14 +97,15 @@ fn gated(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 impl CpuBackend {
-    /// cos/sin of positions `pos0..pos0 + rows` into `rope_cos`/`rope_sin` (`half` per row).
-    fn rope_table(&mut self, inv_freq: &[f32], rows: usize, pos0: usize, half: usize) {
+    /// cos/sin of each row's position into `rope_cos`/`rope_sin` (`half` per row).
+    fn rope_table(&mut self, inv_freq: &[f32], positions: &[u32], half: usize) {
+        let rows = positions.len();
         grow(&mut self.rope_cos, rows * half);
         grow(&mut self.rope_sin, rows * half);
-        for t in 0..rows {
+        for (t, &pos) in positions.iter().enumerate() {
             let (c, s) =
                 (&mut self.rope_cos[t * half..(t + 1) * half], &mut self.rope_sin[t * half..(t + 1) * half]);
-            ops::rope_cos_sin(pos0 + t, inv_freq, c, s);
+            ops::rope_cos_sin(pos as usize, inv_freq, c, s);
         }
     }
 }
@@ -70,43 +117,70 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
-    type KvCache = CpuKvCache;
+    type KvStore = CpuKvStore;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn upload_linear(&self, w: TernaryMatrix) -> TernaryMatrix {
-        w
+    fn upload_linear(&self, w: TernaryMatrix) -> Result<TernaryMatrix, BackendError> {
+        Ok(w)
     }
-    fn upload_dense(&self, m: DenseMatrix) -> DenseMatrix {
-        m
+    fn upload_dense(&self, m: DenseMatrix) -> Result<DenseMatrix, BackendError> {
+        Ok(m)
     }
-    fn upload_int8(&self, m: Int8Matrix) -> Int8Matrix {
-        m
+    fn upload_int8(&self, m: Int8Matrix) -> Result<Int8Matrix, BackendError> {
+        Ok(m)
     }
-    fn upload_vector(&self, v: &[f32]) -> Vec<f32> {
-        v.to_vec()
+    fn upload_vector(&self, v: &[f32]) -> Result<Vec<f32>, BackendError> {
+        let mut out = try_vec(v.len(), "a vector")?;
+        out.copy_from_slice(v);
+        Ok(out)
     }
-    fn buffer(&self, len: usize) -> Vec<f32> {
-        vec![0.0; len]
+    fn buffer(&self, len: usize) -> Result<Vec<f32>, BackendError> {
+        try_vec(len, "activations")
     }
-    fn quant_buffer(&self, max_rows: usize, width: usize) -> QuantizedActivations {
-        QuantizedActivations::new(max_rows, width)
+    fn quant_buffer(&self, max_rows: usize, width: usize) -> Result<QuantizedActivations, BackendError> {
+        // Checked first so that the allocation inside cannot abort.
+        try_vec::<i8>(max_rows.saturating_mul(width), "int8 activations")?;
+        Ok(QuantizedActivations::new(max_rows, width))
     }
-    fn kv_cache(&self, layers: usize, max_tokens: usize, kv_dim: usize) -> CpuKvCache {
-        CpuKvCache {
-            keys: (0..layers).map(|_| vec![0.0; max_tokens * kv_dim]).collect(),
-            values: (0..layers).map(|_| vec![0.0; max_tokens * kv_dim]).collect(),
+    fn kv_store(
+        &self,
+        layers: usize,
+        blocks: usize,
+        kv_dim: usize,
+        kv_type: KvType,
+    ) -> Result<CpuKvStore, BackendError> {
+        let len = blocks.saturating_mul(BLOCK_TOKENS).saturating_mul(kv_dim);
+        let data = || -> Result<KvData, BackendError> {
+            Ok(match kv_type {
+                KvType::F32 => KvData::F32(try_vec(len, "the KV cache")?),
+                KvType::Bf16 | KvType::F16 => KvData::Half(try_vec(len, "the KV cache")?),
+            })
+        };
+        Ok(CpuKvStore {
+            keys: (0..layers).map(|_| data()).collect::<Result<_, _>>()?,
+            values: (0..layers).map(|_| data()).collect::<Result<_, _>>()?,
             kv_dim,
-            max_tokens,
-        }
+            kv_type,
+        })
+    }
+    fn synchronize(&mut self) -> Result<(), BackendError> {
+        Ok(())
     }
 
     fn embedding(&mut self, table: &DenseMatrix, ids: &[u32], out: &mut Vec<f32>) {
         let w = table.cols;
         for (t, &id) in ids.iter().enumerate() {
             table.row_f32(id as usize, &mut out[t * w..(t + 1) * w]);
+        }
+    }
+
+    fn gather_rows(&mut self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {
+        for (t, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            out[t * width..(t + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
         }
     }
 
@@ -199,15 +273,14 @@ impl Backend for CpuBackend {
         &mut self,
         x: &mut Vec<f32>,
         inv_freq: &Vec<f32>,
-        rows: usize,
-        pos0: usize,
+        positions: &[u32],
         n_heads: usize,
         head_dim: usize,
     ) {
         let half = head_dim / 2;
-        self.rope_table(inv_freq, rows, pos0, half);
+        self.rope_table(inv_freq, positions, half);
         let width = n_heads * head_dim;
-        for (t, row) in x[..rows * width].chunks_exact_mut(width).enumerate() {
+        for (t, row) in x[..positions.len() * width].chunks_exact_mut(width).enumerate() {
             let (c, s) = (&self.rope_cos[t * half..(t + 1) * half], &self.rope_sin[t * half..(t + 1) * half]);
             ops::rope_neox(row, head_dim, c, s);
         }
@@ -215,50 +288,54 @@ impl Backend for CpuBackend {
 
     fn rope_kv_store(
         &mut self,
-        cache: &mut CpuKvCache,
+        store: &mut CpuKvStore,
         layer: usize,
-        pos0: usize,
-        rows: usize,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        positions: &[u32],
+        slots: &[u32],
         inv_freq: &Vec<f32>,
         head_dim: usize,
     ) {
-        let (d, half) = (cache.kv_dim, head_dim / 2);
-        self.rope_table(inv_freq, rows, pos0, half);
-        let keys = &mut cache.keys[layer][pos0 * d..(pos0 + rows) * d];
-        for (t, (dst, src)) in keys.chunks_exact_mut(d).zip(k.chunks_exact(d)).enumerate() {
+        let (d, half, kv_type) = (store.kv_dim, head_dim / 2, store.kv_type);
+        self.rope_table(inv_freq, positions, half);
+        grow(&mut self.row, d);
+        for (t, &slot) in slots.iter().enumerate() {
             let (c, s) = (&self.rope_cos[t * half..(t + 1) * half], &self.rope_sin[t * half..(t + 1) * half]);
-            ops::rope_neox_into(src, head_dim, c, s, dst);
+            let rotated = &mut self.row[..d];
+            ops::rope_neox_into(&k[t * d..(t + 1) * d], head_dim, c, s, rotated);
+            CpuKvStore::put(kv_type, &mut store.keys[layer], slot as usize, d, rotated);
+            CpuKvStore::put(kv_type, &mut store.values[layer], slot as usize, d, &v[t * d..(t + 1) * d]);
         }
-        cache.values[layer][pos0 * d..(pos0 + rows) * d].copy_from_slice(&v[..rows * d]);
     }
 
     fn attention(
         &mut self,
         q: &Vec<f32>,
-        cache: &CpuKvCache,
+        store: &CpuKvStore,
         layer: usize,
-        s: AttentionShape,
+        tables: &[u32],
+        segments: &[AttentionSegment],
+        shape: HeadShape,
         out: &mut Vec<f32>,
     ) {
         let a = Attention {
             q,
-            keys: &cache.keys[layer],
-            values: &cache.values[layer],
-            kv_dim: cache.kv_dim,
-            rows: s.rows,
-            pos0: s.pos0,
-            n_heads: s.n_heads,
-            n_kv_heads: s.n_kv_heads,
-            head_dim: s.head_dim,
+            keys: store.slice(&store.keys[layer]),
+            values: store.slice(&store.values[layer]),
+            kv_dim: store.kv_dim,
+            tables,
+            segments,
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
         };
         // A decoded token's attention over a short context is tens of microseconds: on the
         // calling thread it costs no fork-join, which under load can wait a whole scheduler
         // slice for a preempted helper.
         let workers =
             if a.work() < ATTENTION_PARALLEL_MIN { 1 } else { bitnet_core::threads::parallel_threads() };
-        a.run(Kernel::detect(s.head_dim), workers, &mut self.scratch, out);
+        a.run(Kernel::detect(shape.head_dim), workers, &mut self.scratch, out);
     }
 
     fn gate(&mut self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) {
@@ -273,8 +350,9 @@ impl Backend for CpuBackend {
         w.matmul(&x[first * w.cols..(first + rows) * w.cols], rows, &mut out[..rows * w.rows]);
     }
 
-    fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) {
+    fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<(), BackendError> {
         out.copy_from_slice(&b[offset..offset + out.len()]);
+        Ok(())
     }
 }
 
@@ -323,16 +401,24 @@ mod fused_tests {
                 }
             }
         }
-        let (head_dim, kv_heads, rows, pos0) = (16, 2, 3, 4);
+        let (head_dim, kv_heads, rows) = (16, 2, 3);
         let d = head_dim * kv_heads;
         let inv_freq = ops::rope_inv_freq(10_000.0, head_dim);
         let (k, v) = (data(rows * d, 5), data(rows * d, 6));
-        let mut cache = b.kv_cache(2, 8, d);
-        b.rope_kv_store(&mut cache, 1, pos0, rows, &k, &v, &inv_freq, head_dim);
+        let mut store = b.kv_store(2, 2, d, KvType::F32).unwrap();
+        let (positions, slots) = ([4, 5, 9], [40, 7, 33]);
+        b.rope_kv_store(&mut store, 1, &k, &v, &positions, &slots, &inv_freq, head_dim);
         let mut rotated = k.clone();
-        b.rope(&mut rotated, &inv_freq, rows, pos0, kv_heads, head_dim);
-        assert_eq!(&cache.keys[1][pos0 * d..(pos0 + rows) * d], &rotated[..]);
-        assert_eq!(&cache.values[1][pos0 * d..(pos0 + rows) * d], &v[..]);
-        assert!(cache.keys[0].iter().all(|&x| x == 0.0));
+        b.rope(&mut rotated, &inv_freq, &positions, kv_heads, head_dim);
+        let (KvData::F32(keys), KvData::F32(values)) = (&store.keys[1], &store.values[1]) else {
+            unreachable!("an f32 store")
+        };
+        for (t, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            assert_eq!(&keys[slot * d..(slot + 1) * d], &rotated[t * d..(t + 1) * d]);
+            assert_eq!(&values[slot * d..(slot + 1) * d], &v[t * d..(t + 1) * d]);
+        }
+        let KvData::F32(layer0) = &store.keys[0] else { unreachable!("an f32 store") };
+        assert!(layer0.iter().all(|&x| x == 0.0));
     }
 }

@@ -1,11 +1,13 @@
 //! Autoregressive generation: prefill the prompt, then decode one token at a time until an
 //! end-of-sequence id, a stop string or the token limit, streaming text as it completes.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use bitnet_models::tokenizer::{TextStreamer, Tokenizer};
 
-use crate::model::{Logits, Model, Session};
+use crate::context::{Context, Sequence};
+use crate::model::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Backend, InferenceError};
 
@@ -25,11 +27,15 @@ pub enum StopReason {
     StopString,
     MaxTokens,
     ContextFull,
+    /// The text callback asked to stop.
+    Cancelled,
 }
 
 #[derive(Clone, Debug)]
 pub struct Generation {
     pub prompt_ids: Vec<u32>,
+    /// Prompt tokens whose keys and values were already cached (not computed again).
+    pub cached_prompt_tokens: usize,
     pub generated: Vec<u32>,
     pub text: String,
     pub stop_reason: StopReason,
@@ -48,15 +54,20 @@ impl Generation {
 }
 
 /// Holds back the tail of the text that could still turn into a stop string.
-struct StopMatcher<'a> {
+pub struct StopMatcher<'a> {
     stops: &'a [String],
-    text: String,
+    /// All text so far, cut before a stop string once one is hit.
+    pub text: String,
     emitted: usize,
 }
 
-impl StopMatcher<'_> {
+impl<'a> StopMatcher<'a> {
+    pub fn new(stops: &'a [String]) -> Self {
+        Self { stops, text: String::new(), emitted: 0 }
+    }
+
     /// Appends a piece; returns what may be printed now and whether a stop string was hit.
-    fn push(&mut self, piece: &str) -> (String, bool) {
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
         self.text.push_str(piece);
         let search_from = self.emitted.saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
         let hit = self
@@ -87,73 +98,90 @@ impl StopMatcher<'_> {
         (out, false)
     }
 
-    fn finish(&mut self) -> String {
+    /// The text held back so far (at the end of a generation that hit no stop string).
+    pub fn finish(&mut self) -> String {
         let out = self.text[self.emitted..].to_string();
         self.emitted = self.text.len();
         out
     }
 }
 
-/// Generates from `prompt_ids`, calling `on_text` with each piece of text as it completes.
-/// The session is reset first.
+/// Generates after `prompt_ids`, calling `on_text` with each piece of text as it completes;
+/// `on_text` returning `ControlFlow::Break` stops the generation (a closed client, Ctrl-C).
 ///
-/// The loop runs on a worker thread of the thread pool: every parallel kernel call it makes
+/// `seq` may already hold tokens (the earlier turns of a chat): the tokens it shares with
+/// `prompt_ids` stay cached and only the rest is computed. An empty `seq` first takes any cached
+/// blocks that hold a prefix of the prompt. Afterwards `seq` holds the prompt and every generated
+/// token but the last, so the next turn continues from it.
+///
+/// The loop runs on a worker thread of the context's pool: every parallel kernel call it makes
 /// then goes through that worker's own queue, instead of the pool's injector, which allocates
 /// a new block every few dozen calls from outside. Decoding then allocates nothing.
 pub fn generate<B: Backend>(
-    model: &mut Model<B>,
-    session: &mut Session<B>,
+    model: &Model<B>,
+    ctx: &mut Context<B>,
+    seq: &mut Sequence,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
-    on_text: impl FnMut(&str) + Send,
+    on_text: impl FnMut(&str) -> ControlFlow<()> + Send,
 ) -> Result<Generation, InferenceError> {
-    rayon::scope(|_| generate_on_this_thread(model, session, tokenizer, prompt_ids, opts, on_text))
+    ctx.run(|ctx| generate_on_this_thread(model, ctx, seq, tokenizer, prompt_ids, opts, on_text))
+}
+
+/// Keeps the longest prefix `seq` shares with `prompt` (short of the prompt's last token, whose
+/// logits are needed) and returns where the tokens still to compute start.
+pub fn reuse_prefix<B: Backend>(ctx: &mut Context<B>, seq: &mut Sequence, prompt: &[u32]) -> usize {
+    if seq.is_empty() {
+        return ctx.share_prefix(seq, prompt);
+    }
+    let common = seq.tokens().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    ctx.truncate(seq, common.min(prompt.len().saturating_sub(1)))
 }
 
 fn generate_on_this_thread<B: Backend>(
-    model: &mut Model<B>,
-    session: &mut Session<B>,
+    model: &Model<B>,
+    ctx: &mut Context<B>,
+    seq: &mut Sequence,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, InferenceError> {
     if prompt_ids.is_empty() {
         return Err(InferenceError::EmptyInput);
     }
-    if prompt_ids.len() >= session.max_tokens() {
+    opts.sampling.validate()?;
+    if prompt_ids.len() >= ctx.max_seq_tokens() {
         return Err(InferenceError::ContextFull {
             needed: prompt_ids.len() + 1,
-            context: session.max_tokens(),
+            context: ctx.max_seq_tokens(),
         });
     }
-    session.reset();
     let vocab = model.config.vocab_size;
-    let mut sampler = Sampler::new(opts.sampling.clone(), vocab);
-    let mut history: Vec<u32> = Vec::with_capacity(prompt_ids.len() + opts.max_new_tokens);
-    history.extend_from_slice(prompt_ids);
+    seq.sampler = Sampler::new(opts.sampling.clone(), vocab);
     let mut streamer = TextStreamer::new();
     let mut stops = StopMatcher { stops: &opts.stop_strings, text: String::new(), emitted: 0 };
 
     let start = Instant::now();
-    model.forward(session, prompt_ids, Logits::Last)?;
+    let cached = reuse_prefix(ctx, seq, prompt_ids);
+    model.forward(ctx, seq, &prompt_ids[cached..], Logits::Last)?;
     let prompt_time = start.elapsed();
     let decode_start = Instant::now();
     let mut stop_reason = StopReason::MaxTokens;
     let mut generated = Vec::with_capacity(opts.max_new_tokens);
     while generated.len() < opts.max_new_tokens {
-        let next = sampler.sample(&mut session.logits[..vocab], &history);
+        let next = ctx.sample(0, seq).expect("the forward call asked for the last row's logits");
         generated.push(next);
-        history.push(next);
         if opts.eos_ids.contains(&next) {
             stop_reason = StopReason::Eos;
             break;
         }
         if let Some(piece) = streamer.push(tokenizer, next)? {
             let (out, hit) = stops.push(&piece);
-            if !out.is_empty() {
-                on_text(&out);
+            if !out.is_empty() && on_text(&out).is_break() {
+                stop_reason = StopReason::Cancelled;
+                break;
             }
             if hit {
                 stop_reason = StopReason::StopString;
@@ -163,24 +191,26 @@ fn generate_on_this_thread<B: Backend>(
         if generated.len() == opts.max_new_tokens {
             break;
         }
-        if session.pos + 1 > session.max_tokens() {
+        if seq.len() + 1 > ctx.max_seq_tokens() {
             stop_reason = StopReason::ContextFull;
             break;
         }
-        model.forward(session, &[next], Logits::Last)?;
+        model.forward(ctx, seq, &[next], Logits::Last)?;
     }
-    if stop_reason != StopReason::StopString {
+    if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
         if let Some(piece) = streamer.finish(tokenizer)? {
             let (out, _) = stops.push(&piece);
-            on_text(&out);
+            // The generation is over: a request to stop changes nothing now.
+            let _ = on_text(&out);
         }
         let rest = stops.finish();
         if !rest.is_empty() {
-            on_text(&rest);
+            let _ = on_text(&rest);
         }
     }
     Ok(Generation {
         prompt_ids: prompt_ids.to_vec(),
+        cached_prompt_tokens: cached,
         generated,
         text: stops.text,
         stop_reason,

@@ -17,7 +17,8 @@
 //!
 //! It keeps the other mode when that epoch was at least [`MARGIN`] faster. Results do not
 //! depend on the mode: every kernel gives the same values on one thread as on several.
-//! `BITNET_DECODE_GOVERNOR=off` keeps `Full` always.
+//! A context built with `ContextOptions::governor` off keeps `Full` always (the CLI's
+//! `BITNET_DECODE_GOVERNOR=off`).
 
 use std::time::Duration;
 
@@ -84,11 +85,6 @@ fn slot(m: Mode) -> usize {
 }
 
 impl DecodeGovernor {
-    /// Whether the governor is on (`BITNET_DECODE_GOVERNOR` is not `off`).
-    pub fn enabled() -> bool {
-        std::env::var("BITNET_DECODE_GOVERNOR").map_or(true, |v| v != "off")
-    }
-
     /// The mode the next step should run in.
     pub fn mode(&self) -> Mode {
         self.mode

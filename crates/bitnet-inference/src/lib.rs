@@ -1,22 +1,30 @@
-//! The BitNet b1.58 forward pass over a [`Backend`], KV cache, sampling and generation.
+//! The BitNet b1.58 forward pass over a [`Backend`]: weights in a shared [`Model`], work in a
+//! [`Context`] per worker, [`Sequence`]s in a paged KV cache, batches of [`Segment`]s from many
+//! sequences; sampling, generation and a continuous-batching [`scheduler`].
 
 pub mod attention;
 pub mod backend;
+pub mod context;
 pub mod cpu;
 pub mod generate;
 pub mod governor;
+pub mod kv;
 pub mod load;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
 
-pub use backend::Backend;
+pub use backend::{Backend, BackendError};
+pub use context::{Context, ContextOptions, Segment, Sequence};
 pub use cpu::CpuBackend;
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
+pub use kv::{KvStats, KvType, BLOCK_TOKENS};
 pub use load::{load_dir, load_dir_with, LoadOptions, LoadedModel};
-pub use model::{HeadFormat, Logits, Model, Session};
-pub use sampling::{Sampler, SamplingParams};
+pub use model::{HeadFormat, Logits, Model};
+pub use sampling::{Sampler, SamplingError, SamplingParams};
 
-/// Errors of running a model: bad requests, never internal failures.
+/// Errors of running a model: bad requests and exhausted resources, typed so that callers (the
+/// CLI, the server, the Python bindings) can word them for their users.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     #[error("the prompt is empty: give at least one token")]
@@ -25,6 +33,18 @@ pub enum InferenceError {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("{needed} tokens do not fit in the context of {context} tokens")]
     ContextFull { needed: usize, context: usize },
+    #[error("a batch of {rows} rows is larger than the context's batch of {max_batch}")]
+    BatchTooLarge { rows: usize, max_batch: usize },
+    #[error("the KV cache is full: {needed} more blocks are needed and {available} are free")]
+    OutOfKvBlocks { needed: usize, available: usize },
+    #[error("the sequence holds blocks of another context: release it there first")]
+    ForeignSequence,
+    #[error("could not start the context's threads: {0}")]
+    Threads(String),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Backend(BackendError),
     #[error(transparent)]
     Model(#[from] bitnet_models::ModelError),
 }

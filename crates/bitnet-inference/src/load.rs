@@ -9,7 +9,7 @@ use bitnet_models::tokenizer::Tokenizer;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
-use crate::{CpuBackend, Model};
+use crate::{CpuBackend, InferenceError, Model};
 
 /// Choices made when a checkpoint becomes a runnable model.
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,6 +17,7 @@ pub struct LoadOptions {
     pub head: HeadFormat,
 }
 
+/// A model on the CPU with what came with it.
 pub struct LoadedModel {
     pub model: Model<CpuBackend>,
     pub tokenizer: Option<Tokenizer>,
@@ -24,17 +25,18 @@ pub struct LoadedModel {
 }
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json if present).
-pub fn load_dir(dir: &Path) -> Result<LoadedModel, ModelError> {
+pub fn load_dir(dir: &Path) -> Result<LoadedModel, InferenceError> {
     load_dir_with(dir, LoadOptions::default())
 }
 
 /// Loads a checkpoint directory or a `.gguf` file.
-pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
+pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
     if dir.is_file() {
         return load_gguf(dir, opts);
     }
     if !dir.is_dir() {
-        return Err(ModelError::config(dir, "is not a directory holding config.json and model.safetensors"));
+        let why = "is not a directory holding config.json and model.safetensors, nor a .gguf file";
+        return Err(ModelError::config(dir, why).into());
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
@@ -42,7 +44,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Model
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: dir.to_path_buf(),
     })
@@ -58,7 +60,7 @@ pub struct EmbeddedCheckpoint {
 }
 
 /// Loads an embedded checkpoint.
-pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
+pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
     let source = PathBuf::from(e.name);
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
@@ -74,14 +76,14 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     let weights = ModelWeights::load(&store, config)?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer: Some(tokenizer),
         source,
     })
 }
 
 /// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
-pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelError> {
+pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
     let file = GgufFile::open(path).map_err(|e| ModelError::tensor(path, e.to_string()))?;
     let weights = ModelWeights::from_gguf(&file)?;
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
@@ -93,7 +95,7 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelErr
         false => None,
     };
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: path.to_path_buf(),
     })

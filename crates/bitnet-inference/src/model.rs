@@ -1,11 +1,18 @@
 //! The BitNet b1.58 forward pass, one function per layer, over any [`Backend`].
+//!
+//! A [`Model`] holds only weights: it is immutable and shared (`Arc<Model<B>>` is `Sync`). The
+//! work of a forward call happens in a [`Context`] (activations, KV store, threads) on a batch of
+//! [`Segment`]s, each some tokens of one [`Sequence`]: decode steps of many sequences and
+//! prefill chunks in one call. Projections, norms, quantization and the gate run over all rows
+//! of the batch at once, so every weight is read once per step for all sequences; RoPE, the KV
+//! store and attention follow each row's sequence.
 
 use bitnet_core::DenseMatrix;
 use bitnet_models::{ModelConfig, ModelWeights, Projection};
 use bitnet_quant::Int8Matrix;
 
-use crate::backend::{AttentionShape, Backend};
-use crate::governor::{DecodeGovernor, Mode};
+use crate::backend::{Backend, BackendError, HeadShape};
+use crate::context::{Context, Segment};
 use crate::InferenceError;
 
 /// A BitLinear on the device, with its optional input RMSNorm (`use_rms_norm`).
@@ -32,10 +39,9 @@ pub struct Layer<B: Backend> {
     ffn_sub_norm: Option<B::Vector>,
 }
 
-/// Model weights living on a backend.
+/// Model weights living on a backend. Immutable once built: share it through `Arc`.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
-    pub backend: B,
     embed_tokens: B::Dense,
     head: Head<B>,
     final_norm: B::Vector,
@@ -43,8 +49,7 @@ pub struct Model<B: Backend> {
     rope_inv_freq: B::Vector,
     /// Weight bytes one decoded token reads: every projection, the head, one embedding row.
     pub weight_bytes_per_token: usize,
-    /// Chooses the threads of decode steps (`None` when `BITNET_DECODE_GOVERNOR=off`).
-    governor: Option<DecodeGovernor>,
+    backend_name: String,
 }
 
 /// How the lm_head is stored for inference.
@@ -79,60 +84,50 @@ enum Head<B: Backend> {
     Integer(B::Int8Linear),
 }
 
-/// Which positions get logits.
+/// Which rows of a segment get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
-    /// Only the last position of the call (what generation needs).
+    /// None (a prefill chunk before the last).
+    None,
+    /// Only the last row (what generation needs).
     Last,
-    /// Every position of the call.
+    /// Every row.
     All,
 }
 
-/// The activations of one forward call, sized for `max_batch` tokens.
-struct Activations<B: Backend> {
-    x: B::Buffer,       // residual stream [T, hidden]
-    normed: B::Buffer,  // RMSNorm output [T, max(hidden, q_dim, inter)]
-    scratch: B::Buffer, // BitLinear input norm output
-    q: B::Buffer,       // [T, q_dim]
-    k: B::Buffer,       // [T, kv_dim]
-    v: B::Buffer,       // [T, kv_dim]
-    attn: B::Buffer,    // [T, q_dim]
-    proj: B::Buffer,    // BitLinear output [T, hidden]
-    gate: B::Buffer,    // [T, inter]
-    up: B::Buffer,      // [T, inter]
-    /// Int8 inputs of the projections, one buffer per input width.
-    quant_hidden: B::QuantBuffer, // q, k, v, gate, up
-    quant_attn: B::QuantBuffer, // o
-    quant_inter: B::QuantBuffer, // down
-    logits: B::Buffer,  // [T, vocab]
-}
-
-/// One sequence being decoded: its KV cache, its activations and its position.
-pub struct Session<B: Backend> {
-    cache: B::KvCache,
-    act: Activations<B>,
-    max_batch: usize,
-    max_tokens: usize,
-    /// Tokens already in the cache.
-    pub pos: usize,
-    /// Logits of the last call, `[rows, vocab]` on the host.
-    pub logits: Vec<f32>,
-}
-
-fn upload_projection<B: Backend>(backend: &B, p: Projection, input_norm_eps: f32) -> Linear<B> {
-    let (rows, cols) = (p.weight.rows(), p.weight.cols());
-    Linear {
-        weight: backend.upload_linear(p.weight),
-        input_norm: p.input_norm.as_deref().map(|g| backend.upload_vector(g)),
-        input_norm_eps,
-        rows,
-        cols,
+impl Logits {
+    /// Rows of a segment of `rows` that get logits.
+    pub(crate) fn rows(self, rows: usize) -> std::ops::Range<usize> {
+        match self {
+            Logits::None => rows..rows,
+            Logits::Last => rows.saturating_sub(1)..rows,
+            Logits::All => 0..rows,
+        }
     }
 }
 
+fn upload_projection<B: Backend>(
+    backend: &B,
+    p: Projection,
+    input_norm_eps: f32,
+) -> Result<Linear<B>, BackendError> {
+    let (rows, cols) = (p.weight.rows(), p.weight.cols());
+    Ok(Linear {
+        weight: backend.upload_linear(p.weight)?,
+        input_norm: p.input_norm.as_deref().map(|g| backend.upload_vector(g)).transpose()?,
+        input_norm_eps,
+        rows,
+        cols,
+    })
+}
+
 impl<B: Backend> Model<B> {
-    /// Moves host weights onto the backend.
-    pub fn new(mut weights: ModelWeights, backend: B, head_format: HeadFormat) -> Self {
+    /// Moves host weights onto `backend`, which packs them in its own layout.
+    pub fn new(
+        mut weights: ModelWeights,
+        backend: &B,
+        head_format: HeadFormat,
+    ) -> Result<Self, BackendError> {
         let cfg = weights.config.clone();
         let head_bytes = match head_format.int_bits() {
             None => weights.lm_head().bytes(),
@@ -150,164 +145,158 @@ impl<B: Backend> Model<B> {
                 .map(|p| p.weight.bytes())
                 .sum::<usize>();
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
-        let up = |p| upload_projection(&backend, p, norm_eps);
-        let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
+        let up = |p| upload_projection(backend, p, norm_eps);
+        let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
         let head = match head_format.int_bits() {
-            None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m))),
-            Some(bits) => Head::Integer(backend.upload_int8(quantize_head(weights.lm_head(), bits))),
+            None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m)).transpose()?),
+            Some(bits) => Head::Integer(backend.upload_int8(quantize_head(weights.lm_head(), bits))?),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
             layers.push(Layer {
-                input_norm: backend.upload_vector(&l.input_norm),
-                post_attention_norm: backend.upload_vector(&l.post_attention_norm),
-                q_proj: up(l.q_proj),
-                k_proj: up(l.k_proj),
-                v_proj: up(l.v_proj),
-                o_proj: up(l.o_proj),
-                attn_sub_norm: vec_opt(l.attn_sub_norm),
-                gate_proj: up(l.gate_proj),
-                up_proj: up(l.up_proj),
-                down_proj: up(l.down_proj),
-                ffn_sub_norm: vec_opt(l.ffn_sub_norm),
+                input_norm: backend.upload_vector(&l.input_norm)?,
+                post_attention_norm: backend.upload_vector(&l.post_attention_norm)?,
+                q_proj: up(l.q_proj)?,
+                k_proj: up(l.k_proj)?,
+                v_proj: up(l.v_proj)?,
+                o_proj: up(l.o_proj)?,
+                attn_sub_norm: vec_opt(l.attn_sub_norm)?,
+                gate_proj: up(l.gate_proj)?,
+                up_proj: up(l.up_proj)?,
+                down_proj: up(l.down_proj)?,
+                ffn_sub_norm: vec_opt(l.ffn_sub_norm)?,
             });
         }
         let rope_inv_freq =
-            backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim));
-        Self {
+            backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim))?;
+        Ok(Self {
             head,
-            embed_tokens: backend.upload_dense(weights.embed_tokens),
-            final_norm: backend.upload_vector(&weights.final_norm),
+            embed_tokens: backend.upload_dense(weights.embed_tokens)?,
+            final_norm: backend.upload_vector(&weights.final_norm)?,
             layers,
             rope_inv_freq,
             config: cfg,
-            backend,
             weight_bytes_per_token,
-            governor: DecodeGovernor::enabled().then(DecodeGovernor::default),
-        }
+            backend_name: backend.name(),
+        })
     }
 
-    pub fn backend_name(&self) -> String {
-        self.backend.name()
+    /// The backend the weights were uploaded to, as it named itself.
+    pub fn backend_name(&self) -> &str {
+        &self.backend_name
     }
 
-    /// A session that holds up to `max_tokens` tokens and runs up to `max_batch` at once.
-    pub fn session(&self, max_tokens: usize, max_batch: usize) -> Session<B> {
-        let c = &self.config;
-        let max_batch = max_batch.clamp(1, max_tokens.max(1));
-        let b = &self.backend;
-        let wide = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
-        let act = Activations {
-            x: b.buffer(max_batch * c.hidden_size),
-            normed: b.buffer(max_batch * wide),
-            scratch: b.buffer(max_batch * wide),
-            q: b.buffer(max_batch * c.q_dim()),
-            k: b.buffer(max_batch * c.kv_dim()),
-            v: b.buffer(max_batch * c.kv_dim()),
-            attn: b.buffer(max_batch * c.q_dim()),
-            proj: b.buffer(max_batch * c.hidden_size),
-            gate: b.buffer(max_batch * c.intermediate_size),
-            up: b.buffer(max_batch * c.intermediate_size),
-            quant_hidden: b.quant_buffer(max_batch, c.hidden_size),
-            quant_attn: b.quant_buffer(max_batch, c.q_dim()),
-            quant_inter: b.quant_buffer(max_batch, c.intermediate_size),
-            logits: b.buffer(max_batch * c.vocab_size),
-        };
-        Session {
-            cache: b.kv_cache(c.num_layers, max_tokens, c.kv_dim()),
-            act,
-            max_batch,
-            max_tokens,
-            pos: 0,
-            logits: Vec::with_capacity(max_batch * c.vocab_size),
-        }
-    }
-
-    /// Runs `ids` through the model after the tokens already in `session`, appending them to its
-    /// cache, and leaves the requested logits in `session.logits`. Long inputs run in chunks
-    /// of the session's batch size.
+    /// Runs `ids` through the model after the tokens already in `seq`, appending them to its
+    /// cache. Afterwards [`Context::logits`] holds the requested rows. Long inputs run in chunks
+    /// of the context's batch size.
     pub fn forward(
-        &mut self,
-        session: &mut Session<B>,
+        &self,
+        ctx: &mut Context<B>,
+        seq: &mut crate::Sequence,
         ids: &[u32],
         logits: Logits,
     ) -> Result<(), InferenceError> {
         if ids.is_empty() {
             return Err(InferenceError::EmptyInput);
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(InferenceError::TokenOutOfRange { id: bad, vocab_size: self.config.vocab_size });
-        }
-        if session.pos + ids.len() > session.max_tokens {
-            return Err(InferenceError::ContextFull {
-                needed: session.pos + ids.len(),
-                context: session.max_tokens,
-            });
-        }
-        session.logits.clear();
-        // One decoded token: the governor picks all threads or the calling one.
-        let governed = ids.len() == 1 && rayon::current_num_threads() > 1 && self.governor.is_some();
-        let started = std::time::Instant::now();
-        let solo = governed && self.governor.as_ref().is_some_and(|g| g.mode() == Mode::Solo);
-        let cap = solo.then(bitnet_core::threads::SoloGuard::new);
-        let n_chunks = ids.len().div_ceil(session.max_batch);
-        for (ci, chunk) in ids.chunks(session.max_batch).enumerate() {
-            self.forward_chunk(session, chunk);
+        ctx.check_fits(seq, ids.len())?;
+        let n_chunks = ids.len().div_ceil(ctx.max_batch());
+        for (ci, chunk) in ids.chunks(ctx.max_batch()).enumerate() {
             let last = ci + 1 == n_chunks;
-            match logits {
-                Logits::All => self.logits(session, 0, chunk.len()),
-                Logits::Last if last => self.logits(session, chunk.len() - 1, 1),
-                Logits::Last => {}
-            }
-            session.pos += chunk.len();
-        }
-        drop(cap);
-        if governed {
-            if let Some(g) = &mut self.governor {
-                g.record(started.elapsed());
-            }
+            let want = match logits {
+                Logits::Last if !last => Logits::None,
+                other => other,
+            };
+            let mut batch = [Segment { seq: &mut *seq, tokens: chunk, logits: want }];
+            self.forward_segments(ctx, &mut batch, ci > 0)?;
         }
         Ok(())
     }
 
-    /// Final norm and lm_head for rows `first..first+count` of the chunk just run.
-    fn logits(&mut self, s: &mut Session<B>, first: usize, count: usize) {
-        let c = &self.config;
-        let (h, vocab) = (c.hidden_size, c.vocab_size);
-        let b = &mut self.backend;
-        let a = &mut s.act;
-        b.rmsnorm(&a.x, Some(&self.final_norm), first + count, h, c.rms_norm_eps, &mut a.normed);
-        match &self.head {
-            Head::Float(head) => {
-                b.lm_head(head.as_ref().unwrap_or(&self.embed_tokens), &a.normed, first, count, &mut a.logits)
-            }
-            Head::Integer(head) => {
-                b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
-                b.int8_linear(head, &a.quant_hidden, &mut a.logits);
-            }
-        }
-        let start = s.logits.len();
-        s.logits.resize(start + count * vocab, 0.0);
-        b.read(&a.logits, 0, &mut s.logits[start..]);
+    /// One forward call over a batch of segments (at most the context's batch size in rows in
+    /// all). Each segment's tokens are appended to its sequence's cache; afterwards
+    /// [`Context::logits_of`] holds the requested rows of segment `i`. A segment whose
+    /// sequence has no room left fails the whole call before any work, leaving every sequence
+    /// as it was.
+    pub fn forward_batch(
+        &self,
+        ctx: &mut Context<B>,
+        batch: &mut [Segment<'_>],
+    ) -> Result<(), InferenceError> {
+        self.forward_segments(ctx, batch, false)
     }
 
-    /// All layers for one chunk of at most `max_batch` tokens.
-    fn forward_chunk(&mut self, s: &mut Session<B>, ids: &[u32]) {
-        let rows = ids.len();
-        self.backend.embedding(&self.embed_tokens, ids, &mut s.act.x);
+    fn forward_segments(
+        &self,
+        ctx: &mut Context<B>,
+        batch: &mut [Segment<'_>],
+        append_logits: bool,
+    ) -> Result<(), InferenceError> {
+        let rows = ctx.prepare(&self.config, batch, append_logits)?;
+        let governed = rows == 1;
+        ctx.run_governed(governed, |ctx| {
+            self.embed_and_layers(ctx);
+            self.logits(ctx)
+        })?;
+        ctx.commit(batch);
+        Ok(())
+    }
+
+    /// Embeddings and every layer for the prepared rows.
+    fn embed_and_layers(&self, ctx: &mut Context<B>) {
+        let (b, a) = (&mut ctx.backend, &mut ctx.act);
+        b.embedding(&self.embed_tokens, &ctx.batch.ids, &mut a.x);
         for l in 0..self.layers.len() {
-            self.attention_block(s, l, rows);
-            self.mlp_block(s, l, rows);
+            self.attention_block(ctx, l);
+            self.mlp_block(ctx, l);
         }
+    }
+
+    /// Final norm and lm_head for the rows that want logits, a block of rows at a time, read
+    /// back to the host.
+    fn logits(&self, ctx: &mut Context<B>) -> Result<(), BackendError> {
+        let c = &self.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
+        let n = meta.logit_rows.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // The residual stream's rows that want logits, packed; `proj` is free at this point.
+        b.gather_rows(&a.x, &meta.logit_rows, h, &mut a.proj);
+        b.rmsnorm(&a.proj, Some(&self.final_norm), n, h, c.rms_norm_eps, &mut a.normed);
+        let start = ctx.logits.len();
+        ctx.logits.resize(start + n * vocab, 0.0);
+        let mut first = 0;
+        while first < n {
+            let count = (n - first).min(a.logit_rows);
+            match &self.head {
+                Head::Float(head) => b.lm_head(
+                    head.as_ref().unwrap_or(&self.embed_tokens),
+                    &a.normed,
+                    first,
+                    count,
+                    &mut a.logits,
+                ),
+                Head::Integer(head) => {
+                    b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
+                    b.int8_linear(head, &a.quant_hidden, &mut a.logits);
+                }
+            }
+            let dst = &mut ctx.logits[start + first * vocab..start + (first + count) * vocab];
+            b.read(&a.logits, 0, dst)?;
+            first += count;
+        }
+        Ok(())
     }
 
     /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`.
-    fn attention_block(&mut self, s: &mut Session<B>, l: usize, rows: usize) {
+    fn attention_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let layer = &self.layers[l];
-        let b = &mut self.backend;
-        let a = &mut s.act;
+        let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
+        let rows = meta.ids.len();
         // q, k and v read the same input: normed and quantized once, in one pass, unless each
         // projection has its own norm (1bitLLM).
         let shared = layer.q_proj.input_norm.is_none();
@@ -325,16 +314,11 @@ impl<B: Backend> Model<B> {
             }
         }
 
-        b.rope(&mut a.q, &self.rope_inv_freq, rows, s.pos, c.num_heads, c.head_dim);
-        b.rope_kv_store(&mut s.cache, l, s.pos, rows, &a.k, &a.v, &self.rope_inv_freq, c.head_dim);
-        let shape = AttentionShape {
-            rows,
-            pos0: s.pos,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        b.attention(&a.q, &s.cache, l, shape, &mut a.attn);
+        b.rope(&mut a.q, &self.rope_inv_freq, &meta.positions, c.num_heads, c.head_dim);
+        let inv_freq = &self.rope_inv_freq;
+        b.rope_kv_store(&mut ctx.kv, l, &a.k, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
+        let shape = HeadShape { n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        b.attention(&a.q, &ctx.kv, l, &meta.tables, &meta.segments, shape, &mut a.attn);
 
         match (&layer.attn_sub_norm, layer.o_proj.input_norm.is_some()) {
             (Some(g), false) => b.norm_quantize(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.quant_attn),
@@ -349,12 +333,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// `x += down(ffn_sub_norm(act(gate(n)) · up(n)))` with `n = RMSNorm_post(x)`.
-    fn mlp_block(&mut self, s: &mut Session<B>, l: usize, rows: usize) {
+    fn mlp_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let layer = &self.layers[l];
-        let b = &mut self.backend;
-        let a = &mut s.act;
+        let (b, a) = (&mut ctx.backend, &mut ctx.act);
+        let rows = ctx.batch.ids.len();
         let shared = layer.gate_proj.input_norm.is_none();
         if shared {
             b.norm_quantize(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.quant_hidden);
@@ -434,16 +418,5 @@ fn quantize_for<B: Backend>(
             b.quantize(scratch, 0, rows, lin.cols, out);
         }
         None => b.quantize(x, 0, rows, lin.cols, out),
-    }
-}
-
-impl<B: Backend> Session<B> {
-    /// Forgets every token, keeping the allocations.
-    pub fn reset(&mut self) {
-        self.pos = 0;
-        self.logits.clear();
-    }
-    pub fn max_tokens(&self) -> usize {
-        self.max_tokens
     }
 }

@@ -17,30 +17,55 @@ pub struct SamplingParams {
     /// transformers' repetition penalty: divide positive logits of seen tokens by it, multiply
     /// negative ones; 1 is off.
     pub repeat_penalty: f32,
+    /// OpenAI's penalties: subtract `frequency_penalty × count + presence_penalty` from the
+    /// logit of every token that occurs `count > 0` times in the history; 0 is off.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
+/// A sampling parameter out of its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{param} must be {expected}, got {value}")]
+pub struct SamplingError {
+    /// The parameter's name as `SamplingParams` spells it.
+    pub param: &'static str,
+    pub expected: &'static str,
+    pub value: f32,
+}
+
 impl SamplingParams {
-    /// Checks ranges, naming the flag that is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("--temperature must be >= 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("--top-p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("--min-p must be in [0, 1], got {}", self.min_p));
-        }
-        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!("--repeat-penalty must be > 0, got {}", self.repeat_penalty));
-        }
+    /// Checks ranges; the error names the parameter.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let check = |ok: bool, param, expected, value| match ok {
+            true => Ok(()),
+            false => Err(SamplingError { param, expected, value }),
+        };
+        let t = self.temperature;
+        check(t >= 0.0 && t.is_finite(), "temperature", "a finite number >= 0", t)?;
+        check(self.top_p > 0.0 && self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)?;
+        check((0.0..=1.0).contains(&self.min_p), "min_p", "in [0, 1]", self.min_p)?;
+        let r = self.repeat_penalty;
+        check(r > 0.0 && r.is_finite(), "repeat_penalty", "a finite number > 0", r)?;
+        let f = self.frequency_penalty;
+        check((-2.0..=2.0).contains(&f), "frequency_penalty", "in [-2, 2]", f)?;
+        let p = self.presence_penalty;
+        check((-2.0..=2.0).contains(&p), "presence_penalty", "in [-2, 2]", p)?;
         Ok(())
     }
 }
@@ -52,6 +77,8 @@ pub struct Sampler {
     candidates: Vec<(f32, u32)>,
     /// Marks tokens already penalized in this call.
     seen: Vec<bool>,
+    /// Occurrences of each token in the history (OpenAI penalties), zeroed after each call.
+    counts: Vec<u32>,
 }
 
 impl Sampler {
@@ -61,7 +88,12 @@ impl Sampler {
             params,
             candidates: Vec::with_capacity(vocab_size),
             seen: vec![false; vocab_size],
+            counts: vec![0; vocab_size],
         }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
     }
 
     /// Picks the next token from `logits`, given the tokens so far (`history`) for the penalty.
@@ -83,12 +115,29 @@ impl Sampler {
                 }
             }
         }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for &id in history {
+                if let Some(n) = self.counts.get_mut(id as usize) {
+                    *n += 1;
+                }
+            }
+            for &id in history {
+                let i = id as usize;
+                if i < logits.len() && self.counts[i] > 0 {
+                    logits[i] -= p.frequency_penalty * self.counts[i] as f32 + p.presence_penalty;
+                    self.counts[i] = 0;
+                }
+            }
+        }
         if p.temperature == 0.0 {
             return argmax(logits);
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
+        // The best logit is subtracted before dividing: a tiny temperature then sends every
+        // other logit to -inf (greedy), where dividing first would overflow to inf and NaN.
+        let best = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        c.extend(logits.iter().enumerate().map(|(i, &l)| ((l - best) / p.temperature, i as u32)));
         // Sort only what top-k keeps: select the k best first, then order them.
         let keep = if p.top_k > 0 { p.top_k.min(c.len()) } else { c.len() };
         if keep < c.len() {
@@ -135,6 +184,25 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `token` and the `n` most likely tokens with theirs, under the softmax
+/// of `logits` (the model's distribution, before any penalty or temperature).
+pub fn logprobs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let chosen = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_sum);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() < n || l > top[top.len() - 1].1 {
+                let at = top.partition_point(|&(_, v)| v >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(n);
+            }
+        }
+    }
+    (chosen, top.into_iter().map(|(i, l)| (i, l - log_sum)).collect())
+}
+
 /// Index of the largest value; the first one on ties, like torch.argmax.
 pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -176,6 +244,41 @@ mod tests {
             (0..20).map(|_| s.sample(&mut [0.0, 1.0, 1.0, 1.0, 1.0], &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_greedy_not_nan() {
+        let params = SamplingParams { temperature: 1e-40, seed: 3, ..Default::default() };
+        let mut s = Sampler::new(params, 4);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.5, 2.0, 1.0, -3.0], &[]), 1);
+        }
+    }
+
+    #[test]
+    fn openai_penalties_subtract_per_occurrence() {
+        let params = SamplingParams { frequency_penalty: 0.5, presence_penalty: 1.0, ..Default::default() };
+        let mut s = Sampler::new(params, 3);
+        let mut l = [4.0, 3.0, 0.0];
+        // token 0 seen twice: 4 - (2 × 0.5 + 1) = 2, token 2 once: 0 - 1.5.
+        assert_eq!(s.sample(&mut l, &[0, 2, 0]), 1);
+        assert_eq!(l, [2.0, 3.0, -1.5]);
+        // The counts do not leak into the next call.
+        let mut l = [4.0, 3.0, 0.0];
+        s.sample(&mut l, &[2]);
+        assert_eq!(l, [4.0, 3.0, -1.5]);
+        let bad = SamplingParams { presence_penalty: 3.0, ..Default::default() };
+        assert_eq!(bad.validate().unwrap_err().param, "presence_penalty");
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_tokens_in_order() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let (chosen, top) = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((chosen as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert!((top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
     }
 
     #[test]

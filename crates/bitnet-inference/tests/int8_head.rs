@@ -47,11 +47,12 @@ fn int6_head_decode_equals_prefill() {
     let mut m = load_dir_with(&dir, LoadOptions { head: HeadFormat::Int6 }).unwrap();
     let vocab = m.model.config.vocab_size;
     let all = prefill_logits(&mut m.model, &ids);
-    let mut s = m.model.session(ids.len(), 1);
+    let mut ctx = common::context(&m.model, ids.len(), 1);
+    let mut seq = bitnet_inference::Sequence::new();
     let mut step = Vec::new();
     for &id in &ids {
-        m.model.forward(&mut s, &[id], Logits::Last).unwrap();
-        step.extend_from_slice(&s.logits[s.logits.len() - vocab..]);
+        m.model.forward(&mut ctx, &mut seq, &[id], Logits::Last).unwrap();
+        step.extend_from_slice(&ctx.logits()[ctx.logits().len() - vocab..]);
     }
     assert_eq!(all.len(), step.len());
     for (pos, (x, y)) in all.chunks(vocab).zip(step.chunks(vocab)).enumerate() {

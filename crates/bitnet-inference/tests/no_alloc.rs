@@ -39,7 +39,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decoding_a_token_allocates_nothing() {
-    use bitnet_inference::{Logits, Sampler, SamplingParams};
+    use bitnet_inference::{Logits, SamplingParams, Sequence};
     // A GGUF file whose TQ2_0 blocks carry different scales runs the block-scaled product.
     let dir = tempfile::tempdir().unwrap();
     let (plain, blocks) = (dir.path().join("tq2_0.gguf"), dir.path().join("tq2_0-blocks.gguf"));
@@ -66,40 +66,39 @@ fn decoding_a_token_allocates_nothing() {
                 load_dir_with(&dir, LoadOptions { head }).unwrap(),
             )
         }));
-    for (fixture, mut loaded) in models {
-        let model = &mut loaded.model;
+    for (fixture, loaded) in models {
+        let model = &loaded.model;
         let vocab = model.config.vocab_size;
         let steps = 40;
-        let mut session = model.session(8 + steps, 64);
-        let mut history: Vec<u32> = Vec::with_capacity(8 + steps);
-        history.extend([0u32, 5, 9, 2, 7, 3, 11, 4]);
+        let mut ctx = common::context(model, 8 + steps, 64);
+        let prompt = [0u32, 5, 9, 2, 7, 3, 11, 4];
         let params = SamplingParams {
             temperature: 0.8,
             top_k: 40,
             top_p: 0.9,
             repeat_penalty: 1.1,
+            frequency_penalty: 0.2,
             seed: 1,
             ..Default::default()
         };
-        let mut sampler = Sampler::new(params, vocab);
-        model.forward(&mut session, &history, Logits::Last).unwrap();
+        let mut seq = Sequence::with_sampling(params, vocab);
+        model.forward(&mut ctx, &mut seq, &prompt, Logits::Last).unwrap();
         // Warm-up: the attention scratch grows with the context, so run to the end once.
         for _ in 0..steps {
-            let next = sampler.sample(&mut session.logits[..vocab], &history);
-            history.push(next);
-            model.forward(&mut session, &[next], Logits::Last).unwrap();
+            let next = ctx.sample(0, &mut seq).unwrap();
+            model.forward(&mut ctx, &mut seq, &[next], Logits::Last).unwrap();
         }
-        session.reset();
-        history.truncate(8);
-        model.forward(&mut session, &history, Logits::Last).unwrap();
+        // Started again, the sequence's blocks come back from the pool (the prefix cache holds
+        // the prompt's block, so no prefix is shared: the prompt is shorter than a block).
+        ctx.release(&mut seq);
+        model.forward(&mut ctx, &mut seq, &prompt, Logits::Last).unwrap();
         // As `generate` does: the loop runs on a pool worker (see its doc).
         rayon::scope(|_| {
             ALLOCATIONS.store(0, Ordering::SeqCst);
             COUNTING.store(true, Ordering::SeqCst);
             for _ in 0..steps {
-                let next = sampler.sample(&mut session.logits[..vocab], &history);
-                history.push(next);
-                model.forward(&mut session, &[next], Logits::Last).unwrap();
+                let next = ctx.sample(0, &mut seq).unwrap();
+                model.forward(&mut ctx, &mut seq, &[next], Logits::Last).unwrap();
             }
             COUNTING.store(false, Ordering::SeqCst);
         });

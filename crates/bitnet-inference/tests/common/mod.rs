@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use bitnet_inference::load::{load_dir, LoadedModel};
-use bitnet_inference::CpuBackend;
+use bitnet_inference::{Context, ContextOptions, CpuBackend, Sequence};
 use bitnet_inference::{Logits, Model};
 use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::synth::SynthShape;
@@ -49,30 +49,33 @@ pub fn load(dir: &Path) -> LoadedModel {
     load_dir(dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
+/// A context for one sequence of up to `tokens` tokens, batches of up to `max_batch` rows.
+pub fn context(model: &Model<CpuBackend>, tokens: usize, max_batch: usize) -> Context<CpuBackend> {
+    let opts = ContextOptions { max_batch, max_seq_tokens: Some(tokens), ..ContextOptions::new(tokens) };
+    Context::new(model, CpuBackend::new(), &opts).unwrap()
+}
+
 /// Logits of every position of `ids`, from one prefill.
-pub fn prefill_logits(model: &mut Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
-    let mut s = model.session(ids.len(), 512);
-    model.forward(&mut s, ids, Logits::All).unwrap();
-    s.logits.clone()
+pub fn prefill_logits(model: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
+    let mut ctx = context(model, ids.len(), 512);
+    model.forward(&mut ctx, &mut Sequence::new(), ids, Logits::All).unwrap();
+    ctx.logits().to_vec()
 }
 
 /// Greedy decoding with the KV cache; returns the new ids and the logits of every step.
-pub fn greedy_with_cache(
-    model: &mut Model<CpuBackend>,
-    prompt: &[u32],
-    n: usize,
-) -> (Vec<u32>, Vec<Vec<f32>>) {
+pub fn greedy_with_cache(model: &Model<CpuBackend>, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let vocab = model.config.vocab_size;
-    let mut s = model.session(prompt.len() + n, 512);
-    model.forward(&mut s, prompt, Logits::Last).unwrap();
+    let mut ctx = context(model, prompt.len() + n, 512);
+    let mut seq = Sequence::new();
+    model.forward(&mut ctx, &mut seq, prompt, Logits::Last).unwrap();
     let (mut out, mut steps) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let l = s.logits[..vocab].to_vec();
+        let l = ctx.logits()[..vocab].to_vec();
         let next = bitnet_inference::sampling::argmax(&l);
         steps.push(l);
         out.push(next);
         if i + 1 < n {
-            model.forward(&mut s, &[next], Logits::Last).unwrap();
+            model.forward(&mut ctx, &mut seq, &[next], Logits::Last).unwrap();
         }
     }
     (out, steps)
