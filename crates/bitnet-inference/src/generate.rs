@@ -54,15 +54,15 @@ impl Generation {
 }
 
 /// Holds back the tail of the text that could still turn into a stop string.
-pub struct StopMatcher<'a> {
-    stops: &'a [String],
+pub struct StopMatcher {
+    stops: Vec<String>,
     /// All text so far, cut before a stop string once one is hit.
     pub text: String,
     emitted: usize,
 }
 
-impl<'a> StopMatcher<'a> {
-    pub fn new(stops: &'a [String]) -> Self {
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
         Self { stops, text: String::new(), emitted: 0 }
     }
 
@@ -84,7 +84,7 @@ impl<'a> StopMatcher<'a> {
         }
         // Keep back the longest suffix that is a prefix of some stop string.
         let mut safe = self.text.len();
-        for s in self.stops {
+        for s in &self.stops {
             for k in (1..s.len().min(self.text.len() + 1)).rev() {
                 if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
                     safe = safe.min(self.text.len() - k);
@@ -161,7 +161,7 @@ fn generate_on_this_thread<B: Backend>(
     let vocab = model.config.vocab_size;
     seq.sampler = Sampler::new(opts.sampling.clone(), vocab);
     let mut streamer = TextStreamer::new();
-    let mut stops = StopMatcher { stops: &opts.stop_strings, text: String::new(), emitted: 0 };
+    let mut stops = StopMatcher::new(opts.stop_strings.clone());
 
     let start = Instant::now();
     let cached = reuse_prefix(ctx, seq, prompt_ids);
@@ -226,12 +226,12 @@ mod tests {
     #[test]
     fn stop_strings_cut_and_hold_back() {
         let stops = vec!["END".to_string()];
-        let mut m = StopMatcher { stops: &stops, text: String::new(), emitted: 0 };
+        let mut m = StopMatcher::new(stops.clone());
         assert_eq!(m.push("hello E"), ("hello ".to_string(), false));
         assert_eq!(m.push("N"), (String::new(), false));
         assert_eq!(m.push("Dmore"), (String::new(), true));
         assert_eq!(m.text, "hello ");
-        let mut m = StopMatcher { stops: &stops, text: String::new(), emitted: 0 };
+        let mut m = StopMatcher::new(stops);
         assert_eq!(m.push("a E"), ("a ".to_string(), false));
         assert_eq!(m.push("x"), ("Ex".to_string(), false));
     }
