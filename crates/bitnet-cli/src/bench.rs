@@ -7,7 +7,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitnet_inference::load::load_dir_with;
-use bitnet_inference::{CpuBackend, Logits, Model, Sequence};
+use std::sync::Arc;
+
+use bitnet_inference::scheduler::{Event, EventSink, Request, Scheduler, SchedulerOptions};
+use bitnet_inference::{
+    Context as RunContext, ContextOptions, CpuBackend, KvType, Logits, Model, Sequence, BLOCK_TOKENS,
+};
 
 use crate::commands::single_sequence_context;
 use bitnet_training::bench::{preset_model, time_steps};
@@ -61,6 +66,18 @@ pub struct BenchArgs {
     /// Skip the memory-bandwidth probe.
     #[arg(long)]
     pub no_probe: bool,
+    /// Concurrent streams to serve through the continuous-batching scheduler (serveN rows):
+    /// N requests of the first -p prompt length and -n new tokens each, submitted at once;
+    /// aggregate generated tokens/s, time to first token and inter-token latency.
+    #[arg(short = 'c', long, value_delimiter = ',')]
+    pub concurrent: Vec<usize>,
+    /// KV cache element type of the serveN rows.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
+    pub kv_type: KvType,
+}
+
+fn parse_kv_type(s: &str) -> Result<KvType, String> {
+    s.parse()
 }
 
 #[derive(Serialize)]
@@ -80,6 +97,17 @@ struct Row {
     bandwidth_gbs: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     roof_pct: Option<f64>,
+    /// serveN rows: time to first token and inter-token latency percentiles, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<Latency>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Latency {
+    ttft_p50: f64,
+    ttft_p99: f64,
+    itl_p50: f64,
+    itl_p99: f64,
 }
 
 impl Row {
@@ -96,8 +124,97 @@ impl Row {
             bytes_per_token: None,
             bandwidth_gbs: None,
             roof_pct: None,
+            latency_ms: None,
         }
     }
+}
+
+/// The `q` quantile (0..=1) of `xs` (nearest rank).
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n => v[((q * n as f64).ceil() as usize).clamp(1, n) - 1],
+    }
+}
+
+/// Forwards a stream's events, tagged and timed, into one channel.
+struct TimedSink {
+    stream: usize,
+    tx: std::sync::mpsc::Sender<(usize, Instant, bool)>,
+}
+
+impl EventSink for TimedSink {
+    fn send(&mut self, event: Event) -> std::ops::ControlFlow<()> {
+        let token = match event {
+            Event::Token { .. } => true,
+            Event::Done(_) => false,
+            Event::Error(e) => {
+                eprintln!("stream {}: {e}", self.stream);
+                false
+            }
+            Event::Text(_) => return std::ops::ControlFlow::Continue(()),
+        };
+        let _ = self.tx.send((self.stream, Instant::now(), token));
+        std::ops::ControlFlow::Continue(())
+    }
+}
+
+/// One serveN run: `streams` requests submitted at once to a scheduler on `threads` threads.
+/// Returns aggregate generated tokens/s (first submit to last token) and the latencies.
+fn time_serving(
+    model: &Arc<Model<CpuBackend>>,
+    streams: usize,
+    prompt: usize,
+    gen: usize,
+    threads: usize,
+    kv_type: KvType,
+) -> Result<(f64, Latency)> {
+    let per_stream = prompt + gen + 1;
+    let opts = ContextOptions {
+        kv_type,
+        threads: Some(threads),
+        max_seq_tokens: Some(per_stream),
+        // Distinct prompts share nothing; keeping their blocks would only cost lookups.
+        prefix_cache: false,
+        governor: crate::commands::governor_enabled(),
+        ..ContextOptions::new(streams * (per_stream + BLOCK_TOKENS))
+    };
+    let ctx = RunContext::new(model, CpuBackend::new(), &opts)?;
+    let sched = SchedulerOptions { max_seqs: streams, max_queue: streams, prefill_chunk: 256 };
+    let scheduler = Scheduler::start(model.clone(), ctx, None, sched)?;
+    let vocab = model.config.vocab_size;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    for k in 0..streams {
+        let ids = bench_ids(prompt + k, vocab)[k..].to_vec();
+        let req = Request { prompt_ids: ids, max_tokens: gen, ..Default::default() };
+        scheduler.submit(req, Box::new(TimedSink { stream: k, tx: tx.clone() }))?;
+    }
+    drop(tx);
+    let mut last_token: Vec<Option<Instant>> = vec![None; streams];
+    let (mut ttft, mut itl, mut tokens, mut end) = (Vec::new(), Vec::new(), 0usize, start);
+    for (k, at, token) in rx {
+        if !token {
+            continue;
+        }
+        tokens += 1;
+        end = end.max(at);
+        match last_token[k] {
+            None => ttft.push(at.duration_since(start).as_secs_f64() * 1e3),
+            Some(prev) => itl.push(at.duration_since(prev).as_secs_f64() * 1e3),
+        }
+        last_token[k] = Some(at);
+    }
+    scheduler.shutdown(false);
+    let latency = Latency {
+        ttft_p50: percentile(&ttft, 0.5),
+        ttft_p99: percentile(&ttft, 0.99),
+        itl_p50: percentile(&itl, 0.5),
+        itl_p99: percentile(&itl, 0.99),
+    };
+    Ok((tokens as f64 / end.duration_since(start).as_secs_f64().max(1e-9), latency))
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -221,7 +338,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("--fp, --backward and --train-steps apply to --train, not to --model");
     }
     let loaded = load_dir_with(model_dir, a.lm_head.options())?;
-    let model = &loaded.model;
+    let source = loaded.source.display().to_string();
+    let model = &Arc::new(loaded.model);
+    if a.concurrent.contains(&0) {
+        bail!("--concurrent: stream counts must be at least 1");
+    }
+    let serve_prompt = a.prompts.first().copied().unwrap_or(64);
+    if !a.concurrent.is_empty() && (a.generate == 0 || serve_prompt + a.generate >= max_ctx_of(model)) {
+        bail!("--concurrent needs -n > 0 and a first -p length that leaves room for -n in the context");
+    }
     let max_ctx = model.config.max_position_embeddings;
     if let Some(&p) = a.prompts.iter().find(|&&p| p == 0 || p > max_ctx) {
         bail!("-p {p}: prompt lengths must be between 1 and the model's context ({max_ctx})");
@@ -258,9 +383,32 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 ..Row::of_runs(format!("tg{}", a.generate), t, &runs, load)
             });
         }
+        for &c in &a.concurrent {
+            time_serving(model, c.min(4), 8, 4, t, a.kv_type)?; // warm-up
+            let load = load_average();
+            let mut lat = Vec::new();
+            let runs = (0..a.repetitions)
+                .map(|_| {
+                    let (tps, l) = time_serving(model, c, serve_prompt, a.generate, t, a.kv_type)?;
+                    lat.push(l);
+                    Ok(tps)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // The latencies of the median run.
+            let mid = (0..runs.len())
+                .min_by(|&i, &j| (runs[i] - median(&runs)).abs().total_cmp(&(runs[j] - median(&runs)).abs()));
+            rows.push(Row {
+                latency_ms: mid.map(|i| lat[i]),
+                ..Row::of_runs(format!("serve{c} (p{serve_prompt}+n{})", a.generate), t, &runs, load)
+            });
+        }
     }
-    print_rows(&rows, a.output, &loaded.source.display().to_string());
+    print_rows(&rows, a.output, &source);
     Ok(())
+}
+
+fn max_ctx_of(model: &Model<CpuBackend>) -> usize {
+    model.config.max_position_embeddings
 }
 
 /// `bitnet bench --train PRESET`: one row per thread count; each repetition times
@@ -299,6 +447,24 @@ fn bench_training(a: &BenchArgs) -> Result<()> {
 }
 
 fn print_rows(rows: &[Row], format: OutputFormat, model: &str) {
+    print_table(rows, format, model);
+    let served: Vec<&Row> = rows.iter().filter(|r| r.latency_ms.is_some()).collect();
+    if served.is_empty() || matches!(format, OutputFormat::Json | OutputFormat::Csv) {
+        return;
+    }
+    println!();
+    println!("| test | threads | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in served {
+        let l = r.latency_ms.expect("filtered");
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            r.test, r.threads, l.ttft_p50, l.ttft_p99, l.itl_p50, l.itl_p99
+        );
+    }
+}
+
+fn print_table(rows: &[Row], format: OutputFormat, model: &str) {
     let opt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_default();
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default()),

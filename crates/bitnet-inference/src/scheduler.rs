@@ -188,11 +188,12 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the scheduler's thread, which owns `ctx` from now on.
+    /// Starts the scheduler's thread, which owns `ctx` from now on. Without a tokenizer, events
+    /// carry ids and no text.
     pub fn start<B: Backend + 'static>(
         model: Arc<Model<B>>,
         ctx: Context<B>,
-        tokenizer: Arc<Tokenizer>,
+        tokenizer: Option<Arc<Tokenizer>>,
         opts: SchedulerOptions,
     ) -> std::io::Result<Self>
     where
@@ -319,7 +320,7 @@ struct Active {
 
 struct Worker<B: Backend> {
     model: Arc<Model<B>>,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
     opts: SchedulerOptions,
     shared: Arc<Shared>,
     waiting: VecDeque<Active>,
@@ -565,9 +566,9 @@ impl<B: Backend> Worker<B> {
         if a.req.stop_ids.contains(&next) {
             return Some(FinishReason::Eos);
         }
-        let piece = match a.streamer.push(&self.tokenizer, next) {
-            Ok(p) => p.unwrap_or_default(),
-            Err(_) => String::new(),
+        let piece = match &self.tokenizer {
+            Some(tok) => a.streamer.push(tok, next).ok().flatten().unwrap_or_default(),
+            None => String::new(),
         };
         let (text, hit) = a.stops.push(&piece);
         let lp = raw_top.map(|raw| lp_of(&raw, next, a.req.logprobs.unwrap_or(0)));
@@ -592,7 +593,7 @@ impl<B: Backend> Worker<B> {
         ctx.release(&mut a.seq);
         if !matches!(reason, FinishReason::Stop | FinishReason::Cancelled) {
             let mut tail = String::new();
-            if let Ok(Some(piece)) = a.streamer.finish(&self.tokenizer) {
+            if let Some(Ok(Some(piece))) = self.tokenizer.as_ref().map(|t| a.streamer.finish(t)) {
                 let (out, _) = a.stops.push(&piece);
                 tail.push_str(&out);
             }

@@ -190,7 +190,7 @@ fn scheduler(
     let opts = ContextOptions { max_batch: 64, ..ContextOptions::new(kv_tokens) };
     let ctx = Context::new(&model, CpuBackend::new(), &opts).unwrap();
     let sched = SchedulerOptions { max_seqs: 8, max_queue: 16, prefill_chunk: 24 };
-    Scheduler::start(model, ctx, tok, sched).unwrap()
+    Scheduler::start(model, ctx, Some(tok), sched).unwrap()
 }
 
 #[test]
