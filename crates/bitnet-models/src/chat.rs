@@ -450,8 +450,29 @@ fn compile(source: &str, origin: &TemplateOrigin) -> Result<Environment<'static>
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", |format: &str| strftime_now(None, format));
     env.add_filter("tojson", python_json::tojson);
+    env.set_formatter(python_formatter);
     env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(|e| template_error(origin, e))?;
     Ok(env)
+}
+
+/// Prints floats in `{{ ... }}` as Python's `str()` does (`1e+20`, `1e-05`, `nan`, `inf`) where
+/// MiniJinja writes every digit; everything else as MiniJinja does, which already spells
+/// booleans and none the Python way (`True`, `False`, `None`).
+fn python_formatter(out: &mut minijinja::Output, state: &mut State, value: &Value) -> Result<(), minijinja::Error> {
+    let is_float = value.kind() == ValueKind::Number && !value.is_integer();
+    match f64::try_from(value.clone()) {
+        Ok(x) if is_float => {
+            let text = match x {
+                x if x.is_nan() => "nan".to_owned(),
+                x if x.is_infinite() => if x > 0.0 { "inf" } else { "-inf" }.to_owned(),
+                x => python_json::python_float_repr(x),
+            };
+            use std::fmt::Write;
+            out.write_str(&text)
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write the output"))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
 }
 
 /// The message a template passed to `raise_exception`, carried through MiniJinja's error as its
