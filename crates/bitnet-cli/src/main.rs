@@ -2,7 +2,6 @@
 
 mod bench;
 mod commands;
-mod default_model;
 
 use clap::{Parser, Subcommand};
 

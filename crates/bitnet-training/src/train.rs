@@ -1,6 +1,7 @@
 //! The `bitnet train` command: [`TrainArgs`] and [`run_train`].
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
@@ -299,24 +300,69 @@ pub struct Summary {
     pub tokens_per_s: f64,
 }
 
+/// What a run reports after every optimizer step (to [`train_with`]'s callback).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps done so far (1 after the first).
+    pub step: u64,
+    /// Steps the run will do in all.
+    pub steps: u64,
+    /// Mean training loss of this step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens seen so far.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+}
+
+impl TrainArgs {
+    /// The arguments `bitnet train --data <data> --out <out>` would have: every other setting
+    /// at its command-line default.
+    pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        use clap::{Args, FromArgMatches};
+        let (data, out) = (data.into(), out.into());
+        let command = Self::augment_args(clap::Command::new("train").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(["--data", "-", "--out", "-"])
+            .expect("--data and --out are the only required flags");
+        let mut args =
+            Self::from_arg_matches(&matches).expect("the matches come from this struct's own flags");
+        args.data = data;
+        args.out = out;
+        args
+    }
+}
+
 /// Runs `bitnet train` (see [`TrainArgs`]).
 pub fn run_train(args: &TrainArgs) -> Result<()> {
     train(args).map(|_| ())
 }
 
-/// [`run_train`], returning the run's summary.
+/// [`run_train`], returning the run's summary. Ctrl-C saves a checkpoint and stops the run.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
+    HANDLER.call_once(|| {
+        let _ = ctrlc::set_handler(request_stop);
+    });
+    train_with(args, |_| ControlFlow::Continue(()))
+}
+
+/// [`train`] for programs that embed training (the Python bindings): `on_step` hears of every
+/// optimizer step, and its `Break` stops the run as Ctrl-C does (a checkpoint is saved, the
+/// model exported, the summary says `stopped_early`). Installs no signal handler.
+pub fn train_with(
+    args: &TrainArgs,
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()> + Send,
+) -> Result<Summary> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the thread pool")?;
-    HANDLER.call_once(|| {
-        let _ = ctrlc::set_handler(request_stop);
-    });
     STOP.store(false, Ordering::SeqCst);
-    pool.install(|| train_in_pool(args, threads))
+    pool.install(|| train_in_pool(args, threads, on_step))
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -462,7 +508,11 @@ fn mean_val_loss(
     Some(total / n as f64)
 }
 
-fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
+fn train_in_pool(
+    args: &TrainArgs,
+    threads: usize,
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<Summary> {
     let out = &args.out;
     let existing = checkpoint::list(out)?;
     let (settings, resume_from) = if args.resume {
@@ -606,7 +656,17 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         }
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
-        let stop = STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
+        let report = StepReport {
+            step: state.step,
+            steps: s.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_s: tps,
+        };
+        let caller_stops = on_step(&report).is_break();
+        let stop = caller_stops || STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
         if (args.save_every > 0 && state.step.is_multiple_of(args.save_every)) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }
