@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""Tokens/s of a generation from Python (the `bitnet` module) against the `bitnet` CLI.
+"""Tokens/s and CPU time of a generation from Python (the `bitnet` module) against the CLI.
 
-Alternates CLI and Python runs (A B A B ...) with the same model, prompt, token count and
+Alternates CLI and Python runs (A B, then B A, ...) with the same model, prompt, token count and
 threads, and prints the medians and the machine's load average around each run (the numbers of
 docs/python.md). The model is loaded once in Python; the CLI loads it on every run, which is
 outside its timings.
 
     python tools/python_overhead.py --bin target/release/bitnet --model /tmp/bitnet-2b4t \
-        --threads 2 -n 64 --rounds 7
+        --threads 2 -n 64 --rounds 9
 
 Per run:
-  cli decode     : the CLI's own decode tokens/s (tokens after the first / decode time)
-  py decode      : the same figure measured by the engine inside the Python process
-  cli total      : generated tokens / (prompt time + decode time), from the CLI's JSON
-  py call        : generated tokens / wall time of the model.generate() call, as Python sees it
-  py stream      : generated tokens / wall time of list(model.generate(..., stream=True))
+  decode   : tokens/s after the first (the engine's own timing: the CLI's JSON, Generation)
+  total    : generated tokens / wall time: the CLI's prompt + decode time; for Python the
+             wall time of the model.generate() call as Python sees it
+  stream   : generated tokens / wall time of list(model.generate(..., stream=True))
+  cpu/tok  : CPU time (user + system, every thread) per decoded token: the CPU time of an
+             n-token run less that of a 1-token run, over n - 1 tokens (getrusage: the CLI's
+             as a child process, Python's own). Contention changes wall times far more
+             than the work done, so this shows overhead on a loaded machine best.
 """
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import time
@@ -31,26 +35,53 @@ def loadavg() -> float:
         return float(f.read().split()[0])
 
 
-def cli_run(args) -> dict:
-    cmd = [args.bin, "generate", "--model", args.model, "--json", "-n", str(args.n), "-t", str(args.threads)]
+def cpu_seconds(who) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def cli_generate(args, n) -> tuple:
+    cmd = [args.bin, "generate", "--model", args.model, "--json", "-n", str(n), "-t", str(args.threads)]
+    before = cpu_seconds(resource.RUSAGE_CHILDREN)
     out = subprocess.run([*cmd, "--prompt", args.prompt], capture_output=True, text=True, check=True)
-    j = json.loads(out.stdout)
+    return json.loads(out.stdout), cpu_seconds(resource.RUSAGE_CHILDREN) - before
+
+
+def cli_run(args) -> dict:
+    _, cpu_one = cli_generate(args, 1)
+    j, cpu_n = cli_generate(args, args.n)
     generated = len(j["generated"])
     prompt_s = len(j["tokens"]) / j["prompt_tokens_per_s"]
     decode_s = (generated - 1) / j["decode_tokens_per_s"]
-    return {"decode": j["decode_tokens_per_s"], "total": generated / (prompt_s + decode_s), "n": generated}
+    return {
+        "decode": j["decode_tokens_per_s"],
+        "total": generated / (prompt_s + decode_s),
+        "cpu": (cpu_n - cpu_one) / (generated - 1),
+        "n": generated,
+    }
 
 
 def python_run(model, args) -> dict:
+    before = cpu_seconds(resource.RUSAGE_SELF)
+    model.generate(args.prompt, max_tokens=1)
+    cpu_one = cpu_seconds(resource.RUSAGE_SELF) - before
+    before = cpu_seconds(resource.RUSAGE_SELF)
     started = time.perf_counter()
     g = model.generate(args.prompt, max_tokens=args.n)
     call_s = time.perf_counter() - started
+    cpu_n = cpu_seconds(resource.RUSAGE_SELF) - before
     started = time.perf_counter()
     pieces = list(model.generate(args.prompt, max_tokens=args.n, stream=True))
     stream_s = time.perf_counter() - started
     assert "".join(pieces) == g.text
     n = len(g.token_ids)
-    return {"decode": g.decode_tokens_per_s, "call": n / call_s, "stream": n / stream_s, "n": n}
+    return {
+        "decode": g.decode_tokens_per_s,
+        "total": n / call_s,
+        "stream": n / stream_s,
+        "cpu": (cpu_n - cpu_one) / (n - 1),
+        "n": n,
+    }
 
 
 def main():
@@ -59,37 +90,42 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-n", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--prompt", default="The capital of France is")
     args = p.parse_args()
 
     model = bitnet.Model.load(args.model, threads=args.threads)
     model.generate(args.prompt, max_tokens=4)  # warm the context pool
-    rows = []
+    cli, py, loads = [], [], []
     for r in range(args.rounds):
-        load_a = loadavg()
-        a = cli_run(args)
-        load_b = loadavg()
-        b = python_run(model, args)
-        rows.append((a, b, load_a, load_b))
+        # A B in even rounds, B A in odd ones: neither side always runs right after the other.
+        for side in ("cli", "py") if r % 2 == 0 else ("py", "cli"):
+            loads.append(loadavg())
+            if side == "cli":
+                cli.append(cli_run(args))
+            else:
+                py.append(python_run(model, args))
+        a, b = cli[-1], py[-1]
         print(
-            f"round {r + 1}: load {load_a:.2f} cli decode {a['decode']:.2f} total {a['total']:.2f} | "
-            f"load {load_b:.2f} py decode {b['decode']:.2f} call {b['call']:.2f} stream {b['stream']:.2f} "
+            f"round {r + 1}: load {loads[-2]:.2f}/{loads[-1]:.2f} | cli decode {a['decode']:.2f} "
+            f"total {a['total']:.2f} cpu/tok {a['cpu'] * 1e3:.0f} ms | py decode {b['decode']:.2f} "
+            f"total {b['total']:.2f} stream {b['stream']:.2f} cpu/tok {b['cpu'] * 1e3:.0f} ms "
             f"({a['n']}/{b['n']} tokens)",
             flush=True,
         )
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    cli_decode = med([a["decode"] for a, _, _, _ in rows])
-    py_decode = med([b["decode"] for _, b, _, _ in rows])
-    cli_total = med([a["total"] for a, _, _, _ in rows])
-    py_call = med([b["call"] for _, b, _, _ in rows])
-    py_stream = med([b["stream"] for _, b, _, _ in rows])
-    loads = [l for _, _, la, lb in rows for l in (la, lb)]
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
     print(f"medians over {args.rounds} rounds, {args.threads} threads, -n {args.n}:")
-    print(f"  decode tokens/s   cli {cli_decode:.2f}  python {py_decode:.2f}  ({py_decode / cli_decode - 1:+.1%})")
-    print(f"  whole call        cli {cli_total:.2f}  python {py_call:.2f}  ({py_call / cli_total - 1:+.1%})")
-    print(f"  streamed          python {py_stream:.2f}  ({py_stream / cli_total - 1:+.1%} vs cli)")
-    print(f"  load average      median {med(loads):.2f}, min {min(loads):.2f}, max {max(loads):.2f}")
+    for key, what in [("decode", "decode tokens/s"), ("total", "whole call tokens/s")]:
+        c, q = med(cli, key), med(py, key)
+        print(f"  {what:<22} cli {c:6.2f}  python {q:6.2f}  ({q / c - 1:+.1%})")
+    c, q = med(cli, "total"), med(py, "stream")
+    print(f"  {'streamed tokens/s':<22} cli {c:6.2f}  python {q:6.2f}  ({q / c - 1:+.1%}, against the CLI's whole call)")
+    c, q = med(cli, "cpu") * 1e3, med(py, "cpu") * 1e3
+    print(f"  {'CPU ms per token':<22} cli {c:6.1f}  python {q:6.1f}  ({q / c - 1:+.1%})")
+    print(f"  load average: median {statistics.median(loads):.2f}, min {min(loads):.2f}, max {max(loads):.2f}")
 
 
 if __name__ == "__main__":
