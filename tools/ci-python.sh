@@ -8,6 +8,7 @@
 # VENV (default: $CARGO_TARGET_DIR/ci-python-venv) is recreated on every run. transformers
 # and jinja2 (no torch) are installed for the live chat-template comparison; BITNET_PY_TRANSFORMERS=0
 # skips it (the comparison with transformers' recorded renderings still runs).
+# mypy is there for stubtest, which checks bitnet.pyi against the module.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -20,7 +21,7 @@ cargo --version
 rm -rf "$venv" "$wheels"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-packages=(maturin pytest numpy)
+packages=(maturin pytest numpy mypy)
 if [ "${BITNET_PY_TRANSFORMERS:-1}" = 1 ]; then
     packages+=(transformers jinja2)
 fi

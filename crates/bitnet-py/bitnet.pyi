@@ -10,23 +10,36 @@ many Python threads at once; Ctrl-C stops a generation cleanly.
 """
 
 import os
-from typing import Callable, Iterator, List, Literal, Mapping, Optional, Sequence, Union, overload
+from typing import Callable, Iterator, List, Literal, Mapping, Optional, Sequence, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+__all__ = [
+    "BitNetError",
+    "Generation",
+    "TextStream",
+    "Model",
+    "Tokenizer",
+    "convert",
+    "quantize",
+    "train",
+    "TrainSummary",
+    "__version__",
+]
 
 _Path = Union[str, "os.PathLike[str]"]
 _Prompt = Union[str, Sequence[int]]
 _Stop = Union[None, str, Sequence[str]]
-StopReason = Literal["eos", "stop_string", "max_tokens", "context_full", "cancelled"]
+_StopReason = Literal["eos", "stop_string", "max_tokens", "context_full", "cancelled"]
 
 class BitNetError(Exception):
     """Base class of the errors the BitNet engine raises: a checkpoint it cannot read, a
     generation, conversion or training run that failed. Bad arguments raise ValueError and
     missing files FileNotFoundError instead. The message is the engine's."""
 
+@final
 class Generation:
     """The result of Model.generate or Model.chat (or a TextStream's result)."""
 
@@ -35,13 +48,14 @@ class Generation:
     token_ids: List[int]
     """The generated token ids (an end-of-sequence id that stopped generation included)."""
     prompt_token_ids: List[int]
-    stop_reason: StopReason
+    stop_reason: _StopReason
     prompt_seconds: float
     decode_seconds: float
     prompt_tokens_per_s: float
     decode_tokens_per_s: float
     """Generated tokens per second after the first (which comes from the prompt's pass)."""
 
+@final
 class TextStream(Iterator[str]):
     """An iterator over a generation's text, piece by piece as tokens complete. The pieces
     join to the text the same call gives with stream=False. Closing the stream (close(), the
@@ -57,6 +71,7 @@ class TextStream(Iterator[str]):
     def __enter__(self) -> "TextStream": ...
     def __exit__(self, *exc: object) -> bool: ...
 
+@final
 class Tokenizer:
     """A model's tokenizer (its tokenizer.json, or its GGUF file's vocabulary)."""
 
@@ -68,6 +83,7 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int: ...
 
+@final
 class Model:
     """A BitNet b1.58 model loaded for inference on the CPU. Create it with Model.load()."""
 
@@ -191,6 +207,7 @@ class Model:
     @property
     def lm_head(self) -> Literal["float", "int8", "int6"]: ...
 
+@final
 class TrainSummary:
     steps_done: int
     stopped_early: bool

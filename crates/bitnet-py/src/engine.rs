@@ -9,7 +9,7 @@
 //! The kernels run on rayon's global pool, sized by the first `Model.load` as the CLI's `-t`
 //! sizes it, and the generation loop on a thread outside it, as in the CLI: the Python
 //! overhead measurement (docs/python.md) compares like with like. Contexts with a pool of their
-//! own, running the loop on one of its workers, decoded 5-10 % slower on the 2-core machine
+//! own, running the loop on one of its workers, decoded 7-13 % slower on the 2-core machine
 //! under load. A model that asks for another thread count than the global pool's gets its own.
 
 use std::ops::ControlFlow;
