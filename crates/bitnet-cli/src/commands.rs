@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
+use bitnet_inference::sampling::GenerationDefaults;
 use bitnet_inference::{
     generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
-    HeadFormat, Logits, Model, SamplingParams, Sequence,
+    HeadFormat, Logits, Model, SamplingParams, Sequence, StopReason,
 };
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
@@ -23,9 +24,13 @@ pub struct InputArgs {
     /// Without it, the embedded default model runs.
     #[arg(short, long)]
     pub model: Option<PathBuf>,
-    /// Prompt text, tokenized with the model's tokenizer (BOS added as its template says).
-    #[arg(short, long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    /// Prompt text, tokenized with the model's tokenizer (BOS added as its template says);
+    /// `-` reads it from standard input.
+    #[arg(short, long, conflicts_with_all = ["tokens", "file"], required_unless_present_any = ["tokens", "file"])]
     pub prompt: Option<String>,
+    /// Read the prompt text from this file.
+    #[arg(short = 'f', long, conflicts_with = "tokens")]
+    pub file: Option<PathBuf>,
     /// Prompt as comma-separated token ids, e.g. `0,53,73`.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub tokens: Option<Vec<String>>,
@@ -98,32 +103,71 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub input: InputArgs,
-    /// New tokens at most.
+    /// New tokens at most (0: only read the prompt).
     #[arg(short = 'n', long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep the k most likely tokens (0: off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling threshold (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Drop tokens below this fraction of the best one's probability (0: off).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Repetition penalty as in transformers (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the prompt before the generated text (by default only the generated text is
+    /// printed).
+    #[arg(long)]
+    pub echo: bool,
     /// Stop when this text appears (may be repeated).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Sampling flags. Each one left out takes the checkpoint's generation_config.json value
+/// (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`), else greedy.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy [default: the checkpoint's, else 0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (0: off) [default: the checkpoint's, else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold (1: off) [default: the checkpoint's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the best one's probability (0: off).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty as in transformers (1: off).
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// Seed of the sampler's random numbers (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The flags over the checkpoint's defaults, checked; also says where they came from.
+    pub fn resolve(&self, defaults: &GenerationDefaults) -> Result<(SamplingParams, Option<String>)> {
+        let base = defaults.params();
+        let p = SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        p.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
+        let from_checkpoint = self.temperature.is_none() && defaults.samples();
+        let notice = from_checkpoint.then(|| {
+            format!(
+                "sampling as generation_config.json asks: temperature {}, top-k {}, top-p {} \
+                 (--temperature 0 for greedy decoding)",
+                p.temperature, p.top_k, p.top_p
+            )
+        });
+        Ok((p, notice))
+    }
 }
 
 #[derive(Args)]
@@ -155,24 +199,41 @@ fn load(input: &InputArgs) -> Result<LoadedModel> {
     })
 }
 
-/// Prompt ids from `--prompt` or `--tokens`, checked against the vocabulary.
+/// The prompt text of `--prompt TEXT`, `--prompt -` (standard input) or `--file FILE`.
+pub fn prompt_text(input: &InputArgs) -> Result<Option<String>> {
+    let text = match (&input.prompt, &input.file) {
+        (Some(p), _) if p == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the prompt from standard input (--prompt -)")?;
+            s
+        }
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the prompt from {} (--file)", f.display()))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(text))
+}
+
+/// Prompt ids from `--prompt`, `--file` or `--tokens`, checked against the vocabulary.
 fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
-    let ids: Vec<u32> = match (&input.prompt, &input.tokens) {
+    let ids: Vec<u32> = match (prompt_text(input)?, &input.tokens) {
         (Some(text), _) => {
             if text.is_empty() {
-                bail!("the prompt is empty: give some text with --prompt or ids with --tokens");
+                bail!("the prompt is empty: give some text with --prompt or --file, or ids with --tokens");
             }
             let tok = loaded.tokenizer.as_ref().with_context(|| {
                 format!("{} has no tokenizer.json: give token ids with --tokens", loaded.source.display())
             })?;
-            tok.encode(text)?
+            tok.encode(&text)?
         }
         (None, Some(list)) => list
             .iter()
             .filter(|s| !s.trim().is_empty())
             .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
             .collect::<Result<_>>()?,
-        (None, None) => bail!("give a prompt with --prompt or token ids with --tokens"),
+        (None, None) => bail!("give a prompt with --prompt, --file or token ids with --tokens"),
     };
     if ids.is_empty() {
         bail!("the prompt is empty: it encodes to no tokens");
@@ -184,8 +245,18 @@ fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn context_len(input: &InputArgs, cfg: &ModelConfig) -> usize {
-    input.ctx.unwrap_or(cfg.max_position_embeddings)
+/// `--ctx`, at most the model's context (positions past it were never trained and the KV
+/// cache for them could exhaust memory).
+fn context_len(input: &InputArgs, cfg: &ModelConfig) -> Result<usize> {
+    let max = cfg.max_position_embeddings;
+    match input.ctx {
+        Some(0) => bail!("--ctx must be at least 1"),
+        Some(n) if n > max => {
+            bail!("--ctx {n} is more than the model's context of {max} tokens (max_position_embeddings)")
+        }
+        Some(n) => Ok(n),
+        None => Ok(max),
+    }
 }
 
 /// Whether the decode governor runs (`BITNET_DECODE_GOVERNOR=off` turns it off).
@@ -204,45 +275,80 @@ pub fn single_sequence_context(model: &Model<CpuBackend>, tokens: usize) -> Resu
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        seed: a.seed,
-        ..SamplingParams::default()
-    };
-    sampling.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
+    // Flags are checked before the model loads: a typo costs no loading time.
+    if let Some(t) = a.sampling.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature must be a finite number >= 0, got {t}");
+        }
+    }
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input)?;
+    let mut loaded = load_reporting(&a.input)?;
+    let (sampling, notice) = a.sampling.resolve(&loaded.generation)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
     let ids = prompt_ids(&a.input, &loaded)?;
-    let ctx = context_len(&a.input, &loaded.model.config);
-    if ids.len() >= ctx {
+    let ctx = context_len(&a.input, &loaded.model.config)?;
+    if ids.len() > ctx || (ids.len() == ctx && a.max_tokens > 0) {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
     let tokenizer = loaded.tokenizer.take().with_context(|| {
         format!("{} has no tokenizer.json, so generated ids cannot be decoded", loaded.source.display())
     })?;
     let max_new = a.max_tokens.min(ctx - ids.len());
+    if max_new < a.max_tokens {
+        eprintln!(
+            "note: the context holds {ctx} tokens, so at most {max_new} of the {} asked for fit after the prompt",
+            a.max_tokens
+        );
+    }
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         sampling,
         eos_ids: loaded.model.config.eos_token_ids.clone(),
         stop_strings: a.stop.clone(),
     };
-    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new)?;
+    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new + 1)?;
     let mut seq = Sequence::new();
     let stdout = std::io::stdout();
     let json = a.json;
-    let g = run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+    if a.echo && !json {
+        let mut out = stdout.lock();
+        let _ = out.write_all(tokenizer.decode(&ids)?.as_bytes());
+        let _ = out.flush();
+    }
+    if ids.len() > 512 {
+        eprintln!("reading the prompt: {} tokens…", ids.len());
+    }
+    let g = if max_new == 0 {
+        // Only the prompt: its logits are computed, nothing is generated.
+        let start = std::time::Instant::now();
+        loaded.model.forward(&mut run, &mut seq, &ids, Logits::Last)?;
+        bitnet_inference::Generation {
+            prompt_ids: ids.clone(),
+            cached_prompt_tokens: 0,
+            generated: Vec::new(),
+            text: String::new(),
+            stop_reason: StopReason::MaxTokens,
+            prompt_time: start.elapsed(),
+            decode_time: std::time::Duration::ZERO,
         }
-        std::ops::ControlFlow::Continue(())
-    })?;
+    } else {
+        let interrupted = crate::interrupt::flag();
+        run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
+            if !json {
+                let mut out = stdout.lock();
+                if out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err() {
+                    // stdout closed (a pipe's reader left): stop quietly.
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            match interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                true => std::ops::ControlFlow::Break(()),
+                false => std::ops::ControlFlow::Continue(()),
+            }
+        })?
+    };
     if json {
         let v = json!({
             "tokens": g.prompt_ids,
@@ -255,6 +361,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!();
+    }
+    match g.stop_reason {
+        StopReason::ContextFull => {
+            eprintln!("stopped: the context of {ctx} tokens is full (--ctx raises it)")
+        }
+        StopReason::Cancelled => eprintln!("stopped: interrupted"),
+        _ => {}
     }
     eprintln!(
         "prompt: {} tokens in {:.3} s ({:.1} tokens/s); generation: {} tokens in {:.3} s ({:.1} tokens/s); {}",
@@ -269,11 +382,35 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Loads the model, saying so on stderr when it takes more than a moment.
+fn load_reporting(input: &InputArgs) -> Result<LoadedModel> {
+    let start = std::time::Instant::now();
+    let large = input.model.as_ref().and_then(|p| model_bytes(p)).is_some_and(|b| b > 256 << 20);
+    if large {
+        eprintln!("loading {}…", input.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    }
+    let loaded = load(input)?;
+    if large {
+        eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
+    }
+    Ok(loaded)
+}
+
+/// Bytes of a model file, or of the files in a checkpoint folder.
+fn model_bytes(path: &Path) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some(meta.len());
+    }
+    let entries = std::fs::read_dir(path).ok()?;
+    Some(entries.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+}
+
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
     let loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
-    let ctx = context_len(&a.input, &loaded.model.config);
+    let ctx = context_len(&a.input, &loaded.model.config)?;
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }

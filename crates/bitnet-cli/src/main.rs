@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod default_model;
+mod interrupt;
 
 use clap::{Parser, Subcommand};
 

@@ -9,6 +9,7 @@ use bitnet_models::tokenizer::Tokenizer;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
+use crate::sampling::GenerationDefaults;
 use crate::{CpuBackend, InferenceError, Model};
 
 /// Choices made when a checkpoint becomes a runnable model.
@@ -22,6 +23,17 @@ pub struct LoadedModel {
     pub model: Model<CpuBackend>,
     pub tokenizer: Option<Tokenizer>,
     pub source: PathBuf,
+    /// The sampling generation_config.json asks for.
+    pub generation: GenerationDefaults,
+}
+
+/// generation_config.json of a checkpoint folder, if it has one that parses.
+fn generation_defaults(dir: &Path) -> GenerationDefaults {
+    std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .map(|v| GenerationDefaults::from_json(&v))
+        .unwrap_or_default()
 }
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json if present).
@@ -47,6 +59,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Infer
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: dir.to_path_buf(),
+        generation: generation_defaults(dir),
     })
 }
 
@@ -65,11 +78,13 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
     let mut config = ModelConfig::from_json(&json, &source.join("config.json"))?;
+    let mut generation = GenerationDefaults::default();
     if let Some(gen) = e.generation_config_json {
         let gen: serde_json::Value = serde_json::from_str(gen).map_err(|err| {
             ModelError::config(&source.join("generation_config.json"), format!("not valid JSON: {err}"))
         })?;
         config.merge_generation_config(&gen);
+        generation = GenerationDefaults::from_json(&gen);
     }
     let store =
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
@@ -79,6 +94,7 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer: Some(tokenizer),
         source,
+        generation,
     })
 }
 
@@ -98,5 +114,6 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, Inferenc
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: path.to_path_buf(),
+        generation: GenerationDefaults::default(),
     })
 }

@@ -1,0 +1,100 @@
+//! `bitnet generate`'s inputs and limits: the prompt from a file or standard input, the
+//! checkpoint's sampling defaults, `-n 0`, and a context beyond the model's.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn packed() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-bitnet-tiny/packed")
+}
+
+fn bitnet(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the bitnet binary runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn json(out: &Output) -> Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_prompt_comes_from_a_flag_a_file_or_stdin_alike() {
+    let dir = packed();
+    let model = dir.to_str().unwrap();
+    let prompt = "The quick brown fox";
+    let base = ["generate", "--model", model, "-n", "6", "--json"];
+    let by_flag = json(&bitnet(&[&base[..], &["--prompt", prompt]].concat(), None));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let by_file = json(&bitnet(&[&base[..], &["-f", file.to_str().unwrap()]].concat(), None));
+    let by_stdin = json(&bitnet(&[&base[..], &["--prompt", "-"]].concat(), Some(prompt)));
+    assert_eq!(by_flag["generated"], by_file["generated"]);
+    assert_eq!(by_flag["generated"], by_stdin["generated"]);
+    assert_eq!(by_flag["tokens"], by_stdin["tokens"]);
+    let missing = bitnet(&["generate", "--model", model, "-f", "/nonexistent/prompt.txt"], None);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(err.contains("/nonexistent/prompt.txt") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn limits_are_clear_errors_or_honest_notices() {
+    let dir = packed();
+    let model = dir.to_str().unwrap();
+    // A context far beyond the model's is refused before any allocation.
+    let out =
+        bitnet(&["generate", "--model", model, "-p", "hi", "--ctx", "1000000000", "-n", "1000000000"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--ctx 1000000000 is more than the model's context of 256"), "{err}");
+    // More new tokens than fit: a notice, then generation up to the context.
+    let out = bitnet(&["generate", "--model", model, "-p", "hi", "--ctx", "8", "-n", "50", "--json"], None);
+    let v = json(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most"), "{err}");
+    let total = v["tokens"].as_array().unwrap().len() + v["generated"].as_array().unwrap().len();
+    assert!(total <= 8, "{v}");
+    // -n 0 reads the prompt and generates nothing.
+    let v = json(&bitnet(&["generate", "--model", model, "-p", "hi there", "-n", "0", "--json"], None));
+    assert_eq!(v["generated"].as_array().unwrap().len(), 0);
+    // A temperature too small to divide by is greedy, not NaN.
+    let tiny = json(&bitnet(
+        &["generate", "--model", model, "-p", "hi", "-n", "5", "--temperature", "1e-40", "--json"],
+        None,
+    ));
+    let greedy = json(&bitnet(
+        &["generate", "--model", model, "-p", "hi", "-n", "5", "--temperature", "0", "--json"],
+        None,
+    ));
+    assert_eq!(tiny["generated"], greedy["generated"]);
+}
+
+#[test]
+fn the_default_model_samples_as_its_generation_config_asks_unless_told_otherwise() {
+    let out = bitnet(&["generate", "-p", "It is a truth", "-n", "4"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("temperature 0.8, top-k 40"), "{err}");
+    let out = bitnet(&["generate", "-p", "It is a truth", "-n", "4", "--temperature", "0"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("generation_config.json asks"), "{err}");
+    // --echo prints the prompt first.
+    let out = bitnet(&["generate", "-p", "It is a truth", "-n", "2", "--echo", "--temperature", "0"], None);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("It is a truth"));
+}
