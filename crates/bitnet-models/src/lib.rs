@@ -1,5 +1,7 @@
-//! Model configs and checkpoint loaders: Hugging Face safetensors and GGUF.
+//! Model configs and checkpoint loaders (Hugging Face safetensors and GGUF), tokenizers and
+//! chat templates.
 
+pub mod chat;
 pub mod config;
 pub mod convert;
 pub mod error;

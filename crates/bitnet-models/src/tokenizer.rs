@@ -37,6 +37,17 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` as it stands: no BOS/EOS added, special tokens written in the text
+    /// still matched (transformers' `encode(text, add_special_tokens=False)`, which is how
+    /// `apply_chat_template(tokenize=True)` encodes a rendered chat prompt).
+    pub fn encode_without_special_tokens(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::tokenizer(&self.source, format!("cannot encode the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Text of `ids`, with special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         self.inner
