@@ -4,12 +4,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use bitnet_inference::chat::ChatFormat;
 use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
 use bitnet_inference::sampling::GenerationDefaults;
 use bitnet_inference::{
     generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
     HeadFormat, Logits, Model, SamplingParams, Sequence, StopReason,
 };
+use bitnet_models::chat::ChatMessage;
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
@@ -112,6 +114,13 @@ pub struct GenerateArgs {
     /// printed).
     #[arg(long)]
     pub echo: bool,
+    /// Send the prompt as a user message through the checkpoint's chat template, and stop at
+    /// its end of turn.
+    #[arg(long, conflicts_with = "tokens")]
+    pub chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Stop when this text appears (may be repeated).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
@@ -287,7 +296,24 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(n) = notice {
         eprintln!("{n}");
     }
-    let ids = prompt_ids(&a.input, &loaded)?;
+    let mut eos_ids = loaded.model.config.eos_token_ids.clone();
+    let mut stop_strings = a.stop.clone();
+    let ids = if a.chat {
+        let format = ChatFormat::for_model(&loaded)?;
+        if format.is_fallback() {
+            eprintln!("note: {} has no chat template; using the plain fallback", loaded.source.display());
+        }
+        let text = prompt_text(&a.input)?.context("--chat needs the prompt as text (--prompt or --file)")?;
+        let mut messages: Vec<ChatMessage> =
+            a.system.iter().map(|s| ChatMessage::system(s.clone())).collect();
+        messages.push(ChatMessage::user(text));
+        let tok = loaded.tokenizer.as_ref().context("--chat needs the model's tokenizer")?;
+        eos_ids = format.stop_ids.clone();
+        stop_strings.extend(format.stop_strings.iter().cloned());
+        format.encode(tok, &messages, true)?
+    } else {
+        prompt_ids(&a.input, &loaded)?
+    };
     let ctx = context_len(&a.input, &loaded.model.config)?;
     if ids.len() > ctx || (ids.len() == ctx && a.max_tokens > 0) {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
@@ -302,12 +328,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.max_tokens
         );
     }
-    let opts = GenerateOptions {
-        max_new_tokens: max_new,
-        sampling,
-        eos_ids: loaded.model.config.eos_token_ids.clone(),
-        stop_strings: a.stop.clone(),
-    };
+    let opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids, stop_strings };
     let mut run = single_sequence_context(&loaded.model, ids.len() + max_new + 1)?;
     let mut seq = Sequence::new();
     let stdout = std::io::stdout();
@@ -380,6 +401,37 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         loaded.model.backend_name(),
     );
     Ok(())
+}
+
+/// A model, its tokenizer and its conversation format, for `chat`, `generate --chat` and
+/// `serve`; says so when the checkpoint has no chat template.
+pub fn load_for_chat(
+    model: Option<&Path>,
+    threads: Option<usize>,
+    head: HeadArg,
+) -> Result<(LoadedModel, bitnet_models::tokenizer::Tokenizer, ChatFormat)> {
+    set_threads(threads)?;
+    let input = InputArgs {
+        model: model.map(Path::to_path_buf),
+        prompt: None,
+        file: None,
+        tokens: None,
+        ctx: None,
+        threads,
+        lm_head: head,
+    };
+    let mut loaded = load_reporting(&input)?;
+    let format = ChatFormat::for_model(&loaded)?;
+    if format.is_fallback() {
+        eprintln!(
+            "note: {} has no chat template; using the plain fallback (System:/User:/Assistant: lines)",
+            loaded.source.display()
+        );
+    }
+    let tokenizer = loaded.tokenizer.take().with_context(|| {
+        format!("{} has no tokenizer, so a conversation cannot be encoded", loaded.source.display())
+    })?;
+    Ok((loaded, tokenizer, format))
 }
 
 /// Loads the model, saying so on stderr when it takes more than a moment.

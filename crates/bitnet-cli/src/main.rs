@@ -1,6 +1,7 @@
 //! `bitnet`: run, inspect and (soon) convert, train and serve BitNet b1.58 models.
 
 mod bench;
+mod chat;
 mod commands;
 mod default_model;
 mod interrupt;
@@ -24,6 +25,15 @@ enum Command {
   bitnet generate --model ./bitnet-b1.58-2B-4T --prompt \"The capital of France is\" --max-tokens 32
   bitnet generate --tokens 0,53,73 --temperature 0.8 --top-p 0.95 --seed 1 --json")]
     Generate(commands::GenerateArgs),
+    /// Chat with a model: multi-turn, streamed, with the checkpoint's chat template.
+    #[command(after_help = "Examples:
+  bitnet chat --model ./bitnet-b1.58-2B-4T
+  bitnet chat --model model.gguf --system \"You are a terse assistant.\"
+  echo \"What is 2+2?\" | bitnet chat --model ./bitnet-b1.58-2B-4T --temperature 0
+
+In a chat: /reset forgets the conversation, /system TEXT sets a new system message, Ctrl-C stops
+a reply, Ctrl-D (end of input) exits.")]
+    Chat(chat::ChatArgs),
     /// Print the logits of a prompt as JSON, for parity checks with other engines.
     #[command(after_help = "Examples:
   bitnet logits --model ./tiny --prompt \"Hello\"
@@ -68,6 +78,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
+        Command::Chat(a) => chat::chat(a),
         Command::Logits(a) => commands::logits(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),

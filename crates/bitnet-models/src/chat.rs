@@ -74,15 +74,15 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// Strings that end an assistant turn in the templates of common model families. One counts
 /// for a template only when its source contains it (or it is the template's EOS token).
 pub const END_OF_TURN_MARKERS: &[&str] = &[
-    "<|eot_id|>",        // Llama 3, BitNet b1.58 2B4T
-    "<|eom_id|>",        // Llama 3.1: end of a message that calls a tool
-    "<|im_end|>",        // ChatML: Qwen, SmolLM
-    "<|end_of_text|>",   // Llama 3 base
-    "<|endoftext|>",     // GPT-2 family, Falcon 3
-    "</s>",              // Llama 2, Mistral
-    "<|end|>",           // Phi-3
-    "<end_of_turn>",     // Gemma
-    "<|end_of_turn|>",   // OpenChat
+    "<|eot_id|>",            // Llama 3, BitNet b1.58 2B4T
+    "<|eom_id|>",            // Llama 3.1: end of a message that calls a tool
+    "<|im_end|>",            // ChatML: Qwen, SmolLM
+    "<|end_of_text|>",       // Llama 3 base
+    "<|endoftext|>",         // GPT-2 family, Falcon 3
+    "</s>",                  // Llama 2, Mistral
+    "<|end|>",               // Phi-3
+    "<end_of_turn>",         // Gemma
+    "<|end_of_turn|>",       // OpenChat
     "<|END_OF_TURN_TOKEN|>", // Command-R
 ];
 
@@ -343,7 +343,11 @@ impl ChatTemplate {
     }
 
     /// [`ChatTemplate::render`] with every option.
-    pub fn render_with(&self, messages: &[ChatMessage], options: &RenderOptions) -> Result<String, ChatError> {
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        options: &RenderOptions,
+    ) -> Result<String, ChatError> {
         let mut env = self.env.clone();
         env.set_fuel(Some(fuel_budget(messages)));
         let now = options.now;
@@ -458,7 +462,11 @@ fn compile(source: &str, origin: &TemplateOrigin) -> Result<Environment<'static>
 /// Prints floats in `{{ ... }}` as Python's `str()` does (`1e+20`, `1e-05`, `nan`, `inf`) where
 /// MiniJinja writes every digit; everything else as MiniJinja does, which already spells
 /// booleans and none the Python way (`True`, `False`, `None`).
-fn python_formatter(out: &mut minijinja::Output, state: &mut State, value: &Value) -> Result<(), minijinja::Error> {
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &mut State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
     let is_float = value.kind() == ValueKind::Number && !value.is_integer();
     match f64::try_from(value.clone()) {
         Ok(x) if is_float => {
@@ -607,7 +615,9 @@ fn token_string(json: &serde_json::Value, name: &str, path: &Path) -> Result<Opt
             Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
             _ => Err(bad(format!("{name} is an object without a string 'content'"))),
         },
-        Some(other) => Err(bad(format!("{name} must be a string or {{\"content\": string}}, got {}", json_kind(other)))),
+        Some(other) => {
+            Err(bad(format!("{name} must be a string or {{\"content\": string}}, got {}", json_kind(other))))
+        }
     }
 }
 
@@ -629,7 +639,10 @@ impl GgufTokens<'_> {
         match self.md.get(key) {
             None => Ok(None),
             Some(GgufValue::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(self.error(format!("metadata key '{key}' is a {}, expected a string", other.value_type()))),
+            Some(other) => {
+                Err(self
+                    .error(format!("metadata key '{key}' is a {}, expected a string", other.value_type())))
+            }
         }
     }
 
@@ -645,9 +658,9 @@ impl GgufTokens<'_> {
     /// (llama.cpp ignores it too).
     fn token(&self, key: &str) -> Result<Option<String>, ChatError> {
         let Some(value) = self.md.get(key) else { return Ok(None) };
-        let id = value
-            .as_i64()
-            .ok_or_else(|| self.error(format!("metadata key '{key}' is a {}, expected an integer", value.value_type())))?;
+        let id = value.as_i64().ok_or_else(|| {
+            self.error(format!("metadata key '{key}' is a {}, expected an integer", value.value_type()))
+        })?;
         let Some(tokens) = self.vocabulary()? else { return Ok(None) };
         Ok(usize::try_from(id).ok().and_then(|i| tokens.get(i)).cloned())
     }
@@ -703,7 +716,9 @@ mod python_json {
             Some(v) if v.is_none() => None,
             Some(v) if v.kind() == ValueKind::String => v.as_str().map(str::to_owned),
             Some(v) => {
-                let n = i64::try_from(v.clone()).map_err(|_| invalid(format!("tojson: indent must be an integer or a string, got {v}")))?;
+                let n = i64::try_from(v.clone()).map_err(|_| {
+                    invalid(format!("tojson: indent must be an integer or a string, got {v}"))
+                })?;
                 Some(" ".repeat(n.clamp(0, 64) as usize))
             }
         };
@@ -733,7 +748,12 @@ mod python_json {
         minijinja::Error::new(ErrorKind::InvalidOperation, message)
     }
 
-    fn write_value(out: &mut String, value: &Value, style: &Style, depth: usize) -> Result<(), minijinja::Error> {
+    fn write_value(
+        out: &mut String,
+        value: &Value,
+        style: &Style,
+        depth: usize,
+    ) -> Result<(), minijinja::Error> {
         if depth > MAX_DEPTH {
             return Err(invalid(format!("tojson: nested deeper than {MAX_DEPTH} levels")));
         }
@@ -859,7 +879,8 @@ mod python_json {
             }
         } else {
             let rest = &digits[1..];
-            let mantissa = if rest.is_empty() { digits[..1].to_owned() } else { format!("{}.{rest}", &digits[..1]) };
+            let mantissa =
+                if rest.is_empty() { digits[..1].to_owned() } else { format!("{}.{rest}", &digits[..1]) };
             let exp_sign = if exponent < 0 { '-' } else { '+' };
             format!("{sign}{mantissa}e{exp_sign}{:02}", exponent.abs())
         }
@@ -926,7 +947,8 @@ mod tests {
     }
 
     fn render_inline(source: &str) -> Result<String, ChatError> {
-        let t = ChatTemplate::new(source, ChatSpecialTokens::default(), TemplateOrigin::Inline("test".into()))?;
+        let t =
+            ChatTemplate::new(source, ChatSpecialTokens::default(), TemplateOrigin::Inline("test".into()))?;
         t.render(&[], false)
     }
 
@@ -934,10 +956,16 @@ mod tests {
     fn tojson_writes_what_python_json_dumps_writes() {
         // The expected strings are json.dumps(...) of the same values in Python 3.11.
         let cases = [
-            (r#"{{ {'a': 1, 'b': [true, none, 'x"y']} | tojson }}"#, r#"{"a": 1, "b": [true, null, "x\"y"]}"#),
+            (
+                r#"{{ {'a': 1, 'b': [true, none, 'x"y']} | tojson }}"#,
+                r#"{"a": 1, "b": [true, null, "x\"y"]}"#,
+            ),
             (r#"{{ 'héllo\n' | tojson }}"#, r#""héllo\n""#),
             (r#"{{ 'héllo🌍' | tojson(ensure_ascii=true) }}"#, r#""h\u00e9llo\ud83c\udf0d""#),
-            (r#"{{ {'b': 1, 'a': [1, 2]} | tojson(indent=2) }}"#, "{\n  \"b\": 1,\n  \"a\": [\n    1,\n    2\n  ]\n}"),
+            (
+                r#"{{ {'b': 1, 'a': [1, 2]} | tojson(indent=2) }}"#,
+                "{\n  \"b\": 1,\n  \"a\": [\n    1,\n    2\n  ]\n}",
+            ),
             (r#"{{ {'b': 1, 'a': {}} | tojson(sort_keys=true) }}"#, r#"{"a": {}, "b": 1}"#),
             (r#"{{ [1, 2] | tojson(separators=(',', ':')) }}"#, "[1,2]"),
             (r#"{{ [1.5, 2.0, 1e20] | tojson }}"#, "[1.5, 2.0, 1e+20]"),

@@ -67,7 +67,10 @@ impl Case {
     fn label(&self) -> String {
         format!(
             "{} / {} (add_generation_prompt={}, enable_thinking={:?})",
-            self.template, self.conversation, self.options.add_generation_prompt, self.options.enable_thinking
+            self.template,
+            self.conversation,
+            self.options.add_generation_prompt,
+            self.options.enable_thinking
         )
     }
 }
@@ -90,7 +93,12 @@ fn cases() -> Vec<Case> {
                     now: None,
                 },
                 rendered: c["rendered"].as_str().unwrap().to_owned(),
-                token_ids: c["token_ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect(),
+                token_ids: c["token_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|i| i.as_u64().unwrap() as u32)
+                    .collect(),
             }
         })
         .collect()
@@ -129,7 +137,8 @@ fn enable_thinking_changes_qwen3s_generation_prompt() {
 
 #[test]
 fn token_ids_equal_transformers() {
-    let tokenizer_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/default-model/tokenizer.json");
+    let tokenizer_path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/default-model/tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path).unwrap();
     let bos = tokenizer.token_to_id("<|begin_of_text|>").unwrap();
     for case in cases() {
@@ -250,7 +259,8 @@ fn checkpoint_folder_named_templates() {
     let (messages, want) = fixture_text("smollm2-instruct", "unicode");
     assert_eq!(template.render(&messages, true).unwrap(), want);
 
-    let config = json!({"chat_template": [{"name": "rag", "template": "x"}, {"name": "tool_use", "template": "y"}]});
+    let config =
+        json!({"chat_template": [{"name": "rag", "template": "x"}, {"name": "tool_use", "template": "y"}]});
     write(dir.path(), "tokenizer_config.json", &config.to_string());
     let err = ChatTemplate::from_checkpoint_dir(dir.path()).unwrap_err();
     let message = err.to_string();
@@ -270,8 +280,12 @@ fn checkpoint_folder_without_template_falls_back() {
     assert!(fallback.is_fallback());
     assert_eq!(fallback.origin(), &TemplateOrigin::Fallback);
     assert_eq!((fallback.bos_token(), fallback.eos_token()), (Some("<s>"), Some("</s>")));
-    let messages = [ChatMessage::system("  Be brief. "), ChatMessage::user("Hi!"), ChatMessage::assistant("Hello.")];
-    assert_eq!(fallback.render(&messages, false).unwrap(), "System: Be brief.\nUser: Hi!\nAssistant: Hello.\n");
+    let messages =
+        [ChatMessage::system("  Be brief. "), ChatMessage::user("Hi!"), ChatMessage::assistant("Hello.")];
+    assert_eq!(
+        fallback.render(&messages, false).unwrap(),
+        "System: Be brief.\nUser: Hi!\nAssistant: Hello.\n"
+    );
     let messages = [ChatMessage::user("Who are you?")];
     assert_eq!(fallback.render(&messages, true).unwrap(), "User: Who are you?\nAssistant:");
     assert_eq!(fallback.end_of_turn_tokens(), ["</s>"]);
@@ -292,7 +306,10 @@ fn checkpoint_folder_errors_name_the_file() {
     check("{not json", "not valid JSON");
     check(r#"{"chat_template": 5}"#, "chat_template must be a string or a list");
     check(r#"{"chat_template": [{"name": "default"}]}"#, "chat_template[0]");
-    check(r#"{"chat_template": "x", "eos_token": {"id": 2}}"#, "eos_token is an object without a string 'content'");
+    check(
+        r#"{"chat_template": "x", "eos_token": {"id": 2}}"#,
+        "eos_token is an object without a string 'content'",
+    );
     check(r#"{"chat_template": "x", "bos_token": 1}"#, "bos_token must be a string");
     // A syntax error in the file's template names the file too.
     write(dir.path(), "tokenizer_config.json", r#"{"chat_template": "{% for m in messages %}"}"#);
@@ -302,7 +319,10 @@ fn checkpoint_folder_errors_name_the_file() {
 }
 
 fn gguf_vocabulary() -> Vec<String> {
-    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello", "<|eot|>"].iter().map(|s| s.to_string()).collect()
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "hello", "<|eot|>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 #[test]
@@ -355,7 +375,12 @@ fn smollm2_gguf_template_renders_like_transformers() {
     assert_eq!(template.source(), templates()["smollm2-instruct"].source());
     assert_eq!((template.bos_token(), template.eos_token()), (Some("<|im_start|>"), Some("<|im_end|>")));
     for case in cases().iter().filter(|c| c.template == "smollm2-instruct") {
-        assert_eq!(template.render_with(&case.messages, &case.options).unwrap(), case.rendered, "{}", case.label());
+        assert_eq!(
+            template.render_with(&case.messages, &case.options).unwrap(),
+            case.rendered,
+            "{}",
+            case.label()
+        );
     }
 }
 
@@ -403,8 +428,10 @@ fn raise_exception_carries_the_templates_message() {
          Conversation roles must alternate user/assistant/user/assistant/..."
     );
     // Raised from inside a macro, too.
-    let nested = inline("{% macro check(m) %}{{ raise_exception('no ' ~ m.role) }}{% endmacro %}{{ check(messages[0]) }}")
-        .unwrap();
+    let nested = inline(
+        "{% macro check(m) %}{{ raise_exception('no ' ~ m.role) }}{% endmacro %}{{ check(messages[0]) }}",
+    )
+    .unwrap();
     let err = nested.render(&[ChatMessage::system("x")], false).unwrap_err();
     assert!(matches!(&err, ChatError::Raised { message, .. } if message == "no system"), "{err:?}");
 }
