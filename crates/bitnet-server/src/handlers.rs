@@ -58,9 +58,12 @@ pub(crate) async fn get_model(State(state): State<AppState>, Path(id): Path<Stri
     if id == state.model_id {
         Json(model_card(&state)).into_response()
     } else {
-        ApiError::with_status(StatusCode::NOT_FOUND, format!("model '{id}' does not exist; this server has '{}'", state.model_id))
-            .code("model_not_found")
-            .into_response()
+        ApiError::with_status(
+            StatusCode::NOT_FOUND,
+            format!("model '{id}' does not exist; this server has '{}'", state.model_id),
+        )
+        .code("model_not_found")
+        .into_response()
     }
 }
 
@@ -76,8 +79,11 @@ fn model_card(state: &AppState) -> Value {
 
 /// Unknown routes.
 pub(crate) async fn not_found(req: Request) -> ApiError {
-    ApiError::with_status(StatusCode::NOT_FOUND, format!("no route for {} {}", req.method(), req.uri().path()))
-        .code("not_found")
+    ApiError::with_status(
+        StatusCode::NOT_FOUND,
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .code("not_found")
 }
 
 /// Known routes asked with the wrong method.
@@ -112,7 +118,11 @@ pub(crate) async fn completions(State(state): State<AppState>, headers: HeaderMa
 }
 
 /// `POST /v1/chat/completions`.
-pub(crate) async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let arrived = Instant::now();
     let result = async {
         let body = read_body(&headers, body, state.cfg.max_body_bytes).await?;
@@ -121,7 +131,8 @@ pub(crate) async fn chat_completions(State(state): State<AppState>, headers: Hea
         let messages = params.messages;
         let prompt_ids = run_blocking(move || engine.encode_chat(&messages)).await?;
         let req = generation_request(&state, prompt_ids, params.sampling, params.logprobs, "messages")?;
-        let completion = Completion::new(&state, CompletionKind::Chat, params.logprobs.is_some(), params.include_usage);
+        let completion =
+            Completion::new(&state, CompletionKind::Chat, params.logprobs.is_some(), params.include_usage);
         Ok::<_, ApiError>((submit(&state, req)?, completion, params.stream))
     }
     .await;
@@ -141,7 +152,8 @@ async fn answer(
     };
     let tracker = RequestTracker::new(state, endpoint, arrived);
     if stream {
-        let chunks = completion_events(events, completion, tracker).map(Ok::<Event, std::convert::Infallible>);
+        let chunks =
+            completion_events(events, completion, tracker).map(Ok::<Event, std::convert::Infallible>);
         Sse::new(chunks).keep_alive(KeepAlive::default()).into_response()
     } else {
         collect(events, completion, tracker).await.into_response()
@@ -201,9 +213,15 @@ impl RequestTracker {
     /// The error for a channel the engine closed without `Done` or `Error`.
     pub(crate) fn ended_early(&self) -> ApiError {
         if self.state.shutting_down.load(Ordering::Relaxed) {
-            ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, "the server shut down before the generation finished")
+            ApiError::with_status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server shut down before the generation finished",
+            )
         } else {
-            ApiError::with_status(StatusCode::INTERNAL_SERVER_ERROR, "the engine ended the generation without finishing it")
+            ApiError::with_status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the engine ended the generation without finishing it",
+            )
         }
     }
 }
@@ -248,7 +266,9 @@ async fn run_blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result.map_err(ApiError::from),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(ApiError::with_status(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenization failed: {e}"))),
+        Err(e) => {
+            Err(ApiError::with_status(StatusCode::INTERNAL_SERVER_ERROR, format!("tokenization failed: {e}")))
+        }
     }
 }
 

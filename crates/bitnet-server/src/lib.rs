@@ -40,8 +40,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 pub use config::ServerConfig;
 pub use engine::{
-    ChatTurn, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationRequest, SubmitError,
-    TokenLogprob, TopLogprob,
+    ChatTurn, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
+    SubmitError, TokenLogprob, TopLogprob,
 };
 pub use error::{ApiError, ServerError};
 
@@ -118,9 +118,12 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("no message");
-    ApiError::with_status(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: the handler panicked ({detail})"))
-        .code("internal_error")
-        .into_response()
+    ApiError::with_status(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("internal error: the handler panicked ({detail})"),
+    )
+    .code("internal_error")
+    .into_response()
 }
 
 /// A bound listening socket, before serving: lets the caller learn the address (port 0) first.

@@ -102,13 +102,25 @@ impl Metrics {
     /// Everything, in Prometheus' text exposition format (version 0.0.4).
     pub fn render(&self, stats: &EngineStats) -> String {
         let mut out = String::new();
-        header(&mut out, "bitnet_http_requests_total", "counter", "HTTP responses by endpoint and status code.");
+        header(
+            &mut out,
+            "bitnet_http_requests_total",
+            "counter",
+            "HTTP responses by endpoint and status code.",
+        );
         for ((endpoint, status), n) in lock(&self.requests).iter() {
-            let _ = writeln!(out, "bitnet_http_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "bitnet_http_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
+            );
         }
         let counters = [
             ("bitnet_prompt_tokens_total", "Prompt tokens submitted to the engine.", &self.prompt_tokens),
-            ("bitnet_completion_tokens_total", "Tokens generated and received by the HTTP layer.", &self.completion_tokens),
+            (
+                "bitnet_completion_tokens_total",
+                "Tokens generated and received by the HTTP layer.",
+                &self.completion_tokens,
+            ),
         ];
         for (name, help, value) in counters {
             header(&mut out, name, "counter", help);
@@ -121,7 +133,11 @@ impl Metrics {
             ("bitnet_kv_blocks_used", "KV-cache blocks held by sequences.", stats.kv_blocks_used),
             ("bitnet_kv_blocks_free", "KV-cache blocks free.", stats.kv_blocks_free),
             ("bitnet_kv_blocks_total", "KV-cache blocks in all.", stats.kv_blocks_total),
-            ("bitnet_kv_blocks_cached", "Free KV-cache blocks kept for prefix reuse.", stats.kv_blocks_cached),
+            (
+                "bitnet_kv_blocks_cached",
+                "Free KV-cache blocks kept for prefix reuse.",
+                stats.kv_blocks_cached,
+            ),
         ];
         for (name, help, value) in gauges {
             header(&mut out, name, "gauge", help);
@@ -168,7 +184,10 @@ struct HistogramData {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, data: Mutex::new(HistogramData { counts: vec![0; bounds.len()], ..Default::default() }) }
+        Histogram {
+            bounds,
+            data: Mutex::new(HistogramData { counts: vec![0; bounds.len()], ..Default::default() }),
+        }
     }
 
     fn observe(&self, x: f64) {

@@ -20,8 +20,8 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{watch, Semaphore};
 
 use crate::engine::{
-    ChatTurn, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationRequest, SubmitError,
-    TokenLogprob, TopLogprob,
+    ChatTurn, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
+    SubmitError, TokenLogprob, TopLogprob,
 };
 
 /// The beginning-of-sequence id.
@@ -126,7 +126,8 @@ impl MockEngine {
 
     /// The text of token ids, as the mock's tokenizer decodes them (BOS and EOS as nothing).
     pub fn decode(ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().filter(|&&id| id >= BYTE_OFFSET).map(|&id| (id - BYTE_OFFSET) as u8).collect();
+        let bytes: Vec<u8> =
+            ids.iter().filter(|&&id| id >= BYTE_OFFSET).map(|&id| (id - BYTE_OFFSET) as u8).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -175,7 +176,8 @@ impl Engine for MockEngine {
     }
 
     fn encode_chat(&self, messages: &[ChatTurn]) -> Result<Vec<u32>, EngineError> {
-        if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
+        if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
+        {
             return Err(EngineError::Invalid(format!("the mock's template has no role '{}'", m.role)));
         }
         Self::tokenize(&Self::render_chat(messages))
@@ -190,7 +192,9 @@ impl Engine for MockEngine {
             return Err(SubmitError::PromptTooLong { prompt: req.prompt_ids.len(), context });
         }
         if let Some(id) = req.prompt_ids.iter().find(|&&id| id >= VOCAB_SIZE) {
-            return Err(SubmitError::Invalid(format!("token id {id} is outside the vocabulary of {VOCAB_SIZE}")));
+            return Err(SubmitError::Invalid(format!(
+                "token id {id} is outside the vocabulary of {VOCAB_SIZE}"
+            )));
         }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| SubmitError::Invalid("the mock engine runs inside a tokio runtime".into()))?;
@@ -378,7 +382,10 @@ async fn run_sequence(
         let logprob = req.logprobs.map(|n| mock_logprob(generated, word.map_or("", String::as_str), n));
         send(tx, GenerationEvent::Token { id, text, logprob })?;
         if let Some(finish_reason) = finish {
-            return send(tx, GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens: generated });
+            return send(
+                tx,
+                GenerationEvent::Done { finish_reason, prompt_tokens, completion_tokens: generated },
+            );
         }
     }
 }

@@ -93,10 +93,7 @@ pub fn parse_completion_request(body: &[u8]) -> Result<CompletionParams, ApiErro
         None => return Err(ApiError::invalid_param("prompt", "'prompt' is required")),
         Some(v) => parse_prompt(v)?,
     };
-    let logprobs = match integer_field(&obj, "logprobs", 0, MAX_TOP_LOGPROBS as u64)? {
-        Some(n) => Some(n as usize),
-        None => None,
-    };
+    let logprobs = integer_field(&obj, "logprobs", 0, MAX_TOP_LOGPROBS as u64)?.map(|n| n as usize);
     let (stream, include_usage) = parse_stream(&obj)?;
     Ok(CompletionParams { prompt, sampling: parse_sampling(&obj)?, logprobs, stream, include_usage })
 }
@@ -140,7 +137,10 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 fn reject_unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
     if let Some(n) = integer_field(obj, "n", 0, u64::MAX)? {
         if n != 1 {
-            return Err(ApiError::invalid_param("n", format!("'n' must be 1 (one choice per request), got {n}")));
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("'n' must be 1 (one choice per request), got {n}"),
+            ));
         }
     }
     if let Some(v) = field(obj, "best_of") {
@@ -185,7 +185,12 @@ fn parse_sampling(obj: &Map<String, Value>) -> Result<SamplingParams, ApiError> 
         Some(v) => match v.as_i64() {
             Some(-1) => 0,
             Some(k) if k >= 0 => k as usize,
-            _ => return Err(ApiError::invalid_param("top_k", format!("'top_k' must be an integer ≥ 0 (or -1 for off), got {v}"))),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "top_k",
+                    format!("'top_k' must be an integer ≥ 0 (or -1 for off), got {v}"),
+                ))
+            }
         },
     };
     let seed = match field(obj, "seed") {
@@ -281,7 +286,9 @@ fn parse_prompt(v: &Value) -> Result<PromptInput, ApiError> {
         Value::Array(items) if items.is_empty() => {
             Err(ApiError::invalid_param("prompt", "'prompt' must not be an empty list"))
         }
-        Value::Array(items) if items.iter().all(Value::is_number) => parse_token_ids(items).map(PromptInput::Tokens),
+        Value::Array(items) if items.iter().all(Value::is_number) => {
+            parse_token_ids(items).map(PromptInput::Tokens)
+        }
         Value::Array(items) if items.len() == 1 => match &items[0] {
             Value::String(s) => Ok(PromptInput::Text(s.clone())),
             Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_number) => {
@@ -289,10 +296,12 @@ fn parse_prompt(v: &Value) -> Result<PromptInput, ApiError> {
             }
             _ => Err(wrong()),
         },
-        Value::Array(items) if items.iter().all(|i| i.is_string() || i.is_array()) => Err(ApiError::invalid_param(
-            "prompt",
-            format!("'prompt' holds {} prompts; this server takes one prompt per request", items.len()),
-        )),
+        Value::Array(items) if items.iter().all(|i| i.is_string() || i.is_array()) => {
+            Err(ApiError::invalid_param(
+                "prompt",
+                format!("'prompt' holds {} prompts; this server takes one prompt per request", items.len()),
+            ))
+        }
         _ => Err(wrong()),
     }
 }
@@ -338,7 +347,9 @@ fn parse_message(index: usize, v: &Value) -> Result<ChatTurn, ApiError> {
                 format!("'{}' must be a string, got {}", param("role"), type_name(other)),
             ))
         }
-        None => return Err(ApiError::invalid_param(&param("role"), format!("'{}' is required", param("role")))),
+        None => {
+            return Err(ApiError::invalid_param(&param("role"), format!("'{}' is required", param("role"))))
+        }
     };
     let role = match role {
         "system" | "developer" => "system",
@@ -356,12 +367,19 @@ fn parse_message(index: usize, v: &Value) -> Result<ChatTurn, ApiError> {
         Some(Value::Array(parts)) => parse_content_parts(&param("content"), parts)?,
         None | Some(Value::Null) if role == "assistant" => String::new(),
         None | Some(Value::Null) => {
-            return Err(ApiError::invalid_param(&param("content"), format!("'{}' is required", param("content"))))
+            return Err(ApiError::invalid_param(
+                &param("content"),
+                format!("'{}' is required", param("content")),
+            ))
         }
         Some(other) => {
             return Err(ApiError::invalid_param(
                 &param("content"),
-                format!("'{}' must be a string or a list of text parts, got {}", param("content"), type_name(other)),
+                format!(
+                    "'{}' must be a string or a list of text parts, got {}",
+                    param("content"),
+                    type_name(other)
+                ),
             ))
         }
     };
@@ -400,9 +418,10 @@ fn bool_field(obj: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiE
     match field(obj, name) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => {
-            Err(ApiError::invalid_param(name, format!("'{name}' must be a boolean, got {}", type_name(other))))
-        }
+        Some(other) => Err(ApiError::invalid_param(
+            name,
+            format!("'{name}' must be a boolean, got {}", type_name(other)),
+        )),
     }
 }
 
@@ -420,11 +439,16 @@ fn string_field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'
 fn integer_field(obj: &Map<String, Value>, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
     let Some(v) = field(obj, name) else { return Ok(None) };
     let Value::Number(n) = v else {
-        return Err(ApiError::invalid_param(name, format!("'{name}' must be an integer, got {}", type_name(v))));
+        return Err(ApiError::invalid_param(
+            name,
+            format!("'{name}' must be an integer, got {}", type_name(v)),
+        ));
     };
     match n.as_u64() {
         Some(x) if (min..=max).contains(&x) => Ok(Some(x)),
-        _ if n.is_f64() => Err(ApiError::invalid_param(name, format!("'{name}' must be an integer, got {n}"))),
+        _ if n.is_f64() => {
+            Err(ApiError::invalid_param(name, format!("'{name}' must be an integer, got {n}")))
+        }
         _ if max == u64::MAX => {
             Err(ApiError::invalid_param(name, format!("'{name}' must be at least {min}, got {n}")))
         }
@@ -459,10 +483,16 @@ impl Range {
 fn float_field(obj: &Map<String, Value>, name: &str, range: Range) -> Result<Option<f32>, ApiError> {
     let Some(v) = field(obj, name) else { return Ok(None) };
     let Some(x) = v.as_f64() else {
-        return Err(ApiError::invalid_param(name, format!("'{name}' must be a number, got {}", type_name(v))));
+        return Err(ApiError::invalid_param(
+            name,
+            format!("'{name}' must be a number, got {}", type_name(v)),
+        ));
     };
     if !range.contains(x) {
-        return Err(ApiError::invalid_param(name, format!("'{name}' must be in {}, got {x}", range.describe())));
+        return Err(ApiError::invalid_param(
+            name,
+            format!("'{name}' must be in {}, got {x}", range.describe()),
+        ));
     }
     Ok(Some(x as f32))
 }
@@ -511,8 +541,13 @@ mod tests {
         assert_eq!(completion(r#"{"prompt": ["x"]}"#).unwrap().prompt, PromptInput::Text("x".into()));
         assert_eq!(completion(r#"{"prompt": [1, 2]}"#).unwrap().prompt, PromptInput::Tokens(vec![1, 2]));
         assert_eq!(completion(r#"{"prompt": [[7]]}"#).unwrap().prompt, PromptInput::Tokens(vec![7]));
-        for bad in [r#"{"prompt": []}"#, r#"{"prompt": ["a", "b"]}"#, r#"{"prompt": [-1]}"#, r#"{"prompt": 5}"#, r#"{}"#]
-        {
+        for bad in [
+            r#"{"prompt": []}"#,
+            r#"{"prompt": ["a", "b"]}"#,
+            r#"{"prompt": [-1]}"#,
+            r#"{"prompt": 5}"#,
+            r#"{}"#,
+        ] {
             assert_eq!(param_of(completion(bad).unwrap_err()), "prompt", "{bad}");
         }
     }
@@ -590,7 +625,10 @@ mod tests {
             (r#"{"messages": [{"role": "tool", "content": "x"}]}"#, "messages[0].role"),
             (r#"{"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}"#, "messages[1].role"),
             (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
-            (r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, "messages[0].content"),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+                "messages[0].content",
+            ),
             (r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"messages": [{"role": "user", "content": "x"}], "logprobs": 1}"#, "logprobs"),
             (r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{}]}"#, "tools"),

@@ -69,7 +69,12 @@ impl Completion {
     }
 
     /// The whole response, once the generation is done.
-    pub(crate) fn full_response(&self, finish: FinishReason, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    pub(crate) fn full_response(
+        &self,
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) -> Value {
         let logprobs = self.logprobs.then(|| self.logprobs_json(&self.token_logprobs, &self.text_offsets));
         let choice = match self.kind {
             CompletionKind::Text => json!({
