@@ -5,6 +5,7 @@ mod chat;
 mod commands;
 mod default_model;
 mod interrupt;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,16 @@ enum Command {
 In a chat: /reset forgets the conversation, /system TEXT sets a new system message, Ctrl-C stops
 a reply, Ctrl-D (end of input) exits.")]
     Chat(chat::ChatArgs),
+    /// Serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
+    /// /v1/models), many requests batched together, a chat page at /, /health and /metrics.
+    #[command(after_help = "Examples:
+  bitnet serve --model ./bitnet-b1.58-2B-4T --port 8080
+  bitnet serve --model model.gguf --max-seqs 32 --kv-type bf16 --api-key secret
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 32}'
+
+See docs/serving.md for every endpoint, parameter and metric.")]
+    Serve(serve::ServeArgs),
     /// Print the logits of a prompt as JSON, for parity checks with other engines.
     #[command(after_help = "Examples:
   bitnet logits --model ./tiny --prompt \"Hello\"
@@ -79,6 +90,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => chat::chat(a),
+        Command::Serve(a) => serve::serve(a),
         Command::Logits(a) => commands::logits(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
