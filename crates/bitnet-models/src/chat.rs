@@ -475,7 +475,6 @@ fn python_formatter(
                 x if x.is_infinite() => if x > 0.0 { "inf" } else { "-inf" }.to_owned(),
                 x => python_json::python_float_repr(x),
             };
-            use std::fmt::Write;
             out.write_str(&text)
                 .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "cannot write the output"))
         }
