@@ -236,8 +236,9 @@ async fn get(opts: &Options, path: &str) -> std::io::Result<HttpResponse> {
 /// A valid body for request `i`: completions or chat, alternately.
 fn valid_body(opts: &Options, i: usize, stream: bool) -> (&'static str, Vec<u8>) {
     let prompt = format!("Request {i}: tell me about ternary weights.");
-    if i % 2 == 0 {
-        let body = json!({"prompt": prompt, "max_tokens": opts.max_tokens, "stream": stream, "temperature": 0.7, "seed": i});
+    if i.is_multiple_of(2) {
+        let body = json!({"prompt": prompt, "max_tokens": opts.max_tokens, "stream": stream,
+                          "temperature": 0.7, "seed": i});
         ("/v1/completions", body.to_string().into_bytes())
     } else {
         let body = json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": opts.max_tokens,

@@ -288,7 +288,10 @@ fn generation_request(
     if prompt >= context {
         return Err(ApiError::invalid_param(
             prompt_param,
-            format!("the prompt has {prompt} tokens; the model's context is {context} tokens, leaving no room for a completion"),
+            format!(
+                "the prompt has {prompt} tokens; the model's context is {context} tokens, \
+                 leaving no room for a completion"
+            ),
         )
         .code("context_length_exceeded"));
     }
@@ -297,7 +300,11 @@ fn generation_request(
         Some(n) if n > room => {
             return Err(ApiError::invalid_param(
                 "max_tokens",
-                format!("the model's context is {context} tokens, but {prompt} prompt tokens + max_tokens {n} = {} tokens", prompt.saturating_add(n)),
+                format!(
+                    "the model's context is {context} tokens, but {prompt} prompt tokens + \
+                     max_tokens {n} = {} tokens",
+                    prompt.saturating_add(n)
+                ),
             )
             .code("context_length_exceeded"))
         }

@@ -3,7 +3,9 @@
 //! `/metrics` and a chat page at `/`, over any token generator that implements [`Engine`].
 //!
 //! ```no_run
-//! # async fn run(engine: std::sync::Arc<dyn bitnet_server::Engine>) -> Result<(), bitnet_server::ServerError> {
+//! # use std::sync::Arc;
+//! # use bitnet_server::{Engine, ServerError};
+//! # async fn run(engine: Arc<dyn Engine>) -> Result<(), ServerError> {
 //! let cfg = bitnet_server::ServerConfig { port: 0, ..Default::default() };
 //! let server = bitnet_server::Server::bind(&cfg).await?;
 //! println!("listening on http://{}", server.local_addr());
@@ -17,7 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 mod handlers;
-pub mod metrics;
+mod metrics;
 pub mod mock;
 pub mod request;
 mod response;

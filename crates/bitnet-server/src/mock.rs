@@ -1,10 +1,10 @@
 //! A deterministic [`Engine`] for tests, the load tool and the chat page, with no model.
 //!
 //! Tokens are bytes (id = byte + 3; BOS = 1, EOS = 2). The reply to a prompt is
-//! `"You said: <the last message or prompt, up to 48 characters>."` followed by the pangram
-//! `"The quick brown fox jumps over the lazy dog."`, one word per token, then EOS. Sampling
-//! options are ignored (recorded in [`MockEngine::last_request`]), stop strings are honoured the
-//! way a real engine must (text that could start a stop string is held back).
+//! `"You said: <the last message or prompt, up to 48 characters, end punctuation dropped>."`
+//! followed by the pangram `"The quick brown fox jumps over the lazy dog."`, one word per token,
+//! then EOS. Sampling options are ignored (recorded in [`MockEngine::last_request`]); stop strings
+//! are honoured the way a real engine must (text that could start a stop string is held back).
 //!
 //! Prompts that contain `__panic__` make tokenization panic; `__error__` makes generation fail
 //! after two tokens. Generation is paced by [`MockConfig::token_delay`] and limited to
@@ -145,6 +145,7 @@ impl MockEngine {
         let prompt = prompt.strip_suffix("<|assistant|>").unwrap_or(&prompt);
         let last = prompt.rsplit("|>").next().unwrap_or(prompt).trim();
         let echo: String = last.chars().take(ECHO_CHARS).collect();
+        let echo = echo.trim_end_matches(['.', '!', '?']);
         format!("You said: {echo}. {PANGRAM}")
     }
 

@@ -5,7 +5,7 @@
 //! Fields this server does not know are ignored; a known field of the wrong type or out of range
 //! is a 400. JSON `null` counts as absent, as OpenAI's clients send it for unset options.
 //! Parsing needs no engine: checks that need one (prompt length against the context) come later,
-//! in [`crate::handlers`].
+//! in the route handlers.
 
 use serde_json::{Map, Value};
 

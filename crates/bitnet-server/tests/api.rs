@@ -165,7 +165,8 @@ async fn chat_completion_answers_the_last_message() {
         "model": "gpt-4o", "user": "someone", "unknown_field": {"x": 1},
         "messages": [
             {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hello"},
+                                         {"type": "text", "text": "world"}]},
         ],
     });
     let r = post_json(&app, "/v1/chat/completions", body).await;
@@ -209,7 +210,8 @@ async fn sampling_parameters_reach_the_engine() {
         &app,
         "/v1/completions",
         json!({"prompt": "x", "max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.05,
-               "seed": 42, "frequency_penalty": 0.25, "presence_penalty": -0.5, "stop": ["a", "b"], "logprobs": 2}),
+               "seed": 42, "frequency_penalty": 0.25, "presence_penalty": -0.5, "stop": ["a", "b"],
+               "logprobs": 2}),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
