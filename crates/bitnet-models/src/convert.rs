@@ -174,7 +174,8 @@ pub fn projection_codes(
             t.expect_shape(&[rows / 4, cols])?;
             let codes = unpack_hf(t.as_u8()?, rows, cols)
                 .map_err(|e| ModelError::tensor(t.path, format!("tensor `{prefix}.weight`: {e}")))?;
-            let s = store.get(&format!("{prefix}.weight_scale"))?.to_f32()?.first().copied().unwrap_or(0.0);
+            // The loader's check: a scale that is not one positive number is a damaged file.
+            let s = crate::weights::weight_scale(&store.get(&format!("{prefix}.weight_scale"))?)?;
             let mean = if cfg.quant_form == QuantForm::PackedDivide { 1.0 / s } else { s };
             Ok((codes, mean))
         }
