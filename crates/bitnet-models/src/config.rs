@@ -85,6 +85,10 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
+/// mean square of activations.
+pub const MAX_RMS_NORM_EPS: f32 = 0.1;
+
 impl ModelConfig {
     /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -245,7 +249,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Checks the shape relations the forward relies on.
+    /// Checks the shape relations the forward relies on, and that the numbers are sane.
     pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::config(path, m));
         if self.vocab_size == 0
@@ -267,12 +271,22 @@ impl ModelConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be positive and even for RoPE", self.head_dim));
         }
-        if self.rope_theta.is_nan()
-            || self.rope_theta <= 0.0
-            || self.rms_norm_eps.is_nan()
-            || self.rms_norm_eps < 0.0
-        {
-            return bad("rope_theta must be positive and rms_norm_eps non-negative".into());
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be a positive number", self.rope_theta));
+        }
+        // RMSNorm divides by sqrt(mean(x²) + eps): an eps near the activations' mean square
+        // flattens them (1e50 turns every one into 0, and the model into silence).
+        let eps_ok = |eps: f32| (0.0..=MAX_RMS_NORM_EPS).contains(&eps);
+        if !eps_ok(self.rms_norm_eps) {
+            return bad(format!(
+                "rms_norm_eps {:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)",
+                self.rms_norm_eps
+            ));
+        }
+        if let Some(eps) = self.bitlinear_input_norm.filter(|&e| !eps_ok(e)) {
+            return bad(format!(
+                "quantization_config.rms_norm_eps {eps:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS})"
+            ));
         }
         // Guard against absurd sizes before anything is allocated from them.
         let params = (self.vocab_size as u128) * (self.hidden_size as u128)

@@ -27,7 +27,7 @@ use crate::weights::{LayerWeights, Projection};
 use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm};
 
 fn gguf_err(e: GgufError) -> ModelError {
-    ModelError::Tensor { path: Default::default(), message: e.to_string() }
+    ModelError::Gguf(e)
 }
 
 /// The config a GGUF file's metadata describes.

@@ -94,7 +94,7 @@ fn dense_tensor(
 }
 
 /// The scalar `weight_scale` of a packed projection.
-fn weight_scale(t: &TensorRef) -> Result<f32, ModelError> {
+pub(crate) fn weight_scale(t: &TensorRef) -> Result<f32, ModelError> {
     if t.numel() != 1 {
         return Err(ModelError::tensor(
             t.path,
