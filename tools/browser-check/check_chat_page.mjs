@@ -20,6 +20,9 @@ const here = dirname(fileURLToPath(import.meta.url));
 const baseUrl = (process.argv[2] || process.env.BITNET_SERVER_URL || "http://127.0.0.1:8080").replace(/\/$/, "");
 const screenshot = resolve(process.argv[3] || join(here, "..", "..", "docs", "images", "chat-page.png"));
 const apiKey = process.env.BITNET_API_KEY || "";
+// A model that answers faster than the page can be watched (the embedded model in CI): the reply
+// may arrive in one piece and finish before Stop is clicked; both are then noted, not failed.
+const fastModel = process.env.BROWSER_CHECK_FAST_MODEL === "1";
 
 const host = new URL(baseUrl).hostname;
 if (!["127.0.0.1", "localhost", "[::1]", "::1"].includes(host)) {
@@ -89,7 +92,7 @@ try {
   const reply = await page.$eval(".msg.assistant", (el) => el.textContent);
   check(!(await page.$(".msg.error")), "the reply is not an error: " + JSON.stringify(reply));
   check(reply.length > 0, "the reply has text: " + JSON.stringify(reply.slice(0, 80)));
-  check(seen.size >= 2, `the reply streamed in (${seen.size} partial states seen)`);
+  check(seen.size >= 2 || fastModel, `the reply streamed in (${seen.size} partial states seen)`);
   check(await page.isEnabled("#send"), "Send is enabled again after the reply");
 
   // Second message: stop it once some text has arrived.
@@ -104,7 +107,9 @@ try {
     await page.click("#stop");
   }
   await page.waitForFunction(() => !document.querySelector(".msg.pending"), null, { timeout: 10000 });
-  check(!(await page.$(".msg.error")), stopped ? "Stop ends the reply without an error" : "the second reply finished before Stop");
+  const errorText = await page.$eval(".msg.error", (el) => el.textContent).catch(() => null);
+  check(errorText === null, (stopped ? "Stop ends the reply without an error" : "the second reply finished before Stop") + (errorText ? ": " + errorText : ""));
+  check(stopped || fastModel, "Stop was clickable while the second reply streamed");
   if (stopped) check((await page.textContent(".msg.assistant:last-of-type .note")) === "stopped", "the stopped reply says so");
   let running = await runningSequences();
   for (let i = 0; i < 50 && running > 0; i++) {

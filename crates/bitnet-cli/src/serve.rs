@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on /v1 requests (or set BITNET_API_KEY).
     #[arg(long)]
     pub api_key: Option<String>,
+    /// `max_tokens` of a request that gives none (default: whatever the context leaves after
+    /// the prompt).
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
     /// Largest request body in bytes (larger: 413).
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -212,8 +216,8 @@ fn rand_seed() -> u64 {
 const DEFAULT_KV_BYTES: usize = 4 << 30;
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    if a.max_seqs == 0 || a.max_queue == 0 || a.prefill_chunk == 0 {
-        bail!("--max-seqs, --max-queue and --prefill-chunk must be at least 1");
+    if a.max_seqs == 0 || a.max_queue == 0 || a.prefill_chunk == 0 || a.default_max_tokens == Some(0) {
+        bail!("--max-seqs, --max-queue, --prefill-chunk and --default-max-tokens must be at least 1");
     }
     let api_key =
         a.api_key.clone().or_else(|| std::env::var("BITNET_API_KEY").ok().filter(|k| !k.is_empty()));
@@ -258,6 +262,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         port: a.port,
         api_key,
         max_body_bytes: a.max_body_bytes,
+        default_max_tokens: a.default_max_tokens,
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
