@@ -315,9 +315,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     }
     if dir.is_file() {
         let file = bitnet_models::gguf::GgufFile::open(dir)?;
-        match a.json {
-            true => println!("{}", file.inspect_json()),
-            false => print!("{}", file.inspect()),
+        if a.json {
+            println!("{}", file.inspect_json());
+        } else {
+            print!("{}", file.inspect());
         }
         return Ok(());
     }
