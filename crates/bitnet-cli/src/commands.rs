@@ -76,8 +76,27 @@ pub struct SynthArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the random weights (the same seed writes the same model).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Replace a model already in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Refuses to write a model over one already in `out` unless `force`.
+fn refuse_to_replace_a_model(out: &Path, force: bool) -> Result<()> {
+    let existing = bitnet_models::model_files_in(out);
+    if !force && !existing.is_empty() {
+        let names: Vec<String> =
+            existing.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+        bail!(
+            "{} already holds a model ({}); pass --force to replace it, or choose another --out",
+            out.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -85,9 +104,28 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let names: Vec<&str> = bitnet_models::synth::SHAPES.iter().map(|s| s.name).collect();
         format!("--config `{}` is not one of {}", a.config, names.join(", "))
     })?;
+    refuse_to_replace_a_model(&a.out, a.force)?;
     bitnet_models::synth::write_synthetic(&shape, &a.out, a.seed)?;
     eprintln!("wrote {} (shapes of `{}`, random ternary weights)", a.out.display(), shape.name);
     Ok(())
+}
+
+/// Threads per core beyond which more threads only cost: `-t 10000` would spend over a
+/// minute starting threads that then wait on each other.
+const MAX_THREADS_PER_CORE: usize = 4;
+
+/// `requested` threads, or [`MAX_THREADS_PER_CORE`] × the available cores if that is fewer,
+/// with a note naming `flag` when it cuts. 0 passes through for the caller's own check.
+pub fn capped_threads(requested: usize, flag: &str) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = MAX_THREADS_PER_CORE * cores;
+    if requested > cap {
+        eprintln!(
+            "note: {flag} {requested} is more than {MAX_THREADS_PER_CORE} threads for each of the {cores} cores: using {cap}"
+        );
+        return cap;
+    }
+    requested
 }
 
 /// Sizes the process's one thread pool.
@@ -96,6 +134,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
+        let n = capped_threads(n, "--threads");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
     }
     Ok(())
@@ -193,7 +232,7 @@ pub struct LogitsArgs {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory.
+    /// A checkpoint folder (config.json + model.safetensors) or a .gguf file.
     pub path: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -479,9 +518,19 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let dir: &Path = &a.path;
+    if !dir.exists() {
+        bail!(
+            "{}: no such file or folder (inspect takes a checkpoint folder with config.json, or a .gguf file)",
+            dir.display()
+        );
+    }
     if dir.is_file() {
         let file = bitnet_models::gguf::GgufFile::open(dir)?;
-        print!("{}", file.inspect());
+        if a.json {
+            println!("{}", file.inspect_json());
+        } else {
+            print!("{}", file.inspect());
+        }
         return Ok(());
     }
     let cfg = ModelConfig::from_dir(dir)?;

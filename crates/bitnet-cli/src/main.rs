@@ -7,6 +7,8 @@ mod default_model;
 mod interrupt;
 mod serve;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -50,15 +52,18 @@ See docs/serving.md for every endpoint, parameter and metric.")]
   bitnet logits --model ./tiny --prompt \"Hello\"
   bitnet logits --model ./tiny --tokens 0,53,73 --all-positions")]
     Logits(commands::LogitsArgs),
-    /// Describe a checkpoint: architecture, quantization form, tensors, parameters, bytes.
+    /// Describe a checkpoint folder or a .gguf file: architecture, quantization form, tensors,
+    /// parameters, bytes (for a .gguf: its metadata too).
     #[command(after_help = "Examples:
   bitnet inspect ./bitnet-b1.58-2B-4T
-  bitnet inspect ./model-dir --json")]
+  bitnet inspect ./model-dir --json
+  bitnet inspect 2b4t-i2_s.gguf --json")]
     Inspect(commands::InspectArgs),
     /// Write a model with real shapes and random ternary weights, for speed measurements.
     #[command(after_help = "Examples:
   bitnet synth --config 2b4t --out /tmp/bitnet-2b4t
-  bitnet synth --config tiny --out /tmp/tiny --seed 3")]
+  bitnet synth --config tiny --out /tmp/tiny --seed 3
+  bitnet synth --config tiny --out /tmp/tiny --force   # replace the model already there")]
     Synth(commands::SynthArgs),
     /// Time prompt processing (ppN) and generation (tgN), llama-bench style; or training steps.
     #[command(after_help = "Examples:
@@ -78,14 +83,22 @@ See docs/serving.md for every endpoint, parameter and metric.")]
   bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
     Quantize(commands::QuantizeArgs),
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
+    ///
+    /// Ctrl-C (or SIGTERM) stops after the current step, saves a checkpoint and exits with
+    /// status 130; `--resume` continues from it.
     #[command(after_help = "Examples:
   bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
-  bitnet train --data corpus.txt --preset small --save-every 200 --out runs/small --resume
+  bitnet train --data corpus.txt --preset small --save-every 200 --out runs/small
+  bitnet train --data corpus.txt --out runs/small --resume              # after Ctrl-C or a crash
+  bitnet train --data corpus.txt --out runs/small --resume --steps 4000 --schedule-steps 4000
+                                                     # train a finished run further, schedule stretched
   bitnet train --data corpus.txt --preset tiny --fp --out runs/tiny-fp")]
     Train(bitnet_training::TrainArgs),
 }
 
 fn main() {
+    restore_sigpipe();
+    install_signal_handler();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
@@ -97,10 +110,60 @@ fn main() {
         Command::Bench(a) => bench::bench(a),
         Command::Convert(a) => commands::convert(a),
         Command::Quantize(a) => commands::quantize(a),
-        Command::Train(a) => bitnet_training::run_train(&a),
+        Command::Train(a) => train(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The exit status of a run cut short by a signal, as shells report SIGINT's.
+const INTERRUPTED: i32 = 130;
+
+/// `bitnet train`, with the thread count capped; a run that stopped early (Ctrl-C) exits with
+/// [`INTERRUPTED`], as an interrupted program does, not with success.
+fn train(mut a: bitnet_training::TrainArgs) -> anyhow::Result<()> {
+    a.threads = a.threads.map(|n| commands::capped_threads(n, "--threads"));
+    if bitnet_training::train(&a)?.stopped_early {
+        std::process::exit(INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// Unix tools end quietly when the reader of their output goes away (`bitnet inspect m |
+/// head -1`): SIGPIPE kills them. Rust starts programs with SIGPIPE ignored, so a write fails
+/// with BrokenPipe instead and `println!` panics; restore the default.
+#[cfg(unix)]
+fn restore_sigpipe() {
+    // SAFETY: sets one signal's disposition to the default, before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
+
+/// Ctrl-C, SIGTERM and SIGHUP. A training run stops after its current step and saves a
+/// checkpoint (a second signal ends it at once); anything else ends at once. Ending removes
+/// the temporary files being written (a `convert` leaves no hidden half GGUF) and exits with
+/// [`INTERRUPTED`].
+fn install_signal_handler() {
+    static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+    let handler = || {
+        if SIGNALS.fetch_add(1, Ordering::SeqCst) == 0 && bitnet_training::train::request_stop() {
+            eprintln!("\nstopping after this step to save a checkpoint (interrupt again to quit at once)");
+            return;
+        }
+        eprintln!(); // off the progress bar's line
+        for path in bitnet_models::temp_file::abandon_all() {
+            eprintln!("removed the unfinished {}", path.display());
+        }
+        eprintln!("interrupted");
+        std::process::exit(INTERRUPTED);
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("warning: cannot handle Ctrl-C ({e}): an interrupted command may leave temporary files");
     }
 }

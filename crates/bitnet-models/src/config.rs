@@ -87,7 +87,16 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 
 /// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
 /// mean square of activations.
-pub const MAX_RMS_NORM_EPS: f32 = 0.1;
+pub const MAX_RMS_NORM_EPS: f64 = 0.1;
+
+/// What is wrong with an RMSNorm epsilon named `field`, if anything. RMSNorm divides by
+/// sqrt(mean(x²) + eps): an eps near the activations' mean square flattens them (1e50 turns
+/// every one into 0, and the model into silence).
+fn eps_problem(field: &str, eps: f64) -> Option<String> {
+    (!(0.0..=MAX_RMS_NORM_EPS).contains(&eps)).then(|| {
+        format!("{field} {eps:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)")
+    })
+}
 
 impl ModelConfig {
     /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
@@ -221,6 +230,11 @@ impl ModelConfig {
                 qc.and_then(|q| field(q, "rms_norm_eps")).and_then(Value::as_f64).unwrap_or(1e-6) as f32
             });
 
+        let rms_norm_eps = field(json, "rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5);
+        // Checked here too, where the value is still the file's (1e50 would become f32 inf).
+        if let Some(why) = eps_problem("rms_norm_eps", rms_norm_eps) {
+            return Err(ModelError::config(path, why));
+        }
         let cfg = Self {
             architecture,
             vocab_size: usize_field(json, "vocab_size", path)?,
@@ -230,7 +244,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: field(json, "rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5) as f32,
+            rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
             max_position_embeddings: field(json, "max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -274,19 +288,13 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta {} must be a positive number", self.rope_theta));
         }
-        // RMSNorm divides by sqrt(mean(x²) + eps): an eps near the activations' mean square
-        // flattens them (1e50 turns every one into 0, and the model into silence).
-        let eps_ok = |eps: f32| (0.0..=MAX_RMS_NORM_EPS).contains(&eps);
-        if !eps_ok(self.rms_norm_eps) {
-            return bad(format!(
-                "rms_norm_eps {:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)",
-                self.rms_norm_eps
-            ));
+        if let Some(why) = eps_problem("rms_norm_eps", self.rms_norm_eps.into()) {
+            return bad(why);
         }
-        if let Some(eps) = self.bitlinear_input_norm.filter(|&e| !eps_ok(e)) {
-            return bad(format!(
-                "quantization_config.rms_norm_eps {eps:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS})"
-            ));
+        if let Some(why) =
+            self.bitlinear_input_norm.and_then(|e| eps_problem("quantization_config.rms_norm_eps", e.into()))
+        {
+            return bad(why);
         }
         // Guard against absurd sizes before anything is allocated from them.
         let params = (self.vocab_size as u128) * (self.hidden_size as u128)

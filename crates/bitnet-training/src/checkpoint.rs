@@ -134,9 +134,16 @@ pub fn load(path: &Path) -> Result<Loaded> {
     Ok(Loaded { state, settings, params, adam_m, adam_v })
 }
 
-/// The newest checkpoint in `out` that loads, with its path, and the newer ones that did not
-/// (path and why), for the caller to report. An error if none loads.
-pub fn load_newest(out: &Path) -> Result<(Loaded, PathBuf, Vec<(PathBuf, anyhow::Error)>)> {
+/// What [`load_newest`] found.
+pub struct Newest {
+    pub loaded: Loaded,
+    pub path: PathBuf,
+    /// Newer checkpoints that did not load, with why, for the caller to report.
+    pub skipped: Vec<(PathBuf, anyhow::Error)>,
+}
+
+/// The newest checkpoint in `out` that loads. An error if none does.
+pub fn load_newest(out: &Path) -> Result<Newest> {
     let all = list(out)?;
     if all.is_empty() {
         bail!("--resume: no checkpoint in {}", checkpoint_dir(out).display());
@@ -144,7 +151,7 @@ pub fn load_newest(out: &Path) -> Result<(Loaded, PathBuf, Vec<(PathBuf, anyhow:
     let mut skipped = Vec::new();
     for (_, path) in all.into_iter().rev() {
         match load(&path) {
-            Ok(loaded) => return Ok((loaded, path, skipped)),
+            Ok(loaded) => return Ok(Newest { loaded, path, skipped }),
             Err(e) => skipped.push((path, e)),
         }
     }

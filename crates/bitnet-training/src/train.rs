@@ -259,8 +259,17 @@ impl RunSettings {
         if self.precision == Precision::Full && self.backward == Backward::Int16 {
             bail!("--backward int16 multiplies by the ternary and int8 codes, which --fp does not have: drop one of them");
         }
-        if self.seq < 2 || self.batch == 0 || self.accum == 0 || self.steps == 0 || self.layers == 0 {
-            bail!("--seq must be at least 2, and --batch, --accum, --steps and --layers positive");
+        if self.seq < 2 {
+            bail!("--seq {} must be at least 2 (a window predicts each next token)", self.seq);
+        }
+        let counts = [
+            ("--batch", self.batch as u64),
+            ("--accum", self.accum as u64),
+            ("--steps", self.steps),
+            ("--layers", self.layers as u64),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            bail!("{flag} must be positive");
         }
         if self.schedule.total == 0 {
             bail!("--schedule-steps must be positive");
@@ -598,7 +607,7 @@ fn resumed_settings(args: &TrainArgs, threads: usize, loaded: &checkpoint::Loade
 fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
     let out = &args.out;
     let (settings, resume_from) = if args.resume {
-        let (loaded, path, skipped) = checkpoint::load_newest(out)?;
+        let checkpoint::Newest { loaded, path, skipped } = checkpoint::load_newest(out)?;
         for (bad, why) in &skipped {
             eprintln!("warning: skipping {}: {why:#}", bad.display());
         }
