@@ -71,7 +71,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let mut lines = stdin.lock().lines();
     let stdout = std::io::stdout();
     loop {
-        interrupt::set_busy(false);
+        interrupt::set_mode(interrupt::Mode::Other);
         if interactive {
             eprint!("> ");
             let _ = std::io::stderr().flush();
@@ -122,7 +122,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             stop_strings: format.stop_strings.clone(),
         };
         interrupt::take();
-        interrupt::set_busy(true);
+        interrupt::set_mode(interrupt::Mode::Streaming);
         let g = generate(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
             let mut out = stdout.lock();
             if out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err() {

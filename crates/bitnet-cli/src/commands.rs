@@ -394,7 +394,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             decode_time: std::time::Duration::ZERO,
         }
     } else {
-        let interrupted = crate::interrupt::flag();
+        crate::interrupt::set_mode(crate::interrupt::Mode::Streaming);
         run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
             if !json {
                 let mut out = stdout.lock();
@@ -403,12 +403,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                     return std::ops::ControlFlow::Break(());
                 }
             }
-            match interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            match crate::interrupt::take() {
                 true => std::ops::ControlFlow::Break(()),
                 false => std::ops::ControlFlow::Continue(()),
             }
         })?
     };
+    crate::interrupt::set_mode(crate::interrupt::Mode::Other);
     if json {
         let v = json!({
             "tokens": g.prompt_ids,
@@ -426,7 +427,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         StopReason::ContextFull => {
             eprintln!("stopped: the context of {ctx} tokens is full (--ctx raises it)")
         }
-        StopReason::Cancelled => eprintln!("stopped: interrupted"),
         _ => {}
     }
     eprintln!(
@@ -439,6 +439,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         g.decode_tokens_per_s(),
         loaded.model.backend_name(),
     );
+    if g.stop_reason == StopReason::Cancelled {
+        eprintln!("interrupted");
+        std::process::exit(crate::interrupt::EXIT_INTERRUPTED);
+    }
     Ok(())
 }
 

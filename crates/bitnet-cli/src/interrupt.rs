@@ -1,42 +1,47 @@
-//! Ctrl-C and SIGTERM for the commands that stream: the first signal during a reply stops that
-//! reply (the generation callback sees the flag and breaks); a signal while nothing is being
-//! generated (a chat waiting for input) exits with status 130, as an interrupted program does.
-//! The handler is installed once per process, on first use.
+//! What Ctrl-C (and SIGTERM, SIGHUP) means depends on what the process is doing. `main`
+//! installs the one signal handler; it asks [`on_signal`] first:
+//! - while a reply streams (`generate`, a `chat` turn), the signal stops that reply: the
+//!   generation callback sees [`take`] and breaks, and the process goes on (a chat waits for
+//!   the next message; `generate` prints what it has and exits 130);
+//! - while `serve` runs, the server's own listener shuts it down gracefully;
+//! - otherwise `main`'s handler goes on (training saves a checkpoint, anything else removes its
+//!   temporary files and exits 130).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static BUSY: AtomicBool = AtomicBool::new(true);
-static INSTALL: Once = Once::new();
+static MODE: AtomicU8 = AtomicU8::new(Mode::Other as u8);
 
 /// The exit status of a run cut short by a signal, as shells report SIGINT's.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-fn on_signal() {
-    if BUSY.load(Ordering::SeqCst) {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-    } else {
-        std::process::exit(EXIT_INTERRUPTED);
-    }
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    Other = 0,
+    Streaming = 1,
+    Serving = 2,
 }
 
-/// The flag a signal sets, with the handler installed.
-pub fn flag() -> &'static AtomicBool {
-    INSTALL.call_once(|| {
-        // Without a handler (another one is installed) Ctrl-C keeps its default: exit.
-        let _ = ctrlc::set_handler(on_signal);
-    });
-    &INTERRUPTED
+/// Sets what a signal means from now on.
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode as u8, Ordering::SeqCst);
+}
+
+/// Called by the signal handler: true when the signal has been dealt with here (a reply was
+/// told to stop, or the server handles it), false when the handler should go on.
+pub fn on_signal() -> bool {
+    match MODE.load(Ordering::SeqCst) {
+        m if m == Mode::Streaming as u8 => {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            true
+        }
+        m if m == Mode::Serving as u8 => true,
+        _ => false,
+    }
 }
 
 /// Whether a signal came since the last call, clearing it.
 pub fn take() -> bool {
-    flag().swap(false, Ordering::SeqCst)
-}
-
-/// Marks whether work is under way: while not, a signal exits the process.
-pub fn set_busy(busy: bool) {
-    flag();
-    BUSY.store(busy, Ordering::SeqCst);
+    INTERRUPTED.swap(false, Ordering::SeqCst)
 }

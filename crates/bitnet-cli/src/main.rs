@@ -152,6 +152,9 @@ fn restore_sigpipe() {}
 fn install_signal_handler() {
     static SIGNALS: AtomicUsize = AtomicUsize::new(0);
     let handler = || {
+        if interrupt::on_signal() {
+            return;
+        }
         if SIGNALS.fetch_add(1, Ordering::SeqCst) == 0 && bitnet_training::train::request_stop() {
             eprintln!("\nstopping after this step to save a checkpoint (interrupt again to quit at once)");
             return;

@@ -270,6 +270,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the HTTP runtime")?;
+    crate::interrupt::set_mode(crate::interrupt::Mode::Serving);
     runtime.block_on(async move {
         let server = bitnet_server::Server::bind(&server_cfg).await?;
         eprintln!(

@@ -98,3 +98,28 @@ fn the_default_model_samples_as_its_generation_config_asks_unless_told_otherwise
     let out = bitnet(&["generate", "-p", "It is a truth", "-n", "2", "--echo", "--temperature", "0"], None);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("It is a truth"));
 }
+
+#[test]
+fn ctrl_c_stops_a_generation_with_what_it_has_and_status_130() {
+    use std::io::Read;
+    // A long generation on the embedded model; SIGINT once text has appeared.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["generate", "-p", "Once upon a time", "-n", "100000", "--ctx", "256", "-t", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).unwrap();
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Either the signal stopped it, or (a fast machine) the 256-token context ended it first.
+    if !err.contains("context of 256 tokens is full") {
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        assert!(err.contains("interrupted") && err.contains("generation:"), "{err}");
+    }
+}
