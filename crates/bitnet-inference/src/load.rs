@@ -42,7 +42,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Model
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, CpuBackend::new(), opts.head)?,
         tokenizer,
         source: dir.to_path_buf(),
     })
@@ -74,7 +74,7 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     let weights = ModelWeights::load(&store, config)?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, CpuBackend::new(), opts.head)?,
         tokenizer: Some(tokenizer),
         source,
     })
@@ -93,7 +93,7 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, ModelErr
         false => None,
     };
     Ok(LoadedModel {
-        model: Model::new(weights, CpuBackend::new(), opts.head),
+        model: Model::new(weights, CpuBackend::new(), opts.head)?,
         tokenizer,
         source: path.to_path_buf(),
     })

@@ -1,8 +1,8 @@
 //! The BitNet b1.58 forward pass, one function per layer, over any [`Backend`].
 
-use bitnet_core::DenseMatrix;
-use bitnet_models::{ModelConfig, ModelWeights, Projection};
-use bitnet_quant::Int8Matrix;
+use bitnet_models::weights::LinearWeight;
+use bitnet_models::{ModelConfig, ModelError, ModelWeights, Projection};
+use bitnet_quant::{DenseLinear, Int8Matrix};
 
 use crate::backend::{AttentionShape, Backend};
 use crate::governor::{DecodeGovernor, Mode};
@@ -119,20 +119,40 @@ pub struct Session<B: Backend> {
     pub logits: Vec<f32>,
 }
 
-fn upload_projection<B: Backend>(backend: &B, p: Projection, input_norm_eps: f32) -> Linear<B> {
+fn upload_projection<B: Backend>(
+    backend: &B,
+    p: Projection,
+    input_norm_eps: f32,
+) -> Result<Linear<B>, ModelError> {
     let (rows, cols) = (p.weight.rows(), p.weight.cols());
-    Linear {
-        weight: backend.upload_linear(p.weight),
+    let weight = match p.weight {
+        LinearWeight::Ternary(t) => backend.upload_linear(t),
+        // DENSE-TODO(lead): dense projections (a plain llama GGUF such as SmolLM2's Q4_1) need a
+        // `Backend::dense_linear` op over `DenseLinear::forward_quantized`; until then they are
+        // refused here rather than run wrong.
+        LinearWeight::Dense(d) => {
+            return Err(ModelError::Tensor {
+                path: Default::default(),
+                message: format!(
+                    "a dense {} projection [{rows}, {cols}] cannot run on this backend yet (load with \
+                     `ternarize` to run it ternarized)",
+                    d.format()
+                ),
+            })
+        }
+    };
+    Ok(Linear {
+        weight,
         input_norm: p.input_norm.as_deref().map(|g| backend.upload_vector(g)),
         input_norm_eps,
         rows,
         cols,
-    }
+    })
 }
 
 impl<B: Backend> Model<B> {
     /// Moves host weights onto the backend.
-    pub fn new(mut weights: ModelWeights, backend: B, head_format: HeadFormat) -> Self {
+    pub fn new(mut weights: ModelWeights, backend: B, head_format: HeadFormat) -> Result<Self, ModelError> {
         let cfg = weights.config.clone();
         let head_bytes = match head_format.int_bits() {
             None => weights.lm_head().bytes(),
@@ -152,8 +172,10 @@ impl<B: Backend> Model<B> {
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(&backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v));
+        // DENSE-TODO(lead): a head (or tied embedding table) in a GGUF block format (Q8_0, Q6_K…)
+        // is widened to f32 here, as before; it should run as a `DenseLinear`.
         let head = match head_format.int_bits() {
-            None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m))),
+            None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m.to_dense_matrix()))),
             Some(bits) => Head::Integer(backend.upload_int8(quantize_head(weights.lm_head(), bits))),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
@@ -161,22 +183,25 @@ impl<B: Backend> Model<B> {
             layers.push(Layer {
                 input_norm: backend.upload_vector(&l.input_norm),
                 post_attention_norm: backend.upload_vector(&l.post_attention_norm),
-                q_proj: up(l.q_proj),
-                k_proj: up(l.k_proj),
-                v_proj: up(l.v_proj),
-                o_proj: up(l.o_proj),
+                q_proj: up(l.q_proj)?,
+                k_proj: up(l.k_proj)?,
+                v_proj: up(l.v_proj)?,
+                o_proj: up(l.o_proj)?,
                 attn_sub_norm: vec_opt(l.attn_sub_norm),
-                gate_proj: up(l.gate_proj),
-                up_proj: up(l.up_proj),
-                down_proj: up(l.down_proj),
+                gate_proj: up(l.gate_proj)?,
+                up_proj: up(l.up_proj)?,
+                down_proj: up(l.down_proj)?,
                 ffn_sub_norm: vec_opt(l.ffn_sub_norm),
             });
         }
         let rope_inv_freq =
             backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim));
-        Self {
+        Ok(Self {
             head,
-            embed_tokens: backend.upload_dense(weights.embed_tokens),
+            // DENSE-TODO(lead): embeddings in a block format are widened to f32 here, as before;
+            // the embedding op should decode only the rows it looks up
+            // (`DenseLinear::dequantize_row`).
+            embed_tokens: backend.upload_dense(weights.embed_tokens.to_dense_matrix()),
             final_norm: backend.upload_vector(&weights.final_norm),
             layers,
             rope_inv_freq,
@@ -184,7 +209,7 @@ impl<B: Backend> Model<B> {
             backend,
             weight_bytes_per_token,
             governor: DecodeGovernor::enabled().then(DecodeGovernor::default),
-        }
+        })
     }
 
     pub fn backend_name(&self) -> String {
@@ -390,17 +415,18 @@ impl<B: Backend> Model<B> {
 
 /// Per-row symmetric quantization of the (float) head to `bits` (8 or 6), a block of rows at
 /// a time so that the float copy never exists whole.
-fn quantize_head(m: &DenseMatrix, bits: u32) -> Int8Matrix {
+fn quantize_head(m: &DenseLinear, bits: u32) -> Int8Matrix {
     let max_q = ((1 << (bits - 1)) - 1) as f32;
     use rayon::prelude::*;
     const BLOCK: usize = 1024;
-    let (rows, cols) = (m.rows, m.cols);
+    let (rows, cols) = (m.rows(), m.cols());
     let mut q = vec![0i8; rows * cols];
     let mut scales = vec![0f32; rows];
     q.par_chunks_mut(BLOCK * cols).zip(scales.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (qb, sb))| {
         let mut row = vec![0f32; cols];
         for (i, (qr, s)) in qb.chunks_exact_mut(cols).zip(sb.iter_mut()).enumerate() {
-            m.row_f32(b * BLOCK + i, &mut row);
+            // In range by construction: rows `b·BLOCK + i` of `rows`.
+            let _ = m.dequantize_row(b * BLOCK + i, &mut row);
             let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
             *s = if amax > 0.0 { amax / max_q } else { 1.0 };
             for (o, &v) in qr.iter_mut().zip(&row) {

@@ -387,6 +387,11 @@ fn rows_dequantize_and_permute_as_stored() {
         assert_eq!(row, all[4 * cols..5 * cols]);
         assert_eq!(p.bytes(), w.bytes());
         assert!(matches!(w.permute_rows(&[0, 0, 1, 2, 3]), Err(DenseError::RowOutOfRange { row: 0, .. })));
+        let m = w.to_dense_matrix();
+        assert_eq!((m.rows, m.cols, m.to_f32()), (rows, cols, all.clone()));
+        if format.is_float() {
+            assert_eq!(DenseLinear::from_dense_matrix(&m).unwrap().as_bytes(), w.as_bytes(), "{format}");
+        }
     }
 }
 

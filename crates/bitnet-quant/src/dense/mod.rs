@@ -34,6 +34,8 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
+use bitnet_core::{DenseData, DenseMatrix};
+
 use crate::aligned::AlignedBytes;
 use crate::formats::{self, GgmlType};
 use crate::kernels::{self, for_ranges, KernelPath, SharedOut};
@@ -286,6 +288,28 @@ impl DenseLinear {
             let _ = self.dequantize_row(r, row);
         }
         out
+    }
+
+    /// A float matrix as a dense layer (its values, in its dtype).
+    pub fn from_dense_matrix(m: &DenseMatrix) -> Result<Self, DenseError> {
+        let (format, bytes): (GgmlType, Vec<u8>) = match &m.data {
+            DenseData::F32(v) => (GgmlType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DenseData::F16(v) => (GgmlType::F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DenseData::Bf16(v) => (GgmlType::BF16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        };
+        Self::from_bytes(format, m.rows, m.cols, &bytes)
+    }
+
+    /// The matrix as a [`DenseMatrix`]: the float formats keep their dtype (exact), the block
+    /// formats are widened to f32 (exact too, at 4 bytes per weight).
+    pub fn to_dense_matrix(&self) -> DenseMatrix {
+        let bits = || self.as_bytes().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let data = match self.format {
+            DenseFormat::F16 => DenseData::F16(bits().map(half::f16::from_bits).collect()),
+            DenseFormat::BF16 => DenseData::Bf16(bits().map(half::bf16::from_bits).collect()),
+            _ => DenseData::F32(self.to_f32()),
+        };
+        DenseMatrix { rows: self.rows, cols: self.cols, data }
     }
 
     /// The same matrix with its rows reordered: row `i` of the result is row `order[i]`
