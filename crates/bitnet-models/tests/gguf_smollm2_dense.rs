@@ -75,12 +75,14 @@ fn smollm2_dense_rows_match_the_dequantized_dot() {
     let Some(file) = model() else { return };
     let w = ModelWeights::from_gguf(&file).unwrap();
     let cfg = &w.config;
-    for (gname, p) in [("blk.0.attn_q.weight", &w.layers[0].q_proj), ("blk.17.ffn_down.weight", &w.layers[17].down_proj)]
+    for (gname, p) in
+        [("blk.0.attn_q.weight", &w.layers[0].q_proj), ("blk.17.ffn_down.weight", &w.layers[17].down_proj)]
     {
         let d = p.weight.dense().unwrap();
         let (rows, cols) = (d.rows(), d.cols());
         let info = file.tensor(gname).unwrap();
-        let mut dense = formats::dequantize(info.ggml_type(), file.tensor_data(gname).unwrap(), rows * cols).unwrap();
+        let mut dense =
+            formats::dequantize(info.ggml_type(), file.tensor_data(gname).unwrap(), rows * cols).unwrap();
         // The loader undid llama.cpp's q/k row order; so does the reference.
         dense = bitnet_models::convert::llama_rope_rows(&dense, cols, gname, cfg, true);
         let m = 2;
