@@ -16,7 +16,7 @@ fn unit(rng: &mut Rng) -> f32 {
 /// f16 bits of a scale of random sign and magnitude in `[2⁻¹², 2⁻⁴]`.
 fn scale_bits(rng: &mut Rng) -> [u8; 2] {
     let mag = (2.0f32).powf(-4.0 - 8.0 * (rng.next_u64() % 1000) as f32 / 1000.0);
-    let sign = if rng.next_u64() % 2 == 0 { 1.0 } else { -1.0 };
+    let sign = if rng.next_u64().is_multiple_of(2) { 1.0 } else { -1.0 };
     float::f32_to_f16_bits(sign * mag).to_le_bytes()
 }
 
@@ -207,15 +207,14 @@ fn odd_thread_counts_split_rows_correctly() {
 /// The f64 value of `w[r] · a[t]` with the activations dequantized (`q · d`), and the scale of
 /// the terms it sums (for the bound).
 fn dequantized_dot(row: &[f32], a: &DenseActivations, t: usize) -> (f64, f64) {
-    let k = row.len();
     let kind = a.kind();
     let (q, d) = (a.values(t), a.scales(t));
     let act = |c: usize| f64::from(q[c]) * f64::from(d[c / kind.block()]);
     let mut exact = 0.0f64;
     let mut magnitude = 0.0f64;
-    for c in 0..k {
-        exact += f64::from(row[c]) * act(c);
-        magnitude += f64::from(row[c]).abs() * act(c).abs();
+    for (c, &w) in row.iter().enumerate() {
+        exact += f64::from(w) * act(c);
+        magnitude += f64::from(w).abs() * act(c).abs();
     }
     (exact, magnitude)
 }
@@ -339,8 +338,9 @@ fn q8_k_follows_ggml_quantize_row_q8_k_ref() {
     // Dequantized, each value is within half a step of the input.
     for b in 0..2 {
         let d = a.scales(0)[b];
-        for c in 256 * b..256 * b + 256 {
-            assert!((f32::from(a.values(0)[c]) * d - x[c]).abs() <= d.abs() * 0.5001);
+        let values = &a.values(0)[256 * b..256 * b + 256];
+        for (&q, &v) in values.iter().zip(&x[256 * b..256 * b + 256]) {
+            assert!((f32::from(q) * d - v).abs() <= d.abs() * 0.5001);
         }
     }
 }
