@@ -19,7 +19,8 @@
 //!   accumulated in f32. (llama.cpp rounds the activations to the weight type first; this engine
 //!   keeps them in f32, as transformers does.)
 //!
-//! Every product has one definition, the scalar code in [`scalar`]. The SIMD paths compute
+//! Every product has one definition, the scalar code in [`scalar`]. The SIMD paths (AVX2 on
+//! x86-64, eight rows at a time; NEON on aarch64, a row at a time) compute
 //! the same per-block integers bit for bit (`vpmaddubsw`/`vpmaddwd` are exact here: the pair
 //! sums stay below 2¹⁵) and combine them in the same order, block after block, each block's term
 //! `(d_w · d_a) · isum` rounded as the scalar code rounds it (a multiply, a multiply, an add; no
@@ -43,6 +44,8 @@ use crate::kernels::{self, for_ranges, KernelPath, SharedOut};
 mod activations;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod scalar;
 
 pub use activations::{ActivationKind, DenseActivations};
@@ -471,6 +474,11 @@ impl DenseLinear {
         if path != KernelPath::Scalar && avx2::available() {
             // SAFETY: AVX2, FMA and F16C are available (checked just above).
             unsafe { avx2::run_rows(self, a, rows, out) };
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if path != KernelPath::Scalar {
+            neon::run_rows(self, a, rows, out);
             return;
         }
         let _ = path;
