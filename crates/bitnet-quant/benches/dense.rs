@@ -108,3 +108,18 @@ fn dense_gemv(bencher: Bencher, case: Case) {
 fn dense_head_gemv(bencher: Bencher, case: Case) {
     gemv(bencher, case)
 }
+
+/// Prefill: 64 tokens through SmolLM2's gate/up shape (multiply-adds per second).
+#[divan::bench(args = [DenseFormat::Q4_1, DenseFormat::Q8_0, DenseFormat::F16], max_time = 2)]
+fn dense_gemm_m64(bencher: Bencher, format: DenseFormat) {
+    let case = Case { path: KernelPath::best(), format, name: "smol_gate_up", rows: 1536, cols: 576 };
+    let w = matrix(&case);
+    let m = 64;
+    let x: Vec<f32> = (0..m * case.cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
+    let mut a = DenseActivations::new();
+    let mut out = vec![0f32; m * case.rows];
+    bencher.counter(divan::counter::ItemsCount::new(m * case.rows * case.cols)).bench_local(|| {
+        a.quantize(w.activation_kind(), &x, m, case.cols).unwrap();
+        w.forward_quantized(&a, &mut out).unwrap()
+    });
+}
