@@ -167,6 +167,10 @@ pub enum DenseError {
     ActivationBlock { kind: ActivationKind, k: usize, block: usize },
     #[error("row {row} is out of range: the matrix has {rows} rows")]
     RowOutOfRange { row: usize, rows: usize },
+    #[error("a row of {cols} values does not fit a buffer of {got}")]
+    RowBuffer { cols: usize, got: usize },
+    #[error("a row order of {got} entries cannot reorder {rows} rows")]
+    RowOrder { rows: usize, got: usize },
     #[error("the {matrices} matrices of one product must all take {expected:?} activations of width {cols}")]
     Mismatched { matrices: usize, expected: ActivationKind, cols: usize },
 }
@@ -319,12 +323,7 @@ impl DenseLinear {
     /// (llama.cpp's q/k row order, say). `order` must be a permutation of `0..rows`.
     pub fn permute_rows(&self, order: &[usize]) -> Result<Self, DenseError> {
         if order.len() != self.rows {
-            return Err(DenseError::InputLength {
-                m: 1,
-                cols: self.rows,
-                expected: self.rows,
-                got: order.len(),
-            });
+            return Err(DenseError::RowOrder { rows: self.rows, got: order.len() });
         }
         let mut seen = vec![false; self.rows];
         let mut data = AlignedBytes::zeroed(self.bytes());
