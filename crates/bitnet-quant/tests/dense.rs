@@ -462,6 +462,8 @@ fn bad_sizes_are_typed_errors() {
         w.dequantize_row(3, &mut [0.0; 64]).unwrap_err(),
         DenseError::RowOutOfRange { row: 3, rows: 3 }
     );
+    assert_eq!(w.dequantize_row(0, &mut [0.0; 63]).unwrap_err(), DenseError::RowBuffer { cols: 64, got: 63 });
+    assert_eq!(w.permute_rows(&[0, 1]).unwrap_err(), DenseError::RowOrder { rows: 3, got: 2 });
     // Errors say what is wrong.
     let msg = DenseLinear::from_bytes(GgmlType::Q4_1, 2, 64, &q(79)).unwrap_err().to_string();
     assert!(msg.contains("Q4_1") && msg.contains("80") && msg.contains("79"), "{msg}");

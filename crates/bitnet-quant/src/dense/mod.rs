@@ -269,12 +269,7 @@ impl DenseLinear {
             return Err(DenseError::RowOutOfRange { row: r, rows: self.rows });
         }
         if out.len() < self.cols {
-            return Err(DenseError::OutputLength {
-                m: 1,
-                rows: self.cols,
-                expected: self.cols,
-                got: out.len(),
-            });
+            return Err(DenseError::RowBuffer { cols: self.cols, got: out.len() });
         }
         formats::dequantize_into(self.format.ggml(), self.row(r), self.cols, &mut out[..self.cols]).map_err(
             |_| DenseError::ByteLength {
