@@ -47,6 +47,11 @@ pub struct InputArgs {
     /// three quarters of int8's bytes, a coarser approximation).
     #[arg(long, value_enum, default_value_t = HeadArg::Float)]
     pub lm_head: HeadArg,
+    /// Run a non-ternary checkpoint's projections ternarized (absmean ternary weights, int8
+    /// activations) instead of as they are stored: an experiment — a model not trained for it
+    /// answers badly.
+    #[arg(long)]
+    pub ternarize: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -59,6 +64,7 @@ pub enum HeadArg {
 impl HeadArg {
     pub fn options(self) -> LoadOptions {
         LoadOptions {
+            ternarize: false,
             head: match self {
                 HeadArg::Float => HeadFormat::Float,
                 HeadArg::Int8 => HeadFormat::Int8,
@@ -240,7 +246,7 @@ pub struct InspectArgs {
 }
 
 fn load(input: &InputArgs) -> Result<LoadedModel> {
-    let opts = input.lm_head.options();
+    let opts = LoadOptions { ternarize: input.ternarize, ..input.lm_head.options() };
     Ok(match &input.model {
         Some(dir) => load_dir_with(dir, opts)?,
         None => load_embedded(&DEFAULT_MODEL, opts)?,
@@ -462,6 +468,7 @@ pub fn load_for_chat(
         ctx: None,
         threads,
         lm_head: head,
+        ternarize: false,
     };
     let mut loaded = load_reporting(&input)?;
     let format = ChatFormat::for_model(&loaded)?;

@@ -6,6 +6,7 @@ use bitnet_models::gguf::tokenizer::GgufTokenizer;
 use bitnet_models::gguf::GgufFile;
 use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::tokenizer::Tokenizer;
+use bitnet_models::weights::WeightOptions;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
@@ -16,6 +17,14 @@ use crate::{CpuBackend, InferenceError, Model};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
     pub head: HeadFormat,
+    /// Ternarize projections that would run dense (an experiment: see `WeightOptions`).
+    pub ternarize: bool,
+}
+
+impl LoadOptions {
+    fn weights(&self) -> WeightOptions {
+        WeightOptions { ternarize: self.ternarize }
+    }
 }
 
 /// A model on the CPU with what came with it.
@@ -52,7 +61,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Infer
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
-    let weights = ModelWeights::load(&store, config)?;
+    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
@@ -88,7 +97,7 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     }
     let store =
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
-    let weights = ModelWeights::load(&store, config)?;
+    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
@@ -100,8 +109,8 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
 
 /// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
 pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
-    let file = GgufFile::open(path).map_err(|e| ModelError::tensor(path, e.to_string()))?;
-    let weights = ModelWeights::from_gguf(&file)?;
+    let file = GgufFile::open(path).map_err(ModelError::from)?;
+    let weights = ModelWeights::from_gguf_with(&file, opts.weights())?;
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
         true => {
             let t =

@@ -36,8 +36,9 @@ fn check_projections_dense(path: &Path) {
     for l in 0..cfg.num_layers {
         for (name, p) in projections(&w, l) {
             let gname = format!("blk.{l}.{name}.weight");
-            let (rows, cols) = (p.weight.rows(), p.weight.cols());
-            assert!(p.weight.block_scales().is_some(), "{gname}: expected per-block scales");
+            let t = p.weight.ternary().expect("a TQ projection loads ternary");
+            let (rows, cols) = (t.rows(), t.cols());
+            assert!(t.block_scales().is_some(), "{gname}: expected per-block scales");
             let info = file.tensor(&gname).unwrap();
             let mut dense =
                 formats::dequantize(info.ggml_type(), file.tensor_data(&gname).unwrap(), rows * cols)
@@ -50,7 +51,7 @@ fn check_projections_dense(path: &Path) {
             let mut q = QuantizedActivations::new(m, cols);
             q.quantize(&x, m);
             let mut got = vec![0.0f32; m * rows];
-            p.weight.forward(&q, &mut got);
+            t.forward(&q, &mut got);
             for t in 0..m {
                 let (xt, s_a) = (q.row(t), q.scale(t) as f64);
                 for r in 0..rows {
@@ -125,6 +126,6 @@ fn equal_block_scales_keep_the_one_scale_matrix() {
     convert_hf_to_gguf(&src, &one, WeightType::Tq2_0, HeadType::F16, |_, _| {}).unwrap();
     let w = ModelWeights::from_gguf(&GgufFile::open(&one).unwrap()).unwrap();
     for (name, p) in projections(&w, 0) {
-        assert!(p.weight.block_scales().is_none(), "{name}");
+        assert!(p.weight.ternary().expect("ternary").block_scales().is_none(), "{name}");
     }
 }

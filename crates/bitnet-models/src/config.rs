@@ -12,6 +12,8 @@ pub enum Architecture {
     /// transformers `bitnet` (microsoft/bitnet-b1.58-2B-4T): ReLU² gate, sub-norms.
     BitNet,
     /// `llama` with `quant_method: bitnet` (HF1BitLLM/Llama3-8B-1.58): SiLU gate, no sub-norms.
+    /// Also a plain `llama` (no `quantization_config`), whose weights run dense
+    /// ([`QuantForm::Dense`]).
     Llama158,
     /// 1bitLLM `BitnetForCausalLM` (bitnet_b1_58-large/3B): SiLU gate, sub-norms named
     /// `inner_attn_ln` and `ffn_layernorm`, fp16 masters quantized online.
@@ -37,6 +39,10 @@ pub enum QuantForm {
     PackedMultiply,
     /// Packed 2-bit weights, `weight_scale = 1/mean|W|` divides (`bitlinear`, the default).
     PackedDivide,
+    /// No quantization: a plain float checkpoint (a `llama` without `quantization_config`),
+    /// whose projections run dense as stored (or ternarized, with
+    /// [`crate::weights::WeightOptions::ternarize`]).
+    Dense,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -140,14 +146,9 @@ impl ModelConfig {
         let architecture = match model_type {
             "bitnet" => Architecture::BitNet,
             "llama" if archs.contains(&"BitnetForCausalLM") => Architecture::BitNet1bitLLM,
-            "llama" if quant_method == Some("bitnet") => Architecture::Llama158,
-            "llama" => {
-                return Err(ModelError::config(
-                    path,
-                    "model_type `llama` without `quantization_config.quant_method: bitnet` or the \
-                     1bitLLM `BitnetForCausalLM` architecture is not a BitNet model",
-                ))
-            }
+            // With `quant_method: bitnet` a ternary model; without `quantization_config` a plain
+            // llama, run dense (a quant_method other than bitnet is refused below).
+            "llama" => Architecture::Llama158,
             other => {
                 return Err(ModelError::config(
                     path,
@@ -192,6 +193,7 @@ impl ModelConfig {
         let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
         let quant_form = match architecture {
             Architecture::BitNet1bitLLM => QuantForm::Online,
+            Architecture::Llama158 if qc.is_none() => QuantForm::Dense,
             _ => {
                 if quant_method.is_some_and(|m| m != "bitnet") {
                     return Err(ModelError::config(

@@ -166,7 +166,8 @@ pub fn projection_codes(
 ) -> Result<(Vec<i8>, f32), ModelError> {
     let t = store.get(&format!("{prefix}.weight"))?;
     match cfg.quant_form {
-        QuantForm::Online => {
+        // A dense checkpoint written as a ternary GGUF is ternarized, as an online master is.
+        QuantForm::Online | QuantForm::Dense => {
             t.expect_shape(&[rows, cols])?;
             Ok(absmean_ternary(&t.to_f32()?))
         }

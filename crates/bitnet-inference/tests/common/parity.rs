@@ -45,7 +45,8 @@ pub fn check_projections(model_dir: &Path, golden: &Golden) {
     let w = ModelWeights::load(&store, cfg.clone()).unwrap();
     for name in PROJECTIONS {
         let p = projection(&w, name);
-        let (k, n) = (p.weight.cols(), p.weight.rows());
+        let weight = p.weight.ternary().expect("a BitNet projection loads ternary");
+        let (k, n) = (weight.cols(), weight.rows());
         let mut x = golden.f(&format!("layer0.{name}.input")).to_vec();
         let want = golden.f(&format!("layer0.{name}.output"));
         let m = x.len() / k;
@@ -56,8 +57,8 @@ pub fn check_projections(model_dir: &Path, golden: &Golden) {
         let mut q = QuantizedActivations::new(m, k);
         q.quantize(&x, m);
         let mut got = vec![0.0; m * n];
-        p.weight.forward(&q, &mut got);
-        let step_scale = p.weight.scale().multiplier();
+        weight.forward(&q, &mut got);
+        let step_scale = weight.scale().multiplier();
         let mut flipped = 0;
         for t in 0..m {
             let s_a = q.scale(t);
