@@ -429,11 +429,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         println!();
     }
-    match g.stop_reason {
-        StopReason::ContextFull => {
-            eprintln!("stopped: the context of {ctx} tokens is full (--ctx raises it)")
-        }
-        _ => {}
+    if g.stop_reason == StopReason::ContextFull {
+        eprintln!("stopped: the context of {ctx} tokens is full (--ctx raises it)");
     }
     eprintln!(
         "prompt: {} tokens in {:.3} s ({:.1} tokens/s); generation: {} tokens in {:.3} s ({:.1} tokens/s); {}",
