@@ -82,9 +82,9 @@ fn tq_files_with_per_block_scales_run_exactly() {
             rescale_blocks(&one, &blocked);
             check_projections_dense(&blocked);
             // The whole model runs, and the scales matter.
-            let base = prefill_logits(&mut load_gguf(&one, LoadOptions::default()).unwrap().model, &prompt);
-            let mut m = load_gguf(&blocked, LoadOptions::default()).unwrap();
-            let got = prefill_logits(&mut m.model, &prompt);
+            let base = prefill_logits(&load_gguf(&one, LoadOptions::default()).unwrap().model, &prompt);
+            let m = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            let got = prefill_logits(&m.model, &prompt);
             assert!(got.iter().all(|v| v.is_finite()), "llama={llama} {weight:?}: non-finite logits");
             assert!(max_abs_diff(&got, &base) > 1e-3, "llama={llama} {weight:?}: block scales had no effect");
             // `bitnet quantize` keeps the block scales between TQ types and refuses the others.
@@ -95,18 +95,18 @@ fn tq_files_with_per_block_scales_run_exactly() {
             let requantized = dir.path().join(format!("{llama}-{weight:?}-blocks-as-{other:?}.gguf"));
             requantize_gguf(&blocked, &requantized, other, |_, _| {}).unwrap();
             let again =
-                prefill_logits(&mut load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
+                prefill_logits(&load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
             assert_eq!(again, got, "llama={llama} {weight:?} requantized to {other:?}");
             for single in [WeightType::I2S, WeightType::F16] {
                 let e = requantize_gguf(&blocked, &dir.path().join("x.gguf"), single, |_, _| {}).unwrap_err();
                 assert!(e.to_string().contains("different scales"), "{e}");
             }
             // Generation with the KV cache agrees with re-running the whole sequence.
-            let (new, _) = greedy_with_cache(&mut m.model, &prompt, 6);
+            let (new, _) = greedy_with_cache(&m.model, &prompt, 6);
             let mut seq = prompt.clone();
-            let mut fresh = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            let fresh = load_gguf(&blocked, LoadOptions::default()).unwrap();
             for &id in &new {
-                let logits = prefill_logits(&mut fresh.model, &seq);
+                let logits = prefill_logits(&fresh.model, &seq);
                 let vocab = shape.vocab_size;
                 assert_eq!(top_k(&logits[logits.len() - vocab..], 1)[0] as u32, id);
                 seq.push(id);

@@ -102,7 +102,7 @@ pub enum LogitCheck {
     Agreement { min_agree: f64, min_cos: f64 },
 }
 
-pub fn check_prompt_logits(model: &mut Model<CpuBackend>, golden: &Golden, check: LogitCheck) {
+pub fn check_prompt_logits(model: &Model<CpuBackend>, golden: &Golden, check: LogitCheck) {
     let ids = golden.u32s("input_ids");
     let want = golden.f("logits");
     let got = prefill_logits(model, &ids);
@@ -139,7 +139,7 @@ pub fn check_prompt_logits(model: &mut Model<CpuBackend>, golden: &Golden, check
 
 /// Greedy decoding with the KV cache gives transformers' ids, and every decode step's logits
 /// equal a full recompute of the sequence so far.
-pub fn check_greedy_and_cache(model: &mut Model<CpuBackend>, golden: &Golden) {
+pub fn check_greedy_and_cache(model: &Model<CpuBackend>, golden: &Golden) {
     let prompt = golden.u32s("input_ids");
     let full = golden.u32s("greedy_ids");
     let n = full.len() - prompt.len();
