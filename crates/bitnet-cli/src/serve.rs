@@ -281,30 +281,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             kv_total * bitnet_inference::BLOCK_TOKENS,
             a.kv_type.name(),
         );
-        server.run(engine, server_cfg, shutdown_signal()).await?;
+        server.run(engine, server_cfg, bitnet_server::shutdown_signal()).await?;
         eprintln!("stopped");
         anyhow::Ok(())
     })
-}
-
-/// Completes at Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

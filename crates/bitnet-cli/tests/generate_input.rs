@@ -1,7 +1,6 @@
 //! `bitnet generate`'s inputs and limits: the prompt from a file or standard input, the
 //! checkpoint's sampling defaults, `-n 0`, and a context beyond the model's.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -11,20 +10,10 @@ fn packed() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-bitnet-tiny/packed")
 }
 
+mod support;
+
 fn bitnet(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the bitnet binary runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
+    support::run_with_stdin(args, stdin)
 }
 
 fn json(out: &Output) -> Value {

@@ -58,30 +58,8 @@ fn run() -> Result<(), String> {
         let server = Server::bind(&cfg).await.map_err(|e| e.to_string())?;
         println!("listening on http://{} (mock engine, pid {})", server.local_addr(), std::process::id());
         let engine = Arc::new(MockEngine::new(mock));
-        server.run(engine, cfg, shutdown_signal()).await.map_err(|e| e.to_string())?;
+        server.run(engine, cfg, bitnet_server::shutdown_signal()).await.map_err(|e| e.to_string())?;
         println!("shut down");
         Ok(())
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }

@@ -209,3 +209,26 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     Server::bind(&cfg).await?.run(engine, cfg, shutdown).await
 }
+
+/// Completes at Ctrl-C or (on Unix) SIGTERM: the `shutdown` future a binary usually passes to
+/// [`Server::run`].
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
