@@ -4,8 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use bitnet_default_model::load_default_model;
 use bitnet_inference::chat::ChatFormat;
-use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
+use bitnet_inference::load::{load_dir_with, LoadOptions, LoadedModel};
 use bitnet_inference::sampling::GenerationDefaults;
 use bitnet_inference::{
     generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
@@ -16,8 +17,6 @@ use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
 use serde_json::json;
-
-use crate::default_model::DEFAULT_MODEL;
 
 /// What to feed the model: text or token ids.
 #[derive(Args, Clone)]
@@ -249,7 +248,7 @@ fn load(input: &InputArgs) -> Result<LoadedModel> {
     let opts = LoadOptions { ternarize: input.ternarize, ..input.lm_head.options() };
     Ok(match &input.model {
         Some(dir) => load_dir_with(dir, opts)?,
-        None => load_embedded(&DEFAULT_MODEL, opts)?,
+        None => load_default_model(opts)?,
     })
 }
 

@@ -3,7 +3,6 @@
 mod bench;
 mod chat;
 mod commands;
-mod default_model;
 mod interrupt;
 mod serve;
 

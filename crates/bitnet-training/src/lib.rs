@@ -23,4 +23,4 @@ pub mod train;
 pub use layers::bitlinear::{Backward, Precision};
 pub use model::{Layout, Model, Params, Prepared, Tensor};
 pub use real::Real;
-pub use train::{run_train, train, Preset, RunSettings, Summary, TrainArgs};
+pub use train::{run_train, train, train_with, Preset, RunSettings, StepReport, Summary, TrainArgs};

@@ -1,6 +1,7 @@
 //! The `bitnet train` command: [`TrainArgs`] and [`run_train`].
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -360,13 +361,59 @@ fn finished_summary(out: &Path, state: &TrainState) -> Result<Summary> {
     }
 }
 
+/// What a run reports after every optimizer step (to [`train_with`]'s callback).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// Steps done so far (1 after the first).
+    pub step: u64,
+    /// Steps the run will do in all.
+    pub steps: u64,
+    /// Mean training loss of this step's micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens seen so far.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+}
+
+impl TrainArgs {
+    /// The arguments `bitnet train --data <data> --out <out>` would have: every other setting
+    /// at its command-line default.
+    pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        use clap::{Args, FromArgMatches};
+        let (data, out) = (data.into(), out.into());
+        let command = Self::augment_args(clap::Command::new("train").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(["--data", "-", "--out", "-"])
+            .expect("--data and --out are the only required flags");
+        let mut args =
+            Self::from_arg_matches(&matches).expect("the matches come from this struct's own flags");
+        args.data = data;
+        args.out = out;
+        args
+    }
+}
+
 /// Runs `bitnet train` (see [`TrainArgs`]).
 pub fn run_train(args: &TrainArgs) -> Result<()> {
     train(args).map(|_| ())
 }
 
-/// [`run_train`], returning the run's summary.
+/// [`run_train`], returning the run's summary. A [`request_stop`] (the CLI's signal handler
+/// calls it) saves a checkpoint and stops the run.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
+    train_with(args, |_| ControlFlow::Continue(()))
+}
+
+/// [`train`] for programs that embed training (the Python bindings): `on_step` hears of every
+/// optimizer step, and its `Break` stops the run as Ctrl-C does (a checkpoint is saved, the
+/// model exported, the summary says `stopped_early`). Installs no signal handler.
+pub fn train_with(
+    args: &TrainArgs,
+    on_step: impl FnMut(&StepReport) -> ControlFlow<()> + Send,
+) -> Result<Summary> {
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads == 0 {
         bail!("--threads must be at least 1");
@@ -375,7 +422,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the thread pool")?;
     STOP.store(false, Ordering::SeqCst);
     let out_existed = args.out.exists();
-    let result = pool.install(|| train_in_pool(args, threads));
+    let result = pool.install(|| train_in_pool(args, threads, on_step));
     STEPPING.store(false, Ordering::SeqCst);
     if result.is_err() && !out_existed && checkpoint::list(&args.out).is_ok_and(|c| c.is_empty()) {
         // This run made the folder and saved nothing worth keeping in it: leave no empty or
@@ -604,7 +651,11 @@ fn resumed_settings(args: &TrainArgs, threads: usize, loaded: &checkpoint::Loade
     Ok(s)
 }
 
-fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
+fn train_in_pool(
+    args: &TrainArgs,
+    threads: usize,
+    mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
+) -> Result<Summary> {
     let out = &args.out;
     let (settings, resume_from) = if args.resume {
         let checkpoint::Newest { loaded, path, skipped } = checkpoint::load_newest(out)?;
@@ -775,7 +826,17 @@ fn train_in_pool(args: &TrainArgs, threads: usize) -> Result<Summary> {
         }
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss:.4} {tps:.0} tok/s"));
-        let stop = STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
+        let report = StepReport {
+            step: state.step,
+            steps: s.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_s: tps,
+        };
+        let caller_stops = on_step(&report).is_break();
+        let stop = caller_stops || STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
         if (s.save_every > 0 && state.step.is_multiple_of(s.save_every)) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }

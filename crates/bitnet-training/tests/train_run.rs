@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use bitnet_training::train::LogLine;
-use bitnet_training::{train, TrainArgs};
+use std::ops::ControlFlow;
+
+use bitnet_training::{train, train_with, Preset, StepReport, TrainArgs};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -401,5 +403,44 @@ fn flags_are_checked_first_and_a_failed_run_leaves_no_folder() {
     std::fs::create_dir_all(&out).unwrap();
     train(&args(&small, &out, &[])).unwrap_err();
     assert!(out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `TrainArgs::new` gives the command line's defaults; `train_with` reports every step with the
+/// loss the log holds, and a `Break` from its callback stops the run as Ctrl-C does.
+#[test]
+fn train_with_reports_every_step_and_stops_when_asked() {
+    std::env::set_var("BITNET_CACHE_DIR", "off");
+    let dir = scratch("callback");
+    let data = write_corpus(&dir);
+    let defaults = TrainArgs::new(&data, dir.join("x"));
+    let parsed = Cli::parse_from(["train", "--data", "d", "--out", "o"]).train;
+    assert_eq!(defaults.data, data);
+    assert_eq!(defaults.preset, Preset::Tiny);
+    assert_eq!(
+        format!("{:?}", TrainArgs { data: "d".into(), out: "o".into(), ..defaults }),
+        format!("{parsed:?}")
+    );
+
+    let out = dir.join("run");
+    let mut reports: Vec<StepReport> = Vec::new();
+    let summary = train_with(&args(&data, &out, &[]), |r| {
+        reports.push(*r);
+        if r.step == 5 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert!(summary.stopped_early);
+    assert_eq!(summary.steps_done, 5);
+    assert_eq!(reports.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert!(reports.iter().all(|r| r.steps == 12));
+    assert!(out.join("checkpoints/step-00000005.safetensors").exists());
+    assert!(out.join("model.safetensors").exists());
+    for (r, l) in reports.iter().zip(log(&out)) {
+        assert_eq!((r.step, r.loss.to_bits()), (l.step, l.loss.to_bits()));
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

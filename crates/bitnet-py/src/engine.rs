@@ -1,0 +1,221 @@
+//! What a loaded `bitnet.Model` holds on the Rust side: the shared weights, the tokenizer, the
+//! chat template, and a small pool of idle contexts.
+//!
+//! The weights are immutable and shared by every call. Each call works in a [`Context`] of its
+//! own (activations, KV cache, a thread pool of `threads` threads) taken from the pool, or made
+//! when none idle is large enough, and given back afterwards: several Python threads generate at
+//! once on one model, each in its own context, and a thread that calls again reuses a warm one.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bitnet_inference::load::{load_dir_with, LoadOptions, LoadedModel};
+use bitnet_inference::{
+    generate, Context, ContextOptions, CpuBackend, GenerateOptions, Generation, HeadFormat, InferenceError,
+    Logits, Model, Sequence,
+};
+use bitnet_models::chat::{ChatMessage, ChatSpecialTokens, ChatTemplate};
+use bitnet_models::gguf::GgufFile;
+use bitnet_models::tokenizer::Tokenizer;
+
+/// Idle contexts kept for later calls (the largest ones); more are dropped.
+const IDLE_CONTEXTS: usize = 4;
+/// The smallest KV cache a new context gets, so that short calls share contexts.
+const MIN_CONTEXT_TOKENS: usize = 256;
+
+/// Where a model comes from.
+pub enum Source {
+    /// The model embedded in this library (`assets/default-model/`).
+    Embedded,
+    /// A checkpoint folder or a `.gguf` file.
+    Path(PathBuf),
+}
+
+pub struct Engine {
+    pub model: Model<CpuBackend>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The checkpoint's chat template, or why it cannot be used.
+    pub chat: Result<ChatTemplate, String>,
+    /// The folder or file loaded, or the embedded model's name.
+    pub source: String,
+    pub threads: usize,
+    pub head: HeadFormat,
+    governor: bool,
+    contexts: Mutex<Vec<Context<CpuBackend>>>,
+}
+
+impl Engine {
+    /// Loads the model and its tokenizer and chat template. `threads`: each call's thread count.
+    pub fn load(
+        source: &Source,
+        head: HeadFormat,
+        threads: usize,
+        governor: bool,
+    ) -> Result<Self, InferenceError> {
+        let opts = LoadOptions { head, ..LoadOptions::default() };
+        let loaded = match source {
+            Source::Embedded => bitnet_default_model::load_default_model(opts)?,
+            Source::Path(path) => load_dir_with(path, opts)?,
+        };
+        let chat = chat_template(source, &loaded).map_err(|e| e.to_string());
+        let LoadedModel { model, tokenizer, source: loaded_from, .. } = loaded;
+        Ok(Self {
+            model,
+            tokenizer: tokenizer.map(Arc::new),
+            chat,
+            source: loaded_from.display().to_string(),
+            threads,
+            head,
+            governor,
+            contexts: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    /// The most tokens a sequence may hold (prompt and generated).
+    pub fn context_length(&self) -> usize {
+        self.model.config.max_position_embeddings
+    }
+
+    /// An idle context whose cache holds `tokens`, or a new one.
+    fn take_context(&self, tokens: usize) -> Result<Context<CpuBackend>, InferenceError> {
+        let mut idle = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        let fitting = (0..idle.len())
+            .filter(|&i| idle[i].max_seq_tokens() >= tokens)
+            .min_by_key(|&i| idle[i].max_seq_tokens());
+        if let Some(i) = fitting {
+            return Ok(idle.swap_remove(i));
+        }
+        drop(idle);
+        let capacity = tokens.next_power_of_two().max(MIN_CONTEXT_TOKENS);
+        let opts = ContextOptions {
+            max_seq_tokens: Some(capacity),
+            threads: Some(self.threads),
+            governor: self.governor,
+            // Every call starts from an empty cache, so that its results never depend on what
+            // ran before (the same bits as the CLI's single run).
+            prefix_cache: false,
+            ..ContextOptions::new(capacity)
+        };
+        Context::new(&self.model, CpuBackend::new(), &opts)
+    }
+
+    /// Puts a context back in the pool, keeping the largest [`IDLE_CONTEXTS`].
+    fn give_back(&self, ctx: Context<CpuBackend>) {
+        let mut idle = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.push(ctx);
+        if idle.len() > IDLE_CONTEXTS {
+            let smallest = (0..idle.len()).min_by_key(|&i| idle[i].max_seq_tokens()).unwrap_or(0);
+            idle.swap_remove(smallest);
+        }
+    }
+
+    /// Runs `work` on a context with room for `tokens` and one fresh sequence, then empties the
+    /// sequence and gives the context back.
+    fn with_sequence<R>(
+        &self,
+        tokens: usize,
+        work: impl FnOnce(&mut Context<CpuBackend>, &mut Sequence) -> Result<R, InferenceError>,
+    ) -> Result<R, InferenceError> {
+        let mut ctx = self.take_context(tokens)?;
+        let mut seq = Sequence::new();
+        let out = work(&mut ctx, &mut seq);
+        ctx.release(&mut seq);
+        self.give_back(ctx);
+        out
+    }
+
+    /// Generates after `ids` (checked by the caller: see [`Engine::check_prompt`]).
+    pub fn generate(
+        &self,
+        tokenizer: &Tokenizer,
+        ids: &[u32],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> ControlFlow<()> + Send,
+    ) -> Result<Generation, InferenceError> {
+        self.with_sequence(ids.len() + opts.max_new_tokens, |ctx, seq| {
+            generate(&self.model, ctx, seq, tokenizer, ids, opts, on_text)
+        })
+    }
+
+    /// The logits of the last position (`all_positions` false) or of every position of `ids`,
+    /// row after row.
+    pub fn logits(&self, ids: &[u32], all_positions: bool) -> Result<Vec<f32>, InferenceError> {
+        let which = if all_positions { Logits::All } else { Logits::Last };
+        self.with_sequence(ids.len(), |ctx, seq| {
+            self.model.forward(ctx, seq, ids, which)?;
+            Ok(ctx.logits().to_vec())
+        })
+    }
+
+    /// Checks that `ids` can be a prompt: not empty, every id in the vocabulary, shorter than
+    /// the context (`room` more tokens must fit after it).
+    pub fn check_prompt(&self, ids: &[u32], room: usize) -> Result<(), String> {
+        if ids.is_empty() {
+            return Err("the prompt is empty: give some text or at least one token id".into());
+        }
+        let vocab = self.vocab_size();
+        if let Some((at, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(format!(
+                "token id {id} (position {at}) is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})"
+            ));
+        }
+        let context = self.context_length();
+        if ids.len() + room > context {
+            return Err(format!(
+                "the prompt has {} tokens, but the model's context holds {context}",
+                ids.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The prompt ids of a conversation, as transformers' `apply_chat_template(tokenize=True)`
+    /// makes them: the rendered text encoded without added special tokens, after BOS when the
+    /// template asks for one.
+    pub fn chat_prompt(
+        &self,
+        template: &ChatTemplate,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<u32>), String> {
+        let text = template.render(messages, add_generation_prompt).map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (template.needs_bos(&text), self.model.config.bos_token_id) {
+            ids.push(bos);
+        }
+        ids.extend(tokenizer.encode_without_special_tokens(&text).map_err(|e| e.to_string())?);
+        Ok((text, ids))
+    }
+
+    /// The ids that end a chat reply: the model's EOS ids and the template's end-of-turn tokens.
+    pub fn chat_stop_ids(&self, template: &ChatTemplate, tokenizer: &Tokenizer) -> Vec<u32> {
+        let mut ids = self.model.config.eos_token_ids.clone();
+        for token in template.end_of_turn_tokens() {
+            if let Some(id) = tokenizer.token_to_id(&token) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+}
+
+/// The chat template of a checkpoint folder or GGUF file, or the plain fallback.
+fn chat_template(source: &Source, loaded: &LoadedModel) -> Result<ChatTemplate, String> {
+    match source {
+        Source::Embedded => ChatTemplate::fallback(ChatSpecialTokens::default()).map_err(|e| e.to_string()),
+        Source::Path(path) if path.is_file() => {
+            let file = GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            ChatTemplate::from_gguf_or_fallback(&file).map_err(|e| e.to_string())
+        }
+        Source::Path(_) => ChatTemplate::from_checkpoint_dir_or_fallback(Path::new(&loaded.source))
+            .map_err(|e| e.to_string()),
+    }
+}
