@@ -267,6 +267,15 @@ impl<B: Backend> Context<B> {
         self.pool.stats()
     }
 
+    /// Starts the decode governor afresh, as in a new context: a context reused for a new
+    /// request (the Python bindings keep a pool of them) then judges the machine as it is now,
+    /// not by the fastest step of an earlier request made when it was quieter.
+    pub fn reset_governor(&mut self) {
+        if let Some(g) = &mut self.governor {
+            *g = DecodeGovernor::default();
+        }
+    }
+
     /// Blocks a sequence of `tokens` tokens holds.
     pub fn blocks_for(tokens: usize) -> usize {
         tokens.div_ceil(BLOCK_TOKENS)

@@ -475,6 +475,25 @@ fn runaway_templates_run_out_of_fuel() {
 }
 
 #[test]
+fn long_conversations_fit_the_fuel_budget() {
+    // 2000 messages of 2 KB each through every real template: far past a context window.
+    let long = "word ".repeat(400);
+    let messages: Vec<ChatMessage> = (0..2000)
+        .map(|i| {
+            if i % 2 == 0 {
+                ChatMessage::user(format!("{i} {long}"))
+            } else {
+                ChatMessage::assistant(&long)
+            }
+        })
+        .collect();
+    for (name, template) in templates() {
+        let text = template.render(&messages, true).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(text.len() > 2000 * long.len(), "{name}");
+    }
+}
+
+#[test]
 fn messages_from_json_rejects_what_is_not_role_and_content_strings() {
     let ok = messages_from_json(&json!([{"role": "user", "content": "hi", "name": "x"}])).unwrap();
     assert_eq!(ok, [ChatMessage::user("hi")]);

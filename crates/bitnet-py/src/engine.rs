@@ -2,9 +2,15 @@
 //! chat template, and a small pool of idle contexts.
 //!
 //! The weights are immutable and shared by every call. Each call works in a [`Context`] of its
-//! own (activations, KV cache, a thread pool of `threads` threads) taken from the pool, or made
-//! when none idle is large enough, and given back afterwards: several Python threads generate at
-//! once on one model, each in its own context, and a thread that calls again reuses a warm one.
+//! own (activations, KV cache) taken from the pool, or made when none idle is large enough, and
+//! given back afterwards: several Python threads generate at once on one model, each in its own
+//! context, and a thread that calls again reuses a warm one.
+//!
+//! The kernels run on rayon's global pool, sized by the first `Model.load` as the CLI's `-t`
+//! sizes it, and the generation loop on a thread outside it, as in the CLI: the Python
+//! overhead measurement (docs/python.md) compares like with like. Contexts with a pool of their
+//! own, running the loop on one of its workers, decoded 5-10 % slower on the 2-core machine
+//! under load. A model that asks for another thread count than the global pool's gets its own.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -24,6 +30,38 @@ const IDLE_CONTEXTS: usize = 4;
 /// The smallest KV cache a new context gets, so that short calls share contexts.
 const MIN_CONTEXT_TOKENS: usize = 256;
 
+/// Which threads a model's calls compute on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// rayon's global pool (the CLI's).
+    Global,
+    /// A pool of this many threads per context.
+    Own(usize),
+}
+
+impl Pool {
+    /// The global pool when it has (or can be made to have) `threads` threads, else pools of
+    /// their own. `None` takes the global pool as it is (every core, unless set before).
+    pub fn for_threads(threads: Option<usize>) -> Self {
+        let Some(n) = threads else { return Pool::Global };
+        // Succeeds only once per process: the first model sizes the global pool.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        if rayon::current_num_threads() == n {
+            Pool::Global
+        } else {
+            Pool::Own(n)
+        }
+    }
+
+    /// Threads a call computes with.
+    pub fn threads(self) -> usize {
+        match self {
+            Pool::Global => rayon::current_num_threads(),
+            Pool::Own(n) => n,
+        }
+    }
+}
+
 /// Where a model comes from.
 pub enum Source {
     /// The model embedded in this library (`assets/default-model/`).
@@ -39,18 +77,18 @@ pub struct Engine {
     pub chat: Result<ChatTemplate, String>,
     /// The folder or file loaded, or the embedded model's name.
     pub source: String,
-    pub threads: usize,
+    pub pool: Pool,
     pub head: HeadFormat,
     governor: bool,
     contexts: Mutex<Vec<Context<CpuBackend>>>,
 }
 
 impl Engine {
-    /// Loads the model and its tokenizer and chat template. `threads`: each call's thread count.
+    /// Loads the model and its tokenizer and chat template; its calls compute on `pool`.
     pub fn load(
         source: &Source,
         head: HeadFormat,
-        threads: usize,
+        pool: Pool,
         governor: bool,
     ) -> Result<Self, InferenceError> {
         let opts = LoadOptions { head, ..LoadOptions::default() };
@@ -65,7 +103,7 @@ impl Engine {
             tokenizer: tokenizer.map(Arc::new),
             chat,
             source: loaded_from.display().to_string(),
-            threads,
+            pool,
             head,
             governor,
             contexts: Mutex::new(Vec::new()),
@@ -88,13 +126,20 @@ impl Engine {
             .filter(|&i| idle[i].max_seq_tokens() >= tokens)
             .min_by_key(|&i| idle[i].max_seq_tokens());
         if let Some(i) = fitting {
-            return Ok(idle.swap_remove(i));
+            let mut ctx = idle.swap_remove(i);
+            // Each call decodes as a fresh CLI run does: the governor's timings of earlier
+            // calls (made under another load) would mislead it.
+            ctx.reset_governor();
+            return Ok(ctx);
         }
         drop(idle);
         let capacity = tokens.next_power_of_two().max(MIN_CONTEXT_TOKENS);
         let opts = ContextOptions {
             max_seq_tokens: Some(capacity),
-            threads: Some(self.threads),
+            threads: match self.pool {
+                Pool::Global => None,
+                Pool::Own(n) => Some(n),
+            },
             governor: self.governor,
             // Every call starts from an empty cache, so that its results never depend on what
             // ran before (the same bits as the CLI's single run).

@@ -12,14 +12,14 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 
 use crate::args::{self, Sampling};
-use crate::engine::{Engine, Source};
+use crate::engine::{Engine, Pool, Source};
 use crate::errors::{engine_error, inference_error, require_exists, value_error};
 use crate::generation::Request;
 
 /// A BitNet b1.58 model loaded for inference on the CPU.
 ///
 /// The weights are shared and never change: one `Model` serves any number of Python threads at
-/// once, each call working in a context (activations, KV cache, threads) of its own. The GIL is
+/// once, each call working in a context (activations, KV cache) of its own. The GIL is
 /// released while the engine works, and Ctrl-C stops a generation cleanly.
 #[pyclass(frozen, module = "bitnet", name = "Model")]
 pub struct PyModel {
@@ -48,11 +48,6 @@ fn head_name(h: HeadFormat) -> &'static str {
         HeadFormat::Int8 => "int8",
         HeadFormat::Int6 => "int6",
     }
-}
-
-/// The default thread count: every core this process may use.
-pub fn all_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl PyModel {
@@ -118,7 +113,9 @@ impl PyModel {
     /// path: a Hugging Face checkpoint folder (config.json, model.safetensors or shards,
     ///     tokenizer.json) or a .gguf file; None loads the small model embedded in the library.
     /// device: "cpu" (the only device of this build).
-    /// threads: threads each call computes with; None uses every core.
+    /// threads: threads the engine computes with; None uses every core. As the CLI's -t, the
+    ///     first Model.load sets the process's thread pool; a model loaded later with another
+    ///     count gets threads of its own.
     /// lm_head: how the output head is stored: None or "float" as in the checkpoint (exact
     ///     logits), "int8" (faster decoding, logits within about 1 %) or "int6".
     ///
@@ -138,7 +135,7 @@ impl PyModel {
                 "device {device:?} is not available: this build of bitnet runs on \"cpu\" only"
             )));
         }
-        let threads = threads.map(|n| args::positive("threads", n)).transpose()?.unwrap_or_else(all_cores);
+        let threads = threads.map(|n| args::positive("threads", n)).transpose()?;
         let head = head_format(lm_head)?;
         let source = match path {
             None => Source::Embedded,
@@ -148,7 +145,9 @@ impl PyModel {
             }
         };
         let governor = governor_enabled();
-        let engine = py.detach(|| Engine::load(&source, head, threads, governor)).map_err(inference_error)?;
+        let engine = py
+            .detach(|| Engine::load(&source, head, Pool::for_threads(threads), governor))
+            .map_err(inference_error)?;
         Ok(Self { engine: Arc::new(engine) })
     }
 
@@ -318,7 +317,7 @@ impl PyModel {
     /// Threads each call computes with.
     #[getter]
     fn threads(&self) -> usize {
-        self.engine.threads
+        self.engine.pool.threads()
     }
 
     /// How the lm_head is stored: "float", "int8" or "int6".
@@ -336,7 +335,7 @@ impl PyModel {
             c.vocab_size,
             c.hidden_size,
             c.num_layers,
-            self.engine.threads
+            self.engine.pool.threads()
         )
     }
 }
