@@ -247,7 +247,7 @@ def train(
     tokenizer: Optional[_Path] = None,
     hidden: Optional[int] = None,
     layers: Optional[int] = None,
-    save_every: int = 0,
+    save_every: Optional[int] = None,
     eval_every: Optional[int] = None,
     samples: int = 0,
     quiet: bool = True,

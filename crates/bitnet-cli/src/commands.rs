@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use bitnet_default_model::load_default_model;
+use bitnet_inference::chat::ChatFormat;
 use bitnet_inference::load::{load_dir_with, LoadOptions, LoadedModel};
+use bitnet_inference::sampling::GenerationDefaults;
 use bitnet_inference::{
     generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
-    HeadFormat, Logits, Model, SamplingParams, Sequence,
+    HeadFormat, Logits, Model, SamplingParams, Sequence, StopReason,
 };
+use bitnet_models::chat::ChatMessage;
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
@@ -22,9 +25,13 @@ pub struct InputArgs {
     /// Without it, the embedded default model runs.
     #[arg(short, long)]
     pub model: Option<PathBuf>,
-    /// Prompt text, tokenized with the model's tokenizer (BOS added as its template says).
-    #[arg(short, long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    /// Prompt text, tokenized with the model's tokenizer (BOS added as its template says);
+    /// `-` reads it from standard input.
+    #[arg(short, long, conflicts_with_all = ["tokens", "file"], required_unless_present_any = ["tokens", "file"])]
     pub prompt: Option<String>,
+    /// Read the prompt text from this file.
+    #[arg(short = 'f', long, conflicts_with = "tokens")]
+    pub file: Option<PathBuf>,
     /// Prompt as comma-separated token ids, e.g. `0,53,73`.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub tokens: Option<Vec<String>>,
@@ -39,6 +46,11 @@ pub struct InputArgs {
     /// three quarters of int8's bytes, a coarser approximation).
     #[arg(long, value_enum, default_value_t = HeadArg::Float)]
     pub lm_head: HeadArg,
+    /// Run a non-ternary checkpoint's projections ternarized (absmean ternary weights, int8
+    /// activations) instead of as they are stored: an experiment — a model not trained for it
+    /// answers badly.
+    #[arg(long)]
+    pub ternarize: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -51,6 +63,7 @@ pub enum HeadArg {
 impl HeadArg {
     pub fn options(self) -> LoadOptions {
         LoadOptions {
+            ternarize: false,
             head: match self {
                 HeadArg::Float => HeadFormat::Float,
                 HeadArg::Int8 => HeadFormat::Int8,
@@ -68,8 +81,27 @@ pub struct SynthArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the random weights (the same seed writes the same model).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Replace a model already in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Refuses to write a model over one already in `out` unless `force`.
+fn refuse_to_replace_a_model(out: &Path, force: bool) -> Result<()> {
+    let existing = bitnet_models::model_files_in(out);
+    if !force && !existing.is_empty() {
+        let names: Vec<String> =
+            existing.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+        bail!(
+            "{} already holds a model ({}); pass --force to replace it, or choose another --out",
+            out.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -77,9 +109,28 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let names: Vec<&str> = bitnet_models::synth::SHAPES.iter().map(|s| s.name).collect();
         format!("--config `{}` is not one of {}", a.config, names.join(", "))
     })?;
+    refuse_to_replace_a_model(&a.out, a.force)?;
     bitnet_models::synth::write_synthetic(&shape, &a.out, a.seed)?;
     eprintln!("wrote {} (shapes of `{}`, random ternary weights)", a.out.display(), shape.name);
     Ok(())
+}
+
+/// Threads per core beyond which more threads only cost: `-t 10000` would spend over a
+/// minute starting threads that then wait on each other.
+const MAX_THREADS_PER_CORE: usize = 4;
+
+/// `requested` threads, or [`MAX_THREADS_PER_CORE`] × the available cores if that is fewer,
+/// with a note naming `flag` when it cuts. 0 passes through for the caller's own check.
+pub fn capped_threads(requested: usize, flag: &str) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = MAX_THREADS_PER_CORE * cores;
+    if requested > cap {
+        eprintln!(
+            "note: {flag} {requested} is more than {MAX_THREADS_PER_CORE} threads for each of the {cores} cores: using {cap}"
+        );
+        return cap;
+    }
+    requested
 }
 
 /// Sizes the process's one thread pool.
@@ -88,6 +139,7 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
+        let n = capped_threads(n, "--threads");
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting the thread count")?;
     }
     Ok(())
@@ -97,32 +149,78 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub input: InputArgs,
-    /// New tokens at most.
+    /// New tokens at most (0: only read the prompt).
     #[arg(short = 'n', long, default_value_t = 128)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Keep the k most likely tokens (0: off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling threshold (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Drop tokens below this fraction of the best one's probability (0: off).
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Repetition penalty as in transformers (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the prompt before the generated text (by default only the generated text is
+    /// printed).
+    #[arg(long)]
+    pub echo: bool,
+    /// Send the prompt as a user message through the checkpoint's chat template, and stop at
+    /// its end of turn.
+    #[arg(long, conflicts_with = "tokens")]
+    pub chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Stop when this text appears (may be repeated).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Sampling flags. Each one left out takes the checkpoint's generation_config.json value
+/// (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`), else greedy.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy [default: the checkpoint's, else 0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens (0: off) [default: the checkpoint's, else 0].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold (1: off) [default: the checkpoint's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the best one's probability (0: off).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Repetition penalty as in transformers (1: off).
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// Seed of the sampler's random numbers (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The flags over the checkpoint's defaults, checked; also says where they came from.
+    pub fn resolve(&self, defaults: &GenerationDefaults) -> Result<(SamplingParams, Option<String>)> {
+        let base = defaults.params();
+        let p = SamplingParams {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.unwrap_or(base.top_k),
+            top_p: self.top_p.unwrap_or(base.top_p),
+            min_p: self.min_p.unwrap_or(base.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(base.repeat_penalty),
+            seed: self.seed,
+            ..SamplingParams::default()
+        };
+        p.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
+        let from_checkpoint = self.temperature.is_none() && defaults.samples();
+        let notice = from_checkpoint.then(|| {
+            format!(
+                "sampling as generation_config.json asks: temperature {}, top-k {}, top-p {} \
+                 (--temperature 0 for greedy decoding)",
+                p.temperature, p.top_k, p.top_p
+            )
+        });
+        Ok((p, notice))
+    }
 }
 
 #[derive(Args)]
@@ -139,7 +237,7 @@ pub struct LogitsArgs {
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory.
+    /// A checkpoint folder (config.json + model.safetensors) or a .gguf file.
     pub path: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -147,31 +245,48 @@ pub struct InspectArgs {
 }
 
 fn load(input: &InputArgs) -> Result<LoadedModel> {
-    let opts = input.lm_head.options();
+    let opts = LoadOptions { ternarize: input.ternarize, ..input.lm_head.options() };
     Ok(match &input.model {
         Some(dir) => load_dir_with(dir, opts)?,
         None => load_default_model(opts)?,
     })
 }
 
-/// Prompt ids from `--prompt` or `--tokens`, checked against the vocabulary.
+/// The prompt text of `--prompt TEXT`, `--prompt -` (standard input) or `--file FILE`.
+pub fn prompt_text(input: &InputArgs) -> Result<Option<String>> {
+    let text = match (&input.prompt, &input.file) {
+        (Some(p), _) if p == "-" => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("reading the prompt from standard input (--prompt -)")?;
+            s
+        }
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the prompt from {} (--file)", f.display()))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(text))
+}
+
+/// Prompt ids from `--prompt`, `--file` or `--tokens`, checked against the vocabulary.
 fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
-    let ids: Vec<u32> = match (&input.prompt, &input.tokens) {
+    let ids: Vec<u32> = match (prompt_text(input)?, &input.tokens) {
         (Some(text), _) => {
             if text.is_empty() {
-                bail!("the prompt is empty: give some text with --prompt or ids with --tokens");
+                bail!("the prompt is empty: give some text with --prompt or --file, or ids with --tokens");
             }
             let tok = loaded.tokenizer.as_ref().with_context(|| {
                 format!("{} has no tokenizer.json: give token ids with --tokens", loaded.source.display())
             })?;
-            tok.encode(text)?
+            tok.encode(&text)?
         }
         (None, Some(list)) => list
             .iter()
             .filter(|s| !s.trim().is_empty())
             .map(|s| s.trim().parse::<u32>().with_context(|| format!("--tokens: `{s}` is not a token id")))
             .collect::<Result<_>>()?,
-        (None, None) => bail!("give a prompt with --prompt or token ids with --tokens"),
+        (None, None) => bail!("give a prompt with --prompt, --file or token ids with --tokens"),
     };
     if ids.is_empty() {
         bail!("the prompt is empty: it encodes to no tokens");
@@ -183,8 +298,18 @@ fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn context_len(input: &InputArgs, cfg: &ModelConfig) -> usize {
-    input.ctx.unwrap_or(cfg.max_position_embeddings)
+/// `--ctx`, at most the model's context (positions past it were never trained and the KV
+/// cache for them could exhaust memory).
+fn context_len(input: &InputArgs, cfg: &ModelConfig) -> Result<usize> {
+    let max = cfg.max_position_embeddings;
+    match input.ctx {
+        Some(0) => bail!("--ctx must be at least 1"),
+        Some(n) if n > max => {
+            bail!("--ctx {n} is more than the model's context of {max} tokens (max_position_embeddings)")
+        }
+        Some(n) => Ok(n),
+        None => Ok(max),
+    }
 }
 
 /// Whether the decode governor runs (`BITNET_DECODE_GOVERNOR=off` turns it off).
@@ -203,45 +328,93 @@ pub fn single_sequence_context(model: &Model<CpuBackend>, tokens: usize) -> Resu
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repeat_penalty: a.repeat_penalty,
-        seed: a.seed,
-        ..SamplingParams::default()
-    };
-    sampling.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
+    // Flags are checked before the model loads: a typo costs no loading time.
+    if let Some(t) = a.sampling.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature must be a finite number >= 0, got {t}");
+        }
+    }
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input)?;
-    let ids = prompt_ids(&a.input, &loaded)?;
-    let ctx = context_len(&a.input, &loaded.model.config);
-    if ids.len() >= ctx {
+    let mut loaded = load_reporting(&a.input)?;
+    let (sampling, notice) = a.sampling.resolve(&loaded.generation)?;
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
+    let mut eos_ids = loaded.model.config.eos_token_ids.clone();
+    let mut stop_strings = a.stop.clone();
+    let ids = if a.chat {
+        let format = ChatFormat::for_model(&loaded)?;
+        if format.is_fallback() {
+            eprintln!("note: {} has no chat template; using the plain fallback", loaded.source.display());
+        }
+        let text = prompt_text(&a.input)?.context("--chat needs the prompt as text (--prompt or --file)")?;
+        let mut messages: Vec<ChatMessage> =
+            a.system.iter().map(|s| ChatMessage::system(s.clone())).collect();
+        messages.push(ChatMessage::user(text));
+        let tok = loaded.tokenizer.as_ref().context("--chat needs the model's tokenizer")?;
+        eos_ids = format.stop_ids.clone();
+        stop_strings.extend(format.stop_strings.iter().cloned());
+        format.encode(tok, &messages, true)?
+    } else {
+        prompt_ids(&a.input, &loaded)?
+    };
+    let ctx = context_len(&a.input, &loaded.model.config)?;
+    if ids.len() > ctx || (ids.len() == ctx && a.max_tokens > 0) {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
     let tokenizer = loaded.tokenizer.take().with_context(|| {
         format!("{} has no tokenizer.json, so generated ids cannot be decoded", loaded.source.display())
     })?;
     let max_new = a.max_tokens.min(ctx - ids.len());
-    let opts = GenerateOptions {
-        max_new_tokens: max_new,
-        sampling,
-        eos_ids: loaded.model.config.eos_token_ids.clone(),
-        stop_strings: a.stop.clone(),
-    };
-    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new)?;
+    if max_new < a.max_tokens {
+        eprintln!(
+            "note: the context holds {ctx} tokens, so at most {max_new} of the {} asked for fit after the prompt",
+            a.max_tokens
+        );
+    }
+    let opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids, stop_strings };
+    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new + 1)?;
     let mut seq = Sequence::new();
     let stdout = std::io::stdout();
     let json = a.json;
-    let g = run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
+    if a.echo && !json {
+        let mut out = stdout.lock();
+        let _ = out.write_all(tokenizer.decode(&ids)?.as_bytes());
+        let _ = out.flush();
+    }
+    if ids.len() > 512 {
+        eprintln!("reading the prompt: {} tokens…", ids.len());
+    }
+    let g = if max_new == 0 {
+        // Only the prompt: its logits are computed, nothing is generated.
+        let start = std::time::Instant::now();
+        loaded.model.forward(&mut run, &mut seq, &ids, Logits::Last)?;
+        bitnet_inference::Generation {
+            prompt_ids: ids.clone(),
+            cached_prompt_tokens: 0,
+            generated: Vec::new(),
+            text: String::new(),
+            stop_reason: StopReason::MaxTokens,
+            prompt_time: start.elapsed(),
+            decode_time: std::time::Duration::ZERO,
         }
-        std::ops::ControlFlow::Continue(())
-    })?;
+    } else {
+        crate::interrupt::set_mode(crate::interrupt::Mode::Streaming);
+        run_generation(&loaded.model, &mut run, &mut seq, &tokenizer, &ids, &opts, |piece| {
+            if !json {
+                let mut out = stdout.lock();
+                if out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_err() {
+                    // stdout closed (a pipe's reader left): stop quietly.
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            match crate::interrupt::take() {
+                true => std::ops::ControlFlow::Break(()),
+                false => std::ops::ControlFlow::Continue(()),
+            }
+        })?
+    };
+    crate::interrupt::set_mode(crate::interrupt::Mode::Other);
     if json {
         let v = json!({
             "tokens": g.prompt_ids,
@@ -255,6 +428,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         println!();
     }
+    if g.stop_reason == StopReason::ContextFull {
+        eprintln!("stopped: the context of {ctx} tokens is full (--ctx raises it)");
+    }
     eprintln!(
         "prompt: {} tokens in {:.3} s ({:.1} tokens/s); generation: {} tokens in {:.3} s ({:.1} tokens/s); {}",
         g.prompt_ids.len(),
@@ -265,14 +441,74 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         g.decode_tokens_per_s(),
         loaded.model.backend_name(),
     );
+    if g.stop_reason == StopReason::Cancelled {
+        eprintln!("interrupted");
+        std::process::exit(crate::interrupt::EXIT_INTERRUPTED);
+    }
     Ok(())
+}
+
+/// A model, its tokenizer and its conversation format, for `chat`, `generate --chat` and
+/// `serve`; says so when the checkpoint has no chat template.
+pub fn load_for_chat(
+    model: Option<&Path>,
+    threads: Option<usize>,
+    head: HeadArg,
+) -> Result<(LoadedModel, bitnet_models::tokenizer::Tokenizer, ChatFormat)> {
+    set_threads(threads)?;
+    let input = InputArgs {
+        model: model.map(Path::to_path_buf),
+        prompt: None,
+        file: None,
+        tokens: None,
+        ctx: None,
+        threads,
+        lm_head: head,
+        ternarize: false,
+    };
+    let mut loaded = load_reporting(&input)?;
+    let format = ChatFormat::for_model(&loaded)?;
+    if format.is_fallback() {
+        eprintln!(
+            "note: {} has no chat template; using the plain fallback (System:/User:/Assistant: lines)",
+            loaded.source.display()
+        );
+    }
+    let tokenizer = loaded.tokenizer.take().with_context(|| {
+        format!("{} has no tokenizer, so a conversation cannot be encoded", loaded.source.display())
+    })?;
+    Ok((loaded, tokenizer, format))
+}
+
+/// Loads the model, saying so on stderr when it takes more than a moment.
+fn load_reporting(input: &InputArgs) -> Result<LoadedModel> {
+    let start = std::time::Instant::now();
+    let large = input.model.as_ref().and_then(|p| model_bytes(p)).is_some_and(|b| b > 256 << 20);
+    if large {
+        eprintln!("loading {}…", input.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    }
+    let loaded = load(input)?;
+    if large {
+        eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
+    }
+    Ok(loaded)
+}
+
+/// Bytes of a model file, or of the files in a checkpoint folder.
+fn model_bytes(path: &Path) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some(meta.len());
+    }
+    let entries = std::fs::read_dir(path).ok()?;
+    Some(entries.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
     let loaded = load(&a.input)?;
     let ids = prompt_ids(&a.input, &loaded)?;
-    let ctx = context_len(&a.input, &loaded.model.config);
+    let ctx = context_len(&a.input, &loaded.model.config)?;
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
@@ -289,9 +525,19 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let dir: &Path = &a.path;
+    if !dir.exists() {
+        bail!(
+            "{}: no such file or folder (inspect takes a checkpoint folder with config.json, or a .gguf file)",
+            dir.display()
+        );
+    }
     if dir.is_file() {
         let file = bitnet_models::gguf::GgufFile::open(dir)?;
-        print!("{}", file.inspect());
+        if a.json {
+            println!("{}", file.inspect_json());
+        } else {
+            print!("{}", file.inspect());
+        }
         return Ok(());
     }
     let cfg = ModelConfig::from_dir(dir)?;

@@ -1,7 +1,12 @@
 //! `bitnet`: run, inspect and (soon) convert, train and serve BitNet b1.58 models.
 
 mod bench;
+mod chat;
 mod commands;
+mod interrupt;
+mod serve;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::{Parser, Subcommand};
 
@@ -22,20 +27,42 @@ enum Command {
   bitnet generate --model ./bitnet-b1.58-2B-4T --prompt \"The capital of France is\" --max-tokens 32
   bitnet generate --tokens 0,53,73 --temperature 0.8 --top-p 0.95 --seed 1 --json")]
     Generate(commands::GenerateArgs),
+    /// Chat with a model: multi-turn, streamed, with the checkpoint's chat template.
+    #[command(after_help = "Examples:
+  bitnet chat --model ./bitnet-b1.58-2B-4T
+  bitnet chat --model model.gguf --system \"You are a terse assistant.\"
+  echo \"What is 2+2?\" | bitnet chat --model ./bitnet-b1.58-2B-4T --temperature 0
+
+In a chat: /reset forgets the conversation, /system TEXT sets a new system message, Ctrl-C stops
+a reply, Ctrl-D (end of input) exits.")]
+    Chat(chat::ChatArgs),
+    /// Serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
+    /// /v1/models), many requests batched together, a chat page at /, /health and /metrics.
+    #[command(after_help = "Examples:
+  bitnet serve --model ./bitnet-b1.58-2B-4T --port 8080
+  bitnet serve --model model.gguf --max-seqs 32 --kv-type bf16 --api-key secret
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 32}'
+
+See docs/serving.md for every endpoint, parameter and metric.")]
+    Serve(serve::ServeArgs),
     /// Print the logits of a prompt as JSON, for parity checks with other engines.
     #[command(after_help = "Examples:
   bitnet logits --model ./tiny --prompt \"Hello\"
   bitnet logits --model ./tiny --tokens 0,53,73 --all-positions")]
     Logits(commands::LogitsArgs),
-    /// Describe a checkpoint: architecture, quantization form, tensors, parameters, bytes.
+    /// Describe a checkpoint folder or a .gguf file: architecture, quantization form, tensors,
+    /// parameters, bytes (for a .gguf: its metadata too).
     #[command(after_help = "Examples:
   bitnet inspect ./bitnet-b1.58-2B-4T
-  bitnet inspect ./model-dir --json")]
+  bitnet inspect ./model-dir --json
+  bitnet inspect 2b4t-i2_s.gguf --json")]
     Inspect(commands::InspectArgs),
     /// Write a model with real shapes and random ternary weights, for speed measurements.
     #[command(after_help = "Examples:
   bitnet synth --config 2b4t --out /tmp/bitnet-2b4t
-  bitnet synth --config tiny --out /tmp/tiny --seed 3")]
+  bitnet synth --config tiny --out /tmp/tiny --seed 3
+  bitnet synth --config tiny --out /tmp/tiny --force   # replace the model already there")]
     Synth(commands::SynthArgs),
     /// Time prompt processing (ppN) and generation (tgN), llama-bench style; or training steps.
     #[command(after_help = "Examples:
@@ -55,27 +82,90 @@ enum Command {
   bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
     Quantize(commands::QuantizeArgs),
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
+    ///
+    /// Ctrl-C (or SIGTERM) stops after the current step, saves a checkpoint and exits with
+    /// status 130; `--resume` continues from it.
     #[command(after_help = "Examples:
   bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
-  bitnet train --data corpus.txt --preset small --save-every 200 --out runs/small --resume
+  bitnet train --data corpus.txt --preset small --save-every 200 --out runs/small
+  bitnet train --data corpus.txt --out runs/small --resume              # after Ctrl-C or a crash
+  bitnet train --data corpus.txt --out runs/small --resume --steps 4000 --schedule-steps 4000
+                                                     # train a finished run further, schedule stretched
   bitnet train --data corpus.txt --preset tiny --fp --out runs/tiny-fp")]
     Train(bitnet_training::TrainArgs),
 }
 
 fn main() {
+    restore_sigpipe();
+    install_signal_handler();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Serve(a) => serve::serve(a),
         Command::Logits(a) => commands::logits(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
         Command::Bench(a) => bench::bench(a),
         Command::Convert(a) => commands::convert(a),
         Command::Quantize(a) => commands::quantize(a),
-        Command::Train(a) => bitnet_training::run_train(&a),
+        Command::Train(a) => train(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The exit status of a run cut short by a signal, as shells report SIGINT's.
+const INTERRUPTED: i32 = 130;
+
+/// `bitnet train`, with the thread count capped; a run that stopped early (Ctrl-C) exits with
+/// [`INTERRUPTED`], as an interrupted program does, not with success.
+fn train(mut a: bitnet_training::TrainArgs) -> anyhow::Result<()> {
+    a.threads = a.threads.map(|n| commands::capped_threads(n, "--threads"));
+    if bitnet_training::train(&a)?.stopped_early {
+        std::process::exit(INTERRUPTED);
+    }
+    Ok(())
+}
+
+/// Unix tools end quietly when the reader of their output goes away (`bitnet inspect m |
+/// head -1`): SIGPIPE kills them. Rust starts programs with SIGPIPE ignored, so a write fails
+/// with BrokenPipe instead and `println!` panics; restore the default.
+#[cfg(unix)]
+fn restore_sigpipe() {
+    // SAFETY: sets one signal's disposition to the default, before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn restore_sigpipe() {}
+
+/// Ctrl-C, SIGTERM and SIGHUP. A training run stops after its current step and saves a
+/// checkpoint (a second signal ends it at once); anything else ends at once. Ending removes
+/// the temporary files being written (a `convert` leaves no hidden half GGUF) and exits with
+/// [`INTERRUPTED`].
+fn install_signal_handler() {
+    static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+    let handler = || {
+        if interrupt::on_signal() {
+            return;
+        }
+        if SIGNALS.fetch_add(1, Ordering::SeqCst) == 0 && bitnet_training::train::request_stop() {
+            eprintln!("\nstopping after this step to save a checkpoint (interrupt again to quit at once)");
+            return;
+        }
+        eprintln!(); // off the progress bar's line
+        for path in bitnet_models::temp_file::abandon_all() {
+            eprintln!("removed the unfinished {}", path.display());
+        }
+        eprintln!("interrupted");
+        std::process::exit(INTERRUPTED);
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("warning: cannot handle Ctrl-C ({e}): an interrupted command may leave temporary files");
     }
 }

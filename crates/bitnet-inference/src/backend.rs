@@ -13,7 +13,7 @@
 
 use bitnet_core::DenseMatrix;
 use bitnet_models::Activation;
-use bitnet_quant::{Int8Matrix, TernaryMatrix};
+use bitnet_quant::{DenseLinear, Int8Matrix, TernaryMatrix};
 
 use crate::kv::KvType;
 
@@ -55,6 +55,11 @@ pub trait Backend: Send {
     type Dense: Send + Sync;
     /// An int8 matrix with one scale per row (the quantized lm_head).
     type Int8Linear: Send + Sync;
+    /// A non-ternary matrix in its stored format (F16/BF16/F32 or a GGUF block format such as
+    /// Q8_0, Q4_1, Q6_K): dense projections, and embeddings or heads stored in a block format.
+    type DenseLinear: Send + Sync;
+    /// Activations quantized as a dense matrix's format asks (llama.cpp's blocks of 32 or 256).
+    type DenseInput: Send;
     /// A float vector (norm gains, RoPE frequencies).
     type Vector: Send + Sync;
     /// Float activations.
@@ -70,6 +75,10 @@ pub trait Backend: Send {
     fn upload_dense(&self, m: DenseMatrix) -> Result<Self::Dense, BackendError>;
     fn upload_int8(&self, m: Int8Matrix) -> Result<Self::Int8Linear, BackendError>;
     fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector, BackendError>;
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<Self::DenseLinear, BackendError>;
+    /// Scratch for [`Backend::dense_linear`]'s quantized input, for up to `max_rows` rows of
+    /// `width`.
+    fn dense_input(&self, max_rows: usize, width: usize) -> Result<Self::DenseInput, BackendError>;
     fn buffer(&self, len: usize) -> Result<Self::Buffer, BackendError>;
     fn quant_buffer(&self, max_rows: usize, width: usize) -> Result<Self::QuantBuffer, BackendError>;
     fn kv_store(
@@ -84,6 +93,19 @@ pub trait Backend: Send {
 
     /// `out[t] = table[ids[t]]`.
     fn embedding(&mut self, table: &Self::Dense, ids: &[u32], out: &mut Self::Buffer);
+    /// `out[t] = table[ids[t]]` for a table in a block format, decoding only those rows.
+    fn dense_embedding(&mut self, table: &Self::DenseLinear, ids: &[u32], out: &mut Self::Buffer);
+    /// `out[t] = W · x[first + t]` for `rows` float rows of `x`, quantized into `input` first as
+    /// the matrix's format asks (nothing for a float format).
+    fn dense_linear(
+        &mut self,
+        w: &Self::DenseLinear,
+        x: &Self::Buffer,
+        first: usize,
+        rows: usize,
+        input: &mut Self::DenseInput,
+        out: &mut Self::Buffer,
+    );
     /// `out[t] = x[rows[t]]` for rows of `width`: gathers the rows that want logits.
     fn gather_rows(&mut self, x: &Self::Buffer, rows: &[u32], width: usize, out: &mut Self::Buffer);
     /// RMSNorm of `rows` rows of `width`, with an optional gain.

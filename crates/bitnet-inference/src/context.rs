@@ -140,6 +140,8 @@ pub(crate) struct Activations<B: Backend> {
     pub quant_attn: B::QuantBuffer, // o
     pub quant_inter: B::QuantBuffer, // down
     pub logits: B::Buffer,  // [logit_rows, vocab]
+    /// The quantized input of dense projections (and of a block-format head).
+    pub dense_in: B::DenseInput,
     /// Rows the lm_head computes per pass (the logits buffer's rows).
     pub logit_rows: usize,
 }
@@ -217,6 +219,7 @@ impl<B: Backend> Context<B> {
             quant_attn: b.quant_buffer(max_batch, c.q_dim())?,
             quant_inter: b.quant_buffer(max_batch, c.intermediate_size)?,
             logits: b.buffer(logit_rows * c.vocab_size)?,
+            dense_in: b.dense_input(max_batch, wide)?,
             logit_rows,
         };
         let kv = b.kv_store(c.num_layers, blocks, c.kv_dim(), opts.kv_type)?;

@@ -5,7 +5,7 @@ use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use crate::kv::{KvType, BLOCK_TOKENS};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::{Int8Matrix, QuantizedActivations, TernaryMatrix};
+use bitnet_quant::{DenseActivations, DenseLinear, Int8Matrix, QuantizedActivations, TernaryMatrix};
 
 /// One layer's keys or values, `[slots, kv_dim]`.
 pub enum KvData {
@@ -118,6 +118,8 @@ impl Backend for CpuBackend {
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
     type KvStore = CpuKvStore;
+    type DenseLinear = DenseLinear;
+    type DenseInput = DenseActivations;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -136,6 +138,13 @@ impl Backend for CpuBackend {
         let mut out = try_vec(v.len(), "a vector")?;
         out.copy_from_slice(v);
         Ok(out)
+    }
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<DenseLinear, BackendError> {
+        Ok(w)
+    }
+    fn dense_input(&self, _max_rows: usize, _width: usize) -> Result<DenseActivations, BackendError> {
+        // Sized at first use: one buffer serves every format that reads the same width.
+        Ok(DenseActivations::new())
     }
     fn buffer(&self, len: usize) -> Result<Vec<f32>, BackendError> {
         try_vec(len, "activations")
@@ -175,6 +184,31 @@ impl Backend for CpuBackend {
         for (t, &id) in ids.iter().enumerate() {
             table.row_f32(id as usize, &mut out[t * w..(t + 1) * w]);
         }
+    }
+
+    fn dense_embedding(&mut self, table: &DenseLinear, ids: &[u32], out: &mut Vec<f32>) {
+        let w = table.cols();
+        for (t, &id) in ids.iter().enumerate() {
+            // Ids were checked against the vocabulary before the call.
+            table.dequantize_row(id as usize, &mut out[t * w..(t + 1) * w]).expect("an id inside the table");
+        }
+    }
+
+    fn dense_linear(
+        &mut self,
+        w: &DenseLinear,
+        x: &Vec<f32>,
+        first: usize,
+        rows: usize,
+        input: &mut DenseActivations,
+        out: &mut Vec<f32>,
+    ) {
+        let k = w.cols();
+        // The model sizes every buffer for its shapes: a mismatch here is a bug, not bad input.
+        input
+            .quantize(w.activation_kind(), &x[first * k..(first + rows) * k], rows, k)
+            .expect("dense input shape");
+        w.forward_quantized(input, &mut out[..rows * w.rows()]).expect("dense product shape");
     }
 
     fn gather_rows(&mut self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {

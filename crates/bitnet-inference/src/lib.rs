@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod chat;
 pub mod context;
 pub mod cpu;
 pub mod generate;
@@ -43,6 +44,8 @@ pub enum InferenceError {
     Threads(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Chat(#[from] bitnet_models::chat::ChatError),
     #[error(transparent)]
     Backend(BackendError),
     #[error(transparent)]

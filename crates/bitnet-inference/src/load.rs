@@ -6,15 +6,25 @@ use bitnet_models::gguf::tokenizer::GgufTokenizer;
 use bitnet_models::gguf::GgufFile;
 use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::tokenizer::Tokenizer;
+use bitnet_models::weights::WeightOptions;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
+use crate::sampling::GenerationDefaults;
 use crate::{CpuBackend, InferenceError, Model};
 
 /// Choices made when a checkpoint becomes a runnable model.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
     pub head: HeadFormat,
+    /// Ternarize projections that would run dense (an experiment: see `WeightOptions`).
+    pub ternarize: bool,
+}
+
+impl LoadOptions {
+    fn weights(&self) -> WeightOptions {
+        WeightOptions { ternarize: self.ternarize }
+    }
 }
 
 /// A model on the CPU with what came with it.
@@ -22,6 +32,17 @@ pub struct LoadedModel {
     pub model: Model<CpuBackend>,
     pub tokenizer: Option<Tokenizer>,
     pub source: PathBuf,
+    /// The sampling generation_config.json asks for.
+    pub generation: GenerationDefaults,
+}
+
+/// generation_config.json of a checkpoint folder, if it has one that parses.
+fn generation_defaults(dir: &Path) -> GenerationDefaults {
+    std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .map(|v| GenerationDefaults::from_json(&v))
+        .unwrap_or_default()
 }
 
 /// Loads `dir` (config.json, model.safetensors or shards, tokenizer.json if present).
@@ -40,13 +61,14 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Infer
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
-    let weights = ModelWeights::load(&store, config)?;
+    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: dir.to_path_buf(),
+        generation: generation_defaults(dir),
     })
 }
 
@@ -65,27 +87,30 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
     let mut config = ModelConfig::from_json(&json, &source.join("config.json"))?;
+    let mut generation = GenerationDefaults::default();
     if let Some(gen) = e.generation_config_json {
         let gen: serde_json::Value = serde_json::from_str(gen).map_err(|err| {
             ModelError::config(&source.join("generation_config.json"), format!("not valid JSON: {err}"))
         })?;
         config.merge_generation_config(&gen);
+        generation = GenerationDefaults::from_json(&gen);
     }
     let store =
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
-    let weights = ModelWeights::load(&store, config)?;
+    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer: Some(tokenizer),
         source,
+        generation,
     })
 }
 
 /// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
 pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
-    let file = GgufFile::open(path).map_err(|e| ModelError::tensor(path, e.to_string()))?;
-    let weights = ModelWeights::from_gguf(&file)?;
+    let file = GgufFile::open(path).map_err(ModelError::from)?;
+    let weights = ModelWeights::from_gguf_with(&file, opts.weights())?;
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
         true => {
             let t =
@@ -98,5 +123,6 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, Inferenc
         model: Model::new(weights, &CpuBackend::new(), opts.head)?,
         tokenizer,
         source: path.to_path_buf(),
+        generation: GenerationDefaults::default(),
     })
 }

@@ -7,17 +7,33 @@
 //! of the batch at once, so every weight is read once per step for all sequences; RoPE, the KV
 //! store and attention follow each row's sequence.
 
-use bitnet_core::DenseMatrix;
+use bitnet_models::weights::LinearWeight;
 use bitnet_models::{ModelConfig, ModelWeights, Projection};
-use bitnet_quant::Int8Matrix;
+use bitnet_quant::{DenseLinear, Int8Matrix};
 
 use crate::backend::{Backend, BackendError, HeadShape};
 use crate::context::{Context, Segment};
 use crate::InferenceError;
 
-/// A BitLinear on the device, with its optional input RMSNorm (`use_rms_norm`).
+/// A projection's weights on the device: ternary (a BitLinear), or dense in their stored format
+/// (a checkpoint that is not ternary: llama.cpp's Q4/Q8/K-quants, f16).
+pub enum Weight<B: Backend> {
+    Ternary(B::Linear),
+    Dense(B::DenseLinear),
+}
+
+impl<B: Backend> Weight<B> {
+    fn ternary(&self) -> Option<&B::Linear> {
+        match self {
+            Weight::Ternary(w) => Some(w),
+            Weight::Dense(_) => None,
+        }
+    }
+}
+
+/// A projection on the device, with its optional input RMSNorm (`use_rms_norm`).
 pub struct Linear<B: Backend> {
-    pub weight: B::Linear,
+    pub weight: Weight<B>,
     pub input_norm: Option<B::Vector>,
     /// eps of `input_norm`.
     pub input_norm_eps: f32,
@@ -42,7 +58,7 @@ pub struct Layer<B: Backend> {
 /// Model weights living on a backend. Immutable once built: share it through `Arc`.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
-    embed_tokens: B::Dense,
+    embed_tokens: Embedding<B>,
     head: Head<B>,
     final_norm: B::Vector,
     layers: Vec<Layer<B>>,
@@ -77,9 +93,18 @@ impl HeadFormat {
     }
 }
 
+/// The embedding table: a float matrix, or a block format whose rows are decoded on lookup.
+enum Embedding<B: Backend> {
+    Float(B::Dense),
+    Block(B::DenseLinear),
+}
+
 enum Head<B: Backend> {
-    /// `None`: tied to the embeddings.
+    /// A float head; `None`: tied to a float embedding table.
     Float(Option<B::Dense>),
+    /// A head in a GGUF block format, run in it as llama.cpp does; `None`: tied to a block-format
+    /// embedding table.
+    Block(Option<B::DenseLinear>),
     /// Int8 or 6-bit weights, one scale per row.
     Integer(B::Int8Linear),
 }
@@ -112,8 +137,12 @@ fn upload_projection<B: Backend>(
     input_norm_eps: f32,
 ) -> Result<Linear<B>, BackendError> {
     let (rows, cols) = (p.weight.rows(), p.weight.cols());
+    let weight = match p.weight {
+        LinearWeight::Ternary(t) => Weight::Ternary(backend.upload_linear(t)?),
+        LinearWeight::Dense(d) => Weight::Dense(backend.upload_dense_linear(d)?),
+    };
     Ok(Linear {
-        weight: backend.upload_linear(p.weight)?,
+        weight,
         input_norm: p.input_norm.as_deref().map(|g| backend.upload_vector(g)).transpose()?,
         input_norm_eps,
         rows,
@@ -147,9 +176,19 @@ impl<B: Backend> Model<B> {
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
-        let head = match head_format.int_bits() {
-            None => Head::Float(weights.lm_head.take().map(|m| backend.upload_dense(m)).transpose()?),
-            Some(bits) => Head::Integer(backend.upload_int8(quantize_head(weights.lm_head(), bits))?),
+        // Float tables keep their dtype and run the float kernels transformers' numerics were
+        // matched with; block formats run as they are stored.
+        let head = match (head_format.int_bits(), weights.lm_head.take()) {
+            (Some(bits), head) => {
+                let q = quantize_head(head.as_ref().unwrap_or(&weights.embed_tokens), bits);
+                Head::Integer(backend.upload_int8(q)?)
+            }
+            (None, Some(h)) if h.format().is_float() => {
+                Head::Float(Some(backend.upload_dense(h.to_dense_matrix())?))
+            }
+            (None, Some(h)) => Head::Block(Some(backend.upload_dense_linear(h)?)),
+            (None, None) if weights.embed_tokens.format().is_float() => Head::Float(None),
+            (None, None) => Head::Block(None),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
@@ -171,7 +210,10 @@ impl<B: Backend> Model<B> {
             backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim))?;
         Ok(Self {
             head,
-            embed_tokens: backend.upload_dense(weights.embed_tokens)?,
+            embed_tokens: match weights.embed_tokens.format().is_float() {
+                true => Embedding::Float(backend.upload_dense(weights.embed_tokens.to_dense_matrix())?),
+                false => Embedding::Block(backend.upload_dense_linear(weights.embed_tokens)?),
+            },
             final_norm: backend.upload_vector(&weights.final_norm)?,
             layers,
             rope_inv_freq,
@@ -245,7 +287,10 @@ impl<B: Backend> Model<B> {
     /// Embeddings and every layer for the prepared rows.
     fn embed_and_layers(&self, ctx: &mut Context<B>) {
         let (b, a) = (&mut ctx.backend, &mut ctx.act);
-        b.embedding(&self.embed_tokens, &ctx.batch.ids, &mut a.x);
+        match &self.embed_tokens {
+            Embedding::Float(table) => b.embedding(table, &ctx.batch.ids, &mut a.x),
+            Embedding::Block(table) => b.dense_embedding(table, &ctx.batch.ids, &mut a.x),
+        }
         for l in 0..self.layers.len() {
             self.attention_block(ctx, l);
             self.mlp_block(ctx, l);
@@ -270,15 +315,17 @@ impl<B: Backend> Model<B> {
         let mut first = 0;
         while first < n {
             let count = (n - first).min(a.logit_rows);
-            match &self.head {
-                Head::Float(head) => b.lm_head(
-                    head.as_ref().unwrap_or(&self.embed_tokens),
-                    &a.normed,
-                    first,
-                    count,
-                    &mut a.logits,
-                ),
-                Head::Integer(head) => {
+            match (&self.head, &self.embed_tokens) {
+                (Head::Float(Some(head)), _) | (Head::Float(None), Embedding::Float(head)) => {
+                    b.lm_head(head, &a.normed, first, count, &mut a.logits)
+                }
+                (Head::Block(Some(head)), _) | (Head::Block(None), Embedding::Block(head)) => {
+                    b.dense_linear(head, &a.normed, first, count, &mut a.dense_in, &mut a.logits)
+                }
+                (Head::Float(None), Embedding::Block(_)) | (Head::Block(None), Embedding::Float(_)) => {
+                    unreachable!("a tied head takes the embedding table's kind at load")
+                }
+                (Head::Integer(head), _) => {
                     b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
                     b.int8_linear(head, &a.quant_hidden, &mut a.logits);
                 }
@@ -298,19 +345,20 @@ impl<B: Backend> Model<B> {
         let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
         let rows = meta.ids.len();
         // q, k and v read the same input: normed and quantized once, in one pass, unless each
-        // projection has its own norm (1bitLLM).
-        let shared = layer.q_proj.input_norm.is_none();
-        if shared {
+        // projection has its own norm (1bitLLM) or is dense.
+        let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
+        if let (Some(q), Some(k), Some(v), None) = (
+            qkv[0].weight.ternary(),
+            qkv[1].weight.ternary(),
+            qkv[2].weight.ternary(),
+            &layer.q_proj.input_norm,
+        ) {
             b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden);
-            let qkv = [&layer.q_proj.weight, &layer.k_proj.weight, &layer.v_proj.weight];
-            b.bitlinear_many(qkv, &a.quant_hidden, [&mut a.q, &mut a.k, &mut a.v]);
+            b.bitlinear_many([q, k, v], &a.quant_hidden, [&mut a.q, &mut a.k, &mut a.v]);
         } else {
             b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
-            for (proj, out) in
-                [(&layer.q_proj, &mut a.q), (&layer.k_proj, &mut a.k), (&layer.v_proj, &mut a.v)]
-            {
-                quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
-                b.bitlinear(&proj.weight, &a.quant_hidden, out);
+            for (proj, out) in [(qkv[0], &mut a.q), (qkv[1], &mut a.k), (qkv[2], &mut a.v)] {
+                project(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden, &mut a.dense_in, out);
             }
         }
 
@@ -320,15 +368,29 @@ impl<B: Backend> Model<B> {
         let shape = HeadShape { n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
         b.attention(&a.q, &ctx.kv, l, &meta.tables, &meta.segments, shape, &mut a.attn);
 
-        match (&layer.attn_sub_norm, layer.o_proj.input_norm.is_some()) {
-            (Some(g), false) => b.norm_quantize(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.quant_attn),
-            (Some(g), true) => {
-                b.rmsnorm(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.normed);
-                quantize_for(b, &layer.o_proj, &a.normed, rows, &mut a.scratch, &mut a.quant_attn);
+        let o = &layer.o_proj;
+        match (&layer.attn_sub_norm, o.weight.ternary(), o.input_norm.is_some()) {
+            (Some(g), Some(w), false) => {
+                b.norm_quantize(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.quant_attn);
+                b.bitlinear(w, &a.quant_attn, &mut a.proj);
             }
-            (None, _) => quantize_for(b, &layer.o_proj, &a.attn, rows, &mut a.scratch, &mut a.quant_attn),
+            (Some(g), _, _) => {
+                b.rmsnorm(&a.attn, Some(g), rows, c.q_dim(), eps, &mut a.normed);
+                project(
+                    b,
+                    o,
+                    &a.normed,
+                    rows,
+                    &mut a.scratch,
+                    &mut a.quant_attn,
+                    &mut a.dense_in,
+                    &mut a.proj,
+                );
+            }
+            (None, _, _) => {
+                project(b, o, &a.attn, rows, &mut a.scratch, &mut a.quant_attn, &mut a.dense_in, &mut a.proj)
+            }
         }
-        b.bitlinear(&layer.o_proj.weight, &a.quant_attn, &mut a.proj);
         b.add(&mut a.x, &a.proj, rows * h);
     }
 
@@ -339,52 +401,62 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let (b, a) = (&mut ctx.backend, &mut ctx.act);
         let rows = ctx.batch.ids.len();
-        let shared = layer.gate_proj.input_norm.is_none();
-        if shared {
+        let (gate, up, down) = (&layer.gate_proj, &layer.up_proj, &layer.down_proj);
+        if let (Some(g), Some(u), None) = (gate.weight.ternary(), up.weight.ternary(), &gate.input_norm) {
             b.norm_quantize(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.quant_hidden);
-            let gate_up = [&layer.gate_proj.weight, &layer.up_proj.weight];
-            b.bitlinear_many(gate_up, &a.quant_hidden, [&mut a.gate, &mut a.up]);
+            b.bitlinear_many([g, u], &a.quant_hidden, [&mut a.gate, &mut a.up]);
         } else {
             b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
-            for (proj, out) in [(&layer.gate_proj, &mut a.gate), (&layer.up_proj, &mut a.up)] {
-                quantize_for(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden);
-                b.bitlinear(&proj.weight, &a.quant_hidden, out);
+            for (proj, out) in [(gate, &mut a.gate), (up, &mut a.up)] {
+                project(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden, &mut a.dense_in, out);
             }
         }
-        if layer.down_proj.input_norm.is_none() {
-            // Gate, sub-norm and quantization in one pass over each row.
-            let sub_norm = layer.ffn_sub_norm.as_ref();
-            b.gate_quantize(c.activation, &a.gate, &a.up, sub_norm, rows, i, eps, &mut a.quant_inter);
-        } else {
-            // The gated product overwrites the norm output, which is no longer needed.
-            b.gate(c.activation, &a.gate, &a.up, rows * i, &mut a.normed);
-            let down_in = match &layer.ffn_sub_norm {
-                Some(g) => {
-                    b.rmsnorm(&a.normed, Some(g), rows, i, eps, &mut a.gate);
-                    &a.gate
-                }
-                None => &a.normed,
-            };
-            quantize_for(b, &layer.down_proj, down_in, rows, &mut a.scratch, &mut a.quant_inter);
+        match (down.weight.ternary(), down.input_norm.is_none()) {
+            (Some(w), true) => {
+                // Gate, sub-norm and quantization in one pass over each row.
+                let sub_norm = layer.ffn_sub_norm.as_ref();
+                b.gate_quantize(c.activation, &a.gate, &a.up, sub_norm, rows, i, eps, &mut a.quant_inter);
+                b.bitlinear(w, &a.quant_inter, &mut a.proj);
+            }
+            _ => {
+                // The gated product overwrites the norm output, which is no longer needed.
+                b.gate(c.activation, &a.gate, &a.up, rows * i, &mut a.normed);
+                let down_in = match &layer.ffn_sub_norm {
+                    Some(g) => {
+                        b.rmsnorm(&a.normed, Some(g), rows, i, eps, &mut a.gate);
+                        &a.gate
+                    }
+                    None => &a.normed,
+                };
+                project(
+                    b,
+                    down,
+                    down_in,
+                    rows,
+                    &mut a.scratch,
+                    &mut a.quant_inter,
+                    &mut a.dense_in,
+                    &mut a.proj,
+                );
+            }
         }
-        b.bitlinear(&layer.down_proj.weight, &a.quant_inter, &mut a.proj);
         b.add(&mut a.x, &a.proj, rows * h);
     }
 }
 
 /// Per-row symmetric quantization of the (float) head to `bits` (8 or 6), a block of rows at
 /// a time so that the float copy never exists whole.
-fn quantize_head(m: &DenseMatrix, bits: u32) -> Int8Matrix {
+fn quantize_head(m: &DenseLinear, bits: u32) -> Int8Matrix {
     let max_q = ((1 << (bits - 1)) - 1) as f32;
     use rayon::prelude::*;
     const BLOCK: usize = 1024;
-    let (rows, cols) = (m.rows, m.cols);
+    let (rows, cols) = (m.rows(), m.cols());
     let mut q = vec![0i8; rows * cols];
     let mut scales = vec![0f32; rows];
     q.par_chunks_mut(BLOCK * cols).zip(scales.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (qb, sb))| {
         let mut row = vec![0f32; cols];
         for (i, (qr, s)) in qb.chunks_exact_mut(cols).zip(sb.iter_mut()).enumerate() {
-            m.row_f32(b * BLOCK + i, &mut row);
+            m.dequantize_row(b * BLOCK + i, &mut row).expect("a row inside the matrix");
             let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
             *s = if amax > 0.0 { amax / max_q } else { 1.0 };
             for (o, &v) in qr.iter_mut().zip(&row) {
@@ -403,20 +475,33 @@ fn quantize_head(m: &DenseMatrix, bits: u32) -> Int8Matrix {
     head.expect("shapes and ranges agree by construction")
 }
 
-/// Quantizes a BitLinear's input, through its own RMSNorm first when the checkpoint has one.
-fn quantize_for<B: Backend>(
+/// `out = W · x` for one projection: a BitLinear quantizes its input per token (through its own
+/// RMSNorm first when the checkpoint has one); a dense matrix quantizes it as its format asks.
+#[allow(clippy::too_many_arguments)]
+fn project<B: Backend>(
     b: &mut B,
     lin: &Linear<B>,
     x: &B::Buffer,
     rows: usize,
     scratch: &mut B::Buffer,
-    out: &mut B::QuantBuffer,
+    quant: &mut B::QuantBuffer,
+    dense_in: &mut B::DenseInput,
+    out: &mut B::Buffer,
 ) {
-    match &lin.input_norm {
-        Some(g) => {
+    match (&lin.weight, &lin.input_norm) {
+        (Weight::Ternary(w), Some(g)) => {
             b.rmsnorm(x, Some(g), rows, lin.cols, lin.input_norm_eps, scratch);
-            b.quantize(scratch, 0, rows, lin.cols, out);
+            b.quantize(scratch, 0, rows, lin.cols, quant);
+            b.bitlinear(w, quant, out);
         }
-        None => b.quantize(x, 0, rows, lin.cols, out),
+        (Weight::Ternary(w), None) => {
+            b.quantize(x, 0, rows, lin.cols, quant);
+            b.bitlinear(w, quant, out);
+        }
+        (Weight::Dense(w), Some(g)) => {
+            b.rmsnorm(x, Some(g), rows, lin.cols, lin.input_norm_eps, scratch);
+            b.dense_linear(w, scratch, 0, rows, dense_in, out);
+        }
+        (Weight::Dense(w), None) => b.dense_linear(w, x, 0, rows, dense_in, out),
     }
 }

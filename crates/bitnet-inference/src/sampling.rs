@@ -70,6 +70,52 @@ impl SamplingParams {
     }
 }
 
+/// The sampling a checkpoint asks for in its generation_config.json (`do_sample`,
+/// `temperature`, `top_k`, `top_p`, `min_p`, `repetition_penalty`); each `None` when absent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    pub fn from_json(v: &serde_json::Value) -> Self {
+        let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).map(|x| x as f32);
+        Self {
+            do_sample: v.get("do_sample").and_then(serde_json::Value::as_bool),
+            temperature: f("temperature"),
+            top_k: v.get("top_k").and_then(serde_json::Value::as_u64).map(|k| k as usize),
+            top_p: f("top_p"),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+        }
+    }
+
+    /// Whether the checkpoint asks for anything but greedy decoding.
+    pub fn samples(&self) -> bool {
+        self.do_sample == Some(true) && self.temperature.is_none_or(|t| t > 0.0)
+    }
+
+    /// The checkpoint's sampling as parameters (greedy unless it asks to sample, as in
+    /// transformers, where `do_sample` false ignores the rest).
+    pub fn params(&self) -> SamplingParams {
+        let mut p = SamplingParams::default();
+        if self.samples() {
+            p.temperature = self.temperature.unwrap_or(1.0);
+            // transformers' default top_k is 50 when sampling and the config says nothing.
+            p.top_k = self.top_k.unwrap_or(50);
+            p.top_p = self.top_p.unwrap_or(1.0);
+            p.min_p = self.min_p.unwrap_or(0.0);
+        }
+        p.repeat_penalty = self.repetition_penalty.unwrap_or(1.0);
+        p
+    }
+}
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -244,6 +290,17 @@ mod tests {
             (0..20).map(|_| s.sample(&mut [0.0, 1.0, 1.0, 1.0, 1.0], &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
+    }
+
+    #[test]
+    fn generation_config_sampling_is_read_like_transformers() {
+        let v = serde_json::json!({"do_sample": true, "temperature": 0.8, "top_k": 40});
+        let p = GenerationDefaults::from_json(&v).params();
+        assert_eq!((p.temperature, p.top_k, p.top_p), (0.8, 40, 1.0));
+        // do_sample false (or absent) is greedy whatever else is set.
+        let v = serde_json::json!({"do_sample": false, "temperature": 0.8});
+        assert_eq!(GenerationDefaults::from_json(&v).params().temperature, 0.0);
+        assert_eq!(GenerationDefaults::from_json(&serde_json::json!({})).params(), SamplingParams::default());
     }
 
     #[test]

@@ -570,19 +570,29 @@ impl<B: Backend> Worker<B> {
             Some(tok) => a.streamer.push(tok, next).ok().flatten().unwrap_or_default(),
             None => String::new(),
         };
-        let (text, hit) = a.stops.push(&piece);
+        let (mut text, hit) = a.stops.push(&piece);
+        let ends = if hit {
+            Some(FinishReason::Stop)
+        } else if a.generated >= a.req.max_tokens {
+            Some(FinishReason::Length)
+        } else if a.seq.len() + 1 >= ctx.max_seq_tokens() {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        if matches!(ends, Some(FinishReason::Length | FinishReason::ContextFull)) {
+            // The last token carries the text still held back, so that no event follows it.
+            if let Some(Ok(Some(piece))) = self.tokenizer.as_ref().map(|t| a.streamer.finish(t)) {
+                text.push_str(&a.stops.push(&piece).0);
+            }
+            text.push_str(&a.stops.finish());
+        }
         let lp = raw_top.map(|raw| lp_of(&raw, next, a.req.logprobs.unwrap_or(0)));
         if a.sink.send(Event::Token { id: next, text, logprobs: lp }).is_break() {
             return Some(FinishReason::Cancelled);
         }
-        if hit {
-            return Some(FinishReason::Stop);
-        }
-        if a.generated >= a.req.max_tokens {
-            return Some(FinishReason::Length);
-        }
-        if a.seq.len() + 1 >= ctx.max_seq_tokens() {
-            return Some(FinishReason::ContextFull);
+        if ends.is_some() {
+            return ends;
         }
         a.pending.push(next);
         None

@@ -271,3 +271,41 @@ fn the_scheduler_refuses_bad_requests_and_frees_cancelled_ones() {
     // After shutdown nothing is accepted.
     assert_eq!(submit(vec![1], SamplingParams::default()).0, Err(SubmitError::ShuttingDown));
 }
+
+#[test]
+fn a_second_turn_computes_only_its_new_tokens_and_answers_as_from_scratch() {
+    use bitnet_inference::{generate, GenerateOptions};
+    let mut loaded = common::load(&common::fixtures().join(FIXTURES[0]));
+    let tok = loaded.tokenizer.take().unwrap();
+    let model = &loaded.model;
+    let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+    let mut ctx = context(model, 512, 512, KvType::F32);
+    let mut seq = Sequence::new();
+    let turn1: Vec<u32> = (0..40).map(|i| (i * 13 + 2) % 500).collect();
+    let g1 =
+        generate(model, &mut ctx, &mut seq, &tok, &turn1, &opts, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+    // The next turn: the history, the reply, and a new user message.
+    let mut turn2 = turn1.clone();
+    turn2.extend(&g1.generated);
+    turn2.extend([7, 8, 9]);
+    let g2 =
+        generate(model, &mut ctx, &mut seq, &tok, &turn2, &opts, |_| std::ops::ControlFlow::Continue(()))
+            .unwrap();
+    // Everything but the last generated token (never fed) was cached.
+    assert_eq!(g2.cached_prompt_tokens, turn1.len() + g1.generated.len() - 1);
+    let mut fresh_ctx = context(model, 512, 512, KvType::F32);
+    let fresh = generate(model, &mut fresh_ctx, &mut Sequence::new(), &tok, &turn2, &opts, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(g2.generated, fresh.generated);
+    // A callback that breaks stops the generation at once.
+    let mut n = 0;
+    let g3 = generate(model, &mut ctx, &mut seq, &tok, &turn1, &opts, |_| {
+        n += 1;
+        std::ops::ControlFlow::Break(())
+    })
+    .unwrap();
+    assert_eq!((g3.stop_reason, n), (bitnet_inference::StopReason::Cancelled, 1));
+}

@@ -36,8 +36,9 @@ fn check_projections_dense(path: &Path) {
     for l in 0..cfg.num_layers {
         for (name, p) in projections(&w, l) {
             let gname = format!("blk.{l}.{name}.weight");
-            let (rows, cols) = (p.weight.rows(), p.weight.cols());
-            assert!(p.weight.block_scales().is_some(), "{gname}: expected per-block scales");
+            let t = p.weight.ternary().expect("a TQ projection loads ternary");
+            let (rows, cols) = (t.rows(), t.cols());
+            assert!(t.block_scales().is_some(), "{gname}: expected per-block scales");
             let info = file.tensor(&gname).unwrap();
             let mut dense =
                 formats::dequantize(info.ggml_type(), file.tensor_data(&gname).unwrap(), rows * cols)
@@ -50,7 +51,7 @@ fn check_projections_dense(path: &Path) {
             let mut q = QuantizedActivations::new(m, cols);
             q.quantize(&x, m);
             let mut got = vec![0.0f32; m * rows];
-            p.weight.forward(&q, &mut got);
+            t.forward(&q, &mut got);
             for t in 0..m {
                 let (xt, s_a) = (q.row(t), q.scale(t) as f64);
                 for r in 0..rows {
@@ -81,9 +82,9 @@ fn tq_files_with_per_block_scales_run_exactly() {
             rescale_blocks(&one, &blocked);
             check_projections_dense(&blocked);
             // The whole model runs, and the scales matter.
-            let base = prefill_logits(&mut load_gguf(&one, LoadOptions::default()).unwrap().model, &prompt);
-            let mut m = load_gguf(&blocked, LoadOptions::default()).unwrap();
-            let got = prefill_logits(&mut m.model, &prompt);
+            let base = prefill_logits(&load_gguf(&one, LoadOptions::default()).unwrap().model, &prompt);
+            let m = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            let got = prefill_logits(&m.model, &prompt);
             assert!(got.iter().all(|v| v.is_finite()), "llama={llama} {weight:?}: non-finite logits");
             assert!(max_abs_diff(&got, &base) > 1e-3, "llama={llama} {weight:?}: block scales had no effect");
             // `bitnet quantize` keeps the block scales between TQ types and refuses the others.
@@ -94,18 +95,18 @@ fn tq_files_with_per_block_scales_run_exactly() {
             let requantized = dir.path().join(format!("{llama}-{weight:?}-blocks-as-{other:?}.gguf"));
             requantize_gguf(&blocked, &requantized, other, |_, _| {}).unwrap();
             let again =
-                prefill_logits(&mut load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
+                prefill_logits(&load_gguf(&requantized, LoadOptions::default()).unwrap().model, &prompt);
             assert_eq!(again, got, "llama={llama} {weight:?} requantized to {other:?}");
             for single in [WeightType::I2S, WeightType::F16] {
                 let e = requantize_gguf(&blocked, &dir.path().join("x.gguf"), single, |_, _| {}).unwrap_err();
                 assert!(e.to_string().contains("different scales"), "{e}");
             }
             // Generation with the KV cache agrees with re-running the whole sequence.
-            let (new, _) = greedy_with_cache(&mut m.model, &prompt, 6);
+            let (new, _) = greedy_with_cache(&m.model, &prompt, 6);
             let mut seq = prompt.clone();
-            let mut fresh = load_gguf(&blocked, LoadOptions::default()).unwrap();
+            let fresh = load_gguf(&blocked, LoadOptions::default()).unwrap();
             for &id in &new {
-                let logits = prefill_logits(&mut fresh.model, &seq);
+                let logits = prefill_logits(&fresh.model, &seq);
                 let vocab = shape.vocab_size;
                 assert_eq!(top_k(&logits[logits.len() - vocab..], 1)[0] as u32, id);
                 seq.push(id);
@@ -125,6 +126,6 @@ fn equal_block_scales_keep_the_one_scale_matrix() {
     convert_hf_to_gguf(&src, &one, WeightType::Tq2_0, HeadType::F16, |_, _| {}).unwrap();
     let w = ModelWeights::from_gguf(&GgufFile::open(&one).unwrap()).unwrap();
     for (name, p) in projections(&w, 0) {
-        assert!(p.weight.block_scales().is_none(), "{name}");
+        assert!(p.weight.ternary().expect("ternary").block_scales().is_none(), "{name}");
     }
 }

@@ -28,14 +28,14 @@ fn through_gguf(
         let golden = Golden::open(&fixtures().join(format!("{fixture}/golden/{form}_f32.safetensors")));
         let prompt = golden.u32s("input_ids");
         let want = golden.u32s("greedy_ids");
-        let hf_logits = prefill_logits(&mut load(&src).model, &prompt);
+        let hf_logits = prefill_logits(&load(&src).model, &prompt);
         for &weight in weights {
             let dst = dir.path().join(format!("{form}-{weight:?}.gguf"));
             convert(&src, &dst, weight);
-            let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
-            let (new, _) = greedy_with_cache(&mut m.model, &prompt, want.len() - prompt.len());
+            let m = load_gguf(&dst, LoadOptions::default()).unwrap();
+            let (new, _) = greedy_with_cache(&m.model, &prompt, want.len() - prompt.len());
             assert_eq!(new, want[prompt.len()..], "{form} as {weight:?}: greedy ids");
-            let got = prefill_logits(&mut m.model, &prompt);
+            let got = prefill_logits(&m.model, &prompt);
             check(form, weight, &m, &prompt, &got, &hf_logits);
         }
     }
@@ -99,12 +99,12 @@ fn ternary_types_exact_for(llama: bool) {
     let src = dir.path().join("hf");
     write_synthetic(&shape, &src, 5).unwrap();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 23 + 1) % 298).collect();
-    let want = prefill_logits(&mut load(&src).model, &prompt);
+    let want = prefill_logits(&load(&src).model, &prompt);
     for weight in [WeightType::Tq2_0, WeightType::Tq1_0, WeightType::I2S] {
         let dst = dir.path().join(format!("{weight:?}.gguf"));
         convert(&src, &dst, weight);
-        let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
-        let d = max_abs_diff(&prefill_logits(&mut m.model, &prompt), &want);
+        let m = load_gguf(&dst, LoadOptions::default()).unwrap();
+        let d = max_abs_diff(&prefill_logits(&m.model, &prompt), &want);
         assert!(d < 1e-3, "{weight:?}: logits differ from the HF checkpoint by {d}");
     }
     // `bitnet quantize` between the types keeps the codes and the scale.
@@ -112,8 +112,8 @@ fn ternary_types_exact_for(llama: bool) {
     for weight in [WeightType::Tq1_0, WeightType::I2S, WeightType::F16] {
         let dst = dir.path().join(format!("requantized-{weight:?}.gguf"));
         requantize_gguf(&from, &dst, weight, |_, _| {}).unwrap();
-        let mut m = load_gguf(&dst, LoadOptions::default()).unwrap();
-        let d = max_abs_diff(&prefill_logits(&mut m.model, &prompt), &want);
+        let m = load_gguf(&dst, LoadOptions::default()).unwrap();
+        let d = max_abs_diff(&prefill_logits(&m.model, &prompt), &want);
         assert!(d < 1e-3, "TQ2_0 requantized to {weight:?}: logits differ by {d}");
     }
 }

@@ -14,9 +14,9 @@ fn run(fixture: &str, form: &str, check: LogitCheck) {
     if golden.floats.contains_key("layer0.self_attn.q_proj.input") {
         check_projections(&dir, &golden);
     }
-    let mut loaded = load(&dir);
-    check_prompt_logits(&mut loaded.model, &golden, check);
-    check_greedy_and_cache(&mut loaded.model, &golden);
+    let loaded = load(&dir);
+    check_prompt_logits(&loaded.model, &golden, check);
+    check_greedy_and_cache(&loaded.model, &golden);
 }
 
 #[test]

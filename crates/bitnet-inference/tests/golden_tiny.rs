@@ -10,9 +10,9 @@ fn run(form: &str, check: LogitCheck) {
     let golden = Golden::open(&root.join(format!("golden/{form}_f32.safetensors")));
     let dir = root.join(form);
     check_projections(&dir, &golden);
-    let mut loaded = load(&dir);
-    check_prompt_logits(&mut loaded.model, &golden, check);
-    check_greedy_and_cache(&mut loaded.model, &golden);
+    let loaded = load(&dir);
+    check_prompt_logits(&loaded.model, &golden, check);
+    check_greedy_and_cache(&loaded.model, &golden);
 }
 
 #[test]

@@ -15,13 +15,13 @@ fn integer_heads_track_the_float_head() {
     for fixture in ["hf-bitnet-tiny/packed", "llama158/packed_bitlinear", "gqa1-theta1e4/master"] {
         let dir = fixtures().join(fixture);
         let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % 500).collect();
-        let mut float = load(&dir);
-        let a = prefill_logits(&mut float.model, &ids);
+        let float = load(&dir);
+        let a = prefill_logits(&float.model, &ids);
         let vocab = float.model.config.vocab_size;
         let mut bytes = float.model.weight_bytes_per_token;
         for (head, min_cosine, min_agree) in HEADS {
-            let mut int = load_dir_with(&dir, LoadOptions { head }).unwrap();
-            let b = prefill_logits(&mut int.model, &ids);
+            let int = load_dir_with(&dir, LoadOptions { head, ..Default::default() }).unwrap();
+            let b = prefill_logits(&int.model, &ids);
             let mut agree = 0;
             let mut worst = 1.0f64;
             for (pos, (x, y)) in a.chunks(vocab).zip(b.chunks(vocab)).enumerate() {
@@ -44,9 +44,9 @@ fn integer_heads_track_the_float_head() {
 fn int6_head_decode_equals_prefill() {
     let dir = fixtures().join("hf-bitnet-tiny/packed");
     let ids: Vec<u32> = (0..12).map(|i| (i * 53 + 7) % 500).collect();
-    let mut m = load_dir_with(&dir, LoadOptions { head: HeadFormat::Int6 }).unwrap();
+    let m = load_dir_with(&dir, LoadOptions { head: HeadFormat::Int6, ..Default::default() }).unwrap();
     let vocab = m.model.config.vocab_size;
-    let all = prefill_logits(&mut m.model, &ids);
+    let all = prefill_logits(&m.model, &ids);
     let mut ctx = common::context(&m.model, ids.len(), 1);
     let mut seq = bitnet_inference::Sequence::new();
     let mut step = Vec::new();

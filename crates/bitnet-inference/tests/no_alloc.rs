@@ -63,7 +63,7 @@ fn decoding_a_token_allocates_nothing() {
             let dir = common::fixtures().join("hf-bitnet-tiny/packed");
             (
                 format!("hf-bitnet-tiny with a {head:?} head"),
-                load_dir_with(&dir, LoadOptions { head }).unwrap(),
+                load_dir_with(&dir, LoadOptions { head, ..Default::default() }).unwrap(),
             )
         }));
     for (fixture, loaded) in models {

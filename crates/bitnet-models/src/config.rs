@@ -12,6 +12,8 @@ pub enum Architecture {
     /// transformers `bitnet` (microsoft/bitnet-b1.58-2B-4T): ReLU² gate, sub-norms.
     BitNet,
     /// `llama` with `quant_method: bitnet` (HF1BitLLM/Llama3-8B-1.58): SiLU gate, no sub-norms.
+    /// Also a plain `llama` (no `quantization_config`), whose weights run dense
+    /// ([`QuantForm::Dense`]).
     Llama158,
     /// 1bitLLM `BitnetForCausalLM` (bitnet_b1_58-large/3B): SiLU gate, sub-norms named
     /// `inner_attn_ln` and `ffn_layernorm`, fp16 masters quantized online.
@@ -37,6 +39,10 @@ pub enum QuantForm {
     PackedMultiply,
     /// Packed 2-bit weights, `weight_scale = 1/mean|W|` divides (`bitlinear`, the default).
     PackedDivide,
+    /// No quantization: a plain float checkpoint (a `llama` without `quantization_config`),
+    /// whose projections run dense as stored (or ternarized, with
+    /// [`crate::weights::WeightOptions::ternarize`]).
+    Dense,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +91,19 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
+/// mean square of activations.
+pub const MAX_RMS_NORM_EPS: f64 = 0.1;
+
+/// What is wrong with an RMSNorm epsilon named `field`, if anything. RMSNorm divides by
+/// sqrt(mean(x²) + eps): an eps near the activations' mean square flattens them (1e50 turns
+/// every one into 0, and the model into silence).
+fn eps_problem(field: &str, eps: f64) -> Option<String> {
+    (!(0.0..=MAX_RMS_NORM_EPS).contains(&eps)).then(|| {
+        format!("{field} {eps:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)")
+    })
+}
+
 impl ModelConfig {
     /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -127,14 +146,9 @@ impl ModelConfig {
         let architecture = match model_type {
             "bitnet" => Architecture::BitNet,
             "llama" if archs.contains(&"BitnetForCausalLM") => Architecture::BitNet1bitLLM,
-            "llama" if quant_method == Some("bitnet") => Architecture::Llama158,
-            "llama" => {
-                return Err(ModelError::config(
-                    path,
-                    "model_type `llama` without `quantization_config.quant_method: bitnet` or the \
-                     1bitLLM `BitnetForCausalLM` architecture is not a BitNet model",
-                ))
-            }
+            // With `quant_method: bitnet` a ternary model; without `quantization_config` a plain
+            // llama, run dense (a quant_method other than bitnet is refused below).
+            "llama" => Architecture::Llama158,
             other => {
                 return Err(ModelError::config(
                     path,
@@ -179,6 +193,7 @@ impl ModelConfig {
         let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
         let quant_form = match architecture {
             Architecture::BitNet1bitLLM => QuantForm::Online,
+            Architecture::Llama158 if qc.is_none() => QuantForm::Dense,
             _ => {
                 if quant_method.is_some_and(|m| m != "bitnet") {
                     return Err(ModelError::config(
@@ -217,6 +232,11 @@ impl ModelConfig {
                 qc.and_then(|q| field(q, "rms_norm_eps")).and_then(Value::as_f64).unwrap_or(1e-6) as f32
             });
 
+        let rms_norm_eps = field(json, "rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5);
+        // Checked here too, where the value is still the file's (1e50 would become f32 inf).
+        if let Some(why) = eps_problem("rms_norm_eps", rms_norm_eps) {
+            return Err(ModelError::config(path, why));
+        }
         let cfg = Self {
             architecture,
             vocab_size: usize_field(json, "vocab_size", path)?,
@@ -226,7 +246,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: field(json, "rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-5) as f32,
+            rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
             max_position_embeddings: field(json, "max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -245,7 +265,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Checks the shape relations the forward relies on.
+    /// Checks the shape relations the forward relies on, and that the numbers are sane.
     pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::config(path, m));
         if self.vocab_size == 0
@@ -267,12 +287,16 @@ impl ModelConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be positive and even for RoPE", self.head_dim));
         }
-        if self.rope_theta.is_nan()
-            || self.rope_theta <= 0.0
-            || self.rms_norm_eps.is_nan()
-            || self.rms_norm_eps < 0.0
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} must be a positive number", self.rope_theta));
+        }
+        if let Some(why) = eps_problem("rms_norm_eps", self.rms_norm_eps.into()) {
+            return bad(why);
+        }
+        if let Some(why) =
+            self.bitlinear_input_norm.and_then(|e| eps_problem("quantization_config.rms_norm_eps", e.into()))
         {
-            return bad("rope_theta must be positive and rms_norm_eps non-negative".into());
+            return bad(why);
         }
         // Guard against absurd sizes before anything is allocated from them.
         let params = (self.vocab_size as u128) * (self.hidden_size as u128)

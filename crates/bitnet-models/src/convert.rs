@@ -166,7 +166,8 @@ pub fn projection_codes(
 ) -> Result<(Vec<i8>, f32), ModelError> {
     let t = store.get(&format!("{prefix}.weight"))?;
     match cfg.quant_form {
-        QuantForm::Online => {
+        // A dense checkpoint written as a ternary GGUF is ternarized, as an online master is.
+        QuantForm::Online | QuantForm::Dense => {
             t.expect_shape(&[rows, cols])?;
             Ok(absmean_ternary(&t.to_f32()?))
         }
@@ -174,7 +175,8 @@ pub fn projection_codes(
             t.expect_shape(&[rows / 4, cols])?;
             let codes = unpack_hf(t.as_u8()?, rows, cols)
                 .map_err(|e| ModelError::tensor(t.path, format!("tensor `{prefix}.weight`: {e}")))?;
-            let s = store.get(&format!("{prefix}.weight_scale"))?.to_f32()?.first().copied().unwrap_or(0.0);
+            // The loader's check: a scale that is not one positive number is a damaged file.
+            let s = crate::weights::weight_scale(&store.get(&format!("{prefix}.weight_scale"))?)?;
             let mean = if cfg.quant_form == QuantForm::PackedDivide { 1.0 / s } else { s };
             Ok((codes, mean))
         }
@@ -296,7 +298,7 @@ pub fn convert_hf_to_gguf(
     let md = metadata(&cfg, tok_json.as_ref(), &name);
     let plan = plan(&cfg, weight, head, &store);
     let total = plan.len();
-    let gerr = |e: crate::gguf::GgufError| ModelError::tensor(dst, e.to_string());
+    let gerr = ModelError::Gguf;
     let mut w = GgufWriter::create(dst, &md, plan.iter().map(|(s, _)| s.clone()).collect()).map_err(gerr)?;
     for (done, (spec, source)) in plan.iter().enumerate() {
         let bytes = match source {
@@ -357,8 +359,8 @@ pub fn requantize_gguf(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(), ModelError> {
     use crate::gguf::GgufFile;
-    let file = GgufFile::open(src).map_err(|e| ModelError::tensor(src, e.to_string()))?;
-    let gerr = |e: crate::gguf::GgufError| ModelError::tensor(dst, e.to_string());
+    let file = GgufFile::open(src)?;
+    let gerr = ModelError::Gguf;
     let block = weight.block();
     let mut specs = Vec::new();
     for t in file.tensors() {

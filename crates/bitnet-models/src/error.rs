@@ -1,22 +1,27 @@
-//! Errors that name the file and say what is wrong with it.
+//! Errors that name the file and say what is wrong with it. A message holds the whole story,
+//! the OS error's text included, and `source()` returns nothing: a chain printer (anyhow's
+//! `{:#}`) would print that text twice.
 
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Tensor { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A GGUF file's error, which names the file itself.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
 }
 
 impl ModelError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), error }
     }
     pub fn config(path: &Path, message: impl Into<String>) -> Self {
         Self::Config { path: path.to_path_buf(), message: message.into() }

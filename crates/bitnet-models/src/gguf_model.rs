@@ -12,22 +12,29 @@
 //! block of a TQ tensor has the same scale (what BitNet converters write: one `mean|W|` per
 //! matrix), the matrix runs on the one-scale kernels. Otherwise its per-256 scales are kept, one
 //! per (row, 256-column block), and honoured exactly by the block-scaled product
-//! ([`TernaryMatrix::from_ternary_block_scaled`]). Float and other quantized projection tensors
-//! are dequantized and absmean-ternarized, like the HF master form.
+//! ([`TernaryMatrix::from_ternary_block_scaled`]).
+//!
+//! Other projection tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are read as stored.
+//! Values that are exactly `{0, ±a}` (a ternary matrix written as floats) keep their codes. Else,
+//! under a BitNet architecture (`bitnet-b1.58`, `bitnet`), they are master weights and are
+//! absmean-ternarized, as BitLinear defines; under `llama` they are a plain model's weights and
+//! run dense ([`bitnet_quant::dense`], llama.cpp's numerics), unless
+//! [`WeightOptions::ternarize`] asks to ternarize them. The embeddings and an untied head stay in
+//! their stored format too. [`tensor_plans`] says how each tensor will run.
 
 use std::path::Path;
 
-use bitnet_core::{DenseData, DenseMatrix};
+use bitnet_quant::dense::{DenseFormat, DenseLinear};
 use bitnet_quant::formats::GgmlType;
 use bitnet_quant::{absmean_ternary, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 
 use crate::gguf::{GgufError, GgufFile};
-use crate::weights::{LayerWeights, Projection};
+use crate::weights::{LayerWeights, LinearWeight, Projection, TensorPlan, WeightOptions};
 use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm};
 
 fn gguf_err(e: GgufError) -> ModelError {
-    ModelError::Tensor { path: Default::default(), message: e.to_string() }
+    ModelError::Gguf(e)
 }
 
 /// The config a GGUF file's metadata describes.
@@ -93,7 +100,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         activation,
         sub_norms,
-        // Weights are ternarized at load whatever their GGUF type; the scale multiplies.
+        // Each projection's form is decided per tensor at load (ternary codes whose scale
+        // multiplies, or dense weights); see `projection`.
         quant_form: QuantForm::PackedMultiply,
         bitlinear_input_norm: None,
         bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
@@ -121,40 +129,38 @@ fn floats(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError>
     file.dequantize(name).map_err(gguf_err)
 }
 
-fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix, ModelError> {
-    let info = file
-        .tensor(name)
-        .ok_or_else(|| ModelError::tensor(Path::new(file.file()), format!("tensor `{name}` is missing")))?;
-    // Keep 16-bit floats as they are; everything else is widened to f32 exactly.
-    let data = match info.ggml_type() {
-        GgmlType::BF16 | GgmlType::F16 => {
-            let raw = file.tensor_data(name).map_err(gguf_err)?;
-            if raw.len() != rows * cols * 2 {
-                return Err(ModelError::tensor(
-                    Path::new(file.file()),
-                    format!("tensor `{name}` has {} bytes, expected [{rows}, {cols}]", raw.len()),
-                ));
-            }
-            let bits = raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-            match info.ggml_type() {
-                GgmlType::BF16 => DenseData::Bf16(bits.map(half::bf16::from_bits).collect()),
-                _ => DenseData::F16(bits.map(half::f16::from_bits).collect()),
-            }
+/// A `[rows, cols]` tensor (GGUF shape `[cols, rows]`) kept in its stored format; a type a dense
+/// layer cannot run from is widened to F32 if it can be dequantized.
+fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseLinear, ModelError> {
+    let path = Path::new(file.file());
+    let info =
+        file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
+    if info.shape() != [cols as u64, rows as u64] {
+        return Err(ModelError::tensor(
+            path,
+            format!("tensor `{name}` has shape {:?}, expected [{cols}, {rows}]", info.shape()),
+        ));
+    }
+    let stored = match DenseFormat::from_ggml(info.ggml_type()) {
+        Some(_) => {
+            DenseLinear::from_bytes(info.ggml_type(), rows, cols, file.tensor_data(name).map_err(gguf_err)?)
         }
-        _ => DenseData::F32(floats(file, name, rows * cols)?),
+        None => DenseLinear::from_f32(&floats(file, name, rows * cols)?, rows, cols),
     };
-    Ok(DenseMatrix { rows, cols, data })
+    stored.map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))
 }
 
-/// One projection `[rows, cols]`: exact ternary codes where the type is ternary, else
-/// ternarized from floats; times the optional `.scale` tensor of llama.cpp's bitnet arch.
+/// One projection `[rows, cols]` and how it runs: exact ternary codes where the type is
+/// ternary or the values are; else ternarized (BitNet architectures, or `opts.ternarize`) or
+/// kept dense (`llama`); times the optional `.scale` tensor of llama.cpp's bitnet arch.
 fn projection(
     file: &GgufFile,
     cfg: &ModelConfig,
+    opts: WeightOptions,
     base: &str,
     rows: usize,
     cols: usize,
-) -> Result<Projection, ModelError> {
+) -> Result<(Projection, TensorPlan), ModelError> {
     let path = Path::new(file.file());
     let name = format!("{base}.weight");
     let info =
@@ -166,12 +172,51 @@ fn projection(
             format!("tensor `{name}` has shape {:?}, expected [{cols}, {rows}]", info.shape()),
         ));
     }
+    let stored = info.ggml_type();
     let extra = match file.tensor(&format!("{base}.scale")) {
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
-    let (mut codes, scales) = projection_codes(file, &name, rows, cols)?;
     let llama = cfg.architecture == Architecture::Llama158;
+    let (mut codes, scales, plan) = if stored.is_ternary() {
+        let (codes, scales) = projection_codes(file, &name, rows, cols)?;
+        let per_block = matches!(scales, Scales::Blocks(_));
+        (codes, scales, TensorPlan::Ternary { stored, per_block })
+    } else {
+        let format = DenseFormat::from_ggml(stored).ok_or_else(|| {
+            ModelError::tensor(
+                path,
+                format!(
+                    "tensor `{name}` has type {stored}, which this engine cannot run (projections: TQ1_0, TQ2_0, \
+                     I2_S, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+                ),
+            )
+        })?;
+        let w = dense(file, &name, rows, cols)?;
+        match exact_ternary(&w) {
+            Some((codes, a)) => (codes, Scales::One(a), TensorPlan::TernaryExact { stored }),
+            None if !llama || opts.ternarize => {
+                let (codes, a) = absmean_ternary(&w.to_f32());
+                (codes, Scales::One(a), TensorPlan::Ternarized { stored })
+            }
+            None => {
+                if extra != 1.0 {
+                    return Err(ModelError::tensor(
+                        path,
+                        format!("tensor `{base}.scale`: a dense projection takes no separate scale"),
+                    ));
+                }
+                // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order; rows are
+                // whole blocks, so they move as bytes.
+                let rb = w.row_bytes();
+                let bytes = crate::convert::llama_rope_rows(w.as_bytes(), rb, &name, cfg, true);
+                let w = DenseLinear::from_bytes(stored, rows, cols, &bytes)
+                    .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+                let projection = Projection { weight: LinearWeight::Dense(w), input_norm: None };
+                return Ok((projection, TensorPlan::Dense { format }));
+            }
+        }
+    };
     if llama {
         // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
         codes = crate::convert::llama_rope_rows(&codes, cols, &name, cfg, true);
@@ -188,7 +233,30 @@ fn projection(
         }
     }
     .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
-    Ok(Projection { weight, input_norm: None })
+    Ok((Projection { weight: LinearWeight::Ternary(weight), input_norm: None }, plan))
+}
+
+/// The codes and `a` of a matrix whose values are all `0` or `±a` (a ternary matrix stored as
+/// floats), read row by row and given up at the first other value; `None` otherwise.
+fn exact_ternary(w: &DenseLinear) -> Option<(Vec<i8>, f32)> {
+    let mut row = vec![0.0f32; w.cols()];
+    let mut codes = Vec::with_capacity(w.rows() * w.cols());
+    let mut a = 0.0f32;
+    for r in 0..w.rows() {
+        w.dequantize_row(r, &mut row).ok()?;
+        for &v in &row {
+            if a == 0.0 && v != 0.0 {
+                a = v.abs();
+            }
+            codes.push(match v {
+                0.0 => 0,
+                v if v == a => 1,
+                v if v == -a => -1,
+                _ => return None,
+            });
+        }
+    }
+    Some((codes, a))
 }
 
 /// The block of TQ1_0/TQ2_0, which is also the kernels' block of columns.
@@ -294,26 +362,32 @@ pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8
 /// as `bitnet convert --type f16` and other converters write) keep their codes and `a`;
 /// anything else is a master weight, absmean-ternarized as transformers does online.
 pub fn ternarize_floats(w: &[f32]) -> (Vec<i8>, f32) {
-    let a = w.iter().map(|v| v.abs()).find(|&v| v != 0.0).unwrap_or(0.0);
-    if w.iter().all(|&v| v == 0.0 || v.abs() == a) {
-        let codes = w
-            .iter()
-            .map(|&v| {
-                if v == 0.0 {
-                    0
-                } else if v > 0.0 {
-                    1
-                } else {
-                    -1
-                }
-            })
-            .collect();
-        return (codes, a);
+    match DenseLinear::from_f32(w, 1, w.len()).ok().and_then(|m| exact_ternary(&m)) {
+        Some(exact) => exact,
+        None => absmean_ternary(w),
     }
-    absmean_ternary(w)
 }
 
-fn layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<LayerWeights, ModelError> {
+/// The GGUF name (`blk.{l}.{name}`) and the `[rows, cols]` shape of each projection of a layer.
+fn projection_shapes(cfg: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    [
+        ("attn_q", q, h),
+        ("attn_k", kv, h),
+        ("attn_v", kv, h),
+        ("attn_output", h, q),
+        ("ffn_gate", i, h),
+        ("ffn_up", i, h),
+        ("ffn_down", h, i),
+    ]
+}
+
+fn layer(
+    file: &GgufFile,
+    cfg: &ModelConfig,
+    opts: WeightOptions,
+    l: usize,
+) -> Result<LayerWeights, ModelError> {
     let p = format!("blk.{l}");
     let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
     let sub = |name: &str, n: usize| -> Result<Option<Vec<f32>>, ModelError> {
@@ -323,30 +397,68 @@ fn layer(file: &GgufFile, cfg: &ModelConfig, l: usize) -> Result<LayerWeights, M
             Ok(None)
         }
     };
+    let proj = |name: &str, rows: usize, cols: usize| -> Result<Projection, ModelError> {
+        Ok(projection(file, cfg, opts, &format!("{p}.{name}"), rows, cols)?.0)
+    };
     Ok(LayerWeights {
         input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
         post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
-        q_proj: projection(file, cfg, &format!("{p}.attn_q"), q, h)?,
-        k_proj: projection(file, cfg, &format!("{p}.attn_k"), kv, h)?,
-        v_proj: projection(file, cfg, &format!("{p}.attn_v"), kv, h)?,
-        o_proj: projection(file, cfg, &format!("{p}.attn_output"), h, q)?,
+        q_proj: proj("attn_q", q, h)?,
+        k_proj: proj("attn_k", kv, h)?,
+        v_proj: proj("attn_v", kv, h)?,
+        o_proj: proj("attn_output", h, q)?,
         attn_sub_norm: sub("attn_sub_norm", q)?,
-        gate_proj: projection(file, cfg, &format!("{p}.ffn_gate"), i, h)?,
-        up_proj: projection(file, cfg, &format!("{p}.ffn_up"), i, h)?,
-        down_proj: projection(file, cfg, &format!("{p}.ffn_down"), h, i)?,
+        gate_proj: proj("ffn_gate", i, h)?,
+        up_proj: proj("ffn_up", i, h)?,
+        down_proj: proj("ffn_down", h, i)?,
         ffn_sub_norm: sub("ffn_sub_norm", i)?,
     })
+}
+
+/// How every tensor of a GGUF model will run under `opts`, in file order: what `bitnet inspect`
+/// prints. Projections are read (and their codes checked) as the loader reads them.
+pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String, TensorPlan)>, ModelError> {
+    let cfg = config_from_gguf(file)?;
+    let shapes = projection_shapes(&cfg);
+    file.tensors()
+        .par_iter()
+        .map(|info| {
+            let name = info.name();
+            let stored = info.ggml_type();
+            let kept = || DenseFormat::from_ggml(stored).unwrap_or(DenseFormat::F32);
+            let projection_of = name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(_, rest)| rest.strip_suffix(".weight"))
+                .and_then(|kind| shapes.iter().find(|s| s.0 == kind));
+            let plan = match (name, projection_of) {
+                ("token_embd.weight", _) => TensorPlan::Embedding { format: kept() },
+                ("output.weight", _) => TensorPlan::Dense { format: kept() },
+                (_, Some(&(_, rows, cols))) => {
+                    let base = &name[..name.len() - ".weight".len()];
+                    projection(file, &cfg, opts, base, rows, cols)?.1
+                }
+                _ => TensorPlan::Vector { stored },
+            };
+            Ok((name.to_string(), plan))
+        })
+        .collect()
 }
 
 impl ModelWeights {
     /// Loads every tensor of a GGUF model, checking names, shapes and types.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        Self::from_gguf_with(file, WeightOptions::default())
+    }
+
+    /// [`ModelWeights::from_gguf`] with explicit [`WeightOptions`].
+    pub fn from_gguf_with(file: &GgufFile, opts: WeightOptions) -> Result<Self, ModelError> {
         let config = config_from_gguf(file)?;
         let cfg = &config;
         let embed_tokens = dense(file, "token_embd.weight", cfg.vocab_size, cfg.hidden_size)?;
         let layers = (0..cfg.num_layers)
             .into_par_iter()
-            .map(|l| layer(file, cfg, l))
+            .map(|l| layer(file, cfg, opts, l))
             .collect::<Result<Vec<_>, _>>()?;
         let final_norm = floats(file, "output_norm.weight", cfg.hidden_size)?;
         let lm_head = match cfg.tie_word_embeddings {

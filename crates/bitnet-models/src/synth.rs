@@ -7,6 +7,7 @@ use half::bf16;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
+use crate::temp_file::TempFile;
 use crate::ModelError;
 
 /// The shapes of a published model.
@@ -280,10 +281,12 @@ pub fn write_synthetic(shape: &SynthShape, out: &Path, seed: u64) -> Result<(), 
         })
         .collect::<Result<_, _>>()?;
     let st_path = out.join("model.safetensors");
-    let tmp = out.join("model.safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| ModelError::tensor(&tmp, format!("writing: {e}")))?;
-    std::fs::rename(&tmp, &st_path).map_err(|e| ModelError::io(&st_path, e))?;
+    // Registered, so that an interrupted synth leaves no half file behind (crate::temp_file).
+    let (tmp, _) = TempFile::create(crate::temp_file::beside(&st_path), |p| std::fs::File::create(p))
+        .map_err(|e| ModelError::io(&st_path, e))?;
+    safetensors::serialize_to_file(views, None, tmp.path())
+        .map_err(|e| ModelError::tensor(tmp.path(), format!("writing: {e}")))?;
+    tmp.persist(&st_path).map_err(|e| ModelError::io(&st_path, e))?;
 
     let (bos, eos) = (s.vocab_size - 2, s.vocab_size - 1);
     let config = json!({

@@ -1,21 +1,115 @@
-//! Loading a Hugging Face BitNet checkpoint into host weights: ternary projections with their
-//! scales, float embeddings, norms and head.
+//! Loading a Hugging Face checkpoint into host weights: projections (ternary, or dense for a
+//! plain float checkpoint), embeddings, norms and head.
 
+use std::fmt;
 use std::path::Path;
 
-use bitnet_core::{DenseData, DenseMatrix};
+use bitnet_quant::dense::{DenseFormat, DenseLinear};
+use bitnet_quant::formats::GgmlType;
 use bitnet_quant::{absmean_ternary, hf_pack::unpack_hf, TernaryMatrix, WeightScale};
-use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
 use crate::safetensors::{TensorRef, TensorStore};
 use crate::{Architecture, ModelConfig, ModelError, QuantForm};
 
-/// One BitLinear: ternary weights, their scale, and the optional input RMSNorm
+/// The weights of one projection, in the form they will run in.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// Ternary codes in the kernel layout with their scale: BitLinear on per-token int8
+    /// activations.
+    Ternary(TernaryMatrix),
+    /// Weights kept in their stored format (float, or a llama.cpp block format), run as
+    /// llama.cpp runs them ([`bitnet_quant::dense`]).
+    Dense(DenseLinear),
+}
+
+impl LinearWeight {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            LinearWeight::Ternary(t) => t.rows(),
+            LinearWeight::Dense(d) => d.rows(),
+        }
+    }
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            LinearWeight::Ternary(t) => t.cols(),
+            LinearWeight::Dense(d) => d.cols(),
+        }
+    }
+    /// Bytes the weights take in memory (what a decoded token reads).
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Ternary(t) => t.bytes(),
+            LinearWeight::Dense(d) => d.bytes(),
+        }
+    }
+    pub fn ternary(&self) -> Option<&TernaryMatrix> {
+        match self {
+            LinearWeight::Ternary(t) => Some(t),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+    pub fn dense(&self) -> Option<&DenseLinear> {
+        match self {
+            LinearWeight::Dense(d) => Some(d),
+            LinearWeight::Ternary(_) => None,
+        }
+    }
+}
+
+/// Choices made when a checkpoint's tensors become weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WeightOptions {
+    /// Ternarize projections that would otherwise run dense (a plain llama checkpoint or GGUF):
+    /// absmean-ternary weights and int8 activations, as BitNet would run them. An experiment:
+    /// a model not trained for it answers badly.
+    pub ternarize: bool,
+}
+
+/// How one tensor will run: what `bitnet inspect` reports per tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorPlan {
+    /// Exact ternary codes from a ternary type (TQ1_0, TQ2_0, I2_S, or packed HF 2-bit), with
+    /// one scale per tensor (`per_block: false`) or one per 256-column block.
+    Ternary { stored: GgmlType, per_block: bool },
+    /// Float values that are exactly `{0, ±a}`: their codes and `a` are kept.
+    TernaryExact { stored: GgmlType },
+    /// Float (or block) weights absmean-ternarized at load.
+    Ternarized { stored: GgmlType },
+    /// Kept as stored and run dense.
+    Dense { format: DenseFormat },
+    /// An embedding table kept as stored; lookups decode the rows they need.
+    Embedding { format: DenseFormat },
+    /// Small float vectors (norm gains, scales), widened to f32.
+    Vector { stored: GgmlType },
+}
+
+impl fmt::Display for TensorPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            TensorPlan::Ternary { stored, per_block: false } => {
+                write!(f, "ternary ({stored}, per-tensor scale)")
+            }
+            TensorPlan::Ternary { stored, per_block: true } => {
+                write!(f, "ternary ({stored}, per-block scales)")
+            }
+            TensorPlan::TernaryExact { stored } => write!(f, "ternary (exact codes stored as {stored})"),
+            TensorPlan::Ternarized { stored } => write!(f, "ternarized from {stored}"),
+            TensorPlan::Dense { format } if format.is_float() => write!(f, "dense {format} (f32 dot)"),
+            TensorPlan::Dense { format } => write!(f, "dense {format} (int8 dot)"),
+            TensorPlan::Embedding { format } => write!(f, "embedding {format} (rows decoded on lookup)"),
+            TensorPlan::Vector { stored } => write!(f, "f32 vector (from {stored})"),
+        }
+    }
+}
+
+/// One projection: its weights and the optional input RMSNorm of a BitLinear
 /// (`quantization_config.use_rms_norm`).
 pub struct Projection {
-    pub weight: TernaryMatrix,
+    pub weight: LinearWeight,
     pub input_norm: Option<Vec<f32>>,
 }
 
@@ -37,17 +131,35 @@ pub struct LayerWeights {
 
 pub struct ModelWeights {
     pub config: ModelConfig,
-    pub embed_tokens: DenseMatrix,
+    /// `[vocab, hidden]`, kept as stored (float, or a GGUF block format).
+    pub embed_tokens: DenseLinear,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Vec<f32>,
     /// `None` when the head is tied to the embeddings.
-    pub lm_head: Option<DenseMatrix>,
+    pub lm_head: Option<DenseLinear>,
 }
 
 impl ModelWeights {
     /// The matrix the logits are computed with.
-    pub fn lm_head(&self) -> &DenseMatrix {
+    pub fn lm_head(&self) -> &DenseLinear {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Every projection of every layer with its name (`layers.{l}.{q_proj…}`).
+    pub fn projections(&self) -> impl Iterator<Item = (String, &Projection)> {
+        self.layers.iter().enumerate().flat_map(|(l, w)| {
+            [
+                ("q_proj", &w.q_proj),
+                ("k_proj", &w.k_proj),
+                ("v_proj", &w.v_proj),
+                ("o_proj", &w.o_proj),
+                ("gate_proj", &w.gate_proj),
+                ("up_proj", &w.up_proj),
+                ("down_proj", &w.down_proj),
+            ]
+            .into_iter()
+            .map(move |(n, p)| (format!("layers.{l}.{n}"), p))
+        })
     }
 }
 
@@ -73,28 +185,26 @@ fn float_tensor(store: &TensorStore, name: &str, shape: &[usize]) -> Result<Vec<
     t.to_f32()
 }
 
-/// A float matrix kept in its stored dtype.
+/// A float matrix kept in its stored dtype (bf16, f16, f32; other float dtypes widened to f32).
 fn dense_tensor(
     store: &TensorStore,
     name: &str,
     rows: usize,
     cols: usize,
-) -> Result<DenseMatrix, ModelError> {
+) -> Result<DenseLinear, ModelError> {
     let t = store.get(name)?;
     t.expect_shape(&[rows, cols])?;
-    let d = t.data;
-    let data = match t.dtype {
-        Dtype::BF16 => {
-            DenseData::Bf16(d.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())
-        }
-        Dtype::F16 => DenseData::F16(d.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
-        _ => DenseData::F32(t.to_f32()?),
+    let stored = match t.dtype {
+        Dtype::BF16 => DenseLinear::from_bytes(GgmlType::BF16, rows, cols, t.data),
+        Dtype::F16 => DenseLinear::from_bytes(GgmlType::F16, rows, cols, t.data),
+        Dtype::F32 => DenseLinear::from_bytes(GgmlType::F32, rows, cols, t.data),
+        _ => DenseLinear::from_f32(&t.to_f32()?, rows, cols),
     };
-    Ok(DenseMatrix { rows, cols, data })
+    stored.map_err(|e| ModelError::tensor(t.path, format!("tensor `{name}`: {e}")))
 }
 
 /// The scalar `weight_scale` of a packed projection.
-fn weight_scale(t: &TensorRef) -> Result<f32, ModelError> {
+pub(crate) fn weight_scale(t: &TensorRef) -> Result<f32, ModelError> {
     if t.numel() != 1 {
         return Err(ModelError::tensor(
             t.path,
@@ -115,18 +225,25 @@ fn weight_scale(t: &TensorRef) -> Result<f32, ModelError> {
 fn projection(
     store: &TensorStore,
     cfg: &ModelConfig,
+    opts: WeightOptions,
     prefix: &str,
     rows: usize,
     cols: usize,
 ) -> Result<Projection, ModelError> {
     let wname = format!("{prefix}.weight");
     let t = store.get(&wname)?;
+    let online = |t: &TensorRef| -> Result<_, ModelError> {
+        t.expect_shape(&[rows, cols])?;
+        let master = t.to_f32()?;
+        let (codes, mean_abs) = absmean_ternary(&master);
+        Ok(TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(mean_abs)))
+    };
     let weight = match cfg.quant_form {
-        QuantForm::Online => {
-            t.expect_shape(&[rows, cols])?;
-            let master = t.to_f32()?;
-            let (codes, mean_abs) = absmean_ternary(&master);
-            TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(mean_abs))
+        QuantForm::Online => online(&t)?,
+        QuantForm::Dense if opts.ternarize => online(&t)?,
+        QuantForm::Dense => {
+            let weight = LinearWeight::Dense(dense_tensor(store, &wname, rows, cols)?);
+            return Ok(Projection { weight, input_norm: None });
         }
         QuantForm::PackedMultiply | QuantForm::PackedDivide => {
             if t.dtype != Dtype::U8 {
@@ -150,6 +267,7 @@ fn projection(
             TernaryMatrix::from_ternary(&codes, rows, cols, scale)
         }
     }
+    .map(LinearWeight::Ternary)
     .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))?;
     let input_norm = match cfg.bitlinear_input_norm {
         // transformers' BitLinear input norm is an RMSNorm whose gain may be stored.
@@ -162,7 +280,12 @@ fn projection(
     Ok(Projection { weight, input_norm })
 }
 
-fn layer(store: &TensorStore, cfg: &ModelConfig, l: usize) -> Result<LayerWeights, ModelError> {
+fn layer(
+    store: &TensorStore,
+    cfg: &ModelConfig,
+    opts: WeightOptions,
+    l: usize,
+) -> Result<LayerWeights, ModelError> {
     let p = format!("model.layers.{l}");
     let names = layer_names(cfg.architecture);
     let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
@@ -175,14 +298,14 @@ fn layer(store: &TensorStore, cfg: &ModelConfig, l: usize) -> Result<LayerWeight
     Ok(LayerWeights {
         input_norm: float_tensor(store, &format!("{p}.input_layernorm.weight"), &[h])?,
         post_attention_norm: float_tensor(store, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
-        q_proj: projection(store, cfg, &format!("{p}.self_attn.q_proj"), q, h)?,
-        k_proj: projection(store, cfg, &format!("{p}.self_attn.k_proj"), kv, h)?,
-        v_proj: projection(store, cfg, &format!("{p}.self_attn.v_proj"), kv, h)?,
-        o_proj: projection(store, cfg, &format!("{p}.self_attn.o_proj"), h, q)?,
+        q_proj: projection(store, cfg, opts, &format!("{p}.self_attn.q_proj"), q, h)?,
+        k_proj: projection(store, cfg, opts, &format!("{p}.self_attn.k_proj"), kv, h)?,
+        v_proj: projection(store, cfg, opts, &format!("{p}.self_attn.v_proj"), kv, h)?,
+        o_proj: projection(store, cfg, opts, &format!("{p}.self_attn.o_proj"), h, q)?,
         attn_sub_norm: sub_norm(names.attn_sub_norm, q)?,
-        gate_proj: projection(store, cfg, &format!("{p}.mlp.gate_proj"), i, h)?,
-        up_proj: projection(store, cfg, &format!("{p}.mlp.up_proj"), i, h)?,
-        down_proj: projection(store, cfg, &format!("{p}.mlp.down_proj"), h, i)?,
+        gate_proj: projection(store, cfg, opts, &format!("{p}.mlp.gate_proj"), i, h)?,
+        up_proj: projection(store, cfg, opts, &format!("{p}.mlp.up_proj"), i, h)?,
+        down_proj: projection(store, cfg, opts, &format!("{p}.mlp.down_proj"), h, i)?,
         ffn_sub_norm: sub_norm(names.ffn_sub_norm, i)?,
     })
 }
@@ -190,12 +313,21 @@ fn layer(store: &TensorStore, cfg: &ModelConfig, l: usize) -> Result<LayerWeight
 impl ModelWeights {
     /// Loads every tensor the config calls for, checking names, shapes and dtypes.
     pub fn load(store: &TensorStore, config: ModelConfig) -> Result<Self, ModelError> {
+        Self::load_with(store, config, WeightOptions::default())
+    }
+
+    /// [`ModelWeights::load`] with explicit [`WeightOptions`].
+    pub fn load_with(
+        store: &TensorStore,
+        config: ModelConfig,
+        opts: WeightOptions,
+    ) -> Result<Self, ModelError> {
         let cfg = &config;
         let embed_tokens = dense_tensor(store, "model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
         // Layers are independent: unpack and repack them in parallel.
         let layers = (0..cfg.num_layers)
             .into_par_iter()
-            .map(|l| layer(store, cfg, l))
+            .map(|l| layer(store, cfg, opts, l))
             .collect::<Result<Vec<_>, _>>()?;
         let final_norm = float_tensor(store, "model.norm.weight", &[cfg.hidden_size])?;
         let lm_head = match (cfg.tie_word_embeddings, store.contains("lm_head.weight")) {

@@ -273,3 +273,22 @@ fn a_lying_file_on_disk_is_an_error_with_its_path() {
     assert!(GgufFile::open(&empty).is_err());
     assert!(matches!(GgufFile::open(dir.join("missing.gguf")), Err(GgufError::Io { .. })));
 }
+
+#[test]
+fn a_tensor_count_one_too_high_is_an_error_not_a_phantom_tensor() {
+    // One tensor written, two announced: the second would be read out of the zero padding.
+    let mut r = Raw::header(3, 2, 0);
+    r.tensor("t", &[8], 0, 0).pad(32).raw(&[0u8; 96]);
+    fails("count one too high", r.bytes, "tensor[1] name at offset");
+    let mut r = Raw::header(3, 2, 0);
+    r.tensor("t", &[8], 0, 0).pad(32).raw(&[0u8; 96]);
+    fails("count one too high", r.bytes, "empty name");
+}
+
+#[test]
+fn a_wrong_magic_is_shown_as_text_and_hex() {
+    let b = layout().bytes;
+    fails("magic", [b"GGUX", &b[4..]].concat(), "the magic at offset 0 is \"GGUX\" (47 47 55 58)");
+    fails("binary magic", [&[0u8, 1, 0x7f, b'G'][..], &b[4..]].concat(), "\"...G\" (00 01 7f 47)");
+    fails("empty", Vec::new(), "the magic at offset 0 is empty");
+}

@@ -91,13 +91,13 @@ impl Engine {
         pool: Pool,
         governor: bool,
     ) -> Result<Self, InferenceError> {
-        let opts = LoadOptions { head };
+        let opts = LoadOptions { head, ..LoadOptions::default() };
         let loaded = match source {
             Source::Embedded => bitnet_default_model::load_default_model(opts)?,
             Source::Path(path) => load_dir_with(path, opts)?,
         };
         let chat = chat_template(source, &loaded).map_err(|e| e.to_string());
-        let LoadedModel { model, tokenizer, source: loaded_from } = loaded;
+        let LoadedModel { model, tokenizer, source: loaded_from, .. } = loaded;
         Ok(Self {
             model,
             tokenizer: tokenizer.map(Arc::new),

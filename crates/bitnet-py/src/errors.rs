@@ -44,7 +44,7 @@ pub fn engine_error(message: impl std::fmt::Display) -> PyErr {
 /// A checkpoint error: a file that is not there is `FileNotFoundError`, the rest `BitNetError`.
 pub fn model_error(e: ModelError) -> PyErr {
     match &e {
-        ModelError::Io { path, source } if source.kind() == ErrorKind::NotFound => {
+        ModelError::Io { path, error } if error.kind() == ErrorKind::NotFound => {
             file_not_found(path, e.to_string())
         }
         _ => engine_error(e),

@@ -131,13 +131,14 @@ impl PyTrainSummary {
 ///     run the same way and is raised again.
 /// resume: continue from the newest checkpoint in out. fp: train in full precision instead.
 /// arch: "bitnet" (ReLU², sub-norms, tied head) or "llama158".
+/// save_every: write a checkpoint every N steps (None: only at the end, or as the resumed run did).
 /// The other arguments override the preset (see `bitnet train --help`). Ctrl-C stops the run
 /// after its current step, with a checkpoint, and raises KeyboardInterrupt.
 #[pyfunction]
 #[pyo3(signature = (
     data, out, *, preset="tiny", steps=None, callback=None, seed=0, threads=None, resume=false,
     fp=false, arch=None, batch=None, seq=None, lr=None, vocab=None, tokenizer=None, hidden=None,
-    layers=None, save_every=0, eval_every=None, samples=0, quiet=true
+    layers=None, save_every=None, eval_every=None, samples=0, quiet=true
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn train(
@@ -159,7 +160,7 @@ pub fn train(
     tokenizer: Option<PathBuf>,
     hidden: Option<i64>,
     layers: Option<i64>,
-    save_every: i64,
+    save_every: Option<i64>,
     eval_every: Option<i64>,
     samples: i64,
     quiet: bool,
@@ -186,7 +187,7 @@ pub fn train(
     a.tokenizer = tokenizer;
     a.hidden = positive("hidden", hidden)?;
     a.layers = positive("layers", layers)?;
-    a.save_every = args::count("save_every", save_every)? as u64;
+    a.save_every = save_every.map(|n| args::count("save_every", n)).transpose()?.map(|n| n as u64);
     a.eval_every = eval_every.map(|n| args::count("eval_every", n)).transpose()?.map(|n| n as u64);
     a.samples = args::count("samples", samples)?;
     a.quiet = quiet;

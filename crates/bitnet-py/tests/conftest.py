@@ -61,6 +61,10 @@ class Cli:
             args += ["--tokens", ",".join(map(str, ids))]
         else:
             args += ["--prompt", prompt]
+        # Model.generate is greedy unless told otherwise; the CLI follows the checkpoint's
+        # generation_config.json (the default model samples), so compare greedy with greedy.
+        if "--temperature" not in extra:
+            args += ["--temperature", "0"]
         return json.loads(self.run(*args, *extra))
 
 

@@ -8,8 +8,11 @@
 //! * [`layout`]: the engine's packed layout, built at load by [`TernaryMatrix::from_ternary`].
 //! * [`TernaryMatrix`] / [`Int8Matrix`] × [`QuantizedActivations`]: the products, on the
 //!   [`KernelPath`] chosen at run time.
+//! * [`dense`]: non-ternary weights kept in their stored block format ([`DenseLinear`]: F32,
+//!   F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) and their products, following llama.cpp's numerics.
 
 mod aligned;
+pub mod dense;
 pub mod formats;
 pub mod hf_pack;
 pub mod int16;
@@ -22,6 +25,7 @@ pub mod quantize;
 pub mod selftest;
 pub mod ternary;
 
+pub use dense::{ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
 pub use int8::Int8Matrix;
 pub use kernels::KernelPath;
 pub use quantize::{

@@ -98,32 +98,65 @@ pub struct Loaded {
     pub adam_v: HashMap<String, Vec<f32>>,
 }
 
+/// Reads a checkpoint, checking that it is whole: its header, state and settings parse, every
+/// tensor is F32 and every value is finite (training never saves a NaN: the loss check stops
+/// the run first, so one here is damage, not divergence).
 pub fn load(path: &Path) -> Result<Loaded> {
+    let corrupt = |why: String| anyhow::anyhow!("checkpoint {} is corrupt: {why}", path.display());
     let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parsing {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let info = meta.metadata().clone().unwrap_or_default();
-    let state: TrainState = serde_json::from_str(info.get("state").context("checkpoint has no state")?)?;
+    let field = |key: &str| info.get(key).ok_or_else(|| corrupt(format!("its header has no {key}")));
+    let state: TrainState =
+        serde_json::from_str(field("state")?).map_err(|e| corrupt(format!("its state: {e}")))?;
     let settings: serde_json::Value =
-        serde_json::from_str(info.get("settings").context("checkpoint has no settings")?)?;
+        serde_json::from_str(field("settings")?).map_err(|e| corrupt(format!("its settings: {e}")))?;
     let mut maps: [HashMap<String, Vec<f32>>; 3] = Default::default();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            bail!("checkpoint tensor {name} is not F32");
+            return Err(corrupt(format!("tensor {name} is {:?}, not F32", view.dtype())));
         }
         let data: Vec<f32> =
             view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(corrupt(format!("tensor {name} holds {v} at index {i}")));
+        }
         let (slot, key) = match name.split_once('/') {
             Some(("param", k)) => (0, k),
             Some(("adam_m", k)) => (1, k),
             Some(("adam_v", k)) => (2, k),
-            _ => bail!("unexpected checkpoint tensor {name}"),
+            _ => return Err(corrupt(format!("unexpected tensor {name}"))),
         };
         maps[slot].insert(key.to_string(), data);
     }
     let [params, adam_m, adam_v] = maps;
     Ok(Loaded { state, settings, params, adam_m, adam_v })
+}
+
+/// What [`load_newest`] found.
+pub struct Newest {
+    pub loaded: Loaded,
+    pub path: PathBuf,
+    /// Newer checkpoints that did not load, with why, for the caller to report.
+    pub skipped: Vec<(PathBuf, anyhow::Error)>,
+}
+
+/// The newest checkpoint in `out` that loads. An error if none does.
+pub fn load_newest(out: &Path) -> Result<Newest> {
+    let all = list(out)?;
+    if all.is_empty() {
+        bail!("--resume: no checkpoint in {}", checkpoint_dir(out).display());
+    }
+    let mut skipped = Vec::new();
+    for (_, path) in all.into_iter().rev() {
+        match load(&path) {
+            Ok(loaded) => return Ok(Newest { loaded, path, skipped }),
+            Err(e) => skipped.push((path, e)),
+        }
+    }
+    let reasons: Vec<String> = skipped.iter().map(|(_, e)| format!("{e:#}")).collect();
+    bail!("--resume: no checkpoint in {} can be read: {}", checkpoint_dir(out).display(), reasons.join("; "))
 }
 
 /// Fills `p`'s tensors from a map by name, checking sizes.

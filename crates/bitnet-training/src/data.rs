@@ -6,6 +6,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use bitnet_models::temp_file::TempFile;
 use memmap2::Mmap;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -137,10 +138,11 @@ const HEADER: usize = 16;
 /// temporary file and a rename.
 pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()> {
     let width: u32 = if vocab_size <= u16::MAX as usize + 1 { 2 } else { 4 };
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f =
-            BufWriter::new(File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+    let tmp_path = bitnet_models::temp_file::beside(path);
+    let (tmp, file) = TempFile::create(tmp_path.clone(), |p| File::create(p))
+        .with_context(|| format!("creating {}", tmp_path.display()))?;
+    let write = || -> std::io::Result<()> {
+        let mut f = BufWriter::new(file);
         f.write_all(MAGIC)?;
         f.write_all(&width.to_le_bytes())?;
         f.write_all(&0u32.to_le_bytes())?;
@@ -151,10 +153,10 @@ pub fn write_token_file(path: &Path, tokens: &[u32], vocab_size: usize) -> Resul
                 f.write_all(&t.to_le_bytes())?;
             }
         }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    write().with_context(|| format!("writing {}", tmp_path.display()))?;
+    tmp.persist(path).with_context(|| format!("renaming {} to {}", tmp_path.display(), path.display()))?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use bitnet_models::temp_file::TempFile;
 use bitnet_models::{Activation, Architecture, ModelConfig, QuantForm};
 use bitnet_quant::hf_pack::{pack_hf, unpack_hf};
 use half::bf16;
@@ -107,19 +108,18 @@ pub fn export_hf(model: &Model<f32>, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` through `path.tmp` and a rename, so a reader never sees half a file.
+/// Writes `bytes` to `path` through `path.tmp` and a rename, so a reader never sees half a file;
+/// on failure (a full disk, say) the temporary file is removed and the error names it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    use std::io::Write;
+    let tmp_path = bitnet_models::temp_file::beside(path);
+    let (tmp, mut f) = TempFile::create(tmp_path.clone(), |p| std::fs::File::create(p))
+        .with_context(|| format!("creating {}", tmp_path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    drop(f);
+    tmp.persist(path).with_context(|| format!("renaming {} to {}", tmp_path.display(), path.display()))?;
     Ok(())
 }
 

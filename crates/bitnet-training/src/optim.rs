@@ -122,7 +122,8 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The learning rate of the update made at 0-based step `step`.
+    /// The learning rate of the update made at 0-based step `step`; past `total` steps, the
+    /// schedule's final rate.
     pub fn lr(&self, step: u64) -> f64 {
         let (s, n, peak) = (step as f64, self.total.max(1) as f64, self.peak_lr);
         if step < self.warmup {
@@ -143,7 +144,9 @@ impl Schedule {
                     let progress = (s - self.warmup as f64) / span;
                     peak * (1.0 - 0.5 * progress)
                 } else {
-                    let progress = (s - half) / (n - half).max(1.0);
+                    // Past the schedule's end (a run extended beyond it) the rate stays at its
+                    // final value, 0, never below.
+                    let progress = ((s - half) / (n - half).max(1.0)).min(1.0);
                     peak * self.stage2_ratio * (1.0 - progress)
                 }
             }
@@ -186,6 +189,10 @@ mod tests {
         assert!(s.lr(99) < 1e-4);
         assert_eq!(s.weight_decay(49), 0.1);
         assert_eq!(s.weight_decay(50), 0.0);
+        // an extended run past the schedule's end keeps its final rate instead of going negative
+        assert_eq!(s.lr(100), 0.0);
+        assert_eq!(s.lr(150), 0.0);
+        assert!((sched(ScheduleKind::Cosine).lr(150) - 1e-3).abs() < 1e-12);
     }
 
     #[test]

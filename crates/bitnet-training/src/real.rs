@@ -60,7 +60,7 @@ pub trait Real:
 /// serial chain (the order is fixed), at one add per add-latency; eight chains vectorize.
 const LANES: usize = 8;
 
-/// `Σ f(i)` for `i < n`, accumulated in [`LANES`] interleaved partial sums then added pairwise.
+/// `Σ f(i)` for `i < n`, accumulated in `LANES` interleaved partial sums then added pairwise.
 /// The order depends only on `n`, so results are deterministic.
 #[inline(always)]
 pub fn lanes<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
@@ -93,7 +93,7 @@ pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
 }
 
 /// The largest of `x` (which must not be empty), in
-/// [`LANES`] running maxima: a single running maximum is a serial compare-and-select chain.
+/// `LANES` running maxima: a single running maximum is a serial compare-and-select chain.
 /// The maximum of numbers does not depend on the order it is taken in, so neither does this
 /// (for inputs without NaN, which a softmax's logits are).
 #[inline(always)]

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +42,9 @@ pub enum Arch {
 }
 
 /// `bitnet train`: quantization-aware training of a BitNet b1.58 model from a text file.
+///
+/// With `--resume` the run's settings come from its checkpoint; of the flags that shape the
+/// run only `--steps`, `--schedule-steps`, `--save-every` and `--threads` still apply.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
     /// UTF-8 text to train on; its last 5 % (cut at a line break) is the validation split.
@@ -54,17 +56,29 @@ pub struct TrainArgs {
     /// Output folder: the exported HF model, tokenizer.json, train_log.jsonl, checkpoints/.
     #[arg(long)]
     pub out: PathBuf,
-    /// Optimizer steps (default: the preset's).
+    /// Optimizer steps (default: the preset's). With --resume: train on until this step, so a
+    /// finished run can be extended.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Length of the learning-rate schedule, in steps (default: --steps). A resumed run keeps
+    /// its schedule's length unless this is given.
+    #[arg(long)]
+    pub schedule_steps: Option<u64>,
+    /// Seed of the initial weights and of the order the data is read in.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C).
-    #[arg(long, default_value_t = 0)]
-    pub save_every: u64,
-    /// Continue from the newest checkpoint in --out (settings come from the checkpoint).
+    /// Write a checkpoint every N steps (0: only at the end and on Ctrl-C). Kept in the
+    /// checkpoint, so a resumed run goes on saving at the same rhythm unless this is given.
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Continue from the newest readable checkpoint in --out (settings come from the
+    /// checkpoint).
     #[arg(long)]
     pub resume: bool,
+    /// Start a new run in an --out that holds a model or an earlier run's checkpoints,
+    /// replacing the model and deleting the checkpoints.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Train the same model in full precision (the baseline) instead of ternary.
     #[arg(long)]
     pub fp: bool,
@@ -76,6 +90,7 @@ pub struct TrainArgs {
     /// Worker threads (default: all cores). Results are bit-identical for a given count.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Model family (default: bitnet).
     #[arg(long, value_enum)]
     pub arch: Option<Arch>,
     /// Sequences per micro-batch.
@@ -90,10 +105,13 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Steps of linear warmup to the peak learning rate.
     #[arg(long)]
     pub warmup: Option<u64>,
+    /// Shape of the learning-rate curve after warmup (default: bitnet).
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleKind>,
+    /// AdamW's decoupled weight decay on the matrices (default: 0.1).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm to this (0: off).
@@ -105,14 +123,19 @@ pub struct TrainArgs {
     /// Use this tokenizer.json instead of training one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Model width (hidden size); a multiple of --heads and of 4.
     #[arg(long)]
     pub hidden: Option<usize>,
+    /// Transformer layers.
     #[arg(long)]
     pub layers: Option<usize>,
+    /// Width of the MLP's inner layer; a multiple of 4.
     #[arg(long)]
     pub intermediate: Option<usize>,
+    /// Attention (query) heads; divides --hidden.
     #[arg(long)]
     pub heads: Option<usize>,
+    /// Key/value heads (grouped-query attention); divides --heads.
     #[arg(long)]
     pub kv_heads: Option<usize>,
     /// Measure the validation loss every K steps.
@@ -127,7 +150,7 @@ pub struct TrainArgs {
     /// Sample generations printed (and saved to samples.txt) at the end.
     #[arg(long, default_value_t = 5)]
     pub samples: usize,
-    /// No progress bar and no log lines on stderr.
+    /// No progress bar and no log lines on stderr (notes and the final line still print).
     #[arg(long)]
     pub quiet: bool,
     /// Act as if Ctrl-C came right after step N (for tests of interrupt and resume).
@@ -162,6 +185,10 @@ pub struct RunSettings {
     pub final_eval_tokens: usize,
     pub log_every: u64,
     pub threads: usize,
+    /// Checkpoint every this many steps (0: at the end and on Ctrl-C only). Absent from runs
+    /// written before it was kept, which resume without periodic checkpoints.
+    #[serde(default)]
+    pub save_every: u64,
 }
 
 impl RunSettings {
@@ -173,6 +200,7 @@ impl RunSettings {
             Preset::Medium => (4096, 384, 6, 1152, 6, 2, 256, 32, 3000, 2.5e-3, 150, 250, 10),
         };
         let steps = a.steps.unwrap_or(p.8);
+        let schedule_steps = a.schedule_steps.unwrap_or(steps);
         let kind = a.schedule.unwrap_or(ScheduleKind::Bitnet);
         Self {
             arch: a.arch.unwrap_or(Arch::Bitnet),
@@ -192,8 +220,8 @@ impl RunSettings {
             schedule: Schedule {
                 kind,
                 peak_lr: a.lr.unwrap_or(if a.fp { p.9 / 2.0 } else { p.9 }),
-                warmup: a.warmup.unwrap_or(p.10).min(steps),
-                total: steps,
+                warmup: a.warmup.unwrap_or(p.10).min(schedule_steps),
+                total: schedule_steps,
                 weight_decay: a.weight_decay.unwrap_or(0.1),
                 min_lr_ratio: 0.1,
                 stage2_ratio: 0.25,
@@ -204,6 +232,7 @@ impl RunSettings {
             final_eval_tokens: if a.preset == Preset::Tiny { a.eval_tokens } else { usize::MAX },
             log_every: a.log_every.unwrap_or(p.12).max(1),
             threads,
+            save_every: a.save_every.unwrap_or(0),
         }
     }
 
@@ -231,8 +260,20 @@ impl RunSettings {
         if self.precision == Precision::Full && self.backward == Backward::Int16 {
             bail!("--backward int16 multiplies by the ternary and int8 codes, which --fp does not have: drop one of them");
         }
-        if self.seq < 2 || self.batch == 0 || self.accum == 0 || self.steps == 0 || self.layers == 0 {
-            bail!("--seq must be at least 2, and --batch, --accum, --steps and --layers positive");
+        if self.seq < 2 {
+            bail!("--seq {} must be at least 2 (a window predicts each next token)", self.seq);
+        }
+        let counts = [
+            ("--batch", self.batch as u64),
+            ("--accum", self.accum as u64),
+            ("--steps", self.steps),
+            ("--layers", self.layers as u64),
+        ];
+        if let Some((flag, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            bail!("{flag} must be positive");
+        }
+        if self.schedule.total == 0 {
+            bail!("--schedule-steps must be positive");
         }
         let cfg = ModelConfig {
             architecture: if bitnet { Architecture::BitNet } else { Architecture::Llama158 },
@@ -267,12 +308,16 @@ impl RunSettings {
 const TOKENIZER_SAMPLE_BYTES: usize = 4 << 20;
 
 static STOP: AtomicBool = AtomicBool::new(false);
-static HANDLER: Once = Once::new();
+/// Whether a run is in its step loop, where a stop request is honored.
+static STEPPING: AtomicBool = AtomicBool::new(false);
 
-/// Asks a running [`run_train`] to save a checkpoint and return after its current step
-/// (what Ctrl-C does).
-pub fn request_stop() {
+/// Asks a running [`train`] to save a checkpoint and return after its current step: what the
+/// program's Ctrl-C handler calls. Returns whether a run is stepping and will do so; before its
+/// first step (while the data is being tokenized) there is nothing to save, and the caller
+/// should end the process its own way.
+pub fn request_stop() -> bool {
     STOP.store(true, Ordering::SeqCst);
+    STEPPING.load(Ordering::SeqCst)
 }
 
 /// One line of `train_log.jsonl`.
@@ -298,6 +343,22 @@ pub struct Summary {
     pub val_loss: Option<f64>,
     pub parameters: usize,
     pub tokens_per_s: f64,
+}
+
+/// What a finished run reported (its `metrics.json`), or what its checkpoint says.
+fn finished_summary(out: &Path, state: &TrainState) -> Result<Summary> {
+    let path = out.join("metrics.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| format!("reading {}", path.display())),
+        Err(_) => Ok(Summary {
+            steps_done: state.step,
+            stopped_early: false,
+            final_loss: f64::NAN,
+            val_loss: None,
+            parameters: 0,
+            tokens_per_s: 0.0,
+        }),
+    }
 }
 
 /// What a run reports after every optimizer step (to [`train_with`]'s callback).
@@ -340,11 +401,9 @@ pub fn run_train(args: &TrainArgs) -> Result<()> {
     train(args).map(|_| ())
 }
 
-/// [`run_train`], returning the run's summary. Ctrl-C saves a checkpoint and stops the run.
+/// [`run_train`], returning the run's summary. A [`request_stop`] (the CLI's signal handler
+/// calls it) saves a checkpoint and stops the run.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
-    HANDLER.call_once(|| {
-        let _ = ctrlc::set_handler(request_stop);
-    });
     train_with(args, |_| ControlFlow::Continue(()))
 }
 
@@ -362,7 +421,15 @@ pub fn train_with(
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("starting the thread pool")?;
     STOP.store(false, Ordering::SeqCst);
-    pool.install(|| train_in_pool(args, threads, on_step))
+    let out_existed = args.out.exists();
+    let result = pool.install(|| train_in_pool(args, threads, on_step));
+    STEPPING.store(false, Ordering::SeqCst);
+    if result.is_err() && !out_existed && checkpoint::list(&args.out).is_ok_and(|c| c.is_empty()) {
+        // This run made the folder and saved nothing worth keeping in it: leave no empty or
+        // half-prepared folder behind.
+        let _ = std::fs::remove_dir_all(&args.out);
+    }
+    result
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -508,39 +575,141 @@ fn mean_val_loss(
     Some(total / n as f64)
 }
 
+/// The flags that shape a run, which a resumed run takes from its checkpoint instead.
+fn flags_ignored_on_resume(a: &TrainArgs) -> Vec<&'static str> {
+    let given = [
+        ("--arch", a.arch.is_some()),
+        ("--batch", a.batch.is_some()),
+        ("--seq", a.seq.is_some()),
+        ("--accum", a.accum.is_some()),
+        ("--lr", a.lr.is_some()),
+        ("--warmup", a.warmup.is_some()),
+        ("--schedule", a.schedule.is_some()),
+        ("--weight-decay", a.weight_decay.is_some()),
+        ("--vocab", a.vocab.is_some()),
+        ("--tokenizer", a.tokenizer.is_some()),
+        ("--hidden", a.hidden.is_some()),
+        ("--layers", a.layers.is_some()),
+        ("--intermediate", a.intermediate.is_some()),
+        ("--heads", a.heads.is_some()),
+        ("--kv-heads", a.kv_heads.is_some()),
+        ("--eval-every", a.eval_every.is_some()),
+        ("--log-every", a.log_every.is_some()),
+    ];
+    given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
+}
+
+/// The settings of a resumed run: the checkpoint's, with the flags that may change between
+/// invocations (`--threads`, `--save-every`, `--steps`, `--schedule-steps`) applied, each
+/// change said on stderr.
+fn resumed_settings(args: &TrainArgs, threads: usize, loaded: &checkpoint::Loaded) -> Result<RunSettings> {
+    let mut s: RunSettings =
+        serde_json::from_value(loaded.settings.clone()).context("the checkpoint's settings")?;
+    let ignored = flags_ignored_on_resume(args);
+    if !ignored.is_empty() {
+        eprintln!("note: {} ignored: a resumed run keeps the settings of its checkpoint", ignored.join(", "));
+    }
+    if s.threads != threads {
+        eprintln!(
+            "note: resuming with {threads} threads; the run used {} (losses may differ in the last bits)",
+            s.threads
+        );
+        s.threads = threads;
+    }
+    if let Some(n) = args.save_every.filter(|&n| n != s.save_every) {
+        eprintln!("note: --save-every {n} replaces the run's {}", s.save_every);
+        s.save_every = n;
+    }
+    let step = loaded.state.step;
+    if let Some(steps) = args.steps {
+        if steps < step {
+            bail!("--steps {steps} is below the checkpoint's step {step}: a run cannot go back");
+        }
+        if steps != s.steps {
+            eprintln!(
+                "note: --steps {steps}: the run goes on to step {steps} (it was to stop at {})",
+                s.steps
+            );
+            s.steps = steps;
+        }
+    }
+    if let Some(n) = args.schedule_steps.filter(|&n| n != s.schedule.total) {
+        eprintln!(
+            "note: --schedule-steps {n}: the learning-rate schedule now spans {n} steps (it spanned {})",
+            s.schedule.total
+        );
+        s.schedule.total = n;
+    }
+    if s.steps > s.schedule.total && step < s.steps {
+        eprintln!(
+            "note: the learning-rate schedule keeps its length of {} steps; steps after it use its final rate {} \
+             (--schedule-steps N stretches it)",
+            s.schedule.total,
+            s.schedule.lr(s.schedule.total)
+        );
+    }
+    Ok(s)
+}
+
 fn train_in_pool(
     args: &TrainArgs,
     threads: usize,
     mut on_step: impl FnMut(&StepReport) -> ControlFlow<()>,
 ) -> Result<Summary> {
     let out = &args.out;
-    let existing = checkpoint::list(out)?;
     let (settings, resume_from) = if args.resume {
-        let (_, path) = existing.last().cloned().with_context(|| {
-            format!("--resume: no checkpoint in {}", checkpoint::checkpoint_dir(out).display())
-        })?;
-        let loaded = checkpoint::load(&path)?;
-        let mut s: RunSettings =
-            serde_json::from_value(loaded.settings.clone()).context("checkpoint settings")?;
-        if let Some(t) = args.threads {
-            s.threads = t;
+        let checkpoint::Newest { loaded, path, skipped } = checkpoint::load_newest(out)?;
+        for (bad, why) in &skipped {
+            eprintln!("warning: skipping {}: {why:#}", bad.display());
         }
-        if s.threads != threads {
+        if !skipped.is_empty() {
+            eprintln!("warning: resuming from the older {}", path.display());
+        }
+        let s = resumed_settings(args, threads, &loaded)?;
+        if loaded.state.step >= s.steps {
+            // Finished: its model, log and metrics stay as they are.
             eprintln!(
-                "note: resuming with {threads} threads; the run used {} (losses may differ in the last bits)",
-                s.threads
+                "{}: the run is finished ({} of {} steps); nothing to do (--steps N above {} trains it further)",
+                out.display(),
+                loaded.state.step,
+                s.steps,
+                loaded.state.step
             );
-            s.threads = threads;
+            return finished_summary(out, &loaded.state);
         }
         (s, Some(loaded))
     } else {
-        if !existing.is_empty() {
-            bail!(
-                "{} already holds checkpoints; pass --resume to continue, or choose another --out",
-                out.display()
-            );
+        let settings = RunSettings::from_args(args, threads);
+        // The flags are checked before the data is read and tokenized, which can take long.
+        settings.model_config()?;
+        let checkpoints = checkpoint::list(out)?;
+        let model = bitnet_models::model_files_in(out);
+        if !args.force {
+            if !checkpoints.is_empty() {
+                bail!(
+                    "{} already holds checkpoints; pass --resume to continue, --force to start over \
+                     (deleting them), or choose another --out",
+                    out.display()
+                );
+            }
+            if !model.is_empty() {
+                let names: Vec<String> = model
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .collect();
+                bail!(
+                    "{} already holds a model ({}); pass --force to replace it, or choose another --out",
+                    out.display(),
+                    names.join(", ")
+                );
+            }
+        } else if !checkpoints.is_empty() {
+            let dir = checkpoint::checkpoint_dir(out);
+            eprintln!("--force: deleting the earlier run's checkpoints in {}", dir.display());
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
-        (RunSettings::from_args(args, threads), None)
+        (settings, None)
     };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let Prepared { settings: s, tok, train: train_data, val: val_data } = prepare_data(args, settings)?;
@@ -609,6 +778,7 @@ fn train_in_pool(
     let tokens_at_start = state.tokens_seen;
     let mut last_loss = f64::NAN;
     let mut stopped_early = false;
+    STEPPING.store(true, Ordering::SeqCst);
     while state.step < s.steps {
         let step = state.step;
         let weights = model.prepare();
@@ -667,18 +837,19 @@ fn train_in_pool(
         };
         let caller_stops = on_step(&report).is_break();
         let stop = caller_stops || STOP.load(Ordering::SeqCst) || args.stop_after == Some(state.step);
-        if (args.save_every > 0 && state.step.is_multiple_of(args.save_every)) || done || stop {
+        if (s.save_every > 0 && state.step.is_multiple_of(s.save_every)) || done || stop {
             checkpoint::save(out, &model.params, &opt, &state, &settings_json, 2)?;
         }
         if stop && !done {
             stopped_early = true;
-            pb.println(format!(
-                "interrupted: checkpoint saved at step {}; continue with --resume",
-                state.step
-            ));
+            // Said even with --quiet: the run did not finish.
+            pb.suspend(|| {
+                eprintln!("interrupted: checkpoint saved at step {}; continue with --resume", state.step)
+            });
             break;
         }
     }
+    STEPPING.store(false, Ordering::SeqCst);
     pb.finish_and_clear();
     log.flush()?;
     let elapsed = started.elapsed().as_secs_f64();

@@ -45,7 +45,8 @@ pub fn check_projections(model_dir: &Path, golden: &Golden) {
     let w = ModelWeights::load(&store, cfg.clone()).unwrap();
     for name in PROJECTIONS {
         let p = projection(&w, name);
-        let (k, n) = (p.weight.cols(), p.weight.rows());
+        let weight = p.weight.ternary().expect("a BitNet projection loads ternary");
+        let (k, n) = (weight.cols(), weight.rows());
         let mut x = golden.f(&format!("layer0.{name}.input")).to_vec();
         let want = golden.f(&format!("layer0.{name}.output"));
         let m = x.len() / k;
@@ -56,8 +57,8 @@ pub fn check_projections(model_dir: &Path, golden: &Golden) {
         let mut q = QuantizedActivations::new(m, k);
         q.quantize(&x, m);
         let mut got = vec![0.0; m * n];
-        p.weight.forward(&q, &mut got);
-        let step_scale = p.weight.scale().multiplier();
+        weight.forward(&q, &mut got);
+        let step_scale = weight.scale().multiplier();
         let mut flipped = 0;
         for t in 0..m {
             let s_a = q.scale(t);
@@ -101,7 +102,7 @@ pub enum LogitCheck {
     Agreement { min_agree: f64, min_cos: f64 },
 }
 
-pub fn check_prompt_logits(model: &mut Model<CpuBackend>, golden: &Golden, check: LogitCheck) {
+pub fn check_prompt_logits(model: &Model<CpuBackend>, golden: &Golden, check: LogitCheck) {
     let ids = golden.u32s("input_ids");
     let want = golden.f("logits");
     let got = prefill_logits(model, &ids);
@@ -138,7 +139,7 @@ pub fn check_prompt_logits(model: &mut Model<CpuBackend>, golden: &Golden, check
 
 /// Greedy decoding with the KV cache gives transformers' ids, and every decode step's logits
 /// equal a full recompute of the sequence so far.
-pub fn check_greedy_and_cache(model: &mut Model<CpuBackend>, golden: &Golden) {
+pub fn check_greedy_and_cache(model: &Model<CpuBackend>, golden: &Golden) {
     let prompt = golden.u32s("input_ids");
     let full = golden.u32s("greedy_ids");
     let n = full.len() - prompt.len();

@@ -1,7 +1,8 @@
-//! A human-readable summary of a GGUF file, for `bitnet inspect`.
+//! A summary of a GGUF file for `bitnet inspect`: readable text, or JSON.
 
 use super::reader::GgufHeader;
 use super::value::{GgufArray, GgufValue};
+use serde_json::{json, Value};
 use std::fmt::Write;
 
 /// Elements of an array shown before "… N more".
@@ -110,4 +111,55 @@ pub fn inspect(header: &GgufHeader) -> String {
         );
     }
     s
+}
+
+/// One value as JSON: numbers, bools and strings as they are, an array as its element type,
+/// length and first elements (a vocabulary has tens of thousands).
+fn value_json(v: &GgufValue) -> Value {
+    match v {
+        GgufValue::Array(a) => json!({
+            "element_type": a.element_type().to_string(),
+            "len": a.len(),
+            "head": (0..a.len().min(ARRAY_HEAD)).filter_map(|i| a.get(i)).map(|v| value_json(&v)).collect::<Vec<_>>(),
+        }),
+        GgufValue::String(s) => json!(s),
+        GgufValue::Bool(b) => json!(b),
+        GgufValue::F32(x) => json!(x),
+        GgufValue::F64(x) => json!(x),
+        other => {
+            other.as_i64().map(Value::from).or_else(|| other.as_u64().map(Value::from)).unwrap_or(Value::Null)
+        }
+    }
+}
+
+/// [`inspect`] as JSON: the same facts, every metadata value with its type, every tensor with
+/// its type, shape (ggml order), bytes and offset in the data section.
+pub fn inspect_json(header: &GgufHeader) -> Value {
+    let md = header.metadata();
+    let metadata: serde_json::Map<String, Value> = md
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!({"type": type_summary(v), "value": value_json(v)})))
+        .collect();
+    let tensors: Vec<Value> = header
+        .tensors()
+        .iter()
+        .map(|t| {
+            json!({"name": t.name(), "type": t.ggml_type().name(), "shape": t.shape(),
+                   "bytes": t.n_bytes(), "offset": t.offset()})
+        })
+        .collect();
+    json!({
+        "file": header.file(),
+        "format": "gguf",
+        "version": header.version(),
+        "file_bytes": header.file_len(),
+        "dialect": header.dialect().to_string(),
+        "dialect_reason": header.dialect_reason(),
+        "alignment": header.alignment(),
+        "data_offset": header.data_offset(),
+        "parameters": header.tensors().iter().map(|t| t.n_elements()).sum::<u64>(),
+        "bytes": header.tensors().iter().map(|t| t.n_bytes()).sum::<u64>(),
+        "metadata": metadata,
+        "tensors": tensors,
+    })
 }

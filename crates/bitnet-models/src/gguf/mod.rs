@@ -6,7 +6,7 @@
 //! * [`Dialect`]: the two numberings of tensor types, upstream llama.cpp and bitnet.cpp,
 //!   and the rule that tells them apart (see [`dialect`]);
 //! * [`tokenizer`]: a `tokenizers::Tokenizer` built from the vocabulary in the metadata;
-//! * [`inspect()`]: a readable summary.
+//! * [`inspect()`], [`inspect_json()`]: a readable summary, and the same as JSON.
 //!
 //! The block formats of the tensor data are in `bitnet_quant::formats`.
 
@@ -20,7 +20,7 @@ pub mod writer;
 
 pub use dialect::{type_from_id, type_id, Dialect};
 pub use error::GgufError;
-pub use inspect::{inspect, value_summary};
+pub use inspect::{inspect, inspect_json, value_summary};
 pub use reader::{GgufFile, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT};
 pub use value::{GgufArray, GgufMetadata, GgufValue, GgufValueType};
 pub use writer::{write_gguf, GgufWriter, TensorSpec, WriterOptions};
@@ -29,5 +29,10 @@ impl GgufFile {
     /// [`inspect()`] of this file.
     pub fn inspect(&self) -> String {
         inspect(self.header())
+    }
+
+    /// [`inspect_json()`] of this file.
+    pub fn inspect_json(&self) -> serde_json::Value {
+        inspect_json(self.header())
     }
 }

@@ -389,6 +389,15 @@ impl GgufHeader {
         for i in 0..n_tensors {
             let info_at = c.pos;
             let name = c.string(&|| format!("tensor[{i}] name"))?;
+            // Every writer names its tensors; an empty name is what a tensor count larger than
+            // the tensors written reads out of the zero padding after the real ones.
+            if name.is_empty() {
+                return Err(c.invalid(
+                    format!("tensor[{i}] name"),
+                    info_at,
+                    format!("empty name: the file says it holds {n_tensors} tensors, is the count too high?"),
+                ));
+            }
             if !names.insert(name.clone()) {
                 return Err(c.invalid(
                     format!("tensor[{i}] name"),
@@ -618,7 +627,7 @@ impl GgufFile {
         let name = path.display().to_string();
         let io = |action: &'static str| {
             let name = name.clone();
-            move |source| GgufError::Io { file: name, action, source }
+            move |error| GgufError::Io { file: name, action, error }
         };
         let file = std::fs::File::open(path).map_err(io("cannot open"))?;
         let len = file.metadata().map_err(io("cannot stat"))?.len();
@@ -696,10 +705,10 @@ impl GgufFile {
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>, GgufError> {
         let (info, n) = self.info_and_len(name)?;
         let data = self.tensor_data(name)?;
-        formats::dequantize(info.ggml_type, data, n).map_err(|source| GgufError::Format {
+        formats::dequantize(info.ggml_type, data, n).map_err(|error| GgufError::Format {
             file: self.file().to_owned(),
             tensor: name.to_owned(),
-            source,
+            error,
         })
     }
 
@@ -707,10 +716,10 @@ impl GgufFile {
     pub fn ternary_codes(&self, name: &str) -> Result<TernaryCodes, GgufError> {
         let (info, n) = self.info_and_len(name)?;
         let data = self.tensor_data(name)?;
-        formats::ternary_codes(info.ggml_type, data, n).map_err(|source| GgufError::Format {
+        formats::ternary_codes(info.ggml_type, data, n).map_err(|error| GgufError::Format {
             file: self.file().to_owned(),
             tensor: name.to_owned(),
-            source,
+            error,
         })
     }
 }

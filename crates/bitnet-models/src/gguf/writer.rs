@@ -3,9 +3,10 @@
 //! The header holds every tensor's offset, so the writer takes the full list of tensors
 //! (name, type, shape) up front, writes the header, and then takes each tensor's bytes in
 //! plan order, one at a time, so a model larger than memory can be converted. Everything
-//! goes to a temporary file beside the destination, renamed over it only by
-//! [`GgufWriter::finish`] once every tensor is in: a crash or an error leaves no half file
-//! under the real name.
+//! goes to a temporary file beside the destination ([`crate::temp_file`]), renamed over it
+//! only by [`GgufWriter::finish`] once every tensor is in: an error leaves no half file under
+//! the real name, and no temporary file either (nor does a signal, when the program's handler
+//! calls [`crate::temp_file::abandon_all`]).
 //!
 //! The output is GGUF v3 (or v2 on request; on little-endian the two are byte-identical but
 //! for the version field), with each tensor's data padded to the alignment, as llama.cpp
@@ -23,6 +24,8 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::temp_file::TempFile;
 
 /// llama.cpp refuses tensor names of this many bytes or more (`GGML_MAX_NAME`); the reader
 /// accepts them, the writer does not write files llama.cpp cannot load.
@@ -63,14 +66,14 @@ struct Planned {
 /// A GGUF file being written. See the module doc.
 pub struct GgufWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    // Declared before `tmp` so that it is closed before `tmp`'s drop removes the file.
     out: Option<BufWriter<File>>,
+    tmp: TempFile,
     plan: Vec<Planned>,
     next: usize,
     written: u64,
     alignment: u64,
     dialect: Dialect,
-    finished: bool,
 }
 
 /// Appends the GGUF encoding of values to a buffer.
@@ -232,22 +235,23 @@ impl GgufWriter {
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let file =
-            File::options().write(true).create_new(true).open(&tmp).map_err(|source| GgufError::Io {
-                file: tmp.display().to_string(),
-                action: "cannot create the temporary file",
-                source,
-            })?;
+        let (tmp, file) =
+            TempFile::create(tmp.clone(), |p| File::options().write(true).create_new(true).open(p)).map_err(
+                |error| GgufError::Io {
+                    file: tmp.display().to_string(),
+                    action: "cannot create the temporary file",
+                    error,
+                },
+            )?;
         let mut w = GgufWriter {
             path,
-            tmp,
             out: Some(BufWriter::with_capacity(1 << 20, file)),
+            tmp,
             plan,
             next: 0,
             written: 0,
             alignment,
             dialect,
-            finished: false,
         };
         w.write_all(&enc.0)?;
         w.written = 0;
@@ -273,12 +277,12 @@ impl GgufWriter {
             path: self.path.clone(),
             reason: "the writer failed earlier and cannot go on".into(),
         })?;
-        if let Err(source) = out.write_all(bytes) {
+        if let Err(error) = out.write_all(bytes) {
             self.out = None;
             return Err(GgufError::Io {
-                file: self.tmp.display().to_string(),
+                file: self.tmp.path().display().to_string(),
                 action: "cannot write",
-                source,
+                error,
             });
         }
         self.written += bytes.len() as u64;
@@ -331,12 +335,12 @@ impl GgufWriter {
                 }
                 Ok(k) => k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(source) => {
+                Err(error) => {
                     self.out = None;
                     return Err(GgufError::Io {
                         file: self.path.display().to_string(),
                         action: "cannot read tensor data to write",
-                        source,
+                        error,
                     });
                 }
             };
@@ -357,26 +361,17 @@ impl GgufWriter {
             )));
         }
         let out = self.out.take().ok_or_else(|| self.plan_err("the writer failed earlier".into()))?;
-        let tmp_name = self.tmp.display().to_string();
+        let tmp_name = self.tmp.path().display().to_string();
         let io = |action: &'static str| {
             let file = tmp_name.clone();
-            move |source| GgufError::Io { file, action, source }
+            move |error| GgufError::Io { file, action, error }
         };
         let file = out.into_inner().map_err(|e| e.into_error()).map_err(io("cannot flush"))?;
         file.sync_all().map_err(io("cannot sync"))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(io("cannot rename into place"))?;
-        self.finished = true;
-        Ok(self.path.clone())
-    }
-}
-
-impl Drop for GgufWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.out = None;
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        let GgufWriter { path, tmp, .. } = self;
+        tmp.persist(&path).map_err(io("cannot rename into place"))?;
+        Ok(path)
     }
 }
 

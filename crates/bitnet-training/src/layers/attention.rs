@@ -5,7 +5,7 @@
 //! Work is split by (sequence, kv head): each task owns the query heads of its group, so the
 //! backward's sums into `dk` and `dv` never race and always run in the same order.
 //!
-//! The products are tiled into blocks of [`BLOCK`] positions so that they cover only the causal
+//! The products are tiled into blocks of `BLOCK` positions so that they cover only the causal
 //! half: a block of queries meets the keys up to its last row, a block of keys the queries from
 //! its first row on. What the tiles leave out is exactly zero (masked probabilities and their
 //! gradients), so only the order of the float sums changes.

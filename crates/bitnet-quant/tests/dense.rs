@@ -1,0 +1,470 @@
+//! Dense layers in their stored formats: every kernel path against the scalar reference (equal
+//! bits for the block formats, within `float_dot_bound` for the float ones), the reference
+//! against an f64 dequantize-then-matmul of the same quantized activations, the activation
+//! quantizers against ggml's definitions, and typed errors for bad sizes.
+
+use bitnet_quant::dense::{scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
+use bitnet_quant::formats::{self, float, GgmlType};
+use bitnet_quant::selftest::Rng;
+use bitnet_quant::KernelPath;
+
+/// A float in `[-1, 1)`.
+fn unit(rng: &mut Rng) -> f32 {
+    (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// f16 bits of a scale of random sign and magnitude in `[2⁻¹², 2⁻⁴]`.
+fn scale_bits(rng: &mut Rng) -> [u8; 2] {
+    let mag = (2.0f32).powf(-4.0 - 8.0 * (rng.next_u64() % 1000) as f32 / 1000.0);
+    let sign = if rng.next_u64().is_multiple_of(2) { 1.0 } else { -1.0 };
+    float::f32_to_f16_bits(sign * mag).to_le_bytes()
+}
+
+/// How the weight codes of a random matrix are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Codes {
+    Random,
+    /// Every code byte 0xFF (the largest nibbles, 6-bit values and, for Q8_0, -1) or 0x80
+    /// (Q8_0's -128): the largest integer partial sums.
+    Extreme,
+}
+
+/// A `[rows, cols]` matrix of `format` with random bytes where the format allows any (codes,
+/// K-quant sub-scales) and scales of moderate size.
+fn random_matrix(format: DenseFormat, rows: usize, cols: usize, codes: Codes, rng: &mut Rng) -> DenseLinear {
+    let (block, bb) = (format.block(), format.block_bytes());
+    let mut bytes = Vec::with_capacity(rows * cols / block * bb);
+    let code = |rng: &mut Rng| match codes {
+        Codes::Random => rng.next_u64() as u8,
+        Codes::Extreme if format == DenseFormat::Q8_0 => 0x80,
+        Codes::Extreme => 0xFF,
+    };
+    for _ in 0..rows * cols / block {
+        match format {
+            DenseFormat::F32 => bytes.extend_from_slice(&unit(rng).to_le_bytes()),
+            DenseFormat::F16 => bytes.extend_from_slice(&float::f32_to_f16_bits(unit(rng)).to_le_bytes()),
+            DenseFormat::BF16 => bytes.extend_from_slice(&float::f32_to_bf16_bits(unit(rng)).to_le_bytes()),
+            DenseFormat::Q8_0 | DenseFormat::Q4_0 => {
+                bytes.extend_from_slice(&scale_bits(rng));
+                (2..bb).for_each(|_| bytes.push(code(rng)));
+            }
+            DenseFormat::Q4_1 => {
+                bytes.extend_from_slice(&scale_bits(rng));
+                bytes.extend_from_slice(&scale_bits(rng));
+                (4..bb).for_each(|_| bytes.push(code(rng)));
+            }
+            DenseFormat::Q4_K => {
+                bytes.extend_from_slice(&scale_bits(rng));
+                bytes.extend_from_slice(&scale_bits(rng));
+                (4..16).for_each(|_| bytes.push(rng.next_u64() as u8));
+                (16..bb).for_each(|_| bytes.push(code(rng)));
+            }
+            DenseFormat::Q6_K => {
+                (0..192).for_each(|_| bytes.push(code(rng)));
+                (192..208).for_each(|_| bytes.push(rng.next_u64() as u8));
+                bytes.extend_from_slice(&scale_bits(rng));
+            }
+        }
+    }
+    DenseLinear::from_bytes(format.ggml(), rows, cols, &bytes).unwrap()
+}
+
+/// How the activations are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Inputs {
+    Random,
+    /// ±1 alternating: every quantized value ±127.
+    Extreme,
+}
+
+fn random_inputs(m: usize, k: usize, inputs: Inputs, rng: &mut Rng) -> Vec<f32> {
+    (0..m * k)
+        .map(|i| match inputs {
+            Inputs::Random => unit(rng) * 3.0,
+            Inputs::Extreme => [1.0, -1.0][i % 2],
+        })
+        .collect()
+}
+
+/// Columns of the shapes checked: whole blocks, ragged block counts, SmolLM2's 576.
+fn widths(format: DenseFormat) -> Vec<usize> {
+    match format.block() {
+        1 => vec![1, 7, 8, 33, 64, 100, 576],
+        32 => vec![32, 96, 160, 576],
+        _ => vec![256, 768],
+    }
+}
+
+const ROWS: [usize; 5] = [1, 3, 8, 13, 33];
+const TOKENS: [usize; 8] = [1, 2, 3, 4, 5, 6, 7, 33];
+
+/// `Σ_c |W[r, c] · x[t, c]|` in f64, for the float bound.
+fn abs_dot(w: &[f32], x: &[f32]) -> f64 {
+    w.iter().zip(x).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum()
+}
+
+/// Every available kernel path against the scalar reference, on one matrix and input.
+fn check_paths(w: &DenseLinear, x: &[f32], m: usize) -> Result<(), String> {
+    let (rows, cols, format) = (w.rows(), w.cols(), w.format());
+    let mut a = DenseActivations::new();
+    a.quantize(w.activation_kind(), x, m, cols).unwrap();
+    let dense = w.to_f32();
+    for path in KernelPath::available() {
+        let mut out = vec![f32::NAN; m * rows];
+        w.forward_quantized_with(path, &a, &mut out).unwrap();
+        for t in 0..m {
+            for r in 0..rows {
+                let want =
+                    scalar::dot_row(format, &w.as_bytes()[r * w.row_bytes()..(r + 1) * w.row_bytes()], &a, t);
+                let got = out[t * rows + r];
+                let ok = if format.is_float() {
+                    let bound = bitnet_quant::dense::float_dot_bound(
+                        cols,
+                        abs_dot(&dense[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]),
+                    );
+                    (f64::from(got) - f64::from(want)).abs() <= bound
+                } else {
+                    got.to_bits() == want.to_bits()
+                };
+                if !ok {
+                    return Err(format!(
+                        "{format} {path} [{rows}x{cols}] m={m} t={t} r={r}: {got} vs reference {want}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_path_equals_the_scalar_reference_on_ragged_shapes() {
+    eprintln!("paths: {:?}", KernelPath::available());
+    let mut rng = Rng::new(7);
+    let mut checked = 0;
+    for format in DenseFormat::ALL {
+        for cols in widths(format) {
+            for rows in ROWS {
+                for m in TOKENS {
+                    // Keep the largest shapes to a few token counts (the suite also runs under qemu).
+                    if cols >= 576 && !matches!(m, 1 | 3 | 33) {
+                        continue;
+                    }
+                    let w = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+                    let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+                    check_paths(&w, &x, m).unwrap();
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{checked} products equal to the reference");
+}
+
+#[test]
+fn extreme_codes_and_inputs_stay_exact() {
+    let mut rng = Rng::new(11);
+    for format in DenseFormat::ALL.into_iter().filter(|f| !f.is_float()) {
+        let cols = 4 * format.block().max(64);
+        for codes in [Codes::Random, Codes::Extreme] {
+            for inputs in [Inputs::Random, Inputs::Extreme] {
+                let w = random_matrix(format, 11, cols, codes, &mut rng);
+                let x = random_inputs(3, cols, inputs, &mut rng);
+                check_paths(&w, &x, 3).unwrap_or_else(|e| panic!("{codes:?} codes, {inputs:?} inputs: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn odd_thread_counts_split_rows_correctly() {
+    let mut rng = Rng::new(3);
+    for threads in [3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            for format in DenseFormat::ALL {
+                // Big enough for the pool: above the parallel thresholds.
+                let (rows, cols, m) = (1003, 1536, if format.is_float() { 1 } else { 3 });
+                let w = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+                let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+                let mut a = DenseActivations::new();
+                a.quantize(w.activation_kind(), &x, m, cols).unwrap();
+                let mut pooled = vec![0.0; m * rows];
+                w.forward_quantized(&a, &mut pooled).unwrap();
+                let mut solo = vec![0.0; m * rows];
+                let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+                single.install(|| w.forward_quantized(&a, &mut solo).unwrap());
+                assert_eq!(
+                    pooled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    solo.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{format}: {threads} threads"
+                );
+            }
+        });
+    }
+}
+
+/// The f64 value of `w[r] · a[t]` with the activations dequantized (`q · d`), and the scale of
+/// the terms it sums (for the bound).
+fn dequantized_dot(row: &[f32], a: &DenseActivations, t: usize) -> (f64, f64) {
+    let kind = a.kind();
+    let (q, d) = (a.values(t), a.scales(t));
+    let act = |c: usize| f64::from(q[c]) * f64::from(d[c / kind.block()]);
+    let mut exact = 0.0f64;
+    let mut magnitude = 0.0f64;
+    for (c, &w) in row.iter().enumerate() {
+        exact += f64::from(w) * act(c);
+        magnitude += f64::from(w).abs() * act(c).abs();
+    }
+    (exact, magnitude)
+}
+
+/// The offsets (Q4_1's `m`, Q4_K's `dmin · m_j`) of each column of row `r`, and for Q4_1 the
+/// f64 difference between the reference's min term `Σ_b m_b · s_b` (with the f16-rounded Q8_1
+/// sum) and the dequantized product's `Σ_b m_b · d_a · Σ q_a`.
+fn offsets(w: &DenseLinear, r: usize, a: &DenseActivations, t: usize) -> (Vec<f64>, f64) {
+    let row = &w.as_bytes()[r * w.row_bytes()..(r + 1) * w.row_bytes()];
+    let f16 = |b: &[u8], at: usize| f64::from(float::f16_bits_to_f32(u16::from_le_bytes([b[at], b[at + 1]])));
+    match w.format() {
+        DenseFormat::Q4_1 => {
+            let (d, s, sums) = (a.scales(t), a.scaled_sums(t), a.sums(t));
+            let mut fix = 0.0;
+            let mut offs = Vec::new();
+            for (b, blk) in row.chunks_exact(20).enumerate() {
+                let m = f16(blk, 2);
+                fix += m * (f64::from(s[b]) - f64::from(d[b]) * f64::from(sums[b]));
+                offs.extend(std::iter::repeat_n(m.abs(), 32));
+            }
+            (offs, fix)
+        }
+        DenseFormat::Q4_K => {
+            let mut offs = Vec::new();
+            for blk in row.chunks_exact(144) {
+                for j in 0..8 {
+                    let sc = &blk[4..16];
+                    let m = if j < 4 { sc[j + 4] & 63 } else { (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4) };
+                    offs.extend(std::iter::repeat_n((f16(blk, 2) * f64::from(m)).abs(), 32));
+                }
+            }
+            (offs, 0.0)
+        }
+        _ => (vec![0.0; w.cols()], 0.0),
+    }
+}
+
+#[test]
+fn the_reference_matches_an_f64_dequantized_product() {
+    let mut rng = Rng::new(21);
+    for format in DenseFormat::ALL.into_iter().filter(|f| !f.is_float()) {
+        for cols in [format.block().max(256), 2048] {
+            let (rows, m) = (9, 4);
+            let w = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+            let dense = w.to_f32();
+            let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+            let mut a = DenseActivations::new();
+            a.quantize(w.activation_kind(), &x, m, cols).unwrap();
+            let mut out = vec![0.0; m * rows];
+            w.forward_quantized_with(KernelPath::Scalar, &a, &mut out).unwrap();
+            for t in 0..m {
+                for r in 0..rows {
+                    let row = &dense[r * cols..(r + 1) * cols];
+                    let (exact, magnitude) = dequantized_dot(row, &a, t);
+                    let (offs, fix) = offsets(&w, r, &a, t);
+                    let kind = a.kind();
+                    let off_mag: f64 = (0..cols)
+                        .map(|c| {
+                            offs[c]
+                                * (f64::from(a.values(t)[c]) * f64::from(a.scales(t)[c / kind.block()])).abs()
+                        })
+                        .sum();
+                    let want = exact + fix;
+                    // f32 rounding of each weight, of each block term and of the block sums.
+                    let blocks = (cols / format.block()) as f64;
+                    let bound = (blocks + 8.0) * f64::from(f32::EPSILON) * (magnitude + 2.0 * off_mag);
+                    let got = f64::from(out[t * rows + r]);
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{format} [{rows}x{cols}] t{t} r{r}: {got} vs f64 {want} (bound {bound:e})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_blocks_follow_ggml_quantize_row_q8_1() {
+    let mut rng = Rng::new(5);
+    let x: Vec<f32> = (0..64).map(|_| unit(&mut rng) * 2.5).collect();
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8Blocks, &x, 1, 64).unwrap();
+    for b in 0..2 {
+        let xb = &x[32 * b..32 * b + 32];
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = 127.0 / amax;
+        let q: Vec<i8> = xb.iter().map(|&v| (v * id).round_ties_even() as i8).collect();
+        assert_eq!(&a.values(0)[32 * b..32 * b + 32], &q[..]);
+        assert!(q.iter().any(|&v| v.abs() == 127), "the largest value maps to ±127");
+        let d16 = float::f16_bits_to_f32(float::f32_to_f16_bits(d));
+        assert_eq!(a.scales(0)[b].to_bits(), d16.to_bits());
+        let sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+        assert_eq!(a.sums(0)[b], sum);
+        let s16 = float::f16_bits_to_f32(float::f32_to_f16_bits(d * sum as f32));
+        assert_eq!(a.scaled_sums(0)[b].to_bits(), s16.to_bits());
+    }
+    // An all-zero block: scale 0, values 0.
+    a.quantize(ActivationKind::Q8Blocks, &[0.0; 32], 1, 32).unwrap();
+    assert_eq!((a.scales(0)[0], a.values(0).iter().all(|&v| v == 0)), (0.0, true));
+}
+
+#[test]
+fn q8_k_follows_ggml_quantize_row_q8_k_ref() {
+    let mut rng = Rng::new(6);
+    let mut x: Vec<f32> = (0..512).map(|_| unit(&mut rng)).collect();
+    x[300] = 4.0; // the block's largest value, positive: its code is -127 and d < 0
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8K, &x, 1, 512).unwrap();
+    assert_eq!(a.values(0)[300], -127);
+    let d = a.scales(0)[1];
+    assert_eq!(d.to_bits(), (1.0f32 / (-127.0f32 / 4.0)).to_bits());
+    for (i, (&q, &v)) in a.values(0)[256..].iter().zip(&x[256..]).enumerate() {
+        assert_eq!(q, ((-127.0f32 / 4.0) * v).round_ties_even() as i8, "element {i}");
+    }
+    for g in 0..32 {
+        let want: i32 = a.values(0)[16 * g..16 * g + 16].iter().map(|&v| i32::from(v)).sum();
+        assert_eq!(a.sums(0)[g], want, "bsum {g}");
+    }
+    // Dequantized, each value is within half a step of the input.
+    for b in 0..2 {
+        let d = a.scales(0)[b];
+        let values = &a.values(0)[256 * b..256 * b + 256];
+        for (&q, &v) in values.iter().zip(&x[256 * b..256 * b + 256]) {
+            assert!((f32::from(q) * d - v).abs() <= d.abs() * 0.5001);
+        }
+    }
+}
+
+#[test]
+fn forward_quantizes_as_forward_quantized_and_forward_many_equals_each() {
+    let mut rng = Rng::new(9);
+    for format in DenseFormat::ALL {
+        let cols = 512;
+        let mats: Vec<DenseLinear> =
+            [17, 5, 9].iter().map(|&r| random_matrix(format, r, cols, Codes::Random, &mut rng)).collect();
+        let m = 3;
+        let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+        let mut a = DenseActivations::new();
+        a.quantize(format.activation_kind(), &x, m, cols).unwrap();
+        let mut each = Vec::new();
+        for w in &mats {
+            let mut direct = vec![0.0; m * w.rows()];
+            w.forward(&x, m, &mut direct).unwrap();
+            let mut pre = vec![0.0; m * w.rows()];
+            w.forward_quantized(&a, &mut pre).unwrap();
+            assert_eq!(direct, pre, "{format}");
+            each.push(pre);
+        }
+        let (mut o0, mut o1, mut o2) = (vec![0.0; m * 17], vec![0.0; m * 5], vec![0.0; m * 9]);
+        DenseLinear::forward_many([&mats[0], &mats[1], &mats[2]], &a, [&mut o0, &mut o1, &mut o2]).unwrap();
+        assert_eq!([o0, o1, o2].to_vec(), each, "{format}");
+    }
+}
+
+#[test]
+fn rows_dequantize_and_permute_as_stored() {
+    let mut rng = Rng::new(13);
+    for format in DenseFormat::ALL {
+        let (rows, cols) = (5, 256);
+        let w = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+        let all = formats::dequantize(format.ggml(), w.as_bytes(), rows * cols).unwrap();
+        assert_eq!(w.to_f32(), all);
+        let mut row = vec![0.0; cols];
+        w.dequantize_row(3, &mut row).unwrap();
+        assert_eq!(row, all[3 * cols..4 * cols]);
+        let p = w.permute_rows(&[4, 2, 0, 1, 3]).unwrap();
+        p.dequantize_row(0, &mut row).unwrap();
+        assert_eq!(row, all[4 * cols..5 * cols]);
+        assert_eq!(p.bytes(), w.bytes());
+        assert!(matches!(w.permute_rows(&[0, 0, 1, 2, 3]), Err(DenseError::RowOutOfRange { row: 0, .. })));
+        let m = w.to_dense_matrix();
+        assert_eq!((m.rows, m.cols, m.to_f32()), (rows, cols, all.clone()));
+        if format.is_float() {
+            assert_eq!(DenseLinear::from_dense_matrix(&m).unwrap().as_bytes(), w.as_bytes(), "{format}");
+        }
+    }
+}
+
+#[test]
+fn encoded_floats_run_and_match_their_dequantized_values() {
+    // Q8_0 and Q6_K through the crate's quantizers: the product stays close to the float one.
+    let mut rng = Rng::new(17);
+    let (rows, cols) = (6, 512);
+    let wf: Vec<f32> = (0..rows * cols).map(|_| unit(&mut rng) * 0.1).collect();
+    let x = random_inputs(1, cols, Inputs::Random, &mut rng);
+    for format in
+        [DenseFormat::F32, DenseFormat::F16, DenseFormat::BF16, DenseFormat::Q8_0, DenseFormat::Q6_K]
+    {
+        let w = DenseLinear::encode(format, &wf, rows, cols).unwrap();
+        let mut out = vec![0.0; rows];
+        w.forward(&x, 1, &mut out).unwrap();
+        for r in 0..rows {
+            let exact: f64 = (0..cols).map(|c| f64::from(wf[r * cols + c]) * f64::from(x[c])).sum();
+            let scale: f64 = (0..cols).map(|c| (f64::from(wf[r * cols + c]) * f64::from(x[c])).abs()).sum();
+            let tol = if format.is_float() { 1e-2 } else { 3e-2 } * scale;
+            assert!((f64::from(out[r]) - exact).abs() <= tol, "{format} r{r}: {} vs {exact}", out[r]);
+        }
+    }
+}
+
+#[test]
+fn bad_sizes_are_typed_errors() {
+    let q = |n: usize| vec![0u8; n];
+    assert_eq!(
+        DenseLinear::from_bytes(GgmlType::Q4_1, 2, 64, &q(79)).unwrap_err(),
+        DenseError::ByteLength { format: DenseFormat::Q4_1, rows: 2, cols: 64, expected: 80, got: 79 }
+    );
+    assert_eq!(
+        DenseLinear::from_bytes(GgmlType::Q4_K, 1, 128, &q(72)).unwrap_err(),
+        DenseError::NotBlockMultiple { format: DenseFormat::Q4_K, cols: 128, block: 256 }
+    );
+    assert_eq!(
+        DenseLinear::from_bytes(GgmlType::TQ2_0, 1, 256, &q(66)).unwrap_err(),
+        DenseError::UnsupportedFormat { format: GgmlType::TQ2_0 }
+    );
+    assert!(matches!(
+        DenseLinear::from_bytes(GgmlType::Q8_0, usize::MAX / 2, 64, &q(0)),
+        Err(DenseError::Overflow { .. })
+    ));
+    let w = DenseLinear::from_bytes(GgmlType::Q8_0, 3, 64, &q(3 * 68)).unwrap();
+    let mut out = vec![0.0; 6];
+    assert_eq!(
+        w.forward(&[0.0; 100], 2, &mut out).unwrap_err(),
+        DenseError::InputLength { m: 2, cols: 64, expected: 128, got: 100 }
+    );
+    assert_eq!(
+        w.forward(&[0.0; 128], 2, &mut out[..5]).unwrap_err(),
+        DenseError::OutputLength { m: 2, rows: 3, expected: 6, got: 5 }
+    );
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8K, &[0.0; 256], 1, 256).unwrap();
+    assert!(matches!(w.forward_quantized(&a, &mut out), Err(DenseError::ActivationKind { .. })));
+    a.quantize(ActivationKind::Q8Blocks, &[0.0; 96], 1, 96).unwrap();
+    assert_eq!(
+        w.forward_quantized(&a, &mut out).unwrap_err(),
+        DenseError::ActivationWidth { expected: 64, got: 96 }
+    );
+    assert_eq!(
+        a.quantize(ActivationKind::Q8K, &[0.0; 100], 1, 100).unwrap_err(),
+        DenseError::ActivationBlock { kind: ActivationKind::Q8K, k: 100, block: 256 }
+    );
+    assert_eq!(
+        w.dequantize_row(3, &mut [0.0; 64]).unwrap_err(),
+        DenseError::RowOutOfRange { row: 3, rows: 3 }
+    );
+    assert_eq!(w.dequantize_row(0, &mut [0.0; 63]).unwrap_err(), DenseError::RowBuffer { cols: 64, got: 63 });
+    assert_eq!(w.permute_rows(&[0, 1]).unwrap_err(), DenseError::RowOrder { rows: 3, got: 2 });
+    // Errors say what is wrong.
+    let msg = DenseLinear::from_bytes(GgmlType::Q4_1, 2, 64, &q(79)).unwrap_err().to_string();
+    assert!(msg.contains("Q4_1") && msg.contains("80") && msg.contains("79"), "{msg}");
+}
