@@ -244,9 +244,15 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-fn load(input: &InputArgs) -> Result<LoadedModel> {
-    let opts = LoadOptions { ternarize: input.ternarize, ..input.lm_head.options() };
-    Ok(match &input.model {
+impl InputArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions { ternarize: self.ternarize, ..self.lm_head.options() }
+    }
+}
+
+/// A checkpoint folder or GGUF file, or the embedded default model when `model` is `None`.
+fn load(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
+    Ok(match model {
         Some(dir) => load_dir_with(dir, opts)?,
         None => load_default_model(opts)?,
     })
@@ -335,7 +341,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     set_threads(a.input.threads)?;
-    let mut loaded = load_reporting(&a.input)?;
+    let mut loaded = load_reporting(a.input.model.as_deref(), a.input.load_options())?;
     let (sampling, notice) = a.sampling.resolve(&loaded.generation)?;
     if let Some(n) = notice {
         eprintln!("{n}");
@@ -456,17 +462,7 @@ pub fn load_for_chat(
     head: HeadArg,
 ) -> Result<(LoadedModel, bitnet_models::tokenizer::Tokenizer, ChatFormat)> {
     set_threads(threads)?;
-    let input = InputArgs {
-        model: model.map(Path::to_path_buf),
-        prompt: None,
-        file: None,
-        tokens: None,
-        ctx: None,
-        threads,
-        lm_head: head,
-        ternarize: false,
-    };
-    let mut loaded = load_reporting(&input)?;
+    let mut loaded = load_reporting(model, head.options())?;
     let format = ChatFormat::for_model(&loaded)?;
     if format.is_fallback() {
         eprintln!(
@@ -481,13 +477,13 @@ pub fn load_for_chat(
 }
 
 /// Loads the model, saying so on stderr when it takes more than a moment.
-fn load_reporting(input: &InputArgs) -> Result<LoadedModel> {
+fn load_reporting(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
     let start = std::time::Instant::now();
-    let large = input.model.as_ref().and_then(|p| model_bytes(p)).is_some_and(|b| b > 256 << 20);
-    if large {
-        eprintln!("loading {}…", input.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    let large = model.and_then(model_bytes).is_some_and(|b| b > 256 << 20);
+    if let (true, Some(path)) = (large, model) {
+        eprintln!("loading {}…", path.display());
     }
-    let loaded = load(input)?;
+    let loaded = load(model, opts)?;
     if large {
         eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
     }
@@ -506,7 +502,7 @@ fn model_bytes(path: &Path) -> Option<u64> {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
-    let loaded = load(&a.input)?;
+    let loaded = load(a.input.model.as_deref(), a.input.load_options())?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config)?;
     if ids.len() > ctx {

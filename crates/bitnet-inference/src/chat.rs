@@ -90,12 +90,22 @@ impl ChatFormat {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, InferenceError> {
+        Ok(self.render_and_encode(tokenizer, messages, add_generation_prompt)?.1)
+    }
+
+    /// [`ChatFormat::render`] and [`ChatFormat::encode`] at once: the text and its ids.
+    pub fn render_and_encode(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<u32>), InferenceError> {
         let text = self.render(messages, add_generation_prompt)?;
         let mut ids = Vec::new();
         if self.template.needs_bos(&text) {
             ids.extend(self.bos_id);
         }
         ids.extend(tokenizer.encode_without_special_tokens(&text)?);
-        Ok(ids)
+        Ok((text, ids))
     }
 }

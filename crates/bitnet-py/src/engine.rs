@@ -13,16 +13,15 @@
 //! under load. A model that asks for another thread count than the global pool's gets its own.
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bitnet_inference::chat::ChatFormat;
 use bitnet_inference::load::{load_dir_with, LoadOptions, LoadedModel};
 use bitnet_inference::{
     generate, Context, ContextOptions, CpuBackend, GenerateOptions, Generation, HeadFormat, InferenceError,
     Logits, Model, Sequence,
 };
-use bitnet_models::chat::{ChatMessage, ChatSpecialTokens, ChatTemplate};
-use bitnet_models::gguf::GgufFile;
 use bitnet_models::tokenizer::Tokenizer;
 
 /// Idle contexts kept for later calls (the largest ones); more are dropped.
@@ -73,8 +72,8 @@ pub enum Source {
 pub struct Engine {
     pub model: Model<CpuBackend>,
     pub tokenizer: Option<Arc<Tokenizer>>,
-    /// The checkpoint's chat template, or why it cannot be used.
-    pub chat: Result<ChatTemplate, String>,
+    /// The checkpoint's conversation format (chat template, stop ids), or why it cannot be used.
+    pub chat: Result<ChatFormat, String>,
     /// The folder or file loaded, or the embedded model's name.
     pub source: String,
     pub pool: Pool,
@@ -96,7 +95,7 @@ impl Engine {
             Source::Embedded => bitnet_default_model::load_default_model(opts)?,
             Source::Path(path) => load_dir_with(path, opts)?,
         };
-        let chat = chat_template(source, &loaded).map_err(|e| e.to_string());
+        let chat = ChatFormat::for_model(&loaded).map_err(|e| e.to_string());
         let LoadedModel { model, tokenizer, source: loaded_from, .. } = loaded;
         Ok(Self {
             model,
@@ -217,50 +216,5 @@ impl Engine {
             ));
         }
         Ok(())
-    }
-
-    /// The prompt ids of a conversation, as transformers' `apply_chat_template(tokenize=True)`
-    /// makes them: the rendered text encoded without added special tokens, after BOS when the
-    /// template asks for one.
-    pub fn chat_prompt(
-        &self,
-        template: &ChatTemplate,
-        tokenizer: &Tokenizer,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<(String, Vec<u32>), String> {
-        let text = template.render(messages, add_generation_prompt).map_err(|e| e.to_string())?;
-        let mut ids = Vec::new();
-        if let (true, Some(bos)) = (template.needs_bos(&text), self.model.config.bos_token_id) {
-            ids.push(bos);
-        }
-        ids.extend(tokenizer.encode_without_special_tokens(&text).map_err(|e| e.to_string())?);
-        Ok((text, ids))
-    }
-
-    /// The ids that end a chat reply: the model's EOS ids and the template's end-of-turn tokens.
-    pub fn chat_stop_ids(&self, template: &ChatTemplate, tokenizer: &Tokenizer) -> Vec<u32> {
-        let mut ids = self.model.config.eos_token_ids.clone();
-        for token in template.end_of_turn_tokens() {
-            if let Some(id) = tokenizer.token_to_id(&token) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-        }
-        ids
-    }
-}
-
-/// The chat template of a checkpoint folder or GGUF file, or the plain fallback.
-fn chat_template(source: &Source, loaded: &LoadedModel) -> Result<ChatTemplate, String> {
-    match source {
-        Source::Embedded => ChatTemplate::fallback(ChatSpecialTokens::default()).map_err(|e| e.to_string()),
-        Source::Path(path) if path.is_file() => {
-            let file = GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            ChatTemplate::from_gguf_or_fallback(&file).map_err(|e| e.to_string())
-        }
-        Source::Path(_) => ChatTemplate::from_checkpoint_dir_or_fallback(Path::new(&loaded.source))
-            .map_err(|e| e.to_string()),
     }
 }

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bitnet_inference::chat::ChatFormat;
 use bitnet_inference::{GenerateOptions, HeadFormat};
-use bitnet_models::chat::{ChatMessage, ChatTemplate};
+use bitnet_models::chat::ChatMessage;
 use bitnet_models::tokenizer::Tokenizer;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1};
@@ -60,7 +61,7 @@ impl PyModel {
         })
     }
 
-    fn chat_template(&self) -> PyResult<&ChatTemplate> {
+    fn chat_format(&self) -> PyResult<&ChatFormat> {
         self.engine.chat.as_ref().map_err(|why| engine_error(format!("no usable chat template: {why}")))
     }
 
@@ -220,11 +221,11 @@ impl PyModel {
     ) -> PyResult<Py<PyAny>> {
         let sampling = Sampling { temperature, top_k, top_p, min_p, repeat_penalty, seed };
         let messages = args::messages(messages)?;
-        let (template, tokenizer) = (self.chat_template()?, self.require_tokenizer()?);
-        let (_, ids) = self.render_chat(template, &tokenizer, &messages, true)?;
-        let stop_ids = self.engine.chat_stop_ids(template, &tokenizer);
+        let (format, tokenizer) = (self.chat_format()?, self.require_tokenizer()?);
+        let (_, ids) = render_chat(format, &tokenizer, &messages, true)?;
+        let stop_ids = format.stop_ids.clone();
         let mut stops = args::stop_strings(stop)?;
-        stops.extend(template.stop_sequences());
+        stops.extend(format.stop_strings.iter().cloned());
         let request = self.request(ids, max_tokens, &sampling, stop_ids, stops)?;
         Self::run(py, request, stream)
     }
@@ -240,8 +241,8 @@ impl PyModel {
         tokenize: bool,
     ) -> PyResult<Py<PyAny>> {
         let messages = args::messages(messages)?;
-        let (template, tokenizer) = (self.chat_template()?, self.require_tokenizer()?);
-        let (text, ids) = self.render_chat(template, &tokenizer, &messages, add_generation_prompt)?;
+        let (format, tokenizer) = (self.chat_format()?, self.require_tokenizer()?);
+        let (text, ids) = render_chat(format, &tokenizer, &messages, add_generation_prompt)?;
         Ok(if tokenize {
             ids.into_pyobject(py)?.into_any().unbind()
         } else {
@@ -282,7 +283,7 @@ impl PyModel {
     #[getter(chat_template)]
     fn chat_template_source(&self) -> Option<String> {
         match &self.engine.chat {
-            Ok(t) if !t.is_fallback() => Some(t.source().to_owned()),
+            Ok(f) if !f.is_fallback() => Some(f.template.source().to_owned()),
             _ => None,
         }
     }
@@ -340,16 +341,16 @@ impl PyModel {
     }
 }
 
-impl PyModel {
-    fn render_chat(
-        &self,
-        template: &ChatTemplate,
-        tokenizer: &Tokenizer,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> PyResult<(String, Vec<u32>)> {
-        self.engine.chat_prompt(template, tokenizer, messages, add_generation_prompt).map_err(engine_error)
-    }
+/// A conversation's rendered text and prompt ids, as transformers' apply_chat_template makes them.
+fn render_chat(
+    format: &ChatFormat,
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> PyResult<(String, Vec<u32>)> {
+    format
+        .render_and_encode(tokenizer, messages, add_generation_prompt)
+        .map_err(|e| engine_error(e.to_string()))
 }
 
 /// A model's tokenizer (its tokenizer.json, or the vocabulary of its GGUF file).
