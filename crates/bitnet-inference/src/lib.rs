@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod conformance;
 pub mod context;
 pub mod cpu;
 pub mod generate;
