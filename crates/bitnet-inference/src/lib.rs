@@ -20,7 +20,7 @@ pub use context::{Context, ContextOptions, Segment, Sequence};
 pub use cpu::CpuBackend;
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use kv::{KvStats, KvType, BLOCK_TOKENS};
-pub use load::{load_dir, load_dir_with, LoadOptions, LoadedModel};
+pub use load::{load_dir, load_dir_on, load_dir_with, LoadOptions, LoadedModel};
 pub use model::{HeadFormat, Logits, Model};
 pub use sampling::{Sampler, SamplingError, SamplingParams};
 

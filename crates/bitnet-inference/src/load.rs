@@ -9,7 +9,7 @@ use bitnet_models::tokenizer::Tokenizer;
 use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
-use crate::{CpuBackend, InferenceError, Model};
+use crate::{Backend, CpuBackend, InferenceError, Model};
 
 /// Choices made when a checkpoint becomes a runnable model.
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,9 +17,9 @@ pub struct LoadOptions {
     pub head: HeadFormat,
 }
 
-/// A model on the CPU with what came with it.
-pub struct LoadedModel {
-    pub model: Model<CpuBackend>,
+/// A model on a backend (the CPU unless named) with what came with it.
+pub struct LoadedModel<B: Backend = CpuBackend> {
+    pub model: Model<B>,
     pub tokenizer: Option<Tokenizer>,
     pub source: PathBuf,
 }
@@ -29,10 +29,20 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, InferenceError> {
     load_dir_with(dir, LoadOptions::default())
 }
 
-/// Loads a checkpoint directory or a `.gguf` file.
+/// Loads a checkpoint directory or a `.gguf` file onto the CPU.
 pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_dir_on(dir, &CpuBackend::new(), opts)
+}
+
+/// Loads a checkpoint directory or a `.gguf` file onto `backend`, which lays the weights out
+/// for its own kernels.
+pub fn load_dir_on<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     if dir.is_file() {
-        return load_gguf(dir, opts);
+        return load_gguf_on(dir, backend, opts);
     }
     if !dir.is_dir() {
         let why = "is not a directory holding config.json and model.safetensors, nor a .gguf file";
@@ -43,11 +53,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Infer
     let weights = ModelWeights::load(&store, config)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-    Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
-        tokenizer,
-        source: dir.to_path_buf(),
-    })
+    Ok(LoadedModel { model: Model::new(weights, backend, opts.head)?, tokenizer, source: dir.to_path_buf() })
 }
 
 /// The files of a checkpoint held in memory (the model embedded in the binary).
@@ -59,8 +65,17 @@ pub struct EmbeddedCheckpoint {
     pub safetensors: &'static [u8],
 }
 
-/// Loads an embedded checkpoint.
+/// Loads an embedded checkpoint onto the CPU.
 pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_embedded_on(e, &CpuBackend::new(), opts)
+}
+
+/// Loads an embedded checkpoint onto `backend`.
+pub fn load_embedded_on<B: Backend>(
+    e: &EmbeddedCheckpoint,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     let source = PathBuf::from(e.name);
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
@@ -75,15 +90,20 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
     let weights = ModelWeights::load(&store, config)?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
-    Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
-        tokenizer: Some(tokenizer),
-        source,
-    })
+    Ok(LoadedModel { model: Model::new(weights, backend, opts.head)?, tokenizer: Some(tokenizer), source })
+}
+
+/// Loads a GGUF file onto the CPU.
+pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_gguf_on(path, &CpuBackend::new(), opts)
 }
 
 /// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
-pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+pub fn load_gguf_on<B: Backend>(
+    path: &Path,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     let file = GgufFile::open(path).map_err(|e| ModelError::tensor(path, e.to_string()))?;
     let weights = ModelWeights::from_gguf(&file)?;
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
@@ -94,9 +114,5 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, Inferenc
         }
         false => None,
     };
-    Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
-        tokenizer,
-        source: path.to_path_buf(),
-    })
+    Ok(LoadedModel { model: Model::new(weights, backend, opts.head)?, tokenizer, source: path.to_path_buf() })
 }
