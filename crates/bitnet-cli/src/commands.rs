@@ -4,10 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bitnet_inference::load::{load_dir_with, load_embedded, LoadOptions, LoadedModel};
+use bitnet_inference::load::{load_dir_on, load_embedded_on, LoadOptions, LoadedModel};
 use bitnet_inference::{
-    generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
-    HeadFormat, Logits, Model, SamplingParams, Sequence,
+    generate as run_generation, Backend, Context as RunContext, ContextOptions, GenerateOptions, HeadFormat,
+    Logits, Model, SamplingParams, Sequence,
 };
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::default_model::DEFAULT_MODEL;
+use crate::device::{dispatch, DeviceArg, Gpu, OnBackend};
 
 /// What to feed the model: text or token ids.
 #[derive(Args, Clone)]
@@ -40,6 +41,8 @@ pub struct InputArgs {
     /// three quarters of int8's bytes, a coarser approximation).
     #[arg(long, value_enum, default_value_t = HeadArg::Float)]
     pub lm_head: HeadArg,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -147,16 +150,17 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-fn load(input: &InputArgs) -> Result<LoadedModel> {
+/// Loads the model onto the backend `make` builds.
+fn load<B: Backend>(input: &InputArgs, make: &(dyn Fn() -> B + Sync)) -> Result<LoadedModel<B>> {
     let opts = input.lm_head.options();
     Ok(match &input.model {
-        Some(dir) => load_dir_with(dir, opts)?,
-        None => load_embedded(&DEFAULT_MODEL, opts)?,
+        Some(dir) => load_dir_on(dir, &make(), opts)?,
+        None => load_embedded_on(&DEFAULT_MODEL, &make(), opts)?,
     })
 }
 
 /// Prompt ids from `--prompt` or `--tokens`, checked against the vocabulary.
-fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
+fn prompt_ids<B: Backend>(input: &InputArgs, loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
     let ids: Vec<u32> = match (&input.prompt, &input.tokens) {
         (Some(text), _) => {
             if text.is_empty() {
@@ -193,14 +197,18 @@ pub fn governor_enabled() -> bool {
     std::env::var("BITNET_DECODE_GOVERNOR").map_or(true, |v| v != "off")
 }
 
-/// A context for one sequence of up to `tokens` tokens, on the process's thread pool.
-pub fn single_sequence_context(model: &Model<CpuBackend>, tokens: usize) -> Result<RunContext<CpuBackend>> {
+/// A context on `backend` for one sequence of up to `tokens` tokens, on the process's thread pool.
+pub fn single_sequence_context<B: Backend>(
+    model: &Model<B>,
+    backend: B,
+    tokens: usize,
+) -> Result<RunContext<B>> {
     let opts = ContextOptions {
         max_seq_tokens: Some(tokens),
         governor: governor_enabled(),
         ..ContextOptions::new(tokens)
     };
-    Ok(RunContext::new(model, CpuBackend::new(), &opts)?)
+    Ok(RunContext::new(model, backend, &opts)?)
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -215,7 +223,27 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     sampling.validate().map_err(|e| anyhow::anyhow!("--{}: {e}", e.param.replace('_', "-")))?;
     set_threads(a.input.threads)?;
-    let mut loaded = load(&a.input)?;
+    dispatch(a.input.device.device, Generate { a, sampling })
+}
+
+struct Generate {
+    a: GenerateArgs,
+    sampling: SamplingParams,
+}
+
+impl OnBackend for Generate {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, make: &(dyn Fn() -> B + Sync), _: Option<&Gpu>) -> Result<()> {
+        generate_on(self.a, self.sampling, make)
+    }
+}
+
+fn generate_on<B: Backend>(
+    a: GenerateArgs,
+    sampling: SamplingParams,
+    make: &(dyn Fn() -> B + Sync),
+) -> Result<()> {
+    let mut loaded = load(&a.input, make)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
     if ids.len() >= ctx {
@@ -231,7 +259,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         eos_ids: loaded.model.config.eos_token_ids.clone(),
         stop_strings: a.stop.clone(),
     };
-    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new)?;
+    let mut run = single_sequence_context(&loaded.model, make(), ids.len() + max_new)?;
     let mut seq = Sequence::new();
     let stdout = std::io::stdout();
     let json = a.json;
@@ -271,13 +299,24 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
-    let loaded = load(&a.input)?;
+    dispatch(a.input.device.device, a)
+}
+
+impl OnBackend for LogitsArgs {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, make: &(dyn Fn() -> B + Sync), _: Option<&Gpu>) -> Result<()> {
+        logits_on(self, make)
+    }
+}
+
+fn logits_on<B: Backend>(a: LogitsArgs, make: &(dyn Fn() -> B + Sync)) -> Result<()> {
+    let loaded = load(&a.input, make)?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config);
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
-    let mut run = single_sequence_context(&loaded.model, ids.len())?;
+    let mut run = single_sequence_context(&loaded.model, make(), ids.len())?;
     let mut seq = Sequence::new();
     let mode = if a.all_positions { Logits::All } else { Logits::Last };
     loaded.model.forward(&mut run, &mut seq, &ids, mode)?;

@@ -3,6 +3,7 @@
 mod bench;
 mod commands;
 mod default_model;
+mod device;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,8 @@ enum Command {
   bitnet quantize model-i2_s.gguf model-tq2_0.gguf --type tq2_0
   bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
     Quantize(commands::QuantizeArgs),
+    /// List the CPU's features and every GPU (name, memory, compute capability, driver).
+    Devices,
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
     #[command(after_help = "Examples:
   bitnet train --data corpus.txt --preset tiny --steps 30 --out runs/tiny
@@ -74,6 +77,7 @@ fn main() {
         Command::Convert(a) => commands::convert(a),
         Command::Quantize(a) => commands::quantize(a),
         Command::Train(a) => bitnet_training::run_train(&a),
+        Command::Devices => device::devices(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -90,13 +90,12 @@ impl CudaDevice {
                 f(&format!("attention_d{d}_bf16"))?,
                 f(&format!("attention_d{d}_f16"))?,
             ];
-            for k in &kernels {
+            // Heads over 128 need more than the default 48 KiB of shared memory; a chip that
+            // cannot give it fails those launches (reported at the next synchronize) only.
+            for k in kernels.iter().filter(|_| attention_smem(d * 32) > 48 << 10) {
                 let smem = attention_smem(d * 32) as i32;
-                k.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem,
-                )
-                .map_err(CudaError::driver)?;
+                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                let _ = k.set_attribute(attr, smem);
             }
             attention.push(kernels);
         }
@@ -132,6 +131,34 @@ impl CudaDevice {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Device-memory bandwidth in GB/s: the fastest of ten device-to-device copies of 1 GiB
+    /// (bytes read plus bytes written over the time between two events), the roof that a
+    /// memory-bound kernel can approach.
+    pub fn copy_bandwidth_gbs(&self) -> Result<f64, CudaError> {
+        const BYTES: usize = 1 << 30;
+        let s = &self.stream;
+        let src = s.alloc_zeros::<u8>(BYTES).map_err(CudaError::driver)?;
+        let mut dst = s.alloc_zeros::<u8>(BYTES).map_err(CudaError::driver)?;
+        let (start, end) = (
+            self.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(CudaError::driver)?,
+            self.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(CudaError::driver)?,
+        );
+        let mut best = 0.0f64;
+        for _ in 0..10 {
+            start.record(s).map_err(CudaError::driver)?;
+            s.memcpy_dtod(&src, &mut dst).map_err(CudaError::driver)?;
+            end.record(s).map_err(CudaError::driver)?;
+            end.synchronize().map_err(CudaError::driver)?;
+            let ms = start.elapsed_ms(&end).map_err(CudaError::driver)? as f64;
+            best = best.max(2.0 * BYTES as f64 / (ms * 1e-3) / 1e9);
+        }
+        Ok(best)
     }
 }
 
@@ -391,6 +418,9 @@ impl CudaBackend {
     }
 
     fn launch(&mut self, f: &CudaFunction, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) {
+        if grid.0 == 0 || grid.1 == 0 {
+            return; // no rows: nothing to do
+        }
         let cfg =
             LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let stream = self.dev.stream.clone();
@@ -442,7 +472,15 @@ fn grid_1d(n: usize, block: usize) -> (u32, u32) {
 }
 
 impl CudaBackend {
+    /// Makes the device's context current on this thread (a context may move between
+    /// threads, e.g. to a scheduler's); launches do this themselves, copies do not.
+    fn bind(&mut self) -> Result<(), BackendError> {
+        self.dev.ctx.bind_to_thread().map_err(|e| self.err(e, "binding the context", 0))
+    }
+
     fn staged(&mut self, which: fn(&mut Staging) -> &mut Staged<u32>, data: &[u32]) -> Option<u64> {
+        let r = self.bind();
+        self.note(r);
         let stream = self.dev.stream.clone();
         match stage(&stream, which(&mut self.staging), data) {
             Ok(p) => Some(p),
@@ -630,6 +668,8 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&mut self) -> Result<(), BackendError> {
+        let r = self.bind();
+        self.note(r);
         let r = self.dev.stream.synchronize().map_err(|e| self.err(e, "synchronizing", 0));
         self.note(r);
         match self.error.take() {
@@ -968,6 +1008,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         let stream = self.dev.stream.clone();
         stream
             .memcpy_htod(data, &mut b.data.data.slice_mut(offset..offset + data.len()))
@@ -988,6 +1029,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        self.bind()?;
         let padded = pad_rows(q, rows, out.width, out.stride);
         let sums: Vec<i32> = q.chunks(out.width.max(1)).map(|r| r.iter().map(|&v| v as i32).sum()).collect();
         let stream = self.dev.stream.clone();

@@ -131,3 +131,8 @@ pub(crate) fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError
     unsafe { ctx.disable_event_tracking() };
     Ok(ctx)
 }
+
+/// [`crate::CudaDevice::copy_bandwidth_gbs`].
+pub fn copy_bandwidth_gbs(dev: &crate::CudaDevice) -> Result<f64, CudaError> {
+    dev.copy_bandwidth_gbs()
+}
