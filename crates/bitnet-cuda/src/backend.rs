@@ -42,31 +42,52 @@ const SOURCES: [&str; 5] = [
 /// Head sizes the attention kernels are built for, as 32-lane chunks (`ceil(head_dim / 32)`).
 const ATTENTION_CHUNKS: [usize; 5] = [1, 2, 3, 4, 8];
 
-struct Kernels {
-    embedding: CudaFunction,
-    gather_rows: CudaFunction,
-    rmsnorm: CudaFunction,
-    quantize: CudaFunction,
-    norm_quantize: CudaFunction,
-    gate_quantize: CudaFunction,
-    gate: CudaFunction,
-    add: CudaFunction,
-    ternary_gemv: CudaFunction,
-    ternary_gemm: CudaFunction,
-    ternary_block_scaled: CudaFunction,
-    int8_gemv: CudaFunction,
-    rope: CudaFunction,
-    rope_kv_store: CudaFunction,
-    lm_head: CudaFunction,
-    /// `[chunks index][kv type]`.
-    attention: Vec<[CudaFunction; 3]>,
+/// The kernels by [`K`]: the named ones in [`KERNEL_NAMES`] order, then the attention kernels
+/// `[chunks index][kv type]` from `K::Attention`.
+#[derive(Clone, Copy, Debug)]
+#[repr(u16)]
+enum K {
+    Embedding,
+    GatherRows,
+    Rmsnorm,
+    Quantize,
+    NormQuantize,
+    GateQuantize,
+    Gate,
+    Add,
+    TernaryGemv,
+    TernaryGemm,
+    TernaryBlockScaled,
+    Int8Gemv,
+    Rope,
+    RopeKvStore,
+    LmHead,
+    Attention,
 }
+
+const KERNEL_NAMES: [&str; K::Attention as usize] = [
+    "embedding",
+    "gather_rows",
+    "rmsnorm",
+    "quantize",
+    "norm_quantize",
+    "gate_quantize",
+    "gate",
+    "add",
+    "ternary_gemv",
+    "ternary_gemm",
+    "ternary_block_scaled",
+    "int8_gemv",
+    "rope",
+    "rope_kv_store",
+    "lm_head",
+];
 
 /// One GPU: its context, the stream every handle queues on, the compiled kernels.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    kernels: Kernels,
+    kernels: Vec<CudaFunction>,
     name: String,
     ordinal: usize,
 }
@@ -83,40 +104,20 @@ impl CudaDevice {
         let ptx = compile_kernels(major, minor)?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(CudaError::driver)?;
         let f = |n: &str| module.load_function(n).map_err(CudaError::driver);
-        let mut attention = Vec::new();
+        let mut kernels = KERNEL_NAMES.iter().map(|n| f(n)).collect::<Result<Vec<_>, _>>()?;
         for d in ATTENTION_CHUNKS {
-            let kernels = [
-                f(&format!("attention_d{d}_f32"))?,
-                f(&format!("attention_d{d}_bf16"))?,
-                f(&format!("attention_d{d}_f16"))?,
-            ];
-            // Heads over 128 need more than the default 48 KiB of shared memory; a chip that
-            // cannot give it fails those launches (reported at the next synchronize) only.
-            for k in kernels.iter().filter(|_| attention_smem(d * 32) > 48 << 10) {
-                let smem = attention_smem(d * 32) as i32;
-                let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                let _ = k.set_attribute(attr, smem);
+            for kv in ["f32", "bf16", "f16"] {
+                let k = f(&format!("attention_d{d}_{kv}"))?;
+                // Heads over 128 need more than the default 48 KiB of shared memory; a chip
+                // that cannot give it fails those launches (reported at the next synchronize).
+                if attention_smem(d * 32) > 48 << 10 {
+                    let attr =
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    let _ = k.set_attribute(attr, attention_smem(d * 32) as i32);
+                }
+                kernels.push(k);
             }
-            attention.push(kernels);
         }
-        let kernels = Kernels {
-            embedding: f("embedding")?,
-            gather_rows: f("gather_rows")?,
-            rmsnorm: f("rmsnorm")?,
-            quantize: f("quantize")?,
-            norm_quantize: f("norm_quantize")?,
-            gate_quantize: f("gate_quantize")?,
-            gate: f("gate")?,
-            add: f("add")?,
-            ternary_gemv: f("ternary_gemv")?,
-            ternary_gemm: f("ternary_gemm")?,
-            ternary_block_scaled: f("ternary_block_scaled")?,
-            int8_gemv: f("int8_gemv")?,
-            rope: f("rope")?,
-            rope_kv_store: f("rope_kv_store")?,
-            lm_head: f("lm_head")?,
-            attention,
-        };
         let stream = ctx.new_stream().map_err(CudaError::driver)?;
         Ok(Arc::new(Self { ctx, stream, kernels, name, ordinal }))
     }
@@ -184,11 +185,48 @@ fn attention_smem(head_dim: usize) -> usize {
 }
 
 /// A kernel argument (each is passed by pointer to a value that lives until the launch).
+#[derive(Clone, Copy, Debug)]
 enum Arg {
     U64(u64),
     I32(i32),
     F32(f32),
 }
+
+impl PartialEq for Arg {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Arg::U64(a), Arg::U64(b)) => a == b,
+            (Arg::I32(a), Arg::I32(b)) => a == b,
+            (Arg::F32(a), Arg::F32(b)) => a.to_bits() == b.to_bits(),
+            _ => false,
+        }
+    }
+}
+
+/// One kernel launch, queued until the next flush.
+#[derive(Clone, Debug, PartialEq)]
+struct Launch {
+    kernel: u16,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+    args: Vec<Arg>,
+}
+
+/// A captured sequence of launches and its executable graph.
+struct Graph {
+    launches: Vec<Launch>,
+    exec: cudarc::driver::CudaGraph,
+}
+
+// SAFETY: a graph is launched only through the `&mut CudaBackend` that owns it, one thread at
+// a time; the CUDA driver's graph objects may be used from any thread.
+unsafe impl Send for Graph {}
+
+/// Sequences shorter than this run launch by launch.
+const GRAPH_MIN_LAUNCHES: usize = 8;
+/// Graphs kept per handle (decode steps of a few batch shapes).
+const GRAPHS_KEPT: usize = 8;
 
 impl From<u64> for Arg {
     fn from(v: u64) -> Self {
@@ -321,6 +359,13 @@ struct Staged<T> {
     dev: Option<DeviceVec<T>>,
 }
 
+impl<T: PartialEq> Staged<T> {
+    /// The device address when the device already holds exactly `data`.
+    fn current(&self, data: &[T]) -> Option<u64> {
+        self.dev.as_ref().filter(|_| self.host == data).map(|d| d.ptr)
+    }
+}
+
 impl<T> Default for Staged<T> {
     fn default() -> Self {
         Self { host: Vec::new(), dev: None }
@@ -343,6 +388,13 @@ struct Staging {
 /// The CUDA backend: a handle to a [`CudaDevice`].
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
+    /// Launches queued since the last flush (a read-back, a synchronize, a transfer or new
+    /// metadata). A sequence flushed twice in a row is captured as a CUDA graph and replayed
+    /// from then on: a decode step's hundreds of launches become one.
+    pending: Vec<Launch>,
+    last_flushed: Vec<Launch>,
+    graphs: Vec<Graph>,
+    use_graphs: bool,
     /// The first failure since the last synchronize.
     error: Option<BackendError>,
     staging: Staging,
@@ -361,6 +413,10 @@ impl CudaBackend {
     pub fn on(dev: Arc<CudaDevice>) -> Self {
         Self {
             dev,
+            pending: Vec::new(),
+            last_flushed: Vec::new(),
+            graphs: Vec::new(),
+            use_graphs: true,
             error: None,
             staging: Staging::default(),
             task_host: Vec::new(),
@@ -417,26 +473,90 @@ impl CudaBackend {
         Ok(DeviceVec::new(data, &self.dev.stream))
     }
 
-    fn launch(&mut self, f: &CudaFunction, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) {
+    /// Launches one after another, each graph only its own copy: with `false`, every
+    /// sequence runs launch by launch (for comparing the two).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+    }
+
+    /// Queues a launch (run at the next flush).
+    fn launch(&mut self, kernel: u16, grid: (u32, u32), block: u32, smem: u32, args: Vec<Arg>) {
         if grid.0 == 0 || grid.1 == 0 {
             return; // no rows: nothing to do
         }
-        let cfg =
-            LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: smem };
-        let stream = self.dev.stream.clone();
-        let mut b = stream.launch_builder(f);
-        for a in args {
+        self.pending.push(Launch { kernel, grid, block, smem, args });
+    }
+
+    fn launch_now(&self, l: &Launch) -> Result<(), DriverError> {
+        let cfg = LaunchConfig {
+            grid_dim: (l.grid.0, l.grid.1, 1),
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: l.smem,
+        };
+        let mut b = self.dev.stream.launch_builder(&self.dev.kernels[l.kernel as usize]);
+        for a in &l.args {
             match a {
                 Arg::U64(v) => b.arg(v),
                 Arg::I32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
             };
         }
-        // SAFETY: every pointer argument is a live allocation of this device, sized by the
-        // callers for the grid they launch (each kernel's comment states what it reads/writes).
-        let r = unsafe { b.launch(cfg) };
-        let r = r.map(|_| ()).map_err(|e| self.err(e, "a kernel launch", 0));
+        // SAFETY: every pointer argument is a live allocation of this device (pending launches
+        // run before any read-back returns, and the buffers they name outlive that), sized by
+        // the callers for the grid they launch (each kernel's comment says what it touches).
+        unsafe { b.launch(cfg) }.map(|_| ())
+    }
+
+    /// Runs the queued launches: as a graph if this sequence has one, captured into one if it
+    /// repeats the last flushed sequence, else launch by launch.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let list = std::mem::take(&mut self.pending);
+        let r = self.run_launches(&list);
+        let r = r.map_err(|e| self.err(e, "a kernel launch", 0));
         self.note(r);
+        self.last_flushed = list;
+    }
+
+    fn run_launches(&mut self, list: &[Launch]) -> Result<(), DriverError> {
+        if let Some(i) = self.graphs.iter().position(|g| g.launches == list) {
+            let g = self.graphs.remove(i);
+            let r = g.exec.launch();
+            self.graphs.push(g); // most recently used last
+            return r;
+        }
+        if !(self.use_graphs && list.len() >= GRAPH_MIN_LAUNCHES && list == self.last_flushed) {
+            return list.iter().try_for_each(|l| self.launch_now(l));
+        }
+        let stream = self.dev.stream.clone();
+        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+        let captured = list.iter().try_for_each(|l| self.launch_now(l));
+        let flags =
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+        let graph = stream.end_capture(flags);
+        match (captured, graph) {
+            (Ok(()), Ok(Some(exec))) => {
+                exec.launch()?;
+                if self.graphs.len() == GRAPHS_KEPT {
+                    self.graphs.remove(0);
+                }
+                self.graphs.push(Graph { launches: list.to_vec(), exec });
+                Ok(())
+            }
+            // A capture that failed leaves the work undone: run it plainly, without graphs.
+            _ => {
+                self.use_graphs = false;
+                list.iter().try_for_each(|l| self.launch_now(l))
+            }
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -479,6 +599,11 @@ impl CudaBackend {
     }
 
     fn staged(&mut self, which: fn(&mut Staging) -> &mut Staged<u32>, data: &[u32]) -> Option<u64> {
+        if let Some(p) = which(&mut self.staging).current(data) {
+            return Some(p);
+        }
+        // Queued launches may read the old values: they run first.
+        self.flush();
         let r = self.bind();
         self.note(r);
         let stream = self.dev.stream.clone();
@@ -493,6 +618,12 @@ impl CudaBackend {
     }
 
     fn staged_i32(&mut self, which: fn(&mut Staging) -> &mut Staged<i32>, data: &[i32]) -> Option<u64> {
+        if let Some(p) = which(&mut self.staging).current(data) {
+            return Some(p);
+        }
+        self.flush();
+        let r = self.bind();
+        self.note(r);
         let stream = self.dev.stream.clone();
         match stage(&stream, which(&mut self.staging), data) {
             Ok(p) => Some(p),
@@ -536,8 +667,7 @@ impl CudaBackend {
                 wvec.into(),
                 outs[0].into(),
             ];
-            let f = self.dev.kernels.ternary_block_scaled.clone();
-            self.launch(&f, grid_1d(w.rows * m, 128), 128, 0, &args);
+            self.launch(K::TernaryBlockScaled as u16, grid_1d(w.rows * m, 128), 128, 0, args.to_vec());
             return;
         }
         // The matrix arguments, unused slots empty (0 rows).
@@ -570,13 +700,11 @@ impl CudaBackend {
         ]);
         let total_rows: usize = ws.iter().map(|w| w.rows).sum();
         if m <= GEMV_MAX_TOKENS {
-            let f = self.dev.kernels.ternary_gemv.clone();
             let grid = (total_rows.div_ceil(8) as u32, m.div_ceil(8) as u32);
-            self.launch(&f, grid, 256, 0, &args);
+            self.launch(K::TernaryGemv as u16, grid, 256, 0, args);
         } else {
-            let f = self.dev.kernels.ternary_gemm.clone();
             let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(64)).sum();
-            self.launch(&f, (tiles as u32, m.div_ceil(64) as u32), 256, 0, &args);
+            self.launch(K::TernaryGemm as u16, (tiles as u32, m.div_ceil(64) as u32), 256, 0, args);
         }
     }
 }
@@ -668,6 +796,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&mut self) -> Result<(), BackendError> {
+        self.flush();
         let r = self.bind();
         self.note(r);
         let r = self.dev.stream.synchronize().map_err(|e| self.err(e, "synchronizing", 0));
@@ -687,15 +816,13 @@ impl Backend for CudaBackend {
             (table.cols as i32).into(),
             out.data.ptr.into(),
         ];
-        let f = self.dev.kernels.embedding.clone();
-        self.launch(&f, (ids.len() as u32, 1), 256, 0, &args);
+        self.launch(K::Embedding as u16, (ids.len() as u32, 1), 256, 0, args.to_vec());
     }
 
     fn gather_rows(&mut self, x: &CudaBuffer, rows: &[u32], width: usize, out: &mut CudaBuffer) {
         let Some(rows_ptr) = self.staged(|s| &mut s.rows, rows) else { return };
         let args = [Arg::from(x.data.ptr), rows_ptr.into(), (width as i32).into(), out.data.ptr.into()];
-        let f = self.dev.kernels.gather_rows.clone();
-        self.launch(&f, (rows.len() as u32, 1), 256, 0, &args);
+        self.launch(K::GatherRows as u16, (rows.len() as u32, 1), 256, 0, args.to_vec());
     }
 
     fn rmsnorm(
@@ -709,8 +836,7 @@ impl Backend for CudaBackend {
     ) {
         let g = gain.map_or(0, |g| g.data.ptr);
         let args = [Arg::from(x.data.ptr), g.into(), (width as i32).into(), eps.into(), out.data.ptr.into()];
-        let f = self.dev.kernels.rmsnorm.clone();
-        self.launch(&f, (rows as u32, 1), 256, 0, &args);
+        self.launch(K::Rmsnorm as u16, (rows as u32, 1), 256, 0, args.to_vec());
     }
 
     fn quantize(&mut self, x: &CudaBuffer, first: usize, rows: usize, width: usize, out: &mut CudaQuant) {
@@ -724,8 +850,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        let f = self.dev.kernels.quantize.clone();
-        self.launch(&f, (rows as u32, 1), 256, 0, &args);
+        self.launch(K::Quantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
     }
 
     fn norm_quantize(
@@ -749,8 +874,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        let f = self.dev.kernels.norm_quantize.clone();
-        self.launch(&f, (rows as u32, 1), 256, 0, &args);
+        self.launch(K::NormQuantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
     }
 
     fn gate_quantize(
@@ -778,8 +902,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        let f = self.dev.kernels.gate_quantize.clone();
-        self.launch(&f, (rows as u32, 1), 256, 0, &args);
+        self.launch(K::GateQuantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
     }
 
     fn bitlinear(&mut self, w: &CudaLinear, x: &CudaQuant, out: &mut CudaBuffer) {
@@ -809,8 +932,13 @@ impl Backend for CudaBackend {
             ((padded_cols(w.cols) / 16) as i32).into(),
             out.data.ptr.into(),
         ];
-        let f = self.dev.kernels.int8_gemv.clone();
-        self.launch(&f, (w.rows.div_ceil(8) as u32, m.div_ceil(8) as u32), 256, 0, &args);
+        self.launch(
+            K::Int8Gemv as u16,
+            (w.rows.div_ceil(8) as u32, m.div_ceil(8) as u32),
+            256,
+            0,
+            args.to_vec(),
+        );
     }
 
     fn rope(
@@ -831,8 +959,7 @@ impl Backend for CudaBackend {
             (n_heads as i32).into(),
             (head_dim as i32).into(),
         ];
-        let f = self.dev.kernels.rope.clone();
-        self.launch(&f, grid_1d(rows * n_heads * head_dim / 2, 256), 256, 0, &args);
+        self.launch(K::Rope as u16, grid_1d(rows * n_heads * head_dim / 2, 256), 256, 0, args.to_vec());
     }
 
     fn rope_kv_store(
@@ -864,8 +991,7 @@ impl Backend for CudaBackend {
             (n_kv as i32).into(),
             (head_dim as i32).into(),
         ];
-        let f = self.dev.kernels.rope_kv_store.clone();
-        self.launch(&f, grid_1d(rows * n_kv * head_dim / 2, 256), 256, 0, &args);
+        self.launch(K::RopeKvStore as u16, grid_1d(rows * n_kv * head_dim / 2, 256), 256, 0, args.to_vec());
     }
 
     fn attention(
@@ -933,9 +1059,9 @@ impl Backend for CudaBackend {
             (hd as f32).powf(-0.5).into(),
             out.data.ptr.into(),
         ];
-        let f = self.dev.kernels.attention[ki][dtype_code(store.kv_type) as usize].clone();
+        let id = K::Attention as u16 + (3 * ki) as u16 + dtype_code(store.kv_type) as u16;
         let smem = attention_smem(hd) as u32;
-        self.launch(&f, (tasks as u32, 1), (ATT_WARPS * 32) as u32, smem, &args);
+        self.launch(id, (tasks as u32, 1), (ATT_WARPS * 32) as u32, smem, args.to_vec());
     }
 
     fn gate(
@@ -953,14 +1079,12 @@ impl Backend for CudaBackend {
             (len as u64).into(),
             out.data.ptr.into(),
         ];
-        let f = self.dev.kernels.gate.clone();
-        self.launch(&f, grid_1d(len, 256), 256, 0, &args);
+        self.launch(K::Gate as u16, grid_1d(len, 256), 256, 0, args.to_vec());
     }
 
     fn add(&mut self, x: &mut CudaBuffer, y: &CudaBuffer, len: usize) {
         let args = [Arg::from(x.data.ptr), y.data.ptr.into(), (len as u64).into()];
-        let f = self.dev.kernels.add.clone();
-        self.launch(&f, grid_1d(len, 256), 256, 0, &args);
+        self.launch(K::Add as u16, grid_1d(len, 256), 256, 0, args.to_vec());
     }
 
     fn lm_head(&mut self, w: &CudaDense, x: &CudaBuffer, first: usize, rows: usize, out: &mut CudaBuffer) {
@@ -974,8 +1098,13 @@ impl Backend for CudaBackend {
             (rows as i32).into(),
             out.data.ptr.into(),
         ];
-        let f = self.dev.kernels.lm_head.clone();
-        self.launch(&f, (w.rows.div_ceil(8) as u32, rows.div_ceil(8) as u32), 256, 0, &args);
+        self.launch(
+            K::LmHead as u16,
+            (w.rows.div_ceil(8) as u32, rows.div_ceil(8) as u32),
+            256,
+            0,
+            args.to_vec(),
+        );
     }
 
     fn read(&mut self, b: &CudaBuffer, offset: usize, out: &mut [f32]) -> Result<(), BackendError> {
@@ -1008,6 +1137,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        self.flush();
         self.bind()?;
         let stream = self.dev.stream.clone();
         stream
@@ -1029,6 +1159,7 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
+        self.flush();
         self.bind()?;
         let padded = pad_rows(q, rows, out.width, out.stride);
         let sums: Vec<i32> = q.chunks(out.width.max(1)).map(|r| r.iter().map(|&v| v as i32).sum()).collect();

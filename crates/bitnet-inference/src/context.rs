@@ -315,7 +315,7 @@ impl<B: Backend> Context<B> {
     /// dropped rather than overwritten, and its tokens must be fed again).
     pub fn truncate(&mut self, seq: &mut Sequence, len: usize) -> usize {
         let mut keep = len.min(seq.tokens.len());
-        if keep % BLOCK_TOKENS != 0 && keep / BLOCK_TOKENS < seq.registered {
+        if !keep.is_multiple_of(BLOCK_TOKENS) && keep / BLOCK_TOKENS < seq.registered {
             keep -= keep % BLOCK_TOKENS;
         }
         let keep_blocks = keep.div_ceil(BLOCK_TOKENS);
