@@ -57,6 +57,7 @@ enum K {
     Add,
     TernaryGemv,
     TernaryGemm,
+    TernaryMma,
     TernaryBlockScaled,
     Int8Gemv,
     Rope,
@@ -76,6 +77,7 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "add",
     "ternary_gemv",
     "ternary_gemm",
+    "ternary_mma",
     "ternary_block_scaled",
     "int8_gemv",
     "rope",
@@ -88,6 +90,8 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     kernels: Vec<CudaFunction>,
+    /// Int8 tensor cores (mma.sync, compute capability 8.0+) for prefill products.
+    tensor_cores: bool,
     name: String,
     ordinal: usize,
 }
@@ -119,7 +123,7 @@ impl CudaDevice {
             }
         }
         let stream = ctx.new_stream().map_err(CudaError::driver)?;
-        Ok(Arc::new(Self { ctx, stream, kernels, name, ordinal }))
+        Ok(Arc::new(Self { ctx, stream, kernels, tensor_cores: major >= 8, name, ordinal }))
     }
 
     pub fn name(&self) -> &str {
@@ -395,6 +399,7 @@ pub struct CudaBackend {
     last_flushed: Vec<Launch>,
     graphs: Vec<Graph>,
     use_graphs: bool,
+    use_tensor_cores: bool,
     /// The first failure since the last synchronize.
     error: Option<BackendError>,
     staging: Staging,
@@ -417,6 +422,7 @@ impl CudaBackend {
             last_flushed: Vec::new(),
             graphs: Vec::new(),
             use_graphs: true,
+            use_tensor_cores: true,
             error: None,
             staging: Staging::default(),
             task_host: Vec::new(),
@@ -477,6 +483,12 @@ impl CudaBackend {
     /// sequence runs launch by launch (for comparing the two).
     pub fn set_graphs(&mut self, on: bool) {
         self.use_graphs = on;
+    }
+
+    /// Whether prefill products use the int8 tensor cores where the chip has them (the
+    /// default) or the dp4a tiles (for comparing the two; both are exact).
+    pub fn set_tensor_cores(&mut self, on: bool) {
+        self.use_tensor_cores = on;
     }
 
     /// Queues a launch (run at the next flush).
@@ -704,7 +716,12 @@ impl CudaBackend {
             self.launch(K::TernaryGemv as u16, grid, 256, 0, args);
         } else {
             let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(64)).sum();
-            self.launch(K::TernaryGemm as u16, (tiles as u32, m.div_ceil(64) as u32), 256, 0, args);
+            let grid = (tiles as u32, m.div_ceil(64) as u32);
+            if self.use_tensor_cores && self.dev.tensor_cores {
+                self.launch(K::TernaryMma as u16, grid, 128, 0, args);
+            } else {
+                self.launch(K::TernaryGemm as u16, grid, 256, 0, args);
+            }
         }
     }
 }

@@ -21,12 +21,15 @@ pub fn padded_cols(cols: usize) -> usize {
     cols.div_ceil(VECTOR_COLS).max(1) * VECTOR_COLS
 }
 
-/// Packs row-major ternary codes (`rows × cols`, each in {-1, 0, 1}) into device words.
+/// Packs row-major ternary codes (`rows × cols`, each in {-1, 0, 1}) into device words, rows
+/// in parallel.
 pub fn pack_ternary(codes: &[i8], rows: usize, cols: usize) -> Vec<u32> {
+    use rayon::prelude::*;
     let words_per_row = padded_cols(cols) / 16;
     let mut out = vec![0u32; rows * words_per_row];
-    for (r, row) in codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
-        for (w, word) in out[r * words_per_row..(r + 1) * words_per_row].iter_mut().enumerate() {
+    let rows_in = codes.par_chunks_exact(cols.max(1)).take(rows);
+    out.par_chunks_exact_mut(words_per_row).zip(rows_in).for_each(|(words, row)| {
+        for (w, word) in words.iter_mut().enumerate() {
             let mut packed = 0u32;
             for s in 0..4 {
                 for i in 0..4 {
@@ -37,7 +40,7 @@ pub fn pack_ternary(codes: &[i8], rows: usize, cols: usize) -> Vec<u32> {
             }
             *word = packed;
         }
-    }
+    });
     out
 }
 

@@ -14,15 +14,29 @@ fn the_cuda_backend_conforms_to_the_cpu() {
         }
     };
     println!("device: {}", dev.name());
-    match check_backend(|| CudaBackend::on(dev.clone())) {
-        Ok(report) => println!("{} checks passed", report.checks),
-        Err(failures) => {
-            for f in failures.iter().take(40) {
-                println!("FAILED {f}");
+    // Prefill products on the int8 tensor cores (where the chip has them) and on dp4a tiles;
+    // every sequence launch by launch and through CUDA graphs.
+    let mut failed = 0;
+    for (tensor_cores, graphs) in [(true, true), (false, false)] {
+        let make = || {
+            let mut b = CudaBackend::on(dev.clone());
+            b.set_tensor_cores(tensor_cores);
+            b.set_graphs(graphs);
+            b
+        };
+        match check_backend(make) {
+            Ok(report) => {
+                println!("tensor cores {tensor_cores}, graphs {graphs}: {} checks passed", report.checks)
             }
-            panic!("{} conformance failures on {}", failures.len(), dev.name());
+            Err(failures) => {
+                for f in failures.iter().take(40) {
+                    println!("FAILED (tensor cores {tensor_cores}, graphs {graphs}) {f}");
+                }
+                failed += failures.len();
+            }
         }
     }
+    assert_eq!(failed, 0, "{failed} conformance failures on {}", dev.name());
 }
 
 /// Says, past the test harness's output capture, that a GPU test did not run.

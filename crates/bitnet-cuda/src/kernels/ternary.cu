@@ -236,3 +236,102 @@ extern "C" __global__ void __launch_bounds__(256) int8_gemv(const int4* w, const
         }
     }
 }
+
+// Prefill-sized batches on the int8 tensor cores (sm_80+): the same product as ternary_gemm,
+// exact in i32. A block of 4 warps computes 64 rows x 64 tokens, each warp 32 x 32 with
+// mma.m16n8k32 (s8 x s8 -> s32). Per step of 64 columns, the weight vectors are decoded to
+// signed bytes t in {-1, 0, 1} in shared memory (A, row-major) beside the tokens' int8
+// activations (B, one token's 64 bytes per row: the "col" operand), rows padded to 80 bytes
+// so that fragment loads hit 32 different banks. Signed codes need no activation sum.
+#define MMA_STRIDE 80
+__device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) ternary_mma(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
+                                                              const int* sums, int m, int wvec) {
+    __shared__ __align__(16) u8 as[TILE * MMA_STRIDE];
+    __shared__ __align__(16) u8 bs[TILE * MMA_STRIDE];
+    int tiles0 = (r0 + TILE - 1) / TILE, tiles1 = (r1 + TILE - 1) / TILE;
+    int tile = blockIdx.x, base;
+    const uint4* w;
+    float* out;
+    int rows, mode;
+    float scale;
+    if (tile < tiles0) {
+        w = w0; out = o0; rows = r0; mode = m0; scale = s0; base = tile * TILE;
+    } else if (tile < tiles0 + tiles1) {
+        w = w1; out = o1; rows = r1; mode = m1; scale = s1; base = (tile - tiles0) * TILE;
+    } else {
+        w = w2; out = o2; rows = r2; mode = m2; scale = s2; base = (tile - tiles0 - tiles1) * TILE;
+    }
+    int tok0 = blockIdx.y * TILE;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    int g = lane >> 2, tig = lane & 3;
+    int wr = (warp >> 1) * 32, wt = (warp & 1) * 32;  // the warp's rows and tokens in the tile
+    int acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0;
+    for (int kv = 0; kv < wvec; kv++) {
+        if (tid < TILE) {
+            int r = base + tid;
+            uint4 v = r < rows ? __ldg(w + (u64)r * wvec + kv) : make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
+            u32 words[4] = {v.x, v.y, v.z, v.w};
+            u32* dst = (u32*)(as + tid * MMA_STRIDE);
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+#pragma unroll
+                for (int sh = 0; sh < 4; sh++) dst[4 * q + sh] = __vsub4((words[q] >> (2 * sh)) & 0x03030303u, 0x01010101u);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int e = tid + 128 * h, tk = e >> 2, c = e & 3, tok = tok0 + tk;
+            int4 v = tok < m ? __ldg(x + (u64)tok * xvec + 4 * kv + c) : make_int4(0, 0, 0, 0);
+            *(int4*)(bs + tk * MMA_STRIDE + 16 * c) = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k0 = 0; k0 < 64; k0 += 32) {
+            u32 a[2][4], b[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const u8* ar = as + (wr + 16 * i + g) * MMA_STRIDE + k0 + 4 * tig;
+                a[i][0] = *(const u32*)ar;
+                a[i][1] = *(const u32*)(ar + 8 * MMA_STRIDE);
+                a[i][2] = *(const u32*)(ar + 16);
+                a[i][3] = *(const u32*)(ar + 8 * MMA_STRIDE + 16);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const u8* br = bs + (wt + 8 * j + g) * MMA_STRIDE + k0 + 4 * tig;
+                b[j][0] = *(const u32*)br;
+                b[j][1] = *(const u32*)(br + 16);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) mma_s8(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();
+    }
+    // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = base + wr + 16 * i + g + 8 * (e >> 1);
+                int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
+                if (r < rows && tok < m) out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)acc[i][j][e], s_a[tok]);
+            }
+}
