@@ -179,6 +179,23 @@ impl QuantizedActivations {
     }
 }
 
+/// Ternary weights in no kernel's layout: row-major codes in {-1, 0, 1}, the matrix's scale and,
+/// for weights quantized block by block, one multiplier per (row, 256-column block).
+///
+/// The product it defines is [`TernaryMatrix::forward`]'s: per token with activation scale
+/// `s_a`, `y[r] = scale(Σ_c t[r, c] · q[c], s_a)`, or with block scales
+/// `y[r] = scale(Σ_b d[r, b] · P[r, b], s_a)` summed in block order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TernaryCodes {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows × cols` codes, row-major.
+    pub codes: Vec<i8>,
+    pub scale: WeightScale,
+    /// `[rows, cols.div_ceil(256)]` row-major, if the blocks carry their own multipliers.
+    pub block_scales: Option<Vec<f32>>,
+}
+
 /// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale, packed
 /// at construction into the kernels' layout ([`crate::layout`]).
 ///
@@ -262,6 +279,27 @@ impl TernaryMatrix {
     /// The row-major ternary codes (for export and tests).
     pub fn to_ternary(&self) -> Vec<i8> {
         self.packed.unpack()
+    }
+
+    /// The weights independent of this crate's kernel layout: codes, scale and block scales,
+    /// what a device backend receives to lay out for its own kernels.
+    pub fn to_codes(&self) -> TernaryCodes {
+        TernaryCodes {
+            rows: self.rows(),
+            cols: self.cols(),
+            codes: self.packed.unpack(),
+            scale: self.scale,
+            block_scales: self.block_scales.clone(),
+        }
+    }
+
+    /// Packs layout-neutral weights into the CPU kernels' layout (the inverse of
+    /// [`TernaryMatrix::to_codes`]).
+    pub fn from_codes(c: &TernaryCodes) -> Result<Self, QuantError> {
+        match &c.block_scales {
+            None => Self::from_ternary(&c.codes, c.rows, c.cols, c.scale),
+            Some(d) => Self::from_ternary_block_scaled(&c.codes, c.rows, c.cols, d.clone(), c.scale),
+        }
     }
 
     /// Integer products of each 256-column block:
