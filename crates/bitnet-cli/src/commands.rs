@@ -500,7 +500,11 @@ pub fn load_for_chat(
 }
 
 /// Loads the model, saying so on stderr when it takes more than a moment.
-fn load_reporting<B: Backend>(model: Option<&Path>, opts: LoadOptions, backend: &B) -> Result<LoadedModel<B>> {
+fn load_reporting<B: Backend>(
+    model: Option<&Path>,
+    opts: LoadOptions,
+    backend: &B,
+) -> Result<LoadedModel<B>> {
     let start = std::time::Instant::now();
     let large = model.and_then(model_bytes).is_some_and(|b| b > 256 << 20);
     if let (true, Some(path)) = (large, model) {

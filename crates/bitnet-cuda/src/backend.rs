@@ -13,7 +13,7 @@ use bitnet_core::dense::{DenseData, DenseMatrix};
 use bitnet_inference::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use bitnet_inference::KvType;
 use bitnet_models::Activation;
-use bitnet_quant::{Int8Matrix, TernaryMatrix, WeightScale};
+use bitnet_quant::{DenseLinear, Int8Matrix, TernaryMatrix, WeightScale};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
 };
@@ -726,6 +726,10 @@ impl CudaBackend {
     }
 }
 
+/// A non-ternary matrix on the device: only float formats have kernels (see
+/// [`CudaBackend::upload_dense_linear`]).
+pub struct CudaDenseLinear(CudaDense);
+
 impl Backend for CudaBackend {
     type Linear = CudaLinear;
     type Dense = CudaDense;
@@ -734,9 +738,45 @@ impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
     type QuantBuffer = CudaQuant;
     type KvStore = CudaKvStore;
+    type DenseLinear = CudaDenseLinear;
+    type DenseInput = ();
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.dev.ordinal, self.dev.name)
+    }
+
+    /// Float formats (F32, F16, BF16) run on the float head's kernel, which computes the same
+    /// dot products; GGUF block formats (Q8_0, Q4_K, ...) have no GPU kernel yet and are refused
+    /// when the model loads.
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<CudaDenseLinear, BackendError> {
+        if !w.format().is_float() {
+            return Err(BackendError::Unsupported {
+                device: self.name(),
+                what: format!("{} weights (a {}x{} matrix)", w.format().name(), w.rows(), w.cols()),
+            });
+        }
+        Ok(CudaDenseLinear(self.upload_dense(w.to_dense_matrix())?))
+    }
+
+    fn dense_input(&self, _max_rows: usize, _width: usize) -> Result<(), BackendError> {
+        // Float formats read the float activations as they are.
+        Ok(())
+    }
+
+    fn dense_embedding(&mut self, table: &CudaDenseLinear, ids: &[u32], out: &mut CudaBuffer) {
+        self.embedding(&table.0, ids, out)
+    }
+
+    fn dense_linear(
+        &mut self,
+        w: &CudaDenseLinear,
+        x: &CudaBuffer,
+        first: usize,
+        rows: usize,
+        _input: &mut (),
+        out: &mut CudaBuffer,
+    ) {
+        self.lm_head(&w.0, x, first, rows, out)
     }
 
     fn upload_linear(&self, w: TernaryMatrix) -> Result<CudaLinear, BackendError> {

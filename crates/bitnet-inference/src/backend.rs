@@ -27,6 +27,9 @@ pub enum BackendError {
     /// A transfer whose sizes do not fit the buffer it names.
     #[error("{device}: {message}")]
     Shape { device: String, message: String },
+    /// Weights this backend has no kernel for (say, a GGUF block format on a GPU).
+    #[error("{device} cannot run {what} yet")]
+    Unsupported { device: String, what: String },
 }
 
 /// Rows of one sequence in a batch, as attention sees them.

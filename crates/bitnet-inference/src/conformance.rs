@@ -18,7 +18,8 @@ use std::cmp::Ordering;
 
 use bitnet_core::dense::{DenseData, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::{Int8Matrix, TernaryMatrix, WeightScale};
+use bitnet_quant::dense::DenseFormat;
+use bitnet_quant::{DenseLinear, Int8Matrix, TernaryMatrix, WeightScale};
 
 use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use crate::cpu::CpuBackend;
@@ -53,10 +54,13 @@ impl std::fmt::Display for Failure {
 }
 
 /// What a passing run covered.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Report {
     /// Comparisons made (one per operation call and output).
     pub checks: usize,
+    /// Weight formats the backend refused with [`BackendError::Unsupported`] (a model holding
+    /// them fails to load on it with that error, which is allowed; a wrong result is not).
+    pub unsupported: Vec<String>,
 }
 
 /// How far the suite goes.
@@ -80,7 +84,14 @@ pub fn check_backend<B: Backend>(make: impl Fn() -> B) -> Result<Report, Vec<Fai
 
 /// [`check_backend`] with chosen [`Options`].
 pub fn check_backend_with<B: Backend>(make: impl Fn() -> B, opts: Options) -> Result<Report, Vec<Failure>> {
-    let mut s = Suite { cpu: CpuBackend::new(), dev: make(), opts, failures: Vec::new(), checks: 0 };
+    let mut s = Suite {
+        cpu: CpuBackend::new(),
+        dev: make(),
+        opts,
+        failures: Vec::new(),
+        checks: 0,
+        unsupported: Vec::new(),
+    };
     s.embedding_and_gather();
     s.transfers();
     s.row_ops();
@@ -92,8 +103,9 @@ pub fn check_backend_with<B: Backend>(make: impl Fn() -> B, opts: Options) -> Re
         s.kv_and_attention(kv_type);
     }
     s.lm_head();
+    s.dense_linear();
     if s.failures.is_empty() {
-        Ok(Report { checks: s.checks })
+        Ok(Report { checks: s.checks, unsupported: s.unsupported })
     } else {
         Err(s.failures)
     }
@@ -151,6 +163,7 @@ struct Suite<B: Backend> {
     opts: Options,
     failures: Vec<Failure>,
     checks: usize,
+    unsupported: Vec<String>,
 }
 
 /// A buffer of `len` on `b` holding `data` at its start.
@@ -758,6 +771,95 @@ impl<B: Backend> Suite<B> {
             }
         }
     }
+
+    /// Non-ternary matrices in their stored formats (F32/F16/BF16 and the GGUF block formats):
+    /// `dense_linear` within [`LM_HEAD_RTOL`] of `Σ_c |w_c · x_c|` (the reference quantizes the
+    /// activations of block formats the same way on every backend), `dense_embedding` exact.
+    fn dense_linear(&mut self) {
+        let mut rng = Rng::new(11);
+        for format in DenseFormat::ALL {
+            for (rows, cols) in [(37, 256), (300, 512), (5, 768)] {
+                let values = rng.floats(rows * cols, 0.1);
+                let case = format!("{} {rows}×{cols}", format.name());
+                // Formats without a quantizer here (Q4_0, Q4_1, Q4_K) are read from files only.
+                let Ok(w) = DenseLinear::encode(format, &values, rows, cols) else { break };
+                let wide = w.to_f32();
+                let dw = match self.dev.upload_dense_linear(w.clone()) {
+                    Err(BackendError::Unsupported { .. }) => {
+                        self.unsupported.push(format.name().to_string());
+                        break;
+                    }
+                    r => self.ok("upload_dense_linear", &case, r),
+                };
+                let (Some(cw), Some(dw)) =
+                    (self.ok("upload_dense_linear", &case, self.cpu.upload_dense_linear(w)), dw)
+                else {
+                    continue;
+                };
+                let ids: Vec<u32> = (0..7).map(|_| rng.below(rows) as u32).collect();
+                let want = dense_embedding_on(&mut self.cpu, &cw, &ids, cols);
+                let got = dense_embedding_on(&mut self.dev, &dw, &ids, cols);
+                if let (Some(w), Some(g)) =
+                    (self.ok("dense_embedding", &case, want), self.ok("dense_embedding", &case, got))
+                {
+                    self.exact("dense_embedding", case.clone(), &g, &w);
+                }
+                let max_batch = self.opts.max_batch;
+                for m in [1, 2, 5, 16, 33].into_iter().filter(|&m| m <= max_batch) {
+                    let total = m + 1;
+                    let x = rng.floats(total * cols, 2.0);
+                    let case = format!("{case}, rows 1..{total}");
+                    let want = dense_linear_on(&mut self.cpu, &cw, &x, 1, m, rows, cols);
+                    let got = dense_linear_on(&mut self.dev, &dw, &x, 1, m, rows, cols);
+                    if let (Some(wt), Some(g)) =
+                        (self.ok("dense_linear", &case, want), self.ok("dense_linear", &case, got))
+                    {
+                        let mag: Vec<f32> = (0..m * rows)
+                            .map(|i| {
+                                let (t, r) = (1 + i / rows, i % rows);
+                                let xr = &x[t * cols..(t + 1) * cols];
+                                wide[r * cols..(r + 1) * cols]
+                                    .iter()
+                                    .zip(xr)
+                                    .map(|(a, b)| (a * b).abs())
+                                    .sum()
+                            })
+                            .collect();
+                        self.close("dense_linear", case, &g, &wt, |i| {
+                            LM_HEAD_RTOL * mag[i] + f32::MIN_POSITIVE
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dense_embedding_on<B: Backend>(
+    b: &mut B,
+    table: &B::DenseLinear,
+    ids: &[u32],
+    width: usize,
+) -> Result<Vec<f32>, BackendError> {
+    let mut out = b.buffer(ids.len() * width)?;
+    b.dense_embedding(table, ids, &mut out);
+    read_back(b, &out, ids.len() * width)
+}
+
+fn dense_linear_on<B: Backend>(
+    b: &mut B,
+    w: &B::DenseLinear,
+    x: &[f32],
+    first: usize,
+    rows: usize,
+    out_width: usize,
+    width: usize,
+) -> Result<Vec<f32>, BackendError> {
+    let xb = buffer_with(b, x.len(), x)?;
+    let mut input = b.dense_input(first + rows, width)?;
+    let mut out = b.buffer(rows * out_width)?;
+    b.dense_linear(w, &xb, first, rows, &mut input, &mut out);
+    read_back(b, &out, rows * out_width)
 }
 
 /// Row `id` of a table as its dtype stores it, widened.

@@ -118,7 +118,12 @@ pub fn load_embedded_on<B: Backend>(
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
     let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
-    Ok(LoadedModel { model: Model::new(weights, backend, opts.head)?, tokenizer: Some(tokenizer), source, generation })
+    Ok(LoadedModel {
+        model: Model::new(weights, backend, opts.head)?,
+        tokenizer: Some(tokenizer),
+        source,
+        generation,
+    })
 }
 
 /// Loads a GGUF file onto the CPU.

@@ -7,7 +7,7 @@ use bitnet_inference::conformance::{check_backend, check_backend_with, Options};
 use bitnet_inference::cpu::CpuKvStore;
 use bitnet_inference::{CpuBackend, KvType};
 use bitnet_models::Activation;
-use bitnet_quant::{Int8Matrix, QuantizedActivations, TernaryMatrix};
+use bitnet_quant::{DenseActivations, DenseLinear, Int8Matrix, QuantizedActivations, TernaryMatrix};
 
 #[test]
 fn the_cpu_backend_conforms_to_itself() {
@@ -34,6 +34,8 @@ enum Fault {
     LmHeadSkipsLastRow,
     /// Keys are stored unrotated.
     KvStoreWithoutRope,
+    /// A dense projection leaves its last output unwritten (zero).
+    DenseLinearSkipsLastRow,
 }
 
 /// The CPU backend with one fault.
@@ -50,9 +52,35 @@ impl Backend for Faulty {
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
     type KvStore = CpuKvStore;
+    type DenseLinear = DenseLinear;
+    type DenseInput = DenseActivations;
 
     fn name(&self) -> String {
         format!("faulty ({:?})", self.fault)
+    }
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<DenseLinear, BackendError> {
+        self.cpu.upload_dense_linear(w)
+    }
+    fn dense_input(&self, max_rows: usize, width: usize) -> Result<DenseActivations, BackendError> {
+        self.cpu.dense_input(max_rows, width)
+    }
+    fn dense_embedding(&mut self, table: &DenseLinear, ids: &[u32], out: &mut Vec<f32>) {
+        self.cpu.dense_embedding(table, ids, out)
+    }
+    fn dense_linear(
+        &mut self,
+        w: &DenseLinear,
+        x: &Vec<f32>,
+        first: usize,
+        rows: usize,
+        input: &mut DenseActivations,
+        out: &mut Vec<f32>,
+    ) {
+        self.cpu.dense_linear(w, x, first, rows, input, out);
+        if self.fault == Fault::DenseLinearSkipsLastRow {
+            let n = rows * w.rows();
+            out[n - 1] = 0.0;
+        }
     }
     fn upload_linear(&self, w: TernaryMatrix) -> Result<TernaryMatrix, BackendError> {
         self.cpu.upload_linear(w)
@@ -271,6 +299,7 @@ fn every_deliberate_fault_is_caught_and_named() {
         (Fault::RmsnormWrongEps, "rmsnorm"),
         (Fault::LmHeadSkipsLastRow, "lm_head"),
         (Fault::KvStoreWithoutRope, "rope_kv_store keys"),
+        (Fault::DenseLinearSkipsLastRow, "dense_linear"),
     ];
     for (fault, op) in cases {
         let failures =
