@@ -53,6 +53,12 @@ pub struct InputArgs {
     /// answers badly.
     #[arg(long)]
     pub ternarize: bool,
+    /// How block-format weights (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) meet the activations:
+    /// `q8` quantizes the activations per block as llama.cpp does (faster, llama.cpp's numbers),
+    /// `f32` multiplies the dequantized weights with float activations (transformers' numbers
+    /// from the same file).
+    #[arg(long, value_enum, default_value_t = DenseActivationsArg::Q8)]
+    pub dense_activations: DenseActivationsArg,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -67,14 +73,25 @@ pub enum HeadArg {
 impl HeadArg {
     pub fn options(self) -> LoadOptions {
         LoadOptions {
-            ternarize: false,
             head: match self {
                 HeadArg::Float => HeadFormat::Float,
                 HeadArg::Int8 => HeadFormat::Int8,
                 HeadArg::Int6 => HeadFormat::Int6,
             },
+            ..LoadOptions::default()
         }
     }
+}
+
+/// How GGUF block-format weights (Q8_0, Q4_K, ...) meet the activations.
+#[derive(Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenseActivationsArg {
+    /// Quantized per block, integer block products, as llama.cpp computes (fast).
+    #[default]
+    Q8,
+    /// Kept in f32 against the dequantized weights, as transformers computes from the same
+    /// file (slower).
+    F32,
 }
 
 #[derive(Args)]
@@ -250,7 +267,11 @@ pub struct InspectArgs {
 
 impl InputArgs {
     fn load_options(&self) -> LoadOptions {
-        LoadOptions { ternarize: self.ternarize, ..self.lm_head.options() }
+        LoadOptions {
+            ternarize: self.ternarize,
+            float_activations: self.dense_activations == DenseActivationsArg::F32,
+            ..self.lm_head.options()
+        }
     }
 }
 

@@ -746,13 +746,25 @@ impl Backend for CudaBackend {
     }
 
     /// Float formats (F32, F16, BF16) run on the float head's kernel, which computes the same
-    /// dot products; GGUF block formats (Q8_0, Q4_K, ...) have no GPU kernel yet and are refused
-    /// when the model loads.
+    /// dot products, and so do block formats set to run on f32 activations (decoded to f32 here:
+    /// dequantized weights times float activations is what they compute). GGUF block formats on
+    /// llama.cpp's int8 block products have no GPU kernel yet and are refused when the model
+    /// loads.
     fn upload_dense_linear(&self, w: DenseLinear) -> Result<CudaDenseLinear, BackendError> {
+        if w.float_activations() {
+            let m = DenseMatrix { rows: w.rows(), cols: w.cols(), data: DenseData::F32(w.to_f32()) };
+            return Ok(CudaDenseLinear(self.upload_dense(m)?));
+        }
         if !w.format().is_float() {
             return Err(BackendError::Unsupported {
                 device: self.name(),
-                what: format!("{} weights (a {}x{} matrix)", w.format().name(), w.rows(), w.cols()),
+                what: format!(
+                    "{} weights (a {}x{} matrix) with int8 block activations: load with float \
+                     activations (--dense-activations f32)",
+                    w.format().name(),
+                    w.rows(),
+                    w.cols()
+                ),
             });
         }
         Ok(CudaDenseLinear(self.upload_dense(w.to_dense_matrix())?))

@@ -19,11 +19,23 @@ pub struct LoadOptions {
     pub head: HeadFormat,
     /// Ternarize projections that would run dense (an experiment: see `WeightOptions`).
     pub ternarize: bool,
+    /// Run GGUF block-format weights on f32 activations (transformers' numbers from the
+    /// dequantized file) instead of llama.cpp's int8 block products (the default: faster).
+    pub float_activations: bool,
 }
 
 impl LoadOptions {
     fn weights(&self) -> WeightOptions {
         WeightOptions { ternarize: self.ternarize }
+    }
+
+    /// The weights as these options run them.
+    fn finish(&self, weights: ModelWeights) -> ModelWeights {
+        if self.float_activations {
+            weights.with_float_activations()
+        } else {
+            weights
+        }
     }
 }
 
@@ -71,7 +83,7 @@ pub fn load_dir_on<B: Backend>(
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
-    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
+    let weights = opts.finish(ModelWeights::load_with(&store, config, opts.weights())?);
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
@@ -116,7 +128,7 @@ pub fn load_embedded_on<B: Backend>(
     }
     let store =
         TensorStore::from_files(vec![(source.join("model.safetensors"), Bytes::Static(e.safetensors))])?;
-    let weights = ModelWeights::load_with(&store, config, opts.weights())?;
+    let weights = opts.finish(ModelWeights::load_with(&store, config, opts.weights())?);
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
         model: Model::new(weights, backend, opts.head)?,
@@ -138,7 +150,7 @@ pub fn load_gguf_on<B: Backend>(
     opts: LoadOptions,
 ) -> Result<LoadedModel<B>, InferenceError> {
     let file = GgufFile::open(path).map_err(ModelError::from)?;
-    let weights = ModelWeights::from_gguf_with(&file, opts.weights())?;
+    let weights = opts.finish(ModelWeights::from_gguf_with(&file, opts.weights())?);
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
         true => {
             let t =

@@ -140,6 +140,32 @@ pub struct ModelWeights {
 }
 
 impl ModelWeights {
+    /// Every dense matrix in a block format (projections, embeddings, head) set to run on f32
+    /// activations ([`DenseLinear::with_float_activations`]): a GGUF model's numbers as
+    /// transformers computes them from the dequantized file, instead of llama.cpp's.
+    pub fn with_float_activations(mut self) -> Self {
+        for layer in &mut self.layers {
+            for p in [
+                &mut layer.q_proj,
+                &mut layer.k_proj,
+                &mut layer.v_proj,
+                &mut layer.o_proj,
+                &mut layer.gate_proj,
+                &mut layer.up_proj,
+                &mut layer.down_proj,
+            ] {
+                if let LinearWeight::Dense(w) = &mut p.weight {
+                    w.set_float_activations(true);
+                }
+            }
+        }
+        self.embed_tokens.set_float_activations(true);
+        if let Some(head) = &mut self.lm_head {
+            head.set_float_activations(true);
+        }
+        self
+    }
+
     /// The matrix the logits are computed with.
     pub fn lm_head(&self) -> &DenseLinear {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

@@ -468,3 +468,54 @@ fn bad_sizes_are_typed_errors() {
     let msg = DenseLinear::from_bytes(GgmlType::Q4_1, 2, 64, &q(79)).unwrap_err().to_string();
     assert!(msg.contains("Q4_1") && msg.contains("80") && msg.contains("79"), "{msg}");
 }
+
+/// With float activations a block format computes `dequantized W · x` in f32: every path,
+/// every batch size, equals the decoded rows dotted with `bitnet_core::dense::dot_f32`, bit for
+/// bit, and lies within the float bound of the exact f64 product.
+#[test]
+fn float_activations_run_the_dequantized_rows_on_every_path() {
+    let mut rng = Rng::new(0xf10a7);
+    for format in DenseFormat::ALL.into_iter().filter(|f| !f.is_float()) {
+        for cols in widths(format) {
+            for rows in [1, 9, 33] {
+                let w =
+                    random_matrix(format, rows, cols, Codes::Random, &mut rng).with_float_activations(true);
+                assert!(w.float_activations());
+                assert_eq!(w.activation_kind(), ActivationKind::F32);
+                let dense = w.to_f32();
+                for m in [1, 3, 8] {
+                    let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+                    let mut a = DenseActivations::new();
+                    a.quantize(w.activation_kind(), &x, m, cols).unwrap();
+                    for path in KernelPath::available() {
+                        let mut out = vec![f32::NAN; m * rows];
+                        w.forward_quantized_with(path, &a, &mut out).unwrap();
+                        for t in 0..m {
+                            for r in 0..rows {
+                                let (wr, xt) =
+                                    (&dense[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                                let want = bitnet_core::dense::dot_f32(wr, xt);
+                                let got = out[t * rows + r];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{format} {path} m={m} t={t} r={r}"
+                                );
+                                let exact: f64 =
+                                    wr.iter().zip(xt).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                                let bound = bitnet_quant::dense::float_dot_bound(cols, abs_dot(wr, xt));
+                                assert!(
+                                    (f64::from(got) - exact).abs() <= bound,
+                                    "{format} r={r}: {got} vs {exact}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // A float format ignores the request: it already multiplies floats.
+    let f = random_matrix(DenseFormat::BF16, 3, 8, Codes::Random, &mut rng).with_float_activations(true);
+    assert!(!f.float_activations());
+}

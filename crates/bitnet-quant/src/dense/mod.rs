@@ -186,6 +186,9 @@ pub struct DenseLinear {
     cols: usize,
     row_bytes: usize,
     data: AlignedBytes,
+    /// Block formats only: multiply the dequantized weights with the f32 activations
+    /// ([`DenseLinear::with_float_activations`]).
+    float_activations: bool,
 }
 
 impl DenseLinear {
@@ -199,7 +202,7 @@ impl DenseLinear {
         }
         let mut data = AlignedBytes::zeroed(expected);
         data.as_bytes_mut().copy_from_slice(bytes);
-        Ok(Self { format, rows, cols, row_bytes, data })
+        Ok(Self { format, rows, cols, row_bytes, data, float_activations: false })
     }
 
     /// An F32 matrix from row-major values.
@@ -251,7 +254,29 @@ impl DenseLinear {
     }
     /// The activation encoding [`DenseLinear::forward_quantized`] takes.
     pub fn activation_kind(&self) -> ActivationKind {
+        if self.float_activations {
+            return ActivationKind::F32;
+        }
         self.format.activation_kind()
+    }
+
+    /// The same matrix computing as transformers does from a dequantized GGUF: each row of a
+    /// block format decoded to f32 and dotted with the f32 activations (no activation
+    /// quantization), instead of llama.cpp's integer block products. Slower; its numbers are a
+    /// float model's. No change for the float formats, which already work this way.
+    pub fn with_float_activations(mut self, on: bool) -> Self {
+        self.set_float_activations(on);
+        self
+    }
+
+    /// [`DenseLinear::with_float_activations`] in place.
+    pub fn set_float_activations(&mut self, on: bool) {
+        self.float_activations = on && !self.format.is_float();
+    }
+
+    /// True when a block format runs on f32 activations ([`DenseLinear::with_float_activations`]).
+    pub fn float_activations(&self) -> bool {
+        self.float_activations
     }
     /// The stored bytes, row after row.
     pub fn as_bytes(&self) -> &[u8] {
@@ -329,7 +354,14 @@ impl DenseLinear {
             }
             data.as_bytes_mut()[i * rb..(i + 1) * rb].copy_from_slice(self.row(from));
         }
-        Ok(Self { format: self.format, rows: self.rows, cols: self.cols, row_bytes: rb, data })
+        Ok(Self {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            row_bytes: rb,
+            data,
+            float_activations: self.float_activations,
+        })
     }
 
     /// `out[t · rows + r] = Σ_c W[r, c] · x[t · cols + c]` for `m` tokens of `x`, on the active
@@ -464,6 +496,11 @@ impl DenseLinear {
         out: &SharedOut<'_, f32>,
     ) {
         let rows = groups.start * ROW_GROUP..(groups.end * ROW_GROUP).min(self.rows);
+        if self.float_activations {
+            // One definition on every path: the decode and the f32 dot product are the same code.
+            scalar::run_rows_dequantized(self, a, rows, out);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if path != KernelPath::Scalar && avx2::available() {
             // SAFETY: AVX2, FMA and F16C are available (checked just above).

@@ -161,10 +161,49 @@ pub fn dot_row(format: DenseFormat, w: &[u8], a: &DenseActivations, t: usize) ->
 
 /// `rows` of `w` for every token of `a` (the scalar kernel path).
 pub(crate) fn run_rows(w: &DenseLinear, a: &DenseActivations, rows: Range<usize>, out: &SharedOut<'_, f32>) {
+    if w.float_activations() {
+        return run_rows_dequantized(w, a, rows, out);
+    }
     for r in rows {
         let row = w.row(r);
         for t in 0..a.m() {
             out.write(t, r, dot_row(w.format(), row, a, t));
         }
     }
+}
+
+thread_local! {
+    /// One decoded row for [`run_rows_dequantized`], per thread.
+    static DECODED_ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `rows` of a block-format `w` running on f32 activations: each row decoded once to f32, then
+/// dotted with every token (`bitnet_core::dense::dot_f32`: eight partial sums in a fixed
+/// order, so a token's value does not depend on the batch it is in).
+pub(crate) fn run_rows_dequantized(
+    w: &DenseLinear,
+    a: &DenseActivations,
+    rows: Range<usize>,
+    out: &SharedOut<'_, f32>,
+) {
+    DECODED_ROW.with(|cell| {
+        let mut own = Vec::new();
+        let mut borrowed = cell.try_borrow_mut();
+        // Re-entered on this thread (a pool worker inside another product): a buffer of its own.
+        let row = match borrowed.as_mut() {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        row.resize(w.cols(), 0.0);
+        for r in rows {
+            // Rows hold whole blocks and `r` is in range (both checked when `w` was built); were
+            // that broken, the outputs say so rather than keep stale values.
+            if w.dequantize_row(r, row).is_err() {
+                row.fill(f32::NAN);
+            }
+            for t in 0..a.m() {
+                out.write(t, r, bitnet_core::dense::dot_f32(row, a.floats(t)));
+            }
+        }
+    });
 }
