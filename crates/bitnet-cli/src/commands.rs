@@ -718,17 +718,46 @@ pub struct QuantizeArgs {
     pub src: PathBuf,
     /// Output .gguf file.
     pub dst: PathBuf,
-    /// New type of the ternary projections.
+    /// New type: tq2_0 / tq1_0 / i2_s re-encode the ternary projections (exact codes); f16 /
+    /// bf16 / q8_0 / q6_k re-encode every weight matrix (projections, embeddings, head) from its
+    /// decoded values.
     #[arg(long = "type", value_enum)]
-    pub weight_type: ConvertType,
+    pub weight_type: QuantizeType,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum QuantizeType {
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    #[value(name = "tq1_0")]
+    Tq1_0,
+    #[value(name = "i2_s")]
+    I2S,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    use bitnet_models::convert::{reencode_gguf_dense, requantize_gguf, DenseType, WeightType};
     let bar = progress_bar();
-    bitnet_models::convert::requantize_gguf(&a.src, &a.dst, a.weight_type.weight_type(), |done, total| {
+    let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    let dense = |t| reencode_gguf_dense(&a.src, &a.dst, t, progress);
+    match a.weight_type {
+        QuantizeType::Tq2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq2_0, progress)?,
+        QuantizeType::Tq1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq1_0, progress)?,
+        QuantizeType::I2S => requantize_gguf(&a.src, &a.dst, WeightType::I2S, progress)?,
+        QuantizeType::F16 => dense(DenseType::F16)?,
+        QuantizeType::Bf16 => dense(DenseType::Bf16)?,
+        QuantizeType::Q8_0 => dense(DenseType::Q8_0)?,
+        QuantizeType::Q6K => dense(DenseType::Q6K)?,
+    }
     bar.finish_and_clear();
     eprintln!("wrote {}", a.dst.display());
     Ok(())

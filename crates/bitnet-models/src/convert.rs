@@ -414,6 +414,86 @@ pub fn requantize_gguf(
     Ok(())
 }
 
+/// Float and block types a GGUF's weight matrices can be re-encoded to (`bitnet quantize --type
+/// f16|bf16|q8_0|q6_k`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseType {
+    F16,
+    Bf16,
+    Q8_0,
+    Q6K,
+}
+
+impl DenseType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            DenseType::F16 => GgmlType::F16,
+            DenseType::Bf16 => GgmlType::BF16,
+            DenseType::Q8_0 => GgmlType::Q8_0,
+            DenseType::Q6K => GgmlType::Q6_K,
+        }
+    }
+}
+
+/// Whether a GGUF tensor is a weight matrix (a projection, the embeddings or the head), as
+/// opposed to a norm's gain or another vector.
+fn is_weight_matrix(name: &str, shape: &[u64]) -> bool {
+    shape.len() == 2 && (is_projection(name) || name == "token_embd.weight" || name == "output.weight")
+}
+
+/// `bitnet quantize --type f16|bf16|q8_0|q6_k`: every weight matrix (projections, embeddings,
+/// head) decoded from whatever type it is stored in and encoded as `target`; norms, other
+/// tensors and the metadata are copied unchanged. Encoding the decoded values is exact where
+/// the target holds them (ternary or f16 values in f16, say) and llama.cpp's rounding
+/// otherwise; a matrix whose rows are not a whole number of the target's blocks is an error
+/// that names it.
+pub fn reencode_gguf_dense(
+    src: &Path,
+    dst: &Path,
+    target: DenseType,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(), ModelError> {
+    use crate::gguf::GgufFile;
+    let file = GgufFile::open(src)?;
+    let gerr = ModelError::Gguf;
+    let ty = target.ggml();
+    let mut specs = Vec::new();
+    for t in file.tensors() {
+        let reencode = is_weight_matrix(t.name(), t.shape());
+        let cols = t.shape().first().copied().unwrap_or(1);
+        let block = ty.block_geometry().0;
+        if reencode && !cols.is_multiple_of(block) {
+            return Err(ModelError::tensor(
+                src,
+                format!(
+                    "tensor `{}` has rows of {cols} values: {} needs a multiple of {}",
+                    t.name(),
+                    ty.name(),
+                    block
+                ),
+            ));
+        }
+        specs.push(TensorSpec::new(t.name(), if reencode { ty } else { t.ggml_type() }, t.shape()));
+    }
+    let mut md = file.metadata().clone();
+    md.remove("general.alignment");
+    let mut w = GgufWriter::create(dst, &md, specs.clone()).map_err(gerr)?;
+    let total = specs.len();
+    for (done, spec) in specs.iter().enumerate() {
+        if is_weight_matrix(&spec.name, &spec.shape) {
+            let values = file.dequantize(&spec.name).map_err(gerr)?;
+            let bytes = formats::quantize(ty, &values).map_err(|e| fmt_err(dst, &spec.name, e))?;
+            w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
+        } else {
+            let data = file.tensor_data(&spec.name).map_err(gerr)?;
+            w.write_tensor(&spec.name, data).map_err(gerr)?;
+        }
+        progress(done + 1, total);
+    }
+    w.finish().map_err(gerr)?;
+    Ok(())
+}
+
 /// A `Read` over byte chunks produced one at a time.
 struct ChunkReader<I: Iterator<Item = Vec<u8>>> {
     chunks: I,
