@@ -349,7 +349,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.fp || a.backward.is_some() || a.train_steps.is_some() {
         bail!("--fp, --backward and --train-steps apply to --train, not to --model");
     }
-    let loaded = load_dir_with(model_dir, a.lm_head.options())?;
+    let loaded = load_dir_with(&crate::commands::model_path(model_dir)?, a.lm_head.options())?;
     let source = loaded.source.display().to_string();
     let model = &Arc::new(loaded.model);
     if a.concurrent.contains(&0) {

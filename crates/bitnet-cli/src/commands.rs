@@ -253,9 +253,19 @@ impl InputArgs {
 /// A checkpoint folder or GGUF file, or the embedded default model when `model` is `None`.
 fn load(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
     Ok(match model {
-        Some(dir) => load_dir_with(dir, opts)?,
+        Some(given) => load_dir_with(&model_path(given)?, opts)?,
         None => load_default_model(opts)?,
     })
+}
+
+/// A `--model` path as given, or for `ORG/NAME` the snapshot `bitnet pull` left in the Hub
+/// cache; a missing path that reads as a repository id says how to download it.
+pub fn model_path(given: &Path) -> Result<PathBuf> {
+    let path = crate::pull::cached_model(given);
+    if let Some(hint) = crate::pull::missing_model_hint(&path) {
+        bail!("{}: {hint}", path.display());
+    }
+    Ok(path)
 }
 
 /// The prompt text of `--prompt TEXT`, `--prompt -` (standard input) or `--file FILE`.
@@ -479,6 +489,8 @@ pub fn load_for_chat(
 /// Loads the model, saying so on stderr when it takes more than a moment.
 fn load_reporting(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
     let start = std::time::Instant::now();
+    let model = model.map(model_path).transpose()?;
+    let model = model.as_deref();
     let large = model.and_then(model_bytes).is_some_and(|b| b > 256 << 20);
     if let (true, Some(path)) = (large, model) {
         eprintln!("loading {}…", path.display());
@@ -520,7 +532,8 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let dir: &Path = &a.path;
+    let resolved = model_path(&a.path)?;
+    let dir: &Path = &resolved;
     if !dir.exists() {
         bail!(
             "{}: no such file or folder (inspect takes a checkpoint folder with config.json, or a .gguf file)",
@@ -684,7 +697,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         LmHeadType::Q6K => HeadType::Q6K,
     };
     let bar = progress_bar();
-    convert_hf_to_gguf(&a.model, &a.out, weight, head, |done, total| {
+    convert_hf_to_gguf(&model_path(&a.model)?, &a.out, weight, head, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
