@@ -174,6 +174,9 @@ fn checked_repo_id(id: &str) -> Result<&str> {
             && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !p.contains("..")
             && !p.contains("--")
+            // huggingface_hub's rule: each part starts and ends with a letter, digit or `_`.
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with(['-', '.'])
     };
     let parts: Vec<&str> = id.split('/').collect();
     if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
@@ -300,6 +303,15 @@ fn request_error(e: ureq::Error, hub: &HubSettings, what: &str) -> anyhow::Error
                     anyhow::anyhow!("{what} not found on {}: no such revision", hub.endpoint)
                 }
                 (_, "EntryNotFound") => anyhow::anyhow!("{what} not found on {}: no such file", hub.endpoint),
+                (_, "GatedRepo") if hub.token.is_none() => anyhow::anyhow!(
+                    "{what} is gated on {}: accept its license on the Hub, then set HF_TOKEN \
+                     (or `huggingface-cli login`)",
+                    hub.endpoint
+                ),
+                (_, "GatedRepo") => anyhow::anyhow!(
+                    "{what} is gated on {} and HF_TOKEN's account has no access: accept its license on the Hub",
+                    hub.endpoint
+                ),
                 (401 | 403 | 404, _) => {
                     anyhow::anyhow!("{what} not found on {} (HTTP {status}): {hint}", hub.endpoint)
                 }

@@ -62,6 +62,8 @@ struct HubState {
     cut: HashMap<String, (usize, usize)>,
     /// `GET path range` of every request, in order.
     log: Vec<String>,
+    /// A gated repository: every request must carry `Authorization: Bearer TOKEN`.
+    token: Option<String>,
 }
 
 struct FakeHub {
@@ -115,7 +117,11 @@ fn serve_one(mut stream: TcpStream, state: &Mutex<HubState>) {
     let range = headers.get("range").cloned().unwrap_or_default();
     let mut st = state.lock().unwrap();
     st.log.push(format!("GET {path} {range}"));
-    let reply = if let Some(rest) = path.strip_prefix("/api/models/") {
+    let authorized =
+        st.token.as_ref().is_none_or(|t| headers.get("authorization") == Some(&format!("Bearer {t}")));
+    let reply = if !authorized {
+        Reply { status: "401 Unauthorized", ..Reply::not_found("GatedRepo") }
+    } else if let Some(rest) = path.strip_prefix("/api/models/") {
         listing(&st, rest, query.contains("blobs=true"))
     } else {
         resolve(&mut st, path, &range)
@@ -299,6 +305,11 @@ impl Env {
 
     /// `bitnet args…` with the Hub at `endpoint` and the cache in this environment only.
     fn bitnet(&self, endpoint: &str, args: &[&str]) -> Output {
+        self.bitnet_with(endpoint, &[], args)
+    }
+
+    /// [`Env::bitnet`] with more environment variables.
+    fn bitnet_with(&self, endpoint: &str, vars: &[(&str, &Path)], args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
         for var in [
             "HF_TOKEN",
@@ -314,6 +325,7 @@ impl Env {
             c.env_remove(var);
         }
         c.env("HF_ENDPOINT", endpoint).env("HF_HOME", &self.hf_home).env("BITNET_CACHE_DIR", "off");
+        c.envs(vars.iter().copied());
         c.args(args).output().expect("the bitnet binary runs")
     }
 }
@@ -590,4 +602,29 @@ fn a_dropped_connection_resumes_where_it_stopped() {
         "the second run did not resume at byte {half}: {log:#?}"
     );
     assert!(!part.exists());
+}
+
+#[test]
+fn a_gated_repository_needs_the_token_and_hf_hub_cache_moves_the_cache() {
+    let hub = FakeHub::start(checkpoint_files());
+    hub.state.lock().unwrap().token = Some("hf_secret".into());
+    let env = Env::new();
+    fails(&env.bitnet(&hub.endpoint, &["pull", REPO]), "pull of a gated repository", &["gated", "HF_TOKEN"]);
+    let wrong = [("HF_TOKEN", Path::new("hf_wrong"))];
+    fails(
+        &env.bitnet_with(&hub.endpoint, &wrong, &["pull", REPO]),
+        "pull with a wrong token",
+        &["no access"],
+    );
+    // The token of `huggingface-cli login` (HF_HOME/token) is read too.
+    std::fs::create_dir_all(&env.hf_home).unwrap();
+    std::fs::write(env.hf_home.join("token"), "hf_secret\n").unwrap();
+    let elsewhere = env.hf_home.parent().unwrap().join("elsewhere");
+    let vars = [("HF_HUB_CACHE", elsewhere.as_path())];
+    let out = env.bitnet_with(&hub.endpoint, &vars, &["pull", REPO, "-q"]);
+    let path = PathBuf::from(succeeds(&out, "pull with the login token and HF_HUB_CACHE").trim());
+    assert_eq!(path, elsewhere.join("models--test-org--tiny-bitnet/snapshots").join(COMMIT));
+    assert!(path.join("model.safetensors").is_file());
+    assert!(!env.repo_dir().exists(), "HF_HUB_CACHE replaces HF_HOME/hub");
+    assert!(text(&out.stderr).is_empty(), "--quiet prints nothing: {}", text(&out.stderr));
 }
