@@ -17,9 +17,16 @@ impl Tokenizer {
     }
 
     /// Parses tokenizer.json bytes; `source` names them in errors.
+    ///
+    /// The text is parsed as JSON first and the tokenizer built from that value: the
+    /// `tokenizers` crate deserializes its `decoder` with an `.expect`, so malformed JSON there
+    /// (invalid UTF-8 in a string, found by `fuzz/fuzz_targets/tokenizer_json.rs`) panicked
+    /// inside it; from an already valid value that step cannot fail.
     pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}")))?;
+        let bad =
+            |e: serde_json::Error| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}"));
+        let json: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(bad)?;
         Ok(Self { inner, source: source.to_path_buf() })
     }
 
