@@ -17,17 +17,8 @@ impl Tokenizer {
     }
 
     /// Parses tokenizer.json bytes; `source` names them in errors.
-    ///
-    /// The text is parsed as JSON first and the tokenizer built from that value: the
-    /// `tokenizers` crate deserializes its `decoder` with an `.expect`, so malformed JSON there
-    /// (invalid UTF-8 in a string, found by `fuzz/fuzz_targets/tokenizer_json.rs`) panicked
-    /// inside it; from an already valid value that step cannot fail.
     pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Self, ModelError> {
-        let bad =
-            |e: serde_json::Error| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}"));
-        let json: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
-        let inner: tokenizers::Tokenizer = serde_json::from_value(json).map_err(bad)?;
-        Ok(Self { inner, source: source.to_path_buf() })
+        Ok(Self { inner: parse_tokenizer_json(bytes, source)?, source: source.to_path_buf() })
     }
 
     /// Wraps an already-built tokenizer (for example one made from GGUF metadata).
@@ -69,6 +60,19 @@ impl Tokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// tokenizer.json bytes as a `tokenizers` tokenizer; `source` names them in errors.
+///
+/// The text is parsed as JSON first and the tokenizer built from that value: the `tokenizers`
+/// crate deserializes its `decoder` with an `.expect`, so malformed JSON there (invalid UTF-8 in
+/// a string, found by `fuzz/fuzz_targets/tokenizer_json.rs`) panicked inside it; from an already
+/// valid value that step cannot fail.
+pub fn parse_tokenizer_json(bytes: &[u8], source: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    let bad =
+        |e: serde_json::Error| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}"));
+    let json: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
+    serde_json::from_value(json).map_err(bad)
 }
 
 /// Turns a growing list of token ids into text pieces as soon as they are whole characters.
