@@ -357,6 +357,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bail!("--fp, --backward and --train-steps apply to --train, not to --model");
     }
     let model_dir = model_dir.clone();
+    let model_dir = crate::commands::model_path(&model_dir)?;
     dispatch(a.device.device, Bench { a, model_dir })
 }
 

@@ -279,9 +279,19 @@ impl InputArgs {
 /// the backend `backend`.
 fn load<B: Backend>(model: Option<&Path>, opts: LoadOptions, backend: &B) -> Result<LoadedModel<B>> {
     Ok(match model {
-        Some(dir) => load_dir_on(dir, backend, opts)?,
+        Some(given) => load_dir_on(&model_path(given)?, backend, opts)?,
         None => load_embedded_on(&DEFAULT_MODEL, backend, opts)?,
     })
+}
+
+/// A `--model` path as given, or for `ORG/NAME` the snapshot `bitnet pull` left in the Hub
+/// cache; a missing path that reads as a repository id says how to download it.
+pub fn model_path(given: &Path) -> Result<PathBuf> {
+    let path = crate::pull::cached_model(given);
+    if let Some(hint) = crate::pull::missing_model_hint(&path) {
+        bail!("{}: {hint}", path.display());
+    }
+    Ok(path)
 }
 
 /// The prompt text of `--prompt TEXT`, `--prompt -` (standard input) or `--file FILE`.
@@ -527,6 +537,8 @@ fn load_reporting<B: Backend>(
     backend: &B,
 ) -> Result<LoadedModel<B>> {
     let start = std::time::Instant::now();
+    let model = model.map(model_path).transpose()?;
+    let model = model.as_deref();
     let large = model.and_then(model_bytes).is_some_and(|b| b > 256 << 20);
     if let (true, Some(path)) = (large, model) {
         eprintln!("loading {}…", path.display());
@@ -579,7 +591,8 @@ fn logits_on<B: Backend>(a: LogitsArgs, make: &(dyn Fn() -> B + Sync)) -> Result
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let dir: &Path = &a.path;
+    let resolved = model_path(&a.path)?;
+    let dir: &Path = &resolved;
     if !dir.exists() {
         bail!(
             "{}: no such file or folder (inspect takes a checkpoint folder with config.json, or a .gguf file)",
@@ -772,7 +785,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         LmHeadType::Q6K => HeadType::Q6K,
     };
     let bar = progress_bar();
-    convert_hf_to_gguf(&a.model, &a.out, weight, head, |done, total| {
+    convert_hf_to_gguf(&model_path(&a.model)?, &a.out, weight, head, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;

@@ -5,6 +5,7 @@ mod chat;
 mod commands;
 mod device;
 mod interrupt;
+mod pull;
 mod serve;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,6 +97,17 @@ See docs/serving.md for every endpoint, parameter and metric.")]
                                                      # train a finished run further, schedule stretched
   bitnet train --data corpus.txt --preset tiny --fp --out runs/tiny-fp")]
     Train(bitnet_training::TrainArgs),
+    /// Download a model from the Hugging Face Hub into its cache and print its local path.
+    ///
+    /// Honours HF_ENDPOINT (a mirror), HF_HOME / HF_HUB_CACHE (the cache) and HF_TOKEN (private
+    /// and gated models). Every file is checked against the repository's size and hash; an
+    /// interrupted download resumes where it stopped when run again.
+    #[command(after_help = "Examples:
+  bitnet pull microsoft/bitnet-b1.58-2B-4T
+  bitnet generate --model \"$(bitnet pull microsoft/bitnet-b1.58-2B-4T)\" --prompt \"Hello\"
+  bitnet pull microsoft/bitnet-b1.58-2B-4T-gguf --file ggml-model-i2_s.gguf
+  bitnet pull 1bitLLM/bitnet_b1_58-large --revision main --include \"*.md\"")]
+    Pull(pull::PullArgs),
 }
 
 fn main() {
@@ -114,6 +126,7 @@ fn main() {
         Command::Quantize(a) => commands::quantize(a),
         Command::Train(a) => train(a),
         Command::Devices => device::devices(),
+        Command::Pull(a) => pull::pull(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

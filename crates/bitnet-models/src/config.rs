@@ -82,11 +82,14 @@ fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize, ModelError> {
         .ok_or_else(|| ModelError::config(path, format!("`{key}` is missing or not a non-negative integer")))
 }
 
-/// Collects token ids from a number or an array of numbers.
+/// Collects token ids from a number or an array of numbers. An id past `u32` names no token
+/// any vocabulary holds, so it is left out rather than wrapped onto a real one (2^32 + 1 is
+/// not token 1).
 fn ids(v: Option<&Value>) -> Vec<u32> {
+    let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
     match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(n @ Value::Number(_)) => id(n).into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(id).collect(),
         _ => Vec::new(),
     }
 }
@@ -298,13 +301,18 @@ impl ModelConfig {
         {
             return bad(why);
         }
-        // Guard against absurd sizes before anything is allocated from them.
-        let params = (self.vocab_size as u128) * (self.hidden_size as u128)
-            + (self.num_layers as u128)
-                * (self.hidden_size as u128)
-                * (self.intermediate_size as u128 + self.q_dim() as u128);
+        // Guard against absurd sizes before anything is allocated from them, in arithmetic that
+        // cannot overflow (heads × head_dim alone can pass 2^64: `q_dim` is only safe after this).
+        let wide = |x: usize| x as u128;
+        let q_dim = wide(self.num_heads).saturating_mul(wide(self.head_dim));
+        let per_layer =
+            wide(self.hidden_size).saturating_mul(wide(self.intermediate_size).saturating_add(q_dim));
+        let params = wide(self.vocab_size)
+            .saturating_mul(wide(self.hidden_size))
+            .saturating_add(wide(self.num_layers).saturating_mul(per_layer));
         if params > (1u128 << 40) {
-            return bad(format!("the shapes describe {params} parameters, beyond what this engine loads"));
+            let count = if params == u128::MAX { "more than 10^38".to_owned() } else { params.to_string() };
+            return bad(format!("the shapes describe {count} parameters, beyond what this engine loads"));
         }
         Ok(())
     }

@@ -18,9 +18,7 @@ impl Tokenizer {
 
     /// Parses tokenizer.json bytes; `source` names them in errors.
     pub fn from_bytes(bytes: &[u8], source: &Path) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}")))?;
-        Ok(Self { inner, source: source.to_path_buf() })
+        Ok(Self { inner: parse_tokenizer_json(bytes, source)?, source: source.to_path_buf() })
     }
 
     /// Wraps an already-built tokenizer (for example one made from GGUF metadata).
@@ -61,6 +59,71 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+}
+
+/// tokenizer.json bytes as a `tokenizers` tokenizer; `source` names them in errors.
+///
+/// The text is parsed as JSON first and the tokenizer built from that value: the `tokenizers`
+/// crate deserializes its `decoder` with an `.expect`, so malformed JSON there (invalid UTF-8 in
+/// a string, found by `fuzz/fuzz_targets/tokenizer_json.rs`) panicked inside it; from an already
+/// valid value that step cannot fail.
+///
+/// The post-processor is checked here too (`check_post_processor`): `tokenizers` builds a
+/// `TemplateProcessing` from JSON without the checks its builder makes, and then panics while
+/// encoding.
+pub fn parse_tokenizer_json(bytes: &[u8], source: &Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    let bad =
+        |e: serde_json::Error| ModelError::tokenizer(source, format!("not a valid tokenizer.json: {e}"));
+    let json: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
+    if let Some(post) = json.get("post_processor") {
+        check_post_processor(post).map_err(|why| {
+            ModelError::tokenizer(source, format!("not a valid tokenizer.json: post_processor {why}"))
+        })?;
+    }
+    serde_json::from_value(json).map_err(bad)
+}
+
+/// What `TemplateProcessing`'s builder requires and its JSON form skips, in a post-processor
+/// (or a `Sequence` of them): every special token a template names is defined, with as many ids
+/// as tokens, and the `single` template uses only the first sequence (`$A`), since encoding
+/// one text indexes the second sequence out of bounds. Shapes other than these are left to
+/// `tokenizers`, which refuses them with an error.
+fn check_post_processor(post: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match post.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            for inner in post.get("processors").and_then(Value::as_array).into_iter().flatten() {
+                check_post_processor(inner)?;
+            }
+            Ok(())
+        }
+        Some("TemplateProcessing") => {
+            let defined = post.get("special_tokens").and_then(Value::as_object);
+            for (name, token) in defined.into_iter().flatten() {
+                let len = |key: &str| token.get(key).and_then(Value::as_array).map(Vec::len);
+                if len("ids") != len("tokens") {
+                    return Err(format!("special token `{name}` has a different number of ids and tokens"));
+                }
+            }
+            for template in ["single", "pair"] {
+                for piece in post.get(template).and_then(Value::as_array).into_iter().flatten() {
+                    if let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) {
+                        if !defined.is_some_and(|d| d.contains_key(id)) {
+                            return Err(format!(
+                                "template `{template}` names the undefined special token `{id}`"
+                            ));
+                        }
+                    }
+                    let sequence = piece.pointer("/Sequence/id").and_then(Value::as_str);
+                    if template == "single" && sequence == Some("B") {
+                        return Err("template `single` uses the second sequence `B`".to_owned());
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bitnet_models::tokenizer::parse_tokenizer_json;
 use bitnet_models::{Activation, Architecture, ModelConfig, QuantForm};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -484,8 +485,9 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
         } else {
             let (train_text, val_text) = data::split_train_val(&text);
             let tok = match (&given_tokenizer, &args.tokenizer) {
-                (Some(bytes), Some(p)) => Tokenizer::from_bytes(bytes)
-                    .map_err(|e| anyhow::anyhow!("loading --tokenizer {}: {e}", p.display()))?,
+                (Some(bytes), Some(p)) => {
+                    parse_tokenizer_json(bytes, p).map_err(|e| anyhow::anyhow!("--tokenizer: {e}"))?
+                }
                 _ => data::train_tokenizer(
                     &data::tokenizer_sample(train_text, TOKENIZER_SAMPLE_BYTES),
                     settings.vocab,
@@ -517,8 +519,8 @@ fn prepare_data(args: &TrainArgs, settings: RunSettings) -> Result<Prepared> {
             }
         }
     }
-    let tok = Tokenizer::from_file(&tok_path)
-        .map_err(|e| anyhow::anyhow!("loading {}: {e}", tok_path.display()))?;
+    let tok_bytes = std::fs::read(&tok_path).with_context(|| format!("reading {}", tok_path.display()))?;
+    let tok = parse_tokenizer_json(&tok_bytes, &tok_path)?;
     settings.vocab = tok.get_vocab_size(true);
     let train = TokenFile::open(&data_dir.join("train.tokens"))?;
     let val = TokenFile::open(&data_dir.join("val.tokens"))?;
