@@ -217,14 +217,47 @@ impl DenseMatrix {
         const { assert!(N >= 1 && N <= TOKEN_TILE) };
         let cols = self.cols;
         let xs: [&[f32]; N] = std::array::from_fn(|i| &x[(t0 + i) * cols..(t0 + i + 1) * cols]);
-        for (i, r) in rows.enumerate() {
-            ahead.fetch(first_step + i);
-            let dots = self.row_dots(kernel, r, &xs);
-            for (i, d) in dots.into_iter().enumerate() {
-                // SAFETY: out holds tokens × rows values (asserted by `matmul_with`); only the
-                // task that owns row `r` writes it, for every token.
-                unsafe { *out.get().add((t0 + i) * self.rows + r) = d };
+        let mut r = rows.start;
+        while r < rows.end {
+            let dots = if r + 2 <= rows.end {
+                ahead.fetch(first_step + r - rows.start);
+                ahead.fetch(first_step + r + 1 - rows.start);
+                let [a, b] = self.pair_dots(kernel, r, &xs);
+                [Some(a), Some(b)]
+            } else {
+                ahead.fetch(first_step + r - rows.start);
+                [Some(self.row_dots(kernel, r, &xs)), None]
+            };
+            for (k, dots) in dots.into_iter().flatten().enumerate() {
+                for (i, d) in dots.into_iter().enumerate() {
+                    // SAFETY: out holds tokens × rows values (asserted by `matmul_with`); only
+                    // the task that owns row `r + k` writes it, for every token.
+                    unsafe { *out.get().add((t0 + i) * self.rows + r + k) = d };
+                }
             }
+            r += 2;
+        }
+    }
+
+    /// The dot products of rows `r` and `r + 1` with the `N` tokens `xs`: together where the
+    /// kernel has the registers for both (AVX-512 bf16 and f16: each token load then serves
+    /// two rows), else one row after the other.
+    #[inline]
+    fn pair_dots<const N: usize>(&self, kernel: FloatKernel, r: usize, xs: &[&[f32]; N]) -> [[f32; N]; 2] {
+        #[cfg(target_arch = "x86_64")]
+        let pair = |r: usize| [r * self.cols..(r + 1) * self.cols, (r + 1) * self.cols..(r + 2) * self.cols];
+        match (&self.data, kernel) {
+            // SAFETY (both arms): `matmul_with` runs only available kernels; rows and tokens
+            // are `cols` long.
+            #[cfg(target_arch = "x86_64")]
+            (DenseData::Bf16(v), FloatKernel::Avx512) => unsafe {
+                x86::dots_bf16_avx512(&pair(r).map(|range| &v[range]), xs)
+            },
+            #[cfg(target_arch = "x86_64")]
+            (DenseData::F16(v), FloatKernel::Avx512) => unsafe {
+                x86::dots_f16_avx512(&pair(r).map(|range| &v[range]), xs)
+            },
+            _ => [self.row_dots(kernel, r, xs), self.row_dots(kernel, r + 1, xs)],
         }
     }
 
@@ -237,11 +270,13 @@ impl DenseMatrix {
             // SAFETY (x86 arms): `matmul_with` runs only available kernels, and Avx512 implies
             // Avx2; every token is `cols` long.
             #[cfg(target_arch = "x86_64")]
-            (DenseData::Bf16(v), FloatKernel::Avx512) => unsafe { x86::dots_bf16_avx512(&v[range], xs) },
+            (DenseData::Bf16(v), FloatKernel::Avx512) => unsafe {
+                x86::dots_bf16_avx512(&[&v[range]], xs)[0]
+            },
             #[cfg(target_arch = "x86_64")]
             (DenseData::Bf16(v), FloatKernel::Avx2) => unsafe { x86::dots_bf16_avx2(&v[range], xs) },
             #[cfg(target_arch = "x86_64")]
-            (DenseData::F16(v), FloatKernel::Avx512) => unsafe { x86::dots_f16_avx512(&v[range], xs) },
+            (DenseData::F16(v), FloatKernel::Avx512) => unsafe { x86::dots_f16_avx512(&[&v[range]], xs)[0] },
             #[cfg(target_arch = "x86_64")]
             (DenseData::F16(v), FloatKernel::Avx2) => unsafe { x86::dots_f16_avx2(&v[range], xs) },
             #[cfg(target_arch = "x86_64")]
@@ -260,7 +295,9 @@ impl DenseMatrix {
     }
 }
 
-/// Weights to bring into the cache over `steps` row computations, an even share at each.
+/// Weights to bring into the cache over `steps` row computations, an even share at each
+/// (x86-64 only: elsewhere the hardware prefetcher alone).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Ahead<'a> {
     bytes: &'a [u8],
     steps: usize,

@@ -18,13 +18,18 @@ pub(super) unsafe fn dots_bf16<const N: usize>(w: &[bf16], xs: &[&[f32]; N]) -> 
     let pw = w.as_ptr().cast::<u16>();
     // SAFETY: the caller's guarantees; eight weights at `pw + i` for every `i` the body passes.
     unsafe {
-        dots_body(w.len(), xs, |k| bf16_to_f32(w[k]), |i| {
-            let raw = vld1q_u16(pw.add(i));
-            (
-                vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(raw))),
-                vreinterpretq_f32_u32(vshll_high_n_u16::<16>(raw)),
-            )
-        })
+        dots_body(
+            w.len(),
+            xs,
+            |k| bf16_to_f32(w[k]),
+            |i| {
+                let raw = vld1q_u16(pw.add(i));
+                (
+                    vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(raw))),
+                    vreinterpretq_f32_u32(vshll_high_n_u16::<16>(raw)),
+                )
+            },
+        )
     }
 }
 
@@ -78,8 +83,8 @@ unsafe fn dots_body<const N: usize>(
             vst1q_f32(lanes.as_mut_ptr().add(4), acc[t][1]);
         }
         let mut s = 0.0f32;
-        for k in full..n {
-            s += widen(k) * xs[t][k];
+        for (k, &x) in xs[t].iter().enumerate().take(n).skip(full) {
+            s += widen(k) * x;
         }
         out[t] = lanes.iter().sum::<f32>() + s;
     }

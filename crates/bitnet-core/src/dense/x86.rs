@@ -132,57 +132,72 @@ unsafe fn bf16_avx2_lanes<const N: usize, const J0: usize, const JN: usize>(
     full: usize,
     acc: &mut [[__m256; 4]; N],
 ) {
-    let mut part: [[__m256; JN]; N] = std::array::from_fn(|t| std::array::from_fn(|j| acc[t][J0 + j]));
+    // part[j][t]: partial sum J0 + j of token t.
+    let mut part: [[__m256; N]; JN] = std::array::from_fn(|j| std::array::from_fn(|t| acc[t][J0 + j]));
     let mut i = 0;
     while i < full {
-        for j in 0..JN {
+        for (j, part) in part.iter_mut().enumerate() {
             let at = i + 8 * (J0 + j);
             // SAFETY: `at + 8 <= full` columns of the row and of every token; AVX2 and FMA.
             unsafe {
                 let wv = widen8_bf16(pw.add(at));
-                for t in 0..N {
-                    part[t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px[t].add(at)), part[t][j]);
+                for (sum, x) in part.iter_mut().zip(px) {
+                    *sum = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *sum);
                 }
             }
         }
         i += 32;
     }
-    for t in 0..N {
-        acc[t][J0..J0 + JN].copy_from_slice(&part[t]);
+    for (t, acc) in acc.iter_mut().enumerate() {
+        for (j, part) in part.iter().enumerate() {
+            acc[J0 + j] = part[t];
+        }
     }
 }
 
-/// bf16 dot products of a row with `N` tokens on AVX-512: the AVX2 kernel's bits.
+/// bf16 dot products of `R` rows with `N` tokens on AVX-512: the AVX2 kernel's bits. Two rows
+/// share each load of a token (AVX-512 has the registers for their 4N partial sums).
 ///
 /// # Safety
-/// AVX-512 F, AVX2 and FMA; every token at least `w.len()` long.
+/// AVX-512 F, AVX2 and FMA; every row `cols` long and every token at least `cols` long.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(super) unsafe fn dots_bf16_avx512<const N: usize>(w: &[bf16], xs: &[&[f32]; N]) -> [f32; N] {
-    assert!(xs.iter().all(|x| x.len() >= w.len()));
-    let (pw, full) = (w.as_ptr().cast::<u16>(), w.len() / 32 * 32);
+pub(super) unsafe fn dots_bf16_avx512<const R: usize, const N: usize>(
+    ws: &[&[bf16]; R],
+    xs: &[&[f32]; N],
+) -> [[f32; N]; R] {
+    let cols = ws[0].len();
+    assert!(ws.iter().all(|w| w.len() == cols) && xs.iter().all(|x| x.len() >= cols));
+    let full = cols / 32 * 32;
+    let pw: [*const u16; R] = std::array::from_fn(|r| ws[r].as_ptr().cast::<u16>());
     let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
-    // acc[0] | acc[1] and acc[2] | acc[3] of each token.
-    let (mut lo, mut hi) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+    // acc[0] | acc[1] and acc[2] | acc[3] of each row and token.
+    let (mut lo, mut hi) = ([[_mm512_setzero_ps(); N]; R], [[_mm512_setzero_ps(); N]; R]);
     let mut i = 0;
     while i < full {
-        // SAFETY: `i + 32 <= full` columns of the row and of every token; the features are
-        // this function's.
+        // SAFETY: `i + 32 <= full` columns of every row and token; the features are this
+        // function's.
         unsafe {
-            let (w0, w1) = (widen16_bf16(pw.add(i)), widen16_bf16(pw.add(i + 16)));
+            let w0: [__m512; R] = std::array::from_fn(|r| widen16_bf16(pw[r].add(i)));
+            let w1: [__m512; R] = std::array::from_fn(|r| widen16_bf16(pw[r].add(i + 16)));
             for t in 0..N {
-                lo[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px[t].add(i)), lo[t]);
-                hi[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px[t].add(i + 16)), hi[t]);
+                let (x0, x1) = (_mm512_loadu_ps(px[t].add(i)), _mm512_loadu_ps(px[t].add(i + 16)));
+                for r in 0..R {
+                    lo[r][t] = _mm512_fmadd_ps(w0[r], x0, lo[r][t]);
+                    hi[r][t] = _mm512_fmadd_ps(w1[r], x1, hi[r][t]);
+                }
             }
         }
         i += 32;
     }
-    let mut out = [0.0; N];
-    for t in 0..N {
-        // SAFETY: as above.
-        out[t] = unsafe {
-            let ([a0, a1], [a2, a3]) = (halves(lo[t]), halves(hi[t]));
-            finish_bf16([a0, a1, a2, a3], full, w, xs[t])
-        };
+    let mut out = [[0.0; N]; R];
+    for r in 0..R {
+        for t in 0..N {
+            // SAFETY: as above.
+            out[r][t] = unsafe {
+                let ([a0, a1], [a2, a3]) = (halves(lo[r][t]), halves(hi[r][t]));
+                finish_bf16([a0, a1, a2, a3], full, ws[r], xs[t])
+            };
+        }
     }
     out
 }
@@ -196,17 +211,18 @@ pub(super) unsafe fn dots_f16_avx2<const N: usize>(w: &[f16], xs: &[&[f32]; N]) 
     assert!(xs.iter().all(|x| x.len() >= w.len()));
     let (pw, full) = (w.as_ptr().cast::<u16>(), w.len() / 16 * 16);
     let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
-    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    // acc[j][t]: partial sum j of token t.
+    let mut acc = [[_mm256_setzero_ps(); N]; 2];
     let mut i = 0;
     while i < full {
-        for j in 0..2 {
+        for (j, acc) in acc.iter_mut().enumerate() {
             let at = i + 8 * j;
             // SAFETY: `at + 8 <= full` columns of the row and of every token; the features are
             // this function's.
             unsafe {
                 let wv = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(at).cast()));
-                for t in 0..N {
-                    acc[t][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px[t].add(at)), acc[t][j]);
+                for (sum, x) in acc.iter_mut().zip(px) {
+                    *sum = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *sum);
                 }
             }
         }
@@ -215,38 +231,49 @@ pub(super) unsafe fn dots_f16_avx2<const N: usize>(w: &[f16], xs: &[&[f32]; N]) 
     let mut out = [0.0; N];
     for t in 0..N {
         // SAFETY: as above.
-        out[t] = unsafe { finish_f16(acc[t], full, w, xs[t]) };
+        out[t] = unsafe { finish_f16([acc[0][t], acc[1][t]], full, w, xs[t]) };
     }
     out
 }
 
-/// f16 dot products of a row with `N` tokens on AVX-512: the AVX2 kernel's bits.
+/// f16 dot products of `R` rows with `N` tokens on AVX-512: the AVX2 kernel's bits.
 ///
 /// # Safety
-/// AVX-512 F, AVX2, FMA and F16C; every token at least `w.len()` long.
+/// AVX-512 F, AVX2, FMA and F16C; every row `cols` long and every token at least `cols` long.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn dots_f16_avx512<const N: usize>(w: &[f16], xs: &[&[f32]; N]) -> [f32; N] {
-    assert!(xs.iter().all(|x| x.len() >= w.len()));
-    let (pw, full) = (w.as_ptr().cast::<u16>(), w.len() / 16 * 16);
+pub(super) unsafe fn dots_f16_avx512<const R: usize, const N: usize>(
+    ws: &[&[f16]; R],
+    xs: &[&[f32]; N],
+) -> [[f32; N]; R] {
+    let cols = ws[0].len();
+    assert!(ws.iter().all(|w| w.len() == cols) && xs.iter().all(|x| x.len() >= cols));
+    let full = cols / 16 * 16;
+    let pw: [*const u16; R] = std::array::from_fn(|r| ws[r].as_ptr().cast::<u16>());
     let px: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
-    // acc[0] | acc[1] of each token.
-    let mut acc = [_mm512_setzero_ps(); N];
+    // acc[0] | acc[1] of each row and token.
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
     let mut i = 0;
     while i < full {
-        // SAFETY: `i + 16 <= full` columns of the row and of every token; the features are
-        // this function's.
+        // SAFETY: `i + 16 <= full` columns of every row and token; the features are this
+        // function's.
         unsafe {
-            let wv = _mm512_cvtph_ps(_mm256_loadu_si256(pw.add(i).cast()));
+            let wv: [__m512; R] =
+                std::array::from_fn(|r| _mm512_cvtph_ps(_mm256_loadu_si256(pw[r].add(i).cast())));
             for t in 0..N {
-                acc[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px[t].add(i)), acc[t]);
+                let xv = _mm512_loadu_ps(px[t].add(i));
+                for r in 0..R {
+                    acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
+                }
             }
         }
         i += 16;
     }
-    let mut out = [0.0; N];
-    for t in 0..N {
-        // SAFETY: as above.
-        out[t] = unsafe { finish_f16(halves(acc[t]), full, w, xs[t]) };
+    let mut out = [[0.0; N]; R];
+    for r in 0..R {
+        for t in 0..N {
+            // SAFETY: as above.
+            out[r][t] = unsafe { finish_f16(halves(acc[r][t]), full, ws[r], xs[t]) };
+        }
     }
     out
 }
