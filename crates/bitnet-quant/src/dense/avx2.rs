@@ -1,4 +1,4 @@
-//! AVX2 kernels for the dense products, eight weight rows at a time.
+//! AVX2 kernels for the dense products, eight weight rows and up to four tokens at a time.
 //!
 //! Each of the eight rows is one lane of the float accumulators. Per block, each row's integer
 //! products come from `vpmaddubsw` (unsigned weight codes × signed activations, or the sign trick
@@ -9,6 +9,13 @@
 //! scalar definition ([`super::scalar`]) in the same order, so the outputs are equal bit for
 //! bit. Rows past the end of the range repeat the last row and are not written.
 //!
+//! Each block of the eight rows is loaded and decoded (nibbles, 6-bit codes, K-quant scales)
+//! once for a tile of up to four tokens, whose products then follow one another: a token's
+//! integers and its float terms are those it gets alone, so batching changes no bit. Q6_K's
+//! `− 32 · Σ sc · bsum` correction is subtracted from the lanes before the reduction (one
+//! `vpmaddwd` of the sixteen scales with the token's sixteen block sums), which gives the same
+//! integer as subtracting it after.
+//!
 //! The float formats take a plain fused-multiply-add dot product per row instead (eight lanes,
 //! four accumulators), within [`super::float_dot_bound`] of the reference.
 
@@ -18,6 +25,9 @@ use std::ops::Range;
 use super::scalar::scale_min_k4;
 use super::{DenseActivations, DenseFormat, DenseLinear, QK, QK_K, ROW_GROUP};
 use crate::kernels::SharedOut;
+
+/// Tokens that share each decoded block of a group of eight rows.
+const TOKEN_TILE: usize = 4;
 
 /// Whether this CPU has what these kernels use (AVX2 for the integers, F16C for the scales, FMA
 /// for the float formats).
@@ -111,6 +121,36 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4))
 }
 
+/// Runs `tile::<T>(t0)` over the tokens of `a` in tiles of [`TOKEN_TILE`] (the last one
+/// shorter); `T` is the tile's token count.
+macro_rules! token_tiles {
+    ($a:expr, |$t0:ident, $T:ident| $body:expr) => {{
+        let mut $t0 = 0;
+        while $t0 < $a.m() {
+            let n = ($a.m() - $t0).min(TOKEN_TILE);
+            match n {
+                4 => {
+                    const $T: usize = 4;
+                    $body
+                }
+                3 => {
+                    const $T: usize = 3;
+                    $body
+                }
+                2 => {
+                    const $T: usize = 2;
+                    $body
+                }
+                _ => {
+                    const $T: usize = 1;
+                    $body
+                }
+            }
+            $t0 += n;
+        }
+    }};
+}
+
 /// Q8_0, Q4_0 and Q4_1 rows (`F` picks the format).
 ///
 /// # Safety
@@ -122,54 +162,90 @@ unsafe fn block32_rows<const F: u8>(
     rows: Range<usize>,
     out: &SharedOut<'_, f32>,
 ) {
-    let (nb, bb) = (w.cols() / QK, w.format().block_bytes());
-    let ones = _mm256_set1_epi16(1);
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let n = (rows.end - r0).min(ROW_GROUP);
         let ptrs = row_ptrs(w, r0, rows.end);
-        for t in 0..a.m() {
-            let (q, d, s, sums) = (a.values(t), a.scales(t), a.scaled_sums(t), a.sums(t));
-            let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for b in 0..nb {
-                // SAFETY: block `b` of the token lies inside its `cols` values.
-                let av = unsafe { _mm256_loadu_si256(q.as_ptr().add(QK * b).cast()) };
-                let mut prods = [_mm256_setzero_si256(); 8];
-                let (mut dw, mut mw) = ([0u16; 8], [0u16; 8]);
-                for i in 0..ROW_GROUP {
-                    // SAFETY: block `b` of each row lies inside the row's bytes.
-                    unsafe {
-                        let blk = ptrs[i].add(b * bb);
-                        dw[i] = blk.cast::<u16>().read_unaligned();
-                        let p16 = match F {
-                            Q8_0 => {
-                                let wv = _mm256_loadu_si256(blk.add(2).cast());
-                                _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv))
-                            }
-                            Q4_0 => _mm256_maddubs_epi16(nibbles(blk.add(2)), av),
-                            _ => {
-                                mw[i] = blk.add(2).cast::<u16>().read_unaligned();
-                                _mm256_maddubs_epi16(nibbles(blk.add(4)), av)
-                            }
-                        };
-                        prods[i] = _mm256_madd_epi16(p16, ones);
+        let live = (rows.end - r0).min(ROW_GROUP);
+        // SAFETY: the caller's features and activations; the pointers are the group's rows.
+        token_tiles!(a, |t0, T| unsafe { block32_tile::<F, T>(w, a, &ptrs, t0, out, r0, live) });
+        r0 += ROW_GROUP;
+    }
+}
+
+/// Eight rows (`ptrs`, the first `live` of them written from `r0`) against tokens
+/// `t0..t0 + T`: each block of each row loaded and decoded once for the `T` tokens.
+///
+/// # Safety
+/// As [`block32_rows`]; `t0 + T <= a.m()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block32_tile<const F: u8, const T: usize>(
+    w: &DenseLinear,
+    a: &DenseActivations,
+    ptrs: &[*const u8; ROW_GROUP],
+    t0: usize,
+    out: &SharedOut<'_, f32>,
+    r0: usize,
+    live: usize,
+) {
+    let (nb, bb) = (w.cols() / QK, w.format().block_bytes());
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); T], [_mm256_setzero_ps(); T]);
+    for b in 0..nb {
+        // SAFETY: block `b` of each token lies inside its `cols` values.
+        let av: [__m256i; T] = std::array::from_fn(|t| unsafe {
+            _mm256_loadu_si256(a.values(t0 + t).as_ptr().add(QK * b).cast())
+        });
+        let mut prods = [[_mm256_setzero_si256(); ROW_GROUP]; T];
+        let (mut dw, mut mw) = ([0u16; 8], [0u16; 8]);
+        for i in 0..ROW_GROUP {
+            // SAFETY: block `b` of each row lies inside the row's bytes.
+            unsafe {
+                let blk = ptrs[i].add(b * bb);
+                dw[i] = blk.cast::<u16>().read_unaligned();
+                match F {
+                    Q8_0 => {
+                        let wv = _mm256_loadu_si256(blk.add(2).cast());
+                        let magnitude = _mm256_sign_epi8(wv, wv);
+                        for t in 0..T {
+                            let p16 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(av[t], wv));
+                            prods[t][i] = _mm256_madd_epi16(p16, ones);
+                        }
+                    }
+                    Q4_0 => {
+                        let codes = nibbles(blk.add(2));
+                        for t in 0..T {
+                            prods[t][i] = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, av[t]), ones);
+                        }
+                    }
+                    _ => {
+                        mw[i] = blk.add(2).cast::<u16>().read_unaligned();
+                        let codes = nibbles(blk.add(4));
+                        for t in 0..T {
+                            prods[t][i] = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, av[t]), ones);
+                        }
                     }
                 }
-                let mut isum = reduce8(&prods);
-                if F == Q4_0 {
-                    // Σ (q − 8)·a = Σ q·a − 8·Σ a.
-                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * sums[b]));
-                }
-                let scale = _mm256_mul_ps(widen_f16(&dw), _mm256_set1_ps(d[b]));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
-                if F == Q4_1 {
-                    acc_min = _mm256_add_ps(acc_min, _mm256_mul_ps(widen_f16(&mw), _mm256_set1_ps(s[b])));
-                }
             }
-            let y = if F == Q4_1 { _mm256_add_ps(acc, acc_min) } else { acc };
-            put_lanes(out, t, r0, n, y);
         }
-        r0 += ROW_GROUP;
+        let (dwf, mwf) = (widen_f16(&dw), widen_f16(&mw));
+        for t in 0..T {
+            let mut isum = reduce8(&prods[t]);
+            if F == Q4_0 {
+                // Σ (q − 8)·a = Σ q·a − 8·Σ a.
+                isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sums(t0 + t)[b]));
+            }
+            let scale = _mm256_mul_ps(dwf, _mm256_set1_ps(a.scales(t0 + t)[b]));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
+            if F == Q4_1 {
+                acc_min[t] =
+                    _mm256_add_ps(acc_min[t], _mm256_mul_ps(mwf, _mm256_set1_ps(a.scaled_sums(t0 + t)[b])));
+            }
+        }
+    }
+    for t in 0..T {
+        let y = if F == Q4_1 { _mm256_add_ps(acc[t], acc_min[t]) } else { acc[t] };
+        put_lanes(out, t0 + t, r0, live, y);
     }
 }
 
@@ -179,64 +255,89 @@ unsafe fn block32_rows<const F: u8>(
 /// AVX2 and F16C; `a` holds Q8_K blocks of `w.cols()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_rows(w: &DenseLinear, a: &DenseActivations, rows: Range<usize>, out: &SharedOut<'_, f32>) {
-    let nb = w.cols() / QK_K;
-    let m4 = _mm256_set1_epi8(0x0F);
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let n = (rows.end - r0).min(ROW_GROUP);
         let ptrs = row_ptrs(w, r0, rows.end);
-        for t in 0..a.m() {
-            let (q, d, bsums) = (a.values(t), a.scales(t), a.sums(t));
-            let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for b in 0..nb {
-                let ab = &q[QK_K * b..QK_K * (b + 1)];
-                let bs = &bsums[16 * b..16 * (b + 1)];
-                let mut prods = [_mm256_setzero_si256(); 8];
-                let (mut dw, mut dmin, mut msum) = ([0u16; 8], [0u16; 8], [0i32; 8]);
-                for i in 0..ROW_GROUP {
-                    // SAFETY: super-block `b` of each row lies inside the row's bytes.
-                    let blk = unsafe { std::slice::from_raw_parts(ptrs[i].add(b * 144), 144) };
-                    dw[i] = u16::from_le_bytes([blk[0], blk[1]]);
-                    dmin[i] = u16::from_le_bytes([blk[2], blk[3]]);
-                    let scales = &blk[4..16];
-                    let mut acc32 = _mm256_setzero_si256();
-                    for c in 0..4 {
-                        let (sc_lo, m_lo) = scale_min_k4(2 * c, scales);
-                        let (sc_hi, m_hi) = scale_min_k4(2 * c + 1, scales);
-                        msum[i] += i32::from(m_lo) * (bs[4 * c] + bs[4 * c + 1])
-                            + i32::from(m_hi) * (bs[4 * c + 2] + bs[4 * c + 3]);
-                        // SAFETY: 32 code bytes and 64 activations of chunk `c` are in range.
-                        unsafe {
-                            let codes = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c).cast());
-                            let lo = _mm256_and_si256(codes, m4);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), m4);
-                            let a_lo = _mm256_loadu_si256(ab.as_ptr().add(64 * c).cast());
-                            let a_hi = _mm256_loadu_si256(ab.as_ptr().add(64 * c + 32).cast());
-                            let p_lo = _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(lo, a_lo),
-                                _mm256_set1_epi16(i16::from(sc_lo)),
-                            );
-                            let p_hi = _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(hi, a_hi),
-                                _mm256_set1_epi16(i16::from(sc_hi)),
-                            );
-                            acc32 = _mm256_add_epi32(acc32, _mm256_add_epi32(p_lo, p_hi));
-                        }
-                    }
-                    prods[i] = acc32;
-                }
-                let isum = reduce8(&prods);
-                let da = _mm256_set1_ps(d[b]);
-                let scale = _mm256_mul_ps(widen_f16(&dw), da);
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
-                // SAFETY: `msum` holds 8 i32.
-                let msum = unsafe { _mm256_loadu_si256(msum.as_ptr().cast()) };
-                let scale_min = _mm256_mul_ps(widen_f16(&dmin), da);
-                acc_min = _mm256_add_ps(acc_min, _mm256_mul_ps(scale_min, _mm256_cvtepi32_ps(msum)));
-            }
-            put_lanes(out, t, r0, n, _mm256_sub_ps(acc, acc_min));
-        }
+        let live = (rows.end - r0).min(ROW_GROUP);
+        // SAFETY: the caller's features and activations; the pointers are the group's rows.
+        token_tiles!(a, |t0, T| unsafe { q4_k_tile::<T>(w, a, &ptrs, t0, out, r0, live) });
         r0 += ROW_GROUP;
+    }
+}
+
+/// Eight Q4_K rows against tokens `t0..t0 + T`, each super-block's codes and scales decoded
+/// once for the `T` tokens.
+///
+/// # Safety
+/// As [`q4_k_rows`]; `t0 + T <= a.m()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tile<const T: usize>(
+    w: &DenseLinear,
+    a: &DenseActivations,
+    ptrs: &[*const u8; ROW_GROUP],
+    t0: usize,
+    out: &SharedOut<'_, f32>,
+    r0: usize,
+    live: usize,
+) {
+    let nb = w.cols() / QK_K;
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); T], [_mm256_setzero_ps(); T]);
+    for b in 0..nb {
+        let ab: [&[i8]; T] = std::array::from_fn(|t| &a.values(t0 + t)[QK_K * b..QK_K * (b + 1)]);
+        let bs: [&[i32]; T] = std::array::from_fn(|t| &a.sums(t0 + t)[16 * b..16 * (b + 1)]);
+        let mut prods = [[_mm256_setzero_si256(); ROW_GROUP]; T];
+        let mut msum = [[0i32; ROW_GROUP]; T];
+        let (mut dw, mut dmin) = ([0u16; 8], [0u16; 8]);
+        for i in 0..ROW_GROUP {
+            // SAFETY: super-block `b` of each row lies inside the row's bytes.
+            let blk = unsafe { std::slice::from_raw_parts(ptrs[i].add(b * 144), 144) };
+            dw[i] = u16::from_le_bytes([blk[0], blk[1]]);
+            dmin[i] = u16::from_le_bytes([blk[2], blk[3]]);
+            let scales = &blk[4..16];
+            let mut acc32 = [_mm256_setzero_si256(); T];
+            for c in 0..4 {
+                let (sc_lo, m_lo) = scale_min_k4(2 * c, scales);
+                let (sc_hi, m_hi) = scale_min_k4(2 * c + 1, scales);
+                for t in 0..T {
+                    let bs = &bs[t][4 * c..4 * c + 4];
+                    msum[t][i] += i32::from(m_lo) * (bs[0] + bs[1]) + i32::from(m_hi) * (bs[2] + bs[3]);
+                }
+                // SAFETY: 32 code bytes and 64 activations of chunk `c` are in range.
+                unsafe {
+                    let codes = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c).cast());
+                    let lo = _mm256_and_si256(codes, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), m4);
+                    let (s_lo, s_hi) =
+                        (_mm256_set1_epi16(i16::from(sc_lo)), _mm256_set1_epi16(i16::from(sc_hi)));
+                    for t in 0..T {
+                        let a_lo = _mm256_loadu_si256(ab[t].as_ptr().add(64 * c).cast());
+                        let a_hi = _mm256_loadu_si256(ab[t].as_ptr().add(64 * c + 32).cast());
+                        let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
+                        let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
+                        acc32[t] = _mm256_add_epi32(acc32[t], _mm256_add_epi32(p_lo, p_hi));
+                    }
+                }
+            }
+            for t in 0..T {
+                prods[t][i] = acc32[t];
+            }
+        }
+        let (dwf, dminf) = (widen_f16(&dw), widen_f16(&dmin));
+        for t in 0..T {
+            let isum = reduce8(&prods[t]);
+            let da = _mm256_set1_ps(a.scales(t0 + t)[b]);
+            let scale = _mm256_mul_ps(dwf, da);
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
+            // SAFETY: `msum[t]` holds 8 i32.
+            let msum = unsafe { _mm256_loadu_si256(msum[t].as_ptr().cast()) };
+            let scale_min = _mm256_mul_ps(dminf, da);
+            acc_min[t] = _mm256_add_ps(acc_min[t], _mm256_mul_ps(scale_min, _mm256_cvtepi32_ps(msum)));
+        }
+    }
+    for t in 0..T {
+        put_lanes(out, t0 + t, r0, live, _mm256_sub_ps(acc[t], acc_min[t]));
     }
 }
 
@@ -246,69 +347,102 @@ unsafe fn q4_k_rows(w: &DenseLinear, a: &DenseActivations, rows: Range<usize>, o
 /// AVX2 and F16C; `a` holds Q8_K blocks of `w.cols()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_rows(w: &DenseLinear, a: &DenseActivations, rows: Range<usize>, out: &SharedOut<'_, f32>) {
-    let nb = w.cols() / QK_K;
-    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let n = (rows.end - r0).min(ROW_GROUP);
         let ptrs = row_ptrs(w, r0, rows.end);
-        for t in 0..a.m() {
-            let (q, d, bsums) = (a.values(t), a.scales(t), a.sums(t));
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..nb {
-                let ab = &q[QK_K * b..QK_K * (b + 1)];
-                let bs = &bsums[16 * b..16 * (b + 1)];
-                let mut prods = [_mm256_setzero_si256(); 8];
-                let (mut dw, mut corr) = ([0u16; 8], [0i32; 8]);
-                for i in 0..ROW_GROUP {
-                    // SAFETY: super-block `b` of each row lies inside the row's bytes.
-                    let blk = unsafe { std::slice::from_raw_parts(ptrs[i].add(b * 210), 210) };
-                    dw[i] = u16::from_le_bytes([blk[208], blk[209]]);
-                    let sc = |g: usize| i16::from(blk[192 + g] as i8);
-                    // Σ (q − 32)·a·sc = Σ q·a·sc − 32 · Σ_g sc_g · bsum_g.
-                    corr[i] = 32 * (0..16).map(|g| i32::from(sc(g)) * bs[g]).sum::<i32>();
-                    let mut acc32 = _mm256_setzero_si256();
-                    for h in 0..2 {
-                        // SAFETY: the 64 + 32 code bytes of half `h` and its 128 activations are
-                        // in range.
-                        unsafe {
-                            let ql0 = _mm256_loadu_si256(blk.as_ptr().add(64 * h).cast());
-                            let ql1 = _mm256_loadu_si256(blk.as_ptr().add(64 * h + 32).cast());
-                            let qh = _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h).cast());
-                            // The two high bits of each part, moved to bits 4–5.
-                            let high = [
-                                _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
-                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
-                            ];
-                            let parts = [
-                                _mm256_or_si256(_mm256_and_si256(ql0, m4), high[0]),
-                                _mm256_or_si256(_mm256_and_si256(ql1, m4), high[1]),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), high[2]),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high[3]),
-                            ];
-                            for (k, codes) in parts.into_iter().enumerate() {
-                                let g = 8 * h + 2 * k;
-                                let av = _mm256_loadu_si256(ab.as_ptr().add(128 * h + 32 * k).cast());
-                                let scales =
-                                    _mm256_set_m128i(_mm_set1_epi16(sc(g + 1)), _mm_set1_epi16(sc(g)));
-                                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, av), scales);
-                                acc32 = _mm256_add_epi32(acc32, p);
-                            }
+        let live = (rows.end - r0).min(ROW_GROUP);
+        // SAFETY: the caller's features and activations; the pointers are the group's rows.
+        token_tiles!(a, |t0, T| unsafe { q6_k_tile::<T>(w, a, &ptrs, t0, out, r0, live) });
+        r0 += ROW_GROUP;
+    }
+}
+
+/// Eight Q6_K rows against tokens `t0..t0 + T`, each super-block's 6-bit codes decoded once for
+/// the `T` tokens.
+///
+/// # Safety
+/// As [`q6_k_rows`]; `t0 + T <= a.m()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tile<const T: usize>(
+    w: &DenseLinear,
+    a: &DenseActivations,
+    ptrs: &[*const u8; ROW_GROUP],
+    t0: usize,
+    out: &SharedOut<'_, f32>,
+    r0: usize,
+    live: usize,
+) {
+    let nb = w.cols() / QK_K;
+    let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let ab: [&[i8]; T] = std::array::from_fn(|t| &a.values(t0 + t)[QK_K * b..QK_K * (b + 1)]);
+        // Each token's 16 block sums as i16 (each at most 16 · 128), in order.
+        // SAFETY: 16 sums per super-block.
+        let bs16: [__m256i; T] = std::array::from_fn(|t| unsafe {
+            let p = a.sums(t0 + t)[16 * b..16 * (b + 1)].as_ptr();
+            let packed =
+                _mm256_packs_epi32(_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(8).cast()));
+            _mm256_permute4x64_epi64::<0xD8>(packed)
+        });
+        let mut prods = [[_mm256_setzero_si256(); ROW_GROUP]; T];
+        let mut dw = [0u16; 8];
+        for i in 0..ROW_GROUP {
+            // SAFETY: super-block `b` of each row lies inside the row's bytes.
+            let blk = unsafe { std::slice::from_raw_parts(ptrs[i].add(b * 210), 210) };
+            dw[i] = u16::from_le_bytes([blk[208], blk[209]]);
+            let sc = |g: usize| i16::from(blk[192 + g] as i8);
+            let mut acc32 = [_mm256_setzero_si256(); T];
+            for h in 0..2 {
+                // SAFETY: the 64 + 32 code bytes of half `h` and its 128 activations are in
+                // range.
+                unsafe {
+                    let ql0 = _mm256_loadu_si256(blk.as_ptr().add(64 * h).cast());
+                    let ql1 = _mm256_loadu_si256(blk.as_ptr().add(64 * h + 32).cast());
+                    let qh = _mm256_loadu_si256(blk.as_ptr().add(128 + 32 * h).cast());
+                    // The two high bits of each part, moved to bits 4–5.
+                    let high = [
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4),
+                    ];
+                    let parts = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), high[0]),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), high[1]),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), high[2]),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high[3]),
+                    ];
+                    for (k, codes) in parts.into_iter().enumerate() {
+                        let g = 8 * h + 2 * k;
+                        let scales = _mm256_set_m128i(_mm_set1_epi16(sc(g + 1)), _mm_set1_epi16(sc(g)));
+                        for t in 0..T {
+                            let av = _mm256_loadu_si256(ab[t].as_ptr().add(128 * h + 32 * k).cast());
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, av), scales);
+                            acc32[t] = _mm256_add_epi32(acc32[t], p);
                         }
                     }
-                    prods[i] = acc32;
                 }
-                // SAFETY: `corr` holds 8 i32.
-                let corr = unsafe { _mm256_loadu_si256(corr.as_ptr().cast()) };
-                let isum = _mm256_sub_epi32(reduce8(&prods), corr);
-                let scale = _mm256_mul_ps(widen_f16(&dw), _mm256_set1_ps(d[b]));
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
             }
-            put_lanes(out, t, r0, n, acc);
+            // Σ (q − 32)·a·sc = Σ q·a·sc − 32 · Σ_g sc_g · bsum_g: the correction's lanes come
+            // off before the reduction, which sums them with the rest (the same integer).
+            // SAFETY: the 16 scales at byte 192.
+            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.as_ptr().add(192).cast())) };
+            for t in 0..T {
+                let corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16[t]), 5);
+                prods[t][i] = _mm256_sub_epi32(acc32[t], corr);
+            }
         }
-        r0 += ROW_GROUP;
+        let dwf = widen_f16(&dw);
+        for t in 0..T {
+            let isum = reduce8(&prods[t]);
+            let scale = _mm256_mul_ps(dwf, _mm256_set1_ps(a.scales(t0 + t)[b]));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
+        }
+    }
+    for (t, &y) in acc.iter().enumerate() {
+        put_lanes(out, t0 + t, r0, live, y);
     }
 }
 

@@ -20,7 +20,8 @@
 //!   keeps them in f32, as transformers does.)
 //!
 //! Every product has one definition, the scalar code in [`scalar`]. The SIMD paths (AVX2 on
-//! x86-64, eight rows at a time; NEON on aarch64, a row at a time) compute
+//! x86-64, eight rows and up to four tokens at a time, each block decoded once for the tokens;
+//! NEON on aarch64, a row at a time) compute
 //! the same per-block integers bit for bit (`vpmaddubsw`/`vpmaddwd` are exact here: the pair
 //! sums stay below 2¹⁵) and combine them in the same order, block after block, each block's term
 //! `(d_w · d_a) · isum` rounded as the scalar code rounds it (a multiply, a multiply, an add; no

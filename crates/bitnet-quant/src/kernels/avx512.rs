@@ -452,35 +452,65 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
     tokens: Range<usize>,
     sink: &S,
 ) {
-    let stride = w.stride();
-    for t in tokens.clone() {
-        assert!(x.padded_row(t).len() >= stride);
-    }
-    // Eight tokens per pass; a partial last tile reuses the lanes of the missing tokens.
     let mut t0 = tokens.start;
     while t0 < tokens.end {
-        let n = (tokens.end - t0).min(TOKEN_TILE);
-        let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
-        for r in rows.clone() {
-            let (group, ri) = w.row_in_group(r);
-            // SAFETY: the group holds 8 rows and every token row `stride` values, and
-            // `c + 64 <= stride` with `c` a multiple of 64 (one whole chunk); the features are
-            // the wrapper's.
-            let dots = unsafe {
-                let mut acc = [_mm512_setzero_si512(); TOKEN_TILE];
-                for c in (0..stride).step_by(64) {
-                    let wv = load(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
-                    for i in 0..TOKEN_TILE {
-                        let xv = load(xs[i].add(c));
-                        acc[i] = int8_acc::<VNNI>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
+        // SAFETY: the features are the calling wrapper's.
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => int8_tile::<VNNI, TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => int8_tile::<VNNI, 4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => int8_tile::<VNNI, 2, S>(w, x, rows.clone(), t0, sink),
+                _ => int8_tile::<VNNI, 1, S>(w, x, rows.clone(), t0, sink),
+            }
+        };
+    }
+}
+
+/// `rows` against tokens `t0..t0 + MT`, each load of 64 weights shared by the `MT` tokens.
+///
+/// With VNNI the weights are offset to unsigned codes `u = w + 128` (the sign bit flipped,
+/// once per load for every token), so that `vpdpbusd` takes the activations as they are, and
+/// `Σ u·x − 128 · Σ x` is the product: the same integers (wrapping i32 arithmetic, exact
+/// whenever the result fits). Without VNNI, `vpmaddubsw` would saturate on those codes, so
+/// `|x|` times `w` with the sign of `x` moved onto it, per token.
+#[inline(always)]
+unsafe fn int8_tile<const VNNI: bool, const MT: usize, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let stride = w.stride();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= stride));
+    for r in rows {
+        let (group, ri) = w.row_in_group(r);
+        // SAFETY: the group holds 8 rows and every token row `stride` values, and
+        // `c + 64 <= stride` with `c` a multiple of 64 (one whole chunk); the features are the
+        // wrapper's.
+        let dots = unsafe {
+            let mut acc = [_mm512_setzero_si512(); TOKEN_TILE];
+            for c in (0..stride).step_by(64) {
+                let wv = load(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
+                if VNNI {
+                    let u = _mm512_xor_si512(wv, _mm512_set1_epi8(i8::MIN));
+                    for i in 0..MT {
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], u, load(xs[i].as_ptr().add(c)));
+                    }
+                } else {
+                    for i in 0..MT {
+                        let xv = load(xs[i].as_ptr().add(c));
+                        acc[i] = int8_acc::<false>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
                     }
                 }
-                reduce8_512(&acc)
-            };
-            for (i, &d) in dots.iter().enumerate().take(n) {
-                sink.put(t0 + i, r, d);
             }
+            reduce8_512(&acc)
+        };
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            let d = if VNNI { d.wrapping_sub(x.sum(t0 + i).wrapping_mul(128)) } else { d };
+            sink.put(t0 + i, r, d);
         }
-        t0 += n;
     }
+    MT
 }

@@ -298,35 +298,51 @@ unsafe fn int8_gemm_body<const DOT: bool, S: Sink>(
     tokens: Range<usize>,
     sink: &S,
 ) {
-    let stride = w.stride();
-    for t in tokens.clone() {
-        assert!(x.padded_row(t).len() >= stride);
-    }
-    // Eight tokens per pass; a partial last tile reuses the lanes of the missing tokens.
     let mut t0 = tokens.start;
     while t0 < tokens.end {
-        let n = (tokens.end - t0).min(TOKEN_TILE);
-        let xs: [*const i8; TOKEN_TILE] = std::array::from_fn(|i| x.padded_row(t0 + i.min(n - 1)).as_ptr());
-        for r in rows.clone() {
-            let (group, ri) = w.row_in_group(r);
-            // SAFETY: the group holds 8 rows and every token row `stride` values, and
-            // `c + 16 <= stride` with `c` a multiple of 16 (inside one chunk).
-            let dots = unsafe {
-                let mut acc = [vdupq_n_s32(0); TOKEN_TILE];
-                for c in (0..stride).step_by(16) {
-                    let wv = vld1q_s8(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
-                    for i in 0..TOKEN_TILE {
-                        acc[i] = int8_acc::<DOT>(acc[i], wv, vld1q_s8(xs[i].add(c)));
-                    }
-                }
-                reduce8(&acc)
-            };
-            for (i, &d) in dots.iter().enumerate().take(n) {
-                sink.put(t0 + i, r, d);
+        // SAFETY: the features are the calling wrapper's.
+        t0 += unsafe {
+            match tokens.end - t0 {
+                8.. => int8_tile::<DOT, TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => int8_tile::<DOT, 4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => int8_tile::<DOT, 2, S>(w, x, rows.clone(), t0, sink),
+                _ => int8_tile::<DOT, 1, S>(w, x, rows.clone(), t0, sink),
             }
-        }
-        t0 += n;
+        };
     }
+}
+
+/// `rows` against tokens `t0..t0 + MT`, each load of 16 weights shared by the `MT` tokens.
+#[inline(always)]
+unsafe fn int8_tile<const DOT: bool, const MT: usize, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let stride = w.stride();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= stride));
+    for r in rows {
+        let (group, ri) = w.row_in_group(r);
+        // SAFETY: the group holds 8 rows and every token row `stride` values, and
+        // `c + 16 <= stride` with `c` a multiple of 16 (inside one chunk).
+        let dots = unsafe {
+            let mut acc = [vdupq_n_s32(0); TOKEN_TILE];
+            for c in (0..stride).step_by(16) {
+                let wv = vld1q_s8(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
+                for i in 0..MT {
+                    acc[i] = int8_acc::<DOT>(acc[i], wv, vld1q_s8(xs[i].as_ptr().add(c)));
+                }
+            }
+            reduce8(&acc)
+        };
+        for (i, &d) in dots.iter().enumerate().take(MT) {
+            sink.put(t0 + i, r, d);
+        }
+    }
+    MT
 }
 
 /// The offset codes `u` of one 128-column chunk of a 6-bit row ([`crate::int6`]), 16
