@@ -755,7 +755,9 @@ impl Backend for CudaBackend {
                 what: format!("{} weights (a {}x{} matrix)", w.format().name(), w.rows(), w.cols()),
             });
         }
-        Ok(CudaDenseLinear(self.upload_dense(w.to_dense_matrix())?))
+        // The host copy goes as soon as it is on the device; a matrix read from the checkpoint's
+        // mapping has its pages released as the copy grows.
+        Ok(CudaDenseLinear(self.upload_dense(w.into_dense_matrix())?))
     }
 
     fn dense_input(&self, _max_rows: usize, _width: usize) -> Result<(), BackendError> {
