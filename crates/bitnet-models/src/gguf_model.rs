@@ -359,26 +359,13 @@ impl<'a> TernaryRows<'a> {
                 Ok(())
             })
             .map_err(|e| match e {
-                RepackError::Format(error) => ModelError::Gguf(GgufError::Format {
-                    file: self.file.file().to_owned(),
-                    tensor: self.name.to_owned(),
-                    error,
-                }),
+                RepackError::Format(error) => self.format_error(error),
                 RepackError::Codes(e) => ModelError::tensor(path, format!("tensor `{}`: {e}", self.name)),
             })?;
-        let tensor_err = |e| ModelError::tensor(path, format!("tensor `{}`: {e}", self.name));
         if self.ty == GgmlType::I2_S {
-            let s = bitnet_quant::formats::i2_s::scale(
-                self.file.tensor_data(self.name).map_err(gguf_err)?,
-                rows * cols,
-            )
-            .map_err(|error| {
-                ModelError::Gguf(GgufError::Format {
-                    file: self.file.file().to_owned(),
-                    tensor: self.name.to_owned(),
-                    error,
-                })
-            })?;
+            let data = self.file.tensor_data(self.name).map_err(gguf_err)?;
+            let s =
+                bitnet_quant::formats::i2_s::scale(data, rows * cols).map_err(|e| self.format_error(e))?;
             // An all-zero matrix gets scale 0, as in `one_scale`: a NaN scale must not turn its
             // zeros into NaN.
             let s = if matrix.zero_blocks().iter().all(|&z| z) { 0.0 } else { s };
@@ -394,7 +381,16 @@ impl<'a> TernaryRows<'a> {
         }
         // A stray infinite or NaN scale on an all-zero block must not reach the output.
         d.iter_mut().zip(&zero).filter(|(_, &z)| z).for_each(|(s, _)| *s = 0.0);
-        Ok((matrix.with_block_scales(d).map_err(tensor_err)?, true))
+        let blocks = matrix.with_block_scales(d);
+        Ok((blocks.map_err(|e| ModelError::tensor(path, format!("tensor `{}`: {e}", self.name)))?, true))
+    }
+
+    fn format_error(&self, error: bitnet_quant::formats::FormatError) -> ModelError {
+        ModelError::Gguf(GgufError::Format {
+            file: self.file.file().to_owned(),
+            tensor: self.name.to_owned(),
+            error,
+        })
     }
 }
 
