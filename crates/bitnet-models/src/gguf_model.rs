@@ -221,12 +221,17 @@ fn projection(
                         format!("tensor `{base}.scale`: a dense projection takes no separate scale"),
                     ));
                 }
-                // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order; rows are
-                // whole blocks, so they move as bytes.
-                let rb = w.row_bytes();
-                let bytes = crate::convert::llama_rope_rows(w.as_bytes(), rb, &name, cfg, true);
-                let w = DenseLinear::from_bytes(stored, rows, cols, &bytes)
-                    .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+                // Read every token: a copy of its own (aligned, on huge pages). llama.cpp's llama
+                // arch stores q/k rows in interleaved-RoPE order; rows are whole blocks, so they
+                // move as bytes, in the same one copy.
+                let order: Vec<usize> = (0..rows).collect();
+                let order = crate::convert::llama_rope_rows(&order, 1, &name, cfg, true);
+                let w = match order.iter().enumerate().all(|(i, &r)| i == r) {
+                    true => w.into_owned(),
+                    false => w
+                        .permute_rows(&order)
+                        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?,
+                };
                 // Copied: the mapped original is not needed any more.
                 file.release_tensor(&name);
                 let projection = Projection { weight: LinearWeight::Dense(w), input_norm: None };
