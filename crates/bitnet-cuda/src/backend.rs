@@ -767,7 +767,9 @@ impl Backend for CudaBackend {
                 ),
             });
         }
-        Ok(CudaDenseLinear(self.upload_dense(w.to_dense_matrix())?))
+        // The host copy goes as soon as it is on the device; a matrix read from the checkpoint's
+        // mapping has its pages released as the copy grows.
+        Ok(CudaDenseLinear(self.upload_dense(w.into_dense_matrix())?))
     }
 
     fn dense_input(&self, _max_rows: usize, _width: usize) -> Result<(), BackendError> {

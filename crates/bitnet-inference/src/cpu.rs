@@ -75,16 +75,41 @@ impl CpuBackend {
     }
 }
 
+/// Element types whose all-zero bytes are a valid value, their zero.
+///
+/// # Safety
+/// Implement only for types for which every all-zero bit pattern is a valid value.
+pub(crate) unsafe trait ZeroBits: Copy {}
+// SAFETY: zero bits are 0.0, 0 and +0 respectively.
+unsafe impl ZeroBits for f32 {}
+// SAFETY: as above.
+unsafe impl ZeroBits for i8 {}
+// SAFETY: as above.
+unsafe impl ZeroBits for u16 {}
+
 /// A zeroed vector of `len` elements, or an error instead of an abort when memory is short.
-pub(crate) fn try_vec<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>, BackendError> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| BackendError::OutOfMemory {
+/// The memory comes zeroed from the allocator (calloc: a large block is fresh pages, which
+/// become resident only when written), so buffers sized for the largest batch or the whole
+/// context cost memory only as they are used.
+pub(crate) fn try_vec<T: ZeroBits>(len: usize, what: &'static str) -> Result<Vec<T>, BackendError> {
+    let out_of_memory = || BackendError::OutOfMemory {
         device: "cpu".into(),
         what,
-        bytes: len.saturating_mul(std::mem::size_of::<T>()),
-    })?;
-    v.resize(len, T::default());
-    Ok(v)
+        bytes: len.saturating_mul(size_of::<T>()),
+    };
+    let layout = std::alloc::Layout::array::<T>(len).map_err(|_| out_of_memory())?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(out_of_memory());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `len` values of
+    // `T` (what a `Vec` of capacity `len` uses), and all of them are initialised: zero bits
+    // are a valid `T` (`ZeroBits`).
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
 }
 
 /// Multiply-adds (of QKᵀ and PV, unmasked) below which attention runs on the calling thread (2B-4T decoding: a context

@@ -82,16 +82,18 @@ pub fn load_dir_on<B: Backend>(
         return Err(ModelError::config(dir, why).into());
     }
     let config = ModelConfig::from_dir(dir)?;
-    let store = TensorStore::open_dir(dir)?;
-    let weights = opts.finish(ModelWeights::load_with(&store, config, opts.weights())?);
+    // The tokenizer first: parsing its JSON takes memory for a moment (tens of MB for a large
+    // vocabulary), better spent before the weights arrive than on top of them; and a broken
+    // tokenizer fails before the long part.
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
-    Ok(LoadedModel {
-        model: Model::new(weights, backend, opts.head)?,
-        tokenizer,
-        source: dir.to_path_buf(),
-        generation: generation_defaults(dir),
-    })
+    let store = TensorStore::open_dir(dir)?;
+    let weights = opts.finish(ModelWeights::load_with(&store, config, opts.weights())?);
+    let model = Model::new(weights, backend, opts.head)?;
+    // Every weight now has the copy it runs from, or reads the mapping in place (a lookup
+    // table): what is still mapped in (headers, norms) goes back to the kernel.
+    store.release_all();
+    Ok(LoadedModel { model, tokenizer, source: dir.to_path_buf(), generation: generation_defaults(dir) })
 }
 
 /// The files of a checkpoint held in memory (the model embedded in the binary).
@@ -150,7 +152,8 @@ pub fn load_gguf_on<B: Backend>(
     opts: LoadOptions,
 ) -> Result<LoadedModel<B>, InferenceError> {
     let file = GgufFile::open(path).map_err(ModelError::from)?;
-    let weights = opts.finish(ModelWeights::from_gguf_with(&file, opts.weights())?);
+    // The tokenizer first, as for a checkpoint folder (its transient memory comes before the
+    // weights'), then the vocabulary's mapped pages go back to the kernel.
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
         true => {
             let t =
@@ -159,8 +162,13 @@ pub fn load_gguf_on<B: Backend>(
         }
         false => None,
     };
+    file.release_all();
+    let weights = opts.finish(ModelWeights::from_gguf_with(&file, opts.weights())?);
+    let model = Model::new(weights, backend, opts.head)?;
+    // Whatever is still mapped in (norms, a lookup table's touched rows) goes back too.
+    file.release_all();
     Ok(LoadedModel {
-        model: Model::new(weights, backend, opts.head)?,
+        model,
         tokenizer,
         source: path.to_path_buf(),
         generation: GenerationDefaults::default(),

@@ -93,7 +93,9 @@ impl HeadFormat {
     }
 }
 
-/// The embedding table: a float matrix, or a block format whose rows are decoded on lookup.
+/// The embedding table: a float matrix (shared with a tied float head), or a table kept as
+/// stored whose rows are decoded on lookup (a block format, or any table the head does not
+/// read).
 enum Embedding<B: Backend> {
     Float(B::Dense),
     Block(B::DenseLinear),
@@ -177,18 +179,31 @@ impl<B: Backend> Model<B> {
         let up = |p| upload_projection(backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
         // Float tables keep their dtype and run the float kernels transformers' numerics were
-        // matched with; block formats run as they are stored.
-        let head = match (head_format.int_bits(), weights.lm_head.take()) {
+        // matched with; block formats run as they are stored. The loader left the embedding
+        // table and an untied head in the checkpoint's mapping: a matrix the head reads every
+        // token gets a copy of its own here (the mapping's pages released as the copy grows),
+        // while a table that only serves lookups (beside an integer or untied head) stays as
+        // it is, and only the rows looked up are ever read in.
+        let table = weights.embed_tokens;
+        let (head, embed_tokens) = match (head_format.int_bits(), weights.lm_head.take()) {
             (Some(bits), head) => {
-                let q = quantize_head(head.as_ref().unwrap_or(&weights.embed_tokens), bits);
-                Head::Integer(backend.upload_int8(q)?)
+                let q = quantize_head(head.as_ref().unwrap_or(&table), bits);
+                (Head::Integer(backend.upload_int8(q)?), lookup_table(backend, table)?)
             }
             (None, Some(h)) if h.format().is_float() => {
-                Head::Float(Some(backend.upload_dense(h.to_dense_matrix())?))
+                let head = Head::Float(Some(backend.upload_dense(h.into_dense_matrix())?));
+                (head, lookup_table(backend, table)?)
             }
-            (None, Some(h)) => Head::Block(Some(backend.upload_dense_linear(h)?)),
-            (None, None) if weights.embed_tokens.format().is_float() => Head::Float(None),
-            (None, None) => Head::Block(None),
+            (None, Some(h)) => {
+                let head = Head::Block(Some(backend.upload_dense_linear(h.into_owned())?));
+                (head, lookup_table(backend, table)?)
+            }
+            (None, None) if table.format().is_float() => {
+                (Head::Float(None), Embedding::Float(backend.upload_dense(table.into_dense_matrix())?))
+            }
+            (None, None) => {
+                (Head::Block(None), Embedding::Block(backend.upload_dense_linear(table.into_owned())?))
+            }
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
@@ -210,10 +225,7 @@ impl<B: Backend> Model<B> {
             backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim))?;
         Ok(Self {
             head,
-            embed_tokens: match weights.embed_tokens.format().is_float() {
-                true => Embedding::Float(backend.upload_dense(weights.embed_tokens.to_dense_matrix())?),
-                false => Embedding::Block(backend.upload_dense_linear(weights.embed_tokens)?),
-            },
+            embed_tokens,
             final_norm: backend.upload_vector(&weights.final_norm)?,
             layers,
             rope_inv_freq,
@@ -445,18 +457,16 @@ impl<B: Backend> Model<B> {
 }
 
 /// Per-row symmetric quantization of the (float) head to `bits` (8 or 6), a block of rows at
-/// a time so that the float copy never exists whole.
+/// a time, packed as it goes: neither a float copy nor an unpacked integer copy of the matrix
+/// ever exists whole. A head read from the checkpoint's mapping has each block's pages
+/// released once quantized (a tied table read again for lookups maps its rows in again).
 fn quantize_head(m: &DenseLinear, bits: u32) -> Int8Matrix {
     let max_q = ((1 << (bits - 1)) - 1) as f32;
-    use rayon::prelude::*;
-    const BLOCK: usize = 1024;
-    let (rows, cols) = (m.rows(), m.cols());
-    let mut q = vec![0i8; rows * cols];
-    let mut scales = vec![0f32; rows];
-    q.par_chunks_mut(BLOCK * cols).zip(scales.par_chunks_mut(BLOCK)).enumerate().for_each(|(b, (qb, sb))| {
+    let cols = m.cols();
+    let head = Int8Matrix::from_row_blocks(bits, m.rows(), cols, |first, q, scales| {
         let mut row = vec![0f32; cols];
-        for (i, (qr, s)) in qb.chunks_exact_mut(cols).zip(sb.iter_mut()).enumerate() {
-            m.dequantize_row(b * BLOCK + i, &mut row).expect("a row inside the matrix");
+        for (i, (qr, s)) in q.chunks_exact_mut(cols).zip(scales.iter_mut()).enumerate() {
+            m.dequantize_row(first + i, &mut row).expect("a row inside the matrix");
             let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
             *s = if amax > 0.0 { amax / max_q } else { 1.0 };
             for (o, &v) in qr.iter_mut().zip(&row) {
@@ -467,12 +477,15 @@ fn quantize_head(m: &DenseLinear, bits: u32) -> Int8Matrix {
                 *o = r as i8;
             }
         }
+        m.release_rows(first..first + scales.len());
     });
-    let head = match bits {
-        8 => Int8Matrix::from_int8(&q, &scales, rows, cols),
-        _ => Int8Matrix::from_int6(&q, &scales, rows, cols),
-    };
     head.expect("shapes and ranges agree by construction")
+}
+
+/// The embedding table of a model whose head does not read it: uploaded as stored (on the CPU,
+/// left in the checkpoint's mapping), since a lookup reads only the rows of its tokens.
+fn lookup_table<B: Backend>(backend: &B, table: DenseLinear) -> Result<Embedding<B>, BackendError> {
+    Ok(Embedding::Block(backend.upload_dense_linear(table)?))
 }
 
 /// `out = W · x` for one projection: a BitLinear quantizes its input per token (through its own

@@ -165,6 +165,8 @@ pub fn projection_codes(
     cols: usize,
 ) -> Result<(Vec<i8>, f32), ModelError> {
     let t = store.get(&format!("{prefix}.weight"))?;
+    // Read out into codes: the mapped original is not needed any more.
+    let _release = ReleaseOnDrop(&t);
     match cfg.quant_form {
         // A dense checkpoint written as a ternary GGUF is ternarized, as an online master is.
         QuantForm::Online | QuantForm::Dense => {
@@ -180,6 +182,15 @@ pub fn projection_codes(
             let mean = if cfg.quant_form == QuantForm::PackedDivide { 1.0 / s } else { s };
             Ok((codes, mean))
         }
+    }
+}
+
+/// Releases a tensor's mapped pages when it goes out of scope, on every return path.
+struct ReleaseOnDrop<'a, 'b>(&'a crate::safetensors::TensorRef<'b>);
+
+impl Drop for ReleaseOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -308,13 +319,16 @@ pub fn convert_hf_to_gguf(
                 let t = store.get(hf)?;
                 let row = t.shape.last().copied().unwrap_or(1).max(1);
                 let rows_per_chunk = (1 << 20) / row + 1;
+                let chunk_bytes = rows_per_chunk * row * (t.dtype.bitsize() / 8);
                 let mut error = None;
-                let chunks = t.data.chunks(rows_per_chunk * row * (t.dtype.bitsize() / 8)).map_while(|raw| {
+                let chunks = t.data.chunks(chunk_bytes).enumerate().map_while(|(i, raw)| {
                     let part = crate::safetensors::TensorRef { data: raw, ..t };
                     let converted = part.to_f32().and_then(|x| match ty {
                         GgmlType::F32 => Ok(x.iter().flat_map(|v| v.to_le_bytes()).collect()),
                         _ => formats::quantize(*ty, &x).map_err(|e| fmt_err(dst, hf, e)),
                     });
+                    // Converted: its mapped pages can go (loading's rule, docs/architecture.md).
+                    t.release_range(i * chunk_bytes..i * chunk_bytes + raw.len());
                     converted.map_err(|e| error = Some(e)).ok()
                 });
                 let written = w.write_tensor_from(&spec.name, &mut ChunkReader::new(chunks)).map_err(gerr);

@@ -129,8 +129,9 @@ fn floats(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError>
     file.dequantize(name).map_err(gguf_err)
 }
 
-/// A `[rows, cols]` tensor (GGUF shape `[cols, rows]`) kept in its stored format; a type a dense
-/// layer cannot run from is widened to F32 if it can be dequantized.
+/// A `[rows, cols]` tensor (GGUF shape `[cols, rows]`) kept in its stored format where it lies
+/// in the file, not copied (whoever needs a copy makes it: [`DenseLinear::into_owned`]); a type
+/// a dense layer cannot run from is widened to an F32 copy if it can be dequantized.
 fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseLinear, ModelError> {
     let path = Path::new(file.file());
     let info =
@@ -142,10 +143,17 @@ fn dense(file: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseL
         ));
     }
     let stored = match DenseFormat::from_ggml(info.ggml_type()) {
-        Some(_) => {
-            DenseLinear::from_bytes(info.ggml_type(), rows, cols, file.tensor_data(name).map_err(gguf_err)?)
+        Some(_) => DenseLinear::from_shared(
+            info.ggml_type(),
+            rows,
+            cols,
+            file.tensor_shared(name).map_err(gguf_err)?,
+        ),
+        None => {
+            let widened = DenseLinear::from_f32(&floats(file, name, rows * cols)?, rows, cols);
+            file.release_tensor(name);
+            widened
         }
-        None => DenseLinear::from_f32(&floats(file, name, rows * cols)?, rows, cols),
     };
     stored.map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))
 }
@@ -178,6 +186,13 @@ fn projection(
         None => 1.0,
     };
     let llama = cfg.architecture == Architecture::Llama158;
+    if let Some(src) = TernaryRows::of(file, &name, rows, cols) {
+        let (weight, per_block) = src.repack(cfg, extra)?;
+        // Repacked: the mapped original is not needed any more.
+        file.release_tensor(&name);
+        let projection = Projection { weight: LinearWeight::Ternary(weight), input_norm: None };
+        return Ok((projection, TensorPlan::Ternary { stored, per_block }));
+    }
     let (mut codes, scales, plan) = if stored.is_ternary() {
         let (codes, scales) = projection_codes(file, &name, rows, cols)?;
         let per_block = matches!(scales, Scales::Blocks(_));
@@ -206,12 +221,19 @@ fn projection(
                         format!("tensor `{base}.scale`: a dense projection takes no separate scale"),
                     ));
                 }
-                // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order; rows are
-                // whole blocks, so they move as bytes.
-                let rb = w.row_bytes();
-                let bytes = crate::convert::llama_rope_rows(w.as_bytes(), rb, &name, cfg, true);
-                let w = DenseLinear::from_bytes(stored, rows, cols, &bytes)
-                    .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+                // Read every token: a copy of its own (aligned, on huge pages). llama.cpp's llama
+                // arch stores q/k rows in interleaved-RoPE order; rows are whole blocks, so they
+                // move as bytes, in the same one copy.
+                let order: Vec<usize> = (0..rows).collect();
+                let order = crate::convert::llama_rope_rows(&order, 1, &name, cfg, true);
+                let w = match order.iter().enumerate().all(|(i, &r)| i == r) {
+                    true => w.into_owned(),
+                    false => w
+                        .permute_rows(&order)
+                        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?,
+                };
+                // Copied: the mapped original is not needed any more.
+                file.release_tensor(&name);
                 let projection = Projection { weight: LinearWeight::Dense(w), input_norm: None };
                 return Ok((projection, TensorPlan::Dense { format }));
             }
@@ -233,7 +255,148 @@ fn projection(
         }
     }
     .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+    // Repacked: the mapped original is not needed any more.
+    file.release_tensor(&name);
     Ok((Projection { weight: LinearWeight::Ternary(weight), input_norm: None }, plan))
+}
+
+/// A ternary projection (TQ1_0, TQ2_0, I2_S) whose rows are whole blocks of its type, so that
+/// it can be decoded a few rows at a time and repacked without the whole tensor's codes (four
+/// times its bytes) ever existing at once.
+struct TernaryRows<'a> {
+    file: &'a GgufFile,
+    name: &'a str,
+    ty: GgmlType,
+    /// The packed codes (for I2_S without the scale after them).
+    bytes: &'a [u8],
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+/// Why a block of rows could not be repacked.
+enum RepackError {
+    Format(bitnet_quant::formats::FormatError),
+    Codes(bitnet_quant::QuantError),
+}
+
+impl From<bitnet_quant::QuantError> for RepackError {
+    fn from(e: bitnet_quant::QuantError) -> Self {
+        RepackError::Codes(e)
+    }
+}
+
+impl<'a> TernaryRows<'a> {
+    /// The tensor, if it is ternary and its rows are whole blocks (else the whole-tensor path
+    /// decodes it, or says what is wrong with it).
+    fn of(file: &'a GgufFile, name: &'a str, rows: usize, cols: usize) -> Option<Self> {
+        use bitnet_quant::formats::{i2_s, tq1_0, tq2_0};
+        let ty = file.tensor(name)?.ggml_type();
+        let (block, block_bytes) = match ty {
+            GgmlType::TQ1_0 => (tq1_0::BLOCK, tq1_0::BLOCK_BYTES),
+            GgmlType::TQ2_0 => (tq2_0::BLOCK, tq2_0::BLOCK_BYTES),
+            GgmlType::I2_S => (i2_s::CHUNK, i2_s::CHUNK_BYTES),
+            _ => return None,
+        };
+        if cols == 0 || !cols.is_multiple_of(block) {
+            return None;
+        }
+        let row_bytes = cols / block * block_bytes;
+        let data = file.tensor_data(name).ok()?;
+        let tail = if ty == GgmlType::I2_S { i2_s::TAIL_BYTES } else { 0 };
+        if data.len() != rows.checked_mul(row_bytes)?.checked_add(tail)? {
+            return None;
+        }
+        Some(Self { file, name, ty, bytes: &data[..rows * row_bytes], rows, cols, row_bytes })
+    }
+
+    /// Decodes source row `row` into `out` (`cols` codes) and pushes its block scales (none for
+    /// I2_S, whose scale is the tensor's).
+    fn decode_row(&self, row: usize, out: &mut [i8], scales: &mut Vec<f32>) -> Result<(), RepackError> {
+        use bitnet_quant::formats::{self, i2_s, FormatError};
+        let bytes = &self.bytes[row * self.row_bytes..(row + 1) * self.row_bytes];
+        let at_row = |e: FormatError| match e {
+            FormatError::NotTernary { format, index, code } => {
+                RepackError::Format(FormatError::NotTernary { format, index: row * self.cols + index, code })
+            }
+            other => RepackError::Format(other),
+        };
+        match self.ty {
+            GgmlType::I2_S => i2_s::extract_codes(bytes, out).map_err(at_row),
+            ty => {
+                let t = formats::ternary_codes(ty, bytes, self.cols).map_err(at_row)?;
+                out.copy_from_slice(&t.codes);
+                scales.extend_from_slice(&t.scales);
+                Ok(())
+            }
+        }
+    }
+
+    /// The kernel-layout matrix, a block of rows at a time (in llama.cpp's q/k row order for
+    /// `llama`), with its scale times `extra`: one scale if every non-zero block agrees (or the
+    /// type has one), else one per (row, 256-column block) with all-zero blocks at 0, as
+    /// [`projection_codes`] decides. Also says whether the scales are per block.
+    fn repack(&self, cfg: &ModelConfig, extra: f32) -> Result<(TernaryMatrix, bool), ModelError> {
+        let (rows, cols) = (self.rows, self.cols);
+        let path = Path::new(self.file.file());
+        // Output row r is source row order[r].
+        let order: Vec<usize> = match cfg.architecture {
+            Architecture::Llama158 => {
+                crate::convert::llama_rope_rows(&(0..rows).collect::<Vec<_>>(), 1, self.name, cfg, true)
+            }
+            _ => (0..rows).collect(),
+        };
+        let blocks_per_row = cols / TQ_BLOCK;
+        let block_scales = std::sync::Mutex::new(match self.ty {
+            GgmlType::I2_S => Vec::new(),
+            _ => vec![0f32; rows * blocks_per_row],
+        });
+        let matrix =
+            TernaryMatrix::from_row_blocks(rows, cols, WeightScale::Multiply(extra), |first, codes| {
+                let mut scales = Vec::new();
+                for (k, out) in codes.chunks_exact_mut(cols).enumerate() {
+                    self.decode_row(order[first + k], out, &mut scales)?;
+                }
+                if !scales.is_empty() {
+                    let mut all = block_scales.lock().unwrap_or_else(|p| p.into_inner());
+                    all[first * blocks_per_row..][..scales.len()].copy_from_slice(&scales);
+                }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                RepackError::Format(error) => self.format_error(error),
+                RepackError::Codes(e) => ModelError::tensor(path, format!("tensor `{}`: {e}", self.name)),
+            })?;
+        if self.ty == GgmlType::I2_S {
+            let data = self.file.tensor_data(self.name).map_err(gguf_err)?;
+            let s =
+                bitnet_quant::formats::i2_s::scale(data, rows * cols).map_err(|e| self.format_error(e))?;
+            // An all-zero matrix gets scale 0, as in `one_scale`: a NaN scale must not turn its
+            // zeros into NaN.
+            let s = if matrix.zero_blocks().iter().all(|&z| z) { 0.0 } else { s };
+            return Ok((matrix.with_scale(WeightScale::Multiply(s * extra)), false));
+        }
+        // The scales of the blocks that hold a non-zero code decide: one scale, or one per block.
+        let mut d = block_scales.into_inner().unwrap_or_else(|p| p.into_inner());
+        let zero = matrix.zero_blocks();
+        let mut nonzero = d.iter().zip(&zero).filter(|(_, &z)| !z).map(|(&s, _)| s);
+        let first = nonzero.next().unwrap_or(0.0);
+        if nonzero.all(|s| s.to_bits() == first.to_bits()) {
+            return Ok((matrix.with_scale(WeightScale::Multiply(first * extra)), false));
+        }
+        // A stray infinite or NaN scale on an all-zero block must not reach the output.
+        d.iter_mut().zip(&zero).filter(|(_, &z)| z).for_each(|(s, _)| *s = 0.0);
+        let blocks = matrix.with_block_scales(d);
+        Ok((blocks.map_err(|e| ModelError::tensor(path, format!("tensor `{}`: {e}", self.name)))?, true))
+    }
+
+    fn format_error(&self, error: bitnet_quant::formats::FormatError) -> ModelError {
+        ModelError::Gguf(GgufError::Format {
+            file: self.file.file().to_owned(),
+            tensor: self.name.to_owned(),
+            error,
+        })
+    }
 }
 
 /// The codes and `a` of a matrix whose values are all `0` or `±a` (a ternary matrix stored as
@@ -446,7 +609,10 @@ pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String,
 }
 
 impl ModelWeights {
-    /// Loads every tensor of a GGUF model, checking names, shapes and types.
+    /// Loads every tensor of a GGUF model, checking names, shapes and types. As for a
+    /// safetensors checkpoint ([`ModelWeights::load`]), projections are repacked tensor by
+    /// tensor with each one's mapped pages handed back when done, and the embedding table and
+    /// an untied head point into the file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
         Self::from_gguf_with(file, WeightOptions::default())
     }

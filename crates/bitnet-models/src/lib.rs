@@ -1,6 +1,7 @@
 //! Model configs and checkpoint loaders (Hugging Face safetensors and GGUF), tokenizers and
 //! chat templates.
 
+pub mod bytes;
 pub mod chat;
 pub mod config;
 pub mod convert;

@@ -2,45 +2,19 @@
 //! (`model.safetensors.index.json`), with every tensor checked against the file before use.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
+use bitnet_quant::SharedBytes;
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
 
+pub use crate::bytes::Bytes;
 use crate::ModelError;
-
-/// The bytes of one checkpoint file: memory-mapped from disk, or embedded in the binary.
-pub enum Bytes {
-    Mapped(memmap2::Mmap),
-    Static(&'static [u8]),
-}
-
-impl Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Static(s) => s,
-        }
-    }
-}
-
-impl Bytes {
-    /// Maps a file read-only.
-    pub fn map(path: &Path) -> Result<Self, ModelError> {
-        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-        // SAFETY: the map is read-only; a checkpoint changed under a running process is outside
-        // what any mmap-based loader can defend against, and every read is bounds-checked.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        Ok(Bytes::Mapped(map))
-    }
-}
 
 struct Shard {
     path: PathBuf,
-    bytes: Bytes,
+    bytes: SharedBytes,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
@@ -52,9 +26,30 @@ pub struct TensorRef<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
     pub data: &'a [u8],
+    /// The file's bytes and where the tensor's lie in them.
+    pub(crate) file: &'a SharedBytes,
+    pub(crate) span: (usize, usize),
 }
 
 impl TensorRef<'_> {
+    /// The tensor's bytes as a shared view of the file, for weights that read them in place.
+    pub fn shared(&self) -> SharedBytes {
+        // The span was checked against the file when the store was opened.
+        self.file.slice(self.span.0..self.span.1).expect("a tensor inside its file")
+    }
+
+    /// Hands the tensor's mapped pages back to the kernel once it has been copied or repacked
+    /// (see [`bitnet_quant::ByteSource::release`]); reading it again maps them in again.
+    pub fn release(&self) {
+        self.release_range(0..self.span.1 - self.span.0);
+    }
+
+    /// [`TensorRef::release`] for the bytes `range` of the tensor's data (clamped to it).
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
+        let end = (self.span.0 + range.end).min(self.span.1);
+        self.file.release_range(self.span.0 + range.start..end);
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -145,7 +140,8 @@ impl TensorStore {
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, (path, bytes)) in files.into_iter().enumerate() {
-            let (header_len, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| {
+            let bytes = bytes.into_shared();
+            let (header_len, metadata) = SafeTensors::read_metadata(bytes.as_bytes()).map_err(|e| {
                 ModelError::tensor(
                     &path,
                     format!("not a valid safetensors file ({})", describe(&e, bytes.len())),
@@ -190,13 +186,31 @@ impl TensorStore {
         let info = &shard.tensors[name];
         let (start, end) = info.data_offsets;
         // read_metadata proved the offsets lie inside the file and match dtype × shape.
-        let data = &shard.bytes[shard.data_start + start..shard.data_start + end];
-        Ok(TensorRef { name: key, path: &shard.path, dtype: info.dtype, shape: &info.shape, data })
+        let span = (shard.data_start + start, shard.data_start + end);
+        let data = &shard.bytes.as_bytes()[span.0..span.1];
+        Ok(TensorRef {
+            name: key,
+            path: &shard.path,
+            dtype: info.dtype,
+            shape: &info.shape,
+            data,
+            file: &shard.bytes,
+            span,
+        })
     }
 
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> usize {
         self.shards.iter().flat_map(|s| s.tensors.values()).map(|t| t.data_offsets.1 - t.data_offsets.0).sum()
+    }
+
+    /// Hands every mapped page of every shard back to the kernel: what loading calls once the
+    /// weights have their own copies (weights that still point into a file read their pages
+    /// in again as they need them).
+    pub fn release_all(&self) {
+        for shard in &self.shards {
+            shard.bytes.release();
+        }
     }
 
     /// The files the tensors came from.

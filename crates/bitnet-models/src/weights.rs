@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bitnet_quant::dense::{DenseFormat, DenseLinear};
 use bitnet_quant::formats::GgmlType;
-use bitnet_quant::{absmean_ternary, hf_pack::unpack_hf, TernaryMatrix, WeightScale};
+use bitnet_quant::{absmean_ternary, hf_pack, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
@@ -211,7 +211,9 @@ fn float_tensor(store: &TensorStore, name: &str, shape: &[usize]) -> Result<Vec<
     t.to_f32()
 }
 
-/// A float matrix kept in its stored dtype (bf16, f16, f32; other float dtypes widened to f32).
+/// A float matrix kept in its stored dtype (bf16, f16, f32) where it lies in the checkpoint, not
+/// copied: a table that only serves lookups stays there, and whoever needs a copy makes it
+/// ([`DenseLinear::into_owned`]). Other float dtypes are widened to an f32 copy.
 fn dense_tensor(
     store: &TensorStore,
     name: &str,
@@ -221,10 +223,14 @@ fn dense_tensor(
     let t = store.get(name)?;
     t.expect_shape(&[rows, cols])?;
     let stored = match t.dtype {
-        Dtype::BF16 => DenseLinear::from_bytes(GgmlType::BF16, rows, cols, t.data),
-        Dtype::F16 => DenseLinear::from_bytes(GgmlType::F16, rows, cols, t.data),
-        Dtype::F32 => DenseLinear::from_bytes(GgmlType::F32, rows, cols, t.data),
-        _ => DenseLinear::from_f32(&t.to_f32()?, rows, cols),
+        Dtype::BF16 => DenseLinear::from_shared(GgmlType::BF16, rows, cols, t.shared()),
+        Dtype::F16 => DenseLinear::from_shared(GgmlType::F16, rows, cols, t.shared()),
+        Dtype::F32 => DenseLinear::from_shared(GgmlType::F32, rows, cols, t.shared()),
+        _ => {
+            let widened = DenseLinear::from_f32(&t.to_f32()?, rows, cols);
+            t.release();
+            widened
+        }
     };
     stored.map_err(|e| ModelError::tensor(t.path, format!("tensor `{name}`: {e}")))
 }
@@ -268,7 +274,8 @@ fn projection(
         QuantForm::Online => online(&t)?,
         QuantForm::Dense if opts.ternarize => online(&t)?,
         QuantForm::Dense => {
-            let weight = LinearWeight::Dense(dense_tensor(store, &wname, rows, cols)?);
+            // Read every token: a copy of its own (aligned, on huge pages), the mapping released.
+            let weight = LinearWeight::Dense(dense_tensor(store, &wname, rows, cols)?.into_owned());
             return Ok(Projection { weight, input_norm: None });
         }
         QuantForm::PackedMultiply | QuantForm::PackedDivide => {
@@ -283,18 +290,26 @@ fn projection(
                 ));
             }
             t.expect_shape(&[rows / 4, cols])?;
-            let codes = unpack_hf(t.as_u8()?, rows, cols)
+            let packed = t.as_u8()?;
+            hf_pack::check_packed(packed, rows, cols)
                 .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))?;
             let s = weight_scale(&store.get(&format!("{prefix}.weight_scale"))?)?;
             let scale = match cfg.quant_form {
                 QuantForm::PackedMultiply => WeightScale::Multiply(s),
                 _ => WeightScale::Divide(s),
             };
-            TernaryMatrix::from_ternary(&codes, rows, cols, scale)
+            // A block of rows at a time: the unpacked codes (four times the packed bytes) never
+            // exist whole.
+            TernaryMatrix::from_row_blocks(rows, cols, scale, |first, codes| {
+                hf_pack::unpack_rows(packed, rows, cols, first, codes);
+                Ok::<(), bitnet_quant::QuantError>(())
+            })
         }
     }
     .map(LinearWeight::Ternary)
     .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))?;
+    // Repacked: the mapped original is not needed any more.
+    t.release();
     let input_norm = match cfg.bitlinear_input_norm {
         // transformers' BitLinear input norm is an RMSNorm whose gain may be stored.
         Some(_) => match store.contains(&format!("{prefix}.rms_norm.weight")) {
@@ -338,6 +353,12 @@ fn layer(
 
 impl ModelWeights {
     /// Loads every tensor the config calls for, checking names, shapes and dtypes.
+    ///
+    /// Projections are repacked (or copied) tensor by tensor, each one's mapped pages handed
+    /// back as soon as it is done ([`TensorRef::release`]), so that the process never holds a
+    /// layer twice. The embedding table and an untied head are not copied: they point into the
+    /// checkpoint ([`DenseLinear::is_shared`]), and the model decides what copy, if any, it
+    /// needs (`bitnet-inference`'s `Model::new`).
     pub fn load(store: &TensorStore, config: ModelConfig) -> Result<Self, ModelError> {
         Self::load_with(store, config, WeightOptions::default())
     }

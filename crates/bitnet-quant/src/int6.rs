@@ -42,23 +42,40 @@ pub(crate) struct PackedInt6 {
     data: AlignedBytes,
 }
 
-impl PackedInt6 {
-    /// Packs row-major weights in [-31, 31] (the caller checks the range).
-    pub(crate) fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
+/// The shape of a packed matrix's rows: all that packing a block of rows needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Int6Layout {
+    cols: usize,
+    padded: usize,
+    chunks: usize,
+    stride: usize,
+}
+
+impl Int6Layout {
+    fn new(cols: usize) -> Self {
         let padded = padded_cols(cols);
         let chunks = padded / CHUNK_COLS;
-        let stride = chunks * CHUNK_BYTES;
-        let mut data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
-        let buf = data.as_bytes_mut();
-        let mut u = vec![OFFSET as u8; padded];
+        Self { cols, padded, chunks, stride: chunks * CHUNK_BYTES }
+    }
+
+    /// Bytes of one group of [`ROW_TILE`] rows.
+    pub(crate) fn group_bytes(&self) -> usize {
+        ROW_TILE * self.stride
+    }
+
+    /// Packs the row-major weights `q` (rows of `cols`, in [-31, 31]: the caller checks the
+    /// range) into `groups`, the storage of the groups that hold them, starting at the first
+    /// row of a group.
+    pub(crate) fn pack_rows(&self, q: &[i8], groups: &mut [u8]) {
+        let mut u = vec![OFFSET as u8; self.padded];
         // Padding rows stay all-zero bytes (u = 0, q = -32): their outputs are never read.
-        for (r, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        for (r, row) in q.chunks_exact(self.cols.max(1)).enumerate() {
             for (o, &v) in u.iter_mut().zip(row) {
                 *o = (v as i32 + OFFSET) as u8;
             }
             for (c, uc) in u.chunks_exact(CHUNK_COLS).enumerate() {
-                let at = chunk_offset(r, c, chunks);
-                let chunk = &mut buf[at..at + CHUNK_BYTES];
+                let at = chunk_offset(r, c, self.chunks);
+                let chunk = &mut groups[at..at + CHUNK_BYTES];
                 let (lo, hi) = chunk.split_at_mut(64);
                 for (i, b) in lo.iter_mut().enumerate() {
                     // Byte i < 32 holds columns i and i + 32; byte 32 + j columns 64 + j, 96 + j.
@@ -70,7 +87,32 @@ impl PackedInt6 {
                 }
             }
         }
+    }
+}
+
+impl PackedInt6 {
+    /// All-zero storage for `[rows, cols]`, filled through [`PackedInt6::layout`].
+    pub(crate) fn zeroed(rows: usize, cols: usize) -> Self {
+        let Int6Layout { padded, chunks, stride, .. } = Int6Layout::new(cols);
+        let data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
         Self { rows, cols, padded, stride, chunks, data }
+    }
+
+    /// Packs row-major weights in [-31, 31] (the caller checks the range).
+    pub(crate) fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
+        let mut p = Self::zeroed(rows, cols);
+        let layout = p.layout();
+        layout.pack_rows(&q[..rows * cols], p.groups_mut());
+        p
+    }
+
+    pub(crate) fn layout(&self) -> Int6Layout {
+        Int6Layout { cols: self.cols, padded: self.padded, chunks: self.chunks, stride: self.stride }
+    }
+
+    /// The storage of every group, to be filled a block of groups at a time.
+    pub(crate) fn groups_mut(&mut self) -> &mut [u8] {
+        self.data.as_bytes_mut()
     }
 
     pub(crate) fn rows(&self) -> usize {

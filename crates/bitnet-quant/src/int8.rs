@@ -30,18 +30,35 @@ pub(crate) struct PackedInt8 {
 pub(crate) const CHUNK: usize = 64;
 
 impl PackedInt8 {
-    fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
+    /// All-zero storage for `[rows, cols]`, filled by [`PackedInt8::pack_rows`].
+    fn zeroed(rows: usize, cols: usize) -> Self {
         let stride = padded_cols(cols);
-        let mut data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
-        let buf = data.as_i8_mut();
-        for (r, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        let data = AlignedBytes::zeroed(rows.div_ceil(ROW_TILE) * ROW_TILE * stride);
+        Self { rows, cols, stride, data }
+    }
+
+    fn pack(q: &[i8], rows: usize, cols: usize) -> Self {
+        let mut p = Self::zeroed(rows, cols);
+        let stride = p.stride;
+        Self::pack_rows(q, cols, stride, p.data.as_i8_mut());
+        p
+    }
+
+    /// Bytes of one group of [`ROW_TILE`] rows.
+    fn group_bytes(&self) -> usize {
+        ROW_TILE * self.stride
+    }
+
+    /// Writes the row-major rows `q` (of `cols`) into `groups`, the storage of the groups that
+    /// hold them, starting at the first row of a group.
+    fn pack_rows(q: &[i8], cols: usize, stride: usize, groups: &mut [i8]) {
+        for (r, row) in q.chunks_exact(cols.max(1)).enumerate() {
             let group = r / ROW_TILE * ROW_TILE * stride;
             for (c, part) in row.chunks(CHUNK).enumerate() {
                 let at = group + Self::group_offset(r % ROW_TILE, c * CHUNK);
-                buf[at..at + part.len()].copy_from_slice(part);
+                groups[at..at + part.len()].copy_from_slice(part);
             }
         }
-        Self { rows, cols, stride, data }
     }
 
     /// Where column `c` of a group's row `ri` sits inside the group; the values up to the
@@ -119,6 +136,67 @@ impl Int8Matrix {
     pub fn from_int6(q: &[i8], scales: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
         Self::check_codes(q, scales, rows, cols, int6::MAX_ABS)?;
         Ok(Self { packed: Storage::Int6(PackedInt6::pack(q, rows, cols)), scales: scales.to_vec() })
+    }
+
+    /// Builds a `[rows, cols]` matrix of `bits` per weight (8, or 6 for weights in [-31, 31])
+    /// a block of rows at a time, so that no whole-matrix intermediate exists besides the
+    /// packed result: `fill(first, codes, scales)` writes the row-major codes and the scales of
+    /// rows `first..first + scales.len()` (`codes` holds `scales.len() · cols` values). Blocks
+    /// run in parallel on rayon's pool; codes out of range are an error, as in
+    /// [`Int8Matrix::from_int8`].
+    pub fn from_row_blocks(
+        bits: u32,
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [i8], &mut [f32]) + Sync,
+    ) -> Result<Self, QuantError> {
+        use rayon::prelude::*;
+        // Rows per block: a multiple of the row tile, so each block packs whole groups.
+        const BLOCK: usize = 128 * ROW_TILE;
+        let max_abs = match bits {
+            8 => 127,
+            6 => int6::MAX_ABS,
+            _ => return Err(QuantError::Shape(format!("{bits}-bit weights: the head stores 8 or 6 bits"))),
+        };
+        if rows.checked_mul(cols).is_none() {
+            return Err(QuantError::Shape(format!("a [{rows}, {cols}] matrix overflows the address space")));
+        }
+        let mut scales = vec![0f32; rows];
+        let fill_block = |b: usize, sb: &mut [f32], pack: &mut dyn FnMut(&[i8])| {
+            let mut q = vec![0i8; sb.len() * cols];
+            fill(b * BLOCK, &mut q, sb);
+            let checked = Self::check_codes(&q, sb, sb.len(), cols, max_abs);
+            let located = checked.map_err(|e| match e {
+                QuantError::Shape(m) => QuantError::Shape(format!("rows from {}: {m}", b * BLOCK)),
+            });
+            located.map(|()| pack(&q))
+        };
+        let packed = match bits {
+            8 => {
+                let mut p = PackedInt8::zeroed(rows, cols);
+                let (stride, group) = (p.stride, p.group_bytes());
+                p.data
+                    .as_i8_mut()
+                    .par_chunks_mut(BLOCK / ROW_TILE * group)
+                    .zip(scales.par_chunks_mut(BLOCK))
+                    .enumerate()
+                    .try_for_each(|(b, (dst, sb))| {
+                        fill_block(b, sb, &mut |q| PackedInt8::pack_rows(q, cols, stride, dst))
+                    })?;
+                Storage::Int8(p)
+            }
+            _ => {
+                let mut p = PackedInt6::zeroed(rows, cols);
+                let layout = p.layout();
+                p.groups_mut()
+                    .par_chunks_mut(BLOCK / ROW_TILE * layout.group_bytes())
+                    .zip(scales.par_chunks_mut(BLOCK))
+                    .enumerate()
+                    .try_for_each(|(b, (dst, sb))| fill_block(b, sb, &mut |q| layout.pack_rows(q, dst)))?;
+                Storage::Int6(p)
+            }
+        };
+        Ok(Self { packed, scales })
     }
 
     fn check_codes(

@@ -49,14 +49,39 @@ impl PackedTernary {
     /// Packs row-major codes, which the caller has checked are in {-1, 0, 1}.
     pub(crate) fn pack(t: &[i8], rows: usize, cols: usize) -> Self {
         debug_assert_eq!(t.len(), rows * cols);
+        let mut p = Self::padding(rows, cols);
+        let blocks = p.blocks;
+        Self::pack_rows(&t[..rows * cols], cols, blocks, p.data.as_bytes_mut());
+        p
+    }
+
+    /// Storage for `[rows, cols]` holding only the padding code (t = 0), to be filled a block of
+    /// row tiles at a time by [`PackedTernary::pack_rows`] on the slices of
+    /// [`PackedTernary::tiles_mut`].
+    pub(crate) fn padding(rows: usize, cols: usize) -> Self {
         let blocks = cols.div_ceil(BLOCK_COLS);
         let tiles = rows.div_ceil(ROW_TILE);
         let mut data = AlignedBytes::zeroed(tiles * blocks * ROW_TILE * BLOCK_BYTES);
-        let bytes = data.as_bytes_mut();
-        bytes.fill(ZERO_CODES);
-        for (r, row) in t.chunks_exact(cols.max(1)).enumerate().take(rows) {
+        data.as_bytes_mut().fill(ZERO_CODES);
+        Self { rows, cols, blocks, tiles, data }
+    }
+
+    /// Bytes of one row tile.
+    pub(crate) fn tile_bytes(&self) -> usize {
+        self.blocks * ROW_TILE * BLOCK_BYTES
+    }
+
+    /// Every tile's bytes, in order.
+    pub(crate) fn tiles_mut(&mut self) -> &mut [u8] {
+        self.data.as_bytes_mut()
+    }
+
+    /// Packs the row-major codes `t` (rows of `cols`, checked to be in {-1, 0, 1}) into
+    /// `tiles`, the bytes of the row tiles that hold them, starting at the first row of a tile.
+    pub(crate) fn pack_rows(t: &[i8], cols: usize, blocks: usize, tiles: &mut [u8]) {
+        for (r, row) in t.chunks_exact(cols.max(1)).enumerate() {
             for b in 0..blocks {
-                let block = &mut bytes[Self::offset_of(blocks, r, b)..][..BLOCK_BYTES];
+                let block = &mut tiles[Self::offset_of(blocks, r, b)..][..BLOCK_BYTES];
                 let cols_here = &row[b * BLOCK_COLS..cols.min((b + 1) * BLOCK_COLS)];
                 for (j, byte) in block.iter_mut().enumerate() {
                     let mut packed = 0u8;
@@ -68,7 +93,6 @@ impl PackedTernary {
                 }
             }
         }
-        Self { rows, cols, blocks, tiles, data }
     }
 
     /// The row-major ternary codes (the inverse of [`PackedTernary::pack`]).
@@ -87,6 +111,14 @@ impl PackedTernary {
             }
         }
         t
+    }
+
+    /// Whether block `b` of row `r` holds only the code of 0 (padding columns included, which
+    /// hold it too).
+    pub(crate) fn block_is_zero(&self, r: usize, b: usize) -> bool {
+        self.data.as_bytes()[Self::offset_of(self.blocks, r, b)..][..BLOCK_BYTES]
+            .iter()
+            .all(|&v| v == ZERO_CODES)
     }
 
     fn offset_of(blocks: usize, r: usize, b: usize) -> usize {

@@ -10,6 +10,8 @@
 //!   [`KernelPath`] chosen at run time.
 //! * [`dense`]: non-ternary weights kept in their stored block format ([`DenseLinear`]: F32,
 //!   F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) and their products, following llama.cpp's numerics.
+//! * [`shared`]: bytes owned elsewhere (a checkpoint's file mapping) that a matrix can point
+//!   into, and the hint that gives a mapping's pages back once a copy has been made.
 
 mod aligned;
 pub mod dense;
@@ -23,6 +25,7 @@ pub mod layout;
 pub mod metrics;
 pub mod quantize;
 pub mod selftest;
+pub mod shared;
 pub mod ternary;
 
 pub use dense::{ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
@@ -31,6 +34,7 @@ pub use kernels::KernelPath;
 pub use quantize::{
     absmean_ternary, quantize_activation_row, quantize_symmetric, ActivationScale, Granularity,
 };
+pub use shared::{ByteSource, SharedBytes};
 pub use ternary::{QuantizedActivations, TernaryCodes, TernaryMatrix, WeightScale};
 
 /// Errors of this crate: shapes that do not fit the data they describe.

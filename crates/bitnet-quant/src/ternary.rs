@@ -230,6 +230,79 @@ impl TernaryMatrix {
         Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale, block_scales: None })
     }
 
+    /// Builds the matrix a block of rows at a time, so that the row-major codes never exist
+    /// whole: `fill(first, codes)` writes the codes of rows `first..first + codes.len() / cols`
+    /// (a few hundred KB at a time, decoded from a checkpoint's packed bytes, say) or fails.
+    /// Blocks run in parallel on rayon's pool; a code outside {-1, 0, 1} is an error naming its
+    /// row and column.
+    pub fn from_row_blocks<E: From<QuantError> + Send>(
+        rows: usize,
+        cols: usize,
+        scale: WeightScale,
+        fill: impl Fn(usize, &mut [i8]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
+        if rows.checked_mul(cols).is_none() {
+            let e = QuantError::Shape(format!("a [{rows}, {cols}] matrix overflows the address space"));
+            return Err(e.into());
+        }
+        // Whole row tiles, about 256 KiB of codes per block.
+        let block_rows = ((256 << 10) / cols.max(1)).max(1).next_multiple_of(ROW_TILE);
+        let mut packed = PackedTernary::padding(rows, cols);
+        let (blocks, tile_bytes) = (packed.blocks(), packed.tile_bytes());
+        packed
+            .tiles_mut()
+            .par_chunks_mut(block_rows / ROW_TILE * tile_bytes.max(1))
+            .enumerate()
+            .try_for_each(|(i, tiles)| -> Result<(), E> {
+                let first = i * block_rows;
+                let mut codes = vec![0i8; block_rows.min(rows - first) * cols];
+                fill(first, &mut codes)?;
+                if let Some(at) = codes.iter().position(|&c| !(-1..=1).contains(&c)) {
+                    return Err(QuantError::Shape(format!(
+                        "ternary code {} at row {}, column {} is not in {{-1, 0, 1}}",
+                        codes[at],
+                        first + at / cols,
+                        at % cols
+                    ))
+                    .into());
+                }
+                PackedTernary::pack_rows(&codes, cols, blocks, tiles);
+                Ok(())
+            })?;
+        Ok(Self { packed, scale, block_scales: None })
+    }
+
+    /// The same matrix with another scale.
+    pub fn with_scale(self, scale: WeightScale) -> Self {
+        Self { scale, ..self }
+    }
+
+    /// Whether each (row, 256-column block) holds only zero codes, `[rows, blocks]` row-major:
+    /// a block scale there multiplies nothing.
+    pub fn zero_blocks(&self) -> Vec<bool> {
+        let (rows, blocks) = (self.rows(), self.packed.blocks());
+        let mut zero = Vec::with_capacity(rows * blocks);
+        for r in 0..rows {
+            zero.extend((0..blocks).map(|b| self.packed.block_is_zero(r, b)));
+        }
+        zero
+    }
+
+    /// The same matrix with a multiplier per (row, 256-column block), as
+    /// [`TernaryMatrix::from_ternary_block_scaled`] builds it.
+    pub fn with_block_scales(mut self, block_scales: Vec<f32>) -> Result<Self, QuantError> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let blocks = cols.div_ceil(crate::layout::BLOCK_COLS);
+        if rows.checked_mul(blocks) != Some(block_scales.len()) {
+            return Err(QuantError::Shape(format!(
+                "{} block scales are not one per (row, 256-column block) of a [{rows}, {cols}] matrix",
+                block_scales.len()
+            )));
+        }
+        self.block_scales = Some(block_scales);
+        Ok(self)
+    }
+
     /// Builds a matrix whose 256-column blocks carry their own multipliers:
     /// `block_scales[r · blocks + b]` scales columns `256b..256b + 256` of row `r`
     /// (`blocks = cols.div_ceil(256)`, the kernels' block, which is also TQ1_0/TQ2_0's).
@@ -246,16 +319,7 @@ impl TernaryMatrix {
         block_scales: Vec<f32>,
         scale: WeightScale,
     ) -> Result<Self, QuantError> {
-        let blocks = cols.div_ceil(crate::layout::BLOCK_COLS);
-        if rows.checked_mul(blocks) != Some(block_scales.len()) {
-            return Err(QuantError::Shape(format!(
-                "{} block scales are not one per (row, 256-column block) of a [{rows}, {cols}] matrix",
-                block_scales.len()
-            )));
-        }
-        let mut m = Self::from_ternary(codes, rows, cols, scale)?;
-        m.block_scales = Some(block_scales);
-        Ok(m)
+        Self::from_ternary(codes, rows, cols, scale)?.with_block_scales(block_scales)
     }
 
     pub fn rows(&self) -> usize {

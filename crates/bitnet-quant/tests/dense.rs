@@ -519,3 +519,84 @@ fn float_activations_run_the_dequantized_rows_on_every_path() {
     let f = random_matrix(DenseFormat::BF16, 3, 8, Codes::Random, &mut rng).with_float_activations(true);
     assert!(!f.float_activations());
 }
+
+/// A byte source that records the ranges it is asked to release.
+struct Recorder {
+    bytes: Vec<u8>,
+    released: std::sync::Mutex<Vec<std::ops::Range<usize>>>,
+}
+
+impl bitnet_quant::ByteSource for Recorder {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    fn release(&self, range: std::ops::Range<usize>) {
+        self.released.lock().unwrap().push(range);
+    }
+}
+
+impl Recorder {
+    /// `bytes` after `skip` bytes of padding (so the matrix starts unaligned), as a shared view.
+    fn share(bytes: &[u8], skip: usize) -> (std::sync::Arc<Recorder>, bitnet_quant::SharedBytes) {
+        let mut all = vec![0xAA; skip];
+        all.extend_from_slice(bytes);
+        let rec = std::sync::Arc::new(Recorder { bytes: all, released: Default::default() });
+        let view = bitnet_quant::SharedBytes::new(rec.clone()).slice(skip..skip + bytes.len()).unwrap();
+        (rec, view)
+    }
+
+    /// Takes the recorded ranges, checking they are in order and cover exactly `span`.
+    fn take_covering(&self, span: std::ops::Range<usize>) -> usize {
+        let ranges = std::mem::take(&mut *self.released.lock().unwrap());
+        let mut at = span.start;
+        for r in &ranges {
+            assert_eq!(r.start, at, "releases in order, without gaps: {ranges:?}");
+            at = r.end;
+        }
+        assert_eq!(at, span.end, "releases cover the matrix: {ranges:?}");
+        ranges.len()
+    }
+}
+
+#[test]
+fn shared_matrices_read_in_place_and_copies_release_their_source() {
+    let mut rng = Rng::new(29);
+    for format in DenseFormat::ALL {
+        // F32 rows of 1 KiB: 5000 of them are two copy blocks of 4 MiB.
+        let (rows, cols) = if format == DenseFormat::F32 { (5000, 256) } else { (37, 512) };
+        let owned = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+        let (rec, view) = Recorder::share(owned.as_bytes(), 3);
+        let shared = DenseLinear::from_shared(format.ggml(), rows, cols, view.clone()).unwrap();
+        assert!(shared.is_shared() && !owned.is_shared());
+        assert_eq!(shared.as_bytes(), owned.as_bytes());
+        // The same products and rows, read in place.
+        let x: Vec<f32> = (0..2 * cols).map(|_| unit(&mut rng)).collect();
+        let (mut a, mut b) = (vec![0.0; 2 * rows], vec![0.0; 2 * rows]);
+        owned.forward(&x, 2, &mut a).unwrap();
+        shared.forward(&x, 2, &mut b).unwrap();
+        assert_eq!(a, b, "{format}");
+        // Reading never releases; release_rows names the rows' bytes.
+        let dense = shared.to_dense_matrix();
+        assert!(rec.released.lock().unwrap().is_empty());
+        shared.release_rows(2..5);
+        let rb = shared.row_bytes();
+        assert_eq!(rec.take_covering(3 + 2 * rb..3 + 5 * rb), 1);
+        owned.release_rows(0..rows); // a matrix with its own bytes ignores the hint
+                                     // Consuming copies release the whole source, block by block, and keep the values.
+        let copy = shared.clone().into_owned();
+        assert!(!copy.is_shared());
+        assert_eq!(copy.as_bytes(), owned.as_bytes());
+        let blocks = rec.take_covering(3..3 + owned.bytes());
+        assert_eq!(blocks, if format == DenseFormat::F32 { 2 } else { 1 }, "{format}");
+        let m = shared.into_dense_matrix();
+        assert_eq!(m.to_f32(), dense.to_f32());
+        assert_eq!(m.to_f32(), owned.to_f32());
+        rec.take_covering(3..3 + owned.bytes());
+        // A view of the wrong length is refused.
+        let short = view.slice(0..view.len() - 1).unwrap();
+        assert!(matches!(
+            DenseLinear::from_shared(format.ggml(), rows, cols, short),
+            Err(DenseError::ByteLength { .. })
+        ));
+    }
+}

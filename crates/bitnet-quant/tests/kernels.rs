@@ -214,3 +214,82 @@ fn matmul_div_mul_equals_the_scaled_integer_product() {
         assert!(same, "m={m} k={k} rows={rows}: matmul_div_mul differs from the scaled matmul_i32");
     }
 }
+
+#[test]
+fn a_head_built_by_row_blocks_equals_one_built_whole() {
+    // 2100 rows: two full blocks of 1024 rows and a ragged one that ends inside a row tile;
+    // 300 columns pad to 512.
+    let (rows, cols) = (2100, 300);
+    for (bits, max) in [(8u32, 127i32), (6, 31)] {
+        let code = |r: usize, c: usize| ((r * 31 + c * 17 + r * c) % (2 * max as usize + 1)) as i32 - max;
+        let q: Vec<i8> = (0..rows * cols).map(|i| code(i / cols, i % cols) as i8).collect();
+        let scales: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 64.0).collect();
+        let whole = match bits {
+            8 => Int8Matrix::from_int8(&q, &scales, rows, cols).unwrap(),
+            _ => Int8Matrix::from_int6(&q, &scales, rows, cols).unwrap(),
+        };
+        let blocks = Int8Matrix::from_row_blocks(bits, rows, cols, |first, codes, sb| {
+            codes.copy_from_slice(&q[first * cols..first * cols + codes.len()]);
+            sb.copy_from_slice(&scales[first..first + sb.len()]);
+        })
+        .unwrap();
+        assert_eq!(blocks.bits(), bits);
+        assert_eq!(blocks.scales(), &scales[..]);
+        assert_eq!(blocks.to_int8(), q, "{bits} bits");
+        assert_eq!(blocks.bytes(), whole.bytes());
+        // The same products: every row is where the kernels look for it.
+        let mut x = QuantizedActivations::new(1, cols);
+        let input: Vec<f32> = (0..cols).map(|c| (c as f32 * 0.37).sin()).collect();
+        x.quantize(&input, 1);
+        let (mut a, mut b) = (vec![0i32; rows], vec![0i32; rows]);
+        whole.matmul_i32(&x, &mut a);
+        blocks.matmul_i32(&x, &mut b);
+        assert_eq!(a, b, "{bits} bits");
+    }
+    // A code out of range names its block; other bit widths are refused.
+    let err = Int8Matrix::from_row_blocks(6, 1100, 8, |first, codes, sb| {
+        codes.fill(if first == 1024 { 32 } else { 0 });
+        sb.fill(1.0);
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("rows from 1024"), "{err}");
+    assert!(Int8Matrix::from_row_blocks(4, 8, 8, |_, _, _| {}).is_err());
+}
+
+#[test]
+fn a_ternary_matrix_built_by_row_blocks_equals_one_built_whole() {
+    // 2100 rows of 300 columns: blocks of 880 rows (whole tiles), the last one ragged.
+    let (rows, cols) = (2100, 300);
+    let codes: Vec<i8> = (0..rows * cols).map(|i| ((i * 7 + i / cols) % 3) as i8 - 1).collect();
+    let scale = WeightScale::Divide(3.0);
+    let whole = TernaryMatrix::from_ternary(&codes, rows, cols, scale).unwrap();
+    let blocks = TernaryMatrix::from_row_blocks(rows, cols, scale, |first, out| {
+        out.copy_from_slice(&codes[first * cols..first * cols + out.len()]);
+        Ok::<(), bitnet_quant::QuantError>(())
+    })
+    .unwrap();
+    assert_eq!(blocks.to_ternary(), codes);
+    assert_eq!((blocks.bytes(), blocks.scale()), (whole.bytes(), scale));
+    let mut x = QuantizedActivations::new(3, cols);
+    let input: Vec<f32> = (0..3 * cols).map(|c| (c as f32 * 0.21).cos()).collect();
+    x.quantize(&input, 3);
+    let (mut a, mut b) = (vec![0.0; 3 * rows], vec![0.0; 3 * rows]);
+    whole.forward(&x, &mut a);
+    blocks.forward(&x, &mut b);
+    assert_eq!(a, b);
+    // Block scales go on afterwards, checked as from_ternary_block_scaled checks them.
+    let d: Vec<f32> = (0..rows * 2).map(|i| 1.0 + i as f32 / 8.0).collect();
+    let scaled = blocks.clone().with_block_scales(d.clone()).unwrap();
+    assert_eq!(scaled.block_scales(), Some(&d[..]));
+    assert!(blocks.with_block_scales(vec![1.0; rows]).is_err());
+    // A code out of range names its row and column.
+    let err = TernaryMatrix::from_row_blocks(rows, cols, scale, |first, out| {
+        out.fill(0);
+        if first == 880 {
+            out[cols + 5] = 2;
+        }
+        Ok::<(), bitnet_quant::QuantError>(())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("ternary code 2 at row 881, column 5"), "{err}");
+}

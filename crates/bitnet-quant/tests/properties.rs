@@ -1,6 +1,6 @@
 //! Property tests: packings round-trip, quantizers keep their invariants.
 
-use bitnet_quant::hf_pack::{pack_hf, unpack_hf};
+use bitnet_quant::hf_pack::{check_packed, pack_hf, unpack_hf, unpack_rows};
 use bitnet_quant::quantize::{quantize_symmetric, symmetric_qmax, Granularity, SymmetricQuant};
 use bitnet_quant::{absmean_ternary, quantize_activation_row, TernaryCodes, TernaryMatrix, WeightScale};
 use proptest::prelude::*;
@@ -46,7 +46,19 @@ proptest! {
     fn hf_packing_round_trips((t, rows, cols) in ternary(4)) {
         let packed = pack_hf(&t, rows, cols).unwrap();
         prop_assert_eq!(packed.len(), rows / 4 * cols);
-        prop_assert_eq!(unpack_hf(&packed, rows, cols).unwrap(), t);
+        prop_assert_eq!(unpack_hf(&packed, rows, cols).unwrap(), t.clone());
+        // Any run of rows unpacks alone to the same codes, and repacks by blocks the same.
+        check_packed(&packed, rows, cols).unwrap();
+        let (first, n) = (rows / 3, rows - rows / 3 - rows / 4);
+        let mut part = vec![7i8; n * cols];
+        unpack_rows(&packed, rows, cols, first, &mut part);
+        prop_assert_eq!(&part[..], &t[first * cols..(first + n) * cols]);
+        let by_rows = TernaryMatrix::from_row_blocks(rows, cols, WeightScale::Multiply(1.0), |first, codes| {
+            unpack_rows(&packed, rows, cols, first, codes);
+            Ok::<(), bitnet_quant::QuantError>(())
+        })
+        .unwrap();
+        prop_assert_eq!(by_rows.to_ternary(), t);
     }
 
     #[test]

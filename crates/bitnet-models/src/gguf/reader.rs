@@ -20,7 +20,9 @@
 use super::dialect::{self, Dialect, RawTensor};
 use super::error::GgufError;
 use super::value::{GgufArray, GgufMetadata, GgufValue, GgufValueType};
+use crate::bytes::Bytes;
 use bitnet_quant::formats::{self, GgmlType, TernaryCodes};
+use bitnet_quant::SharedBytes;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -579,34 +581,24 @@ impl GgufHeader {
 
     /// The bytes of tensor `name` within `bytes`, the file the header was parsed from.
     pub fn tensor_data<'b>(&self, bytes: &'b [u8], name: &str) -> Result<&'b [u8], GgufError> {
+        self.tensor_span(bytes.len(), name).map(|span| &bytes[span])
+    }
+
+    /// Where the bytes of tensor `name` lie in a file of `file_len` bytes.
+    fn tensor_span(&self, file_len: usize, name: &str) -> Result<std::ops::Range<usize>, GgufError> {
         let info = self
             .tensor(name)
             .ok_or_else(|| GgufError::NoSuchTensor { file: self.file.clone(), name: name.to_owned() })?;
         let start = self.data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(info.n_bytes));
         match (start, end) {
-            (Some(s), Some(e)) if e <= bytes.len() as u64 => Ok(&bytes[s as usize..e as usize]),
+            (Some(s), Some(e)) if e <= file_len as u64 => Ok(s as usize..e as usize),
             _ => Err(GgufError::Invalid {
                 file: self.file.clone(),
                 field: format!("tensor '{name}' data"),
                 offset: info.info_offset,
-                reason: format!("the bytes given hold {} bytes, fewer than the header says", bytes.len()),
+                reason: format!("the bytes given hold {file_len} bytes, fewer than the header says"),
             }),
-        }
-    }
-}
-
-/// Where the file's bytes live.
-enum Storage {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl Storage {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
         }
     }
 }
@@ -614,7 +606,7 @@ impl Storage {
 /// A GGUF file: the checked header and the bytes, memory-mapped when opened from disk.
 pub struct GgufFile {
     header: GgufHeader,
-    storage: Storage,
+    storage: SharedBytes,
 }
 
 impl GgufFile {
@@ -632,20 +624,22 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(io("cannot open"))?;
         let len = file.metadata().map_err(io("cannot stat"))?.len();
         let storage = if len == 0 {
-            Storage::Owned(Vec::new())
+            Bytes::Owned(Vec::new())
         } else {
-            // SAFETY: the map is read-only and lives as long as the GgufFile; the file is
-            // not expected to change under us (the usual contract of mapped model files).
-            Storage::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io("cannot map"))?)
-        };
-        let header = GgufHeader::parse(storage.bytes(), &name)?;
+            // SAFETY: the map is read-only and lives as long as the GgufFile (and the weights
+            // that share it); the file is not expected to change under us (the usual contract
+            // of mapped model files; writers here replace a file by renaming a new one over it).
+            Bytes::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io("cannot map"))?)
+        }
+        .into_shared();
+        let header = GgufHeader::parse(storage.as_bytes(), &name)?;
         Ok(GgufFile { header, storage })
     }
 
     /// Parses a GGUF file held in memory; `file` names it in messages.
     pub fn from_bytes(bytes: Vec<u8>, file: &str) -> Result<Self, GgufError> {
         let header = GgufHeader::parse(&bytes, file)?;
-        Ok(GgufFile { header, storage: Storage::Owned(bytes) })
+        Ok(GgufFile { header, storage: Bytes::Owned(bytes).into_shared() })
     }
 
     pub fn header(&self) -> &GgufHeader {
@@ -680,12 +674,33 @@ impl GgufFile {
     }
     /// All bytes of the file.
     pub fn bytes(&self) -> &[u8] {
-        self.storage.bytes()
+        self.storage.as_bytes()
     }
 
     /// The raw bytes of tensor `name`.
     pub fn tensor_data(&self, name: &str) -> Result<&[u8], GgufError> {
-        self.header.tensor_data(self.storage.bytes(), name)
+        self.header.tensor_data(self.storage.as_bytes(), name)
+    }
+
+    /// The raw bytes of tensor `name` as a shared view of the file, for weights that read them
+    /// in place.
+    pub fn tensor_shared(&self, name: &str) -> Result<SharedBytes, GgufError> {
+        let span = self.header.tensor_span(self.storage.len(), name)?;
+        // The span is a sub-slice of the file's bytes (`tensor_data` checked it).
+        Ok(self.storage.slice(span).expect("a tensor inside its file"))
+    }
+
+    /// Hands tensor `name`'s mapped pages back to the kernel once it has been copied or
+    /// repacked (see [`bitnet_quant::ByteSource::release`]); unknown names are ignored.
+    pub fn release_tensor(&self, name: &str) {
+        if let Ok(span) = self.header.tensor_span(self.storage.len(), name) {
+            self.storage.release_range(span);
+        }
+    }
+
+    /// Hands every mapped page of the file back to the kernel.
+    pub fn release_all(&self) {
+        self.storage.release();
     }
 
     fn info_and_len(&self, name: &str) -> Result<(&TensorInfo, usize), GgufError> {

@@ -41,6 +41,7 @@ use bitnet_core::{DenseData, DenseMatrix};
 use crate::aligned::AlignedBytes;
 use crate::formats::{self, GgmlType};
 use crate::kernels::{self, for_ranges, KernelPath, SharedOut};
+use crate::shared::SharedBytes;
 
 mod activations;
 #[cfg(target_arch = "x86_64")]
@@ -180,17 +181,41 @@ pub enum DenseError {
 /// as stored: each row is `cols / block` consecutive blocks of the format, rows one after
 /// another, exactly the bytes of the GGUF tensor (or the little-endian floats of a
 /// safetensors one).
+///
+/// The bytes are a copy of their own (aligned, on huge pages where they are large: what a
+/// matrix read every token wants) or a view into the checkpoint's mapping
+/// ([`DenseLinear::from_shared`]: what a table that only serves lookups wants, since only the
+/// rows looked up are ever read in).
 #[derive(Clone, Debug)]
 pub struct DenseLinear {
     format: DenseFormat,
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: AlignedBytes,
+    data: Storage,
     /// Block formats only: multiply the dequantized weights with the f32 activations
     /// ([`DenseLinear::with_float_activations`]).
     float_activations: bool,
 }
+
+#[derive(Clone, Debug)]
+enum Storage {
+    Owned(AlignedBytes),
+    Shared(SharedBytes),
+}
+
+impl Storage {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Storage::Owned(b) => b.as_bytes(),
+            Storage::Shared(b) => b.as_bytes(),
+        }
+    }
+}
+
+/// Rows converted between two release hints when a shared matrix is copied: a few MB, so the
+/// mapped source and the copy overlap by no more than one block.
+const COPY_BLOCK_BYTES: usize = 4 << 20;
 
 impl DenseLinear {
     /// Takes the stored bytes of a tensor of `format` (a GGUF type) as a `[rows, cols]` matrix.
@@ -203,7 +228,65 @@ impl DenseLinear {
         }
         let mut data = AlignedBytes::zeroed(expected);
         data.as_bytes_mut().copy_from_slice(bytes);
-        Ok(Self { format, rows, cols, row_bytes, data, float_activations: false })
+        Ok(Self { format, rows, cols, row_bytes, data: Storage::Owned(data), float_activations: false })
+    }
+
+    /// Takes the stored bytes of a tensor of `format` as a `[rows, cols]` matrix without copying
+    /// them: the matrix reads them where they are (a checkpoint's mapping) and keeps them alive.
+    pub fn from_shared(
+        format: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: SharedBytes,
+    ) -> Result<Self, DenseError> {
+        let format = DenseFormat::from_ggml(format).ok_or(DenseError::UnsupportedFormat { format })?;
+        let row_bytes = Self::check_shape(format, rows, cols)?;
+        let expected = rows.checked_mul(row_bytes).ok_or(DenseError::Overflow { rows, cols })?;
+        if bytes.len() != expected {
+            return Err(DenseError::ByteLength { format, rows, cols, expected, got: bytes.len() });
+        }
+        Ok(Self { format, rows, cols, row_bytes, data: Storage::Shared(bytes), float_activations: false })
+    }
+
+    /// Whether the bytes are a view into memory owned elsewhere ([`DenseLinear::from_shared`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.data, Storage::Shared(_))
+    }
+
+    /// Tells the owner of a shared matrix's bytes that rows `rows` are not needed now: a file
+    /// mapping drops their pages from the process until they are read again
+    /// ([`crate::ByteSource::release`]). A matrix with its own copy ignores it.
+    pub fn release_rows(&self, rows: Range<usize>) {
+        if let Storage::Shared(b) = &self.data {
+            b.release_range(rows.start * self.row_bytes..rows.end.min(self.rows) * self.row_bytes);
+        }
+    }
+
+    /// [`DenseLinear::release_rows`] for every row.
+    pub fn release(&self) {
+        self.release_rows(0..self.rows);
+    }
+
+    /// Rows per block when a shared matrix is copied (at least one).
+    fn copy_block_rows(&self) -> usize {
+        (COPY_BLOCK_BYTES / self.row_bytes.max(1)).max(1)
+    }
+
+    /// The matrix with bytes of its own: a shared one is copied a block of rows at a time, each
+    /// block's source pages released once copied, so that the source and the copy are never
+    /// both resident whole.
+    pub fn into_owned(self) -> Self {
+        let Storage::Shared(shared) = &self.data else {
+            return self;
+        };
+        let mut data = AlignedBytes::zeroed(self.bytes());
+        let block = self.copy_block_rows() * self.row_bytes;
+        for (i, out) in data.as_bytes_mut().chunks_mut(block).enumerate() {
+            let range = i * block..i * block + out.len();
+            out.copy_from_slice(&shared.as_bytes()[range.clone()]);
+            shared.release_range(range);
+        }
+        Self { data: Storage::Owned(data), ..self }
     }
 
     /// An F32 matrix from row-major values.
@@ -331,13 +414,57 @@ impl DenseLinear {
     /// The matrix as a [`DenseMatrix`]: the float formats keep their dtype (exact), the block
     /// formats are widened to f32 (exact too, at 4 bytes per weight).
     pub fn to_dense_matrix(&self) -> DenseMatrix {
-        let bits = || self.as_bytes().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-        let data = match self.format {
-            DenseFormat::F16 => DenseData::F16(bits().map(half::f16::from_bits).collect()),
-            DenseFormat::BF16 => DenseData::Bf16(bits().map(half::bf16::from_bits).collect()),
-            _ => DenseData::F32(self.to_f32()),
+        self.dense_matrix_by_blocks(|_| {})
+    }
+
+    /// [`DenseLinear::to_dense_matrix`] for a matrix that is no longer needed: a shared one's
+    /// source pages are released a block of rows at a time as the copy grows, so the source and
+    /// the copy are never both resident whole.
+    pub fn into_dense_matrix(self) -> DenseMatrix {
+        self.dense_matrix_by_blocks(|rows| self.release_rows(rows))
+    }
+
+    /// Builds the [`DenseMatrix`] a block of rows at a time, calling `done(rows)` after each.
+    fn dense_matrix_by_blocks(&self, mut done: impl FnMut(Range<usize>)) -> DenseMatrix {
+        let (rows, cols, block) = (self.rows, self.cols, self.copy_block_rows());
+        let bits = |r: Range<usize>| {
+            self.as_bytes()[r.start * self.row_bytes..r.end * self.row_bytes]
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
         };
-        DenseMatrix { rows: self.rows, cols: self.cols, data }
+        let blocks = (0..rows).step_by(block).map(|r| r..(r + block).min(rows));
+        // `with_capacity` reserves address space only: pages become resident as blocks land.
+        let data = match self.format {
+            DenseFormat::F16 => {
+                let mut v = Vec::with_capacity(rows * cols);
+                for r in blocks {
+                    v.extend(bits(r.clone()).map(half::f16::from_bits));
+                    done(r);
+                }
+                DenseData::F16(v)
+            }
+            DenseFormat::BF16 => {
+                let mut v = Vec::with_capacity(rows * cols);
+                for r in blocks {
+                    v.extend(bits(r.clone()).map(half::bf16::from_bits));
+                    done(r);
+                }
+                DenseData::Bf16(v)
+            }
+            _ => {
+                let mut v = vec![0.0; rows * cols];
+                for r in blocks {
+                    for (i, row) in v[r.start * cols..r.end * cols].chunks_exact_mut(cols.max(1)).enumerate()
+                    {
+                        // Every row is in range and holds whole blocks (checked at construction).
+                        let _ = self.dequantize_row(r.start + i, row);
+                    }
+                    done(r);
+                }
+                DenseData::F32(v)
+            }
+        };
+        DenseMatrix { rows, cols, data }
     }
 
     /// The same matrix with its rows reordered: row `i` of the result is row `order[i]`
@@ -360,7 +487,7 @@ impl DenseLinear {
             rows: self.rows,
             cols: self.cols,
             row_bytes: rb,
-            data,
+            data: Storage::Owned(data),
             float_activations: self.float_activations,
         })
     }

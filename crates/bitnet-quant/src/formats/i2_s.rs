@@ -65,9 +65,24 @@ pub fn dequantize(bytes: &[u8], out: &mut [f32]) -> Result<(), FormatError> {
 pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     let s = scale(bytes, n)?;
     let mut codes = vec![0i8; n];
-    for (ci, (chunk, c)) in
-        bytes[..n / 4].chunks_exact(CHUNK_BYTES).zip(codes.chunks_exact_mut(CHUNK)).enumerate()
-    {
+    extract_codes(&bytes[..n / 4], &mut codes)?;
+    Ok(TernaryCodes { codes, scales: vec![s], block_len: n })
+}
+
+/// The codes of whole chunks: `packed` is a run of 32-byte chunks of the packed part (without
+/// the scale), `out` their `4 · packed.len()` elements. A loader decodes a tensor's rows a few
+/// at a time this way when they are whole chunks; an error's index counts from the run's start.
+pub fn extract_codes(packed: &[u8], out: &mut [i8]) -> Result<(), FormatError> {
+    check_multiple(GgmlType::I2_S, out.len(), CHUNK)?;
+    if packed.len() != out.len() / 4 {
+        return Err(FormatError::ByteLength {
+            format: GgmlType::I2_S,
+            n: out.len(),
+            expected: out.len() / 4,
+            got: packed.len(),
+        });
+    }
+    for (ci, (chunk, c)) in packed.chunks_exact(CHUNK_BYTES).zip(out.chunks_exact_mut(CHUNK)).enumerate() {
         for (p, &b) in chunk.iter().enumerate() {
             for g in 0..4 {
                 let code = (b >> (6 - 2 * g)) & 3;
@@ -83,7 +98,7 @@ pub fn extract(bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
             }
         }
     }
-    Ok(TernaryCodes { codes, scales: vec![s], block_len: n })
+    Ok(())
 }
 
 /// Packs exact codes in {-1, 0, +1} (a multiple of 128) with the tensor scale.
