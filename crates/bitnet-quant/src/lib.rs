@@ -14,6 +14,7 @@
 mod aligned;
 pub mod dense;
 pub mod formats;
+pub mod group;
 pub mod hf_pack;
 pub mod int16;
 pub mod int6;
@@ -26,6 +27,7 @@ pub mod selftest;
 pub mod ternary;
 
 pub use dense::{ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
+pub use group::GroupScales;
 pub use int8::Int8Matrix;
 pub use kernels::KernelPath;
 pub use quantize::{

@@ -484,3 +484,97 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
         t0 += n;
     }
 }
+
+/// Code sums per group of `G` columns of the eight rows of tile `g` with one token's padded
+/// activations (see the AVX2 `ternary_tile_group_sums`, which gives the same integers).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn ternary_tile_group_sums_vnni<const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { tile_group_sums_body::<true, G>(w, g, xr, out) }
+}
+
+/// As [`ternary_tile_group_sums_vnni`], without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn ternary_tile_group_sums_bw<const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    // SAFETY: the features are enabled on this function.
+    unsafe { tile_group_sums_body::<false, G>(w, g, xr, out) }
+}
+
+/// A whole 64-byte block per register: field `s` holds columns `64·s..64·s + 64`, and an i32
+/// lane `l` of `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`) sums columns `4l..4l + 4` of it, so a
+/// group of 32 is one 256-bit half of a field's sums, a group of 64 one field, and larger groups
+/// several fields. Each row's group sums are folded to eight lanes and the eight rows of a
+/// group reduced into one vector, a lane per row.
+#[inline(always)]
+unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    let per_block = BLOCK_COLS / G;
+    let blocks = w.blocks();
+    let tile = w.tile(g);
+    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * per_block * ROW_TILE);
+    assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` `blocks` blocks of 256
+    // activations (checked above), so every offset is in bounds; the features are the wrapper's.
+    unsafe {
+        let ones = _mm512_set1_epi16(1);
+        for b in 0..blocks {
+            let xb = load_block_x(xr.as_ptr().add(b * BLOCK_COLS));
+            let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+            let mut rows = [[_mm256_setzero_si256(); ROW_TILE]; 8];
+            for ri in 0..ROW_TILE {
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast());
+                let c = codes(load(wb.add(ri * BLOCK_BYTES)));
+                // The fields of each group of 64 columns or more, summed in i32 lanes.
+                let fields = if G == 32 { 1 } else { G / 64 };
+                let mut sums = [_mm512_setzero_si512(); 4];
+                for (f, sum) in sums.iter_mut().enumerate().take(4 / fields) {
+                    let mut i16s = _mm512_setzero_si512();
+                    for s in f * fields..(f + 1) * fields {
+                        if VNNI {
+                            *sum = _mm512_dpbusd_epi32(*sum, c[s], xb[s]);
+                        } else {
+                            // Four fields of pair sums in [-512, 508] stay within i16.
+                            i16s = _mm512_add_epi16(i16s, _mm512_maddubs_epi16(c[s], xb[s]));
+                        }
+                    }
+                    if !VNNI {
+                        *sum = _mm512_madd_epi16(i16s, ones);
+                    }
+                }
+                for f in 0..4 / fields {
+                    let (lo, hi) = (_mm512_castsi512_si256(sums[f]), _mm512_extracti64x4_epi64::<1>(sums[f]));
+                    if G == 32 {
+                        rows[2 * f][ri] = lo;
+                        rows[2 * f + 1][ri] = hi;
+                    } else {
+                        rows[f][ri] = _mm256_add_epi32(lo, hi);
+                    }
+                }
+            }
+            for (gb, slot) in rows.iter().enumerate().take(per_block) {
+                let at = (b * per_block + gb) * ROW_TILE;
+                _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), reduce8(slot));
+            }
+        }
+    }
+}
