@@ -6,15 +6,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bitnet_inference::load::load_dir_with;
+use bitnet_inference::load::load_dir_on;
 use std::sync::Arc;
 
 use bitnet_inference::scheduler::{Event, EventSink, Request, Scheduler, SchedulerOptions};
 use bitnet_inference::{
-    Context as RunContext, ContextOptions, CpuBackend, KvType, Logits, Model, Sequence, BLOCK_TOKENS,
+    Backend, Context as RunContext, ContextOptions, KvType, Logits, Model, Sequence, BLOCK_TOKENS,
 };
 
 use crate::commands::single_sequence_context;
+use crate::device::{dispatch, DeviceArg, Gpu, OnBackend};
 use bitnet_training::bench::{preset_model, time_steps};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -75,6 +76,10 @@ pub struct BenchArgs {
     /// KV cache element type of the serveN rows.
     #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
     pub kv_type: KvType,
+    /// On a GPU the bandwidth probe is a device-to-device copy, and the thread counts only
+    /// size the host's pool.
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 fn parse_kv_type(s: &str) -> Result<KvType, String> {
@@ -167,8 +172,10 @@ impl EventSink for TimedSink {
 /// One serveN run: `streams` requests submitted at once to a scheduler on `threads` threads.
 /// Returns the aggregate decode rate — tokens generated after every stream has its first one,
 /// over the time from then to the last token: the batched steady state — and the latencies.
-fn time_serving(
-    model: &Arc<Model<CpuBackend>>,
+#[allow(clippy::too_many_arguments)]
+fn time_serving<B: Backend + 'static>(
+    model: &Arc<Model<B>>,
+    make: &(dyn Fn() -> B + Sync),
     streams: usize,
     prompt: usize,
     gen: usize,
@@ -185,7 +192,7 @@ fn time_serving(
         governor: crate::commands::governor_enabled(),
         ..ContextOptions::new(streams * (per_stream + BLOCK_TOKENS))
     };
-    let ctx = RunContext::new(model, CpuBackend::new(), &opts)?;
+    let ctx = RunContext::new(model, make(), &opts)?;
     let sched = SchedulerOptions { max_seqs: streams, max_queue: streams, prefill_chunk: 256 };
     let scheduler = Scheduler::start(model.clone(), ctx, None, sched)?;
     let vocab = model.config.vocab_size;
@@ -319,18 +326,18 @@ fn bench_ids(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
-fn time_prompt(model: &Model<CpuBackend>, n: usize) -> Result<f64> {
+fn time_prompt<B: Backend>(model: &Model<B>, make: &(dyn Fn() -> B + Sync), n: usize) -> Result<f64> {
     let ids = bench_ids(n, model.config.vocab_size);
-    let mut ctx = single_sequence_context(model, n)?;
+    let mut ctx = single_sequence_context(model, make(), n)?;
     let mut seq = Sequence::new();
     let start = Instant::now();
     model.forward(&mut ctx, &mut seq, &ids, Logits::Last)?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-fn time_generation(model: &Model<CpuBackend>, n: usize) -> Result<f64> {
+fn time_generation<B: Backend>(model: &Model<B>, make: &(dyn Fn() -> B + Sync), n: usize) -> Result<f64> {
     let ids = bench_ids(n, model.config.vocab_size);
-    let mut ctx = single_sequence_context(model, n)?;
+    let mut ctx = single_sequence_context(model, make(), n)?;
     let mut seq = Sequence::new();
     let start = Instant::now();
     for &id in &ids {
@@ -349,8 +356,30 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.fp || a.backward.is_some() || a.train_steps.is_some() {
         bail!("--fp, --backward and --train-steps apply to --train, not to --model");
     }
-    let loaded = load_dir_with(model_dir, a.lm_head.options())?;
-    let source = loaded.source.display().to_string();
+    let model_dir = model_dir.clone();
+    dispatch(a.device.device, Bench { a, model_dir })
+}
+
+struct Bench {
+    a: BenchArgs,
+    model_dir: PathBuf,
+}
+
+impl OnBackend for Bench {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, make: &(dyn Fn() -> B + Sync), gpu: Option<&Gpu>) -> Result<()> {
+        bench_on(self.a, &self.model_dir, make, gpu)
+    }
+}
+
+fn bench_on<B: Backend + 'static>(
+    a: BenchArgs,
+    model_dir: &std::path::Path,
+    make: &(dyn Fn() -> B + Sync),
+    gpu: Option<&Gpu>,
+) -> Result<()> {
+    let loaded = load_dir_on(model_dir, &make(), a.lm_head.options())?;
+    let source = format!("{} on {}", loaded.source.display(), loaded.model.backend_name());
     let model = &Arc::new(loaded.model);
     if a.concurrent.contains(&0) {
         bail!("--concurrent: stream counts must be at least 1");
@@ -371,20 +400,24 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for &t in &a.threads {
         let pool =
             rayon::ThreadPoolBuilder::new().num_threads(t).build().context("building the thread pool")?;
-        let bandwidth = if a.no_probe || a.generate == 0 { None } else { Some(bandwidth_probe(&pool)) };
+        let bandwidth = match gpu {
+            _ if a.no_probe || a.generate == 0 => None,
+            Some(g) => Some(g.bandwidth_gbs()?),
+            None => Some(bandwidth_probe(&pool)),
+        };
         for &p in &a.prompts {
-            pool.install(|| time_prompt(model, p.min(8)))?; // warm-up
+            pool.install(|| time_prompt(model, make, p.min(8)))?; // warm-up
             let load = load_average();
             let runs = (0..a.repetitions)
-                .map(|_| pool.install(|| time_prompt(model, p)))
+                .map(|_| pool.install(|| time_prompt(model, make, p)))
                 .collect::<Result<Vec<_>>>()?;
             rows.push(Row::of_runs(format!("pp{p}"), t, &runs, load));
         }
         if a.generate > 0 {
-            pool.install(|| time_generation(model, 4))?;
+            pool.install(|| time_generation(model, make, 4))?;
             let load = load_average();
             let runs = (0..a.repetitions)
-                .map(|_| pool.install(|| time_generation(model, a.generate)))
+                .map(|_| pool.install(|| time_generation(model, make, a.generate)))
                 .collect::<Result<Vec<_>>>()?;
             // Weight bytes per second at the median speed, against the probe's read rate.
             let roof = bandwidth.map(|bw| 100.0 * median(&runs) * bytes_per_token as f64 / (bw * 1e9));
@@ -396,12 +429,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             });
         }
         for &c in &a.concurrent {
-            time_serving(model, c.min(4), 8, 4, t, a.kv_type)?; // warm-up
+            time_serving(model, make, c.min(4), 8, 4, t, a.kv_type)?; // warm-up
             let load = load_average();
             let mut lat = Vec::new();
             let runs = (0..a.repetitions)
                 .map(|_| {
-                    let (tps, l) = time_serving(model, c, serve_prompt, a.generate, t, a.kv_type)?;
+                    let (tps, l) = time_serving(model, make, c, serve_prompt, a.generate, t, a.kv_type)?;
                     lat.push(l);
                     Ok(tps)
                 })
@@ -419,7 +452,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn max_ctx_of(model: &Model<CpuBackend>) -> usize {
+fn max_ctx_of<B: Backend>(model: &Model<B>) -> usize {
     model.config.max_position_embeddings
 }
 

@@ -60,7 +60,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         Some(n) => n,
         None => max_ctx,
     };
-    let mut run = single_sequence_context(&loaded.model, ctx_len)?;
+    let mut run = single_sequence_context(&loaded.model, bitnet_inference::CpuBackend::new(), ctx_len)?;
     let mut seq = Sequence::new();
     let mut system = a.system.clone();
     let mut messages = fresh(&system);

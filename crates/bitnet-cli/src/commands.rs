@@ -4,12 +4,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use bitnet_default_model::load_default_model;
+use bitnet_default_model::DEFAULT_MODEL;
 use bitnet_inference::chat::ChatFormat;
-use bitnet_inference::load::{load_dir_with, LoadOptions, LoadedModel};
+use bitnet_inference::load::{load_dir_on, load_embedded_on, LoadOptions, LoadedModel};
 use bitnet_inference::sampling::GenerationDefaults;
 use bitnet_inference::{
-    generate as run_generation, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
+    generate as run_generation, Backend, Context as RunContext, ContextOptions, CpuBackend, GenerateOptions,
     HeadFormat, Logits, Model, SamplingParams, Sequence, StopReason,
 };
 use bitnet_models::chat::ChatMessage;
@@ -17,6 +17,8 @@ use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
 use serde_json::json;
+
+use crate::device::{dispatch, DeviceArg, Gpu, OnBackend};
 
 /// What to feed the model: text or token ids.
 #[derive(Args, Clone)]
@@ -51,6 +53,8 @@ pub struct InputArgs {
     /// answers badly.
     #[arg(long)]
     pub ternarize: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -250,11 +254,12 @@ impl InputArgs {
     }
 }
 
-/// A checkpoint folder or GGUF file, or the embedded default model when `model` is `None`.
-fn load(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
+/// A checkpoint folder or GGUF file, or the embedded default model when `model` is `None`, on
+/// the backend `backend`.
+fn load<B: Backend>(model: Option<&Path>, opts: LoadOptions, backend: &B) -> Result<LoadedModel<B>> {
     Ok(match model {
-        Some(dir) => load_dir_with(dir, opts)?,
-        None => load_default_model(opts)?,
+        Some(dir) => load_dir_on(dir, backend, opts)?,
+        None => load_embedded_on(&DEFAULT_MODEL, backend, opts)?,
     })
 }
 
@@ -276,7 +281,7 @@ pub fn prompt_text(input: &InputArgs) -> Result<Option<String>> {
 }
 
 /// Prompt ids from `--prompt`, `--file` or `--tokens`, checked against the vocabulary.
-fn prompt_ids(input: &InputArgs, loaded: &LoadedModel) -> Result<Vec<u32>> {
+fn prompt_ids<B: Backend>(input: &InputArgs, loaded: &LoadedModel<B>) -> Result<Vec<u32>> {
     let ids: Vec<u32> = match (prompt_text(input)?, &input.tokens) {
         (Some(text), _) => {
             if text.is_empty() {
@@ -323,14 +328,18 @@ pub fn governor_enabled() -> bool {
     std::env::var("BITNET_DECODE_GOVERNOR").map_or(true, |v| v != "off")
 }
 
-/// A context for one sequence of up to `tokens` tokens, on the process's thread pool.
-pub fn single_sequence_context(model: &Model<CpuBackend>, tokens: usize) -> Result<RunContext<CpuBackend>> {
+/// A context on `backend` for one sequence of up to `tokens` tokens, on the process's thread pool.
+pub fn single_sequence_context<B: Backend>(
+    model: &Model<B>,
+    backend: B,
+    tokens: usize,
+) -> Result<RunContext<B>> {
     let opts = ContextOptions {
         max_seq_tokens: Some(tokens),
         governor: governor_enabled(),
         ..ContextOptions::new(tokens)
     };
-    Ok(RunContext::new(model, CpuBackend::new(), &opts)?)
+    Ok(RunContext::new(model, backend, &opts)?)
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -341,7 +350,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     set_threads(a.input.threads)?;
-    let mut loaded = load_reporting(a.input.model.as_deref(), a.input.load_options())?;
+    dispatch(a.input.device.device, Generate(a))
+}
+
+/// `generate` on the backend `--device` picks.
+struct Generate(GenerateArgs);
+
+impl OnBackend for Generate {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, make: &(dyn Fn() -> B + Sync), _: Option<&Gpu>) -> Result<()> {
+        generate_on(self.0, make)
+    }
+}
+
+fn generate_on<B: Backend>(a: GenerateArgs, make: &(dyn Fn() -> B + Sync)) -> Result<()> {
+    let mut loaded = load_reporting(a.input.model.as_deref(), a.input.load_options(), &make())?;
     let (sampling, notice) = a.sampling.resolve(&loaded.generation)?;
     if let Some(n) = notice {
         eprintln!("{n}");
@@ -379,7 +402,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         );
     }
     let opts = GenerateOptions { max_new_tokens: max_new, sampling, eos_ids, stop_strings };
-    let mut run = single_sequence_context(&loaded.model, ids.len() + max_new + 1)?;
+    let mut run = single_sequence_context(&loaded.model, make(), ids.len() + max_new + 1)?;
     let mut seq = Sequence::new();
     let stdout = std::io::stdout();
     let json = a.json;
@@ -462,7 +485,7 @@ pub fn load_for_chat(
     head: HeadArg,
 ) -> Result<(LoadedModel, bitnet_models::tokenizer::Tokenizer, ChatFormat)> {
     set_threads(threads)?;
-    let mut loaded = load_reporting(model, head.options())?;
+    let mut loaded = load_reporting(model, head.options(), &CpuBackend::new())?;
     let format = ChatFormat::for_model(&loaded)?;
     if format.is_fallback() {
         eprintln!(
@@ -477,13 +500,17 @@ pub fn load_for_chat(
 }
 
 /// Loads the model, saying so on stderr when it takes more than a moment.
-fn load_reporting(model: Option<&Path>, opts: LoadOptions) -> Result<LoadedModel> {
+fn load_reporting<B: Backend>(
+    model: Option<&Path>,
+    opts: LoadOptions,
+    backend: &B,
+) -> Result<LoadedModel<B>> {
     let start = std::time::Instant::now();
     let large = model.and_then(model_bytes).is_some_and(|b| b > 256 << 20);
     if let (true, Some(path)) = (large, model) {
         eprintln!("loading {}…", path.display());
     }
-    let loaded = load(model, opts)?;
+    let loaded = load(model, opts, backend)?;
     if large {
         eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
     }
@@ -502,13 +529,24 @@ fn model_bytes(path: &Path) -> Option<u64> {
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
     set_threads(a.input.threads)?;
-    let loaded = load(a.input.model.as_deref(), a.input.load_options())?;
+    dispatch(a.input.device.device, a)
+}
+
+impl OnBackend for LogitsArgs {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, make: &(dyn Fn() -> B + Sync), _: Option<&Gpu>) -> Result<()> {
+        logits_on(self, make)
+    }
+}
+
+fn logits_on<B: Backend>(a: LogitsArgs, make: &(dyn Fn() -> B + Sync)) -> Result<()> {
+    let loaded = load(a.input.model.as_deref(), a.input.load_options(), &make())?;
     let ids = prompt_ids(&a.input, &loaded)?;
     let ctx = context_len(&a.input, &loaded.model.config)?;
     if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
     }
-    let mut run = single_sequence_context(&loaded.model, ids.len())?;
+    let mut run = single_sequence_context(&loaded.model, make(), ids.len())?;
     let mut seq = Sequence::new();
     let mode = if a.all_positions { Logits::All } else { Logits::Last };
     loaded.model.forward(&mut run, &mut seq, &ids, mode)?;

@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod commands;
+mod device;
 mod interrupt;
 mod serve;
 
@@ -81,6 +82,8 @@ See docs/serving.md for every endpoint, parameter and metric.")]
   bitnet quantize model-i2_s.gguf model-tq2_0.gguf --type tq2_0
   bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
     Quantize(commands::QuantizeArgs),
+    /// List the CPU's features and every GPU (name, memory, compute capability, driver).
+    Devices,
     /// Train a BitNet b1.58 model from a text file (quantization-aware, straight-through estimator).
     ///
     /// Ctrl-C (or SIGTERM) stops after the current step, saves a checkpoint and exits with
@@ -110,6 +113,7 @@ fn main() {
         Command::Convert(a) => commands::convert(a),
         Command::Quantize(a) => commands::quantize(a),
         Command::Train(a) => train(a),
+        Command::Devices => device::devices(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -24,6 +24,12 @@ pub enum BackendError {
     OutOfMemory { device: String, what: &'static str, bytes: usize },
     #[error("{device}: {message}")]
     Device { device: String, message: String },
+    /// A transfer whose sizes do not fit the buffer it names.
+    #[error("{device}: {message}")]
+    Shape { device: String, message: String },
+    /// Weights this backend has no kernel for (say, a GGUF block format on a GPU).
+    #[error("{device} cannot run {what} yet")]
+    Unsupported { device: String, what: String },
 }
 
 /// Rows of one sequence in a batch, as attention sees them.
@@ -71,6 +77,9 @@ pub trait Backend: Send {
 
     fn name(&self) -> String;
 
+    /// Takes a ternary matrix from the host. `w.to_codes()` gives it in no kernel's layout
+    /// (row-major codes, [`bitnet_quant::WeightScale`], block scales): a device backend packs
+    /// those for its own kernels, while the CPU backend keeps `w`, already in its layout.
     fn upload_linear(&self, w: TernaryMatrix) -> Result<Self::Linear, BackendError>;
     fn upload_dense(&self, m: DenseMatrix) -> Result<Self::Dense, BackendError>;
     fn upload_int8(&self, m: Int8Matrix) -> Result<Self::Int8Linear, BackendError>;
@@ -222,4 +231,35 @@ pub trait Backend: Send {
     );
     /// Copies `out.len()` values starting at `offset` of a buffer to the host.
     fn read(&mut self, b: &Self::Buffer, offset: usize, out: &mut [f32]) -> Result<(), BackendError>;
+
+    // Transfers for callers that bring their own data, and for the conformance suite
+    // ([`crate::conformance`]), which compares every operation's results across backends.
+
+    /// Copies `data` into a buffer starting at `offset`.
+    fn write(&mut self, b: &mut Self::Buffer, offset: usize, data: &[f32]) -> Result<(), BackendError>;
+    /// Loads `scales.len()` already-quantized tokens: `q` holds their int8 rows of the buffer's
+    /// width, `scales` their `s_a`.
+    fn write_quant(
+        &mut self,
+        q: &[i8],
+        scales: &[f32],
+        out: &mut Self::QuantBuffer,
+    ) -> Result<(), BackendError>;
+    /// Copies the first `scales.len()` tokens of a quantized buffer (int8 rows of the buffer's
+    /// width into `q`, and their scales) to the host.
+    fn read_quant(
+        &mut self,
+        x: &Self::QuantBuffer,
+        q: &mut [i8],
+        scales: &mut [f32],
+    ) -> Result<(), BackendError>;
+    /// The key and value cached in `slot` of `layer`, widened to f32 (`kv_dim` each).
+    fn read_kv(
+        &mut self,
+        store: &Self::KvStore,
+        layer: usize,
+        slot: usize,
+        key: &mut [f32],
+        value: &mut [f32],
+    ) -> Result<(), BackendError>;
 }

@@ -27,7 +27,7 @@ impl ChatFormat {
     /// The format of a loaded checkpoint: its template (tokenizer_config.json,
     /// chat_template.jinja or GGUF metadata), or the plain fallback
     /// ([`ChatFormat::is_fallback`]) when it has none.
-    pub fn for_model(loaded: &LoadedModel) -> Result<Self, InferenceError> {
+    pub fn for_model<B: crate::Backend>(loaded: &LoadedModel<B>) -> Result<Self, InferenceError> {
         let source: &Path = &loaded.source;
         let template = if source.is_file() {
             let file = GgufFile::open(source).map_err(|e| ModelError::tensor(source, e.to_string()))?;

@@ -22,6 +22,15 @@ pub struct CpuKvStore {
     pub kv_type: KvType,
 }
 
+impl KvData {
+    fn len(&self) -> usize {
+        match self {
+            KvData::F32(x) => x.len(),
+            KvData::Half(x) => x.len(),
+        }
+    }
+}
+
 impl CpuKvStore {
     fn slice<'a>(&self, data: &'a KvData) -> KvSlice<'a> {
         match (data, self.kv_type) {
@@ -385,9 +394,87 @@ impl Backend for CpuBackend {
     }
 
     fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<(), BackendError> {
-        out.copy_from_slice(&b[offset..offset + out.len()]);
+        let src = b.get(offset..offset + out.len()).ok_or_else(|| {
+            shape(format!("reading {} values at {offset} of a buffer of {}", out.len(), b.len()))
+        })?;
+        out.copy_from_slice(src);
         Ok(())
     }
+
+    fn write(&mut self, b: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<(), BackendError> {
+        let len = b.len();
+        let dst = b.get_mut(offset..offset + data.len()).ok_or_else(|| {
+            shape(format!("writing {} values at {offset} of a buffer of {len}", data.len()))
+        })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn write_quant(
+        &mut self,
+        q: &[i8],
+        scales: &[f32],
+        out: &mut QuantizedActivations,
+    ) -> Result<(), BackendError> {
+        out.set_int8(q, scales, scales.len()).map_err(|e| shape(e.to_string()))
+    }
+
+    fn read_quant(
+        &mut self,
+        x: &QuantizedActivations,
+        q: &mut [i8],
+        scales: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let (rows, k) = (scales.len(), x.k());
+        if rows > x.m() || q.len() != rows * k {
+            return Err(shape(format!(
+                "reading {rows} tokens ({} values) of a quantized buffer holding {} of width {k}",
+                q.len(),
+                x.m()
+            )));
+        }
+        for t in 0..rows {
+            q[t * k..(t + 1) * k].copy_from_slice(x.row(t));
+            scales[t] = x.scale(t);
+        }
+        Ok(())
+    }
+
+    fn read_kv(
+        &mut self,
+        store: &CpuKvStore,
+        layer: usize,
+        slot: usize,
+        key: &mut [f32],
+        value: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let d = store.kv_dim;
+        let slots = store.keys.first().map_or(0, KvData::len) / d.max(1);
+        if layer >= store.keys.len() || slot >= slots || key.len() != d || value.len() != d {
+            return Err(shape(format!(
+                "slot {slot} of layer {layer} (kv_dim {}) in a store of {} layers × {slots} slots of {d}",
+                key.len(),
+                store.keys.len()
+            )));
+        }
+        for (data, out) in [(&store.keys[layer], key), (&store.values[layer], value)] {
+            let range = slot * d..(slot + 1) * d;
+            match (data, store.kv_type) {
+                (KvData::F32(x), _) => out.copy_from_slice(&x[range]),
+                (KvData::Half(x), KvType::Bf16) => {
+                    out.iter_mut().zip(&x[range]).for_each(|(o, &b)| *o = half::bf16::from_bits(b).to_f32())
+                }
+                (KvData::Half(x), _) => {
+                    out.iter_mut().zip(&x[range]).for_each(|(o, &b)| *o = half::f16::from_bits(b).to_f32())
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn shape(message: String) -> BackendError {
+    BackendError::Shape { device: "cpu".into(), message }
 }
 
 #[cfg(test)]

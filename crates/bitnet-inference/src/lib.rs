@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod backend;
 pub mod chat;
+pub mod conformance;
 pub mod context;
 pub mod cpu;
 pub mod generate;
@@ -20,7 +21,7 @@ pub use context::{Context, ContextOptions, Segment, Sequence};
 pub use cpu::CpuBackend;
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use kv::{KvStats, KvType, BLOCK_TOKENS};
-pub use load::{load_dir, load_dir_with, LoadOptions, LoadedModel};
+pub use load::{load_dir, load_dir_on, load_dir_with, LoadOptions, LoadedModel};
 pub use model::{HeadFormat, Logits, Model};
 pub use sampling::{Sampler, SamplingError, SamplingParams};
 

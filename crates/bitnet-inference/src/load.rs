@@ -11,7 +11,7 @@ use bitnet_models::{ModelConfig, ModelError, ModelWeights};
 
 use crate::model::HeadFormat;
 use crate::sampling::GenerationDefaults;
-use crate::{CpuBackend, InferenceError, Model};
+use crate::{Backend, CpuBackend, InferenceError, Model};
 
 /// Choices made when a checkpoint becomes a runnable model.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,9 +27,9 @@ impl LoadOptions {
     }
 }
 
-/// A model on the CPU with what came with it.
-pub struct LoadedModel {
-    pub model: Model<CpuBackend>,
+/// A model on a backend (the CPU unless named) with what came with it.
+pub struct LoadedModel<B: Backend = CpuBackend> {
+    pub model: Model<B>,
     pub tokenizer: Option<Tokenizer>,
     pub source: PathBuf,
     /// The sampling generation_config.json asks for.
@@ -50,10 +50,20 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel, InferenceError> {
     load_dir_with(dir, LoadOptions::default())
 }
 
-/// Loads a checkpoint directory or a `.gguf` file.
+/// Loads a checkpoint directory or a `.gguf` file onto the CPU.
 pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_dir_on(dir, &CpuBackend::new(), opts)
+}
+
+/// Loads a checkpoint directory or a `.gguf` file onto `backend`, which lays the weights out
+/// for its own kernels.
+pub fn load_dir_on<B: Backend>(
+    dir: &Path,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     if dir.is_file() {
-        return load_gguf(dir, opts);
+        return load_gguf_on(dir, backend, opts);
     }
     if !dir.is_dir() {
         let why = "is not a directory holding config.json and model.safetensors, nor a .gguf file";
@@ -65,7 +75,7 @@ pub fn load_dir_with(dir: &Path, opts: LoadOptions) -> Result<LoadedModel, Infer
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
     Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
+        model: Model::new(weights, backend, opts.head)?,
         tokenizer,
         source: dir.to_path_buf(),
         generation: generation_defaults(dir),
@@ -81,8 +91,17 @@ pub struct EmbeddedCheckpoint {
     pub safetensors: &'static [u8],
 }
 
-/// Loads an embedded checkpoint.
+/// Loads an embedded checkpoint onto the CPU.
 pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_embedded_on(e, &CpuBackend::new(), opts)
+}
+
+/// Loads an embedded checkpoint onto `backend`.
+pub fn load_embedded_on<B: Backend>(
+    e: &EmbeddedCheckpoint,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     let source = PathBuf::from(e.name);
     let json = serde_json::from_str(e.config_json)
         .map_err(|err| ModelError::config(&source.join("config.json"), format!("not valid JSON: {err}")))?;
@@ -100,15 +119,24 @@ pub fn load_embedded(e: &EmbeddedCheckpoint, opts: LoadOptions) -> Result<Loaded
     let weights = ModelWeights::load_with(&store, config, opts.weights())?;
     let tokenizer = Tokenizer::from_bytes(e.tokenizer_json, &source.join("tokenizer.json"))?;
     Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
+        model: Model::new(weights, backend, opts.head)?,
         tokenizer: Some(tokenizer),
         source,
         generation,
     })
 }
 
-/// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
+/// Loads a GGUF file onto the CPU.
 pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, InferenceError> {
+    load_gguf_on(path, &CpuBackend::new(), opts)
+}
+
+/// Loads a GGUF file: config from its metadata, tensors repacked, tokenizer from its vocabulary.
+pub fn load_gguf_on<B: Backend>(
+    path: &Path,
+    backend: &B,
+    opts: LoadOptions,
+) -> Result<LoadedModel<B>, InferenceError> {
     let file = GgufFile::open(path).map_err(ModelError::from)?;
     let weights = ModelWeights::from_gguf_with(&file, opts.weights())?;
     let tokenizer = match file.metadata().contains_key("tokenizer.ggml.model") {
@@ -120,7 +148,7 @@ pub fn load_gguf(path: &Path, opts: LoadOptions) -> Result<LoadedModel, Inferenc
         false => None,
     };
     Ok(LoadedModel {
-        model: Model::new(weights, &CpuBackend::new(), opts.head)?,
+        model: Model::new(weights, backend, opts.head)?,
         tokenizer,
         source: path.to_path_buf(),
         generation: GenerationDefaults::default(),

@@ -38,7 +38,7 @@ fn check_projections_dense(path: &Path) {
             let gname = format!("blk.{l}.{name}.weight");
             let t = p.weight.ternary().expect("a TQ projection loads ternary");
             let (rows, cols) = (t.rows(), t.cols());
-            assert!(t.block_scales().is_some(), "{gname}: expected per-block scales");
+            assert!(t.group_scales().is_some(), "{gname}: expected per-block scales");
             let info = file.tensor(&gname).unwrap();
             let mut dense =
                 formats::dequantize(info.ggml_type(), file.tensor_data(&gname).unwrap(), rows * cols)
@@ -126,6 +126,6 @@ fn equal_block_scales_keep_the_one_scale_matrix() {
     convert_hf_to_gguf(&src, &one, WeightType::Tq2_0, HeadType::F16, |_, _| {}).unwrap();
     let w = ModelWeights::from_gguf(&GgufFile::open(&one).unwrap()).unwrap();
     for (name, p) in projections(&w, 0) {
-        assert!(p.weight.ternary().expect("ternary").block_scales().is_none(), "{name}");
+        assert!(p.weight.ternary().expect("ternary").group_scales().is_none(), "{name}");
     }
 }

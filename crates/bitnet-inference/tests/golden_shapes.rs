@@ -4,19 +4,11 @@
 
 mod common;
 
-use common::parity::{check_greedy_and_cache, check_projections, check_prompt_logits, LogitCheck};
-use common::*;
+use bitnet_inference::CpuBackend;
+use common::parity::{run_fixture_on, LogitCheck};
 
 fn run(fixture: &str, form: &str, check: LogitCheck) {
-    let root = fixtures().join(fixture);
-    let golden = Golden::open(&root.join(format!("golden/{form}_f32.safetensors")));
-    let dir = root.join(form);
-    if golden.floats.contains_key("layer0.self_attn.q_proj.input") {
-        check_projections(&dir, &golden);
-    }
-    let loaded = load(&dir);
-    check_prompt_logits(&loaded.model, &golden, check);
-    check_greedy_and_cache(&loaded.model, &golden);
+    run_fixture_on(&CpuBackend::new, fixture, form, check);
 }
 
 #[test]

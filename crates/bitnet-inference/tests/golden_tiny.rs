@@ -2,17 +2,12 @@
 
 mod common;
 
-use common::parity::{check_greedy_and_cache, check_projections, check_prompt_logits, LogitCheck};
+use bitnet_inference::CpuBackend;
+use common::parity::{run_fixture_on, LogitCheck};
 use common::*;
 
 fn run(form: &str, check: LogitCheck) {
-    let root = fixtures().join("hf-bitnet-tiny");
-    let golden = Golden::open(&root.join(format!("golden/{form}_f32.safetensors")));
-    let dir = root.join(form);
-    check_projections(&dir, &golden);
-    let loaded = load(&dir);
-    check_prompt_logits(&loaded.model, &golden, check);
-    check_greedy_and_cache(&loaded.model, &golden);
+    run_fixture_on(&CpuBackend::new, "hf-bitnet-tiny", form, check);
 }
 
 #[test]

@@ -232,8 +232,15 @@ fn layer_sweep_grouped(bencher: Bencher, group: usize) {
                 let mut rng = Rng::new(seed as u64);
                 let d: Vec<f32> =
                     (0..s.rows * s.cols / group).map(|_| 0.01 + rng.range(0, 100) as f32 * 1e-4).collect();
-                TernaryMatrix::from_ternary_group_scaled(&w.to_ternary(), s.rows, s.cols, group, &d, w.scale())
-                    .unwrap()
+                TernaryMatrix::from_ternary_group_scaled(
+                    &w.to_ternary(),
+                    s.rows,
+                    s.cols,
+                    group,
+                    &d,
+                    w.scale(),
+                )
+                .unwrap()
             })
             .collect()
     });

@@ -75,11 +75,15 @@ impl PackedTernary {
     pub(crate) fn unpack(&self) -> Vec<i8> {
         let mut t = vec![0i8; self.rows * self.cols];
         let bytes = self.data.as_bytes();
+        // Block by block: byte j of a block holds columns j, 64 + j, 128 + j and 192 + j.
         for (r, row) in t.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {
-            for (c, v) in row.iter_mut().enumerate() {
-                let (b, j) = (c / BLOCK_COLS, c % BLOCK_COLS);
-                let byte = bytes[Self::offset_of(self.blocks, r, b) + j % 64];
-                *v = ((byte >> (2 * (j / 64))) & 3) as i8 - 1;
+            for (b, cols) in row.chunks_mut(BLOCK_COLS).enumerate() {
+                let block = &bytes[Self::offset_of(self.blocks, r, b)..][..BLOCK_BYTES];
+                for (s, part) in cols.chunks_mut(BLOCK_BYTES).enumerate() {
+                    for (v, &byte) in part.iter_mut().zip(block) {
+                        *v = ((byte >> (2 * s)) & 3) as i8 - 1;
+                    }
+                }
             }
         }
         t

@@ -33,7 +33,7 @@ pub use kernels::KernelPath;
 pub use quantize::{
     absmean_ternary, quantize_activation_row, quantize_symmetric, ActivationScale, Granularity,
 };
-pub use ternary::{QuantizedActivations, TernaryMatrix, WeightScale};
+pub use ternary::{GroupScaleRows, QuantizedActivations, TernaryCodes, TernaryMatrix, WeightScale};
 
 /// Errors of this crate: shapes that do not fit the data they describe.
 #[derive(Debug, thiserror::Error)]

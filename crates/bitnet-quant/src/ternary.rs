@@ -212,6 +212,31 @@ impl QuantizedActivations {
     }
 }
 
+/// Ternary weights in no kernel's layout: row-major codes in {-1, 0, 1}, the matrix's scale and,
+/// for weights quantized group by group, one multiplier per (row, group of `group` columns).
+///
+/// The product it defines is [`TernaryMatrix::forward`]'s: per token with activation scale
+/// `s_a`, `y[r] = scale(Σ_c t[r, c] · q[c], s_a)`, or with group scales
+/// `y[r] = scale(Σ_g d[r, g] · P[r, g], s_a)` summed in group order ([`crate::group`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TernaryCodes {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows × cols` codes, row-major.
+    pub codes: Vec<i8>,
+    pub scale: WeightScale,
+    /// The groups' multipliers, if they carry their own.
+    pub group_scales: Option<GroupScaleRows>,
+}
+
+/// One multiplier per (row, group of `group` columns), row-major: `scales[r · groups + g]` with
+/// `groups = cols.div_ceil(group)`; `group` is 32, 64, 128 or 256.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupScaleRows {
+    pub group: usize,
+    pub scales: Vec<f32>,
+}
+
 /// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale, packed
 /// at construction into the kernels' layout ([`crate::layout`]).
 ///
@@ -302,6 +327,30 @@ impl TernaryMatrix {
     /// The row-major ternary codes (for export and tests).
     pub fn to_ternary(&self) -> Vec<i8> {
         self.packed.unpack()
+    }
+
+    /// The weights independent of this crate's kernel layout: codes, scale and group scales,
+    /// what a device backend receives to lay out for its own kernels.
+    pub fn to_codes(&self) -> TernaryCodes {
+        TernaryCodes {
+            rows: self.rows(),
+            cols: self.cols(),
+            codes: self.packed.unpack(),
+            scale: self.scale,
+            group_scales: self
+                .group_scales
+                .as_ref()
+                .map(|d| GroupScaleRows { group: d.group(), scales: d.to_row_major() }),
+        }
+    }
+
+    /// Packs layout-neutral weights into the CPU kernels' layout (the inverse of
+    /// [`TernaryMatrix::to_codes`]).
+    pub fn from_codes(c: &TernaryCodes) -> Result<Self, QuantError> {
+        match &c.group_scales {
+            None => Self::from_ternary(&c.codes, c.rows, c.cols, c.scale),
+            Some(d) => Self::from_ternary_group_scaled(&c.codes, c.rows, c.cols, d.group, &d.scales, c.scale),
+        }
     }
 
     /// Integer products of each group of `group` columns (32, 64, 128 or 256) of the padded rows:

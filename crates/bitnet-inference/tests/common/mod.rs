@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use bitnet_inference::load::{load_dir, LoadedModel};
-use bitnet_inference::{Context, ContextOptions, CpuBackend, Sequence};
+use bitnet_inference::load::{load_dir, load_dir_on, LoadOptions, LoadedModel};
+use bitnet_inference::{Backend, Context, ContextOptions, CpuBackend, Sequence};
 use bitnet_inference::{Logits, Model};
 use bitnet_models::safetensors::{Bytes, TensorStore};
 use bitnet_models::synth::SynthShape;
@@ -49,23 +49,54 @@ pub fn load(dir: &Path) -> LoadedModel {
     load_dir(dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
+/// Loads `dir` onto the backend `make` builds.
+pub fn load_on<B: Backend>(dir: &Path, make: &impl Fn() -> B) -> LoadedModel<B> {
+    load_dir_on(dir, &make(), LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+}
+
 /// A context for one sequence of up to `tokens` tokens, batches of up to `max_batch` rows.
 pub fn context(model: &Model<CpuBackend>, tokens: usize, max_batch: usize) -> Context<CpuBackend> {
+    context_on(model, &CpuBackend::new, tokens, max_batch)
+}
+
+/// [`context`] on the backend `make` builds.
+pub fn context_on<B: Backend>(
+    model: &Model<B>,
+    make: &impl Fn() -> B,
+    tokens: usize,
+    max_batch: usize,
+) -> Context<B> {
     let opts = ContextOptions { max_batch, max_seq_tokens: Some(tokens), ..ContextOptions::new(tokens) };
-    Context::new(model, CpuBackend::new(), &opts).unwrap()
+    Context::new(model, make(), &opts).unwrap()
 }
 
 /// Logits of every position of `ids`, from one prefill.
 pub fn prefill_logits(model: &Model<CpuBackend>, ids: &[u32]) -> Vec<f32> {
-    let mut ctx = context(model, ids.len(), 512);
+    prefill_logits_on(model, &CpuBackend::new, ids)
+}
+
+/// [`prefill_logits`] on the backend `make` builds.
+pub fn prefill_logits_on<B: Backend>(model: &Model<B>, make: &impl Fn() -> B, ids: &[u32]) -> Vec<f32> {
+    let mut ctx = context_on(model, make, ids.len(), 512);
     model.forward(&mut ctx, &mut Sequence::new(), ids, Logits::All).unwrap();
     ctx.logits().to_vec()
 }
 
 /// Greedy decoding with the KV cache; returns the new ids and the logits of every step.
 pub fn greedy_with_cache(model: &Model<CpuBackend>, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    greedy_with_cache_on(model, &CpuBackend::new, prompt, n)
+}
+
+/// [`greedy_with_cache`] on the backend `make` builds.
+pub fn greedy_with_cache_on<B: Backend>(
+    model: &Model<B>,
+    make: &impl Fn() -> B,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let vocab = model.config.vocab_size;
-    let mut ctx = context(model, prompt.len() + n, 512);
+    let mut ctx = context_on(model, make, prompt.len() + n, 512);
     let mut seq = Sequence::new();
     model.forward(&mut ctx, &mut seq, prompt, Logits::Last).unwrap();
     let (mut out, mut steps) = (Vec::new(), Vec::new());

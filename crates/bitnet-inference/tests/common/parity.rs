@@ -92,6 +92,7 @@ pub fn check_projections(model_dir: &Path, golden: &Golden) {
 }
 
 /// How closely the prompt logits must match transformers.
+#[derive(Clone, Copy, Debug)]
 pub enum LogitCheck {
     /// Every logit within `atol`.
     Atol(f32),
@@ -103,9 +104,19 @@ pub enum LogitCheck {
 }
 
 pub fn check_prompt_logits(model: &Model<CpuBackend>, golden: &Golden, check: LogitCheck) {
+    check_prompt_logits_on(model, &CpuBackend::new, golden, check)
+}
+
+/// [`check_prompt_logits`] of a model on the backend `make` builds.
+pub fn check_prompt_logits_on<B: Backend>(
+    model: &Model<B>,
+    make: &impl Fn() -> B,
+    golden: &Golden,
+    check: LogitCheck,
+) {
     let ids = golden.u32s("input_ids");
     let want = golden.f("logits");
-    let got = prefill_logits(model, &ids);
+    let got = prefill_logits_on(model, make, &ids);
     let vocab = model.config.vocab_size;
     match check {
         LogitCheck::Atol(atol) => {
@@ -140,16 +151,52 @@ pub fn check_prompt_logits(model: &Model<CpuBackend>, golden: &Golden, check: Lo
 /// Greedy decoding with the KV cache gives transformers' ids, and every decode step's logits
 /// equal a full recompute of the sequence so far.
 pub fn check_greedy_and_cache(model: &Model<CpuBackend>, golden: &Golden) {
+    check_greedy_and_cache_on(model, &CpuBackend::new, golden)
+}
+
+/// [`check_greedy_and_cache`] of a model on the backend `make` builds.
+pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() -> B, golden: &Golden) {
     let prompt = golden.u32s("input_ids");
     let full = golden.u32s("greedy_ids");
     let n = full.len() - prompt.len();
-    let (new, steps) = greedy_with_cache(model, &prompt, n);
+    let (new, steps) = greedy_with_cache_on(model, make, &prompt, n);
     assert_eq!(new, full[prompt.len()..], "greedy ids differ from transformers");
     let vocab = model.config.vocab_size;
-    let recompute = prefill_logits(model, &full[..full.len() - 1]);
+    let recompute = prefill_logits_on(model, make, &full[..full.len() - 1]);
     for (i, step) in steps.iter().enumerate() {
         let row = &recompute[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
         let d = max_abs_diff(step, row);
         assert!(d <= 1e-4, "decode step {i} with the KV cache differs from a full recompute by {d}");
     }
+}
+
+/// Every transformers fixture with the check its prompt logits get: the cases of golden_tiny.rs
+/// and golden_shapes.rs, which run them on the CPU, for other backends to run the same way.
+pub const PARITY_CASES: [(&str, &str, LogitCheck); 11] = [
+    ("hf-bitnet-tiny", "master", LogitCheck::Atol(1e-3)),
+    ("hf-bitnet-tiny", "packed", LogitCheck::TopK { k: 5, atol: 0.5 }),
+    ("hf-bitnet-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
+    ("gqa1-theta1e4", "master", LogitCheck::Atol(1e-3)),
+    ("gqa1-theta1e4", "packed", LogitCheck::Atol(1e-3)),
+    ("gqa3-odd", "master", LogitCheck::Atol(1e-3)),
+    ("gqa3-odd", "packed_bitlinear", LogitCheck::Atol(1e-3)),
+    ("deep5", "packed", LogitCheck::Agreement { min_agree: 0.95, min_cos: 0.999 }),
+    ("userms", "packed_bitlinear", LogitCheck::Atol(1e-3)),
+    ("llama158", "packed_bitlinear", LogitCheck::Atol(1e-3)),
+    ("bitnet1bit", "master", LogitCheck::Atol(1e-3)),
+];
+
+/// One fixture's parity checks on the backend `make` builds: layer-0 projections (on the
+/// host weights), prompt logits against transformers, greedy ids, and KV-cache decoding
+/// against a full recompute.
+pub fn run_fixture_on<B: Backend>(make: &impl Fn() -> B, fixture: &str, form: &str, check: LogitCheck) {
+    let root = fixtures().join(fixture);
+    let golden = Golden::open(&root.join(format!("golden/{form}_f32.safetensors")));
+    let dir = root.join(form);
+    if golden.floats.contains_key("layer0.self_attn.q_proj.input") {
+        check_projections(&dir, &golden);
+    }
+    let loaded = load_on(&dir, make);
+    check_prompt_logits_on(&loaded.model, make, &golden, check);
+    check_greedy_and_cache_on(&loaded.model, make, &golden);
 }

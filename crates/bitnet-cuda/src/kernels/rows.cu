@@ -1,0 +1,145 @@
+// Row-wise operations: one block per row (token) unless said otherwise.
+// Each names the bitnet-core / bitnet-quant function it must equal.
+
+#define QUANT_EPS 1e-5f
+
+// CpuBackend::embedding: out[t] = table[ids[t]] widened to f32.
+extern "C" __global__ void embedding(const void* table, int dtype, const u32* ids, int cols, float* out) {
+    int t = blockIdx.x;
+    u64 base = (u64)ids[t] * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(u64)t * cols + c] = load_elem(table, dtype, base + c);
+}
+
+// CpuBackend::gather_rows: out[t] = x[rows[t]].
+extern "C" __global__ void gather_rows(const float* x, const u32* rows, int width, float* out) {
+    int t = blockIdx.x;
+    const float* src = x + (u64)rows[t] * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[(u64)t * width + c] = src[c];
+}
+
+// ops::inverse_rms: 1 / sqrt(mean(x^2) + eps) with the square sum in f64, over the block.
+__device__ float inverse_rms(const float* x, int width, float eps, double* scratch) {
+    double s = 0.0;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) s += (double)x[c] * (double)x[c];
+    s = block_sum_d(s, scratch);
+    float mean_sq = (float)(s / (double)width);
+    return 1.0f / sqrtf(mean_sq + eps);
+}
+
+// ops::rmsnorm_row: out = g * (x * inv), or x * inv without a gain.
+extern "C" __global__ void rmsnorm(const float* x, const float* gain, int width, float eps, float* out) {
+    __shared__ double scratch[32];
+    int t = blockIdx.x;
+    const float* xr = x + (u64)t * width;
+    float inv = inverse_rms(xr, width, eps, scratch);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float v = xr[c] * inv;
+        out[(u64)t * width + c] = gain ? gain[c] * v : v;
+    }
+}
+
+// quantize_activation_row on `width` values that `value(c)` yields (recomputed, never stored):
+// s_a = 127 / max(max|x|, 1e-5), q = round_half_even(x * s_a), and the row's code sum.
+template <typename F>
+__device__ void quantize_values(F value, int width, i8* q, float* scale, int* sum, float* fscratch, int* iscratch) {
+    float amax = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) amax = fmaxf(amax, fabsf(value(c)));
+    amax = block_max_f(amax, fscratch);
+    float s = 127.0f / fmaxf(amax, QUANT_EPS);
+    int total = 0;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        int v = round_to_i8(value(c) * s);
+        q[c] = (i8)v;
+        total += v;
+    }
+    total = block_sum_i(total, iscratch);
+    if (threadIdx.x == 0) {
+        *scale = s;
+        *sum = total;
+    }
+}
+
+// QuantizedActivations::quantize of rows first..first+rows (block t quantizes row first + t
+// into token t). Codes go to q[t * stride ..]; the padding past `width` stays zero.
+extern "C" __global__ void quantize(const float* x, int first, int width, int stride, i8* q, float* scales, int* sums) {
+    __shared__ float fs[32];
+    __shared__ int is[32];
+    int t = blockIdx.x;
+    const float* xr = x + (u64)(first + t) * width;
+    quantize_values([&](int c) { return xr[c]; }, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+}
+
+// CpuBackend::norm_quantize: rmsnorm_row straight into the quantizer.
+extern "C" __global__ void norm_quantize(const float* x, const float* gain, int width, float eps, int stride, i8* q,
+                                         float* scales, int* sums) {
+    __shared__ double ds[32];
+    __shared__ float fs[32];
+    __shared__ int is[32];
+    int t = blockIdx.x;
+    const float* xr = x + (u64)t * width;
+    float inv = inverse_rms(xr, width, eps, ds);
+    auto value = [&](int c) {
+        float v = xr[c] * inv;
+        return gain ? gain[c] * v : v;
+    };
+    quantize_values(value, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+}
+
+// ops::relu2_mul / ops::silu_mul of one value.
+__device__ __forceinline__ float gated(int act, float g, float u) {
+    if (act == 0) {
+        float r = fmaxf(g, 0.0f);
+        return r * r * u;
+    }
+    return g / (1.0f + expf(-g)) * u;
+}
+
+// CpuBackend::gate_quantize: act(gate) * up, through rmsnorm_row_in_place with the sub-norm
+// gain when there is one, into the quantizer. act 0 is ReLU^2, 1 is SiLU.
+extern "C" __global__ void gate_quantize(int act, const float* gate, const float* up, const float* sub_norm, int width,
+                                         float eps, int stride, i8* q, float* scales, int* sums) {
+    __shared__ double ds[32];
+    __shared__ float fs[32];
+    __shared__ int is[32];
+    int t = blockIdx.x;
+    const float* g = gate + (u64)t * width;
+    const float* u = up + (u64)t * width;
+    float inv = 1.0f;
+    if (sub_norm) {
+        double s = 0.0;
+        for (int c = threadIdx.x; c < width; c += blockDim.x) {
+            double y = (double)gated(act, g[c], u[c]);
+            s += y * y;
+        }
+        s = block_sum_d(s, ds);
+        float mean_sq = (float)(s / (double)width);
+        inv = 1.0f / sqrtf(mean_sq + eps);
+    }
+    auto value = [&](int c) {
+        float y = gated(act, g[c], u[c]);
+        return sub_norm ? sub_norm[c] * (y * inv) : y;
+    };
+    quantize_values(value, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+}
+
+// CpuBackend::gate over `len` values (grid-stride).
+extern "C" __global__ void gate(int act, const float* g, const float* u, u64 len, float* out) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        out[i] = gated(act, g[i], u[i]);
+}
+
+// ops::add_assign: x += y over `len` values.
+extern "C" __global__ void add(float* x, const float* y, u64 len) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        x[i] = x[i] + y[i];
+}
+
+// QuantizedActivations::set_int8's sums: the code sum of each loaded row.
+extern "C" __global__ void row_sums(const i8* q, int width, int stride, int* sums) {
+    __shared__ int is[32];
+    int t = blockIdx.x;
+    int total = 0;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) total += q[(u64)t * stride + c];
+    total = block_sum_i(total, is);
+    if (threadIdx.x == 0) sums[t] = total;
+}

@@ -1,0 +1,22 @@
+//! The kernel sources compile with NVRTC (run where the NVRTC library loads; no GPU needed).
+
+use bitnet_cuda::{compile_kernels, CudaError};
+
+#[test]
+fn kernels_compile_for_hopper_and_older_chips() {
+    // CUDA 13 compiles for Turing (7.5) and newer.
+    for (major, minor) in [(9, 0), (8, 0), (7, 5)] {
+        match compile_kernels(major, minor) {
+            Err(CudaError::NoNvrtc) => {
+                println!("SKIPPED: no NVRTC library (libnvrtc.so) on this machine");
+                return;
+            }
+            Err(e) => panic!("sm_{major}{minor}: {e}"),
+            Ok(ptx) => {
+                assert!(ptx.contains(".entry ternary_gemv") && ptx.contains(".entry attention_d4_bf16"));
+                // The integer products are dp4a, not emulated.
+                assert!(ptx.contains("dp4a.s32.s32"), "sm_{major}{minor}: no dp4a in the PTX");
+            }
+        }
+    }
+}
