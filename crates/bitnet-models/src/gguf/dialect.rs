@@ -10,16 +10,17 @@
 //! it. The rule, first match wins:
 //!
 //! 1. a tensor of type id 36, 37 or 38: **bitnet.cpp** (upstream never writes these ids);
-//! 2. `general.architecture` = `bitnet-b1.58`: **bitnet.cpp** (only its converter writes
-//!    that architecture; upstream's BitNet architecture is `bitnet`);
-//! 3. a tensor of type id 39, TL2 or MXFP4: the one whose byte size fits the room the
+//! 2. a tensor of type id 142 or 143: **PrismML**;
+//! 3. a tensor of type id 42 that has the room of PQ2_0's layout and not of Q2_0's:
+//!    **PrismML's first files** (id 42 read as PQ2_0);
+//! 4. a tensor of type id 40, 41 or 42: **upstream** (bitnet.cpp's ids end at 39; this
+//!    engine writes such files under any architecture, `bitnet-b1.58` included);
+//! 5. `general.architecture` = `bitnet-b1.58`: **bitnet.cpp** (only its converter, and this
+//!    engine's, write that architecture; upstream's BitNet architecture is `bitnet`);
+//! 6. a tensor of type id 39, TL2 or MXFP4: the one whose byte size fits the room the
 //!    tensor has in the data section (up to the next tensor, or the end, less alignment
 //!    padding); if both or neither fit, `general.architecture` = `bitnet` means
 //!    **bitnet.cpp**, anything else **upstream**;
-//! 4. a tensor of type id 142 or 143: **PrismML**;
-//! 5. a tensor of type id 42 that has the room of PQ2_0's layout and not of Q2_0's:
-//!    **PrismML's first files** (id 42 read as PQ2_0);
-//! 6. a tensor of type id 40, 41 or 42: **upstream**;
 //! 7. `general.file_type` = 40 (bitnet.cpp's `LLAMA_FTYPE_MOSTLY_I2_S`; upstream's file
 //!    types end at 39): **bitnet.cpp**;
 //! 8. otherwise **common**: only ids up to 35, which both engines read alike.
@@ -172,32 +173,6 @@ pub(crate) fn detect(
             format!("tensor '{}' has type id {}, which only bitnet.cpp writes", t.name, t.type_id),
         );
     }
-    if arch == "bitnet-b1.58" {
-        return (Dialect::BitnetCpp, "architecture 'bitnet-b1.58' is written only by bitnet.cpp".into());
-    }
-    if let Some(t) = tensors.iter().find(|t| t.type_id == 39) {
-        let fits = |ty: GgmlType| match (ty.tensor_bytes(t.shape), t.room) {
-            (Some(size), Some(room)) => size <= room && room - size < alignment.max(1),
-            _ => false,
-        };
-        let (tl2, mxfp4) = (fits(GgmlType::TL2), fits(GgmlType::MXFP4));
-        return match (tl2, mxfp4) {
-            (true, false) => {
-                (Dialect::BitnetCpp, format!("tensor '{}' (type id 39) has the size of TL2", t.name))
-            }
-            (false, true) => {
-                (Dialect::Upstream, format!("tensor '{}' (type id 39) has the size of MXFP4", t.name))
-            }
-            _ if arch == "bitnet" => (
-                Dialect::BitnetCpp,
-                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is 'bitnet'", t.name),
-            ),
-            _ => (
-                Dialect::Upstream,
-                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is '{arch}'", t.name),
-            ),
-        };
-    }
     if let Some(t) = tensors.iter().find(|t| t.type_id == 142 || t.type_id == 143) {
         return (
             Dialect::Prism,
@@ -225,6 +200,32 @@ pub(crate) fn detect(
             Dialect::Upstream,
             format!("tensor '{}' has type id {}, which only upstream llama.cpp has", t.name, t.type_id),
         );
+    }
+    if arch == "bitnet-b1.58" {
+        return (Dialect::BitnetCpp, "architecture 'bitnet-b1.58' is written only by bitnet.cpp".into());
+    }
+    if let Some(t) = tensors.iter().find(|t| t.type_id == 39) {
+        let fits = |ty: GgmlType| match (ty.tensor_bytes(t.shape), t.room) {
+            (Some(size), Some(room)) => size <= room && room - size < alignment.max(1),
+            _ => false,
+        };
+        let (tl2, mxfp4) = (fits(GgmlType::TL2), fits(GgmlType::MXFP4));
+        return match (tl2, mxfp4) {
+            (true, false) => {
+                (Dialect::BitnetCpp, format!("tensor '{}' (type id 39) has the size of TL2", t.name))
+            }
+            (false, true) => {
+                (Dialect::Upstream, format!("tensor '{}' (type id 39) has the size of MXFP4", t.name))
+            }
+            _ if arch == "bitnet" => (
+                Dialect::BitnetCpp,
+                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is 'bitnet'", t.name),
+            ),
+            _ => (
+                Dialect::Upstream,
+                format!("tensor '{}' has type id 39 (TL2 or MXFP4) and the architecture is '{arch}'", t.name),
+            ),
+        };
     }
     if metadata.get_u64("general.file_type") == Some(40) {
         return (Dialect::BitnetCpp, "general.file_type 40 is bitnet.cpp's MOSTLY_I2_S".into());
