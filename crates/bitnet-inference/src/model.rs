@@ -107,6 +107,8 @@ enum Head<B: Backend> {
     Block(Option<B::DenseLinear>),
     /// Int8 or 6-bit weights, one scale per row.
     Integer(B::Int8Linear),
+    /// A head (or tied table) stored in a group-scaled ternary format, on the ternary kernels.
+    Ternary(B::Linear),
 }
 
 /// Which rows of a segment get logits.
@@ -158,10 +160,12 @@ impl<B: Backend> Model<B> {
         head_format: HeadFormat,
     ) -> Result<Self, BackendError> {
         let cfg = weights.config.clone();
-        let head_bytes = match head_format.int_bits() {
-            None => weights.lm_head().bytes(),
+        let ternary_head = weights.ternary_head.take();
+        let head_bytes = match (head_format.int_bits(), &ternary_head) {
+            (None, Some(t)) => t.bytes(),
+            (None, None) => weights.lm_head().bytes(),
             // The weights and one f32 scale per row.
-            Some(bits) => cfg.vocab_size * (cfg.hidden_size * bits as usize / 8 + 4),
+            (Some(bits), _) => cfg.vocab_size * (cfg.hidden_size * bits as usize / 8 + 4),
         };
         let weight_bytes_per_token = head_bytes
             + weights.embed_tokens.bytes() / cfg.vocab_size.max(1)
@@ -178,17 +182,19 @@ impl<B: Backend> Model<B> {
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
         // Float tables keep their dtype and run the float kernels transformers' numerics were
         // matched with; block formats run as they are stored.
-        let head = match (head_format.int_bits(), weights.lm_head.take()) {
-            (Some(bits), head) => {
+        let head = match (head_format.int_bits(), weights.lm_head.take(), ternary_head) {
+            (Some(bits), head, _) => {
                 let q = quantize_head(head.as_ref().unwrap_or(&weights.embed_tokens), bits);
                 Head::Integer(backend.upload_int8(q)?)
             }
-            (None, Some(h)) if h.format().is_float() => {
+            // A ternary head runs as stored (its codes and scales), not widened.
+            (None, _, Some(t)) => Head::Ternary(backend.upload_linear(t)?),
+            (None, Some(h), None) if h.format().is_float() => {
                 Head::Float(Some(backend.upload_dense(h.to_dense_matrix())?))
             }
-            (None, Some(h)) => Head::Block(Some(backend.upload_dense_linear(h)?)),
-            (None, None) if weights.embed_tokens.format().is_float() => Head::Float(None),
-            (None, None) => Head::Block(None),
+            (None, Some(h), None) => Head::Block(Some(backend.upload_dense_linear(h)?)),
+            (None, None, None) if weights.embed_tokens.format().is_float() => Head::Float(None),
+            (None, None, None) => Head::Block(None),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
@@ -328,6 +334,10 @@ impl<B: Backend> Model<B> {
                 (Head::Integer(head), _) => {
                     b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
                     b.int8_linear(head, &a.quant_hidden, &mut a.logits);
+                }
+                (Head::Ternary(head), _) => {
+                    b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
+                    b.bitlinear(head, &a.quant_hidden, &mut a.logits);
                 }
             }
             let dst = &mut ctx.logits[start + first * vocab..start + (first + count) * vocab];

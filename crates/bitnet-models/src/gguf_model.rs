@@ -485,6 +485,16 @@ pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String,
                 .and_then(|kind| shapes.iter().find(|s| s.0 == kind));
             let plan = match (name, projection_of) {
                 ("token_embd.weight", _) => TensorPlan::Embedding { format: kept() },
+                ("output.weight", _) if stored.ternary_group().is_some() => {
+                    let rows = info.shape().get(1).copied().unwrap_or(0) as usize;
+                    let (codes, scales) = projection_codes(file, name, rows, cfg.hidden_size)?;
+                    drop(codes);
+                    let group = match scales {
+                        Scales::One(_) => None,
+                        Scales::Groups { group, .. } => Some(group),
+                    };
+                    TensorPlan::Ternary { stored, group }
+                }
                 ("output.weight", _) => TensorPlan::Dense { format: kept() },
                 (_, Some(&(_, rows, cols))) => {
                     let base = &name[..name.len() - ".weight".len()];
@@ -495,6 +505,33 @@ pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String,
             Ok((name.to_string(), plan))
         })
         .collect()
+}
+
+/// The head `[vocab, hidden]` as a ternary matrix when it is stored in a group-scaled ternary
+/// format: its exact codes with one scale, or its group scales (as for projections).
+fn ternary_head(
+    file: &GgufFile,
+    name: &str,
+    vocab: usize,
+    hidden: usize,
+) -> Result<Option<TernaryMatrix>, ModelError> {
+    let Some(info) = file.tensor(name) else { return Ok(None) };
+    if info.ggml_type().ternary_group().is_none() {
+        return Ok(None);
+    }
+    let (codes, scales) = projection_codes(file, name, vocab, hidden)?;
+    let head = match scales {
+        Scales::One(a) => TernaryMatrix::from_ternary(&codes, vocab, hidden, WeightScale::Multiply(a)),
+        Scales::Groups { group, scales } => TernaryMatrix::from_ternary_group_scaled(
+            &codes,
+            vocab,
+            hidden,
+            group,
+            &scales,
+            WeightScale::Multiply(1.0),
+        ),
+    };
+    head.map(Some).map_err(|e| ModelError::tensor(Path::new(file.file()), format!("tensor `{name}`: {e}")))
 }
 
 impl ModelWeights {
@@ -517,6 +554,8 @@ impl ModelWeights {
             true => None,
             false => Some(dense(file, "output.weight", cfg.vocab_size, cfg.hidden_size)?),
         };
-        Ok(Self { config, embed_tokens, layers, final_norm, lm_head })
+        let head_name = if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        let ternary_head = ternary_head(file, head_name, cfg.vocab_size, cfg.hidden_size)?;
+        Ok(Self { config, embed_tokens, layers, final_norm, lm_head, ternary_head })
     }
 }

@@ -136,6 +136,10 @@ pub struct ModelWeights {
     pub final_norm: Vec<f32>,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<DenseLinear>,
+    /// The head (or the tied table) as ternary codes and scales, when it is stored in a
+    /// group-scaled ternary format (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0): the model runs the
+    /// logits on the ternary kernels (int8 activations per token) rather than on a widened table.
+    pub ternary_head: Option<TernaryMatrix>,
 }
 
 impl ModelWeights {
@@ -338,7 +342,7 @@ impl ModelWeights {
                 }))
             }
         };
-        Ok(Self { config, embed_tokens, layers, final_norm, lm_head })
+        Ok(Self { config, embed_tokens, layers, final_norm, lm_head, ternary_head: None })
     }
 
     /// Parameters, counting each ternary weight as one.

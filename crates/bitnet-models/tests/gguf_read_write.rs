@@ -398,7 +398,7 @@ fn group_scaled_ternary_types_and_prism_dialects() {
         (TensorSpec::new("a", GgmlType::I2_S, &[256, 2]), &i2s[..]),
         (TensorSpec::new("b", GgmlType::PQ2_0, &[256, 2]), &pq2[..]),
     ];
-    let err = write_gguf(&dir.join("mixed.gguf"), &md, &specs).err().unwrap().to_string();
+    let err = write_gguf(dir.join("mixed.gguf"), &md, &specs).err().unwrap().to_string();
     assert!(err.contains("PQ2_0") && err.contains("no GGUF dialect"), "{err}");
 }
 

@@ -56,14 +56,13 @@ fn activations(m: usize, k: usize, seed: u64) -> QuantizedActivations {
     q
 }
 
-/// Checks a group-scaled matrix on every path: partials, dense agreement, equal bits.
+/// Checks a group-scaled `[rows, cols]` matrix against `m` tokens on every path: partials,
+/// dense agreement, equal bits.
 fn check_matrix(
     codes: &[i8],
     scales: &[f32],
     group: usize,
-    rows: usize,
-    cols: usize,
-    m: usize,
+    (rows, cols, m): (usize, usize, usize),
     scale: WeightScale,
     seed: u64,
 ) {
@@ -128,7 +127,7 @@ fn check_format(format: GgmlType, rows: usize, cols: usize, m: usize, scale: Wei
     // The file's scales run along rows: [rows, cols / group].
     let from_codes: Vec<f32> = (0..rows * cols).map(|i| codes[i] as f32 * scales[i / group]).collect();
     assert_eq!(from_codes, dense, "{format}: dequantized values are code × scale");
-    check_matrix(&codes, &scales, group, rows, cols, m, scale, seed);
+    check_matrix(&codes, &scales, group, (rows, cols, m), scale, seed);
 }
 
 #[test]
@@ -158,7 +157,7 @@ fn every_group_size_on_ragged_shapes() {
             let codes: Vec<i8> = (0..rows * cols).map(|_| rng.code()).collect();
             let groups = cols.div_ceil(group);
             let scales: Vec<f32> = (0..rows * groups).map(|_| rng.f().abs() * 0.1 + 0.001).collect();
-            check_matrix(&codes, &scales, group, rows, cols, m, WeightScale::Multiply(1.0), rng.next());
+            check_matrix(&codes, &scales, group, (rows, cols, m), WeightScale::Multiply(1.0), rng.next());
         }
     }
 }

@@ -668,13 +668,13 @@ fn group_i32<const G: usize>(unit: &[[__m256i; 2]; 4], gb: usize, w4: __m256i, w
         _ => (0, 4, 0..2),
     };
     let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-    for s in s0..s0 + fields {
-        for h in halves.clone() {
+    for (s, field) in unit.iter().enumerate().skip(s0).take(fields) {
+        for &u in &field[halves.clone()] {
             // Eight units of at most ±2048 (×4 units) or ±512 (×1) stay within i16.
             if s % 2 == 0 {
-                even = _mm256_add_epi16(even, unit[s][h]);
+                even = _mm256_add_epi16(even, u);
             } else {
-                odd = _mm256_add_epi16(odd, unit[s][h]);
+                odd = _mm256_add_epi16(odd, u);
             }
         }
     }

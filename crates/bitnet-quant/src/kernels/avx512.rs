@@ -541,6 +541,8 @@ unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
             let xb = load_block_x(xr.as_ptr().add(b * BLOCK_COLS));
             let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
             let mut rows = [[_mm256_setzero_si256(); ROW_TILE]; 8];
+            // `ri` addresses the row's weights and its column of the [group][row] sums alike.
+            #[allow(clippy::needless_range_loop)]
             for ri in 0..ROW_TILE {
                 _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast());
                 let c = codes(load(wb.add(ri * BLOCK_BYTES)));
@@ -561,8 +563,8 @@ unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
                         *sum = _mm512_madd_epi16(i16s, ones);
                     }
                 }
-                for f in 0..4 / fields {
-                    let (lo, hi) = (_mm512_castsi512_si256(sums[f]), _mm512_extracti64x4_epi64::<1>(sums[f]));
+                for (f, &sum) in sums.iter().enumerate().take(4 / fields) {
+                    let (lo, hi) = (_mm512_castsi512_si256(sum), _mm512_extracti64x4_epi64::<1>(sum));
                     if G == 32 {
                         rows[2 * f][ri] = lo;
                         rows[2 * f + 1][ri] = hi;
