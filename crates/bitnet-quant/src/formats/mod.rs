@@ -2,7 +2,8 @@
 //!
 //! Each submodule is one format and follows the byte layout of the engine that defined it
 //! (llama.cpp's `ggml-common.h`/`ggml-quants.c`, bitnet.cpp's `ggml-bitnet-mad.cpp`); the
-//! layouts are written out in `shared/docs/ternary-formats.md` and in each module's doc.
+//! layouts are written out in `docs/ternary-formats.md` (the group-scaled types),
+//! `shared/docs/ternary-formats.md` and in each module's doc.
 //!
 //! Conventions:
 //! * a dequantizer takes the raw bytes of `n` elements and fills `out[..n]`; it checks that the
