@@ -21,6 +21,8 @@
 //! 2-bit field `s` of its byte `j` is column `64·s + j`, so every group is a run of whole fields
 //! (G ≥ 64) or of half fields (G = 32).
 
+use std::ops::Range;
+
 use crate::kernels::KernelPath;
 use crate::layout::{padded_cols, PackedTernary, BLOCK_COLS, ROW_TILE};
 use crate::{QuantError, QuantizedActivations};
@@ -107,45 +109,49 @@ pub(crate) fn padded_groups(cols: usize, group: usize) -> usize {
     padded_cols(cols) / group
 }
 
-/// `U[gi · 8 + ri] = Σ_{c ∈ group gi} u[8g + ri, c] · x[c]` (stored codes `u ∈ {0, 1, 2}`) for
-/// every group of the padded rows of tile `g` on `path` (the scalar kernel where `path` has no
-/// group kernel of its own; all give the same integers).
-pub(crate) fn tile_group_sums(
+/// For each row tile `g` of `tiles`: `U[gi · 8 + ri] = Σ_{c ∈ group gi} u[8g + ri, c] · x[c]`
+/// (stored codes `u ∈ {0, 1, 2}`) for every group of the padded rows, written into `part` and
+/// handed to `f(g, part)`, on `path` (the scalar kernel where `path` has no group kernel of its
+/// own; all give the same integers). One dispatch for the whole range: `f` is inlined into the
+/// kernel's loop.
+pub(crate) fn tiles_group_sums<F: FnMut(usize, &[i32])>(
     path: KernelPath,
     w: &PackedTernary,
-    g: usize,
+    tiles: Range<usize>,
     xr: &[i8],
     group: usize,
-    out: &mut [i32],
+    part: &mut [i32],
+    f: F,
 ) {
-    assert!(xr.len() >= w.blocks() * BLOCK_COLS && out.len() >= padded_groups(w.cols(), group) * ROW_TILE);
+    assert!(xr.len() >= w.blocks() * BLOCK_COLS && part.len() >= padded_groups(w.cols(), group) * ROW_TILE);
+    assert!(tiles.end <= w.tiles());
     macro_rules! by_group {
         ($($f:ident)::+) => {
             match group {
-                32 => $($f)::+::<32>(w, g, xr, out),
-                64 => $($f)::+::<64>(w, g, xr, out),
-                128 => $($f)::+::<128>(w, g, xr, out),
-                _ => $($f)::+::<256>(w, g, xr, out),
+                32 => $($f)::+::<32, F>(w, tiles, xr, part, f),
+                64 => $($f)::+::<64, F>(w, tiles, xr, part, f),
+                128 => $($f)::+::<128, F>(w, tiles, xr, part, f),
+                _ => $($f)::+::<256, F>(w, tiles, xr, part, f),
             }
         };
     }
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: callers pass only paths whose CPU features `is_available` confirmed.
-        KernelPath::Avx2 => unsafe { by_group!(crate::kernels::avx2::ternary_tile_group_sums) },
+        KernelPath::Avx2 => unsafe { by_group!(crate::kernels::avx2::ternary_tiles_group_sums) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        KernelPath::Avx512Bw => unsafe { by_group!(crate::kernels::avx512::ternary_tile_group_sums_bw) },
+        KernelPath::Avx512Bw => unsafe { by_group!(crate::kernels::avx512::ternary_tiles_group_sums_bw) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        KernelPath::Avx512Vnni => unsafe { by_group!(crate::kernels::avx512::ternary_tile_group_sums_vnni) },
+        KernelPath::Avx512Vnni => unsafe { by_group!(crate::kernels::avx512::ternary_tiles_group_sums_vnni) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        KernelPath::NeonPlain => unsafe { by_group!(crate::kernels::neon::ternary_tile_group_sums_plain) },
+        KernelPath::NeonPlain => unsafe { by_group!(crate::kernels::neon::ternary_tiles_group_sums_plain) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        KernelPath::NeonDotprod => unsafe { by_group!(crate::kernels::neon::ternary_tile_group_sums_dot) },
-        _ => by_group!(crate::kernels::scalar::ternary_tile_group_sums),
+        KernelPath::NeonDotprod => unsafe { by_group!(crate::kernels::neon::ternary_tiles_group_sums_dot) },
+        _ => by_group!(crate::kernels::scalar::ternary_tiles_group_sums),
     }
 }
 

@@ -382,15 +382,23 @@ impl TernaryMatrix {
         let mut xs = vec![0i32; groups];
         for t in 0..x.m() {
             group::group_x_sums(x, t, group, &mut xs);
-            for g in 0..self.packed.tiles() {
-                group::tile_group_sums(path, &self.packed, g, x.padded_row(t), group, &mut part);
-                for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
-                    let r = g * ROW_TILE + ri;
-                    for gi in 0..groups {
-                        out[(t * rows + r) * groups + gi] = part[gi * ROW_TILE + ri] - xs[gi];
+            let tiles = 0..self.packed.tiles();
+            group::tiles_group_sums(
+                path,
+                &self.packed,
+                tiles,
+                x.padded_row(t),
+                group,
+                &mut part,
+                |g, part| {
+                    for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
+                        let r = g * ROW_TILE + ri;
+                        for gi in 0..groups {
+                            out[(t * rows + r) * groups + gi] = part[gi * ROW_TILE + ri] - xs[gi];
+                        }
                     }
-                }
-            }
+                },
+            );
         }
         Ok(())
     }
@@ -481,16 +489,23 @@ impl TernaryMatrix {
             for (t, xs_t) in xs.chunks_exact_mut(real.max(1)).enumerate().take(m) {
                 group::group_x_sums(x, t, group, xs_t);
             }
-            // Tile by tile, every token: the tile's weights stay in cache across the tokens.
-            for g in tiles {
-                let r0 = g * ROW_TILE;
+            // A chunk of tiles at a time, every token: the chunk's weights (about 128 KiB) stay
+            // in cache across the tokens.
+            let chunk = ((128 << 10) / (w.blocks() * ROW_TILE * crate::layout::BLOCK_BYTES)).max(1);
+            let mut start = tiles.start;
+            while start < tiles.end {
+                let end = (start + chunk).min(tiles.end);
                 for t in 0..m {
-                    group::tile_group_sums(path, w, g, x.padded_row(t), group, part);
-                    let acc = group::combine_tile(part, &xs[t * real..(t + 1) * real], d.tile(g));
-                    for (ri, &a) in acc.iter().enumerate().take(rows - r0) {
-                        sink.write(t, r0 + ri, scale.apply_f32(a, x.scale(t)));
-                    }
+                    let (xs_t, s_a) = (&xs[t * real..(t + 1) * real], x.scale(t));
+                    group::tiles_group_sums(path, w, start..end, x.padded_row(t), group, part, |g, part| {
+                        let acc = group::combine_tile(part, xs_t, d.tile(g));
+                        let r0 = g * ROW_TILE;
+                        for (ri, &a) in acc.iter().enumerate().take(rows - r0) {
+                            sink.write(t, r0 + ri, scale.apply_f32(a, s_a));
+                        }
+                    });
                 }
+                start = end;
             }
         });
     }

@@ -597,6 +597,7 @@ unsafe fn ternary_gemm_rowwise<S: Sink>(
 ///
 /// # Safety
 /// The CPU must support AVX2.
+#[inline]
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn ternary_tile_group_sums<const G: usize>(
     w: &PackedTernary,
@@ -652,6 +653,26 @@ pub(crate) unsafe fn ternary_tile_group_sums<const G: usize>(
             // SAFETY: `out` holds `blocks · per_block · 8` values (checked above).
             unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), sums) };
         }
+    }
+}
+
+/// [`ternary_tile_group_sums`] of every tile of `tiles`, each handed to `f(g, sums)` as soon as
+/// it is computed (one dispatch for the range; `f` inlines under AVX2).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_tiles_group_sums<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: AVX2 is present (this function's contract).
+        unsafe { ternary_tile_group_sums::<G>(w, g, xr, part) };
+        f(g, part);
     }
 }
 

@@ -485,35 +485,44 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
     }
 }
 
-/// Code sums per group of `G` columns of the eight rows of tile `g` with one token's padded
-/// activations (see the AVX2 `ternary_tile_group_sums`, which gives the same integers).
+/// Code sums per group of `G` columns of the eight rows of each tile of `tiles` with one token's
+/// padded activations (see the AVX2 `ternary_tile_group_sums`, which gives the same integers),
+/// each tile's sums handed to `f(g, sums)`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn ternary_tile_group_sums_vnni<const G: usize>(
+pub(crate) unsafe fn ternary_tiles_group_sums_vnni<const G: usize, F: FnMut(usize, &[i32])>(
     w: &PackedTernary,
-    g: usize,
+    tiles: Range<usize>,
     xr: &[i8],
-    out: &mut [i32],
+    part: &mut [i32],
+    mut f: F,
 ) {
-    // SAFETY: the features are enabled on this function.
-    unsafe { tile_group_sums_body::<true, G>(w, g, xr, out) }
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        unsafe { tile_group_sums_body::<true, G>(w, g, xr, part) };
+        f(g, part);
+    }
 }
 
-/// As [`ternary_tile_group_sums_vnni`], without VNNI.
+/// As [`ternary_tiles_group_sums_vnni`], without VNNI.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F and BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn ternary_tile_group_sums_bw<const G: usize>(
+pub(crate) unsafe fn ternary_tiles_group_sums_bw<const G: usize, F: FnMut(usize, &[i32])>(
     w: &PackedTernary,
-    g: usize,
+    tiles: Range<usize>,
     xr: &[i8],
-    out: &mut [i32],
+    part: &mut [i32],
+    mut f: F,
 ) {
-    // SAFETY: the features are enabled on this function.
-    unsafe { tile_group_sums_body::<false, G>(w, g, xr, out) }
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        unsafe { tile_group_sums_body::<false, G>(w, g, xr, part) };
+        f(g, part);
+    }
 }
 
 /// Rows in lanes: the eight rows' 64-byte blocks are transposed by quadwords, so that register

@@ -437,34 +437,43 @@ unsafe fn int6_gemm_body<const DOT: bool, S: Sink>(
     }
 }
 
-/// Code sums per group of `G` columns of the eight rows of tile `g` with one token's padded
-/// activations, with `sdot` (see the scalar `ternary_tile_group_sums`: the same integers).
+/// Code sums per group of `G` columns of the eight rows of each tile of `tiles` with one token's
+/// padded activations, with `sdot` (see the scalar `ternary_tile_group_sums`: the same
+/// integers), each tile's sums handed to `f(g, sums)`.
 ///
 /// # Safety
 /// The CPU must have the dot-product extension.
 #[target_feature(enable = "dotprod")]
-pub(crate) unsafe fn ternary_tile_group_sums_dot<const G: usize>(
+pub(crate) unsafe fn ternary_tiles_group_sums_dot<const G: usize, F: FnMut(usize, &[i32])>(
     w: &PackedTernary,
-    g: usize,
+    tiles: Range<usize>,
     xr: &[i8],
-    out: &mut [i32],
+    part: &mut [i32],
+    mut f: F,
 ) {
-    // SAFETY: `dotprod` is enabled on this function.
-    unsafe { tile_group_sums_body::<true, G>(w, g, xr, out) }
+    for g in tiles {
+        // SAFETY: `dotprod` is enabled on this function.
+        unsafe { tile_group_sums_body::<true, G>(w, g, xr, part) };
+        f(g, part);
+    }
 }
 
-/// As [`ternary_tile_group_sums_dot`], on baseline NEON.
+/// As [`ternary_tiles_group_sums_dot`], on baseline NEON.
 ///
 /// # Safety
 /// None beyond aarch64 (NEON is baseline); `unsafe` for symmetry with the other paths.
-pub(crate) unsafe fn ternary_tile_group_sums_plain<const G: usize>(
+pub(crate) unsafe fn ternary_tiles_group_sums_plain<const G: usize, F: FnMut(usize, &[i32])>(
     w: &PackedTernary,
-    g: usize,
+    tiles: Range<usize>,
     xr: &[i8],
-    out: &mut [i32],
+    part: &mut [i32],
+    mut f: F,
 ) {
-    // SAFETY: the plain body uses baseline NEON only.
-    unsafe { tile_group_sums_body::<false, G>(w, g, xr, out) }
+    for g in tiles {
+        // SAFETY: the plain body uses baseline NEON only.
+        unsafe { tile_group_sums_body::<false, G>(w, g, xr, part) };
+        f(g, part);
+    }
 }
 
 /// A 16-byte slice `h` of a block, field `s`, is columns `64·s + 16·h..+16`: a unit of 16

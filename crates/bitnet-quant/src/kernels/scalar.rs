@@ -92,6 +92,21 @@ pub(crate) fn ternary_tile_group_sums<const G: usize>(
     }
 }
 
+/// [`ternary_tile_group_sums`] of every tile of `tiles`, each handed to `f(g, sums)` as soon as
+/// it is computed.
+pub(crate) fn ternary_tiles_group_sums<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        ternary_tile_group_sums::<G>(w, g, xr, part);
+        f(g, part);
+    }
+}
+
 pub(crate) fn int8_gemm<S: Sink>(
     w: &PackedInt8,
     x: &QuantizedActivations,
