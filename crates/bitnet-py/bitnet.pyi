@@ -220,12 +220,14 @@ class TrainSummary:
 def convert(
     src: _Path,
     dst: _Path,
-    type: Literal["tq2_0", "tq1_0", "i2_s", "f16"] = "tq2_0",
+    type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16"] = "tq2_0",
     lm_head_type: Literal["f16", "q8_0", "q6_k"] = "f16",
 ) -> None:
     """Converts a Hugging Face BitNet checkpoint folder to a GGUF file (as `bitnet convert`)."""
 
-def quantize(src: _Path, dst: _Path, type: Literal["tq2_0", "tq1_0", "i2_s", "f16"]) -> None:
+def quantize(
+    src: _Path, dst: _Path, type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16"]
+) -> None:
     """Re-encodes the ternary tensors of a GGUF file as another type (as `bitnet quantize`)."""
 
 def train(

@@ -673,6 +673,14 @@ pub enum ConvertType {
     Tq2_0,
     #[value(name = "tq1_0")]
     Tq1_0,
+    #[value(name = "q2_0")]
+    Q2_0,
+    #[value(name = "q1_0")]
+    Q1_0,
+    #[value(name = "pq2_0")]
+    Pq2_0,
+    #[value(name = "ptq1_0")]
+    Ptq1_0,
     #[value(name = "i2_s")]
     I2S,
     F16,
@@ -695,7 +703,8 @@ pub struct ConvertArgs {
     /// Output .gguf file (written to a temporary file and renamed when complete).
     #[arg(long)]
     pub out: PathBuf,
-    /// Type of the ternary projections: tq2_0 / tq1_0 (llama.cpp), i2_s (bitnet.cpp), f16.
+    /// Type of the ternary projections: tq2_0 / tq1_0 / q2_0 / q1_0 (llama.cpp; q1_0 holds no
+    /// zeros), pq2_0 / ptq1_0 (PrismML), i2_s (bitnet.cpp), f16.
     #[arg(long = "type", value_enum)]
     pub weight_type: ConvertType,
     /// Type of the lm_head: the tied embedding table, or `output.weight` of an untied model
@@ -710,6 +719,10 @@ impl ConvertType {
         match self {
             ConvertType::Tq2_0 => WeightType::Tq2_0,
             ConvertType::Tq1_0 => WeightType::Tq1_0,
+            ConvertType::Q2_0 => WeightType::Q2_0,
+            ConvertType::Q1_0 => WeightType::Q1_0,
+            ConvertType::Pq2_0 => WeightType::Pq2_0,
+            ConvertType::Ptq1_0 => WeightType::Ptq1_0,
             ConvertType::I2S => WeightType::I2S,
             ConvertType::F16 => WeightType::F16,
         }

@@ -81,7 +81,8 @@ See docs/serving.md for every endpoint, parameter and metric.")]
     /// Re-encode the ternary tensors of a GGUF file as another type.
     #[command(after_help = "Examples:
   bitnet quantize model-i2_s.gguf model-tq2_0.gguf --type tq2_0
-  bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s")]
+  bitnet quantize model-tq1_0.gguf model-i2_s.gguf --type i2_s
+  bitnet quantize model-tq2_0.gguf model-q2_0.gguf --type q2_0")]
     Quantize(commands::QuantizeArgs),
     /// List the CPU's features and every GPU (name, memory, compute capability, driver).
     Devices,

@@ -419,3 +419,35 @@ fn every_flag_has_help() {
     let help = String::from_utf8_lossy(&bitnet(&["inspect", "--help"]).stdout).into_owned();
     assert!(help.contains("a .gguf file"), "{help}");
 }
+
+/// `convert --type q2_0|q1_0` and `quantize` between the group-scaled types: a model of 256-wide
+/// rows converts to Q2_0, runs and requantizes to PrismML's PQ2_0; rows of 160 (not a multiple of
+/// 64) and zero codes in Q1_0 are refused with the tensor and the reason.
+#[test]
+fn convert_and_quantize_to_group_scaled_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    assert!(bitnet(&["synth", "--config", "tiny-llama", "--out", s(&hf)]).status.success());
+    let q2 = dir.path().join("q2.gguf");
+    let out = bitnet(&["convert", "--model", s(&hf), "--out", s(&q2), "--type", "q2_0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bitnet(&["inspect", s(&q2), "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let tensors = v["tensors"].as_array().unwrap();
+    assert!(tensors.iter().any(|t| t["name"] == "blk.0.ffn_up.weight" && t["type"] == "Q2_0"), "{v}");
+    let out = bitnet(&["generate", "--model", s(&q2), "--tokens", "1,2,3", "-n", "4", "--temperature", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pq2 = dir.path().join("pq2.gguf");
+    let out = bitnet(&["quantize", s(&q2), s(&pq2), "--type", "pq2_0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = bitnet(&["inspect", s(&pq2), "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["tensors"].as_array().unwrap().iter().any(|t| t["type"] == "PQ2_0"), "{v}");
+    fails_with(&["quantize", s(&q2), s(&dir.path().join("q1.gguf")), "--type", "q1_0"], &["Q1_0", "no zero"]);
+    let wide160 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deep5/packed");
+    let out160 = dir.path().join("x.gguf");
+    fails_with(
+        &["convert", "--model", s(&wide160), "--out", s(&out160), "--type", "q2_0"],
+        &["hidden_size 160", "multiple of 64"],
+    );
+}

@@ -799,8 +799,21 @@ impl Backend for CudaBackend {
             WeightScale::Multiply(m) => (0, m),
             WeightScale::Divide(d) => (1, d),
         };
+        // The block-scaled kernel takes one scale per 256 columns (TQ1_0/TQ2_0); smaller groups
+        // (Q1_0, Q2_0, PQ2_0, PTQ1_0) have no GPU kernel yet.
+        if let Some(d) = c.group_scales.as_ref().filter(|d| d.group != 256) {
+            return Err(BackendError::Unsupported {
+                device: self.name(),
+                what: format!(
+                    "ternary weights with one scale per {} columns (a {}x{} matrix; only per-tensor or \
+                     per-256 scales run on CUDA)",
+                    d.group, c.rows, c.cols
+                ),
+            });
+        }
         let words = self.upload(&pack_ternary(&c.codes, c.rows, c.cols), "ternary weights")?;
-        let block_scales = c.block_scales.as_deref().map(|d| self.upload(d, "block scales")).transpose()?;
+        let block_scales =
+            c.group_scales.as_ref().map(|d| self.upload(&d.scales, "block scales")).transpose()?;
         Ok(CudaLinear { words, rows: c.rows, cols: c.cols, mode, scale, block_scales })
     }
 

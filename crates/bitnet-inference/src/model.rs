@@ -109,6 +109,8 @@ enum Head<B: Backend> {
     Block(Option<B::DenseLinear>),
     /// Int8 or 6-bit weights, one scale per row.
     Integer(B::Int8Linear),
+    /// A head (or tied table) stored in a group-scaled ternary format, on the ternary kernels.
+    Ternary(B::Linear),
 }
 
 /// Which rows of a segment get logits.
@@ -160,10 +162,12 @@ impl<B: Backend> Model<B> {
         head_format: HeadFormat,
     ) -> Result<Self, BackendError> {
         let cfg = weights.config.clone();
-        let head_bytes = match head_format.int_bits() {
-            None => weights.lm_head().bytes(),
+        let ternary_head = weights.ternary_head.take();
+        let head_bytes = match (head_format.int_bits(), &ternary_head) {
+            (None, Some(t)) => t.bytes(),
+            (None, None) => weights.lm_head().bytes(),
             // The weights and one f32 scale per row.
-            Some(bits) => cfg.vocab_size * (cfg.hidden_size * bits as usize / 8 + 4),
+            (Some(bits), _) => cfg.vocab_size * (cfg.hidden_size * bits as usize / 8 + 4),
         };
         let weight_bytes_per_token = head_bytes
             + weights.embed_tokens.bytes() / cfg.vocab_size.max(1)
@@ -179,29 +183,32 @@ impl<B: Backend> Model<B> {
         let up = |p| upload_projection(backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
         // Float tables keep their dtype and run the float kernels transformers' numerics were
-        // matched with; block formats run as they are stored. The loader left the embedding
+        // matched with; block formats run as they are stored, a ternary head as its codes and
+        // scales. The loader left the embedding
         // table and an untied head in the checkpoint's mapping: a matrix the head reads every
         // token gets a copy of its own here (the mapping's pages released as the copy grows),
         // while a table that only serves lookups (beside an integer or untied head) stays as
         // it is, and only the rows looked up are ever read in.
         let table = weights.embed_tokens;
-        let (head, embed_tokens) = match (head_format.int_bits(), weights.lm_head.take()) {
-            (Some(bits), head) => {
+        let (head, embed_tokens) = match (head_format.int_bits(), weights.lm_head.take(), ternary_head) {
+            (Some(bits), head, _) => {
                 let q = quantize_head(head.as_ref().unwrap_or(&table), bits);
                 (Head::Integer(backend.upload_int8(q)?), lookup_table(backend, table)?)
             }
-            (None, Some(h)) if h.format().is_float() => {
+            // A ternary head runs as stored (its codes and scales), not widened.
+            (None, _, Some(t)) => (Head::Ternary(backend.upload_linear(t)?), lookup_table(backend, table)?),
+            (None, Some(h), None) if h.format().is_float() => {
                 let head = Head::Float(Some(backend.upload_dense(h.into_dense_matrix())?));
                 (head, lookup_table(backend, table)?)
             }
-            (None, Some(h)) => {
+            (None, Some(h), None) => {
                 let head = Head::Block(Some(backend.upload_dense_linear(h.into_owned())?));
                 (head, lookup_table(backend, table)?)
             }
-            (None, None) if table.format().is_float() => {
+            (None, None, None) if table.format().is_float() => {
                 (Head::Float(None), Embedding::Float(backend.upload_dense(table.into_dense_matrix())?))
             }
-            (None, None) => {
+            (None, None, None) => {
                 (Head::Block(None), Embedding::Block(backend.upload_dense_linear(table.into_owned())?))
             }
         };
@@ -340,6 +347,10 @@ impl<B: Backend> Model<B> {
                 (Head::Integer(head), _) => {
                     b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
                     b.int8_linear(head, &a.quant_hidden, &mut a.logits);
+                }
+                (Head::Ternary(head), _) => {
+                    b.quantize(&a.normed, first, count, h, &mut a.quant_hidden);
+                    b.bitlinear(head, &a.quant_hidden, &mut a.logits);
                 }
             }
             let dst = &mut ctx.logits[start + first * vocab..start + (first + count) * vocab];

@@ -1,7 +1,9 @@
 //! Hugging Face BitNet checkpoint → GGUF, one tensor at a time.
 //!
-//! The ternary projections go to TQ2_0 / TQ1_0 (llama.cpp) or I2_S (bitnet.cpp) with their
-//! exact codes and one scale (`mean|W|`) per matrix, or to F16 as dequantized values. Names and
+//! The ternary projections go to TQ2_0 / TQ1_0 / Q2_0 / Q1_0 (llama.cpp), PQ2_0 / PTQ1_0
+//! (PrismML) or I2_S (bitnet.cpp) with their exact codes and one scale (`mean|W|`) per matrix,
+//! repeated in every group of the group-scaled types (as f16), or to F16 as dequantized values.
+//! Q1_0 holds only `±d`: a matrix with zero codes cannot be written in it. Names and
 //! metadata keys are llama.cpp's: `general.architecture` is `bitnet-b1.58` for ReLU² models
 //! (bitnet.cpp's 2B-4T), `bitnet` for SiLU models with sub-norms (llama.cpp's 1bitLLM arch),
 //! `llama` for HF1BitLLM-style models. The tokenizer.json vocabulary is written as a `gpt2` BPE
@@ -26,6 +28,14 @@ pub enum WeightType {
     Tq1_0,
     I2S,
     F16,
+    /// llama.cpp's Q2_0: 2-bit codes, an f16 scale per 64 weights.
+    Q2_0,
+    /// llama.cpp's Q1_0: signs only (no zero), an f16 scale per 128 weights.
+    Q1_0,
+    /// PrismML's PQ2_0: Q2_0's codes, an f16 scale per 128 weights.
+    Pq2_0,
+    /// PrismML's PTQ1_0: TQ1_0's packing, an f16 scale per 128 weights.
+    Ptq1_0,
 }
 
 /// Type of the embeddings / lm_head in the output.
@@ -37,23 +47,55 @@ pub enum HeadType {
 }
 
 impl WeightType {
+    /// Every type, in the order the command line lists them.
+    pub const ALL: [WeightType; 8] = [
+        WeightType::Tq2_0,
+        WeightType::Tq1_0,
+        WeightType::Q2_0,
+        WeightType::Q1_0,
+        WeightType::Pq2_0,
+        WeightType::Ptq1_0,
+        WeightType::I2S,
+        WeightType::F16,
+    ];
+
+    /// The lower-case name the command line and the Python bindings take.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightType::Tq2_0 => "tq2_0",
+            WeightType::Tq1_0 => "tq1_0",
+            WeightType::I2S => "i2_s",
+            WeightType::F16 => "f16",
+            WeightType::Q2_0 => "q2_0",
+            WeightType::Q1_0 => "q1_0",
+            WeightType::Pq2_0 => "pq2_0",
+            WeightType::Ptq1_0 => "ptq1_0",
+        }
+    }
+
+    /// The type named `name` ([`WeightType::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// Elements per block: rows of a projection must be a multiple of it.
     fn block(self) -> usize {
         match self {
-            WeightType::Tq2_0 | WeightType::Tq1_0 => 256,
             WeightType::I2S => 128,
             WeightType::F16 => 1,
+            other => other.ggml().ternary_group().unwrap_or(1),
         }
     }
 
     /// The bytes of exact ternary `codes` with one `scale` in this type.
     fn encode(self, codes: &[i8], scale: f32) -> Result<Vec<u8>, formats::FormatError> {
         match self {
-            WeightType::Tq2_0 => formats::tq2_0::pack(codes, &vec![scale; codes.len() / 256]),
-            WeightType::Tq1_0 => formats::tq1_0::pack(codes, &vec![scale; codes.len() / 256]),
             WeightType::I2S => formats::i2_s::pack(codes, scale),
             WeightType::F16 => {
                 Ok(formats::float::quantize_f16(&codes.iter().map(|&c| c as f32 * scale).collect::<Vec<_>>()))
+            }
+            grouped => {
+                formats::pack_ternary(grouped.ggml(), codes, &vec![scale; codes.len() / grouped.block()])
             }
         }
     }
@@ -64,6 +106,10 @@ impl WeightType {
             WeightType::Tq1_0 => GgmlType::TQ1_0,
             WeightType::I2S => GgmlType::I2_S,
             WeightType::F16 => GgmlType::F16,
+            WeightType::Q2_0 => GgmlType::Q2_0,
+            WeightType::Q1_0 => GgmlType::Q1_0,
+            WeightType::Pq2_0 => GgmlType::PQ2_0,
+            WeightType::Ptq1_0 => GgmlType::PTQ1_0,
         }
     }
 }
@@ -362,10 +408,13 @@ fn is_projection(name: &str) -> bool {
             .any(|p| name.ends_with(&format!(".{p}.weight")))
 }
 
-/// `bitnet quantize`: re-encodes the ternary projections of a GGUF file as `weight` (exact
-/// codes, one scale per matrix), copying every other tensor and the metadata unchanged. A TQ
-/// tensor whose blocks carry different scales keeps them between TQ1_0 and TQ2_0 and is an
-/// error for I2_S and F16.
+/// `bitnet quantize`: re-encodes the ternary projections of a GGUF file as `weight`, copying
+/// every other tensor and the metadata unchanged. Exact where the target holds the source:
+/// codes are kept, and group scales are repeated into smaller groups or merged into larger ones
+/// where the merged parts agree. A target that cannot hold a tensor is an error naming it: a
+/// per-tensor type (I2_S, F16) for groups that differ, larger groups whose parts differ, Q1_0
+/// for codes with zeros. (A per-tensor f32 scale written into an f16-scaled type is rounded to
+/// f16, as every such converter does.)
 pub fn requantize_gguf(
     src: &Path,
     dst: &Path,
@@ -400,21 +449,24 @@ pub fn requantize_gguf(
             use crate::gguf_model::{projection_codes, Scales};
             let n = spec.shape.iter().product::<u64>() as usize;
             let cols = spec.shape.first().copied().unwrap_or(1).max(1) as usize;
-            let bytes = match (projection_codes(&file, &spec.name, n / cols, cols)?, weight) {
-                // TQ1_0 and TQ2_0 share the 256-block, so differing block scales carry over.
-                ((codes, Scales::Blocks(d)), WeightType::Tq2_0) => formats::tq2_0::pack(&codes, &d),
-                ((codes, Scales::Blocks(d)), WeightType::Tq1_0) => formats::tq1_0::pack(&codes, &d),
-                ((_, Scales::Blocks(_)), _) => {
-                    return Err(ModelError::tensor(
-                        src,
-                        format!(
-                            "tensor `{}`: its blocks carry different scales, which {weight:?} cannot hold \
-                             (one scale per matrix)",
-                            spec.name
-                        ),
-                    ))
+            let fail = |why: String| ModelError::tensor(src, format!("tensor `{}`: {why}", spec.name));
+            let bytes = match projection_codes(&file, &spec.name, n / cols, cols)? {
+                (codes, Scales::One(scale)) => weight.encode(&codes, scale),
+                (codes, Scales::Groups { group, scales }) => {
+                    let target = weight.ggml().ternary_group().ok_or_else(|| {
+                        fail(format!(
+                            "its groups of {group} carry different scales, which {weight:?} cannot hold (one \
+                             scale per matrix)"
+                        ))
+                    })?;
+                    let d = regroup(&codes, &scales, group, target).ok_or_else(|| {
+                        fail(format!(
+                            "its groups of {group} carry different scales within groups of {target}, which \
+                             {weight:?} would have to merge"
+                        ))
+                    })?;
+                    formats::pack_ternary(weight.ggml(), &codes, &d)
                 }
-                ((codes, Scales::One(scale)), _) => weight.encode(&codes, scale),
             }
             .map_err(|e| fmt_err(dst, &spec.name, e))?;
             w.write_tensor(&spec.name, &bytes).map_err(gerr)?;
@@ -506,6 +558,17 @@ pub fn reencode_gguf_dense(
     }
     w.finish().map_err(gerr)?;
     Ok(())
+}
+
+/// Group scales of `from` columns as scales of `to` columns along the same rows: each repeated
+/// when `to` is smaller, merged when larger (`None` if the non-zero parts of a merged group
+/// differ). Both sizes divide 256, so one always divides the other.
+pub fn regroup(codes: &[i8], scales: &[f32], from: usize, to: usize) -> Option<Vec<f32>> {
+    if to <= from {
+        Some(scales.iter().flat_map(|&d| std::iter::repeat_n(d, from / to)).collect())
+    } else {
+        crate::gguf_model::merge_groups(codes, scales, from, to)
+    }
 }
 
 /// A `Read` over byte chunks produced one at a time.

@@ -6,13 +6,17 @@
 //!   multipliers, tied unless `output.weight` is present.
 //! * `llama` with ternary tensors (Llama3-8B-1.58, Falcon3-1.58): SiLU gate, no sub-norms.
 //!
-//! Ternary tensors (TQ1_0, TQ2_0, I2_S) are read out as exact codes and repacked into the
-//! kernel layout. Activations stay per-token int8 as BitNet defines them, whatever the weight
-//! format: TQ files are not run with llama.cpp's per-256 Q8_K activations. When every non-zero
-//! block of a TQ tensor has the same scale (what BitNet converters write: one `mean|W|` per
-//! matrix), the matrix runs on the one-scale kernels. Otherwise its per-256 scales are kept, one
-//! per (row, 256-column block), and honoured exactly by the block-scaled product
-//! ([`TernaryMatrix::from_ternary_block_scaled`]).
+//! Ternary tensors (TQ1_0, TQ2_0, Q1_0, Q2_0, PrismML's PQ2_0 and PTQ1_0, I2_S) are read out as
+//! exact codes and repacked into the kernel layout. Activations stay per-token int8 as BitNet
+//! defines them, whatever the weight format: these files are not run with llama.cpp's per-block
+//! Q8_0/Q8_K activations. When every non-zero group of a tensor has the same scale (what BitNet
+//! converters write: one `mean|W|` per matrix), the matrix runs on the one-scale kernels.
+//! Otherwise its group scales are kept, one per (row, group) — of the coarsest size, among the
+//! format's group and its multiples up to 256, whose groups still agree — and honoured exactly
+//! by the group-scaled product ([`TernaryMatrix::from_ternary_group_scaled`]).
+//!
+//! Files whose weights are stored in a rotated basis (PrismML's `prism.hadamard.*` metadata,
+//! Ternary-Bonsai-2) are refused: running them needs the matching activation transform.
 //!
 //! Other projection tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are read as stored.
 //! Values that are exactly `{0, ±a}` (a ternary matrix written as floats) keep their codes. Else,
@@ -58,6 +62,16 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
             ))
         }
     };
+    if let Some((key, _)) = md.iter().find(|(k, _)| k.starts_with("prism.hadamard.")) {
+        return Err(ModelError::config(
+            path,
+            format!(
+                "metadata `{key}`: the weights are stored in a Hadamard-rotated basis (PrismML), which \
+                 needs an activation transform this engine does not apply; the model would load and \
+                 produce garbage"
+            ),
+        ));
+    }
     let key = |k: &str| format!("{arch_name}.{k}");
     let int = |k: &str| -> Result<usize, ModelError> {
         md.get_u64(&key(k)).map(|v| v as usize).ok_or_else(|| {
@@ -191,19 +205,22 @@ fn projection(
         // Repacked: the mapped original is not needed any more.
         file.release_tensor(&name);
         let projection = Projection { weight: LinearWeight::Ternary(weight), input_norm: None };
-        return Ok((projection, TensorPlan::Ternary { stored, per_block }));
+        return Ok((projection, TensorPlan::Ternary { stored, group: per_block.then_some(TQ_BLOCK) }));
     }
     let (mut codes, scales, plan) = if stored.is_ternary() {
         let (codes, scales) = projection_codes(file, &name, rows, cols)?;
-        let per_block = matches!(scales, Scales::Blocks(_));
-        (codes, scales, TensorPlan::Ternary { stored, per_block })
+        let group = match &scales {
+            Scales::One(_) => None,
+            Scales::Groups { group, .. } => Some(*group),
+        };
+        (codes, scales, TensorPlan::Ternary { stored, group })
     } else {
         let format = DenseFormat::from_ggml(stored).ok_or_else(|| {
             ModelError::tensor(
                 path,
                 format!(
                     "tensor `{name}` has type {stored}, which this engine cannot run (projections: TQ1_0, TQ2_0, \
-                     I2_S, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
+                     Q1_0, Q2_0, PQ2_0, PTQ1_0, I2_S, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)"
                 ),
             )
         })?;
@@ -247,11 +264,18 @@ fn projection(
         Scales::One(scale) => {
             TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(scale * extra))
         }
-        Scales::Blocks(mut d) => {
+        Scales::Groups { group, scales: mut d } => {
             if llama {
-                d = crate::convert::llama_rope_rows(&d, cols / TQ_BLOCK, &name, cfg, true);
+                d = crate::convert::llama_rope_rows(&d, cols / group, &name, cfg, true);
             }
-            TernaryMatrix::from_ternary_block_scaled(&codes, rows, cols, d, WeightScale::Multiply(extra))
+            TernaryMatrix::from_ternary_group_scaled(
+                &codes,
+                rows,
+                cols,
+                group,
+                &d,
+                WeightScale::Multiply(extra),
+            )
         }
     }
     .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
@@ -259,6 +283,9 @@ fn projection(
     file.release_tensor(&name);
     Ok((Projection { weight: LinearWeight::Ternary(weight), input_norm: None }, plan))
 }
+
+/// The block of TQ1_0 and TQ2_0, whose scales [`TernaryRows::repack`] keeps per row and block.
+const TQ_BLOCK: usize = 256;
 
 /// A ternary projection (TQ1_0, TQ2_0, I2_S) whose rows are whole blocks of its type, so that
 /// it can be decoded a few rows at a time and repacked without the whole tensor's codes (four
@@ -386,7 +413,7 @@ impl<'a> TernaryRows<'a> {
         }
         // A stray infinite or NaN scale on an all-zero block must not reach the output.
         d.iter_mut().zip(&zero).filter(|(_, &z)| z).for_each(|(s, _)| *s = 0.0);
-        let blocks = matrix.with_block_scales(d);
+        let blocks = matrix.with_group_scales(TQ_BLOCK, &d);
         Ok((blocks.map_err(|e| ModelError::tensor(path, format!("tensor `{}`: {e}", self.name)))?, true))
     }
 
@@ -422,22 +449,20 @@ fn exact_ternary(w: &DenseLinear) -> Option<(Vec<i8>, f32)> {
     Some((codes, a))
 }
 
-/// The block of TQ1_0/TQ2_0, which is also the kernels' block of columns.
-const TQ_BLOCK: usize = 256;
-
 /// The scales of a projection's codes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Scales {
     /// One multiplier for the whole matrix.
     One(f32),
-    /// One multiplier per (row, 256-column block), `[rows, cols / 256]` row-major.
-    Blocks(Vec<f32>),
+    /// One multiplier per (row, group of `group` columns), `[rows, cols / group]` row-major.
+    Groups { group: usize, scales: Vec<f32> },
 }
 
-/// The exact codes of a projection `[rows, cols]` and its scales: one if every non-zero block
-/// agrees (or the type has one), else those of the TQ blocks, which lie along rows because GGUF
-/// requires `cols` to be a multiple of 256 for TQ types. Blocks that are all zero get scale 0,
-/// so that a stray infinite or NaN scale there cannot reach the output.
+/// The exact codes of a projection `[rows, cols]` and its scales: one if every non-zero group
+/// agrees (or the type has one), else those of the file's groups, which lie along rows because
+/// GGUF requires `cols` to be a multiple of the block — merged into larger groups (up to 256)
+/// where neighbours agree, so that the product sums fewer terms. Groups that are all zero get
+/// scale 0, so that a stray infinite or NaN scale there cannot reach the output.
 pub fn projection_codes(
     file: &GgufFile,
     name: &str,
@@ -447,33 +472,64 @@ pub fn projection_codes(
     let path = Path::new(file.file());
     let info =
         file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
-    match info.ggml_type() {
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
+    match info.ggml_type().ternary_group() {
+        Some(group) => {
             let t = file.ternary_codes(name).map_err(gguf_err)?;
             match one_scale(&t) {
                 Some(s) => Ok((t.codes, Scales::One(s))),
                 None => {
-                    if t.block_len != TQ_BLOCK
-                        || !cols.is_multiple_of(TQ_BLOCK)
-                        || t.codes.len() != rows * cols
-                    {
+                    if t.block_len != group || !cols.is_multiple_of(group) || t.codes.len() != rows * cols {
                         return Err(ModelError::tensor(
                             path,
                             format!("tensor `{name}`: {} blocks do not tile rows of {cols}", t.block_len),
                         ));
                     }
-                    let d = t
+                    let d: Vec<f32> = t
                         .scales
                         .iter()
-                        .zip(t.codes.chunks(t.block_len))
+                        .zip(t.codes.chunks(group))
                         .map(|(&s, c)| if c.iter().all(|&v| v == 0) { 0.0 } else { s })
                         .collect();
-                    Ok((t.codes, Scales::Blocks(d)))
+                    let (group, scales) = coarsest_groups(&t.codes, d, group, cols);
+                    Ok((t.codes, Scales::Groups { group, scales }))
                 }
             }
         }
-        _ => ternary_codes_of(file, name, rows * cols).map(|(c, s)| (c, Scales::One(s))),
+        None => ternary_codes_of(file, name, rows * cols).map(|(c, s)| (c, Scales::One(s))),
     }
+}
+
+/// The largest group size `2^k · group` (at most 256, dividing `cols`) whose groups each hold one
+/// scale among their non-zero parts, and those scales: the same products in fewer terms.
+/// `scales` has one entry per `group` columns, 0 for a part whose codes are all zero.
+pub fn coarsest_groups(codes: &[i8], scales: Vec<f32>, group: usize, cols: usize) -> (usize, Vec<f32>) {
+    let mut best = (group, scales);
+    let mut g = group * 2;
+    while g <= 256 && cols.is_multiple_of(g) {
+        match merge_groups(codes, &best.1, best.0, g) {
+            Some(merged) => best = (g, merged),
+            None => break,
+        }
+        g *= 2;
+    }
+    best
+}
+
+/// The scales of groups of `to` columns made of groups of `from` (one scale each, 0 for an
+/// all-zero part), or `None` if the non-zero parts of some group disagree.
+pub fn merge_groups(codes: &[i8], scales: &[f32], from: usize, to: usize) -> Option<Vec<f32>> {
+    let per = to / from;
+    scales
+        .chunks(per)
+        .enumerate()
+        .map(|(i, parts)| {
+            let nonzero =
+                |j: usize| codes[(i * per + j) * from..(i * per + j + 1) * from].iter().any(|&c| c != 0);
+            let mut live = parts.iter().enumerate().filter(|&(j, _)| nonzero(j)).map(|(_, &s)| s);
+            let first = live.next().unwrap_or(0.0);
+            live.all(|s| s.to_bits() == first.to_bits()).then_some(first)
+        })
+        .collect()
 }
 
 /// The scale shared by every block with a non-zero code (0 if there is none), or `None` if they
@@ -495,7 +551,7 @@ fn one_scale(t: &bitnet_quant::formats::TernaryCodes) -> Option<f32> {
 }
 
 /// The exact ternary codes and single scale of a projection tensor of `n` values, whatever
-/// its GGUF type. A TQ tensor whose non-zero blocks carry different scales is an error here
+/// its GGUF type. A tensor whose non-zero groups carry different scales is an error here
 /// (re-encoding to one scale would change it); the model loader keeps such scales
 /// ([`projection_codes`]).
 pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8>, f32), ModelError> {
@@ -503,14 +559,14 @@ pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8
     let info =
         file.tensor(name).ok_or_else(|| ModelError::tensor(path, format!("tensor `{name}` is missing")))?;
     match info.ggml_type() {
-        GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S => {
+        t if t.is_ternary() => {
             let t = file.ternary_codes(name).map_err(gguf_err)?;
             match one_scale(&t) {
                 Some(first) => Ok((t.codes, first)),
                 None => Err(ModelError::tensor(
                     path,
                     format!(
-                        "tensor `{name}`: its {:?} blocks carry different scales, which this operation \
+                        "tensor `{name}`: its {} groups carry different scales, which this operation \
                          cannot keep (it writes one scale per matrix)",
                         info.ggml_type()
                     ),
@@ -596,6 +652,16 @@ pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String,
                 .and_then(|kind| shapes.iter().find(|s| s.0 == kind));
             let plan = match (name, projection_of) {
                 ("token_embd.weight", _) => TensorPlan::Embedding { format: kept() },
+                ("output.weight", _) if stored.ternary_group().is_some() => {
+                    let rows = info.shape().get(1).copied().unwrap_or(0) as usize;
+                    let (codes, scales) = projection_codes(file, name, rows, cfg.hidden_size)?;
+                    drop(codes);
+                    let group = match scales {
+                        Scales::One(_) => None,
+                        Scales::Groups { group, .. } => Some(group),
+                    };
+                    TensorPlan::Ternary { stored, group }
+                }
                 ("output.weight", _) => TensorPlan::Dense { format: kept() },
                 (_, Some(&(_, rows, cols))) => {
                     let base = &name[..name.len() - ".weight".len()];
@@ -606,6 +672,33 @@ pub fn tensor_plans(file: &GgufFile, opts: WeightOptions) -> Result<Vec<(String,
             Ok((name.to_string(), plan))
         })
         .collect()
+}
+
+/// The head `[vocab, hidden]` as a ternary matrix when it is stored in a group-scaled ternary
+/// format: its exact codes with one scale, or its group scales (as for projections).
+fn ternary_head(
+    file: &GgufFile,
+    name: &str,
+    vocab: usize,
+    hidden: usize,
+) -> Result<Option<TernaryMatrix>, ModelError> {
+    let Some(info) = file.tensor(name) else { return Ok(None) };
+    if info.ggml_type().ternary_group().is_none() {
+        return Ok(None);
+    }
+    let (codes, scales) = projection_codes(file, name, vocab, hidden)?;
+    let head = match scales {
+        Scales::One(a) => TernaryMatrix::from_ternary(&codes, vocab, hidden, WeightScale::Multiply(a)),
+        Scales::Groups { group, scales } => TernaryMatrix::from_ternary_group_scaled(
+            &codes,
+            vocab,
+            hidden,
+            group,
+            &scales,
+            WeightScale::Multiply(1.0),
+        ),
+    };
+    head.map(Some).map_err(|e| ModelError::tensor(Path::new(file.file()), format!("tensor `{name}`: {e}")))
 }
 
 impl ModelWeights {
@@ -631,6 +724,8 @@ impl ModelWeights {
             true => None,
             false => Some(dense(file, "output.weight", cfg.vocab_size, cfg.hidden_size)?),
         };
-        Ok(Self { config, embed_tokens, layers, final_norm, lm_head })
+        let head_name = if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
+        let ternary_head = ternary_head(file, head_name, cfg.vocab_size, cfg.hidden_size)?;
+        Ok(Self { config, embed_tokens, layers, final_norm, lm_head, ternary_head })
     }
 }

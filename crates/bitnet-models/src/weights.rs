@@ -72,9 +72,10 @@ pub struct WeightOptions {
 /// How one tensor will run: what `bitnet inspect` reports per tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorPlan {
-    /// Exact ternary codes from a ternary type (TQ1_0, TQ2_0, I2_S, or packed HF 2-bit), with
-    /// one scale per tensor (`per_block: false`) or one per 256-column block.
-    Ternary { stored: GgmlType, per_block: bool },
+    /// Exact ternary codes from a ternary type (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0, I2_S,
+    /// or packed HF 2-bit), with one scale per tensor (`group: None`) or one per group of
+    /// `group` columns.
+    Ternary { stored: GgmlType, group: Option<usize> },
     /// Float values that are exactly `{0, ±a}`: their codes and `a` are kept.
     TernaryExact { stored: GgmlType },
     /// Float (or block) weights absmean-ternarized at load.
@@ -90,11 +91,9 @@ pub enum TensorPlan {
 impl fmt::Display for TensorPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            TensorPlan::Ternary { stored, per_block: false } => {
-                write!(f, "ternary ({stored}, per-tensor scale)")
-            }
-            TensorPlan::Ternary { stored, per_block: true } => {
-                write!(f, "ternary ({stored}, per-block scales)")
+            TensorPlan::Ternary { stored, group: None } => write!(f, "ternary ({stored}, per-tensor scale)"),
+            TensorPlan::Ternary { stored, group: Some(g) } => {
+                write!(f, "ternary ({stored}, a scale per {g} columns)")
             }
             TensorPlan::TernaryExact { stored } => write!(f, "ternary (exact codes stored as {stored})"),
             TensorPlan::Ternarized { stored } => write!(f, "ternarized from {stored}"),
@@ -137,6 +136,10 @@ pub struct ModelWeights {
     pub final_norm: Vec<f32>,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<DenseLinear>,
+    /// The head (or the tied table) as ternary codes and scales, when it is stored in a
+    /// group-scaled ternary format (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0): the model runs the
+    /// logits on the ternary kernels (int8 activations per token) rather than on a widened table.
+    pub ternary_head: Option<TernaryMatrix>,
 }
 
 impl ModelWeights {
@@ -386,7 +389,7 @@ impl ModelWeights {
                 }))
             }
         };
-        Ok(Self { config, embed_tokens, layers, final_norm, lm_head })
+        Ok(Self { config, embed_tokens, layers, final_norm, lm_head, ternary_head: None })
     }
 
     /// Parameters, counting each ternary weight as one.

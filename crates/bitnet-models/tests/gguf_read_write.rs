@@ -330,6 +330,79 @@ fn dialect_detection() {
 }
 
 #[test]
+fn group_scaled_ternary_types_and_prism_dialects() {
+    let dir = temp_dir("prism");
+    let mut md = GgufMetadata::new();
+    md.insert("general.architecture", "qwen3".into());
+    let codes: Vec<i8> = (0..512).map(|i| (i * 7 % 3) as i8 - 1).collect();
+    let signs: Vec<i8> = (0..512).map(|i| if i % 5 == 0 { -1 } else { 1 }).collect();
+    let q2 = formats::pack_ternary(GgmlType::Q2_0, &codes, &[0.5; 8]).unwrap();
+    let q1 = formats::pack_ternary(GgmlType::Q1_0, &signs, &[0.25; 4]).unwrap();
+    let pq2 = formats::pack_ternary(GgmlType::PQ2_0, &codes, &[0.5, 1.0, 1.5, 2.0]).unwrap();
+    let ptq1 = formats::pack_ternary(GgmlType::PTQ1_0, &codes, &[0.5, 1.0, 1.5, 2.0]).unwrap();
+
+    // Upstream's Q1_0 and Q2_0: ids 41 and 42.
+    let p = dir.join("q.gguf");
+    let specs = [
+        (TensorSpec::new("q2", GgmlType::Q2_0, &[256, 2]), &q2[..]),
+        (TensorSpec::new("q1", GgmlType::Q1_0, &[256, 2]), &q1[..]),
+    ];
+    write_gguf(&p, &md, &specs).unwrap();
+    let f = GgufFile::open(&p).unwrap();
+    assert_eq!(f.dialect(), Dialect::Upstream);
+    assert_eq!((f.tensors()[0].type_id(), f.tensors()[1].type_id()), (42, 41));
+    assert_eq!(f.ternary_codes("q2").unwrap().codes, codes);
+    assert_eq!(f.ternary_codes("q1").unwrap().codes, signs);
+    assert_eq!(f.ternary_codes("q1").unwrap().block_len, 128);
+
+    // PrismML's PQ2_0 and PTQ1_0: ids 142 and 143, beside upstream's.
+    let p = dir.join("prism.gguf");
+    let specs = [
+        (TensorSpec::new("pq2", GgmlType::PQ2_0, &[256, 2]), &pq2[..]),
+        (TensorSpec::new("ptq1", GgmlType::PTQ1_0, &[256, 2]), &ptq1[..]),
+        (TensorSpec::new("q2", GgmlType::Q2_0, &[256, 2]), &q2[..]),
+    ];
+    write_gguf(&p, &md, &specs).unwrap();
+    let f = GgufFile::open(&p).unwrap();
+    assert_eq!(f.dialect(), Dialect::Prism, "{}", f.dialect_reason());
+    let ids: Vec<u32> = f.tensors().iter().map(|t| t.type_id()).collect();
+    assert_eq!(ids, [142, 143, 42]);
+    for name in ["pq2", "ptq1"] {
+        let t = f.ternary_codes(name).unwrap();
+        assert_eq!(
+            (t.codes.as_slice(), t.scales.as_slice()),
+            (&codes[..], &[0.5, 1.0, 1.5, 2.0][..]),
+            "{name}"
+        );
+    }
+    assert_eq!(f.tensor("q2").unwrap().ggml_type(), GgmlType::Q2_0);
+
+    // PrismML's first files: id 42 with PQ2_0's group-128 layout, told apart by its size.
+    let n = 4096usize;
+    let big: Vec<i8> = (0..n).map(|i| (i * 5 % 3) as i8 - 1).collect();
+    let data = formats::pack_ternary(GgmlType::PQ2_0, &big, &vec![0.75; n / 128]).unwrap();
+    let mut r = Raw::header(3, 2, 0);
+    r.tensor("blk.0.ffn_up.weight", &[1024, 4], 42, 0).tensor("norm", &[4], 0, data.len() as u64);
+    r.pad(32).raw(&data);
+    for v in [1.0f32; 4] {
+        r.f32(v);
+    }
+    let f = GgufFile::from_bytes(r.bytes, "early-bonsai").unwrap();
+    assert_eq!(f.dialect(), Dialect::PrismQ2g128, "{}", f.dialect_reason());
+    assert_eq!(f.tensors()[0].ggml_type(), GgmlType::PQ2_0);
+    assert_eq!(f.ternary_codes("blk.0.ffn_up.weight").unwrap().codes, big);
+
+    // bitnet.cpp's types cannot share a file with PrismML's.
+    let i2s = i2_s::pack(&codes, 0.5).unwrap();
+    let specs = [
+        (TensorSpec::new("a", GgmlType::I2_S, &[256, 2]), &i2s[..]),
+        (TensorSpec::new("b", GgmlType::PQ2_0, &[256, 2]), &pq2[..]),
+    ];
+    let err = write_gguf(dir.join("mixed.gguf"), &md, &specs).err().unwrap().to_string();
+    assert!(err.contains("PQ2_0") && err.contains("no GGUF dialect"), "{err}");
+}
+
+#[test]
 fn inspect_summarizes() {
     let f = GgufFile::open(data_dir().join("gguf_py_sample.gguf")).unwrap();
     let s = inspect(f.header());

@@ -27,15 +27,10 @@ fn choice<T: ValueEnum>(name: &str, value: &str) -> PyResult<T> {
 }
 
 fn weight_type(value: &str) -> PyResult<WeightType> {
-    match value {
-        "tq2_0" => Ok(WeightType::Tq2_0),
-        "tq1_0" => Ok(WeightType::Tq1_0),
-        "i2_s" => Ok(WeightType::I2S),
-        "f16" => Ok(WeightType::F16),
-        other => {
-            Err(value_error(format!("type must be \"tq2_0\", \"tq1_0\", \"i2_s\" or \"f16\", got {other:?}")))
-        }
-    }
+    WeightType::from_name(value).ok_or_else(|| {
+        let names: Vec<String> = WeightType::ALL.iter().map(|t| format!("{:?}", t.name())).collect();
+        value_error(format!("type must be one of {}, got {value:?}", names.join(", ")))
+    })
 }
 
 fn head_type(value: &str) -> PyResult<HeadType> {
@@ -51,8 +46,8 @@ fn head_type(value: &str) -> PyResult<HeadType> {
 
 /// Converts a Hugging Face BitNet checkpoint folder to a GGUF file (as `bitnet convert`).
 ///
-/// type: the ternary projections' type: "tq2_0" or "tq1_0" (llama.cpp), "i2_s" (bitnet.cpp),
-///     or "f16".
+/// type: the ternary projections' type: "tq2_0", "tq1_0", "q2_0" or "q1_0" (llama.cpp; "q1_0"
+///     holds no zeros), "pq2_0" or "ptq1_0" (PrismML), "i2_s" (bitnet.cpp), or "f16".
 /// lm_head_type: the head's (or tied embeddings') type: "f16", "q8_0" or "q6_k".
 /// The file is written under a temporary name and renamed when complete.
 #[pyfunction]
@@ -65,7 +60,7 @@ pub fn convert(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str, lm_head
 
 /// Re-encodes the ternary tensors of a GGUF file as another type (as `bitnet quantize`).
 ///
-/// type: "tq2_0", "tq1_0", "i2_s" or "f16".
+/// type: "tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s" or "f16".
 #[pyfunction]
 #[pyo3(signature = (src, dst, r#type))]
 pub fn quantize(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str) -> PyResult<()> {

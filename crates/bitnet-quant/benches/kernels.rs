@@ -214,6 +214,48 @@ fn layer_sweep(bencher: Bencher, case: Case) {
     });
 }
 
+/// [`layer_sweep`] with one scale per group of `G` columns (Q2_0: 64; Q1_0, PQ2_0, PTQ1_0: 128;
+/// TQ1_0/TQ2_0: 256; 0 is the per-tensor scale) on the best path, counting weights: the cost of
+/// group scales when decoding.
+#[divan::bench(args = [0, 64, 128, 256], max_time = 3)]
+fn layer_sweep_grouped(bencher: Bencher, group: usize) {
+    static LAYERS: [OnceLock<Vec<TernaryMatrix>>; 4] = [const { OnceLock::new() }; 4];
+    let layer = [SHAPES[0], SHAPES[1], SHAPES[1], SHAPES[0], SHAPES[2], SHAPES[2], SHAPES[3]];
+    let mats = LAYERS[[0, 64, 128, 256].iter().position(|&g| g == group).unwrap()].get_or_init(|| {
+        (0..4)
+            .flat_map(|l| layer.iter().enumerate().map(move |(i, s)| (l * 7 + i, s)))
+            .map(|(seed, s)| {
+                let w = random_ternary(s.rows, s.cols, 100 + seed as u64);
+                if group == 0 {
+                    return w;
+                }
+                let mut rng = Rng::new(seed as u64);
+                let d: Vec<f32> =
+                    (0..s.rows * s.cols / group).map(|_| 0.01 + rng.range(0, 100) as f32 * 1e-4).collect();
+                TernaryMatrix::from_ternary_group_scaled(
+                    &w.to_ternary(),
+                    s.rows,
+                    s.cols,
+                    group,
+                    &d,
+                    w.scale(),
+                )
+                .unwrap()
+            })
+            .collect()
+    });
+    let x2560 = activations(1, 2560);
+    let x6912 = activations(1, 6912);
+    let mut out = vec![0f32; 6912];
+    let weights: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
+    bencher.counter(ItemsCount::new(weights)).bench_local(|| {
+        for w in mats {
+            let x = if w.cols() == 2560 { &x2560 } else { &x6912 };
+            w.forward(x, &mut out[..w.rows()]);
+        }
+    });
+}
+
 #[divan::bench(args = [(1, 2560), (1, 6912), (128, 2560)], max_time = 1)]
 fn quantize_activations(bencher: Bencher, (m, k): (usize, usize)) {
     let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();

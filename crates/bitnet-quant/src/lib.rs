@@ -16,6 +16,7 @@
 mod aligned;
 pub mod dense;
 pub mod formats;
+pub mod group;
 pub mod hf_pack;
 pub mod int16;
 pub mod int6;
@@ -29,13 +30,14 @@ pub mod shared;
 pub mod ternary;
 
 pub use dense::{ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
+pub use group::GroupScales;
 pub use int8::Int8Matrix;
 pub use kernels::KernelPath;
 pub use quantize::{
     absmean_ternary, quantize_activation_row, quantize_symmetric, ActivationScale, Granularity,
 };
 pub use shared::{ByteSource, SharedBytes};
-pub use ternary::{QuantizedActivations, TernaryCodes, TernaryMatrix, WeightScale};
+pub use ternary::{GroupScaleRows, QuantizedActivations, TernaryCodes, TernaryMatrix, WeightScale};
 
 /// Errors of this crate: shapes that do not fit the data they describe.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 use crate::aligned::AlignedBytes;
+use crate::group::{self, GroupScales, SUM_COLS};
 use crate::kernels::{self, for_ranges, I32Sink, KernelPath, MapSink, SharedOut, Sink};
 use crate::layout::{padded_cols, PackedTernary, ROW_TILE};
 use crate::{quantize_activation_row, QuantError};
@@ -65,6 +66,8 @@ pub struct QuantizedActivations {
     q: AlignedBytes,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    /// Per token, the sum of each run of 32 padded columns (the group-scaled product's shift).
+    sums32: Vec<i32>,
 }
 
 impl QuantizedActivations {
@@ -79,6 +82,28 @@ impl QuantizedActivations {
             q: AlignedBytes::zeroed(max_m * stride),
             scales: vec![0.0; max_m],
             sums: vec![0; max_m],
+            sums32: vec![0; max_m * (stride / SUM_COLS)],
+        }
+    }
+
+    /// Recomputes the per-32-column sums of tokens `0..m` from their int8 rows (in parallel
+    /// for the large batches training loads).
+    fn update_sums32(&mut self, m: usize) {
+        let (stride, per) = (self.stride, self.stride / SUM_COLS);
+        if per == 0 {
+            return;
+        }
+        let q = &self.q.as_i8()[..m * stride];
+        let sums = &mut self.sums32[..m * per];
+        let token = |(sums, row): (&mut [i32], &[i8])| {
+            for (s, run) in sums.iter_mut().zip(row.chunks_exact(SUM_COLS)) {
+                *s = run.iter().map(|&v| i32::from(v)).sum();
+            }
+        };
+        if m * stride >= 1 << 20 {
+            sums.par_chunks_mut(per).zip(q.par_chunks(stride)).with_min_len(64).for_each(token);
+        } else {
+            sums.chunks_mut(per).zip(q.chunks(stride)).for_each(token);
         }
     }
 
@@ -99,6 +124,7 @@ impl QuantizedActivations {
             self.scales[..m].fill(127.0 / crate::quantize::QUANT_EPS);
             self.sums[..m].fill(0);
         }
+        self.update_sums32(m);
     }
 
     /// Quantizes `m` tokens that `fill(i, row)` writes one at a time into `row` (`k` floats of
@@ -117,6 +143,7 @@ impl QuantizedActivations {
                 if k == 0 { 127.0 / crate::quantize::QUANT_EPS } else { quantize_activation_row(row, qi) };
             self.sums[i] = qi.iter().map(|&v| v as i32).sum();
         }
+        self.update_sums32(m);
     }
 
     /// Loads already-quantized tokens: `q` holds `m` rows of `k` int8 values, `scales` their
@@ -144,6 +171,7 @@ impl QuantizedActivations {
             });
         }
         self.scales[..m].copy_from_slice(scales);
+        self.update_sums32(m);
         Ok(())
     }
 
@@ -177,14 +205,19 @@ impl QuantizedActivations {
     pub fn sum(&self, i: usize) -> i32 {
         self.sums[i]
     }
+    /// The sums of token `i`'s int8 values over each run of 32 padded columns.
+    pub fn sums32(&self, i: usize) -> &[i32] {
+        let per = self.stride / SUM_COLS;
+        &self.sums32[i * per..(i + 1) * per]
+    }
 }
 
 /// Ternary weights in no kernel's layout: row-major codes in {-1, 0, 1}, the matrix's scale and,
-/// for weights quantized block by block, one multiplier per (row, 256-column block).
+/// for weights quantized group by group, one multiplier per (row, group of `group` columns).
 ///
 /// The product it defines is [`TernaryMatrix::forward`]'s: per token with activation scale
-/// `s_a`, `y[r] = scale(Σ_c t[r, c] · q[c], s_a)`, or with block scales
-/// `y[r] = scale(Σ_b d[r, b] · P[r, b], s_a)` summed in block order.
+/// `s_a`, `y[r] = scale(Σ_c t[r, c] · q[c], s_a)`, or with group scales
+/// `y[r] = scale(Σ_g d[r, g] · P[r, g], s_a)` summed in group order ([`crate::group`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TernaryCodes {
     pub rows: usize,
@@ -192,22 +225,30 @@ pub struct TernaryCodes {
     /// `rows × cols` codes, row-major.
     pub codes: Vec<i8>,
     pub scale: WeightScale,
-    /// `[rows, cols.div_ceil(256)]` row-major, if the blocks carry their own multipliers.
-    pub block_scales: Option<Vec<f32>>,
+    /// The groups' multipliers, if they carry their own.
+    pub group_scales: Option<GroupScaleRows>,
+}
+
+/// One multiplier per (row, group of `group` columns), row-major: `scales[r · groups + g]` with
+/// `groups = cols.div_ceil(group)`; `group` is 32, 64, 128 or 256.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupScaleRows {
+    pub group: usize,
+    pub scales: Vec<f32>,
 }
 
 /// A ternary weight matrix `[rows = out_features, cols = in_features]` and its scale, packed
 /// at construction into the kernels' layout ([`crate::layout`]).
 ///
-/// Optionally it also carries one f32 multiplier per (row, 256-column block), for weights
-/// whose blocks were quantized with their own scales (llama.cpp's TQ1_0/TQ2_0): see
-/// [`TernaryMatrix::from_ternary_block_scaled`].
+/// Optionally it also carries one f32 multiplier per (row, group of G columns), for weights
+/// whose groups were quantized with their own scales (llama.cpp's TQ1_0/TQ2_0, Q1_0, Q2_0,
+/// PrismML's PQ2_0/PTQ1_0): see [`TernaryMatrix::from_ternary_group_scaled`] and
+/// [`crate::group`].
 #[derive(Clone, Debug)]
 pub struct TernaryMatrix {
     packed: PackedTernary,
     scale: WeightScale,
-    /// `[rows, blocks]` row-major multipliers `d[r, b]` of the 256-column blocks.
-    block_scales: Option<Vec<f32>>,
+    group_scales: Option<GroupScales>,
 }
 
 impl TernaryMatrix {
@@ -227,7 +268,7 @@ impl TernaryMatrix {
         if let Some(bad) = codes.iter().find(|&&c| !(-1..=1).contains(&c)) {
             return Err(QuantError::Shape(format!("ternary code {bad} is not in {{-1, 0, 1}}")));
         }
-        Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale, block_scales: None })
+        Ok(Self { packed: PackedTernary::pack(codes, rows, cols), scale, group_scales: None })
     }
 
     /// Builds the matrix a block of rows at a time, so that the row-major codes never exist
@@ -269,7 +310,7 @@ impl TernaryMatrix {
                 PackedTernary::pack_rows(&codes, cols, blocks, tiles);
                 Ok(())
             })?;
-        Ok(Self { packed, scale, block_scales: None })
+        Ok(Self { packed, scale, group_scales: None })
     }
 
     /// The same matrix with another scale.
@@ -288,30 +329,38 @@ impl TernaryMatrix {
         zero
     }
 
-    /// The same matrix with a multiplier per (row, 256-column block), as
-    /// [`TernaryMatrix::from_ternary_block_scaled`] builds it.
-    pub fn with_block_scales(mut self, block_scales: Vec<f32>) -> Result<Self, QuantError> {
-        let (rows, cols) = (self.rows(), self.cols());
-        let blocks = cols.div_ceil(crate::layout::BLOCK_COLS);
-        if rows.checked_mul(blocks) != Some(block_scales.len()) {
-            return Err(QuantError::Shape(format!(
-                "{} block scales are not one per (row, 256-column block) of a [{rows}, {cols}] matrix",
-                block_scales.len()
-            )));
-        }
-        self.block_scales = Some(block_scales);
+    /// The same matrix with a multiplier per (row, group of `group` columns), as
+    /// [`TernaryMatrix::from_ternary_group_scaled`] builds it.
+    pub fn with_group_scales(mut self, group: usize, scales: &[f32]) -> Result<Self, QuantError> {
+        self.group_scales = Some(GroupScales::new(group, self.rows(), self.cols(), scales)?);
         Ok(self)
     }
 
-    /// Builds a matrix whose 256-column blocks carry their own multipliers:
-    /// `block_scales[r · blocks + b]` scales columns `256b..256b + 256` of row `r`
-    /// (`blocks = cols.div_ceil(256)`, the kernels' block, which is also TQ1_0/TQ2_0's).
+    /// Builds a matrix whose groups of `group` consecutive columns (32, 64, 128 or 256) carry
+    /// their own multipliers: `scales[r · groups + g]` scales columns `group·g..group·(g + 1)`
+    /// of row `r` (`groups = cols.div_ceil(group)`).
     ///
     /// [`TernaryMatrix::forward`] then computes, for a token with activation scale `s_a`,
-    /// `y[r] = scale(Σ_b d[r, b] · P[r, b], s_a)` where `P[r, b] = Σ_{c ∈ b} t[r, c] · x[c]` is the
-    /// exact i32 partial of block `b`, converted to f32 (exact: |P| ≤ 256 · 128) and combined in
-    /// the order b = 0, 1, … on every kernel path, so all paths give the same bits. This is slower
-    /// than the one-scale kernels and is meant only for weights that need it.
+    /// `y[r] = scale(Σ_g d[r, g] · P[r, g], s_a)` where `P[r, g] = Σ_{c ∈ g} t[r, c] · x[c]` is
+    /// the exact i32 partial of group `g`, converted to f32 (exact: |P| ≤ 256 · 128) and
+    /// combined in the order g = 0, 1, … on every kernel path, so all paths give the same bits
+    /// ([`crate::group`]).
+    pub fn from_ternary_group_scaled(
+        codes: &[i8],
+        rows: usize,
+        cols: usize,
+        group: usize,
+        scales: &[f32],
+        scale: WeightScale,
+    ) -> Result<Self, QuantError> {
+        let d = GroupScales::new(group, rows, cols, scales)?;
+        let mut m = Self::from_ternary(codes, rows, cols, scale)?;
+        m.group_scales = Some(d);
+        Ok(m)
+    }
+
+    /// [`TernaryMatrix::from_ternary_group_scaled`] with groups of 256 columns (TQ1_0/TQ2_0's
+    /// blocks): `block_scales[r · blocks + b]`, `blocks = cols.div_ceil(256)`.
     pub fn from_ternary_block_scaled(
         codes: &[i8],
         rows: usize,
@@ -319,7 +368,7 @@ impl TernaryMatrix {
         block_scales: Vec<f32>,
         scale: WeightScale,
     ) -> Result<Self, QuantError> {
-        Self::from_ternary(codes, rows, cols, scale)?.with_block_scales(block_scales)
+        Self::from_ternary_group_scaled(codes, rows, cols, crate::layout::BLOCK_COLS, &block_scales, scale)
     }
 
     pub fn rows(&self) -> usize {
@@ -331,13 +380,13 @@ impl TernaryMatrix {
     pub fn scale(&self) -> WeightScale {
         self.scale
     }
-    /// The per-(row, 256-column block) multipliers, `[rows, blocks]` row-major, if any.
-    pub fn block_scales(&self) -> Option<&[f32]> {
-        self.block_scales.as_deref()
+    /// The per-(row, group) multipliers, if any.
+    pub fn group_scales(&self) -> Option<&GroupScales> {
+        self.group_scales.as_ref()
     }
-    /// Bytes the packed weights (2 bits per weight, plus padding) and any block scales take.
+    /// Bytes the packed weights (2 bits per weight, plus padding) and any group scales take.
     pub fn bytes(&self) -> usize {
-        self.packed.bytes() + self.block_scales.as_ref().map_or(0, |d| d.len() * 4)
+        self.packed.bytes() + self.group_scales.as_ref().map_or(0, GroupScales::bytes)
     }
 
     /// The row-major ternary codes (for export and tests).
@@ -345,7 +394,7 @@ impl TernaryMatrix {
         self.packed.unpack()
     }
 
-    /// The weights independent of this crate's kernel layout: codes, scale and block scales,
+    /// The weights independent of this crate's kernel layout: codes, scale and group scales,
     /// what a device backend receives to lay out for its own kernels.
     pub fn to_codes(&self) -> TernaryCodes {
         TernaryCodes {
@@ -353,39 +402,70 @@ impl TernaryMatrix {
             cols: self.cols(),
             codes: self.packed.unpack(),
             scale: self.scale,
-            block_scales: self.block_scales.clone(),
+            group_scales: self
+                .group_scales
+                .as_ref()
+                .map(|d| GroupScaleRows { group: d.group(), scales: d.to_row_major() }),
         }
     }
 
     /// Packs layout-neutral weights into the CPU kernels' layout (the inverse of
     /// [`TernaryMatrix::to_codes`]).
     pub fn from_codes(c: &TernaryCodes) -> Result<Self, QuantError> {
-        match &c.block_scales {
+        match &c.group_scales {
             None => Self::from_ternary(&c.codes, c.rows, c.cols, c.scale),
-            Some(d) => Self::from_ternary_block_scaled(&c.codes, c.rows, c.cols, d.clone(), c.scale),
+            Some(d) => Self::from_ternary_group_scaled(&c.codes, c.rows, c.cols, d.group, &d.scales, c.scale),
         }
     }
 
-    /// Integer products of each 256-column block:
-    /// `out[(i * rows + r) * blocks + b] = Σ_{c ∈ block b} x[i, c] · W[r, c]` for every token
-    /// `i` (the partials the block-scaled forward combines; any matrix has them).
-    pub fn matmul_block_i32_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [i32]) {
-        let (rows, blocks) = (self.rows(), self.packed.blocks());
-        assert_eq!(x.k(), self.cols(), "activation width does not match the matrix");
-        assert!(out.len() >= x.m() * rows * blocks, "output buffer too small");
-        let path = path.or_best();
-        let mut part = vec![0i32; blocks * ROW_TILE];
-        for t in 0..x.m() {
-            for g in 0..self.packed.tiles() {
-                tile_block_dots(path, &self.packed, g, x.padded_row(t), &mut part);
-                for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
-                    let r = g * ROW_TILE + ri;
-                    for b in 0..blocks {
-                        out[(t * rows + r) * blocks + b] = part[b * ROW_TILE + ri];
-                    }
-                }
-            }
+    /// Integer products of each group of `group` columns (32, 64, 128 or 256) of the padded rows:
+    /// `out[(i · rows + r) · groups + g] = Σ_{c ∈ group g} x[i, c] · W[r, c]` for every token `i`,
+    /// `groups = padded_cols(cols) / group` (the partials the group-scaled forward combines; any
+    /// matrix has them).
+    pub fn matmul_group_i32_with(
+        &self,
+        path: KernelPath,
+        group: usize,
+        x: &QuantizedActivations,
+        out: &mut [i32],
+    ) -> Result<(), QuantError> {
+        if !group::GROUP_SIZES.contains(&group) {
+            return Err(QuantError::Shape(format!("groups of {group} columns are not supported")));
         }
+        let (rows, groups) = (self.rows(), group::padded_groups(self.cols(), group));
+        if x.k() != self.cols() || out.len() < x.m() * rows * groups {
+            return Err(QuantError::Shape(format!(
+                "{} tokens of width {} into {} partials for a [{rows}, {}] matrix in groups of {group}",
+                x.m(),
+                x.k(),
+                out.len(),
+                self.cols()
+            )));
+        }
+        let path = path.or_best();
+        let mut part = vec![0i32; groups * ROW_TILE];
+        let mut xs = vec![0i32; groups];
+        for t in 0..x.m() {
+            group::group_x_sums(x, t, group, &mut xs);
+            let tiles = 0..self.packed.tiles();
+            group::tiles_group_sums(
+                path,
+                &self.packed,
+                tiles,
+                x.padded_row(t),
+                group,
+                &mut part,
+                |g, part| {
+                    for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
+                        let r = g * ROW_TILE + ri;
+                        for gi in 0..groups {
+                            out[(t * rows + r) * groups + gi] = part[gi * ROW_TILE + ri] - xs[gi];
+                        }
+                    }
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Integer products `out[i * rows + r] = Σ_c x[i, c] · W[r, c]` for every token `i`.
@@ -423,22 +503,29 @@ impl TernaryMatrix {
     /// run `path`).
     pub fn forward_with(&self, path: KernelPath, x: &QuantizedActivations, out: &mut [f32]) {
         self.check(x, out.len());
-        if let Some(d) = &self.block_scales {
-            return self.forward_block_scaled(path, x, d, out);
+        if let Some(d) = &self.group_scales {
+            return self.forward_group_scaled(path, x, d, out);
         }
         let (scale, s_a) = (self.scale, x.scales());
         let sink = MapSink(SharedOut::new(out, self.rows()), move |acc, t, _r| scale.apply(acc, s_a[t]));
         self.run(path, x, &sink);
     }
 
-    /// The block-scaled forward (see [`TernaryMatrix::from_ternary_block_scaled`]): per row
-    /// tile and token, the kernel gives the i32 partial of every block, then the partials are
-    /// scaled and summed in block order.
-    fn forward_block_scaled(&self, path: KernelPath, x: &QuantizedActivations, d: &[f32], out: &mut [f32]) {
+    /// The group-scaled forward ([`crate::group`]): per row tile and token, the kernel gives
+    /// the code sums of every group, and [`group::combine_tile`] scales and sums them in group
+    /// order.
+    fn forward_group_scaled(
+        &self,
+        path: KernelPath,
+        x: &QuantizedActivations,
+        d: &GroupScales,
+        out: &mut [f32],
+    ) {
         let path = path.or_best();
         let (w, m) = (&self.packed, x.m());
-        let (rows, blocks, scale) = (w.rows(), w.blocks(), self.scale);
-        if blocks == 0 {
+        let (rows, scale, group) = (w.rows(), self.scale, d.group());
+        let (padded, real) = (group::padded_groups(w.cols(), group), d.groups_per_row());
+        if w.blocks() == 0 {
             out[..m * rows].fill(0.0);
             return;
         }
@@ -446,29 +533,44 @@ impl TernaryMatrix {
         let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
         let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
         for_ranges(w.tiles(), macs, min_macs, |tiles| {
-            // The partials of one tile and token; on the stack up to 64 blocks (16384 columns),
-            // so that decoding allocates nothing.
-            let mut stack = [0i32; STACK_BLOCKS * ROW_TILE];
-            let mut heap = Vec::new();
-            let part: &mut [i32] = if blocks <= STACK_BLOCKS {
-                &mut stack[..blocks * ROW_TILE]
+            // The sums of one tile and token, on the stack up to STACK_GROUPS groups (16384
+            // columns in groups of 32), and the tokens' group activation sums: on the stack for
+            // one token, so that decoding allocates nothing.
+            let mut stack = [0i32; STACK_GROUPS * ROW_TILE];
+            let mut stack_xs = [0i32; STACK_GROUPS];
+            let (mut heap, mut heap_xs) = (Vec::new(), Vec::new());
+            let part: &mut [i32] = if padded <= STACK_GROUPS {
+                &mut stack[..padded * ROW_TILE]
             } else {
-                heap.resize(blocks * ROW_TILE, 0);
+                heap.resize(padded * ROW_TILE, 0);
                 &mut heap
             };
-            for g in tiles {
+            let xs: &mut [i32] = if m * real <= STACK_GROUPS {
+                &mut stack_xs[..m * real]
+            } else {
+                heap_xs.resize(m * real, 0);
+                &mut heap_xs
+            };
+            for (t, xs_t) in xs.chunks_exact_mut(real.max(1)).enumerate().take(m) {
+                group::group_x_sums(x, t, group, xs_t);
+            }
+            // A chunk of tiles at a time, every token: the chunk's weights (about 128 KiB) stay
+            // in cache across the tokens.
+            let chunk = ((128 << 10) / (w.blocks() * ROW_TILE * crate::layout::BLOCK_BYTES)).max(1);
+            let mut start = tiles.start;
+            while start < tiles.end {
+                let end = (start + chunk).min(tiles.end);
                 for t in 0..m {
-                    tile_block_dots(path, w, g, x.padded_row(t), part);
-                    for ri in 0..ROW_TILE.min(rows - g * ROW_TILE) {
-                        let r = g * ROW_TILE + ri;
-                        let dr = &d[r * blocks..(r + 1) * blocks];
-                        let mut acc = 0.0f32;
-                        for (b, &db) in dr.iter().enumerate() {
-                            acc += db * part[b * ROW_TILE + ri] as f32;
+                    let (xs_t, s_a) = (&xs[t * real..(t + 1) * real], x.scale(t));
+                    group::tiles_group_sums(path, w, start..end, x.padded_row(t), group, part, |g, part| {
+                        let acc = group::combine_tile(part, xs_t, d.tile(g));
+                        let r0 = g * ROW_TILE;
+                        for (ri, &a) in acc.iter().enumerate().take(rows - r0) {
+                            sink.write(t, r0 + ri, scale.apply_f32(a, s_a));
                         }
-                        sink.write(t, r, scale.apply_f32(acc, x.scale(t)));
-                    }
+                    });
                 }
+                start = end;
             }
         });
     }
@@ -539,8 +641,8 @@ impl TernaryMatrix {
         x: &QuantizedActivations,
         outs: [&mut [f32]; N],
     ) {
-        if mats.iter().any(|w| w.block_scales.is_some()) {
-            // Per-block scales have their own product (rare: TQ files whose blocks differ).
+        if mats.iter().any(|w| w.group_scales.is_some()) {
+            // Per-group scales have their own product.
             for (w, out) in mats.into_iter().zip(outs) {
                 w.forward(x, out);
             }
@@ -576,21 +678,8 @@ impl TernaryMatrix {
     }
 }
 
-/// Blocks whose partials the block-scaled forward keeps on the stack.
-const STACK_BLOCKS: usize = 64;
-
-/// Per-block dot products of tile `g` with one token on `path` (AVX2 on x86-64 CPUs that have
-/// it, the scalar kernel elsewhere; both give the same integers).
-fn tile_block_dots(path: KernelPath, w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
-    #[cfg(target_arch = "x86_64")]
-    if path != KernelPath::Scalar && KernelPath::Avx2.is_available() {
-        // SAFETY: AVX2 is available (checked just above).
-        unsafe { kernels::avx2::ternary_tile_block_dots(w, g, xr, out) };
-        return;
-    }
-    let _ = path;
-    kernels::scalar::ternary_tile_block_dots(w, g, xr, out);
-}
+/// Groups whose sums the group-scaled forward keeps on the stack.
+const STACK_GROUPS: usize = 512;
 
 /// `W · x[0]` for the rows of `tiles` on `path`, which the caller has checked is available.
 fn ternary_gemv<S: Sink>(

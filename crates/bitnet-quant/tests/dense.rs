@@ -64,6 +64,11 @@ fn random_matrix(format: DenseFormat, rows: usize, cols: usize, codes: Codes, rn
                 (192..208).for_each(|_| bytes.push(rng.next_u64() as u8));
                 bytes.extend_from_slice(&scale_bits(rng));
             }
+            // Ternary tables: a block of random floats through the format's quantizer.
+            ternary => {
+                let x: Vec<f32> = (0..block).map(|_| unit(rng)).collect();
+                bytes.extend(bitnet_quant::formats::quantize(ternary.ggml(), &x).unwrap());
+            }
         }
     }
     DenseLinear::from_bytes(format.ggml(), rows, cols, &bytes).unwrap()
@@ -429,8 +434,8 @@ fn bad_sizes_are_typed_errors() {
         DenseError::NotBlockMultiple { format: DenseFormat::Q4_K, cols: 128, block: 256 }
     );
     assert_eq!(
-        DenseLinear::from_bytes(GgmlType::TQ2_0, 1, 256, &q(66)).unwrap_err(),
-        DenseError::UnsupportedFormat { format: GgmlType::TQ2_0 }
+        DenseLinear::from_bytes(GgmlType::IQ2_XS, 1, 256, &q(74)).unwrap_err(),
+        DenseError::UnsupportedFormat { format: GgmlType::IQ2_XS }
     );
     assert!(matches!(
         DenseLinear::from_bytes(GgmlType::Q8_0, usize::MAX / 2, 64, &q(0)),
@@ -598,5 +603,42 @@ fn shared_matrices_read_in_place_and_copies_release_their_source() {
             DenseLinear::from_shared(format.ggml(), rows, cols, short),
             Err(DenseError::ByteLength { .. })
         ));
+    }
+}
+
+/// Ternary tables are kept as stored: rows decode to code × scale, and the product is the f32 dot
+/// of the decoded row, on every path.
+#[test]
+fn ternary_tables_decode_rows_and_multiply_decoded() {
+    let mut rng = Rng::new(77);
+    for format in DenseFormat::TERNARY {
+        assert!(format.is_ternary() && !format.is_float(), "{format}");
+        let (rows, cols, m) = (11, 512, 3);
+        let w = random_matrix(format, rows, cols, Codes::Random, &mut rng);
+        assert_eq!(w.bytes() as u64, format.ggml().tensor_bytes(&[cols as u64, rows as u64]).unwrap());
+        let whole = bitnet_quant::formats::dequantize(format.ggml(), w.as_bytes(), rows * cols).unwrap();
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut row).unwrap();
+            assert_eq!(row, whole[r * cols..(r + 1) * cols], "{format} row {r}");
+        }
+        let x = random_inputs(m, cols, Inputs::Random, &mut rng);
+        let mut first: Option<Vec<f32>> = None;
+        for path in KernelPath::available() {
+            let mut out = vec![0.0f32; m * rows];
+            w.forward_with(path, &x, m, &mut out).unwrap();
+            for t in 0..m {
+                for r in 0..rows {
+                    let wr = &whole[r * cols..(r + 1) * cols];
+                    let want: f32 =
+                        wr.iter().zip(&x[t * cols..(t + 1) * cols]).fold(0.0, |a, (&w, &v)| a + w * v);
+                    assert_eq!(out[t * rows + r].to_bits(), want.to_bits(), "{format} {path} t{t} r{r}");
+                }
+            }
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert_eq!(f, &out, "{format} {path}"),
+            }
+        }
     }
 }

@@ -279,9 +279,9 @@ fn a_ternary_matrix_built_by_row_blocks_equals_one_built_whole() {
     assert_eq!(a, b);
     // Block scales go on afterwards, checked as from_ternary_block_scaled checks them.
     let d: Vec<f32> = (0..rows * 2).map(|i| 1.0 + i as f32 / 8.0).collect();
-    let scaled = blocks.clone().with_block_scales(d.clone()).unwrap();
-    assert_eq!(scaled.block_scales(), Some(&d[..]));
-    assert!(blocks.with_block_scales(vec![1.0; rows]).is_err());
+    let scaled = blocks.clone().with_group_scales(256, &d).unwrap();
+    assert_eq!(scaled.group_scales().map(|g| g.to_row_major()), Some(d.clone()));
+    assert!(blocks.with_group_scales(256, &vec![1.0; rows]).is_err());
     // A code out of range names its row and column.
     let err = TernaryMatrix::from_row_blocks(rows, cols, scale, |first, out| {
         out.fill(0);

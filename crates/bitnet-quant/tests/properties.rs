@@ -2,7 +2,9 @@
 
 use bitnet_quant::hf_pack::{check_packed, pack_hf, unpack_hf, unpack_rows};
 use bitnet_quant::quantize::{quantize_symmetric, symmetric_qmax, Granularity, SymmetricQuant};
-use bitnet_quant::{absmean_ternary, quantize_activation_row, TernaryCodes, TernaryMatrix, WeightScale};
+use bitnet_quant::{
+    absmean_ternary, quantize_activation_row, GroupScaleRows, TernaryCodes, TernaryMatrix, WeightScale,
+};
 use proptest::prelude::*;
 
 /// A ternary matrix `(codes, rows, cols)` with `rows` a multiple of `row_multiple`.
@@ -71,8 +73,15 @@ proptest! {
         prop_assert_eq!((c.rows, c.cols, &c.codes, c.scale), (rows, cols, &t, WeightScale::Multiply(1.0)));
         prop_assert_eq!(TernaryMatrix::from_codes(&c).unwrap().to_ternary(), t.clone());
         let d: Vec<f32> = (0..rows * cols.div_ceil(256)).map(|i| 0.5 + i as f32).collect();
-        let scaled = TernaryCodes { block_scales: Some(d), scale: WeightScale::Divide(2.0), ..c };
+        let scaled = TernaryCodes {
+            group_scales: Some(GroupScaleRows { group: 256, scales: d }),
+            scale: WeightScale::Divide(2.0),
+            ..c
+        };
         prop_assert_eq!(&TernaryMatrix::from_codes(&scaled).unwrap().to_codes(), &scaled);
+        let d: Vec<f32> = (0..rows * cols.div_ceil(64)).map(|i| 0.25 + i as f32).collect();
+        let grouped = TernaryCodes { group_scales: Some(GroupScaleRows { group: 64, scales: d }), ..scaled };
+        prop_assert_eq!(&TernaryMatrix::from_codes(&grouped).unwrap().to_codes(), &grouped);
     }
 
     #[test]

@@ -140,11 +140,22 @@ pub fn block_factor(b: usize) -> f32 {
     [1.0, 1.25, 0.75, 2.0, 0.5][b % 5]
 }
 
-/// Copies `src` to `dst`, multiplying the scale of block `b` of every TQ1_0/TQ2_0 tensor by
-/// [`block_factor`]`(b)`; codes and every other byte stay as they are.
+/// Copies `src` to `dst`, multiplying the scale of block `b` of every group-scaled ternary
+/// tensor (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0) by [`block_factor`]`(b)`; codes and every
+/// other byte stay as they are.
 pub fn rescale_blocks(src: &Path, dst: &Path) {
+    rewrite_ternary(src, dst, |_codes, scales| {
+        for (b, s) in scales.iter_mut().enumerate() {
+            *s *= block_factor(b);
+        }
+    })
+}
+
+/// Copies `src` to `dst` with the codes and scales of every group-scaled ternary tensor passed
+/// through `edit` (the tensor keeps its type); every other tensor as it is.
+pub fn rewrite_ternary(src: &Path, dst: &Path, mut edit: impl FnMut(&mut Vec<i8>, &mut Vec<f32>)) {
     use bitnet_models::gguf::{GgufFile, GgufWriter, TensorSpec};
-    use bitnet_quant::formats::{self, GgmlType};
+    use bitnet_quant::formats;
     let file = GgufFile::open(src).unwrap();
     let specs: Vec<TensorSpec> =
         file.tensors().iter().map(|t| TensorSpec::new(t.name(), t.ggml_type(), t.shape())).collect();
@@ -152,19 +163,14 @@ pub fn rescale_blocks(src: &Path, dst: &Path) {
     md.remove("general.alignment");
     let mut w = GgufWriter::create(dst, &md, specs.clone()).unwrap();
     for spec in &specs {
-        match spec.ggml_type {
-            GgmlType::TQ1_0 | GgmlType::TQ2_0 => {
-                let t = file.ternary_codes(&spec.name).unwrap();
-                let scales: Vec<f32> =
-                    t.scales.iter().enumerate().map(|(b, &s)| s * block_factor(b)).collect();
-                let bytes = match spec.ggml_type {
-                    GgmlType::TQ1_0 => formats::tq1_0::pack(&t.codes, &scales),
-                    _ => formats::tq2_0::pack(&t.codes, &scales),
-                }
-                .unwrap();
+        match spec.ggml_type.ternary_group() {
+            Some(_) => {
+                let mut t = file.ternary_codes(&spec.name).unwrap();
+                edit(&mut t.codes, &mut t.scales);
+                let bytes = formats::pack_ternary(spec.ggml_type, &t.codes, &t.scales).unwrap();
                 w.write_tensor(&spec.name, &bytes).unwrap();
             }
-            _ => w.write_tensor(&spec.name, file.tensor_data(&spec.name).unwrap()).unwrap(),
+            None => w.write_tensor(&spec.name, file.tensor_data(&spec.name).unwrap()).unwrap(),
         }
     }
     w.finish().unwrap();

@@ -3,7 +3,7 @@
 //! * [`GgufFile`] / [`GgufHeader`]: read v2 and v3 files, memory-mapped, every field checked
 //!   against the file (see [`reader`] for the layout and checks);
 //! * [`GgufWriter`]: write a file tensor by tensor into a temporary file renamed into place;
-//! * [`Dialect`]: the two numberings of tensor types, upstream llama.cpp and bitnet.cpp,
+//! * [`Dialect`]: the numberings of tensor types (upstream llama.cpp, bitnet.cpp, PrismML),
 //!   and the rule that tells them apart (see [`dialect`]);
 //! * [`tokenizer`]: a `tokenizers::Tokenizer` built from the vocabulary in the metadata;
 //! * [`inspect()`], [`inspect_json()`]: a readable summary, and the same as JSON.

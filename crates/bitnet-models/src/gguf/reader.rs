@@ -727,7 +727,8 @@ impl GgufFile {
         })
     }
 
-    /// The exact ternary codes and scales of a TQ1_0, TQ2_0 or I2_S tensor.
+    /// The exact ternary codes and scales of a ternary tensor (TQ1_0, TQ2_0, Q1_0, Q2_0,
+    /// PQ2_0, PTQ1_0, I2_S).
     pub fn ternary_codes(&self, name: &str) -> Result<TernaryCodes, GgufError> {
         let (info, n) = self.info_and_len(name)?;
         let data = self.tensor_data(name)?;

@@ -11,8 +11,8 @@
 //! The output is GGUF v3 (or v2 on request; on little-endian the two are byte-identical but
 //! for the version field), with each tensor's data padded to the alignment, as llama.cpp
 //! and gguf-py write it. Type ids follow the dialect the tensor types need (see
-//! [`super::dialect`]): bitnet.cpp numbering if any tensor is I2_S/TL1/TL2, upstream
-//! otherwise.
+//! [`super::dialect`]): bitnet.cpp numbering if any tensor is I2_S/TL1/TL2, PrismML's if any
+//! is PQ2_0/PTQ1_0, upstream otherwise.
 
 use super::dialect::{self, Dialect};
 use super::error::GgufError;
@@ -164,8 +164,8 @@ impl GgufWriter {
         };
         let dialect = dialect::dialect_for_types(tensors.iter().map(|t| t.ggml_type)).ok_or_else(|| {
             plan_err(
-                "the tensors mix bitnet.cpp-only types (I2_S, TL1, TL2) with \
-                     upstream-only ones (MXFP4, NVFP4, Q1_0, Q2_0): no GGUF dialect holds both"
+                "the tensors mix bitnet.cpp-only types (I2_S, TL1, TL2) with upstream or \
+                     PrismML types (MXFP4, NVFP4, Q1_0, Q2_0, PQ2_0, PTQ1_0): no GGUF dialect holds both"
                     .into(),
             )
         })?;

@@ -58,6 +58,8 @@ pub(super) unsafe fn run_rows(
             DenseFormat::Q4_1 => block32_rows::<Q4_1>(w, a, rows, out),
             DenseFormat::Q4_K => q4_k_rows(w, a, rows, out),
             DenseFormat::Q6_K => q6_k_rows(w, a, rows, out),
+            // Ternary tables (looked up, not run: heads run on the ternary kernels).
+            _ => super::scalar::run_rows(w, a, rows, out),
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Dense (non-ternary) linear layers kept in their stored encoding: F32, F16, BF16, Q8_0, Q4_0,
 //! Q4_1, Q4_K and Q6_K, as GGUF files (and safetensors checkpoints, for the float types) hold
-//! them.
+//! them. Tables in a group-scaled ternary format (TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0: an
+//! embedding table, a head) are kept as stored too, so that lookups decode only the rows they
+//! need; their product is the f32 dot of the decoded row (a head in these formats runs on the
+//! ternary kernels instead, [`crate::TernaryMatrix`]).
 //!
 //! `out[t, r] = Σ_c W[r, c] · x[t, c]`, computed the way llama.cpp's CPU backend computes it, so
 //! that a model answers as it does under llama.cpp:
@@ -69,9 +72,16 @@ pub enum DenseFormat {
     Q4_1,
     Q4_K,
     Q6_K,
+    TQ1_0,
+    TQ2_0,
+    Q1_0,
+    Q2_0,
+    PQ2_0,
+    PTQ1_0,
 }
 
 impl DenseFormat {
+    /// The formats dense projections run from (the ternary ones are in [`DenseFormat::TERNARY`]).
     pub const ALL: [DenseFormat; 8] = [
         DenseFormat::F32,
         DenseFormat::F16,
@@ -81,6 +91,16 @@ impl DenseFormat {
         DenseFormat::Q4_1,
         DenseFormat::Q4_K,
         DenseFormat::Q6_K,
+    ];
+
+    /// The group-scaled ternary formats a table can be kept in.
+    pub const TERNARY: [DenseFormat; 6] = [
+        DenseFormat::TQ1_0,
+        DenseFormat::TQ2_0,
+        DenseFormat::Q1_0,
+        DenseFormat::Q2_0,
+        DenseFormat::PQ2_0,
+        DenseFormat::PTQ1_0,
     ];
 
     /// The format of a GGUF tensor type, if a dense layer can run from it.
@@ -94,6 +114,12 @@ impl DenseFormat {
             GgmlType::Q4_1 => DenseFormat::Q4_1,
             GgmlType::Q4_K => DenseFormat::Q4_K,
             GgmlType::Q6_K => DenseFormat::Q6_K,
+            GgmlType::TQ1_0 => DenseFormat::TQ1_0,
+            GgmlType::TQ2_0 => DenseFormat::TQ2_0,
+            GgmlType::Q1_0 => DenseFormat::Q1_0,
+            GgmlType::Q2_0 => DenseFormat::Q2_0,
+            GgmlType::PQ2_0 => DenseFormat::PQ2_0,
+            GgmlType::PTQ1_0 => DenseFormat::PTQ1_0,
             _ => return None,
         })
     }
@@ -108,6 +134,12 @@ impl DenseFormat {
             DenseFormat::Q4_1 => GgmlType::Q4_1,
             DenseFormat::Q4_K => GgmlType::Q4_K,
             DenseFormat::Q6_K => GgmlType::Q6_K,
+            DenseFormat::TQ1_0 => GgmlType::TQ1_0,
+            DenseFormat::TQ2_0 => GgmlType::TQ2_0,
+            DenseFormat::Q1_0 => GgmlType::Q1_0,
+            DenseFormat::Q2_0 => GgmlType::Q2_0,
+            DenseFormat::PQ2_0 => GgmlType::PQ2_0,
+            DenseFormat::PTQ1_0 => GgmlType::PTQ1_0,
         }
     }
 
@@ -127,12 +159,22 @@ impl DenseFormat {
             DenseFormat::F32 | DenseFormat::F16 | DenseFormat::BF16 => ActivationKind::F32,
             DenseFormat::Q8_0 | DenseFormat::Q4_0 | DenseFormat::Q4_1 => ActivationKind::Q8Blocks,
             DenseFormat::Q4_K | DenseFormat::Q6_K => ActivationKind::Q8K,
+            // The decoded row against the floats.
+            ternary => {
+                debug_assert!(ternary.is_ternary());
+                ActivationKind::F32
+            }
         }
     }
 
-    /// True for the float formats (no activation quantization).
+    /// True for the float formats F32, F16, BF16.
     pub fn is_float(self) -> bool {
-        self.activation_kind() == ActivationKind::F32
+        matches!(self, DenseFormat::F32 | DenseFormat::F16 | DenseFormat::BF16)
+    }
+
+    /// True for the group-scaled ternary formats ([`DenseFormat::TERNARY`]).
+    pub fn is_ternary(self) -> bool {
+        Self::TERNARY.contains(&self)
     }
 
     pub fn name(self) -> &'static str {
@@ -149,7 +191,10 @@ impl std::fmt::Display for DenseFormat {
 /// What is wrong with a dense layer's data or with the arguments of a product.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DenseError {
-    #[error("{format}: a dense layer cannot run from this tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]
+    #[error(
+        "{format}: a dense layer cannot run from this tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; \
+         tables also TQ1_0, TQ2_0, Q1_0, Q2_0, PQ2_0, PTQ1_0)"
+    )]
     UnsupportedFormat { format: GgmlType },
     #[error("{format}: rows of {cols} columns are not a multiple of the block of {block}")]
     NotBlockMultiple { format: DenseFormat, cols: usize, block: usize },

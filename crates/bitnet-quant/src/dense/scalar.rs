@@ -156,7 +156,23 @@ pub fn dot_row(format: DenseFormat, w: &[u8], a: &DenseActivations, t: usize) ->
         DenseFormat::Q4_1 => dot_q4_1(w, q, d, a.scaled_sums(t)),
         DenseFormat::Q4_K => dot_q4_k(w, q, d, a.sums(t)),
         DenseFormat::Q6_K => dot_q6_k(w, q, d),
+        ternary => dot_decoded(ternary, w, a.floats(t)),
     }
+}
+
+/// A row of a ternary table against f32 activations: the decoded row (exact: code times an f16
+/// scale), `Σ_c w_c · x_c` summed in column order. Decodes a block at a time, allocating nothing.
+pub fn dot_decoded(format: DenseFormat, w: &[u8], x: &[f32]) -> f32 {
+    let (block, block_bytes) = format.ggml().block_geometry();
+    let (block, block_bytes) = (block as usize, block_bytes as usize);
+    let mut decoded = [0.0f32; QK_K];
+    let mut acc = 0.0f32;
+    for (blk, xb) in w.chunks_exact(block_bytes).zip(x.chunks_exact(block)) {
+        // Rows hold whole blocks of at most 256 (checked when the matrix was made).
+        let _ = crate::formats::dequantize_into(format.ggml(), blk, block, &mut decoded[..block]);
+        acc = decoded[..block].iter().zip(xb).fold(acc, |acc, (&w, &v)| acc + w * v);
+    }
+    acc
 }
 
 /// `rows` of `w` for every token of `a` (the scalar kernel path).

@@ -2,7 +2,8 @@
 //!
 //! Each submodule is one format and follows the byte layout of the engine that defined it
 //! (llama.cpp's `ggml-common.h`/`ggml-quants.c`, bitnet.cpp's `ggml-bitnet-mad.cpp`); the
-//! layouts are written out in `shared/docs/ternary-formats.md` and in each module's doc.
+//! layouts are written out in `docs/ternary-formats.md` (the group-scaled types),
+//! `shared/docs/ternary-formats.md` and in each module's doc.
 //!
 //! Conventions:
 //! * a dequantizer takes the raw bytes of `n` elements and fills `out[..n]`; it checks that the
@@ -14,6 +15,8 @@
 pub mod float;
 pub mod i2_s;
 pub mod k_quants;
+pub mod q1_0;
+pub mod q2_0;
 pub mod q4;
 pub mod q8_0;
 pub mod tq1_0;
@@ -33,6 +36,8 @@ pub enum FormatError {
     OutputLength { format: GgmlType, n: usize, got: usize },
     #[error("{format}: element {index} has code {code}, which is not a ternary value")]
     NotTernary { format: GgmlType, index: usize, code: i32 },
+    #[error("{format}: element {index} has code {code}, but this format holds only -1 and +1 (no zero)")]
+    NotSign { format: GgmlType, index: usize, code: i32 },
     #[error("{format}: {what} count {got} does not match the {expected} the codes need")]
     ScaleCount { format: GgmlType, what: &'static str, expected: usize, got: usize },
     #[error("{format}: {n} elements overflow the size computation")]
@@ -44,7 +49,8 @@ pub enum FormatError {
 /// Exact ternary weights read out of a ternary format: codes in {-1, 0, +1} and their scales.
 ///
 /// Element `i` is worth `codes[i] as f32 * scales[i / block_len]`. TQ1_0 and TQ2_0 have one
-/// scale per 256 elements; I2_S has one scale for the whole tensor (`block_len == codes.len()`).
+/// scale per 256 elements, Q1_0, PQ2_0 and PTQ1_0 one per 128, Q2_0 one per 64; I2_S has one
+/// scale for the whole tensor (`block_len == codes.len()`). Q1_0's codes are never 0.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TernaryCodes {
     pub codes: Vec<i8>,
@@ -119,8 +125,10 @@ pub fn dequantize_into(format: GgmlType, bytes: &[u8], n: usize, out: &mut [f32]
         GgmlType::Q4_1 => q4::dequantize_q4_1(bytes, out),
         GgmlType::Q4_K => k_quants::dequantize_q4_k(bytes, out),
         GgmlType::Q6_K => k_quants::dequantize_q6_k(bytes, out),
-        GgmlType::TQ1_0 => tq1_0::dequantize(bytes, out),
+        GgmlType::TQ1_0 | GgmlType::PTQ1_0 => tq1_0::dequantize_base3(format, bytes, out),
         GgmlType::TQ2_0 => tq2_0::dequantize(bytes, out),
+        GgmlType::Q1_0 => q1_0::dequantize(bytes, out),
+        GgmlType::Q2_0 | GgmlType::PQ2_0 => q2_0::dequantize(format, bytes, out),
         GgmlType::I2_S => i2_s::dequantize(bytes, out),
         other => Err(FormatError::Unsupported { format: other, operation: "dequantization" }),
     }
@@ -129,7 +137,23 @@ pub fn dequantize_into(format: GgmlType, bytes: &[u8], n: usize, out: &mut [f32]
 /// Whether [`dequantize`] handles `format`.
 pub fn can_dequantize(format: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(format, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q4_K | Q6_K | TQ1_0 | TQ2_0 | I2_S)
+    matches!(
+        format,
+        F32 | F16
+            | BF16
+            | Q8_0
+            | Q4_0
+            | Q4_1
+            | Q4_K
+            | Q6_K
+            | TQ1_0
+            | TQ2_0
+            | Q1_0
+            | Q2_0
+            | PQ2_0
+            | PTQ1_0
+            | I2_S
+    )
 }
 
 /// Dequantizes `n` elements of `format` into a new vector.
@@ -165,8 +189,10 @@ pub fn quantize(format: GgmlType, x: &[f32]) -> Result<Vec<u8>, FormatError> {
         GgmlType::BF16 => Ok(float::quantize_bf16(x)),
         GgmlType::Q8_0 => q8_0::quantize(x),
         GgmlType::Q6_K => k_quants::quantize_q6_k(x),
-        GgmlType::TQ1_0 => tq1_0::quantize(x),
+        GgmlType::TQ1_0 | GgmlType::PTQ1_0 => tq1_0::quantize_base3(format, x),
         GgmlType::TQ2_0 => tq2_0::quantize(x),
+        GgmlType::Q1_0 => q1_0::quantize(x),
+        GgmlType::Q2_0 | GgmlType::PQ2_0 => q2_0::quantize(format, x),
         GgmlType::I2_S => i2_s::quantize(x),
         other => Err(FormatError::Unsupported { format: other, operation: "quantization" }),
     }
@@ -175,9 +201,27 @@ pub fn quantize(format: GgmlType, x: &[f32]) -> Result<Vec<u8>, FormatError> {
 /// The exact ternary codes and scales of `n` elements of a ternary format.
 pub fn ternary_codes(format: GgmlType, bytes: &[u8], n: usize) -> Result<TernaryCodes, FormatError> {
     match format {
-        GgmlType::TQ1_0 => tq1_0::extract(bytes, n),
+        GgmlType::TQ1_0 | GgmlType::PTQ1_0 => tq1_0::extract_base3(format, bytes, n),
         GgmlType::TQ2_0 => tq2_0::extract(bytes, n),
+        GgmlType::Q1_0 => q1_0::extract(bytes, n),
+        GgmlType::Q2_0 | GgmlType::PQ2_0 => q2_0::extract(format, bytes, n),
         GgmlType::I2_S => i2_s::extract(bytes, n),
         other => Err(FormatError::Unsupported { format: other, operation: "ternary code extraction" }),
+    }
+}
+
+/// Writes exact codes with one scale per block of a group-scaled ternary format (TQ1_0, TQ2_0,
+/// Q1_0, Q2_0, PQ2_0, PTQ1_0: `scales.len() == codes.len() / format.ternary_group()`), scales
+/// stored as f16. Codes the format cannot hold (a 0 in Q1_0, anything outside {-1, 0, +1}) are
+/// an error naming the element.
+pub fn pack_ternary(format: GgmlType, codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
+    match format {
+        GgmlType::TQ1_0 | GgmlType::PTQ1_0 => tq1_0::pack_base3(format, codes, scales),
+        GgmlType::TQ2_0 => tq2_0::pack(codes, scales),
+        GgmlType::Q1_0 => q1_0::pack(codes, scales),
+        GgmlType::Q2_0 | GgmlType::PQ2_0 => q2_0::pack(format, codes, scales),
+        other => {
+            Err(FormatError::Unsupported { format: other, operation: "packing group-scaled ternary codes" })
+        }
     }
 }

@@ -96,17 +96,22 @@ pub fn pack(codes: &[i8], scales: &[f32]) -> Result<Vec<u8>, FormatError> {
 /// Encodes `x` (a multiple of 256 elements) as TQ2_0 like `quantize_row_tq2_0_ref`:
 /// `d = max|x|` per block, code `round(x / d)` (ties away from zero), `1/d` from the f32 `d`.
 pub fn quantize(x: &[f32]) -> Result<Vec<u8>, FormatError> {
-    let (codes, scales) = absmax_ternary_blocks(GgmlType::TQ2_0, x)?;
+    let (codes, scales) = absmax_ternary_blocks(GgmlType::TQ2_0, BLOCK, x)?;
     pack(&codes, &scales)
 }
 
-/// The codes and per-256 scales both TQ quantizers store: `d = max|x|` per block, code
-/// `round(x / d)` (ties away from zero), `1/d` from the f32 `d`.
-pub(crate) fn absmax_ternary_blocks(format: GgmlType, x: &[f32]) -> Result<(Vec<i8>, Vec<f32>), FormatError> {
-    let blocks = check_multiple(format, x.len(), BLOCK)?;
+/// The codes and per-block scales the absmax ternary quantizers store (TQ1_0, TQ2_0, Q2_0,
+/// PQ2_0, PTQ1_0): `d = max|x|` per block of `block`, code `round(x / d)` (ties away from zero),
+/// `1/d` from the f32 `d`.
+pub(crate) fn absmax_ternary_blocks(
+    format: GgmlType,
+    block: usize,
+    x: &[f32],
+) -> Result<(Vec<i8>, Vec<f32>), FormatError> {
+    let blocks = check_multiple(format, x.len(), block)?;
     let mut codes = vec![0i8; x.len()];
     let mut scales = Vec::with_capacity(blocks);
-    for (xb, c) in x.chunks_exact(BLOCK).zip(codes.chunks_exact_mut(BLOCK)) {
+    for (xb, c) in x.chunks_exact(block).zip(codes.chunks_exact_mut(block)) {
         let (d, id) = absmax_scale(xb);
         scales.push(d);
         for (ci, &v) in c.iter_mut().zip(xb) {

@@ -44,10 +44,14 @@ pub enum GgmlType {
     MXFP4,
     /// Upstream only (id 40).
     NVFP4,
-    /// Upstream only (id 41).
+    /// Upstream (id 41): 1-bit, `±d` with one f16 `d` per 128 weights.
     Q1_0,
-    /// Upstream only (id 42).
+    /// Upstream (id 42): 2-bit codes for `{-1, 0, +1, +2}·d`, one f16 `d` per 64 weights.
     Q2_0,
+    /// PrismML's fork only (id 142): Q2_0's codes with one f16 `d` per 128 weights.
+    PQ2_0,
+    /// PrismML's fork only (id 143): TQ1_0's base-3 packing in blocks of 128 with one f16 `d`.
+    PTQ1_0,
     /// bitnet.cpp only (id 36): 2-bit ternary codes, one f32 scale per tensor.
     I2_S,
     /// bitnet.cpp only (id 37): its int8 activation type, never stored in files.
@@ -60,7 +64,7 @@ pub enum GgmlType {
 
 impl GgmlType {
     /// All types, for tables and tests.
-    pub const ALL: [GgmlType; 39] = [
+    pub const ALL: [GgmlType; 41] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -96,6 +100,8 @@ impl GgmlType {
         GgmlType::NVFP4,
         GgmlType::Q1_0,
         GgmlType::Q2_0,
+        GgmlType::PQ2_0,
+        GgmlType::PTQ1_0,
         GgmlType::I2_S,
         GgmlType::I8_S,
         GgmlType::TL1,
@@ -141,6 +147,8 @@ impl GgmlType {
             NVFP4 => "NVFP4",
             Q1_0 => "Q1_0",
             Q2_0 => "Q2_0",
+            PQ2_0 => "PQ2_0",
+            PTQ1_0 => "PTQ1_0",
             I2_S => "I2_S",
             I8_S => "I8_S",
             TL1 => "TL1",
@@ -191,6 +199,8 @@ impl GgmlType {
             NVFP4 => (64, 36),
             Q1_0 => (128, 18),
             Q2_0 => (64, 18),
+            PQ2_0 => (128, 34),
+            PTQ1_0 => (128, 28),
             I2_S | I8_S | TL1 | TL2 => (1, 1),
         }
     }
@@ -234,9 +244,24 @@ impl GgmlType {
         }
     }
 
-    /// True for the formats that hold ternary weights ({-1, 0, +1} times a scale).
+    /// True for the formats that hold ternary weights ({-1, 0, +1} times a scale), Q1_0's
+    /// `±d` (ternary codes without the 0) and Q2_0's codes (whose fourth code, `+2`, no
+    /// ternary quantizer writes) included.
     pub fn is_ternary(self) -> bool {
-        matches!(self, GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::I2_S | GgmlType::TL1 | GgmlType::TL2)
+        use GgmlType::*;
+        matches!(self, TQ1_0 | TQ2_0 | I2_S | TL1 | TL2 | Q1_0 | Q2_0 | PQ2_0 | PTQ1_0)
+    }
+
+    /// The weights that share one scale in a ternary format whose scales vary along a row
+    /// (`None` for the others: I2_S, TL1 and TL2 have one scale per tensor).
+    pub fn ternary_group(self) -> Option<usize> {
+        use GgmlType::*;
+        match self {
+            TQ1_0 | TQ2_0 => Some(256),
+            Q1_0 | PQ2_0 | PTQ1_0 => Some(128),
+            Q2_0 => Some(64),
+            _ => None,
+        }
     }
 }
 

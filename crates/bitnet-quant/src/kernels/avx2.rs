@@ -584,41 +584,122 @@ unsafe fn ternary_gemm_rowwise<S: Sink>(
     }
 }
 
-/// Per-block dot products of the eight rows of tile `g` with one token's padded activations
-/// `xr`: `out[b · 8 + ri] = Σ_{c ∈ block b} t[8g + ri, c] · x[c]`, the same integers as the
-/// scalar `ternary_tile_block_dots`. Each block's activation sum (to shift the codes to
-/// {-1, 0, 1}) is taken here, so nothing is allocated.
+/// Code sums per group of `G` columns (32, 64, 128 or 256) of the eight rows of tile `g` with
+/// one token's padded activations `xr`: `out[gi · 8 + ri] = Σ_{c ∈ group gi} u · x` over the
+/// stored codes `u ∈ {0, 1, 2}`, the same integers as the scalar `ternary_tile_group_sums`.
+///
+/// A row's block gives eight units of 32 columns: half `h` of its bytes, field `s`, is
+/// columns `64·s + 32·h..+32`. Fields 0 and 2 are extracted at their value and fields 1 and 3
+/// in place at four times their value, as in [`block_dot_x4`]; the `vpmaddwd` that widens the
+/// first multiplies them by 4, so that every sum leaves at four times its value. A group's units are summed in i16 (eight
+/// units of at most ±2048 fit), widened to i32 per row, and the eight rows of each group reduced
+/// into one vector, a lane per row; the ×4 comes off with an exact shift.
 ///
 /// # Safety
 /// The CPU must support AVX2.
+#[inline]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn ternary_tile_block_dots(w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
+pub(crate) unsafe fn ternary_tile_group_sums<const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    let per_block = BLOCK_COLS / G;
     let blocks = w.blocks();
     let tile = w.tile(g);
-    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * ROW_TILE);
+    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * per_block * ROW_TILE);
     assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
-    let (ones, ones8) = (_mm256_set1_epi16(1), _mm256_set1_epi8(1));
+    let (m1, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi8(12));
+    // `vpmaddwd` weights: ×4 for the fields taken at their value, ×1 for those taken at 4×.
+    let (w4, w1) = (_mm256_set1_epi16(4), _mm256_set1_epi16(1));
     for b in 0..blocks {
-        let mut acc = [_mm256_setzero_si256(); ROW_TILE];
-        let mut xsum16 = _mm256_setzero_si256();
+        // Per group and row, the i32 sums of one row's group (eight lanes each).
+        let mut rows = [[_mm256_setzero_si256(); ROW_TILE]; 8];
         // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` holds `blocks` blocks
         // of 256 activations (both checked above), so every offset below is in bounds.
         unsafe {
             let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
             let xb = xr.as_ptr().add(b * BLOCK_COLS);
-            for (ri, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_madd_epi16(block_dot_x4(wb.add(ri * BLOCK_BYTES), xb), ones);
-            }
-            // Σ x: pair sums in [-256, 254], eight of them per lane fit i16.
-            for q in 0..BLOCK_COLS / 32 {
-                xsum16 = _mm256_add_epi16(xsum16, _mm256_maddubs_epi16(ones8, load_i8(xb.add(32 * q))));
+            let xv: [[__m256i; 2]; 4] =
+                std::array::from_fn(|s| std::array::from_fn(|h| load_i8(xb.add(64 * s + 32 * h))));
+            for ri in 0..ROW_TILE {
+                // A hint, never a fault: past the last tile it touches nothing we read.
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast());
+                // unit[s][h]: i16 pair sums of field s, half h (×1 for s even, ×4 for s odd).
+                let mut unit = [[_mm256_setzero_si256(); 2]; 4];
+                for h in 0..2 {
+                    let v = load(wb.add(ri * BLOCK_BYTES + 32 * h));
+                    let v4 = _mm256_srli_epi16::<4>(v);
+                    let c = [
+                        _mm256_and_si256(v, m1),
+                        _mm256_and_si256(v, m4),
+                        _mm256_and_si256(v4, m1),
+                        _mm256_and_si256(v4, m4),
+                    ];
+                    for s in 0..4 {
+                        unit[s][h] = _mm256_maddubs_epi16(c[s], xv[s][h]);
+                    }
+                }
+                for (gb, slot) in rows.iter_mut().enumerate().take(per_block) {
+                    slot[ri] = group_i32::<G>(&unit, gb, w4, w1);
+                }
             }
         }
-        let xsum: i32 = to_array(_mm256_madd_epi16(xsum16, ones)).iter().sum();
-        // 4·Σ u·x per row, a multiple of 4; Σ t·x = Σ u·x − Σ x.
-        let dots = _mm256_sub_epi32(_mm256_srai_epi32::<2>(reduce8(&acc)), _mm256_set1_epi32(xsum));
-        out[b * ROW_TILE..(b + 1) * ROW_TILE].copy_from_slice(&to_array(dots));
+        for (gb, slot) in rows.iter().enumerate().take(per_block) {
+            // 4·U per row, a multiple of 4.
+            let sums = _mm256_srai_epi32::<2>(reduce8(slot));
+            let at = (b * per_block + gb) * ROW_TILE;
+            // SAFETY: `out` holds `blocks · per_block · 8` values (checked above).
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), sums) };
+        }
     }
+}
+
+/// [`ternary_tile_group_sums`] of every tile of `tiles`, each handed to `f(g, sums)` as soon as
+/// it is computed (one dispatch for the range; `f` inlines under AVX2).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_tiles_group_sums<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: AVX2 is present (this function's contract).
+        unsafe { ternary_tile_group_sums::<G>(w, g, xr, part) };
+        f(g, part);
+    }
+}
+
+/// Four times the code sum of group `gb` (of `G` columns) of one row's block, as eight i32 lanes,
+/// from the block's eight 32-column units (`unit[s][h]`, ×1 for even `s`, ×4 for odd `s`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn group_i32<const G: usize>(unit: &[[__m256i; 2]; 4], gb: usize, w4: __m256i, w1: __m256i) -> __m256i {
+    // The units of a group: 32 columns = one (s, h); 64 = one s; 128 = two; 256 = all four.
+    let (s0, fields, halves) = match G {
+        32 => (gb / 2, 1, gb % 2..gb % 2 + 1),
+        64 => (gb, 1, 0..2),
+        128 => (2 * gb, 2, 0..2),
+        _ => (0, 4, 0..2),
+    };
+    let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for (s, field) in unit.iter().enumerate().skip(s0).take(fields) {
+        for &u in &field[halves.clone()] {
+            // Eight units of at most ±2048 (×4 units) or ±512 (×1) stay within i16.
+            if s % 2 == 0 {
+                even = _mm256_add_epi16(even, u);
+            } else {
+                odd = _mm256_add_epi16(odd, u);
+            }
+        }
+    }
+    _mm256_add_epi32(_mm256_madd_epi16(even, w4), _mm256_madd_epi16(odd, w1))
 }
 
 /// Tokens `t0..t0 + MT` against `rows`; returns `MT`.

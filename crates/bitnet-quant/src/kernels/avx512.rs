@@ -514,3 +514,196 @@ unsafe fn int8_tile<const VNNI: bool, const MT: usize, S: Sink>(
     }
     MT
 }
+
+/// Code sums per group of `G` columns of the eight rows of each tile of `tiles` with one token's
+/// padded activations (see the AVX2 `ternary_tile_group_sums`, which gives the same integers),
+/// each tile's sums handed to `f(g, sums)`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn ternary_tiles_group_sums_vnni<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        unsafe { tile_group_sums_body::<true, G>(w, g, xr, part) };
+        f(g, part);
+    }
+}
+
+/// As [`ternary_tiles_group_sums_vnni`], without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn ternary_tiles_group_sums_bw<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        unsafe { tile_group_sums_body::<false, G>(w, g, xr, part) };
+        f(g, part);
+    }
+}
+
+/// Rows in lanes: the eight rows' 64-byte blocks are transposed by quadwords, so that register
+/// `q` holds bytes `8q..8q + 8` of every row (quadword `i` = row `i`). Field `s` of those bytes
+/// is columns `64·s + 8q..+8`, multiplied by the activations of those columns broadcast to every
+/// quadword: each i32 lane sums four products of one row, and a group's accumulator gathers its
+/// columns for all eight rows at once, with no horizontal reduction; at the end of a block the
+/// two lanes of each row are added. Fields 1 and 3 are taken in place, at four times their
+/// value (one shift for all four fields, as in the GEMV), into accumulators of their own whose
+/// sums lose the factor with an exact shift. Without VNNI, `vpmaddubsw` sums pairs in i16 and
+/// `vpmaddwd` widens them at the end of the block: a group of 256 adds 16 pair sums per
+/// accumulator, each within [-2048, 2032] for the ×4 fields (codes 0, 4, 8 times activations in
+/// [-128, 127]), so at most [-32768, 32512]: no i16 overflow.
+#[inline(always)]
+unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    let per_block = BLOCK_COLS / G;
+    let blocks = w.blocks();
+    let tile = w.tile(g);
+    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * per_block * ROW_TILE);
+    assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` `blocks` blocks of 256
+    // activations (checked above), so every offset is in bounds; the features are the wrapper's.
+    unsafe {
+        let (m1, m4) = (_mm512_set1_epi8(3), _mm512_set1_epi8(12));
+        let ones = _mm512_set1_epi16(1);
+        for b in 0..blocks {
+            let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+            let xb = xr.as_ptr().add(b * BLOCK_COLS);
+            for ri in 0..ROW_TILE {
+                _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(GEMV_PREFETCH_BYTES + ri * BLOCK_BYTES).cast());
+            }
+            let t = transpose_rows([
+                load(wb),
+                load(wb.add(BLOCK_BYTES)),
+                load(wb.add(2 * BLOCK_BYTES)),
+                load(wb.add(3 * BLOCK_BYTES)),
+                load(wb.add(4 * BLOCK_BYTES)),
+                load(wb.add(5 * BLOCK_BYTES)),
+                load(wb.add(6 * BLOCK_BYTES)),
+                load(wb.add(7 * BLOCK_BYTES)),
+            ]);
+            // acc[h][s]: field s, columns 32h..32h + 32 of it (quadwords 4h..4h + 4), for all
+            // eight rows; fields 1 and 3 at four times their value. Fixed indices: registers.
+            let mut acc = [[_mm512_setzero_si512(); 4]; 2];
+            for (h, acc_h) in acc.iter_mut().enumerate() {
+                for qq in 0..4 {
+                    let q = 4 * h + qq;
+                    let v = t[q];
+                    let v4 = _mm512_srli_epi16::<4>(v);
+                    let c = [
+                        _mm512_and_si512(v, m1),
+                        _mm512_and_si512(v, m4),
+                        _mm512_and_si512(v4, m1),
+                        _mm512_and_si512(v4, m4),
+                    ];
+                    for (s, a) in acc_h.iter_mut().enumerate() {
+                        let xq = _mm512_set1_epi64((xb.add(64 * s + 8 * q) as *const i64).read_unaligned());
+                        *a = if VNNI {
+                            _mm512_dpbusd_epi32(*a, c[s], xq)
+                        } else {
+                            // Four pair sums of at most ±2048 per lane: within i16.
+                            _mm512_add_epi16(*a, _mm512_maddubs_epi16(c[s], xq))
+                        };
+                    }
+                }
+            }
+            // The code sums of each field half as i32 lanes, the ×4 taken off (exact: multiples of 4).
+            let mut f = [[_mm512_setzero_si512(); 4]; 2];
+            for h in 0..2 {
+                for s in 0..4 {
+                    let a = if VNNI { acc[h][s] } else { _mm512_madd_epi16(acc[h][s], ones) };
+                    f[h][s] = if s % 2 == 1 { _mm512_srai_epi32::<2>(a) } else { a };
+                }
+            }
+            for gb in 0..per_block {
+                // The field halves of group gb: 32 columns = one (h, s); 64 = both halves of field
+                // gb; 128 = fields 2gb, 2gb + 1; 256 = all.
+                let lanes = match G {
+                    32 => f[gb % 2][gb / 2],
+                    64 => _mm512_add_epi32(f[0][gb], f[1][gb]),
+                    128 => _mm512_add_epi32(
+                        _mm512_add_epi32(f[0][2 * gb], f[1][2 * gb]),
+                        _mm512_add_epi32(f[0][2 * gb + 1], f[1][2 * gb + 1]),
+                    ),
+                    _ => {
+                        let a = _mm512_add_epi32(
+                            _mm512_add_epi32(f[0][0], f[1][0]),
+                            _mm512_add_epi32(f[0][1], f[1][1]),
+                        );
+                        let b = _mm512_add_epi32(
+                            _mm512_add_epi32(f[0][2], f[1][2]),
+                            _mm512_add_epi32(f[0][3], f[1][3]),
+                        );
+                        _mm512_add_epi32(a, b)
+                    }
+                };
+                // Row i's two lanes (quadword i) added, then one dword per row.
+                let rows = _mm512_cvtepi64_epi32(_mm512_add_epi32(lanes, _mm512_srli_epi64::<32>(lanes)));
+                let at = (b * per_block + gb) * ROW_TILE;
+                _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), rows);
+            }
+        }
+    }
+}
+
+/// Transposes eight registers of eight quadwords: quadword `i` of result `q` is quadword `q` of
+/// input `i` (8 unpacks, then two rounds of 128-bit lane shuffles). Written out, without closures,
+/// so that everything inlines into the AVX-512 wrappers.
+#[inline(always)]
+unsafe fn transpose_rows(r: [__m512i; 8]) -> [__m512i; 8] {
+    // SAFETY: AVX-512 F is enabled in every function this is inlined into.
+    unsafe {
+        // Lane k (128 bits) of lo[p] holds quadword 2k of rows 2p and 2p + 1; hi[p] quadword 2k + 1.
+        let lo = [
+            _mm512_unpacklo_epi64(r[0], r[1]),
+            _mm512_unpacklo_epi64(r[2], r[3]),
+            _mm512_unpacklo_epi64(r[4], r[5]),
+            _mm512_unpacklo_epi64(r[6], r[7]),
+        ];
+        let hi = [
+            _mm512_unpackhi_epi64(r[0], r[1]),
+            _mm512_unpackhi_epi64(r[2], r[3]),
+            _mm512_unpackhi_epi64(r[4], r[5]),
+            _mm512_unpackhi_epi64(r[6], r[7]),
+        ];
+        let e = gather_lanes(lo);
+        let o = gather_lanes(hi);
+        [e[0], o[0], e[1], o[1], e[2], o[2], e[3], o[3]]
+    }
+}
+
+/// Result `k` holds lane `k` (128 bits) of each of the four sources, in order: lanes 0, 2 then
+/// 1, 3 of two sources at a time, then the same again.
+#[inline(always)]
+unsafe fn gather_lanes(a: [__m512i; 4]) -> [__m512i; 4] {
+    // SAFETY: AVX-512 F is enabled in every function this is inlined into.
+    unsafe {
+        let s0 = _mm512_shuffle_i64x2::<0b10_00_10_00>(a[0], a[1]);
+        let s1 = _mm512_shuffle_i64x2::<0b11_01_11_01>(a[0], a[1]);
+        let s2 = _mm512_shuffle_i64x2::<0b10_00_10_00>(a[2], a[3]);
+        let s3 = _mm512_shuffle_i64x2::<0b11_01_11_01>(a[2], a[3]);
+        [
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(s0, s2),
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(s1, s3),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(s0, s2),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(s1, s3),
+        ]
+    }
+}

@@ -452,3 +452,93 @@ unsafe fn int6_gemm_body<const DOT: bool, S: Sink>(
         t0 += n;
     }
 }
+
+/// Code sums per group of `G` columns of the eight rows of each tile of `tiles` with one token's
+/// padded activations, with `sdot` (see the scalar `ternary_tile_group_sums`: the same
+/// integers), each tile's sums handed to `f(g, sums)`.
+///
+/// # Safety
+/// The CPU must have the dot-product extension.
+#[target_feature(enable = "dotprod")]
+pub(crate) unsafe fn ternary_tiles_group_sums_dot<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: `dotprod` is enabled on this function.
+        unsafe { tile_group_sums_body::<true, G>(w, g, xr, part) };
+        f(g, part);
+    }
+}
+
+/// As [`ternary_tiles_group_sums_dot`], on baseline NEON.
+///
+/// # Safety
+/// None beyond aarch64 (NEON is baseline); `unsafe` for symmetry with the other paths.
+pub(crate) unsafe fn ternary_tiles_group_sums_plain<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: the plain body uses baseline NEON only.
+        unsafe { tile_group_sums_body::<false, G>(w, g, xr, part) };
+        f(g, part);
+    }
+}
+
+/// A 16-byte slice `h` of a block, field `s`, is columns `64·s + 16·h..+16`: a unit of 16
+/// columns, and a group is a run of whole units. Per row, each group's units go into one i32x4
+/// accumulator (`sdot`), or one i16x8 (`smlal`: at most 16 units of two products of at most
+/// 256 per lane) widened at the end; then the eight rows of a group are reduced, a sum per row.
+#[inline(always)]
+unsafe fn tile_group_sums_body<const DOT: bool, const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
+    let per_block = BLOCK_COLS / G;
+    let blocks = w.blocks();
+    let tile = w.tile(g);
+    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * per_block * ROW_TILE);
+    assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` `blocks` blocks of 256
+    // activations (checked above), so every offset is in bounds; `sdot` only when `DOT`.
+    unsafe {
+        for b in 0..blocks {
+            let xp = xr.as_ptr().add(b * BLOCK_COLS);
+            let xb: [int8x16_t; 16] = std::array::from_fn(|i| vld1q_s8(xp.add(64 * (i / 4) + 16 * (i % 4))));
+            let wb = tile.as_ptr().add(b * ROW_TILE * BLOCK_BYTES);
+            let mut rows = [[vdupq_n_s32(0); ROW_TILE]; 8];
+            for ri in 0..ROW_TILE {
+                let wr = wb.add(ri * BLOCK_BYTES);
+                let mut acc = [vdupq_n_s32(0); 8];
+                let mut p = [vdupq_n_s16(0); 8];
+                for h in 0..4 {
+                    let c = codes(vld1q_u8(wr.add(16 * h)));
+                    for s in 0..4 {
+                        let gb = (64 * s + 16 * h) / G;
+                        if DOT {
+                            acc[gb] = sdot(acc[gb], c[s], xb[4 * s + h]);
+                        } else {
+                            p[gb] = mla16(p[gb], c[s], xb[4 * s + h]);
+                        }
+                    }
+                }
+                for gb in 0..per_block {
+                    rows[gb][ri] = if DOT { acc[gb] } else { vpaddlq_s16(p[gb]) };
+                }
+            }
+            for (gb, slot) in rows.iter().enumerate().take(per_block) {
+                let sums = reduce8(slot);
+                out[(b * per_block + gb) * ROW_TILE..][..ROW_TILE].copy_from_slice(&sums);
+            }
+        }
+    }
+}

@@ -66,16 +66,44 @@ pub(crate) fn ternary_gemm<S: Sink>(
     }
 }
 
-/// Per-block dot products of the rows of tile `g` with one token's padded activations `xr`:
-/// `out[b · 8 + ri] = Σ_{c ∈ block b} t[8g + ri, c] · x[c]` (rows past the matrix give 0).
-pub(crate) fn ternary_tile_block_dots(w: &PackedTernary, g: usize, xr: &[i8], out: &mut [i32]) {
+/// Code sums per group of `G` columns of the rows of tile `g` with one token's padded
+/// activations `xr`: `out[gi · 8 + ri] = Σ_{c ∈ group gi} u[8g + ri, c] · x[c]` over the stored
+/// codes `u = t + 1` (rows past the matrix are padding, codes 1).
+pub(crate) fn ternary_tile_group_sums<const G: usize>(
+    w: &PackedTernary,
+    g: usize,
+    xr: &[i8],
+    out: &mut [i32],
+) {
     let tile = w.tile(g);
+    let per_block = BLOCK_COLS / G;
     for b in 0..w.blocks() {
         for ri in 0..ROW_TILE {
             let at = (b * ROW_TILE + ri) * BLOCK_BYTES;
-            out[b * ROW_TILE + ri] =
-                block_dot(&tile[at..at + BLOCK_BYTES], &xr[b * BLOCK_COLS..(b + 1) * BLOCK_COLS]);
+            let block = &tile[at..at + BLOCK_BYTES];
+            let xb = &xr[b * BLOCK_COLS..(b + 1) * BLOCK_COLS];
+            for gb in 0..per_block {
+                let sum = (gb * G..(gb + 1) * G)
+                    .map(|c| ((block[c % 64] >> (2 * (c / 64))) & 3) as i32 * xb[c] as i32)
+                    .sum();
+                out[(b * per_block + gb) * ROW_TILE + ri] = sum;
+            }
         }
+    }
+}
+
+/// [`ternary_tile_group_sums`] of every tile of `tiles`, each handed to `f(g, sums)` as soon as
+/// it is computed.
+pub(crate) fn ternary_tiles_group_sums<const G: usize, F: FnMut(usize, &[i32])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    part: &mut [i32],
+    mut f: F,
+) {
+    for g in tiles {
+        ternary_tile_group_sums::<G>(w, g, xr, part);
+        f(g, part);
     }
 }
 
