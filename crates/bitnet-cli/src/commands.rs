@@ -567,9 +567,19 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     }
     if dir.is_file() {
         let file = bitnet_models::gguf::GgufFile::open(dir)?;
+        // How the engine reads the file, when it can run it at all.
+        let runs_as = bitnet_models::gguf_model::config_from_gguf(&file).map(|c| c.architecture.describe());
         if a.json {
-            println!("{}", file.inspect_json());
+            let mut v = file.inspect_json();
+            if let (Some(obj), Ok(arch)) = (v.as_object_mut(), &runs_as) {
+                obj.insert("runs_as".into(), json!(arch));
+            }
+            println!("{v}");
         } else {
+            match &runs_as {
+                Ok(arch) => println!("runs as:       {arch}"),
+                Err(e) => println!("runs as:       nothing: {e}"),
+            }
             print!("{}", file.inspect());
         }
         return Ok(());
@@ -590,6 +600,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.json {
         let v = json!({
             "architecture": format!("{:?}", cfg.architecture),
+            "architecture_description": cfg.architecture.describe(),
+            "head_dim": cfg.head_dim,
+            "qk_norm": cfg.qk_norm(),
             "quantization": format!("{:?}", cfg.quant_form),
             "config": format!("{cfg:?}"),
             "parameters": params,
@@ -600,9 +613,13 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("checkpoint:    {}", dir.display());
+    println!("architecture:  {}", cfg.architecture.describe());
     println!(
-        "architecture:  {:?} ({:?} gate, sub-norms: {})",
-        cfg.architecture, cfg.activation, cfg.sub_norms
+        "layer:         {:?} gate, sub-norms: {}, per-head q/k norms: {}, norm before every projection: {}",
+        cfg.activation,
+        cfg.sub_norms,
+        cfg.qk_norm(),
+        cfg.bitlinear_input_norm.is_some()
     );
     println!("quantization:  {:?}", cfg.quant_form);
     println!(

@@ -48,6 +48,9 @@ pub struct Layer<B: Backend> {
     k_proj: Linear<B>,
     v_proj: Linear<B>,
     o_proj: Linear<B>,
+    /// Per-head RMSNorm gains of q and k (Qwen3), applied before RoPE.
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
     attn_sub_norm: Option<B::Vector>,
     gate_proj: Linear<B>,
     up_proj: Linear<B>,
@@ -199,6 +202,8 @@ impl<B: Backend> Model<B> {
                 k_proj: up(l.k_proj)?,
                 v_proj: up(l.v_proj)?,
                 o_proj: up(l.o_proj)?,
+                q_norm: vec_opt(l.q_norm)?,
+                k_norm: vec_opt(l.k_norm)?,
                 attn_sub_norm: vec_opt(l.attn_sub_norm)?,
                 gate_proj: up(l.gate_proj)?,
                 up_proj: up(l.up_proj)?,
@@ -337,7 +342,8 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`.
+    /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`, with q and
+    /// k normed per head first where the model has q/k norms.
     fn attention_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
@@ -362,9 +368,21 @@ impl<B: Backend> Model<B> {
             }
         }
 
+        // Qwen3 normalizes every head of q and k on its own: rows × heads rows of head_dim. The
+        // normed q goes to `attn` (free until attention writes it) and takes q's place; the
+        // normed keys go to `scratch`, read by the cache store below.
+        let keys = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => {
+                b.rmsnorm(&a.q, Some(qn), rows * c.num_heads, c.head_dim, eps, &mut a.attn);
+                std::mem::swap(&mut a.q, &mut a.attn);
+                b.rmsnorm(&a.k, Some(kn), rows * c.num_kv_heads, c.head_dim, eps, &mut a.scratch);
+                &a.scratch
+            }
+            _ => &a.k,
+        };
         b.rope(&mut a.q, &self.rope_inv_freq, &meta.positions, c.num_heads, c.head_dim);
         let inv_freq = &self.rope_inv_freq;
-        b.rope_kv_store(&mut ctx.kv, l, &a.k, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
+        b.rope_kv_store(&mut ctx.kv, l, keys, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
         let shape = HeadShape { n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
         b.attention(&a.q, &ctx.kv, l, &meta.tables, &meta.segments, shape, &mut a.attn);
 

@@ -18,6 +18,23 @@ pub enum Architecture {
     /// 1bitLLM `BitnetForCausalLM` (bitnet_b1_58-large/3B): SiLU gate, sub-norms named
     /// `inner_attn_ln` and `ffn_layernorm`, fp16 masters quantized online.
     BitNet1bitLLM,
+    /// `qwen3` (Qwen3, PrismML's Ternary-Bonsai, the backbone of BitNet-embedding-0.6B): SiLU
+    /// gate, no sub-norms, an RMSNorm over each head of q and of k (`q_norm`, `k_norm`, gains of
+    /// `head_dim`) before RoPE, and `head_dim` given by the config rather than hidden / heads.
+    /// Without `quantization_config` its projections run dense as stored ([`QuantForm::Dense`]).
+    Qwen3,
+}
+
+impl Architecture {
+    /// What the architecture is, in words (for `bitnet inspect`).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Architecture::BitNet => "bitnet (BitNet b1.58 2B-4T layout: ReLU² gate, sub-norms)",
+            Architecture::Llama158 => "llama (Llama-1.58, Falcon3-1.58bit, Falcon-E, or a plain llama)",
+            Architecture::BitNet1bitLLM => "bitnet 1bitLLM (bitnet_b1_58-large/3B: SiLU gate, sub-norms)",
+            Architecture::Qwen3 => "qwen3 (per-head q/k norms: Qwen3, Ternary-Bonsai, BitNet-embedding)",
+        }
+    }
 }
 
 /// The gate nonlinearity of the MLP.
@@ -91,6 +108,41 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Refuses config.json features the forward does not implement, rather than running a model
+/// that silently computes something else: biases on the projections, sliding-window attention,
+/// and RoPE scaling (the positions of a scaled model would be rotated wrongly).
+fn refuse_unsupported_features(json: &Value, path: &Path) -> Result<(), ModelError> {
+    let flag = |key: &str| field(json, key).and_then(Value::as_bool).unwrap_or(false);
+    for key in ["attention_bias", "mlp_bias"] {
+        if flag(key) {
+            return Err(ModelError::config(
+                path,
+                format!("`{key}: true`: projections with biases are not supported"),
+            ));
+        }
+    }
+    if flag("use_sliding_window") {
+        return Err(ModelError::config(
+            path,
+            "`use_sliding_window: true`: sliding-window attention is not supported (every layer attends to \
+             the whole context here)",
+        ));
+    }
+    // transformers 4 writes `rope_scaling`, 5 `rope_parameters.rope_type`; `default` (or none) is
+    // plain RoPE.
+    let rope_type = field(json, "rope_scaling")
+        .or_else(|| field(json, "rope_parameters"))
+        .and_then(|r| field(r, "rope_type").or_else(|| field(r, "type")))
+        .and_then(Value::as_str);
+    if let Some(kind) = rope_type.filter(|&k| k != "default") {
+        return Err(ModelError::config(
+            path,
+            format!("RoPE scaling `{kind}` is not supported (only plain RoPE: remove rope_scaling to run the model at its native context)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
 /// mean square of activations.
 pub const MAX_RMS_NORM_EPS: f64 = 0.1;
@@ -149,13 +201,15 @@ impl ModelConfig {
             // With `quant_method: bitnet` a ternary model; without `quantization_config` a plain
             // llama, run dense (a quant_method other than bitnet is refused below).
             "llama" => Architecture::Llama158,
+            "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(ModelError::config(
                     path,
-                    format!("unknown model_type `{other}` (expected `bitnet` or `llama`)"),
+                    format!("unknown model_type `{other}` (expected `bitnet`, `llama` or `qwen3`)"),
                 ))
             }
         };
+        refuse_unsupported_features(json, path)?;
 
         let hidden_size = usize_field(json, "hidden_size", path)?;
         let num_heads = usize_field(json, "num_attention_heads", path)?;
@@ -193,7 +247,7 @@ impl ModelConfig {
         let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
         let quant_form = match architecture {
             Architecture::BitNet1bitLLM => QuantForm::Online,
-            Architecture::Llama158 if qc.is_none() => QuantForm::Dense,
+            Architecture::Llama158 | Architecture::Qwen3 if qc.is_none() => QuantForm::Dense,
             _ => {
                 if quant_method.is_some_and(|m| m != "bitnet") {
                     return Err(ModelError::config(
@@ -255,7 +309,7 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(architecture == Architecture::BitNet),
             activation,
-            sub_norms: architecture != Architecture::Llama158,
+            sub_norms: matches!(architecture, Architecture::BitNet | Architecture::BitNet1bitLLM),
             quant_form,
             bitlinear_input_norm,
             bos_token_id: ids(field(json, "bos_token_id")).first().copied(),
@@ -307,6 +361,11 @@ impl ModelConfig {
             return bad(format!("the shapes describe {params} parameters, beyond what this engine loads"));
         }
         Ok(())
+    }
+
+    /// Whether each head of q and of k goes through its own RMSNorm before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == Architecture::Qwen3
     }
 
     /// Width of all query heads together.

@@ -5,6 +5,9 @@
 //! * `bitnet` (llama.cpp's 1bitLLM arch): SiLU gate, sub-norms, optional per-tensor `.scale`
 //!   multipliers, tied unless `output.weight` is present.
 //! * `llama` with ternary tensors (Llama3-8B-1.58, Falcon3-1.58): SiLU gate, no sub-norms.
+//! * `qwen3` (Qwen3, Ternary-Bonsai, BitNet-embedding): SiLU gate, per-head q/k norms
+//!   (`attn_q_norm`, `attn_k_norm`), q/k rows in their HF order (NeoX RoPE); bitnet.cpp's
+//!   embedding models add an RMSNorm gain before every projection (`attn_q_norm_in`, …).
 //!
 //! Ternary tensors (TQ1_0, TQ2_0, I2_S) are read out as exact codes and repacked into the
 //! kernel layout. Activations stay per-token int8 as BitNet defines them, whatever the weight
@@ -49,11 +52,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         "bitnet-b1.58" | "bitnet-25" => (Architecture::BitNet, Activation::Relu2, true),
         "bitnet" => (Architecture::BitNet1bitLLM, Activation::Silu, true),
         "llama" => (Architecture::Llama158, Activation::Silu, false),
+        "qwen3" => (Architecture::Qwen3, Activation::Silu, false),
         other => {
             return Err(ModelError::config(
                 path,
                 format!(
-                "general.architecture `{other}` is not a BitNet architecture (bitnet-b1.58, bitnet, llama)"
+                "general.architecture `{other}` is not one this engine runs (bitnet-b1.58, bitnet, llama, \
+                     qwen3)"
             ),
             ))
         }
@@ -65,6 +70,15 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         })
     };
     let float = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
+    if let Some(kind) = md.get_str(&key("rope.scaling.type")).filter(|&k| k != "none") {
+        return Err(ModelError::config(
+            path,
+            format!(
+                "RoPE scaling `{kind}` ({}) is not supported (only plain RoPE)",
+                key("rope.scaling.type")
+            ),
+        ));
+    }
     let hidden_size = int("embedding_length")?;
     let num_heads = int("attention.head_count")?;
     let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
@@ -94,6 +108,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
         rope_theta: float("rope.freq_base").unwrap_or(match architecture {
             Architecture::BitNet1bitLLM => 10_000.0,
+            Architecture::Qwen3 => 1_000_000.0,
             _ => 500_000.0,
         }) as f32,
         max_position_embeddings: int("context_length").unwrap_or(2048),
@@ -103,7 +118,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         // Each projection's form is decided per tensor at load (ternary codes whose scale
         // multiplies, or dense weights); see `projection`.
         quant_form: QuantForm::PackedMultiply,
-        bitlinear_input_norm: None,
+        // bitnet.cpp's embedding models: an RMSNorm (the model's eps) before every projection.
+        bitlinear_input_norm: file
+            .tensor("blk.0.attn_q_norm_in.weight")
+            .map(|_| float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6) as f32),
         bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
         eos_token_ids: eos,
     };
@@ -177,7 +195,10 @@ fn projection(
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
+    // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
     let llama = cfg.architecture == Architecture::Llama158;
+    // A plain model's float weights run as they are; a BitNet architecture's are masters.
+    let plain = matches!(cfg.architecture, Architecture::Llama158 | Architecture::Qwen3);
     let (mut codes, scales, plan) = if stored.is_ternary() {
         let (codes, scales) = projection_codes(file, &name, rows, cols)?;
         let per_block = matches!(scales, Scales::Blocks(_));
@@ -195,7 +216,7 @@ fn projection(
         let w = dense(file, &name, rows, cols)?;
         match exact_ternary(&w) {
             Some((codes, a)) => (codes, Scales::One(a), TensorPlan::TernaryExact { stored }),
-            None if !llama || opts.ternarize => {
+            None if !plain || opts.ternarize => {
                 let (codes, a) = absmean_ternary(&w.to_f32());
                 (codes, Scales::One(a), TensorPlan::Ternarized { stored })
             }
@@ -206,13 +227,20 @@ fn projection(
                         format!("tensor `{base}.scale`: a dense projection takes no separate scale"),
                     ));
                 }
-                // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order; rows are
-                // whole blocks, so they move as bytes.
-                let rb = w.row_bytes();
-                let bytes = crate::convert::llama_rope_rows(w.as_bytes(), rb, &name, cfg, true);
-                let w = DenseLinear::from_bytes(stored, rows, cols, &bytes)
-                    .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
-                let projection = Projection { weight: LinearWeight::Dense(w), input_norm: None };
+                // Rows are whole blocks, so the interleaved-RoPE rows of llama move as bytes.
+                let w = match llama {
+                    true => {
+                        let rb = w.row_bytes();
+                        let bytes = crate::convert::llama_rope_rows(w.as_bytes(), rb, &name, cfg, true);
+                        DenseLinear::from_bytes(stored, rows, cols, &bytes)
+                            .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?
+                    }
+                    false => w,
+                };
+                let projection = Projection {
+                    weight: LinearWeight::Dense(w),
+                    input_norm: input_norm(file, cfg, base, cols)?,
+                };
                 return Ok((projection, TensorPlan::Dense { format }));
             }
         }
@@ -233,7 +261,23 @@ fn projection(
         }
     }
     .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
-    Ok((Projection { weight: LinearWeight::Ternary(weight), input_norm: None }, plan))
+    let projection =
+        Projection { weight: LinearWeight::Ternary(weight), input_norm: input_norm(file, cfg, base, cols)? };
+    Ok((projection, plan))
+}
+
+/// The gain of the RMSNorm before projection `base` (`blk.N.attn_q` → `blk.N.attn_q_norm_in`),
+/// when the model has such norms.
+fn input_norm(
+    file: &GgufFile,
+    cfg: &ModelConfig,
+    base: &str,
+    cols: usize,
+) -> Result<Option<Vec<f32>>, ModelError> {
+    match cfg.bitlinear_input_norm {
+        Some(_) => Ok(Some(floats(file, &format!("{base}_norm_in.weight"), cols)?)),
+        None => Ok(None),
+    }
 }
 
 /// The codes and `a` of a matrix whose values are all `0` or `±a` (a ternary matrix stored as
@@ -400,6 +444,12 @@ fn layer(
     let proj = |name: &str, rows: usize, cols: usize| -> Result<Projection, ModelError> {
         Ok(projection(file, cfg, opts, &format!("{p}.{name}"), rows, cols)?.0)
     };
+    let head_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        match cfg.qk_norm() {
+            true => Ok(Some(floats(file, &format!("{p}.{name}.weight"), cfg.head_dim)?)),
+            false => Ok(None),
+        }
+    };
     Ok(LayerWeights {
         input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
         post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
@@ -407,6 +457,8 @@ fn layer(
         k_proj: proj("attn_k", kv, h)?,
         v_proj: proj("attn_v", kv, h)?,
         o_proj: proj("attn_output", h, q)?,
+        q_norm: head_norm("attn_q_norm")?,
+        k_norm: head_norm("attn_k_norm")?,
         attn_sub_norm: sub("attn_sub_norm", q)?,
         gate_proj: proj("ffn_gate", i, h)?,
         up_proj: proj("ffn_up", i, h)?,
