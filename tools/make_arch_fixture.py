@@ -19,7 +19,7 @@ Kinds (first argument):
                     columns, stored as fp16 (the "unpacked" checkpoints). The float model holding
                     exactly these values is the reference.
   falcon  Falcon3-*-1.58bit / Falcon-E layout: LlamaForCausalLM with quantization_config
-          {"quant_method": "bitnet"} (BitLinear offline: U8 [out/4, in] codes, weight_scale a
+          {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"} (BitLinear offline: U8 [out/4, in] codes, weight_scale a
           divisor), head_dim given in the config, rope_theta 1000042, untied bf16 lm_head that is
           never quantized. Form: packed_bitlinear.
   embed   A BitNet-embedding model on a Qwen3 backbone: Qwen3Model (what AutoModel loads, tensor
@@ -240,9 +240,11 @@ elif KIND == "falcon":
             packed[k[: -len("weight")] + "weight_scale"] = bf16_exact(scale.reshape(1))
         else:
             packed[k] = v
-    qc = {"quant_method": "bitnet", "modules_to_not_convert": None}
+    # As tiiuae/Falcon3-*-1.58bit's config.json has it (plus their marker key).
+    qc = {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"}
     FORMS["packed_bitlinear"] = save_checkpoint(
-        "packed_bitlinear", packed, config_dict({"quantization_config": qc, "dtype": "bfloat16"}), torch.bfloat16)
+        "packed_bitlinear", packed,
+        config_dict({"quantization_config": qc, "is_bitnet_config": True, "dtype": "bfloat16"}), torch.bfloat16)
 else:  # embed
     emb = {}
     for k, v in state.items():

@@ -3,6 +3,8 @@
 //! * Qwen3 (`qwen3-tiny`): per-head q/k RMSNorm, head_dim from the config; fp16 weights run
 //!   dense as stored, PrismML Ternary-Bonsai's ternary × per-group-scale values (untied head)
 //!   likewise, and the same model as llama.cpp's qwen3 GGUF.
+//! * Falcon3-1.58bit / Falcon-E (`falcon-tiny`): the llama layout with BitLinear (packed codes,
+//!   divisor weight_scale), head_dim from the config, rope_theta 1000042, untied float head.
 
 mod common;
 
@@ -48,6 +50,42 @@ fn qwen3_gguf_matches_transformers() {
         &CpuBackend::new,
         &root.join("dense.gguf"),
         &root.join("golden/dense_f32.safetensors"),
+        LogitCheck::Atol(1e-3),
+    );
+}
+
+#[test]
+fn falcon_config_is_the_llama_layout_with_bitlinear() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("falcon-tiny/packed_bitlinear")).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Llama158);
+    assert_eq!(cfg.quant_form, QuantForm::PackedDivide);
+    assert!(!cfg.qk_norm() && !cfg.sub_norms && !cfg.tie_word_embeddings);
+    // head_dim from the config: 2 heads of 128 over a hidden size of 128.
+    assert_eq!((cfg.head_dim, cfg.q_dim(), cfg.hidden_size), (128, 256, 128));
+    assert_eq!(cfg.rope_theta, 1_000_042.0);
+}
+
+#[test]
+fn falcon_1_58bit_layout_matches_transformers() {
+    run_fixture_on(&CpuBackend::new, "falcon-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3));
+}
+
+/// The form bitnet.cpp runs Falcon 1.58-bit models in: a `llama` GGUF with I2_S projections
+/// (q/k rows in llama's interleaved-RoPE order), here written by `bitnet convert`.
+#[test]
+fn falcon_as_an_i2_s_gguf_matches_transformers() {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+    let root = fixtures().join("falcon-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("falcon-i2_s.gguf");
+    convert_hf_to_gguf(&root.join("packed_bitlinear"), &gguf, WeightType::I2S, HeadType::F16, |_, _| {})
+        .unwrap();
+    let file = bitnet_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata().get_str("general.architecture"), Some("llama"));
+    run_checkpoint_on(
+        &CpuBackend::new,
+        &gguf,
+        &root.join("golden/packed_bitlinear_f32.safetensors"),
         LogitCheck::Atol(1e-3),
     );
 }
