@@ -138,7 +138,7 @@ pub fn capped_threads(requested: usize, flag: &str) -> usize {
 }
 
 /// Sizes the process's one thread pool.
-fn set_threads(threads: Option<usize>) -> Result<()> {
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");

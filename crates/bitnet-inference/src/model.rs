@@ -260,6 +260,55 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// The embedding of `ids` as BitNet-embedding models define it: the final-normed hidden
+    /// state of the last token (last-token pooling; the tokenizer appends the end-of-text token
+    /// these models pool), L2-normalized. `ids` run as one sequence of their own in `ctx`, whose
+    /// blocks are given back afterwards; no logits are computed.
+    pub fn embed(&self, ctx: &mut Context<B>, ids: &[u32]) -> Result<Vec<f32>, InferenceError> {
+        if ids.is_empty() {
+            return Err(InferenceError::EmptyInput);
+        }
+        let mut seq = crate::Sequence::new();
+        ctx.check_fits(&seq, ids.len())?;
+        let pooled = self.last_hidden(ctx, &mut seq, ids);
+        ctx.release(&mut seq);
+        let mut v = pooled?;
+        l2_normalize(&mut v);
+        Ok(v)
+    }
+
+    /// Runs `ids` into `seq` in chunks of the batch size and reads back the final-normed hidden
+    /// state of the last one.
+    fn last_hidden(
+        &self,
+        ctx: &mut Context<B>,
+        seq: &mut crate::Sequence,
+        ids: &[u32],
+    ) -> Result<Vec<f32>, InferenceError> {
+        let n_chunks = ids.len().div_ceil(ctx.max_batch());
+        for (ci, chunk) in ids.chunks(ctx.max_batch()).enumerate() {
+            // The last row of the last chunk is the one pooled: mark it as the row that wants
+            // output, so that it is gathered like a logits row.
+            let want = if ci + 1 == n_chunks { Logits::Last } else { Logits::None };
+            let mut batch = [Segment { seq: &mut *seq, tokens: chunk, logits: want }];
+            ctx.prepare(&self.config, &mut batch, false)?;
+            ctx.run_governed(false, |ctx| self.embed_and_layers(ctx));
+            ctx.commit(&mut batch);
+        }
+        Ok(ctx.run(|ctx| self.final_hidden(ctx))?)
+    }
+
+    /// The final RMSNorm of the one row that wants output, read back to the host.
+    fn final_hidden(&self, ctx: &mut Context<B>) -> Result<Vec<f32>, BackendError> {
+        let c = &self.config;
+        let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
+        b.gather_rows(&a.x, &meta.logit_rows, c.hidden_size, &mut a.proj);
+        b.rmsnorm(&a.proj, Some(&self.final_norm), 1, c.hidden_size, c.rms_norm_eps, &mut a.normed);
+        let mut out = vec![0.0; c.hidden_size];
+        b.read(&a.normed, 0, &mut out)?;
+        Ok(out)
+    }
+
     /// One forward call over a batch of segments (at most the context's batch size in rows in
     /// all). Each segment's tokens are appended to its sequence's cache; afterwards
     /// [`Context::logits_of`] holds the requested rows of segment `i`. A segment whose
@@ -459,6 +508,16 @@ impl<B: Backend> Model<B> {
             }
         }
         b.add(&mut a.x, &a.proj, rows * h);
+    }
+}
+
+/// Scales `v` to unit Euclidean length (a zero vector stays zero), summing in f64 as
+/// `torch.nn.functional.normalize` is matched to within float rounding.
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        let inv = (1.0 / norm) as f32;
+        v.iter_mut().for_each(|x| *x *= inv);
     }
 }
 

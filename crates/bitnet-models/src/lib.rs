@@ -7,6 +7,7 @@ pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod gguf_model;
+pub mod pooling;
 pub mod safetensors;
 pub mod synth;
 pub mod temp_file;
