@@ -14,6 +14,9 @@ Kinds (first argument):
             dense   fp16 weights as stored (no quantization_config), tied head. Also written as
                     dense.gguf: llama.cpp's qwen3 names and keys, F16 matrices, F32 vectors
                     (what llama.cpp's converter writes for the same checkpoint).
+            yarn    the dense weights with `rope_scaling: {"rope_type": "yarn", "factor": 4.0,
+                    "original_max_position_embeddings": 64}` (transformers applies YaRN at every
+                    position: scaled frequencies, cos and sin times 0.1 ln 4 + 1).
             bonsai  PrismML Ternary-Bonsai's form: every matrix (embeddings and the untied head
                     too) is ternary codes times one fp16 scale per group of FIX_GROUP input
                     columns, stored as fp16 (the "unpacked" checkpoints). The float model holding
@@ -85,6 +88,8 @@ EMBED_TEXTS = [
     "patent",
 ]
 MAX_POS = 256
+# The qwen3 fixture's YaRN form: a factor of 4 over an original context of 64 positions.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -230,6 +235,11 @@ if KIND == "qwen3":
     bonsai["lm_head.weight"] = group_ternary(fp16_exact(head), GROUP)
     FORMS["bonsai"] = save_checkpoint(
         "bonsai", bonsai, config_dict({"dtype": "float16", "tie_word_embeddings": False}), torch.float16)
+    # yarn: the dense weights under YaRN RoPE scaling, written as transformers 4 (and Qwen's
+    # model cards) write it: `rope_scaling` beside a top-level rope_theta.
+    yarn = config_dict({"dtype": "float16", "rope_scaling": YARN})
+    yarn.pop("rope_parameters", None)
+    FORMS["yarn"] = save_checkpoint("yarn", dense_state, yarn, torch.float16)
 elif KIND == "falcon":
     packed = {}
     for k, v in state.items():
@@ -403,6 +413,12 @@ summary = {"generator": "tools/make_arch_fixture.py", "kind": KIND, "seed": SEED
            "torch": torch.__version__, "transformers": transformers.__version__, "forms": {}}
 for form, d in FORMS.items():
     rec = embed_reference(d) if KIND == "embed" else causal_reference(form, d)
+    if form == "yarn":  # the scaling must have reached transformers' rotary embedding
+        from safetensors.torch import load_file
+        g = OUT / "golden"
+        diff = (load_file(g / "yarn_f32.safetensors")["logits"] - load_file(g / "dense_f32.safetensors")["logits"])
+        rec["logits_max_abs_diff_from_dense"] = float(diff.abs().max())
+        assert rec["logits_max_abs_diff_from_dense"] > 0.1, rec
     summary["forms"][form] = rec
     print(form, json.dumps({k: rec.get(k) for k in ("linear_module_class", "greedy_new_ids", "min_greedy_margin")}))
 write_json(OUT / "golden" / "golden.json", summary)

@@ -179,6 +179,11 @@ impl<B: Backend> Model<B> {
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
+        // YaRN multiplies RoPE's cos and sin by an attention factor; RoPE is linear, so the
+        // factor can scale q and k before it instead: folded into their per-head norm gains
+        // (`ModelConfig::validate` refuses it for a model without them).
+        let attention = cfg.rope_scaling.attention_factor();
+        let rope_attention = |gain: Vec<f32>| gain.into_iter().map(|g| g * attention).collect::<Vec<f32>>();
         // Float tables keep their dtype and run the float kernels transformers' numerics were
         // matched with; block formats run as they are stored.
         let head = match (head_format.int_bits(), weights.lm_head.take()) {
@@ -202,8 +207,8 @@ impl<B: Backend> Model<B> {
                 k_proj: up(l.k_proj)?,
                 v_proj: up(l.v_proj)?,
                 o_proj: up(l.o_proj)?,
-                q_norm: vec_opt(l.q_norm)?,
-                k_norm: vec_opt(l.k_norm)?,
+                q_norm: vec_opt(l.q_norm.map(rope_attention))?,
+                k_norm: vec_opt(l.k_norm.map(rope_attention))?,
                 attn_sub_norm: vec_opt(l.attn_sub_norm)?,
                 gate_proj: up(l.gate_proj)?,
                 up_proj: up(l.up_proj)?,
@@ -212,7 +217,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let rope_inv_freq =
-            backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim))?;
+            backend.upload_vector(&cfg.rope_scaling.inv_freq(cfg.rope_theta, cfg.head_dim))?;
         Ok(Self {
             head,
             embed_tokens: match weights.embed_tokens.format().is_float() {

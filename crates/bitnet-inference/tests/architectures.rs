@@ -40,6 +40,17 @@ fn qwen3_bonsai_group_scaled_ternary_values_match_transformers() {
     run_fixture_on(&CpuBackend::new, "qwen3-tiny", "bonsai", LogitCheck::Atol(1e-3));
 }
 
+/// YaRN-scaled RoPE (Ternary-Bonsai-8B's longer context, Qwen's model cards): transformers
+/// scales every position's frequencies and multiplies cos and sin by 0.1 ln 4 + 1, which the
+/// engine folds into the q/k norm gains.
+#[test]
+fn qwen3_with_yarn_rope_scaling_matches_transformers() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("qwen3-tiny/yarn")).unwrap();
+    assert!(matches!(cfg.rope_scaling, bitnet_models::RopeScaling::Yarn { factor: 4.0, .. }));
+    assert!((cfg.rope_scaling.attention_factor() - (1.0 + 0.1 * 4f32.ln())).abs() < 1e-6);
+    run_fixture_on(&CpuBackend::new, "qwen3-tiny", "yarn", LogitCheck::Atol(1e-3));
+}
+
 /// llama.cpp's qwen3 GGUF of the same weights (F16 matrices, attn_q_norm / attn_k_norm, rows in
 /// HF order) gives transformers' outputs too.
 #[test]

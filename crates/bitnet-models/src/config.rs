@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+pub use crate::rope::RopeScaling;
 use crate::ModelError;
 
 /// Which family of checkpoint a config describes; it decides tensor names and layer shapes.
@@ -74,6 +75,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
+    /// How the RoPE frequencies are scaled for a longer context.
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub activation: Activation,
@@ -109,8 +112,9 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 /// Refuses config.json features the forward does not implement, rather than running a model
-/// that silently computes something else: biases on the projections, sliding-window attention,
-/// and RoPE scaling (the positions of a scaled model would be rotated wrongly).
+/// that silently computes something else: biases on the projections, RoPE on part of each
+/// head, and sliding-window attention. (RoPE scaling types other than linear, llama3 and yarn are refused by
+/// [`RopeScaling::from_config_json`].)
 fn refuse_unsupported_features(json: &Value, path: &Path) -> Result<(), ModelError> {
     let flag = |key: &str| field(json, key).and_then(Value::as_bool).unwrap_or(false);
     for key in ["attention_bias", "mlp_bias"] {
@@ -121,23 +125,17 @@ fn refuse_unsupported_features(json: &Value, path: &Path) -> Result<(), ModelErr
             ));
         }
     }
+    if let Some(f) = field(json, "partial_rotary_factor").and_then(Value::as_f64).filter(|&f| f != 1.0) {
+        return Err(ModelError::config(
+            path,
+            format!("`partial_rotary_factor: {f}`: RoPE on part of each head is not supported"),
+        ));
+    }
     if flag("use_sliding_window") {
         return Err(ModelError::config(
             path,
             "`use_sliding_window: true`: sliding-window attention is not supported (every layer attends to \
              the whole context here)",
-        ));
-    }
-    // transformers 4 writes `rope_scaling`, 5 `rope_parameters.rope_type`; `default` (or none) is
-    // plain RoPE.
-    let rope_type = field(json, "rope_scaling")
-        .or_else(|| field(json, "rope_parameters"))
-        .and_then(|r| field(r, "rope_type").or_else(|| field(r, "type")))
-        .and_then(Value::as_str);
-    if let Some(kind) = rope_type.filter(|&k| k != "default") {
-        return Err(ModelError::config(
-            path,
-            format!("RoPE scaling `{kind}` is not supported (only plain RoPE: remove rope_scaling to run the model at its native context)"),
         ));
     }
     Ok(())
@@ -302,6 +300,7 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
+            rope_scaling: RopeScaling::from_config_json(json, path)?,
             max_position_embeddings: field(json, "max_position_embeddings")
                 .and_then(Value::as_u64)
                 .unwrap_or(2048) as usize,
@@ -346,6 +345,16 @@ impl ModelConfig {
         }
         if let Some(why) = eps_problem("rms_norm_eps", self.rms_norm_eps.into()) {
             return bad(why);
+        }
+        // YaRN's attention factor scales cos and sin, which the engine folds into the per-head
+        // q/k norm gains: a model without them has nowhere to put it.
+        let attention = self.rope_scaling.attention_factor();
+        if !(attention.is_finite() && attention > 0.0) || (attention != 1.0 && !self.qk_norm()) {
+            return bad(format!(
+                "RoPE scaling with attention factor {attention} is supported only with per-head q/k norms (qwen3), \
+                 not for {:?}",
+                self.architecture
+            ));
         }
         if let Some(why) =
             self.bitlinear_input_norm.and_then(|e| eps_problem("quantization_config.rms_norm_eps", e.into()))

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::gguf::{GgufArray, GgufMetadata, GgufValue, GgufWriter, TensorSpec};
 use crate::safetensors::TensorStore;
-use crate::{Activation, Architecture, ModelConfig, ModelError, QuantForm};
+use crate::{Activation, Architecture, ModelConfig, ModelError, QuantForm, RopeScaling};
 
 /// Type of the ternary projections in the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +227,25 @@ fn metadata(cfg: &ModelConfig, tokenizer_json: Option<&Value>, name: &str) -> Gg
     md.insert(k("rope.freq_base"), GgufValue::F32(cfg.rope_theta));
     md.insert(k("attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
     md.insert(k("vocab_size"), GgufValue::U32(cfg.vocab_size as u32));
+    match cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            md.insert(k("rope.scaling.type"), GgufValue::String("linear".into()));
+            md.insert(k("rope.scaling.factor"), GgufValue::F32(factor));
+        }
+        RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, .. } => {
+            md.insert(k("rope.scaling.type"), GgufValue::String("yarn".into()));
+            md.insert(k("rope.scaling.factor"), GgufValue::F32(factor));
+            md.insert(
+                k("rope.scaling.original_context_length"),
+                GgufValue::U32(original_max_position_embeddings as u32),
+            );
+            md.insert(k("rope.scaling.yarn_beta_fast"), GgufValue::F32(beta_fast));
+            md.insert(k("rope.scaling.yarn_beta_slow"), GgufValue::F32(beta_slow));
+        }
+        // Refused by `convert_hf_to_gguf` before anything is written.
+        RopeScaling::Llama3 { .. } => {}
+    }
     if let Some(tok) = tokenizer_json {
         add_tokenizer(&mut md, cfg, tok);
     }
@@ -312,6 +331,22 @@ pub fn convert_hf_to_gguf(
                 ),
             ));
         }
+    }
+    // llama.cpp keeps llama3's scaling as a tensor of frequency factors, and YaRN's attention
+    // factor only as its default: what a GGUF cannot say is refused, not dropped.
+    let yarn_default = |f: f32| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
+    let writable = match cfg.rope_scaling {
+        RopeScaling::Llama3 { .. } => false,
+        RopeScaling::Yarn { factor, attention_factor, truncate, .. } => {
+            truncate && (attention_factor - yarn_default(factor)).abs() <= 1e-6 * attention_factor
+        }
+        _ => true,
+    };
+    if !writable {
+        return Err(ModelError::config(
+            &src.join("config.json"),
+            format!("its RoPE scaling {:?} cannot be written to GGUF here", cfg.rope_scaling),
+        ));
     }
     // GGUF has one RMSNorm eps, which the norms before the projections take too.
     if let Some(eps) = cfg.bitlinear_input_norm.filter(|&e| e != cfg.rms_norm_eps) {

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::weights::{LayerWeights, LinearWeight, Projection, TensorPlan, WeightOptions};
-use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm};
+use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm, RopeScaling};
 
 fn gguf_err(e: GgufError) -> ModelError {
     ModelError::Gguf(e)
@@ -70,15 +70,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         })
     };
     let float = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
-    if let Some(kind) = md.get_str(&key("rope.scaling.type")).filter(|&k| k != "none") {
-        return Err(ModelError::config(
-            path,
-            format!(
-                "RoPE scaling `{kind}` ({}) is not supported (only plain RoPE)",
-                key("rope.scaling.type")
-            ),
-        ));
-    }
+    let rope_scaling = rope_scaling(file, &arch_name)?;
     let hidden_size = int("embedding_length")?;
     let num_heads = int("attention.head_count")?;
     let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
@@ -111,6 +103,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
             Architecture::Qwen3 => 1_000_000.0,
             _ => 500_000.0,
         }) as f32,
+        rope_scaling,
         max_position_embeddings: int("context_length").unwrap_or(2048),
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         activation,
@@ -127,6 +120,59 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
     };
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// The RoPE scaling of llama.cpp's `{arch}.rope.scaling.*` keys: `linear` and `yarn` (with
+/// YaRN's defaults for the keys a file leaves out); `none` or no type is plain RoPE.
+fn rope_scaling(file: &GgufFile, arch: &str) -> Result<RopeScaling, ModelError> {
+    let path = Path::new(file.file());
+    let md = file.metadata();
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let num = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
+    let Some(kind) = md.get_str(&key("type")).filter(|&k| k != "none") else {
+        return Ok(RopeScaling::None);
+    };
+    let factor = num("factor").filter(|f| f.is_finite() && *f > 0.0).ok_or_else(|| {
+        ModelError::config(
+            path,
+            format!("`{}` is `{kind}` but `{}` is missing or not positive", key("type"), key("factor")),
+        )
+    })?;
+    match kind {
+        "linear" => Ok(RopeScaling::Linear { factor: factor as f32 }),
+        "yarn" => {
+            let original = num("original_context_length")
+                .or_else(|| md.get_u64(&format!("{arch}.context_length")).map(|v| v as f64))
+                .unwrap_or(0.0);
+            if original <= 0.0 {
+                return Err(ModelError::config(
+                    path,
+                    format!("YaRN scaling without `{}`", key("original_context_length")),
+                ));
+            }
+            // llama.cpp multiplies cos and sin by attn_factor · (1 + 0.1 ln factor); only its
+            // default attn_factor of 1 is taken here.
+            if let Some(a) = num("attn_factor").filter(|&a| a != 1.0) {
+                return Err(ModelError::config(
+                    path,
+                    format!("`{}` {a} is not supported (only 1)", key("attn_factor")),
+                ));
+            }
+            let mscale = if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 };
+            Ok(RopeScaling::Yarn {
+                factor: factor as f32,
+                original_max_position_embeddings: original as f32,
+                beta_fast: num("yarn_beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0) as f32,
+                beta_slow: num("yarn_beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0) as f32,
+                attention_factor: mscale as f32,
+                truncate: true,
+            })
+        }
+        other => Err(ModelError::config(
+            path,
+            format!("RoPE scaling `{other}` ({}) is not supported (linear and yarn are)", key("type")),
+        )),
+    }
 }
 
 /// A float tensor of `n` values (any type the reader dequantizes).

@@ -211,16 +211,22 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 /// Features the forward does not implement are refused by name, not run as something else.
 #[test]
-fn biases_sliding_windows_and_rope_scaling_are_refused() {
-    let cases: [(&str, serde_json::Value, &str); 5] = [
+fn biases_sliding_windows_and_unsupported_rope_are_refused() {
+    let cases: [(&str, serde_json::Value, &str); 6] = [
         ("attention_bias", serde_json::json!(true), "`attention_bias: true`"),
         ("mlp_bias", serde_json::json!(true), "`mlp_bias: true`"),
         ("use_sliding_window", serde_json::json!(true), "sliding-window attention"),
-        ("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "RoPE scaling `yarn`"),
+        ("partial_rotary_factor", serde_json::json!(0.5), "partial_rotary_factor"),
+        // YaRN's attention factor goes into per-head q/k norms, which this layout lacks.
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "only with per-head q/k norms",
+        ),
         (
             "rope_parameters",
-            serde_json::json!({"rope_type": "llama3", "rope_theta": 5e5}),
-            "RoPE scaling `llama3`",
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+            "RoPE scaling `dynamic`",
         ),
     ];
     for (key, value, want) in cases {
@@ -229,10 +235,19 @@ fn biases_sliding_windows_and_rope_scaling_are_refused() {
         let e = error_of(dir.path());
         assert!(e.contains("config.json") && e.contains(want), "{key}: {e}");
     }
+    // A scaling this layout can take: llama3's changes only the frequencies.
+    let dir = copy_fixture();
+    edit_config(dir.path(), |v| {
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    });
+    let w = load(dir.path()).unwrap();
+    assert!(matches!(w.config.rope_scaling, bitnet_models::RopeScaling::Llama3 { .. }));
     // The values that mean "none of it" load.
     let dir = copy_fixture();
     edit_config(dir.path(), |v| {
         v["attention_bias"] = serde_json::json!(false);
+        v["partial_rotary_factor"] = serde_json::json!(1.0);
         v["rope_scaling"] = serde_json::Value::Null;
         v["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 5e5});
     });

@@ -141,6 +141,10 @@ pub fn load_hf(dir: &Path) -> Result<(Model<f32>, Prepared<f32>)> {
     if config.architecture == Architecture::Qwen3 {
         bail!("{}: training and evaluation take the bitnet and llama layouts, not qwen3", dir.display());
     }
+    // Nor does it scale RoPE.
+    if config.rope_scaling != bitnet_models::RopeScaling::None {
+        bail!("{}: training and evaluation run plain RoPE, not {:?}", dir.display(), config.rope_scaling);
+    }
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let full_precision = raw.get("quantization_config").is_none();
     let path = dir.join("model.safetensors");

@@ -172,7 +172,7 @@ pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() 
 
 /// Every transformers fixture with the check its prompt logits get: the cases of golden_tiny.rs
 /// and golden_shapes.rs, which run them on the CPU, for other backends to run the same way.
-pub const PARITY_CASES: [(&str, &str, LogitCheck); 14] = [
+pub const PARITY_CASES: [(&str, &str, LogitCheck); 15] = [
     ("hf-bitnet-tiny", "master", LogitCheck::Atol(1e-3)),
     ("hf-bitnet-tiny", "packed", LogitCheck::TopK { k: 5, atol: 0.5 }),
     ("hf-bitnet-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
@@ -186,6 +186,7 @@ pub const PARITY_CASES: [(&str, &str, LogitCheck); 14] = [
     ("bitnet1bit", "master", LogitCheck::Atol(1e-3)),
     ("qwen3-tiny", "dense", LogitCheck::Atol(1e-3)),
     ("qwen3-tiny", "bonsai", LogitCheck::Atol(1e-3)),
+    ("qwen3-tiny", "yarn", LogitCheck::Atol(1e-3)),
     ("falcon-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
 ];
 
