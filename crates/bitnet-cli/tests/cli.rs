@@ -294,3 +294,15 @@ fn embed_refuses_other_poolings_and_empty_input() {
     std::fs::remove_dir_all(dir.path().join("1_Pooling")).unwrap();
     fails_with(&["embed", "--model", model, "-f", empty.to_str().unwrap()], "nothing to embed");
 }
+
+/// `inspect` names the architecture the engine runs a checkpoint as, folder or GGUF.
+#[test]
+fn inspect_names_the_architecture() {
+    let qwen3 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny");
+    let out = bitnet(&["inspect", qwen3.join("dense").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("architecture:  qwen3"), "{text}");
+    assert!(text.contains("per-head q/k norms: true") && text.contains("heads of 32"), "{text}");
+    let v = json_of(&["inspect", qwen3.join("dense.gguf").to_str().unwrap(), "--json"]);
+    assert!(v["runs_as"].as_str().unwrap().starts_with("qwen3"), "{v}");
+}
