@@ -155,7 +155,7 @@ pub fn capped_threads(requested: usize, flag: &str) -> usize {
 }
 
 /// Sizes the process's one thread pool.
-fn set_threads(threads: Option<usize>) -> Result<()> {
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(n) = threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -601,9 +601,19 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     }
     if dir.is_file() {
         let file = bitnet_models::gguf::GgufFile::open(dir)?;
+        // How the engine reads the file, when it can run it at all.
+        let runs_as = bitnet_models::gguf_model::config_from_gguf(&file).map(|c| c.architecture.describe());
         if a.json {
-            println!("{}", file.inspect_json());
+            let mut v = file.inspect_json();
+            if let (Some(obj), Ok(arch)) = (v.as_object_mut(), &runs_as) {
+                obj.insert("runs_as".into(), json!(arch));
+            }
+            println!("{v}");
         } else {
+            match &runs_as {
+                Ok(arch) => println!("runs as:       {arch}"),
+                Err(e) => println!("runs as:       nothing: {e}"),
+            }
             print!("{}", file.inspect());
         }
         return Ok(());
@@ -624,6 +634,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.json {
         let v = json!({
             "architecture": format!("{:?}", cfg.architecture),
+            "architecture_description": cfg.architecture.describe(),
+            "head_dim": cfg.head_dim,
+            "qk_norm": cfg.qk_norm(),
             "quantization": format!("{:?}", cfg.quant_form),
             "config": format!("{cfg:?}"),
             "parameters": params,
@@ -634,9 +647,13 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("checkpoint:    {}", dir.display());
+    println!("architecture:  {}", cfg.architecture.describe());
     println!(
-        "architecture:  {:?} ({:?} gate, sub-norms: {})",
-        cfg.architecture, cfg.activation, cfg.sub_norms
+        "layer:         {:?} gate, sub-norms: {}, per-head q/k norms: {}, norm before every projection: {}",
+        cfg.activation,
+        cfg.sub_norms,
+        cfg.qk_norm(),
+        cfg.bitlinear_input_norm.is_some()
     );
     println!("quantization:  {:?}", cfg.quant_form);
     println!(

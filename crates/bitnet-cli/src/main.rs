@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod commands;
 mod device;
+mod embed;
 mod interrupt;
 mod pull;
 mod serve;
@@ -53,6 +54,12 @@ See docs/serving.md for every endpoint, parameter and metric.")]
   bitnet logits --model ./tiny --prompt \"Hello\"
   bitnet logits --model ./tiny --tokens 0,53,73 --all-positions")]
     Logits(commands::LogitsArgs),
+    /// Print the embedding of each text: the last token's final hidden state, L2-normalized
+    /// (BitNet-embedding models), one line of numbers per text or OpenAI's JSON.
+    #[command(after_help = "Examples:
+  bitnet embed --model ./bitnet-embedding-0.6b --input \"query: What is BitNet?\"
+  bitnet embed --model model.gguf -f texts.txt --json")]
+    Embed(embed::EmbedArgs),
     /// Describe a checkpoint folder or a .gguf file: architecture, quantization form, tensors,
     /// parameters, bytes (for a .gguf: its metadata too).
     #[command(after_help = "Examples:
@@ -120,6 +127,7 @@ fn main() {
         Command::Chat(a) => chat::chat(a),
         Command::Serve(a) => serve::serve(a),
         Command::Logits(a) => commands::logits(a),
+        Command::Embed(a) => embed::embed(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
         Command::Bench(a) => bench::bench(a),

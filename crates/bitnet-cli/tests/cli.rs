@@ -220,3 +220,89 @@ fn bad_bench_flags_are_errors() {
     fails_with(&["bench", "--model", "/nonexistent/model", "--fp"], "apply to --train");
     fails_with(&["bench", "--train", "tiny", "-t", "0"], "--threads");
 }
+
+fn embed_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-embed-tiny")
+}
+
+/// `bitnet embed` prints transformers' pooled, normalized embedding of each text: as JSON in
+/// OpenAI's shape, and as one line of numbers per text from a file.
+#[test]
+fn embed_prints_transformers_embeddings() {
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(embed_fixture().join("golden/golden.json")).unwrap())
+            .unwrap();
+    let texts: Vec<&str> =
+        golden["forms"]["master"]["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let want = |i: usize| -> Vec<f32> {
+        let bytes = std::fs::read(embed_fixture().join("golden/embed_f32.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(&format!("embedding.{i}")).unwrap();
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let cos = |a: &[f32], b: &[f32]| -> f64 {
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let n = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        dot / (n(a) * n(b))
+    };
+    let model = embed_fixture().join("master");
+    let model = model.to_str().unwrap();
+    let v = json_of(&["embed", "--model", model, "--input", texts[0], "--input", texts[1], "--json"]);
+    assert_eq!(v["object"], "list");
+    for i in 0..2 {
+        let got: Vec<f32> = v["data"][i]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(v["data"][i]["index"], i);
+        assert!(cos(&got, &want(i)) >= 0.999, "text {i}");
+    }
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("texts.txt");
+    std::fs::write(&file, format!("{}\n\n{}\n", texts[2], texts[3])).unwrap();
+    let out = bitnet(&["embed", "--model", model, "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Vec<f32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "one line per non-empty line of the file");
+    for (k, line) in lines.iter().enumerate() {
+        assert!(cos(line, &want(k + 2)) >= 0.999, "line {k}");
+    }
+}
+
+/// A model that declares another pooling, or no text, is refused before anything runs.
+#[test]
+fn embed_refuses_other_poolings_and_empty_input() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(embed_fixture().join("master").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode_mean_tokens": true}"#)
+        .unwrap();
+    let model = dir.path().to_str().unwrap();
+    fails_with(&["embed", "--model", model, "--input", "hello"], "declares mean pooling");
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    std::fs::remove_dir_all(dir.path().join("1_Pooling")).unwrap();
+    fails_with(&["embed", "--model", model, "-f", empty.to_str().unwrap()], "nothing to embed");
+}
+
+/// `inspect` names the architecture the engine runs a checkpoint as, folder or GGUF.
+#[test]
+fn inspect_names_the_architecture() {
+    let qwen3 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny");
+    let out = bitnet(&["inspect", qwen3.join("dense").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("architecture:  qwen3"), "{text}");
+    assert!(text.contains("per-head q/k norms: true") && text.contains("heads of 32"), "{text}");
+    let v = json_of(&["inspect", qwen3.join("dense.gguf").to_str().unwrap(), "--json"]);
+    assert!(v["runs_as"].as_str().unwrap().starts_with("qwen3"), "{v}");
+}

@@ -48,6 +48,9 @@ pub struct Layer<B: Backend> {
     k_proj: Linear<B>,
     v_proj: Linear<B>,
     o_proj: Linear<B>,
+    /// Per-head RMSNorm gains of q and k (Qwen3), applied before RoPE.
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
     attn_sub_norm: Option<B::Vector>,
     gate_proj: Linear<B>,
     up_proj: Linear<B>,
@@ -182,6 +185,11 @@ impl<B: Backend> Model<B> {
         let norm_eps = cfg.bitlinear_input_norm.unwrap_or(0.0);
         let up = |p| upload_projection(backend, p, norm_eps);
         let vec_opt = |v: Option<Vec<f32>>| v.map(|v| backend.upload_vector(&v)).transpose();
+        // YaRN multiplies RoPE's cos and sin by an attention factor; RoPE is linear, so the
+        // factor can scale q and k before it instead: folded into their per-head norm gains
+        // (`ModelConfig::validate` refuses it for a model without them).
+        let attention = cfg.rope_scaling.attention_factor();
+        let rope_attention = |gain: Vec<f32>| gain.into_iter().map(|g| g * attention).collect::<Vec<f32>>();
         // Float tables keep their dtype and run the float kernels transformers' numerics were
         // matched with; block formats run as they are stored, a ternary head as its codes and
         // scales. The loader left the embedding
@@ -221,6 +229,8 @@ impl<B: Backend> Model<B> {
                 k_proj: up(l.k_proj)?,
                 v_proj: up(l.v_proj)?,
                 o_proj: up(l.o_proj)?,
+                q_norm: vec_opt(l.q_norm.map(rope_attention))?,
+                k_norm: vec_opt(l.k_norm.map(rope_attention))?,
                 attn_sub_norm: vec_opt(l.attn_sub_norm)?,
                 gate_proj: up(l.gate_proj)?,
                 up_proj: up(l.up_proj)?,
@@ -229,7 +239,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let rope_inv_freq =
-            backend.upload_vector(&bitnet_core::ops::rope_inv_freq(cfg.rope_theta, cfg.head_dim))?;
+            backend.upload_vector(&cfg.rope_scaling.inv_freq(cfg.rope_theta, cfg.head_dim))?;
         Ok(Self {
             head,
             embed_tokens,
@@ -272,6 +282,55 @@ impl<B: Backend> Model<B> {
             self.forward_segments(ctx, &mut batch, ci > 0)?;
         }
         Ok(())
+    }
+
+    /// The embedding of `ids` as BitNet-embedding models define it: the final-normed hidden
+    /// state of the last token (last-token pooling; the tokenizer appends the end-of-text token
+    /// these models pool), L2-normalized. `ids` run as one sequence of their own in `ctx`, whose
+    /// blocks are given back afterwards; no logits are computed.
+    pub fn embed(&self, ctx: &mut Context<B>, ids: &[u32]) -> Result<Vec<f32>, InferenceError> {
+        if ids.is_empty() {
+            return Err(InferenceError::EmptyInput);
+        }
+        let mut seq = crate::Sequence::new();
+        ctx.check_fits(&seq, ids.len())?;
+        let pooled = self.last_hidden(ctx, &mut seq, ids);
+        ctx.release(&mut seq);
+        let mut v = pooled?;
+        l2_normalize(&mut v);
+        Ok(v)
+    }
+
+    /// Runs `ids` into `seq` in chunks of the batch size and reads back the final-normed hidden
+    /// state of the last one.
+    fn last_hidden(
+        &self,
+        ctx: &mut Context<B>,
+        seq: &mut crate::Sequence,
+        ids: &[u32],
+    ) -> Result<Vec<f32>, InferenceError> {
+        let n_chunks = ids.len().div_ceil(ctx.max_batch());
+        for (ci, chunk) in ids.chunks(ctx.max_batch()).enumerate() {
+            // The last row of the last chunk is the one pooled: mark it as the row that wants
+            // output, so that it is gathered like a logits row.
+            let want = if ci + 1 == n_chunks { Logits::Last } else { Logits::None };
+            let mut batch = [Segment { seq: &mut *seq, tokens: chunk, logits: want }];
+            ctx.prepare(&self.config, &mut batch, false)?;
+            ctx.run_governed(false, |ctx| self.embed_and_layers(ctx));
+            ctx.commit(&mut batch);
+        }
+        Ok(ctx.run(|ctx| self.final_hidden(ctx))?)
+    }
+
+    /// The final RMSNorm of the one row that wants output, read back to the host.
+    fn final_hidden(&self, ctx: &mut Context<B>) -> Result<Vec<f32>, BackendError> {
+        let c = &self.config;
+        let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
+        b.gather_rows(&a.x, &meta.logit_rows, c.hidden_size, &mut a.proj);
+        b.rmsnorm(&a.proj, Some(&self.final_norm), 1, c.hidden_size, c.rms_norm_eps, &mut a.normed);
+        let mut out = vec![0.0; c.hidden_size];
+        b.read(&a.normed, 0, &mut out)?;
+        Ok(out)
     }
 
     /// One forward call over a batch of segments (at most the context's batch size in rows in
@@ -360,7 +419,8 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`.
+    /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`, with q and
+    /// k normed per head first where the model has q/k norms.
     fn attention_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
@@ -385,9 +445,21 @@ impl<B: Backend> Model<B> {
             }
         }
 
+        // Qwen3 normalizes every head of q and k on its own: rows × heads rows of head_dim. The
+        // normed q goes to `attn` (free until attention writes it) and takes q's place; the
+        // normed keys go to `scratch`, read by the cache store below.
+        let keys = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => {
+                b.rmsnorm(&a.q, Some(qn), rows * c.num_heads, c.head_dim, eps, &mut a.attn);
+                std::mem::swap(&mut a.q, &mut a.attn);
+                b.rmsnorm(&a.k, Some(kn), rows * c.num_kv_heads, c.head_dim, eps, &mut a.scratch);
+                &a.scratch
+            }
+            _ => &a.k,
+        };
         b.rope(&mut a.q, &self.rope_inv_freq, &meta.positions, c.num_heads, c.head_dim);
         let inv_freq = &self.rope_inv_freq;
-        b.rope_kv_store(&mut ctx.kv, l, &a.k, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
+        b.rope_kv_store(&mut ctx.kv, l, keys, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
         let shape = HeadShape { n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
         b.attention(&a.q, &ctx.kv, l, &meta.tables, &meta.segments, shape, &mut a.attn);
 
@@ -464,6 +536,16 @@ impl<B: Backend> Model<B> {
             }
         }
         b.add(&mut a.x, &a.proj, rows * h);
+    }
+}
+
+/// Scales `v` to unit Euclidean length (a zero vector stays zero), summing in f64 as
+/// `torch.nn.functional.normalize` is matched to within float rounding.
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        let inv = (1.0 / norm) as f32;
+        v.iter_mut().for_each(|x| *x *= inv);
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+pub use crate::rope::RopeScaling;
 use crate::ModelError;
 
 /// Which family of checkpoint a config describes; it decides tensor names and layer shapes.
@@ -18,6 +19,23 @@ pub enum Architecture {
     /// 1bitLLM `BitnetForCausalLM` (bitnet_b1_58-large/3B): SiLU gate, sub-norms named
     /// `inner_attn_ln` and `ffn_layernorm`, fp16 masters quantized online.
     BitNet1bitLLM,
+    /// `qwen3` (Qwen3, PrismML's Ternary-Bonsai, the backbone of BitNet-embedding-0.6B): SiLU
+    /// gate, no sub-norms, an RMSNorm over each head of q and of k (`q_norm`, `k_norm`, gains of
+    /// `head_dim`) before RoPE, and `head_dim` given by the config rather than hidden / heads.
+    /// Without `quantization_config` its projections run dense as stored ([`QuantForm::Dense`]).
+    Qwen3,
+}
+
+impl Architecture {
+    /// What the architecture is, in words (for `bitnet inspect`).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Architecture::BitNet => "bitnet (BitNet b1.58 2B-4T layout: ReLU² gate, sub-norms)",
+            Architecture::Llama158 => "llama (Llama-1.58, Falcon3-1.58bit, Falcon-E, or a plain llama)",
+            Architecture::BitNet1bitLLM => "bitnet 1bitLLM (bitnet_b1_58-large/3B: SiLU gate, sub-norms)",
+            Architecture::Qwen3 => "qwen3 (per-head q/k norms: Qwen3, Ternary-Bonsai, BitNet-embedding)",
+        }
+    }
 }
 
 /// The gate nonlinearity of the MLP.
@@ -57,6 +75,8 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
+    /// How the RoPE frequencies are scaled for a longer context.
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub activation: Activation,
@@ -92,6 +112,36 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
         Some(Value::Array(a)) => a.iter().filter_map(id).collect(),
         _ => Vec::new(),
     }
+}
+
+/// Refuses config.json features the forward does not implement, rather than running a model
+/// that silently computes something else: biases on the projections, RoPE on part of each
+/// head, and sliding-window attention. (RoPE scaling types other than linear, llama3 and yarn are refused by
+/// [`RopeScaling::from_config_json`].)
+fn refuse_unsupported_features(json: &Value, path: &Path) -> Result<(), ModelError> {
+    let flag = |key: &str| field(json, key).and_then(Value::as_bool).unwrap_or(false);
+    for key in ["attention_bias", "mlp_bias"] {
+        if flag(key) {
+            return Err(ModelError::config(
+                path,
+                format!("`{key}: true`: projections with biases are not supported"),
+            ));
+        }
+    }
+    if let Some(f) = field(json, "partial_rotary_factor").and_then(Value::as_f64).filter(|&f| f != 1.0) {
+        return Err(ModelError::config(
+            path,
+            format!("`partial_rotary_factor: {f}`: RoPE on part of each head is not supported"),
+        ));
+    }
+    if flag("use_sliding_window") {
+        return Err(ModelError::config(
+            path,
+            "`use_sliding_window: true`: sliding-window attention is not supported (every layer attends to \
+             the whole context here)",
+        ));
+    }
+    Ok(())
 }
 
 /// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
@@ -152,13 +202,15 @@ impl ModelConfig {
             // With `quant_method: bitnet` a ternary model; without `quantization_config` a plain
             // llama, run dense (a quant_method other than bitnet is refused below).
             "llama" => Architecture::Llama158,
+            "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(ModelError::config(
                     path,
-                    format!("unknown model_type `{other}` (expected `bitnet` or `llama`)"),
+                    format!("unknown model_type `{other}` (expected `bitnet`, `llama` or `qwen3`)"),
                 ))
             }
         };
+        refuse_unsupported_features(json, path)?;
 
         let hidden_size = usize_field(json, "hidden_size", path)?;
         let num_heads = usize_field(json, "num_attention_heads", path)?;
@@ -196,7 +248,7 @@ impl ModelConfig {
         let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
         let quant_form = match architecture {
             Architecture::BitNet1bitLLM => QuantForm::Online,
-            Architecture::Llama158 if qc.is_none() => QuantForm::Dense,
+            Architecture::Llama158 | Architecture::Qwen3 if qc.is_none() => QuantForm::Dense,
             _ => {
                 if quant_method.is_some_and(|m| m != "bitnet") {
                     return Err(ModelError::config(
@@ -251,6 +303,7 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
+            rope_scaling: RopeScaling::from_config_json(json, path)?,
             max_position_embeddings: field(json, "max_position_embeddings")
                 .and_then(Value::as_u64)
                 .unwrap_or(2048) as usize,
@@ -258,7 +311,7 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(architecture == Architecture::BitNet),
             activation,
-            sub_norms: architecture != Architecture::Llama158,
+            sub_norms: matches!(architecture, Architecture::BitNet | Architecture::BitNet1bitLLM),
             quant_form,
             bitlinear_input_norm,
             bos_token_id: ids(field(json, "bos_token_id")).first().copied(),
@@ -296,6 +349,16 @@ impl ModelConfig {
         if let Some(why) = eps_problem("rms_norm_eps", self.rms_norm_eps.into()) {
             return bad(why);
         }
+        // YaRN's attention factor scales cos and sin, which the engine folds into the per-head
+        // q/k norm gains: a model without them has nowhere to put it.
+        let attention = self.rope_scaling.attention_factor();
+        if !(attention.is_finite() && attention > 0.0) || (attention != 1.0 && !self.qk_norm()) {
+            return bad(format!(
+                "RoPE scaling with attention factor {attention} is supported only with per-head q/k norms (qwen3), \
+                 not for {:?}",
+                self.architecture
+            ));
+        }
         if let Some(why) =
             self.bitlinear_input_norm.and_then(|e| eps_problem("quantization_config.rms_norm_eps", e.into()))
         {
@@ -315,6 +378,11 @@ impl ModelConfig {
             return bad(format!("the shapes describe {count} parameters, beyond what this engine loads"));
         }
         Ok(())
+    }
+
+    /// Whether each head of q and of k goes through its own RMSNorm before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == Architecture::Qwen3
     }
 
     /// Width of all query heads together.

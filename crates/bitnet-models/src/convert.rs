@@ -6,7 +6,9 @@
 //! Q1_0 holds only `±d`: a matrix with zero codes cannot be written in it. Names and
 //! metadata keys are llama.cpp's: `general.architecture` is `bitnet-b1.58` for ReLU² models
 //! (bitnet.cpp's 2B-4T), `bitnet` for SiLU models with sub-norms (llama.cpp's 1bitLLM arch),
-//! `llama` for HF1BitLLM-style models. The tokenizer.json vocabulary is written as a `gpt2` BPE
+//! `llama` for HF1BitLLM-style models, `qwen3` for Qwen3 (per-head `attn_q_norm`/`attn_k_norm`,
+//! rows in HF order). A model with an RMSNorm before every projection gets its gains as
+//! bitnet.cpp's embedding models name them (`blk.N.attn_q_norm_in.weight`, …). The tokenizer.json vocabulary is written as a `gpt2` BPE
 //! vocabulary. Memory stays near the largest tensor: each is read, converted and written
 //! before the next, into a temporary file renamed at the end.
 
@@ -19,7 +21,7 @@ use serde_json::Value;
 
 use crate::gguf::{GgufArray, GgufMetadata, GgufValue, GgufWriter, TensorSpec};
 use crate::safetensors::TensorStore;
-use crate::{Activation, Architecture, ModelConfig, ModelError, QuantForm};
+use crate::{Activation, Architecture, ModelConfig, ModelError, QuantForm, RopeScaling};
 
 /// Type of the ternary projections in the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,9 +132,14 @@ enum Source {
     Float(String, GgmlType),
     /// A projection `[rows, cols]`: HF prefix.
     Projection(String, usize, usize),
+    /// The gain of the RMSNorm before a projection (HF prefix, width): stored, or ones.
+    InputNorm(String, usize),
 }
 
 fn gguf_arch(cfg: &ModelConfig) -> &'static str {
+    if cfg.architecture == Architecture::Qwen3 {
+        return "qwen3";
+    }
     match (cfg.activation, cfg.sub_norms) {
         (Activation::Relu2, _) => "bitnet-b1.58",
         (Activation::Silu, true) => "bitnet",
@@ -153,45 +160,59 @@ fn plan(
     // A tied table is the lm_head too, so it takes the head's type; an untied one is only
     // looked up, a row per token, and stays f16.
     let embd = if untied { HeadType::F16 } else { head };
+    // A bare decoder (transformers' AutoModel: embedding models) has no `model.` prefix.
+    let root = if store.contains("embed_tokens.weight") { "" } else { "model." };
     let mut out = vec![(
         TensorSpec::new("token_embd.weight", embd.ggml(), &[h, v]),
-        Source::Float("model.embed_tokens.weight".into(), embd.ggml()),
+        Source::Float(format!("{root}embed_tokens.weight"), embd.ggml()),
     )];
     let sub = match cfg.architecture {
         Architecture::BitNet1bitLLM => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
         _ => ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
     };
     for l in 0..cfg.num_layers {
-        let (b, p) = (format!("blk.{l}"), format!("model.layers.{l}"));
+        let (b, p) = (format!("blk.{l}"), format!("{root}layers.{l}"));
         let norm = |gguf: &str, hf: &str, n: u64| {
             (
                 TensorSpec::new(format!("{b}.{gguf}.weight"), GgmlType::F32, &[n]),
                 Source::Float(format!("{p}.{hf}.weight"), GgmlType::F32),
             )
         };
-        let proj = |gguf: &str, hf: &str, rows: u64, cols: u64| {
-            (
+        // A projection, and the gain of the RMSNorm before it where the model has those.
+        let proj = |out: &mut Vec<(TensorSpec, Source)>, gguf: &str, hf: &str, rows: u64, cols: u64| {
+            out.push((
                 TensorSpec::new(format!("{b}.{gguf}.weight"), weight.ggml(), &[cols, rows]),
                 Source::Projection(format!("{p}.{hf}"), rows as usize, cols as usize),
-            )
+            ));
+            if cfg.bitlinear_input_norm.is_some() {
+                out.push((
+                    TensorSpec::new(format!("{b}.{gguf}_norm_in.weight"), GgmlType::F32, &[cols]),
+                    Source::InputNorm(format!("{p}.{hf}"), cols as usize),
+                ));
+            }
         };
         out.push(norm("attn_norm", "input_layernorm", h));
-        out.push(proj("attn_q", "self_attn.q_proj", q, h));
-        out.push(proj("attn_k", "self_attn.k_proj", kv, h));
-        out.push(proj("attn_v", "self_attn.v_proj", kv, h));
-        out.push(proj("attn_output", "self_attn.o_proj", h, q));
+        proj(&mut out, "attn_q", "self_attn.q_proj", q, h);
+        proj(&mut out, "attn_k", "self_attn.k_proj", kv, h);
+        proj(&mut out, "attn_v", "self_attn.v_proj", kv, h);
+        proj(&mut out, "attn_output", "self_attn.o_proj", h, q);
+        if cfg.qk_norm() {
+            let hd = cfg.head_dim as u64;
+            out.push(norm("attn_q_norm", "self_attn.q_norm", hd));
+            out.push(norm("attn_k_norm", "self_attn.k_norm", hd));
+        }
         if cfg.sub_norms {
             out.push(norm("attn_sub_norm", sub.0, q));
             out.push(norm("ffn_sub_norm", sub.1, i));
         }
         out.push(norm("ffn_norm", "post_attention_layernorm", h));
-        out.push(proj("ffn_gate", "mlp.gate_proj", i, h));
-        out.push(proj("ffn_up", "mlp.up_proj", i, h));
-        out.push(proj("ffn_down", "mlp.down_proj", h, i));
+        proj(&mut out, "ffn_gate", "mlp.gate_proj", i, h);
+        proj(&mut out, "ffn_up", "mlp.up_proj", i, h);
+        proj(&mut out, "ffn_down", "mlp.down_proj", h, i);
     }
     out.push((
         TensorSpec::new("output_norm.weight", GgmlType::F32, &[h]),
-        Source::Float("model.norm.weight".into(), GgmlType::F32),
+        Source::Float(format!("{root}norm.weight"), GgmlType::F32),
     ));
     if untied {
         out.push((
@@ -263,6 +284,25 @@ fn metadata(cfg: &ModelConfig, tokenizer_json: Option<&Value>, name: &str) -> Gg
     md.insert(k("rope.freq_base"), GgufValue::F32(cfg.rope_theta));
     md.insert(k("attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
     md.insert(k("vocab_size"), GgufValue::U32(cfg.vocab_size as u32));
+    match cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            md.insert(k("rope.scaling.type"), GgufValue::String("linear".into()));
+            md.insert(k("rope.scaling.factor"), GgufValue::F32(factor));
+        }
+        RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, .. } => {
+            md.insert(k("rope.scaling.type"), GgufValue::String("yarn".into()));
+            md.insert(k("rope.scaling.factor"), GgufValue::F32(factor));
+            md.insert(
+                k("rope.scaling.original_context_length"),
+                GgufValue::U32(original_max_position_embeddings as u32),
+            );
+            md.insert(k("rope.scaling.yarn_beta_fast"), GgufValue::F32(beta_fast));
+            md.insert(k("rope.scaling.yarn_beta_slow"), GgufValue::F32(beta_slow));
+        }
+        // Refused by `convert_hf_to_gguf` before anything is written.
+        RopeScaling::Llama3 { .. } => {}
+    }
     if let Some(tok) = tokenizer_json {
         add_tokenizer(&mut md, cfg, tok);
     }
@@ -349,6 +389,33 @@ pub fn convert_hf_to_gguf(
             ));
         }
     }
+    // llama.cpp keeps llama3's scaling as a tensor of frequency factors, and YaRN's attention
+    // factor only as its default: what a GGUF cannot say is refused, not dropped.
+    let yarn_default = |f: f32| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
+    let writable = match cfg.rope_scaling {
+        RopeScaling::Llama3 { .. } => false,
+        RopeScaling::Yarn { factor, attention_factor, truncate, .. } => {
+            truncate && (attention_factor - yarn_default(factor)).abs() <= 1e-6 * attention_factor
+        }
+        _ => true,
+    };
+    if !writable {
+        return Err(ModelError::config(
+            &src.join("config.json"),
+            format!("its RoPE scaling {:?} cannot be written to GGUF here", cfg.rope_scaling),
+        ));
+    }
+    // GGUF has one RMSNorm eps, which the norms before the projections take too.
+    if let Some(eps) = cfg.bitlinear_input_norm.filter(|&e| e != cfg.rms_norm_eps) {
+        return Err(ModelError::config(
+            &src.join("config.json"),
+            format!(
+                "the RMSNorm before every projection has eps {eps:e}, the model's norms {:e}: a GGUF file holds \
+                 one eps for both",
+                cfg.rms_norm_eps
+            ),
+        ));
+    }
     let tok_json: Option<Value> =
         std::fs::read_to_string(src.join("tokenizer.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -384,6 +451,21 @@ pub fn convert_hf_to_gguf(
                 written?;
                 progress(done + 1, total);
                 continue;
+            }
+            Source::InputNorm(prefix, n) => {
+                let stored = ["rms_norm.weight", "norm.weight"]
+                    .iter()
+                    .map(|k| format!("{prefix}.{k}"))
+                    .find(|k| store.contains(k));
+                let gain = match stored {
+                    Some(name) => {
+                        let t = store.get(&name)?;
+                        t.expect_shape(&[*n])?;
+                        t.to_f32()?
+                    }
+                    None => vec![1.0; *n],
+                };
+                gain.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
             Source::Projection(prefix, rows, cols) => {
                 let (mut codes, scale) = projection_codes(&store, &cfg, prefix, *rows, *cols)?;

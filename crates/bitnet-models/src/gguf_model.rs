@@ -5,6 +5,9 @@
 //! * `bitnet` (llama.cpp's 1bitLLM arch): SiLU gate, sub-norms, optional per-tensor `.scale`
 //!   multipliers, tied unless `output.weight` is present.
 //! * `llama` with ternary tensors (Llama3-8B-1.58, Falcon3-1.58): SiLU gate, no sub-norms.
+//! * `qwen3` (Qwen3, Ternary-Bonsai, BitNet-embedding): SiLU gate, per-head q/k norms
+//!   (`attn_q_norm`, `attn_k_norm`), q/k rows in their HF order (NeoX RoPE); bitnet.cpp's
+//!   embedding models add an RMSNorm gain before every projection (`attn_q_norm_in`, …).
 //!
 //! Ternary tensors (TQ1_0, TQ2_0, Q1_0, Q2_0, PrismML's PQ2_0 and PTQ1_0, I2_S) are read out as
 //! exact codes and repacked into the kernel layout. Activations stay per-token int8 as BitNet
@@ -35,7 +38,7 @@ use rayon::prelude::*;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::weights::{LayerWeights, LinearWeight, Projection, TensorPlan, WeightOptions};
-use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm};
+use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm, RopeScaling};
 
 fn gguf_err(e: GgufError) -> ModelError {
     ModelError::Gguf(e)
@@ -53,11 +56,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         "bitnet-b1.58" | "bitnet-25" => (Architecture::BitNet, Activation::Relu2, true),
         "bitnet" => (Architecture::BitNet1bitLLM, Activation::Silu, true),
         "llama" => (Architecture::Llama158, Activation::Silu, false),
+        "qwen3" => (Architecture::Qwen3, Activation::Silu, false),
         other => {
             return Err(ModelError::config(
                 path,
                 format!(
-                "general.architecture `{other}` is not a BitNet architecture (bitnet-b1.58, bitnet, llama)"
+                "general.architecture `{other}` is not one this engine runs (bitnet-b1.58, bitnet, llama, \
+                     qwen3)"
             ),
             ))
         }
@@ -79,6 +84,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         })
     };
     let float = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
+    let rope_scaling = rope_scaling(file, &arch_name)?;
     let hidden_size = int("embedding_length")?;
     let num_heads = int("attention.head_count")?;
     let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
@@ -108,8 +114,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
         rope_theta: float("rope.freq_base").unwrap_or(match architecture {
             Architecture::BitNet1bitLLM => 10_000.0,
+            Architecture::Qwen3 => 1_000_000.0,
             _ => 500_000.0,
         }) as f32,
+        rope_scaling,
         max_position_embeddings: int("context_length").unwrap_or(2048),
         tie_word_embeddings: file.tensor("output.weight").is_none(),
         activation,
@@ -117,12 +125,68 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         // Each projection's form is decided per tensor at load (ternary codes whose scale
         // multiplies, or dense weights); see `projection`.
         quant_form: QuantForm::PackedMultiply,
-        bitlinear_input_norm: None,
+        // bitnet.cpp's embedding models: an RMSNorm (the model's eps) before every projection.
+        bitlinear_input_norm: file
+            .tensor("blk.0.attn_q_norm_in.weight")
+            .map(|_| float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6) as f32),
         bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
         eos_token_ids: eos,
     };
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// The RoPE scaling of llama.cpp's `{arch}.rope.scaling.*` keys: `linear` and `yarn` (with
+/// YaRN's defaults for the keys a file leaves out); `none` or no type is plain RoPE.
+fn rope_scaling(file: &GgufFile, arch: &str) -> Result<RopeScaling, ModelError> {
+    let path = Path::new(file.file());
+    let md = file.metadata();
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let num = |k: &str| md.get(&key(k)).and_then(|v| v.as_f64());
+    let Some(kind) = md.get_str(&key("type")).filter(|&k| k != "none") else {
+        return Ok(RopeScaling::None);
+    };
+    let factor = num("factor").filter(|f| f.is_finite() && *f > 0.0).ok_or_else(|| {
+        ModelError::config(
+            path,
+            format!("`{}` is `{kind}` but `{}` is missing or not positive", key("type"), key("factor")),
+        )
+    })?;
+    match kind {
+        "linear" => Ok(RopeScaling::Linear { factor: factor as f32 }),
+        "yarn" => {
+            let original = num("original_context_length")
+                .or_else(|| md.get_u64(&format!("{arch}.context_length")).map(|v| v as f64))
+                .unwrap_or(0.0);
+            if original <= 0.0 {
+                return Err(ModelError::config(
+                    path,
+                    format!("YaRN scaling without `{}`", key("original_context_length")),
+                ));
+            }
+            // llama.cpp multiplies cos and sin by attn_factor · (1 + 0.1 ln factor); only its
+            // default attn_factor of 1 is taken here.
+            if let Some(a) = num("attn_factor").filter(|&a| a != 1.0) {
+                return Err(ModelError::config(
+                    path,
+                    format!("`{}` {a} is not supported (only 1)", key("attn_factor")),
+                ));
+            }
+            let mscale = if factor <= 1.0 { 1.0 } else { 0.1 * factor.ln() + 1.0 };
+            Ok(RopeScaling::Yarn {
+                factor: factor as f32,
+                original_max_position_embeddings: original as f32,
+                beta_fast: num("yarn_beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0) as f32,
+                beta_slow: num("yarn_beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0) as f32,
+                attention_factor: mscale as f32,
+                truncate: true,
+            })
+        }
+        other => Err(ModelError::config(
+            path,
+            format!("RoPE scaling `{other}` ({}) is not supported (linear and yarn are)", key("type")),
+        )),
+    }
 }
 
 /// A float tensor of `n` values (any type the reader dequantizes).
@@ -199,12 +263,18 @@ fn projection(
         Some(_) => floats(file, &format!("{base}.scale"), 1)?[0],
         None => 1.0,
     };
+    // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
     let llama = cfg.architecture == Architecture::Llama158;
+    // A plain model's float weights run as they are; a BitNet architecture's are masters.
+    let plain = matches!(cfg.architecture, Architecture::Llama158 | Architecture::Qwen3);
     if let Some(src) = TernaryRows::of(file, &name, rows, cols) {
         let (weight, per_block) = src.repack(cfg, extra)?;
         // Repacked: the mapped original is not needed any more.
         file.release_tensor(&name);
-        let projection = Projection { weight: LinearWeight::Ternary(weight), input_norm: None };
+        let projection = Projection {
+            weight: LinearWeight::Ternary(weight),
+            input_norm: input_norm(file, cfg, base, cols)?,
+        };
         return Ok((projection, TensorPlan::Ternary { stored, group: per_block.then_some(TQ_BLOCK) }));
     }
     let (mut codes, scales, plan) = if stored.is_ternary() {
@@ -227,7 +297,7 @@ fn projection(
         let w = dense(file, &name, rows, cols)?;
         match exact_ternary(&w) {
             Some((codes, a)) => (codes, Scales::One(a), TensorPlan::TernaryExact { stored }),
-            None if !llama || opts.ternarize => {
+            None if !plain || opts.ternarize => {
                 let (codes, a) = absmean_ternary(&w.to_f32());
                 (codes, Scales::One(a), TensorPlan::Ternarized { stored })
             }
@@ -242,7 +312,8 @@ fn projection(
                 // arch stores q/k rows in interleaved-RoPE order; rows are whole blocks, so they
                 // move as bytes, in the same one copy.
                 let order: Vec<usize> = (0..rows).collect();
-                let order = crate::convert::llama_rope_rows(&order, 1, &name, cfg, true);
+                let order =
+                    if llama { crate::convert::llama_rope_rows(&order, 1, &name, cfg, true) } else { order };
                 let w = match order.iter().enumerate().all(|(i, &r)| i == r) {
                     true => w.into_owned(),
                     false => w
@@ -251,7 +322,10 @@ fn projection(
                 };
                 // Copied: the mapped original is not needed any more.
                 file.release_tensor(&name);
-                let projection = Projection { weight: LinearWeight::Dense(w), input_norm: None };
+                let projection = Projection {
+                    weight: LinearWeight::Dense(w),
+                    input_norm: input_norm(file, cfg, base, cols)?,
+                };
                 return Ok((projection, TensorPlan::Dense { format }));
             }
         }
@@ -281,7 +355,23 @@ fn projection(
     .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
     // Repacked: the mapped original is not needed any more.
     file.release_tensor(&name);
-    Ok((Projection { weight: LinearWeight::Ternary(weight), input_norm: None }, plan))
+    let projection =
+        Projection { weight: LinearWeight::Ternary(weight), input_norm: input_norm(file, cfg, base, cols)? };
+    Ok((projection, plan))
+}
+
+/// The gain of the RMSNorm before projection `base` (`blk.N.attn_q` → `blk.N.attn_q_norm_in`),
+/// when the model has such norms.
+fn input_norm(
+    file: &GgufFile,
+    cfg: &ModelConfig,
+    base: &str,
+    cols: usize,
+) -> Result<Option<Vec<f32>>, ModelError> {
+    match cfg.bitlinear_input_norm {
+        Some(_) => Ok(Some(floats(file, &format!("{base}_norm_in.weight"), cols)?)),
+        None => Ok(None),
+    }
 }
 
 /// The block of TQ1_0 and TQ2_0, whose scales [`TernaryRows::repack`] keeps per row and block.
@@ -619,6 +709,12 @@ fn layer(
     let proj = |name: &str, rows: usize, cols: usize| -> Result<Projection, ModelError> {
         Ok(projection(file, cfg, opts, &format!("{p}.{name}"), rows, cols)?.0)
     };
+    let head_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        match cfg.qk_norm() {
+            true => Ok(Some(floats(file, &format!("{p}.{name}.weight"), cfg.head_dim)?)),
+            false => Ok(None),
+        }
+    };
     Ok(LayerWeights {
         input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
         post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
@@ -626,6 +722,8 @@ fn layer(
         k_proj: proj("attn_k", kv, h)?,
         v_proj: proj("attn_v", kv, h)?,
         o_proj: proj("attn_output", h, q)?,
+        q_norm: head_norm("attn_q_norm")?,
+        k_norm: head_norm("attn_k_norm")?,
         attn_sub_norm: sub("attn_sub_norm", q)?,
         gate_proj: proj("ffn_gate", i, h)?,
         up_proj: proj("ffn_up", i, h)?,

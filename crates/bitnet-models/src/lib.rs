@@ -8,13 +8,15 @@ pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod gguf_model;
+pub mod pooling;
+pub mod rope;
 pub mod safetensors;
 pub mod synth;
 pub mod temp_file;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Activation, Architecture, ModelConfig, QuantForm};
+pub use config::{Activation, Architecture, ModelConfig, QuantForm, RopeScaling};
 pub use error::ModelError;
 pub use weights::{LayerWeights, ModelWeights, Projection};
 

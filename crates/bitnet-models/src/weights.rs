@@ -119,6 +119,10 @@ pub struct LayerWeights {
     pub k_proj: Projection,
     pub v_proj: Projection,
     pub o_proj: Projection,
+    /// RMSNorm over each head of q, before RoPE (Qwen3's `q_norm`, `head_dim` gains).
+    pub q_norm: Option<Vec<f32>>,
+    /// RMSNorm over each head of k, before RoPE (Qwen3's `k_norm`).
+    pub k_norm: Option<Vec<f32>>,
     /// RMSNorm over the concatenated head outputs, before o_proj.
     pub attn_sub_norm: Option<Vec<f32>>,
     pub gate_proj: Projection,
@@ -271,16 +275,15 @@ fn projection(
         t.expect_shape(&[rows, cols])?;
         let master = t.to_f32()?;
         let (codes, mean_abs) = absmean_ternary(&master);
-        Ok(TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(mean_abs)))
+        TernaryMatrix::from_ternary(&codes, rows, cols, WeightScale::Multiply(mean_abs))
+            .map(LinearWeight::Ternary)
+            .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))
     };
     let weight = match cfg.quant_form {
-        QuantForm::Online => online(&t)?,
-        QuantForm::Dense if opts.ternarize => online(&t)?,
-        QuantForm::Dense => {
-            // Read every token: a copy of its own (aligned, on huge pages), the mapping released.
-            let weight = LinearWeight::Dense(dense_tensor(store, &wname, rows, cols)?.into_owned());
-            return Ok(Projection { weight, input_norm: None });
-        }
+        QuantForm::Online => online(&t),
+        QuantForm::Dense if opts.ternarize => online(&t),
+        // Read every token: a copy of its own (aligned, on huge pages), the mapping released.
+        QuantForm::Dense => Ok(LinearWeight::Dense(dense_tensor(store, &wname, rows, cols)?.into_owned())),
         QuantForm::PackedMultiply | QuantForm::PackedDivide => {
             if t.dtype != Dtype::U8 {
                 return Err(ModelError::tensor(
@@ -307,35 +310,48 @@ fn projection(
                 hf_pack::unpack_rows(packed, rows, cols, first, codes);
                 Ok::<(), bitnet_quant::QuantError>(())
             })
+            .map(LinearWeight::Ternary)
+            .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))
         }
-    }
-    .map(LinearWeight::Ternary)
-    .map_err(|e| ModelError::tensor(t.path, format!("tensor `{wname}`: {e}")))?;
-    // Repacked: the mapped original is not needed any more.
+    }?;
+    // Repacked or copied: the mapped original is not needed any more.
     t.release();
     let input_norm = match cfg.bitlinear_input_norm {
-        // transformers' BitLinear input norm is an RMSNorm whose gain may be stored.
-        Some(_) => match store.contains(&format!("{prefix}.rms_norm.weight")) {
-            true => Some(float_tensor(store, &format!("{prefix}.rms_norm.weight"), &[cols])?),
-            false => Some(vec![1.0; cols]),
+        // transformers' BitLinear input norm is an RMSNorm whose gain may be stored (as
+        // `rms_norm.weight`; Microsoft's BitNet-embedding checkpoints name it `norm.weight`).
+        Some(_) => match projection_norm_name(store, prefix) {
+            Some(name) => Some(float_tensor(store, &name, &[cols])?),
+            None => Some(vec![1.0; cols]),
         },
         None => None,
     };
     Ok(Projection { weight, input_norm })
 }
 
+/// The stored gain of a projection's input RMSNorm, under either name it is written with.
+fn projection_norm_name(store: &TensorStore, prefix: &str) -> Option<String> {
+    ["rms_norm.weight", "norm.weight"].iter().map(|n| format!("{prefix}.{n}")).find(|n| store.contains(n))
+}
+
 fn layer(
     store: &TensorStore,
     cfg: &ModelConfig,
     opts: WeightOptions,
+    root: &str,
     l: usize,
 ) -> Result<LayerWeights, ModelError> {
-    let p = format!("model.layers.{l}");
+    let p = format!("{root}layers.{l}");
     let names = layer_names(cfg.architecture);
     let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
     let sub_norm = |name: &str, width: usize| -> Result<Option<Vec<f32>>, ModelError> {
         match cfg.sub_norms {
             true => Ok(Some(float_tensor(store, &format!("{p}.{name}.weight"), &[width])?)),
+            false => Ok(None),
+        }
+    };
+    let head_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        match cfg.qk_norm() {
+            true => Ok(Some(float_tensor(store, &format!("{p}.self_attn.{name}.weight"), &[cfg.head_dim])?)),
             false => Ok(None),
         }
     };
@@ -346,6 +362,8 @@ fn layer(
         k_proj: projection(store, cfg, opts, &format!("{p}.self_attn.k_proj"), kv, h)?,
         v_proj: projection(store, cfg, opts, &format!("{p}.self_attn.v_proj"), kv, h)?,
         o_proj: projection(store, cfg, opts, &format!("{p}.self_attn.o_proj"), h, q)?,
+        q_norm: head_norm("q_norm")?,
+        k_norm: head_norm("k_norm")?,
         attn_sub_norm: sub_norm(names.attn_sub_norm, q)?,
         gate_proj: projection(store, cfg, opts, &format!("{p}.mlp.gate_proj"), i, h)?,
         up_proj: projection(store, cfg, opts, &format!("{p}.mlp.up_proj"), i, h)?,
@@ -369,17 +387,37 @@ impl ModelWeights {
     /// [`ModelWeights::load`] with explicit [`WeightOptions`].
     pub fn load_with(
         store: &TensorStore,
-        config: ModelConfig,
+        mut config: ModelConfig,
         opts: WeightOptions,
     ) -> Result<Self, ModelError> {
+        // A causal LM's decoder lives under `model.`; a bare decoder (what transformers'
+        // AutoModel saves: embedding models) has no prefix.
+        let root = match store.contains("model.embed_tokens.weight") || !store.contains("embed_tokens.weight")
+        {
+            true => "model.",
+            false => "",
+        };
+        // Microsoft's BitNet-embedding checkpoints carry an RMSNorm gain in front of every
+        // projection (`<proj>.norm.weight`) without saying so in quantization_config: the gains
+        // are the evidence of BitLinears, whose norms take the model's eps and whose float
+        // weights are masters, ternarized as bitnet.cpp's converter for them does.
+        if config.bitlinear_input_norm.is_none()
+            && projection_norm_name(store, &format!("{root}layers.0.self_attn.q_proj")).is_some()
+        {
+            config.bitlinear_input_norm = Some(config.rms_norm_eps);
+            if config.quant_form == QuantForm::Dense {
+                config.quant_form = QuantForm::Online;
+            }
+        }
         let cfg = &config;
-        let embed_tokens = dense_tensor(store, "model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens =
+            dense_tensor(store, &format!("{root}embed_tokens.weight"), cfg.vocab_size, cfg.hidden_size)?;
         // Layers are independent: unpack and repack them in parallel.
         let layers = (0..cfg.num_layers)
             .into_par_iter()
-            .map(|l| layer(store, cfg, opts, l))
+            .map(|l| layer(store, cfg, opts, root, l))
             .collect::<Result<Vec<_>, _>>()?;
-        let final_norm = float_tensor(store, "model.norm.weight", &[cfg.hidden_size])?;
+        let final_norm = float_tensor(store, &format!("{root}norm.weight"), &[cfg.hidden_size])?;
         let lm_head = match (cfg.tie_word_embeddings, store.contains("lm_head.weight")) {
             (true, _) => None,
             (false, true) => Some(dense_tensor(store, "lm_head.weight", cfg.vocab_size, cfg.hidden_size)?),
@@ -398,7 +436,8 @@ impl ModelWeights {
         let per_layer = c.hidden_size * (2 * c.q_dim() + 2 * c.kv_dim())
             + 3 * c.hidden_size * c.intermediate_size
             + 2 * c.hidden_size
-            + if c.sub_norms { c.q_dim() + c.intermediate_size } else { 0 };
+            + if c.sub_norms { c.q_dim() + c.intermediate_size } else { 0 }
+            + if c.qk_norm() { 2 * c.head_dim } else { 0 };
         c.vocab_size * c.hidden_size * if self.lm_head.is_some() { 2 } else { 1 }
             + c.num_layers * per_layer
             + c.hidden_size

@@ -200,3 +200,72 @@ fn sharded_checkpoint_loads_and_a_missing_shard_is_named() {
     let e = error_of(dir.path());
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
 }
+
+/// config.json with `edit` applied to its JSON.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+/// Features the forward does not implement are refused by name, not run as something else.
+#[test]
+fn biases_sliding_windows_and_unsupported_rope_are_refused() {
+    let cases: [(&str, serde_json::Value, &str); 6] = [
+        ("attention_bias", serde_json::json!(true), "`attention_bias: true`"),
+        ("mlp_bias", serde_json::json!(true), "`mlp_bias: true`"),
+        ("use_sliding_window", serde_json::json!(true), "sliding-window attention"),
+        ("partial_rotary_factor", serde_json::json!(0.5), "partial_rotary_factor"),
+        // YaRN's attention factor goes into per-head q/k norms, which this layout lacks.
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0}),
+            "only with per-head q/k norms",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+            "RoPE scaling `dynamic`",
+        ),
+    ];
+    for (key, value, want) in cases {
+        let dir = copy_fixture();
+        edit_config(dir.path(), |v| v[key] = value.clone());
+        let e = error_of(dir.path());
+        assert!(e.contains("config.json") && e.contains(want), "{key}: {e}");
+    }
+    // A scaling this layout can take: llama3's changes only the frequencies.
+    let dir = copy_fixture();
+    edit_config(dir.path(), |v| {
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    });
+    let w = load(dir.path()).unwrap();
+    assert!(matches!(w.config.rope_scaling, bitnet_models::RopeScaling::Llama3 { .. }));
+    // The values that mean "none of it" load.
+    let dir = copy_fixture();
+    edit_config(dir.path(), |v| {
+        v["attention_bias"] = serde_json::json!(false);
+        v["partial_rotary_factor"] = serde_json::json!(1.0);
+        v["rope_scaling"] = serde_json::Value::Null;
+        v["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 5e5});
+    });
+    load(dir.path()).unwrap();
+}
+
+/// A Qwen3 checkpoint without its per-head k norm names the missing tensor.
+#[test]
+fn qwen3_without_k_norm_names_the_tensor() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny/dense");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    load(dir.path()).unwrap();
+    rewrite(dir.path(), |t| {
+        t.remove("model.layers.1.self_attn.k_norm.weight");
+    });
+    let e = error_of(dir.path());
+    assert!(e.contains("model.layers.1.self_attn.k_norm.weight"), "{e}");
+}

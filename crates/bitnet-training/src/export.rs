@@ -137,6 +137,14 @@ fn to_f32(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
 /// tensors become parameters and the packed projections become the prepared ternary weights.
 pub fn load_hf(dir: &Path) -> Result<(Model<f32>, Prepared<f32>)> {
     let config = ModelConfig::from_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The trainer's layer has no per-head q/k norms: a Qwen3 checkpoint would lose them.
+    if config.architecture == Architecture::Qwen3 {
+        bail!("{}: training and evaluation take the bitnet and llama layouts, not qwen3", dir.display());
+    }
+    // Nor does it scale RoPE.
+    if config.rope_scaling != bitnet_models::RopeScaling::None {
+        bail!("{}: training and evaluation run plain RoPE, not {:?}", dir.display(), config.rope_scaling);
+    }
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let full_precision = raw.get("quantization_config").is_none();
     let path = dir.join("model.safetensors");

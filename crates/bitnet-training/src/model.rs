@@ -788,6 +788,7 @@ mod tests {
             head_dim: 8,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
+            rope_scaling: Default::default(),
             max_position_embeddings: 32,
             tie_word_embeddings: true,
             activation: Activation::Relu2,

@@ -287,6 +287,7 @@ impl RunSettings {
             head_dim: self.hidden / self.heads,
             rms_norm_eps: 1e-5,
             rope_theta: 500_000.0,
+            rope_scaling: Default::default(),
             max_position_embeddings: self.seq,
             tie_word_embeddings: bitnet,
             activation: if bitnet { Activation::Relu2 } else { Activation::Silu },

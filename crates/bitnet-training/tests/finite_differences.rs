@@ -284,6 +284,7 @@ fn tiny_config(arch: Architecture) -> ModelConfig {
         head_dim: 2,
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
         max_position_embeddings: 16,
         tie_word_embeddings: bitnet,
         activation: if bitnet { Activation::Relu2 } else { Activation::Silu },

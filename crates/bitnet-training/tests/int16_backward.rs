@@ -18,6 +18,7 @@ fn config() -> ModelConfig {
         head_dim: 16,
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
+        rope_scaling: Default::default(),
         max_position_embeddings: 48,
         tie_word_embeddings: true,
         activation: Activation::Relu2,

@@ -35,6 +35,7 @@ fn config() -> ModelConfig {
         head_dim: 32,
         rms_norm_eps: 1e-5,
         rope_theta: 500_000.0,
+        rope_scaling: Default::default(),
         max_position_embeddings: 64,
         tie_word_embeddings: true,
         activation: Activation::Relu2,

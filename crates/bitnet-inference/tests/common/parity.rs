@@ -172,7 +172,7 @@ pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() 
 
 /// Every transformers fixture with the check its prompt logits get: the cases of golden_tiny.rs
 /// and golden_shapes.rs, which run them on the CPU, for other backends to run the same way.
-pub const PARITY_CASES: [(&str, &str, LogitCheck); 11] = [
+pub const PARITY_CASES: [(&str, &str, LogitCheck); 15] = [
     ("hf-bitnet-tiny", "master", LogitCheck::Atol(1e-3)),
     ("hf-bitnet-tiny", "packed", LogitCheck::TopK { k: 5, atol: 0.5 }),
     ("hf-bitnet-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
@@ -184,6 +184,10 @@ pub const PARITY_CASES: [(&str, &str, LogitCheck); 11] = [
     ("userms", "packed_bitlinear", LogitCheck::Atol(1e-3)),
     ("llama158", "packed_bitlinear", LogitCheck::Atol(1e-3)),
     ("bitnet1bit", "master", LogitCheck::Atol(1e-3)),
+    ("qwen3-tiny", "dense", LogitCheck::Atol(1e-3)),
+    ("qwen3-tiny", "bonsai", LogitCheck::Atol(1e-3)),
+    ("qwen3-tiny", "yarn", LogitCheck::Atol(1e-3)),
+    ("falcon-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
 ];
 
 /// One fixture's parity checks on the backend `make` builds: layer-0 projections (on the
@@ -191,12 +195,16 @@ pub const PARITY_CASES: [(&str, &str, LogitCheck); 11] = [
 /// against a full recompute.
 pub fn run_fixture_on<B: Backend>(make: &impl Fn() -> B, fixture: &str, form: &str, check: LogitCheck) {
     let root = fixtures().join(fixture);
-    let golden = Golden::open(&root.join(format!("golden/{form}_f32.safetensors")));
-    let dir = root.join(form);
-    if golden.floats.contains_key("layer0.self_attn.q_proj.input") {
-        check_projections(&dir, &golden);
+    run_checkpoint_on(make, &root.join(form), &root.join(format!("golden/{form}_f32.safetensors")), check);
+}
+
+/// [`run_fixture_on`] for any checkpoint (a folder or a `.gguf` file) against a golden file.
+pub fn run_checkpoint_on<B: Backend>(make: &impl Fn() -> B, model: &Path, golden: &Path, check: LogitCheck) {
+    let golden = Golden::open(golden);
+    if model.is_dir() && golden.floats.contains_key("layer0.self_attn.q_proj.input") {
+        check_projections(model, &golden);
     }
-    let loaded = load_on(&dir, make);
+    let loaded = load_on(model, make);
     check_prompt_logits_on(&loaded.model, make, &golden, check);
     check_greedy_and_cache_on(&loaded.model, make, &golden);
 }

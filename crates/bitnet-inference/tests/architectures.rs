@@ -1,0 +1,212 @@
+//! The architectures beyond the BitNet layouts, each against transformers
+//! (tools/make_arch_fixture.py; tests/fixtures/README.md):
+//! * Qwen3 (`qwen3-tiny`): per-head q/k RMSNorm, head_dim from the config; fp16 weights run
+//!   dense as stored, PrismML Ternary-Bonsai's ternary × per-group-scale values (untied head)
+//!   likewise, and the same model as llama.cpp's qwen3 GGUF.
+//! * Falcon3-1.58bit / Falcon-E (`falcon-tiny`): the llama layout with BitLinear (packed codes,
+//!   divisor weight_scale), head_dim from the config, rope_theta 1000042, untied float head.
+//! * A BitNet-embedding model on a Qwen3 backbone (`qwen3-embed-tiny`): an RMSNorm before every
+//!   BitLinear, no `model.` prefix, last-token pooling and L2 normalization.
+
+mod common;
+
+use bitnet_inference::{Context, ContextOptions, CpuBackend};
+use bitnet_models::{Architecture, ModelConfig, QuantForm};
+use common::parity::{run_checkpoint_on, run_fixture_on, LogitCheck};
+use common::{cosine, fixtures, Golden};
+
+#[test]
+fn qwen3_config_takes_head_dim_and_runs_dense_without_quantization_config() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("qwen3-tiny/dense")).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Qwen3);
+    assert!(cfg.qk_norm() && !cfg.sub_norms);
+    // 4 heads of 32 over a hidden size of 64: q is twice as wide as the residual stream.
+    assert_eq!((cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_dim()), (64, 4, 32, 128));
+    assert_eq!(cfg.quant_form, QuantForm::Dense);
+    assert_eq!(cfg.rope_theta, 1_000_000.0);
+    assert!(cfg.tie_word_embeddings);
+    assert!(!ModelConfig::from_dir(&fixtures().join("qwen3-tiny/bonsai")).unwrap().tie_word_embeddings);
+}
+
+#[test]
+fn qwen3_fp16_weights_dense_match_transformers() {
+    run_fixture_on(&CpuBackend::new, "qwen3-tiny", "dense", LogitCheck::Atol(1e-3));
+}
+
+/// Ternary-Bonsai's unpacked checkpoints: every matrix, embeddings and head included, holds
+/// ternary codes times one fp16 scale per group; they run dense, exactly as stored.
+#[test]
+fn qwen3_bonsai_group_scaled_ternary_values_match_transformers() {
+    run_fixture_on(&CpuBackend::new, "qwen3-tiny", "bonsai", LogitCheck::Atol(1e-3));
+}
+
+/// YaRN-scaled RoPE (Ternary-Bonsai-8B's longer context, Qwen's model cards): transformers
+/// scales every position's frequencies and multiplies cos and sin by 0.1 ln 4 + 1, which the
+/// engine folds into the q/k norm gains.
+#[test]
+fn qwen3_with_yarn_rope_scaling_matches_transformers() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("qwen3-tiny/yarn")).unwrap();
+    assert!(matches!(cfg.rope_scaling, bitnet_models::RopeScaling::Yarn { factor: 4.0, .. }));
+    assert!((cfg.rope_scaling.attention_factor() - (1.0 + 0.1 * 4f32.ln())).abs() < 1e-6);
+    run_fixture_on(&CpuBackend::new, "qwen3-tiny", "yarn", LogitCheck::Atol(1e-3));
+}
+
+/// llama.cpp's qwen3 GGUF of the same weights (F16 matrices, attn_q_norm / attn_k_norm, rows in
+/// HF order) gives transformers' outputs too.
+#[test]
+fn qwen3_gguf_matches_transformers() {
+    let root = fixtures().join("qwen3-tiny");
+    let file = bitnet_models::gguf::GgufFile::open(root.join("dense.gguf")).unwrap();
+    let cfg = bitnet_models::gguf_model::config_from_gguf(&file).unwrap();
+    assert_eq!((cfg.architecture, cfg.head_dim, cfg.num_kv_heads), (Architecture::Qwen3, 32, 2));
+    run_checkpoint_on(
+        &CpuBackend::new,
+        &root.join("dense.gguf"),
+        &root.join("golden/dense_f32.safetensors"),
+        LogitCheck::Atol(1e-3),
+    );
+}
+
+#[test]
+fn falcon_config_is_the_llama_layout_with_bitlinear() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("falcon-tiny/packed_bitlinear")).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Llama158);
+    assert_eq!(cfg.quant_form, QuantForm::PackedDivide);
+    assert!(!cfg.qk_norm() && !cfg.sub_norms && !cfg.tie_word_embeddings);
+    // head_dim from the config: 2 heads of 128 over a hidden size of 128.
+    assert_eq!((cfg.head_dim, cfg.q_dim(), cfg.hidden_size), (128, 256, 128));
+    assert_eq!(cfg.rope_theta, 1_000_042.0);
+}
+
+#[test]
+fn falcon_1_58bit_layout_matches_transformers() {
+    run_fixture_on(&CpuBackend::new, "falcon-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3));
+}
+
+/// The form bitnet.cpp runs Falcon 1.58-bit models in: a `llama` GGUF with I2_S projections
+/// (q/k rows in llama's interleaved-RoPE order), here written by `bitnet convert`.
+#[test]
+fn falcon_as_an_i2_s_gguf_matches_transformers() {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+    let root = fixtures().join("falcon-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("falcon-i2_s.gguf");
+    convert_hf_to_gguf(&root.join("packed_bitlinear"), &gguf, WeightType::I2S, HeadType::F16, |_, _| {})
+        .unwrap();
+    let file = bitnet_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata().get_str("general.architecture"), Some("llama"));
+    run_checkpoint_on(
+        &CpuBackend::new,
+        &gguf,
+        &root.join("golden/packed_bitlinear_f32.safetensors"),
+        LogitCheck::Atol(1e-3),
+    );
+}
+
+/// Every text's embedding (last-token pooling, L2-normalized) against transformers' pooled,
+/// normalized `last_hidden_state`; the tokenizer appends the pooled end-of-text token.
+#[test]
+fn bitnet_embedding_matches_transformers() {
+    let dir = fixtures().join("qwen3-embed-tiny/master");
+    let golden = Golden::open(&fixtures().join("qwen3-embed-tiny/golden/embed_f32.safetensors"));
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen3-embed-tiny/golden/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let texts = json["forms"]["master"]["texts"].as_array().unwrap();
+    let loaded = common::load(&dir);
+    let cfg = &loaded.model.config;
+    assert_eq!((cfg.architecture, cfg.quant_form), (Architecture::Qwen3, QuantForm::Online));
+    assert_eq!(cfg.bitlinear_input_norm, Some(1e-6));
+    let tok = loaded.tokenizer.as_ref().unwrap();
+    let mut ctx = Context::new(&loaded.model, CpuBackend::new(), &ContextOptions::new(64)).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let ids = tok.encode(text.as_str().unwrap()).unwrap();
+        assert_eq!(ids, golden.u32s(&format!("input_ids.{i}")), "text {i}: token ids");
+        let got = loaded.model.embed(&mut ctx, &ids).unwrap();
+        let want = golden.f(&format!("embedding.{i}"));
+        let c = cosine(&got, want);
+        assert!(c >= 0.999, "text {i}: cosine {c} with transformers' embedding");
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "text {i}: norm {norm}");
+    }
+    // Every embedding gave its blocks back.
+    assert_eq!(ctx.kv_stats().used, 0);
+}
+
+/// Batches smaller than the text: the embedding is computed over chunks and equals the one
+/// computed in one pass.
+#[test]
+fn embedding_over_chunks_equals_one_pass() {
+    let loaded = common::load(&fixtures().join("qwen3-embed-tiny/master"));
+    let golden = Golden::open(&fixtures().join("qwen3-embed-tiny/golden/embed_f32.safetensors"));
+    let ids = golden.u32s("input_ids.1");
+    let mut whole = Context::new(&loaded.model, CpuBackend::new(), &ContextOptions::new(64)).unwrap();
+    let opts = ContextOptions { max_batch: 5, ..ContextOptions::new(64) };
+    let mut chunked = Context::new(&loaded.model, CpuBackend::new(), &opts).unwrap();
+    let a = loaded.model.embed(&mut whole, &ids).unwrap();
+    let b = loaded.model.embed(&mut chunked, &ids).unwrap();
+    assert!(ids.len() > 5);
+    assert!(common::max_abs_diff(&a, &b) < 1e-5);
+    assert!(matches!(loaded.model.embed(&mut whole, &[]), Err(bitnet_inference::InferenceError::EmptyInput)));
+}
+
+/// The embeddings of the golden texts from `model`, and their cosines with transformers'.
+fn embedding_cosines(model: &bitnet_inference::Model<CpuBackend>) -> Vec<f64> {
+    let golden = Golden::open(&fixtures().join("qwen3-embed-tiny/golden/embed_f32.safetensors"));
+    let mut ctx = Context::new(model, CpuBackend::new(), &ContextOptions::new(64)).unwrap();
+    (0..4)
+        .map(|i| {
+            let got = model.embed(&mut ctx, &golden.u32s(&format!("input_ids.{i}"))).unwrap();
+            cosine(&got, golden.f(&format!("embedding.{i}")))
+        })
+        .collect()
+}
+
+/// Microsoft's BitNet-embedding checkpoints name the gain before each projection
+/// `<proj>.norm.weight` and may say nothing of it in config.json: the gains alone make the
+/// projections BitLinears with an input norm of the model's eps.
+#[test]
+fn embedding_checkpoint_with_norm_weight_names_and_no_quantization_config() {
+    let src = fixtures().join("qwen3-embed-tiny/master");
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().map(|(n, v)| (n.replace(".rms_norm.weight", ".norm.weight"), v)).collect();
+    assert!(renamed.iter().any(|(n, _)| n.ends_with("q_proj.norm.weight")));
+    std::fs::write(dir.path().join("model.safetensors"), safetensors::serialize(renamed, None).unwrap())
+        .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("quantization_config");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let loaded = common::load(dir.path());
+    let cfg = &loaded.model.config;
+    assert_eq!((cfg.quant_form, cfg.bitlinear_input_norm), (QuantForm::Online, Some(cfg.rms_norm_eps)));
+    for (i, c) in embedding_cosines(&loaded.model).into_iter().enumerate() {
+        assert!(c >= 0.999, "text {i}: cosine {c}");
+    }
+}
+
+/// The embedding model as a `qwen3` GGUF written by `bitnet convert`: per-head norms, and the
+/// gain before every projection as bitnet.cpp's embedding GGUFs name it (`attn_q_norm_in`).
+#[test]
+fn embedding_model_as_a_gguf_matches_transformers() {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("embed.gguf");
+    let src = fixtures().join("qwen3-embed-tiny/master");
+    convert_hf_to_gguf(&src, &gguf, WeightType::F16, HeadType::F16, |_, _| {}).unwrap();
+    let file = bitnet_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata().get_str("general.architecture"), Some("qwen3"));
+    assert!(
+        file.tensor("blk.1.ffn_down_norm_in.weight").is_some()
+            && file.tensor("blk.1.attn_k_norm.weight").is_some()
+    );
+    let loaded = common::load(&gguf);
+    assert_eq!(loaded.model.config.bitlinear_input_norm, Some(1e-6));
+    for (i, c) in embedding_cosines(&loaded.model).into_iter().enumerate() {
+        assert!(c >= 0.999, "text {i}: cosine {c}");
+    }
+}
