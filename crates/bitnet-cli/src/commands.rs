@@ -761,7 +761,9 @@ pub struct QuantizeArgs {
     pub src: PathBuf,
     /// Output .gguf file.
     pub dst: PathBuf,
-    /// New type: tq2_0 / tq1_0 / i2_s re-encode the ternary projections (exact codes); f16 /
+    /// New type: tq2_0 / tq1_0 / q2_0 / q1_0 (llama.cpp), pq2_0 / ptq1_0 (PrismML), i2_s
+    /// (bitnet.cpp) re-encode the ternary projections (exact codes, group scales kept where the
+    /// target holds them); f16 /
     /// bf16 / q8_0 / q6_k re-encode every weight matrix (projections, embeddings, head) from its
     /// decoded values.
     #[arg(long = "type", value_enum)]
@@ -774,6 +776,14 @@ pub enum QuantizeType {
     Tq2_0,
     #[value(name = "tq1_0")]
     Tq1_0,
+    #[value(name = "q2_0")]
+    Q2_0,
+    #[value(name = "q1_0")]
+    Q1_0,
+    #[value(name = "pq2_0")]
+    Pq2_0,
+    #[value(name = "ptq1_0")]
+    Ptq1_0,
     #[value(name = "i2_s")]
     I2S,
     F16,
@@ -795,6 +805,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     match a.weight_type {
         QuantizeType::Tq2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq2_0, progress)?,
         QuantizeType::Tq1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq1_0, progress)?,
+        QuantizeType::Q2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Q2_0, progress)?,
+        QuantizeType::Q1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Q1_0, progress)?,
+        QuantizeType::Pq2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Pq2_0, progress)?,
+        QuantizeType::Ptq1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Ptq1_0, progress)?,
         QuantizeType::I2S => requantize_gguf(&a.src, &a.dst, WeightType::I2S, progress)?,
         QuantizeType::F16 => dense(DenseType::F16)?,
         QuantizeType::Bf16 => dense(DenseType::Bf16)?,
