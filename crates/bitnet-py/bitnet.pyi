@@ -187,6 +187,9 @@ class Model:
     ) -> npt.NDArray[np.float32]:
         """float32 logits: of the last position, shape (vocab_size,), or with all_positions of
         every position, shape (len(token_ids), vocab_size). Bit for bit `bitnet logits`."""
+    def embed(self, texts: Union[str, Sequence[str]]) -> npt.NDArray[np.float32]:
+        """float32 embeddings, shape (len(texts), hidden_size), each row L2-normalized: the
+        last-token pooling of BitNet-embedding models. Bit for bit `bitnet embed`."""
     @property
     def tokenizer(self) -> Optional[Tokenizer]: ...
     @property

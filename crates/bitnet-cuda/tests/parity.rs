@@ -23,7 +23,10 @@ fn every_fixture_matches_transformers_on_the_gpu() {
     }
 }
 
-/// Greedy ids of the CPU and the GPU agree on every fixture, token for token.
+/// Greedy ids of the CPU and the GPU agree on every fixture, token for token, up to a step
+/// where the CPU's two best logits lie within [`NEAR_TIE`] of each other: the backends sum floats
+/// in different orders (norms, attention, the float head), so a near-tie may go either way, and
+/// after that the two continuations are different texts. A split at a clear margin fails.
 #[test]
 fn greedy_ids_equal_the_cpu_backend() {
     let dev = match CudaDevice::open(0) {
@@ -33,6 +36,7 @@ fn greedy_ids_equal_the_cpu_backend() {
             return;
         }
     };
+    let mut failures = Vec::new();
     for (fixture, form, _) in PARITY_CASES {
         let dir = common::fixtures().join(fixture).join(form);
         let golden = common::Golden::open(
@@ -42,10 +46,35 @@ fn greedy_ids_equal_the_cpu_backend() {
         let cpu = common::load(&dir);
         let make = || CudaBackend::on(dev.clone());
         let gpu = common::load_on(&dir, &make);
-        let (want, _) = common::greedy_with_cache(&cpu.model, &prompt, 24);
-        let (got, _) = common::greedy_with_cache_on(&gpu.model, &make, &prompt, 24);
-        assert_eq!(got, want, "{fixture}/{form}: greedy ids differ between the CPU and {}", dev.name());
+        let (want, cpu_steps) = common::greedy_with_cache(&cpu.model, &prompt, 24);
+        let (got, gpu_steps) = common::greedy_with_cache_on(&gpu.model, &make, &prompt, 24);
+        let Some(at) = want.iter().zip(&got).position(|(a, b)| a != b) else {
+            println!("{fixture}/{form}: 24 of 24 greedy ids equal");
+            continue;
+        };
+        let margin = top2_margin(&cpu_steps[at]);
+        let diff = common::max_abs_diff(&cpu_steps[at], &gpu_steps[at]);
+        let line = format!(
+            "{fixture}/{form}: greedy ids split at step {at} of 24 (CPU {} vs {} {}), CPU top-2 margin              {margin:.2e}, largest logit difference there {diff:.2e}",
+            want[at],
+            dev.name(),
+            got[at]
+        );
+        println!("{line}");
+        if margin >= NEAR_TIE {
+            failures.push(line);
+        }
     }
+    assert!(failures.is_empty(), "greedy ids split at a clear margin:\n{}", failures.join("\n"));
+}
+
+/// A top-2 logit margin below which the backends may pick different tokens.
+const NEAR_TIE: f32 = 1e-3;
+
+/// The gap between the largest and the second-largest value.
+fn top2_margin(x: &[f32]) -> f32 {
+    let top = common::top_k(x, 2);
+    x[top[0]] - x[top[1]]
 }
 
 /// Says, past the test harness's output capture, that a GPU test did not run.

@@ -196,6 +196,16 @@ impl Engine {
         })
     }
 
+    /// The embedding of each of `texts` (token ids, each checked by the caller): the model's
+    /// last-token pooling, L2-normalized ([`Model::embed`]), one context for all of them.
+    pub fn embed(&self, texts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let longest = texts.iter().map(Vec::len).max().unwrap_or(1);
+        let mut ctx = self.take_context(longest)?;
+        let vectors = texts.iter().map(|ids| self.model.embed(&mut ctx, ids)).collect();
+        self.give_back(ctx);
+        vectors
+    }
+
     /// Checks that `ids` can be a prompt: not empty, every id in the vocabulary, shorter than
     /// the context (`room` more tokens must fit after it).
     pub fn check_prompt(&self, ids: &[u32], room: usize) -> Result<(), String> {

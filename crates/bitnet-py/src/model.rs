@@ -272,6 +272,49 @@ impl PyModel {
         Ok(rows.into_pyarray(py).into_any())
     }
 
+    /// The embeddings of texts (a str or a list of str), shape (len(texts), hidden_size),
+    /// float32, each row L2-normalized: BitNet-embedding models' last-token pooling, bit for bit
+    /// what `bitnet embed` prints. A checkpoint that declares another pooling raises ValueError.
+    fn embed<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let texts: Vec<String> = match texts.cast::<PyString>() {
+            Ok(one) => vec![one.to_cow()?.into_owned()],
+            Err(_) => texts.extract().map_err(|_| {
+                value_error("texts must be a str or a list of str".to_string())
+            })?,
+        };
+        if texts.is_empty() {
+            return Err(value_error("texts is empty: give at least one text".to_string()));
+        }
+        let source = std::path::Path::new(&self.engine.source);
+        if source.exists() {
+            use bitnet_models::pooling::{declared_pooling, Pooling};
+            match declared_pooling(source).map_err(engine_error)? {
+                None | Some(Pooling::LastToken) => {}
+                Some(other) => {
+                    return Err(value_error(format!(
+                        "{} declares {other} pooling; embed pools the last token (BitNet-embedding models)",
+                        self.engine.source
+                    )))
+                }
+            }
+        }
+        let tokenizer = self.require_tokenizer()?;
+        let mut ids = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            if text.is_empty() {
+                return Err(value_error(format!("texts[{i}] is empty: nothing to embed")));
+            }
+            let t = tokenizer.encode(text).map_err(engine_error)?;
+            self.engine.check_prompt(&t, 0).map_err(|e| value_error(format!("texts[{i}]: {e}")))?;
+            ids.push(t);
+        }
+        let engine = &self.engine;
+        let vectors = py.detach(|| engine.embed(&ids)).map_err(inference_error)?;
+        let hidden = vectors.first().map_or(0, Vec::len);
+        let rows = Array2::from_shape_vec((vectors.len(), hidden), vectors.concat()).map_err(engine_error)?;
+        Ok(rows.into_pyarray(py).into_any())
+    }
+
     /// The model's tokenizer, or None if the checkpoint has none.
     #[getter]
     fn tokenizer(&self) -> Option<PyTokenizer> {
