@@ -278,9 +278,9 @@ impl PyModel {
     fn embed<'py>(&self, py: Python<'py>, texts: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let texts: Vec<String> = match texts.cast::<PyString>() {
             Ok(one) => vec![one.to_cow()?.into_owned()],
-            Err(_) => texts.extract().map_err(|_| {
-                value_error("texts must be a str or a list of str".to_string())
-            })?,
+            Err(_) => texts
+                .extract()
+                .map_err(|_| value_error("texts must be a str or a list of str".to_string()))?,
         };
         if texts.is_empty() {
             return Err(value_error("texts is empty: give at least one text".to_string()));
