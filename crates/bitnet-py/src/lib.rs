@@ -1,9 +1,9 @@
 //! `bitnet`: the BitNet b1.58 engine from Python.
 //!
-//! One module, built by maturin from this crate (`pip install ./crates/bitnet-py`): [`model`]
-//! (`Model`, `Tokenizer`), [`generation`] (`Generation`, `TextStream`), [`tools`] (`convert`,
-//! `quantize`, `train`), [`errors`] (`BitNetError` and how engine errors become Python
-//! exceptions). The engine works with the GIL released, on threads of its own ([`worker`]).
+//! One module, built by maturin from this crate (`pip install ./crates/bitnet-py`): `model`
+//! (`Model`, `Tokenizer`), `generation` (`Generation`, `TextStream`), `tools` (`convert`,
+//! `quantize`, `train`), `errors` (`BitNetError` and how engine errors become Python
+//! exceptions). The engine works with the GIL released, on threads of its own (`worker`).
 //! `bitnet.pyi` beside this crate's Cargo.toml is the module's type stub.
 
 mod args;
