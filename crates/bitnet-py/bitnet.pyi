@@ -229,9 +229,12 @@ def convert(
     """Converts a Hugging Face BitNet checkpoint folder to a GGUF file (as `bitnet convert`)."""
 
 def quantize(
-    src: _Path, dst: _Path, type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16"]
+    src: _Path,
+    dst: _Path,
+    type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k"],
 ) -> None:
-    """Re-encodes the ternary tensors of a GGUF file as another type (as `bitnet quantize`)."""
+    """Re-encodes a GGUF file as another type (as `bitnet quantize`): the ternary types re-encode
+    the ternary projections (exact codes); f16, bf16, q8_0 and q6_k every weight matrix."""
 
 def train(
     data: _Path,

@@ -4,7 +4,9 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bitnet_models::convert::{convert_hf_to_gguf, requantize_gguf, HeadType, WeightType};
+use bitnet_models::convert::{
+    convert_hf_to_gguf, reencode_gguf_dense, requantize_gguf, DenseType, HeadType, WeightType,
+};
 use bitnet_training::train::Arch;
 use bitnet_training::{train_with, Preset, StepReport, Summary, TrainArgs};
 use clap::ValueEnum;
@@ -58,16 +60,44 @@ pub fn convert(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str, lm_head
     py.detach(|| convert_hf_to_gguf(&src, &dst, weight, head, |_, _| {})).map_err(model_error)
 }
 
-/// Re-encodes the ternary tensors of a GGUF file as another type (as `bitnet quantize`).
+/// Re-encodes a GGUF file as another type (as `bitnet quantize`).
 ///
-/// type: "tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s" or "f16".
+/// type: "tq2_0", "tq1_0", "q2_0", "q1_0" (llama.cpp), "pq2_0", "ptq1_0" (PrismML) or "i2_s"
+///     (bitnet.cpp) re-encode the ternary projections (exact codes); "f16", "bf16", "q8_0" or
+///     "q6_k" re-encode every weight matrix (projections, embeddings, head) from its decoded
+///     values.
+/// The file is written under a temporary name and renamed when complete.
 #[pyfunction]
 #[pyo3(signature = (src, dst, r#type))]
 pub fn quantize(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str) -> PyResult<()> {
-    let weight = weight_type(r#type)?;
+    let target = match r#type {
+        "f16" => Reencode::Dense(DenseType::F16),
+        "bf16" => Reencode::Dense(DenseType::Bf16),
+        "q8_0" => Reencode::Dense(DenseType::Q8_0),
+        "q6_k" => Reencode::Dense(DenseType::Q6K),
+        other => Reencode::Ternary(
+            WeightType::from_name(other)
+                .filter(|t| *t != WeightType::F16)
+                .ok_or_else(|| value_error(format!("type must be one of {QUANTIZE_TYPES}, got {other:?}")))?,
+        ),
+    };
     require_exists(&src, "GGUF file")?;
-    py.detach(|| requantize_gguf(&src, &dst, weight, |_, _| {})).map_err(model_error)
+    py.detach(|| match target {
+        Reencode::Dense(d) => reencode_gguf_dense(&src, &dst, d, |_, _| {}),
+        Reencode::Ternary(t) => requantize_gguf(&src, &dst, t, |_, _| {}),
+    })
+    .map_err(model_error)
 }
+
+/// What `quantize` re-encodes: every weight matrix in a dense type, or the ternary projections.
+enum Reencode {
+    Dense(DenseType),
+    Ternary(WeightType),
+}
+
+/// The names `quantize` takes, as its error lists them.
+const QUANTIZE_TYPES: &str =
+    "\"tq2_0\", \"tq1_0\", \"q2_0\", \"q1_0\", \"pq2_0\", \"ptq1_0\", \"i2_s\", \"f16\", \"bf16\", \"q8_0\", \"q6_k\"";
 
 /// What `bitnet.train` returns.
 #[pyclass(frozen, module = "bitnet", name = "TrainSummary", get_all)]

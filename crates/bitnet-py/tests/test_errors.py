@@ -28,6 +28,8 @@ def test_missing_paths_raise_file_not_found(tmp_path):
         bitnet.convert(missing, tmp_path / "out.gguf")
     with pytest.raises(FileNotFoundError):
         bitnet.quantize(tmp_path / "missing.gguf", tmp_path / "out.gguf", type="tq1_0")
+    with pytest.raises(ValueError, match=r"type must be one of .*q6_k.*got \"q3_k\""):
+        bitnet.quantize(tmp_path / "missing.gguf", tmp_path / "out.gguf", type="q3_k")
     with pytest.raises(FileNotFoundError):
         bitnet.train(tmp_path / "missing.txt", tmp_path / "run")
 
