@@ -16,6 +16,7 @@
 
 use super::{DenseError, QK, QK_K};
 use crate::formats::float::{f16_bits_to_f32, f32_to_f16_bits};
+use crate::quantize::round_to_i8;
 
 /// The encoding of a dense product's activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -226,8 +227,9 @@ pub fn quantize_q8_block(x: &[f32], q: &mut [i8]) -> (f32, f32, i32) {
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut sum = 0i32;
     for (qv, &v) in q.iter_mut().zip(x) {
-        // `as i32` saturates and maps NaN to 0; the clamp keeps -128 out.
-        let r = ((v * id).round_ties_even() as i32).clamp(-127, 127);
+        // Round half to even, NaN to 0, saturated, and -128 kept out (`round_to_i8`: the same
+        // integers as `round_ties_even` and a clamp, without its library call).
+        let r = i32::from(round_to_i8(v * id).max(-127));
         *qv = r as i8;
         sum += r;
     }
@@ -251,7 +253,34 @@ pub fn quantize_q8k_block(x: &[f32], q: &mut [i8]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (qv, &v) in q.iter_mut().zip(x) {
-        *qv = ((iscale * v).round_ties_even() as i32).clamp(-127, 127) as i8;
+        *qv = round_to_i8(iscale * v).max(-127);
     }
     1.0 / iscale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_to_i8;
+
+    /// The quantizers' rounding equals `round_ties_even` followed by the clamp to ±127 (what
+    /// ggml computes), on ties, the ends of the range, beyond it, infinities and NaN.
+    #[test]
+    fn rounding_equals_round_ties_even_and_the_clamp() {
+        let reference = |x: f32| (x.round_ties_even() as i32).clamp(-127, 127) as i8;
+        let mut cases = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, 4194304.5, -8388609.0];
+        for k in -260..=260 {
+            let x = k as f32 * 0.5;
+            cases.extend([x, x.next_up(), x.next_down()]);
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            cases.push(((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 300.0);
+        }
+        for x in cases {
+            assert_eq!(round_to_i8(x).max(-127), reference(x), "{x}");
+        }
+    }
 }
