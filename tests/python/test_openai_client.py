@@ -161,3 +161,18 @@ def test_bad_values_are_400(client, model):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=user("hi"), n=2)
+
+
+def test_embeddings_in_float_and_base64(client, model):
+    # The client asks for base64 unless told otherwise and decodes it itself; both must agree.
+    texts = ["It is a truth universally acknowledged", "a single man"]
+    default = client.embeddings.create(model=model, input=texts)
+    floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.index for d in default.data] == [0, 1]
+    for a, b in zip(default.data, floats.data):
+        assert len(a.embedding) == len(b.embedding) > 0
+        assert a.embedding == pytest.approx(b.embedding, rel=0, abs=0)
+        assert sum(x * x for x in a.embedding) == pytest.approx(1.0, rel=1e-5)
+    assert default.usage.prompt_tokens == default.usage.total_tokens > 2
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=model, input="")

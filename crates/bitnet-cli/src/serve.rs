@@ -10,8 +10,9 @@ use bitnet_inference::chat::ChatFormat;
 use bitnet_inference::scheduler::{
     Event, EventSink, FinishReason as Finish, Request, Scheduler, SchedulerOptions, SubmitError as Refused,
 };
-use bitnet_inference::{Context as RunContext, ContextOptions, CpuBackend, KvType, SamplingParams};
+use bitnet_inference::{Context as RunContext, ContextOptions, CpuBackend, KvType, Model, SamplingParams};
 use bitnet_models::chat::ChatMessage;
+use bitnet_models::pooling::{declared_pooling, Pooling};
 use bitnet_models::tokenizer::Tokenizer;
 use bitnet_server::engine::{
     ChatTurn, Engine, EngineError, EngineStats, FinishReason, GenerationEvent, GenerationRequest,
@@ -83,6 +84,41 @@ struct SchedulerEngine {
     model_id: String,
     context: usize,
     kv_total: usize,
+    embedder: Embedder,
+}
+
+/// `/v1/embeddings` beside the scheduler: the shared weights and a context of its own, made on
+/// the first request and kept (one embedding request at a time; generation goes on meanwhile).
+struct Embedder {
+    model: Arc<Model<CpuBackend>>,
+    context: std::sync::Mutex<Option<RunContext<CpuBackend>>>,
+    /// Why this checkpoint's embeddings are refused: it declares a pooling other than the last
+    /// token's.
+    refused: Option<String>,
+}
+
+impl Embedder {
+    fn embed(&self, inputs: &[Vec<u32>], max_tokens: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+        if let Some(why) = &self.refused {
+            return Err(EngineError::Invalid(why.clone()));
+        }
+        let mut slot = self.context.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() {
+            let opts = ContextOptions {
+                max_seq_tokens: Some(max_tokens),
+                governor: governor_enabled(),
+                ..ContextOptions::new(max_tokens)
+            };
+            let ctx = RunContext::new(&self.model, CpuBackend::new(), &opts)
+                .map_err(|e| EngineError::Internal(format!("cannot make the embedding context: {e}")))?;
+            *slot = Some(ctx);
+        }
+        let ctx = slot.as_mut().expect("made above");
+        inputs
+            .iter()
+            .map(|ids| self.model.embed(ctx, ids).map_err(|e| EngineError::Invalid(e.to_string())))
+            .collect()
+    }
 }
 
 /// Sends a request's events to the HTTP handler's channel, converting them.
@@ -185,6 +221,10 @@ impl Engine for SchedulerEngine {
         Ok(rx)
     }
 
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.embedder.embed(inputs, self.context)
+    }
+
     fn stats(&self) -> EngineStats {
         let s = self.scheduler.stats();
         EngineStats {
@@ -256,7 +296,18 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
         None => "bitnet-default".to_string(),
     };
-    let engine = Arc::new(SchedulerEngine { scheduler, tokenizer, format, model_id, context, kv_total });
+    let refused = match declared_pooling(&loaded.source) {
+        _ if !loaded.source.exists() => None,
+        Ok(None | Some(Pooling::LastToken)) => None,
+        Ok(Some(other)) => Some(format!(
+            "{} declares {other} pooling; this server pools the last token (BitNet-embedding models)",
+            model_id
+        )),
+        Err(e) => Some(format!("cannot read the checkpoint's pooling: {e}")),
+    };
+    let embedder = Embedder { model, context: std::sync::Mutex::new(None), refused };
+    let engine =
+        Arc::new(SchedulerEngine { scheduler, tokenizer, format, model_id, context, kv_total, embedder });
     let server_cfg = ServerConfig {
         host: a.host.clone(),
         port: a.port,

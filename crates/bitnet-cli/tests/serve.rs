@@ -100,3 +100,55 @@ fn serve_answers_openai_requests_and_stops_cleanly() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `/v1/embeddings` of an embedding checkpoint equals `bitnet embed --json`, number for number,
+/// with generation still served beside it; a checkpoint declaring mean pooling is a 400.
+#[test]
+fn embeddings_equal_bitnet_embed() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-embed-tiny/master");
+    let model = fixture.to_str().unwrap();
+    let (mut child, addr) = start(&["--model", model, "--ctx", "64"]);
+    let texts = ["query: what is a ternary weight?", "A weight in {-1, 0, +1}."];
+    let body = serde_json::json!({"input": texts}).to_string();
+    let (status, body) = request(&addr, "POST", "/v1/embeddings", &body, &[]);
+    assert_eq!(status, 200, "{body}");
+    let served = json(&body);
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["embed", "--model", model, "--json", "-t", "2", "--input", texts[0], "--input", texts[1]])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli = json(&String::from_utf8(out.stdout).unwrap());
+    for i in 0..2 {
+        assert_eq!(served["data"][i]["embedding"], cli["data"][i]["embedding"], "text {i}");
+    }
+    assert_eq!(served["usage"], cli["usage"]);
+    // Generation goes on beside it.
+    let completion = r#"{"prompt": "hello", "max_tokens": 2, "temperature": 0}"#;
+    let (status, body) = request(&addr, "POST", "/v1/completions", completion, &[]);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(&addr, "POST", "/v1/embeddings", r#"{"input": ""}"#, &[]);
+    assert_eq!(status, 400, "{body}");
+    stop(&mut child);
+
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode_mean_tokens": true}"#)
+        .unwrap();
+    let (mut child, addr) = start(&["--model", dir.path().to_str().unwrap(), "--ctx", "64"]);
+    let (status, body) = request(&addr, "POST", "/v1/embeddings", r#"{"input": "hello"}"#, &[]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("declares mean pooling"), "{body}");
+    stop(&mut child);
+}
+
+/// Stops a server with SIGTERM and waits for it.
+fn stop(child: &mut Child) {
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    child.wait().unwrap();
+}

@@ -40,6 +40,15 @@ pub trait Engine: Send + Sync + 'static {
     /// start of a stop string and never sends the stop string itself.
     fn submit(&self, req: GenerationRequest) -> Result<UnboundedReceiver<GenerationEvent>, SubmitError>;
 
+    /// The embedding of each input (token ids, already checked against the context): the
+    /// model's pooled, L2-normalized final hidden state, one vector per input, all of one
+    /// width. Runs on a blocking thread; an engine that cannot embed answers
+    /// [`EngineError::Invalid`] (a 400), which is what this default does.
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let _ = inputs;
+        Err(EngineError::Invalid("this server's model does not compute embeddings".into()))
+    }
+
     /// A snapshot of the engine's load, read by `/metrics` and `/health`.
     fn stats(&self) -> EngineStats;
 

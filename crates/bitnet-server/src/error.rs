@@ -40,6 +40,12 @@ impl ApiError {
         ApiError { status, message: message.into(), param: None, code: None }
     }
 
+    /// Names the request field at fault.
+    pub fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
     /// Sets the machine-readable code.
     pub fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);

@@ -15,7 +15,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::engine::{GenerationEvent, GenerationRequest};
 use crate::error::ApiError;
-use crate::request::{parse_chat_request, parse_completion_request, PromptInput, SamplingParams};
+use crate::request::{
+    parse_chat_request, parse_completion_request, parse_embedding_request, EmbeddingFormat, PromptInput,
+    SamplingParams,
+};
 use crate::response::{Completion, CompletionKind};
 use crate::state::AppState;
 use crate::stream::completion_events;
@@ -137,6 +140,88 @@ pub(crate) async fn chat_completions(
     }
     .await;
     answer(state, arrived, "/v1/chat/completions", result).await
+}
+
+/// `POST /v1/embeddings`: each input tokenized (texts) or taken as ids, checked against the
+/// context, embedded by the engine off the async workers, answered in OpenAI's shape.
+pub(crate) async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let body = read_body(&headers, body, state.cfg.max_body_bytes).await?;
+        let params = parse_embedding_request(&body)?;
+        let engine = state.engine.clone();
+        let inputs = params.inputs;
+        let ids = run_blocking(move || {
+            inputs
+                .into_iter()
+                .map(|input| match input {
+                    PromptInput::Text(text) => engine.encode_prompt(&text),
+                    PromptInput::Tokens(ids) => Ok(ids),
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let context = state.engine.context_len();
+        for (i, one) in ids.iter().enumerate() {
+            if one.is_empty() || one.len() > context {
+                return Err(ApiError::invalid_param(
+                    "input",
+                    format!("input {i} has {} tokens; the model takes 1 to {context}", one.len()),
+                )
+                .code("context_length_exceeded"));
+            }
+        }
+        let engine = state.engine.clone();
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        let vectors = run_blocking(move || engine.embed(&ids)).await?;
+        state.metrics.add_prompt_tokens(tokens);
+        let width = vectors.first().map_or(0, Vec::len);
+        if let Some(d) = params.dimensions.filter(|&d| d != width) {
+            return Err(ApiError::invalid_param(
+                "dimensions",
+                format!("this model's embeddings have {width} dimensions; 'dimensions' {d} cannot be given"),
+            ));
+        }
+        let data: Vec<Value> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = match params.format {
+                    EmbeddingFormat::Float => json!(v),
+                    EmbeddingFormat::Base64 => json!(base64_f32(v)),
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        Ok(Json(json!({
+            "object": "list",
+            "data": data,
+            "model": state.engine.model_id(),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The little-endian bytes of `v` in standard base64 (with padding), as OpenAI's
+/// `encoding_format: "base64"` sends them.
+fn base64_f32(v: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Streams or collects a submitted generation, or answers the error that came before it.

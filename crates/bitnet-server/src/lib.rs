@@ -68,6 +68,7 @@ fn app(state: AppState) -> axum::Router {
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{id}", get(handlers::get_model))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(handlers::embeddings))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

@@ -22,7 +22,7 @@ const DURATION_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 /// The endpoints metrics are labelled with; any other path counts as `other`, so that clients
 /// probing random paths cannot grow the label set.
 pub(crate) const KNOWN_ENDPOINTS: &[&str] =
-    &["/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"];
+    &["/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"];
 
 /// The server's own metrics.
 pub struct Metrics {

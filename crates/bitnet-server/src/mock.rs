@@ -221,6 +221,25 @@ impl Engine for MockEngine {
         Ok(rx)
     }
 
+    /// A stand-in embedding: the counts of each input's ids in eight buckets (`id % 8`),
+    /// L2-normalized, so equal inputs give equal vectors and tests can compute what to expect.
+    fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        inputs
+            .iter()
+            .map(|ids| {
+                if let Some(id) = ids.iter().find(|&&id| id >= VOCAB_SIZE) {
+                    return Err(EngineError::Invalid(format!(
+                        "token id {id} is outside the vocabulary of {VOCAB_SIZE}"
+                    )));
+                }
+                let mut v = [0f32; 8];
+                ids.iter().for_each(|&id| v[id as usize % 8] += 1.0);
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                Ok(v.iter().map(|x| x / norm).collect())
+            })
+            .collect()
+    }
+
     fn stats(&self) -> EngineStats {
         let load = lock(&self.load);
         EngineStats {

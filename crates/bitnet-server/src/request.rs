@@ -1,4 +1,5 @@
-//! Parsing and validating the bodies of `/v1/completions` and `/v1/chat/completions`.
+//! Parsing and validating the bodies of `/v1/completions`, `/v1/chat/completions` and
+//! `/v1/embeddings`.
 //!
 //! The body is read field by field from a JSON object rather than through a derived struct so
 //! that every error names its field (`param` in OpenAI's error shape) and says what was expected.
@@ -77,6 +78,85 @@ pub struct ChatParams {
     pub stream: bool,
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub include_usage: bool,
+}
+
+/// The most inputs one `/v1/embeddings` request may hold (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// How `/v1/embeddings` returns each vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingFormat {
+    /// A JSON list of numbers.
+    Float,
+    /// The little-endian f32 bytes in base64 (what OpenAI's Python client asks for by default).
+    Base64,
+}
+
+/// A validated `/v1/embeddings` request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingParams {
+    /// The inputs, each a text or token ids.
+    pub inputs: Vec<PromptInput>,
+    /// `encoding_format`.
+    pub format: EmbeddingFormat,
+    /// `dimensions`, if given (only the model's own width is accepted, later).
+    pub dimensions: Option<usize>,
+}
+
+/// Parses and validates a `/v1/embeddings` body: `input` is a string, a list of strings, a list
+/// of token ids, or a list of lists of token ids, none of them empty.
+pub fn parse_embedding_request(body: &[u8]) -> Result<EmbeddingParams, ApiError> {
+    let obj = parse_object(body)?;
+    let wrong = || {
+        ApiError::invalid_param(
+            "input",
+            "'input' must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+        )
+    };
+    let empty = |what: String| ApiError::invalid_param("input", format!("{what} is empty: nothing to embed"));
+    let inputs = match field(&obj, "input") {
+        None => return Err(ApiError::invalid_param("input", "'input' is required")),
+        Some(Value::String(s)) => vec![PromptInput::Text(s.clone())],
+        Some(Value::Array(items)) if items.is_empty() => return Err(empty("'input'".into())),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![PromptInput::Tokens(parse_token_ids(items).map_err(|e| e.param("input"))?)]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                Value::Array(ids) if ids.iter().all(Value::is_number) => {
+                    parse_token_ids(ids).map(PromptInput::Tokens).map_err(|e| e.param("input"))
+                }
+                _ => Err(wrong()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(wrong()),
+    };
+    if inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(ApiError::invalid_param(
+            "input",
+            format!("'input' holds {} inputs; at most {MAX_EMBEDDING_INPUTS} per request", inputs.len()),
+        ));
+    }
+    if let Some(i) = inputs.iter().position(|p| match p {
+        PromptInput::Text(t) => t.is_empty(),
+        PromptInput::Tokens(ids) => ids.is_empty(),
+    }) {
+        return Err(empty(format!("input {i}")));
+    }
+    let format = match string_field(&obj, "encoding_format")? {
+        None | Some("float") => EmbeddingFormat::Float,
+        Some("base64") => EmbeddingFormat::Base64,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "encoding_format",
+                format!("'encoding_format' must be \"float\" or \"base64\", got {other:?}"),
+            ))
+        }
+    };
+    let dimensions = integer_field(&obj, "dimensions", 1, u32::MAX as u64)?.map(|n| n as usize);
+    Ok(EmbeddingParams { inputs, format, dimensions })
 }
 
 /// Parses and validates a `/v1/completions` body.

@@ -588,3 +588,106 @@ async fn metrics_count_requests_tokens_and_latencies() {
     assert_eq!(value("bitnet_kv_blocks_free"), 1024.0);
     assert!(r.body.contains("# TYPE bitnet_time_to_first_token_seconds histogram"));
 }
+
+/// What the mock embeds for `ids`: bucket counts (`id % 8`), L2-normalized.
+fn mock_embedding(ids: &[u32]) -> Vec<f32> {
+    let mut v = [0f32; 8];
+    ids.iter().for_each(|&id| v[id as usize % 8] += 1.0);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+/// The mock tokenizer's ids for `text`: BOS, then each byte + 3.
+fn mock_ids(text: &str) -> Vec<u32> {
+    std::iter::once(1).chain(text.bytes().map(|b| u32::from(b) + 3)).collect()
+}
+
+#[tokio::test]
+async fn embeddings_in_every_input_form_and_both_encodings() {
+    let app = app(fast_mock());
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    // One string.
+    let r = post_json(&app, "/v1/embeddings", json!({"input": "hello", "model": "m"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["object"], "embedding");
+    assert_eq!(v["data"][0]["index"], 0);
+    assert_eq!(floats(&v["data"][0]["embedding"]), mock_embedding(&mock_ids("hello")));
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    assert_eq!(v["usage"]["total_tokens"], 6);
+    // Several strings, token ids, lists of token ids: one vector each, in order.
+    let r = post_json(&app, "/v1/embeddings", json!({"input": ["a", "bc"]})).await;
+    let v = r.json();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(floats(&v["data"][1]["embedding"]), mock_embedding(&mock_ids("bc")));
+    assert_eq!(v["data"][1]["index"], 1);
+    let r = post_json(&app, "/v1/embeddings", json!({"input": [5, 6, 7]})).await;
+    assert_eq!(floats(&r.json()["data"][0]["embedding"]), mock_embedding(&[5, 6, 7]));
+    let r = post_json(&app, "/v1/embeddings", json!({"input": [[5], [6, 14]]})).await;
+    assert_eq!(floats(&r.json()["data"][1]["embedding"]), mock_embedding(&[6, 14]));
+    // base64: the little-endian f32 bytes.
+    let r = post_json(&app, "/v1/embeddings", json!({"input": "hello", "encoding_format": "base64"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let text = r.json()["data"][0]["embedding"].as_str().unwrap().to_string();
+    let bytes = decode_base64(&text);
+    let got: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(got, mock_embedding(&mock_ids("hello")));
+    // `dimensions` equal to the model's width is accepted.
+    let r = post_json(&app, "/v1/embeddings", json!({"input": "x", "dimensions": 8})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+/// Standard base64 with padding, decoded by hand (the test's own reference).
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for quad in text.as_bytes().chunks(4) {
+        let n = quad.iter().filter(|&&c| c != b'=').fold(0u32, |n, &c| n << 6 | u32::from(value(c)));
+        let pad = quad.iter().filter(|&&c| c == b'=').count();
+        let n = n << (6 * pad);
+        out.extend_from_slice(&[(n >> 16) as u8, (n >> 8) as u8, n as u8][..3 - pad]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn embeddings_refuse_bad_input_naming_the_field() {
+    let app = app(fast_mock());
+    let cases = [
+        (json!({}), "input", "required"),
+        (json!({"input": []}), "input", "empty"),
+        (json!({"input": ["a", ""]}), "input", "input 1 is empty"),
+        (json!({"input": [[1], []]}), "input", "input 1 is empty"),
+        (json!({"input": 3}), "input", "must be a string"),
+        (json!({"input": [1, -2]}), "input", "token ids"),
+        (json!({"input": ["a", 2]}), "input", "must be a string"),
+        (json!({"input": "a", "encoding_format": "int8"}), "encoding_format", "float"),
+        (json!({"input": "a", "dimensions": 0}), "dimensions", ""),
+        (json!({"input": "a", "dimensions": 64}), "dimensions", "8 dimensions"),
+        (json!({"input": [9999]}), "", "outside the vocabulary"),
+    ];
+    for (body, param, words) in cases {
+        let r = post_json(&app, "/v1/embeddings", body.clone()).await;
+        let err = r.error(StatusCode::BAD_REQUEST);
+        if !param.is_empty() {
+            assert_eq!(err["param"], param, "{body}: {}", r.body);
+        }
+        assert!(err["message"].as_str().unwrap().contains(words), "{body}: {}", r.body);
+    }
+    // Longer than the context.
+    let long = "x".repeat(5000);
+    let r = post_json(&app, "/v1/embeddings", json!({"input": long})).await;
+    assert_eq!(r.error(StatusCode::BAD_REQUEST)["code"], "context_length_exceeded");
+    let r = post(&app, "/v1/embeddings", "{not json").await;
+    r.error(StatusCode::BAD_REQUEST);
+}
