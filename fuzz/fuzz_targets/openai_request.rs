@@ -1,9 +1,10 @@
-//! Any bytes given as a `/v1/completions` or `/v1/chat/completions` body give validated
-//! parameters or a 400 naming the problem, never a panic; what is accepted is in range.
+//! Any bytes given as a `/v1/completions`, `/v1/chat/completions` or `/v1/embeddings` body give
+//! validated parameters or a 400 naming the problem, never a panic; what is accepted is in range.
 #![no_main]
 
 use bitnet_server::request::{
-    parse_chat_request, parse_completion_request, SamplingParams, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
+    parse_chat_request, parse_completion_request, parse_embedding_request, PromptInput, SamplingParams,
+    MAX_EMBEDDING_INPUTS, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS,
 };
 use bitnet_server::ApiError;
 use libfuzzer_sys::fuzz_target;
@@ -36,6 +37,17 @@ fuzz_target!(|data: &[u8]| {
             check_sampling(&p.sampling);
             assert!(!p.messages.is_empty());
             assert!(p.messages.iter().all(|m| ["system", "user", "assistant"].contains(&m.role.as_str())));
+        }
+        Err(e) => check_error(&e),
+    }
+    match parse_embedding_request(data) {
+        Ok(p) => {
+            assert!(!p.inputs.is_empty() && p.inputs.len() <= MAX_EMBEDDING_INPUTS);
+            assert!(p.inputs.iter().all(|i| match i {
+                PromptInput::Text(t) => !t.is_empty(),
+                PromptInput::Tokens(ids) => !ids.is_empty(),
+            }));
+            assert!(p.dimensions.is_none_or(|d| d >= 1));
         }
         Err(e) => check_error(&e),
     }
