@@ -19,8 +19,8 @@
 //! Eight rows at once are eight memory streams per thread, more than the hardware prefetcher
 //! follows well (decode is memory-bound): every block kernel prefetches the same block of the
 //! next group's rows (rows are contiguous, so a group ahead), which took SmolLM2's decode from
-//! 56 to 82 tokens/s (Q4_1) on two Zen 3 cores (docs/performance.md). The block formats' eight
-//! f16 headers (`d`, and `m` for Q4_1) come from one gather.
+//! 56 to 82 tokens/s (Q4_1) on two cores of an Intel Xeon (docs/performance.md). The block
+//! formats' eight f16 headers (`d`, and `m` for Q4_1) come from one gather.
 //!
 //! The float formats take a plain fused-multiply-add dot product per row instead (eight lanes,
 //! four accumulators), within [`super::float_dot_bound`] of the reference.
