@@ -460,9 +460,16 @@ unsafe fn q6_k_tile<const T: usize>(
             // SAFETY: super-block `b` of each row lies inside the row's bytes.
             let blk = unsafe { std::slice::from_raw_parts(ptrs[i].add(b * 210), 210) };
             dw[i] = u16::from_le_bytes([blk[208], blk[209]]);
-            let sc = |g: usize| i16::from(blk[192 + g] as i8);
+            // The 16 sub-block scales as i16, lanes 0–7 in the low half, 8–15 in the high.
+            // SAFETY: the 16 scales at byte 192.
+            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.as_ptr().add(192).cast())) };
             let mut acc32 = [_mm256_setzero_si256(); T];
             for h in 0..2 {
+                // Half `h`'s eight scales in both 128-bit halves, for the in-lane shuffles below.
+                let sc_half = match h {
+                    0 => _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                    _ => _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+                };
                 // SAFETY: the 64 + 32 code bytes of half `h` and its 128 activations are in
                 // range.
                 unsafe {
@@ -483,8 +490,8 @@ unsafe fn q6_k_tile<const T: usize>(
                         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), high[3]),
                     ];
                     for (k, codes) in parts.into_iter().enumerate() {
-                        let g = 8 * h + 2 * k;
-                        let scales = _mm256_set_m128i(_mm_set1_epi16(sc(g + 1)), _mm_set1_epi16(sc(g)));
+                        // Scale 8h + 2k in the low half, 8h + 2k + 1 in the high half.
+                        let scales = _mm256_shuffle_epi8(sc_half, Q6K_SCALE_PAIRS[k]);
                         for t in 0..T {
                             let av = _mm256_loadu_si256(ab[t].as_ptr().add(128 * h + 32 * k).cast());
                             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, av), scales);
@@ -495,8 +502,6 @@ unsafe fn q6_k_tile<const T: usize>(
             }
             // Σ (q − 32)·a·sc = Σ q·a·sc − 32 · Σ_g sc_g · bsum_g: the correction's lanes come
             // off before the reduction, which sums them with the rest (the same integer).
-            // SAFETY: the 16 scales at byte 192.
-            let sc16 = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.as_ptr().add(192).cast())) };
             for t in 0..T {
                 let corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs16[t]), 5);
                 prods[t][i] = _mm256_sub_epi32(acc32[t], corr);
@@ -513,6 +518,23 @@ unsafe fn q6_k_tile<const T: usize>(
         put_lanes(out, t0 + t, r0, live, y);
     }
 }
+
+/// `vpshufb` masks that broadcast, from eight i16 scales held in both halves of a register,
+/// scale `2k` over the low half and scale `2k + 1` over the high half.
+const Q6K_SCALE_PAIRS: [__m256i; 4] = {
+    const fn pair(k: usize) -> __m256i {
+        let mut bytes = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            let scale = if i < 16 { 2 * k } else { 2 * k + 1 };
+            bytes[i] = (2 * scale + i % 2) as u8;
+            i += 1;
+        }
+        // SAFETY: 32 bytes are one __m256i.
+        unsafe { std::mem::transmute::<[u8; 32], __m256i>(bytes) }
+    }
+    [pair(0), pair(1), pair(2), pair(3)]
+};
 
 /// Eight weights of a float format at `p` widened to f32.
 ///
