@@ -451,3 +451,21 @@ fn convert_and_quantize_to_group_scaled_types() {
         &["hidden_size 160", "multiple of 64"],
     );
 }
+
+/// A dense model (qwen3 or llama with float or block-format projections that are not ternary
+/// values) asked to become a ternary type is refused, naming the tensor and the types that keep
+/// it, and nothing is written; the dense types re-encode it.
+#[test]
+fn quantize_refuses_to_ternarize_a_dense_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let dense = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny/dense.gguf");
+    let out = dir.path().join("q2.gguf");
+    fails_with(
+        &["quantize", s(&dense), s(&out), "--type", "q2_0"],
+        &["blk.0.attn_q.weight", "dense model", "ternarized", "q8_0"],
+    );
+    assert!(!out.exists(), "a refused quantize writes nothing");
+    let q8 = dir.path().join("q8.gguf");
+    let done = bitnet(&["quantize", s(&dense), s(&q8), "--type", "q8_0"]);
+    assert!(done.status.success(), "{}", stderr(&done));
+}

@@ -507,18 +507,40 @@ pub fn requantize_gguf(
     let file = GgufFile::open(src)?;
     let gerr = ModelError::Gguf;
     let block = weight.block();
+    // A plain model (llama, qwen3) runs float projections as they are; only values that are
+    // already ternary may become a ternary type (a BitNet architecture's floats are masters,
+    // ternarized as its forward does).
+    let plain = crate::gguf_model::config_from_gguf(&file)
+        .is_ok_and(|c| matches!(c.architecture, crate::Architecture::Llama158 | crate::Architecture::Qwen3));
     let mut specs = Vec::new();
     for t in file.tensors() {
         let ty = if is_projection(t.name()) { weight.ggml() } else { t.ggml_type() };
-        if is_projection(t.name()) && t.shape().first().is_some_and(|&c| c % block as u64 != 0) {
+        let cols = t.shape().first().copied().unwrap_or(0);
+        if is_projection(t.name()) && cols % block as u64 != 0 {
             return Err(ModelError::tensor(
                 src,
                 format!(
-                    "tensor `{}` has rows of {:?} values: {weight:?} needs a multiple of {block}",
+                    "tensor `{}` has rows of {cols} values: {} needs a multiple of {block}",
                     t.name(),
-                    t.shape().first()
+                    weight.ggml().name()
                 ),
             ));
+        }
+        if plain && is_projection(t.name()) && !t.ggml_type().is_ternary() {
+            let values = file.dequantize(t.name()).map_err(gerr)?;
+            if crate::gguf_model::exact_ternary_floats(&values).is_none() {
+                return Err(ModelError::tensor(
+                    src,
+                    format!(
+                        "tensor `{}` ({}) holds a dense model's weights, not ternary values: as {} they \
+                         would be ternarized, which changes the model; `bitnet quantize --type \
+                         f16|bf16|q8_0|q6_k` re-encodes a dense model",
+                        t.name(),
+                        t.ggml_type().name(),
+                        weight.ggml().name()
+                    ),
+                ));
+            }
         }
         specs.push(TensorSpec::new(t.name(), ty, t.shape()));
     }

@@ -671,10 +671,13 @@ pub fn ternary_codes_of(file: &GgufFile, name: &str, n: usize) -> Result<(Vec<i8
 /// as `bitnet convert --type f16` and other converters write) keep their codes and `a`;
 /// anything else is a master weight, absmean-ternarized as transformers does online.
 pub fn ternarize_floats(w: &[f32]) -> (Vec<i8>, f32) {
-    match DenseLinear::from_f32(w, 1, w.len()).ok().and_then(|m| exact_ternary(&m)) {
-        Some(exact) => exact,
-        None => absmean_ternary(w),
-    }
+    exact_ternary_floats(w).unwrap_or_else(|| absmean_ternary(w))
+}
+
+/// The codes and `a` of values that are all `0` or `±a` (a ternary matrix stored as floats),
+/// `None` otherwise.
+pub fn exact_ternary_floats(w: &[f32]) -> Option<(Vec<i8>, f32)> {
+    DenseLinear::from_f32(w, 1, w.len()).ok().and_then(|m| exact_ternary(&m))
 }
 
 /// The GGUF name (`blk.{l}.{name}`) and the `[rows, cols]` shape of each projection of a layer.
