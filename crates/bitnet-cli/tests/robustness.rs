@@ -454,7 +454,7 @@ fn convert_and_quantize_to_group_scaled_types() {
 
 /// A dense model (qwen3 or llama with float or block-format projections that are not ternary
 /// values) asked to become a ternary type is refused, naming the tensor and the types that keep
-/// it, and nothing is written; the dense types re-encode it.
+/// it, and nothing is written; the dense types re-encode it. `convert` refuses the same.
 #[test]
 fn quantize_refuses_to_ternarize_a_dense_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -468,4 +468,15 @@ fn quantize_refuses_to_ternarize_a_dense_model() {
     let q8 = dir.path().join("q8.gguf");
     let done = bitnet(&["quantize", s(&dense), s(&q8), "--type", "q8_0"]);
     assert!(done.status.success(), "{}", stderr(&done));
+    // The same for `convert` of a checkpoint without quantization_config: a dense Qwen3, and
+    // Ternary-Bonsai's form (ternary values times a scale per group, not one per matrix).
+    let qwen3 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3-tiny");
+    for form in ["dense", "bonsai"] {
+        let out = dir.path().join(format!("{form}.gguf"));
+        fails_with(
+            &["convert", "--model", s(&qwen3.join(form)), "--out", s(&out), "--type", "f16"],
+            &["q_proj.weight", "dense model", "quantization_config"],
+        );
+        assert!(!out.exists(), "a refused convert writes nothing");
+    }
 }

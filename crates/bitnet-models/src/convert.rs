@@ -235,10 +235,27 @@ pub fn projection_codes(
     // Read out into codes: the mapped original is not needed any more.
     let _release = ReleaseOnDrop(&t);
     match cfg.quant_form {
-        // A dense checkpoint written as a ternary GGUF is ternarized, as an online master is.
-        QuantForm::Online | QuantForm::Dense => {
+        // BitLinear masters: ternarized, as transformers' online quantization does.
+        QuantForm::Online => {
             t.expect_shape(&[rows, cols])?;
             Ok(absmean_ternary(&t.to_f32()?))
+        }
+        // A plain model's weights run as stored: only values that already are `0, ±a` (a
+        // ternary matrix saved as floats) become codes; ternarizing anything else would write
+        // another model.
+        QuantForm::Dense => {
+            t.expect_shape(&[rows, cols])?;
+            crate::gguf_model::exact_ternary_floats(&t.to_f32()?).ok_or_else(|| {
+                ModelError::tensor(
+                    t.path,
+                    format!(
+                        "tensor `{prefix}.weight` holds a dense model's weights, not ternary values (config.json \
+                         has no quantization_config): a ternary GGUF would ternarize them, which changes the \
+                         model (a scale per group, as Ternary-Bonsai's unpacked checkpoints hold, is not one \
+                         scale per matrix either); the engine runs the checkpoint as it is"
+                    ),
+                )
+            })
         }
         QuantForm::PackedMultiply | QuantForm::PackedDivide => {
             t.expect_shape(&[rows / 4, cols])?;
@@ -372,8 +389,11 @@ pub fn convert_hf_to_gguf(
     head: HeadType,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(), ModelError> {
-    let cfg = ModelConfig::from_dir(src)?;
+    let mut cfg = ModelConfig::from_dir(src)?;
     let store = TensorStore::open_dir(src)?;
+    let root = if store.contains("embed_tokens.weight") { "" } else { "model." };
+    crate::weights::apply_projection_norm_evidence(&mut cfg, &store, root);
+    let cfg = cfg;
     let block = weight.block();
     for (what, n) in [
         ("hidden_size", cfg.hidden_size),

@@ -329,6 +329,22 @@ fn projection(
 }
 
 /// The stored gain of a projection's input RMSNorm, under either name it is written with.
+/// Microsoft's BitNet-embedding checkpoints carry an RMSNorm gain in front of every projection
+/// (`<proj>.norm.weight`) without saying so in quantization_config: the gains are the evidence
+/// of BitLinears, whose norms take the model's eps and whose float weights are masters,
+/// ternarized as bitnet.cpp's converter for them does. `root` is the decoder's prefix
+/// (`model.` or none).
+pub(crate) fn apply_projection_norm_evidence(config: &mut ModelConfig, store: &TensorStore, root: &str) {
+    if config.bitlinear_input_norm.is_none()
+        && projection_norm_name(store, &format!("{root}layers.0.self_attn.q_proj")).is_some()
+    {
+        config.bitlinear_input_norm = Some(config.rms_norm_eps);
+        if config.quant_form == QuantForm::Dense {
+            config.quant_form = QuantForm::Online;
+        }
+    }
+}
+
 fn projection_norm_name(store: &TensorStore, prefix: &str) -> Option<String> {
     ["rms_norm.weight", "norm.weight"].iter().map(|n| format!("{prefix}.{n}")).find(|n| store.contains(n))
 }
@@ -397,18 +413,7 @@ impl ModelWeights {
             true => "model.",
             false => "",
         };
-        // Microsoft's BitNet-embedding checkpoints carry an RMSNorm gain in front of every
-        // projection (`<proj>.norm.weight`) without saying so in quantization_config: the gains
-        // are the evidence of BitLinears, whose norms take the model's eps and whose float
-        // weights are masters, ternarized as bitnet.cpp's converter for them does.
-        if config.bitlinear_input_norm.is_none()
-            && projection_norm_name(store, &format!("{root}layers.0.self_attn.q_proj")).is_some()
-        {
-            config.bitlinear_input_norm = Some(config.rms_norm_eps);
-            if config.quant_form == QuantForm::Dense {
-                config.quant_form = QuantForm::Online;
-            }
-        }
+        apply_projection_norm_evidence(&mut config, store, root);
         let cfg = &config;
         let embed_tokens =
             dense_tensor(store, &format!("{root}embed_tokens.weight"), cfg.vocab_size, cfg.hidden_size)?;
