@@ -102,10 +102,14 @@ try {
     const replies = document.querySelectorAll(".msg.assistant");
     return replies.length === 2 && replies[1].textContent.length > 0;
   }, null, { timeout: 60000 });
-  const stopped = await page.isEnabled("#stop");
-  if (stopped) {
-    await page.click("#stop");
-  }
+  // Checked and clicked in one step inside the page: a fast model can finish between a separate
+  // check and click, and a click on a disabled button would wait for it to be enabled again.
+  const stopped = await page.evaluate(() => {
+    const stop = document.querySelector("#stop");
+    if (stop.disabled) return false;
+    stop.click();
+    return true;
+  });
   await page.waitForFunction(() => !document.querySelector(".msg.pending"), null, { timeout: 10000 });
   const errorText = await page.$eval(".msg.error", (el) => el.textContent).catch(() => null);
   check(errorText === null, (stopped ? "Stop ends the reply without an error" : "the second reply finished before Stop") + (errorText ? ": " + errorText : ""));
