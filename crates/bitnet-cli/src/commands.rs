@@ -13,6 +13,7 @@ use bitnet_inference::{
     HeadFormat, Logits, Model, SamplingParams, Sequence, StopReason,
 };
 use bitnet_models::chat::ChatMessage;
+use bitnet_models::convert::QuantizeTarget;
 use bitnet_models::safetensors::TensorStore;
 use bitnet_models::ModelConfig;
 use clap::Args;
@@ -766,55 +767,24 @@ pub struct QuantizeArgs {
     /// target holds them); f16 /
     /// bf16 / q8_0 / q6_k re-encode every weight matrix (projections, embeddings, head) from its
     /// decoded values.
-    #[arg(long = "type", value_enum)]
-    pub weight_type: QuantizeType,
+    #[arg(long = "type", value_parser = quantize_target_parser())]
+    pub weight_type: QuantizeTarget,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum QuantizeType {
-    #[value(name = "tq2_0")]
-    Tq2_0,
-    #[value(name = "tq1_0")]
-    Tq1_0,
-    #[value(name = "q2_0")]
-    Q2_0,
-    #[value(name = "q1_0")]
-    Q1_0,
-    #[value(name = "pq2_0")]
-    Pq2_0,
-    #[value(name = "ptq1_0")]
-    Ptq1_0,
-    #[value(name = "i2_s")]
-    I2S,
-    F16,
-    Bf16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q6_k")]
-    Q6K,
+/// `--type` of `quantize`: one of the names bitnet-models takes, listed by `--help` and in the
+/// error for any other.
+fn quantize_target_parser() -> impl clap::builder::TypedValueParser<Value = QuantizeTarget> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(QuantizeTarget::NAMES)
+        .map(|name| QuantizeTarget::from_name(&name).expect("a listed name"))
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    use bitnet_models::convert::{reencode_gguf_dense, requantize_gguf, DenseType, WeightType};
     let bar = progress_bar();
-    let progress = |done: usize, total: usize| {
+    bitnet_models::convert::quantize_gguf(&a.src, &a.dst, a.weight_type, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    };
-    let dense = |t| reencode_gguf_dense(&a.src, &a.dst, t, progress);
-    match a.weight_type {
-        QuantizeType::Tq2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq2_0, progress)?,
-        QuantizeType::Tq1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Tq1_0, progress)?,
-        QuantizeType::Q2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Q2_0, progress)?,
-        QuantizeType::Q1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Q1_0, progress)?,
-        QuantizeType::Pq2_0 => requantize_gguf(&a.src, &a.dst, WeightType::Pq2_0, progress)?,
-        QuantizeType::Ptq1_0 => requantize_gguf(&a.src, &a.dst, WeightType::Ptq1_0, progress)?,
-        QuantizeType::I2S => requantize_gguf(&a.src, &a.dst, WeightType::I2S, progress)?,
-        QuantizeType::F16 => dense(DenseType::F16)?,
-        QuantizeType::Bf16 => dense(DenseType::Bf16)?,
-        QuantizeType::Q8_0 => dense(DenseType::Q8_0)?,
-        QuantizeType::Q6K => dense(DenseType::Q6K)?,
-    }
+    })?;
     bar.finish_and_clear();
     eprintln!("wrote {}", a.dst.display());
     Ok(())

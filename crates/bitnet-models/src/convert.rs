@@ -535,16 +535,9 @@ pub fn requantize_gguf(
     let mut specs = Vec::new();
     for t in file.tensors() {
         let ty = if is_projection(t.name()) { weight.ggml() } else { t.ggml_type() };
-        let cols = t.shape().first().copied().unwrap_or(0);
-        if is_projection(t.name()) && cols % block as u64 != 0 {
-            return Err(ModelError::tensor(
-                src,
-                format!(
-                    "tensor `{}` has rows of {cols} values: {} needs a multiple of {block}",
-                    t.name(),
-                    weight.ggml().name()
-                ),
-            ));
+        if is_projection(t.name()) {
+            let cols = t.shape().first().copied().unwrap_or(0);
+            check_row_width(src, t.name(), cols, weight.ggml(), block)?;
         }
         if plain && is_projection(t.name()) && !t.ggml_type().is_ternary() {
             let values = file.dequantize(t.name()).map_err(gerr)?;
@@ -625,6 +618,56 @@ impl DenseType {
     }
 }
 
+/// What `bitnet quantize` (and the Python `bitnet.quantize`) re-encodes a GGUF file as: the
+/// ternary projections in a ternary type ([`requantize_gguf`]), or every weight matrix in a
+/// dense type ([`reencode_gguf_dense`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantizeTarget {
+    Ternary(WeightType),
+    Dense(DenseType),
+}
+
+impl QuantizeTarget {
+    /// The names the command line and the Python bindings take.
+    pub const NAMES: [&'static str; 11] =
+        ["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k"];
+
+    /// The target named `name` (one of [`QuantizeTarget::NAMES`]); `f16` is the dense one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "f16" => QuantizeTarget::Dense(DenseType::F16),
+            "bf16" => QuantizeTarget::Dense(DenseType::Bf16),
+            "q8_0" => QuantizeTarget::Dense(DenseType::Q8_0),
+            "q6_k" => QuantizeTarget::Dense(DenseType::Q6K),
+            other => QuantizeTarget::Ternary(WeightType::from_name(other).filter(|&t| t != WeightType::F16)?),
+        })
+    }
+}
+
+/// `bitnet quantize`: `src` re-encoded as `target` into `dst`.
+pub fn quantize_gguf(
+    src: &Path,
+    dst: &Path,
+    target: QuantizeTarget,
+    progress: impl FnMut(usize, usize),
+) -> Result<(), ModelError> {
+    match target {
+        QuantizeTarget::Ternary(t) => requantize_gguf(src, dst, t, progress),
+        QuantizeTarget::Dense(d) => reencode_gguf_dense(src, dst, d, progress),
+    }
+}
+
+/// The error for a weight matrix whose rows of `cols` values are not whole blocks of `ty`.
+fn check_row_width(src: &Path, name: &str, cols: u64, ty: GgmlType, block: usize) -> Result<(), ModelError> {
+    if cols.is_multiple_of(block as u64) {
+        return Ok(());
+    }
+    Err(ModelError::tensor(
+        src,
+        format!("tensor `{name}` has rows of {cols} values: {} needs a multiple of {block}", ty.name()),
+    ))
+}
+
 /// Whether a GGUF tensor is a weight matrix (a projection, the embeddings or the head), as
 /// opposed to a norm's gain or another vector.
 fn is_weight_matrix(name: &str, shape: &[u64]) -> bool {
@@ -650,18 +693,9 @@ pub fn reencode_gguf_dense(
     let mut specs = Vec::new();
     for t in file.tensors() {
         let reencode = is_weight_matrix(t.name(), t.shape());
-        let cols = t.shape().first().copied().unwrap_or(1);
-        let block = ty.block_geometry().0;
-        if reencode && !cols.is_multiple_of(block) {
-            return Err(ModelError::tensor(
-                src,
-                format!(
-                    "tensor `{}` has rows of {cols} values: {} needs a multiple of {}",
-                    t.name(),
-                    ty.name(),
-                    block
-                ),
-            ));
+        if reencode {
+            let cols = t.shape().first().copied().unwrap_or(1);
+            check_row_width(src, t.name(), cols, ty, ty.block_geometry().0 as usize)?;
         }
         specs.push(TensorSpec::new(t.name(), if reencode { ty } else { t.ggml_type() }, t.shape()));
     }

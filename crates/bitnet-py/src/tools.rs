@@ -4,9 +4,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bitnet_models::convert::{
-    convert_hf_to_gguf, reencode_gguf_dense, requantize_gguf, DenseType, HeadType, WeightType,
-};
+use bitnet_models::convert::{convert_hf_to_gguf, quantize_gguf, HeadType, QuantizeTarget, WeightType};
 use bitnet_training::train::Arch;
 use bitnet_training::{train_with, Preset, StepReport, Summary, TrainArgs};
 use clap::ValueEnum;
@@ -70,34 +68,13 @@ pub fn convert(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str, lm_head
 #[pyfunction]
 #[pyo3(signature = (src, dst, r#type))]
 pub fn quantize(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str) -> PyResult<()> {
-    let target = match r#type {
-        "f16" => Reencode::Dense(DenseType::F16),
-        "bf16" => Reencode::Dense(DenseType::Bf16),
-        "q8_0" => Reencode::Dense(DenseType::Q8_0),
-        "q6_k" => Reencode::Dense(DenseType::Q6K),
-        other => Reencode::Ternary(
-            WeightType::from_name(other)
-                .filter(|t| *t != WeightType::F16)
-                .ok_or_else(|| value_error(format!("type must be one of {QUANTIZE_TYPES}, got {other:?}")))?,
-        ),
-    };
+    let target = QuantizeTarget::from_name(r#type).ok_or_else(|| {
+        let names: Vec<String> = QuantizeTarget::NAMES.iter().map(|n| format!("{n:?}")).collect();
+        value_error(format!("type must be one of {}, got {:?}", names.join(", "), r#type))
+    })?;
     require_exists(&src, "GGUF file")?;
-    py.detach(|| match target {
-        Reencode::Dense(d) => reencode_gguf_dense(&src, &dst, d, |_, _| {}),
-        Reencode::Ternary(t) => requantize_gguf(&src, &dst, t, |_, _| {}),
-    })
-    .map_err(model_error)
+    py.detach(|| quantize_gguf(&src, &dst, target, |_, _| {})).map_err(model_error)
 }
-
-/// What `quantize` re-encodes: every weight matrix in a dense type, or the ternary projections.
-enum Reencode {
-    Dense(DenseType),
-    Ternary(WeightType),
-}
-
-/// The names `quantize` takes, as its error lists them.
-const QUANTIZE_TYPES: &str =
-    "\"tq2_0\", \"tq1_0\", \"q2_0\", \"q1_0\", \"pq2_0\", \"ptq1_0\", \"i2_s\", \"f16\", \"bf16\", \"q8_0\", \"q6_k\"";
 
 /// What `bitnet.train` returns.
 #[pyclass(frozen, module = "bitnet", name = "TrainSummary", get_all)]
