@@ -480,3 +480,26 @@ fn quantize_refuses_to_ternarize_a_dense_model() {
         assert!(!out.exists(), "a refused convert writes nothing");
     }
 }
+
+/// Issue 18, item 14: the embedded default model (`assets/default-model`) converts to every
+/// ternary GGUF type that can hold its zeros (all but Q1_0), and each file decodes greedily to the
+/// same ids as the checkpoint: its rows are multiples of 256, which every block type holds.
+#[test]
+fn the_default_model_converts_to_every_ternary_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo_file("assets/default-model");
+    let greedy = |m: &Path| -> Value {
+        let args =
+            ["generate", "--model", s(m), "--prompt", "The king said", "-n", "12", "--temperature", "0"];
+        let out = bitnet(&[&args[..], &["--json"]].concat());
+        assert!(out.status.success(), "{}: {}", m.display(), stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).expect("JSON")["generated"].clone()
+    };
+    let want = greedy(&model);
+    for ty in ["i2_s", "tq2_0", "tq1_0", "q2_0", "pq2_0", "ptq1_0"] {
+        let gguf = dir.path().join(format!("{ty}.gguf"));
+        let out = bitnet(&["convert", "--model", s(&model), "--out", s(&gguf), "--type", ty]);
+        assert!(out.status.success(), "convert --type {ty}: {}", stderr(&out));
+        assert_eq!(greedy(&gguf), want, "--type {ty}: greedy ids differ from the checkpoint's");
+    }
+}

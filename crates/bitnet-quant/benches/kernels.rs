@@ -38,12 +38,12 @@ const SHAPES: [Shape; 4] = [
     Shape { name: "gate_up", rows: 6912, cols: 2560 },
     Shape { name: "down", rows: 2560, cols: 6912 },
 ];
-/// The BitLinear shapes of the `small` training preset (hidden 256, intermediate 800): short
+/// The BitLinear shapes of the `small` training preset (hidden 256, intermediate 1024): short
 /// rows, where a GEMM's per-output work (reductions, stores) weighs most.
 const TRAIN_SHAPES: [Shape; 3] = [
     Shape { name: "train_qkv", rows: 512, cols: 256 },
-    Shape { name: "train_gate_up", rows: 1600, cols: 256 },
-    Shape { name: "train_down", rows: 256, cols: 800 },
+    Shape { name: "train_gate_up", rows: 2048, cols: 256 },
+    Shape { name: "train_down", rows: 256, cols: 1024 },
 ];
 const LM_HEAD: Shape = Shape { name: "lm_head", rows: 128256, cols: 2560 };
 

@@ -12,7 +12,7 @@ fn main() {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().expect("one pool");
     let tokens: usize = std::env::var("TOKENS").map(|t| t.parse().unwrap()).unwrap_or(4096);
     // (name, out features, in features) of the small preset's fused BitLinears.
-    let mut layers = vec![("qkv", 512, 256), ("o", 256, 256), ("gate_up", 1600, 256), ("down", 256, 800)];
+    let mut layers = vec![("qkv", 512, 256), ("o", 256, 256), ("gate_up", 2048, 256), ("down", 256, 1024)];
     if let Ok(extra) = std::env::var("SHAPES") {
         layers = extra
             .split(',')

@@ -27,7 +27,8 @@ use crate::rng::Rng;
 pub enum Preset {
     /// 0.4 M parameters, 128-token windows: a smoke test (30 steps in seconds).
     Tiny,
-    /// 4.3 M parameters (vocab 4096, hidden 256, 4 layers): the speed benchmark model.
+    /// 5.0 M parameters (vocab 4096, hidden 256, intermediate 1024, 4 layers: rows of multiples of
+    /// 256 columns, which every ternary GGUF type holds): the default model and the speed benchmark.
     Small,
     /// 11 M parameters (vocab 4096, hidden 384, 6 layers).
     Medium,
@@ -197,7 +198,7 @@ impl RunSettings {
         // (vocab, hidden, layers, inter, heads, kv, seq, batch, steps, lr, warmup, eval, log)
         let p = match a.preset {
             Preset::Tiny => (512, 128, 2, 384, 4, 2, 128, 8, 300, 4e-3, 20, 50, 1),
-            Preset::Small => (4096, 256, 4, 800, 4, 2, 256, 16, 2000, 3e-3, 100, 200, 10),
+            Preset::Small => (4096, 256, 4, 1024, 4, 2, 256, 16, 2000, 3e-3, 100, 200, 10),
             Preset::Medium => (4096, 384, 6, 1152, 6, 2, 256, 32, 3000, 2.5e-3, 150, 250, 10),
         };
         let steps = a.steps.unwrap_or(p.8);
