@@ -6,7 +6,7 @@
 # conformance, parity, synth_2b4t (cargo test --release -p bitnet-cuda --no-run), which were
 # built in a checkout at $BUILD_ROOT (default /work/main; the fixtures' path is compiled into
 # them). Logs go to $OUT (default /tmp/out): devices.txt, tests.txt (every test's whole output)
-# and bench.txt. Do not run it under `exec > >(tee …)`: bash's `wait` also waits for that tee.
+# and bench.txt (BENCH=0 skips the benchmarks). Do not run it under `exec > >(tee …)`: bash's `wait` also waits for that tee.
 D=${D:?set D to the folder of binaries}; ROOT=$(pwd); OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 mkdir -p crates/bitnet-cuda
 BUILD_ROOT=${BUILD_ROOT:-/work/main}
@@ -25,6 +25,7 @@ for t in kernels_compile conformance parity synth_2b4t; do
 done
 grep -E "^===|SKIPPED|FAILED|panicked|ok on|cosine|agree|split|test result" $OUT/tests.txt | head -60
 wait
+[ "${BENCH:-1}" = 1 ] || exit 0
 echo "=== bench"
 timeout 150 $B/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 2 -c 1,8,64 -t 8 2>&1 | tee $OUT/bench.txt
 timeout 90 $B/bitnet bench --model /tmp/m2b --device cuda --lm-head int8 -p 512 -n 128 -r 2 -t 8 2>&1 | tee -a $OUT/bench.txt

@@ -599,6 +599,13 @@ fn stage<T: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + PartialEq>(
     Ok(d.ptr)
 }
 
+/// Threads of a row kernel's block (rows.cu): enough that a row of `width` values fits the
+/// registers (ROW_CACHE values a thread), so that it is read once.
+fn row_threads(width: usize) -> u32 {
+    const ROW_CACHE: usize = 8;
+    (width.div_ceil(ROW_CACHE).next_power_of_two()).clamp(256, 1024) as u32
+}
+
 fn grid_1d(n: usize, block: usize) -> (u32, u32) {
     (n.div_ceil(block).clamp(1, 1 << 20) as u32, 1)
 }
@@ -920,7 +927,7 @@ impl Backend for CudaBackend {
     ) {
         let g = gain.map_or(0, |g| g.data.ptr);
         let args = [Arg::from(x.data.ptr), g.into(), (width as i32).into(), eps.into(), out.data.ptr.into()];
-        self.launch(K::Rmsnorm as u16, (rows as u32, 1), 256, 0, args.to_vec());
+        self.launch(K::Rmsnorm as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
     }
 
     fn quantize(&mut self, x: &CudaBuffer, first: usize, rows: usize, width: usize, out: &mut CudaQuant) {
@@ -934,7 +941,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        self.launch(K::Quantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
+        self.launch(K::Quantize as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
     }
 
     fn norm_quantize(
@@ -958,7 +965,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        self.launch(K::NormQuantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
+        self.launch(K::NormQuantize as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
     }
 
     fn gate_quantize(
@@ -986,7 +993,7 @@ impl Backend for CudaBackend {
             out.scales.ptr.into(),
             out.sums.ptr.into(),
         ];
-        self.launch(K::GateQuantize as u16, (rows as u32, 1), 256, 0, args.to_vec());
+        self.launch(K::GateQuantize as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
     }
 
     fn bitlinear(&mut self, w: &CudaLinear, x: &CudaQuant, out: &mut CudaBuffer) {

@@ -17,20 +17,64 @@ extern "C" __global__ void gather_rows(const float* x, const u32* rows, int widt
     for (int c = threadIdx.x; c < width; c += blockDim.x) out[(u64)t * width + c] = src[c];
 }
 
-// ops::inverse_rms: 1 / sqrt(mean(x^2) + eps) with the square sum in f64, over the block.
-__device__ float inverse_rms(const float* x, int width, float eps, double* scratch) {
-    double s = 0.0;
-    for (int c = threadIdx.x; c < width; c += blockDim.x) s += (double)x[c] * (double)x[c];
-    s = block_sum_d(s, scratch);
-    float mean_sq = (float)(s / (double)width);
+// ops::inverse_rms from the square sum (in f64) of a row: 1 / sqrt(mean(x^2) + eps).
+__device__ __forceinline__ float inverse_rms_of(double square_sum, int width, float eps) {
+    float mean_sq = (float)(square_sum / (double)width);
     return 1.0f / sqrtf(mean_sq + eps);
 }
 
+// ops::inverse_rms over the block, reading x once per element.
+__device__ float inverse_rms(const float* x, int width, float eps, double* scratch) {
+    double s = 0.0;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) s += (double)x[c] * (double)x[c];
+    return inverse_rms_of(block_sum_d(s, scratch), width, eps);
+}
+
+// Decoding runs these kernels on one row at a time, one block, so their time is memory
+// latency: a loop that loads one element per iteration pays a round trip per iteration and
+// per pass. A row of up to ROW_CACHE * blockDim.x values is therefore loaded once into
+// registers, every load of a thread in flight together, and the passes (square sum, max,
+// quantize) run on the registers; longer rows take the loops that recompute each value.
+#define ROW_CACHE 8
+
+// v[k] = value(threadIdx.x + k * blockDim.x), 0 past the row.
+template <typename F>
+__device__ __forceinline__ void cache_row(F value, int width, float (&v)[ROW_CACHE]) {
+#pragma unroll
+    for (int k = 0; k < ROW_CACHE; k++) {
+        int c = threadIdx.x + k * blockDim.x;
+        v[k] = c < width ? value(c) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ bool row_fits_cache(int width) { return width <= ROW_CACHE * (int)blockDim.x; }
+
+// The block's f64 square sum of a cached row.
+__device__ __forceinline__ double cached_square_sum(const float (&v)[ROW_CACHE], int width, double* scratch) {
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < ROW_CACHE; k++)
+        if (threadIdx.x + k * blockDim.x < width) s += (double)v[k] * (double)v[k];
+    return block_sum_d(s, scratch);
+}
+
 // ops::rmsnorm_row: out = g * (x * inv), or x * inv without a gain.
-extern "C" __global__ void rmsnorm(const float* x, const float* gain, int width, float eps, float* out) {
+extern "C" __global__ void __launch_bounds__(1024) rmsnorm(const float* x, const float* gain, int width, float eps,
+                                                           float* out) {
     __shared__ double scratch[32];
     int t = blockIdx.x;
     const float* xr = x + (u64)t * width;
+    if (row_fits_cache(width)) {
+        float v[ROW_CACHE];
+        cache_row([&](int c) { return xr[c]; }, width, v);
+        float inv = inverse_rms_of(cached_square_sum(v, width, scratch), width, eps);
+#pragma unroll
+        for (int k = 0; k < ROW_CACHE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < width) out[(u64)t * width + c] = gain ? gain[c] * (v[k] * inv) : v[k] * inv;
+        }
+        return;
+    }
     float inv = inverse_rms(xr, width, eps, scratch);
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
         float v = xr[c] * inv;
@@ -59,24 +103,70 @@ __device__ void quantize_values(F value, int width, i8* q, float* scale, int* su
     }
 }
 
+// quantize_values on a cached row.
+__device__ __forceinline__ void quantize_cached(const float (&v)[ROW_CACHE], int width, i8* q, float* scale, int* sum,
+                                float* fscratch, int* iscratch) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ROW_CACHE; k++)
+        if (threadIdx.x + k * blockDim.x < width) amax = fmaxf(amax, fabsf(v[k]));
+    amax = block_max_f(amax, fscratch);
+    float s = 127.0f / fmaxf(amax, QUANT_EPS);
+    int total = 0;
+#pragma unroll
+    for (int k = 0; k < ROW_CACHE; k++) {
+        int c = threadIdx.x + k * blockDim.x;
+        if (c < width) {
+            int r = round_to_i8(v[k] * s);
+            q[c] = (i8)r;
+            total += r;
+        }
+    }
+    total = block_sum_i(total, iscratch);
+    if (threadIdx.x == 0) {
+        *scale = s;
+        *sum = total;
+    }
+}
+
 // QuantizedActivations::quantize of rows first..first+rows (block t quantizes row first + t
 // into token t). Codes go to q[t * stride ..]; the padding past `width` stays zero.
-extern "C" __global__ void quantize(const float* x, int first, int width, int stride, i8* q, float* scales, int* sums) {
+extern "C" __global__ void __launch_bounds__(1024) quantize(const float* x, int first, int width, int stride, i8* q,
+                                                            float* scales, int* sums) {
     __shared__ float fs[32];
     __shared__ int is[32];
     int t = blockIdx.x;
     const float* xr = x + (u64)(first + t) * width;
+    if (row_fits_cache(width)) {
+        float v[ROW_CACHE];
+        cache_row([&](int c) { return xr[c]; }, width, v);
+        quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+        return;
+    }
     quantize_values([&](int c) { return xr[c]; }, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
 }
 
 // CpuBackend::norm_quantize: rmsnorm_row straight into the quantizer.
-extern "C" __global__ void norm_quantize(const float* x, const float* gain, int width, float eps, int stride, i8* q,
-                                         float* scales, int* sums) {
+extern "C" __global__ void __launch_bounds__(1024) norm_quantize(const float* x, const float* gain, int width,
+                                                                 float eps, int stride, i8* q, float* scales,
+                                                                 int* sums) {
     __shared__ double ds[32];
     __shared__ float fs[32];
     __shared__ int is[32];
     int t = blockIdx.x;
     const float* xr = x + (u64)t * width;
+    if (row_fits_cache(width)) {
+        float v[ROW_CACHE];
+        cache_row([&](int c) { return xr[c]; }, width, v);
+        float inv = inverse_rms_of(cached_square_sum(v, width, ds), width, eps);
+#pragma unroll
+        for (int k = 0; k < ROW_CACHE; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < width) v[k] = gain ? gain[c] * (v[k] * inv) : v[k] * inv;
+        }
+        quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+        return;
+    }
     float inv = inverse_rms(xr, width, eps, ds);
     auto value = [&](int c) {
         float v = xr[c] * inv;
@@ -96,14 +186,29 @@ __device__ __forceinline__ float gated(int act, float g, float u) {
 
 // CpuBackend::gate_quantize: act(gate) * up, through rmsnorm_row_in_place with the sub-norm
 // gain when there is one, into the quantizer. act 0 is ReLU^2, 1 is SiLU.
-extern "C" __global__ void gate_quantize(int act, const float* gate, const float* up, const float* sub_norm, int width,
-                                         float eps, int stride, i8* q, float* scales, int* sums) {
+extern "C" __global__ void __launch_bounds__(1024) gate_quantize(int act, const float* gate, const float* up,
+                                                                 const float* sub_norm, int width, float eps,
+                                                                 int stride, i8* q, float* scales, int* sums) {
     __shared__ double ds[32];
     __shared__ float fs[32];
     __shared__ int is[32];
     int t = blockIdx.x;
     const float* g = gate + (u64)t * width;
     const float* u = up + (u64)t * width;
+    if (row_fits_cache(width)) {
+        float v[ROW_CACHE];
+        cache_row([&](int c) { return gated(act, g[c], u[c]); }, width, v);
+        if (sub_norm) {
+            float inv = inverse_rms_of(cached_square_sum(v, width, ds), width, eps);
+#pragma unroll
+            for (int k = 0; k < ROW_CACHE; k++) {
+                int c = threadIdx.x + k * blockDim.x;
+                if (c < width) v[k] = sub_norm[c] * (v[k] * inv);
+            }
+        }
+        quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
+        return;
+    }
     float inv = 1.0f;
     if (sub_norm) {
         double s = 0.0;
@@ -111,9 +216,7 @@ extern "C" __global__ void gate_quantize(int act, const float* gate, const float
             double y = (double)gated(act, g[c], u[c]);
             s += y * y;
         }
-        s = block_sum_d(s, ds);
-        float mean_sq = (float)(s / (double)width);
-        inv = 1.0f / sqrtf(mean_sq + eps);
+        inv = inverse_rms_of(block_sum_d(s, ds), width, eps);
     }
     auto value = [&](int c) {
         float y = gated(act, g[c], u[c]);
