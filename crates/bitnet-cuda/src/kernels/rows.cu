@@ -58,6 +58,15 @@ __device__ __forceinline__ double cached_square_sum(const float (&v)[ROW_CACHE],
     return block_sum_d(s, scratch);
 }
 
+// ops::rmsnorm_row on a cached row: v = g * (v * inv), or v * inv without a gain.
+__device__ __forceinline__ void normalize_cached(float (&v)[ROW_CACHE], int width, float inv, const float* gain) {
+#pragma unroll
+    for (int k = 0; k < ROW_CACHE; k++) {
+        int c = threadIdx.x + k * blockDim.x;
+        if (c < width) v[k] = gain ? gain[c] * (v[k] * inv) : v[k] * inv;
+    }
+}
+
 // ops::rmsnorm_row: out = g * (x * inv), or x * inv without a gain.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm(const float* x, const float* gain, int width, float eps,
                                                            float* out) {
@@ -67,11 +76,11 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm(const float* x, const
     if (row_fits_cache(width)) {
         float v[ROW_CACHE];
         cache_row([&](int c) { return xr[c]; }, width, v);
-        float inv = inverse_rms_of(cached_square_sum(v, width, scratch), width, eps);
+        normalize_cached(v, width, inverse_rms_of(cached_square_sum(v, width, scratch), width, eps), gain);
 #pragma unroll
         for (int k = 0; k < ROW_CACHE; k++) {
             int c = threadIdx.x + k * blockDim.x;
-            if (c < width) out[(u64)t * width + c] = gain ? gain[c] * (v[k] * inv) : v[k] * inv;
+            if (c < width) out[(u64)t * width + c] = v[k];
         }
         return;
     }
@@ -158,12 +167,7 @@ extern "C" __global__ void __launch_bounds__(1024) norm_quantize(const float* x,
     if (row_fits_cache(width)) {
         float v[ROW_CACHE];
         cache_row([&](int c) { return xr[c]; }, width, v);
-        float inv = inverse_rms_of(cached_square_sum(v, width, ds), width, eps);
-#pragma unroll
-        for (int k = 0; k < ROW_CACHE; k++) {
-            int c = threadIdx.x + k * blockDim.x;
-            if (c < width) v[k] = gain ? gain[c] * (v[k] * inv) : v[k] * inv;
-        }
+        normalize_cached(v, width, inverse_rms_of(cached_square_sum(v, width, ds), width, eps), gain);
         quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
         return;
     }
@@ -198,14 +202,7 @@ extern "C" __global__ void __launch_bounds__(1024) gate_quantize(int act, const 
     if (row_fits_cache(width)) {
         float v[ROW_CACHE];
         cache_row([&](int c) { return gated(act, g[c], u[c]); }, width, v);
-        if (sub_norm) {
-            float inv = inverse_rms_of(cached_square_sum(v, width, ds), width, eps);
-#pragma unroll
-            for (int k = 0; k < ROW_CACHE; k++) {
-                int c = threadIdx.x + k * blockDim.x;
-                if (c < width) v[k] = sub_norm[c] * (v[k] * inv);
-            }
-        }
+        if (sub_norm) normalize_cached(v, width, inverse_rms_of(cached_square_sum(v, width, ds), width, eps), sub_norm);
         quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
         return;
     }
