@@ -22,7 +22,14 @@ for _ in $(seq 300); do
 done
 url="$(grep -o 'http://[0-9.:]*' "$log" | head -1)"
 [ -n "$url" ] || { cat "$log"; echo "bitnet serve did not start" >&2; exit 1; }
-BROWSER_CHECK_FAST_MODEL=1 node tools/browser-check/check_chat_page.mjs "$url" "$shot"
+# A failed check shows what the server said and whether it still runs (it once died of SIGPIPE).
+server_state() {
+    echo "--- server log ($1):" >&2; cat "$2" >&2
+    if kill -0 "$3" 2>/dev/null; then echo "the server still runs" >&2
+    else wait "$3"; echo "the server exited with status $?" >&2; fi
+}
+BROWSER_CHECK_FAST_MODEL=1 node tools/browser-check/check_chat_page.mjs "$url" "$shot" \
+    || { server_state "bitnet serve" "$log" "$pid"; exit 1; }
 # The page's streaming and Stop, watched token by token: the mock engine answers at 60 ms a token.
 cargo build --quiet -p bitnet-server --example mock_serve
 mlog="$(mktemp)"
@@ -31,4 +38,5 @@ mpid=$!
 trap 'kill -TERM "$pid" "$mpid" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "listening on" "$mlog" && break; sleep 0.1; done
 murl="$(grep -o 'http://[0-9.:]*' "$mlog" | head -1)"
-node tools/browser-check/check_chat_page.mjs "$murl" "target/chat-page-mock.png"
+node tools/browser-check/check_chat_page.mjs "$murl" "target/chat-page-mock.png" \
+    || { server_state "mock_serve" "$mlog" "$mpid"; exit 1; }

@@ -135,7 +135,8 @@ try {
   await page.screenshot({ path: screenshot });
   console.log("screenshot: " + screenshot);
 } catch (e) {
-  console.error(e.message);
+  // undici's "fetch failed" hides the reason (refused, reset, timed out) in `cause`.
+  console.error(e.message + (e.cause ? ": " + (e.cause.code || "") + " " + e.cause.message : ""));
   process.exitCode = 1;
 } finally {
   await browser.close();

@@ -119,9 +119,14 @@ See docs/serving.md for every endpoint, parameter and metric.")]
 }
 
 fn main() {
-    restore_sigpipe();
     install_signal_handler();
     let cli = Cli::parse();
+    // Only for commands whose output is a pipe's: a server or a download writes to sockets,
+    // where a peer that hangs up makes a write fail with EPIPE, and the default disposition
+    // would kill the whole process for one client's Stop.
+    if !matches!(cli.command, Command::Serve(_) | Command::Pull(_)) {
+        restore_sigpipe();
+    }
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Chat(a) => chat::chat(a),
@@ -158,10 +163,12 @@ fn train(mut a: bitnet_training::TrainArgs) -> anyhow::Result<()> {
 
 /// Unix tools end quietly when the reader of their output goes away (`bitnet inspect m |
 /// head -1`): SIGPIPE kills them. Rust starts programs with SIGPIPE ignored, so a write fails
-/// with BrokenPipe instead and `println!` panics; restore the default.
+/// with BrokenPipe instead and `println!` panics; restore the default. Never for commands that
+/// talk over sockets (see `main`).
 #[cfg(unix)]
 fn restore_sigpipe() {
-    // SAFETY: sets one signal's disposition to the default, before any other thread starts.
+    // SAFETY: sets one signal's disposition to the default. The Ctrl-C handler's thread is the
+    // only other one by now, and it does not touch SIGPIPE.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -101,6 +101,37 @@ fn serve_answers_openai_requests_and_stops_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Clients that hang up mid-stream (half-close, then close with bytes unread, as a browser's
+/// Stop can): the server's next writes fail with EPIPE, and it must go on serving. The CLI
+/// restores SIGPIPE's default for its pipe-writing commands (`bitnet inspect m | head -1`);
+/// given to `serve`, it killed the server on the first such write (exit 141) — the chat page's
+/// Stop did it in CI.
+#[test]
+fn clients_that_hang_up_mid_stream_do_not_kill_the_server() {
+    let (mut child, addr) = start(&[]);
+    let chat = r#"{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200, "stream": true}"#;
+    for i in 0..40u64 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{chat}",
+            chat.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut first = [0u8; 64];
+        assert!(s.read(&mut first).unwrap() > 0, "no response");
+        // Hang up at a different point of the stream each time.
+        std::thread::sleep(Duration::from_millis(i * 37 % 50));
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(child.try_wait().unwrap(), None, "the server died");
+    let (status, _) = request(&addr, "GET", "/health", "", &[]);
+    assert_eq!(status, 200);
+    stop(&mut child);
+}
+
 /// `/v1/embeddings` of an embedding checkpoint equals `bitnet embed --json`, number for number,
 /// with generation still served beside it; a checkpoint declaring mean pooling is a 400.
 #[test]
