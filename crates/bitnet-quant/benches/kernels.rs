@@ -121,6 +121,12 @@ fn gemm(bencher: Bencher, case: Case, m: usize) {
     bencher.counter(ItemsCount::new(macs)).bench_local(|| w.forward_with(case.path, &x, &mut out));
 }
 
+/// A decode step of 16 sequences (the serving scheduler's batch).
+#[divan::bench(args = cases(&SHAPES, false), max_time = 3, sample_count = 20)]
+fn ternary_gemm_m16(bencher: Bencher, case: Case) {
+    gemm(bencher, case, 16)
+}
+
 #[divan::bench(args = cases(&SHAPES, false), max_time = 3, sample_count = 20)]
 fn ternary_gemm_m128(bencher: Bencher, case: Case) {
     gemm(bencher, case, 128)

@@ -12,7 +12,7 @@ use crate::KernelPath;
 
 /// Token counts every path is checked with: ragged, and around the AVX2 GEMM's switch to panels
 /// at 24 tokens, its 6-token microkernel (tails of 1 to 5) and 128-token block.
-pub const MS: [usize; 14] = [1, 2, 3, 5, 7, 12, 13, 23, 24, 30, 33, 35, 64, 129];
+pub const MS: [usize; 15] = [1, 2, 3, 5, 7, 12, 13, 16, 23, 24, 30, 33, 35, 64, 129];
 /// Widths every path is checked with: ragged, block-sized, and the 2B-4T model's.
 pub const KS: [usize; 12] = [1, 31, 32, 127, 128, 129, 255, 256, 1000, 2304, 2560, 6912];
 /// Output rows: odd, below, at and above the row tile.
