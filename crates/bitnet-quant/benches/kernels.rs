@@ -186,10 +186,19 @@ fn int6_lm_head_gemv(bencher: Bencher, case: Case) {
     bencher.counter(BytesCount::new(w.bytes())).bench_local(|| w.forward_with(case.path, &x, &mut out));
 }
 
+/// The integer head of a decode step of 16 sequences.
+#[divan::bench(args = cases(&[LM_HEAD], false), max_time = 5, sample_count = 5)]
+fn int8_lm_head_gemm_m16(bencher: Bencher, case: Case) {
+    int8_head_gemm(bencher, case, 16)
+}
+
 #[divan::bench(args = cases(&[LM_HEAD], false), max_time = 5, sample_count = 3)]
 fn int8_lm_head_gemm_m128(bencher: Bencher, case: Case) {
+    int8_head_gemm(bencher, case, 128)
+}
+
+fn int8_head_gemm(bencher: Bencher, case: Case, m: usize) {
     let w = lm_head();
-    let m = 128;
     let x = activations(m, LM_HEAD.cols);
     let mut out = vec![0f32; m * LM_HEAD.rows];
     bencher

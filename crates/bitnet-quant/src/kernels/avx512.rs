@@ -334,6 +334,28 @@ unsafe fn register_tile_any<S: Sink>(
     }
 }
 
+/// The horizontal sums of a register tile's accumulators, `[token][row]`, eight vectors at a
+/// time. (Loops, not closures: a closure here would not inherit the caller's target features.)
+#[inline(always)]
+unsafe fn reduce_tile<const MT: usize>(acc: &[[__m512i; MT]; REG_ROWS]) -> [[i32; REG_ROWS]; MT] {
+    let mut dots = [[0i32; REG_ROWS]; MT];
+    // SAFETY: AVX-512 F is enabled in every function this is inlined into.
+    unsafe {
+        let mut k = 0;
+        while k < REG_ROWS * MT {
+            let mut lanes = [_mm512_setzero_si512(); 8];
+            for (j, lane) in lanes.iter_mut().enumerate().take(REG_ROWS * MT - k) {
+                *lane = acc[(k + j) % REG_ROWS][(k + j) / REG_ROWS];
+            }
+            for (j, d) in reduce8_512(&lanes).into_iter().enumerate().take(REG_ROWS * MT - k) {
+                dots[(k + j) / REG_ROWS][(k + j) % REG_ROWS] = d;
+            }
+            k += 8;
+        }
+    }
+    dots
+}
+
 /// Rows `g..g + 4` against tokens `t0..t0 + MT`; rows outside `rows` (padding included) are
 /// computed and not written. Returns `MT`.
 #[inline(always)]
@@ -379,25 +401,7 @@ unsafe fn register_tile<const MT: usize, S: Sink>(
                 }
             }
         }
-        // The (row, token) sums, reduced eight vectors at a time.
-        let mut dots = [[0i32; REG_ROWS]; MT];
-        for chunk in 0..(REG_ROWS * MT).div_ceil(8) {
-            let lanes: [__m512i; 8] = std::array::from_fn(|j| {
-                let k = chunk * 8 + j;
-                if k < REG_ROWS * MT {
-                    acc[k % REG_ROWS][k / REG_ROWS]
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            for (j, d) in reduce8_512(&lanes).into_iter().enumerate() {
-                let k = chunk * 8 + j;
-                if k < REG_ROWS * MT {
-                    dots[k / REG_ROWS][k % REG_ROWS] = d;
-                }
-            }
-        }
-        dots
+        reduce_tile(&acc)
     };
     let live = g.max(rows.start)..(g + REG_ROWS).min(rows.end);
     for (t, row_dots) in dots.iter().enumerate() {
@@ -585,6 +589,11 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
     tokens: Range<usize>,
     sink: &S,
 ) {
+    if VNNI {
+        // SAFETY: the features are the calling wrapper's.
+        unsafe { int8_gemm_register_tiles(w, x, rows, tokens, sink) };
+        return;
+    }
     let mut t0 = tokens.start;
     while t0 < tokens.end {
         // SAFETY: the features are the calling wrapper's.
@@ -597,6 +606,85 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
             }
         };
     }
+}
+
+/// The int8 GEMM with VNNI (the integer head of a decode step of many sequences) in register
+/// tiles of [`REG_ROWS`] rows × [`REG_TOKENS`] tokens, as [`ternary_gemm_register_tiles`]: per
+/// 64 columns, 16 `vpdpbusd` against 4 weight and 4 activation loads (the 1-row kernel below:
+/// one activation load per `vpdpbusd`). Weights are offset to `u = w + 128` as there.
+#[inline(always)]
+unsafe fn int8_gemm_register_tiles<S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sink: &S,
+) {
+    // Row groups outer, groups of four rows starting at multiples of four (within a group of
+    // eight rows, padding rows included).
+    for g in (rows.start / REG_ROWS * REG_ROWS..rows.end).step_by(REG_ROWS) {
+        let mut t0 = tokens.start;
+        while t0 < tokens.end {
+            // SAFETY: the features are the calling wrapper's.
+            t0 += unsafe {
+                match tokens.end - t0 {
+                    4.. => int8_register_tile::<REG_TOKENS, S>(w, x, g, rows.clone(), t0, sink),
+                    3 => int8_register_tile::<3, S>(w, x, g, rows.clone(), t0, sink),
+                    2 => int8_register_tile::<2, S>(w, x, g, rows.clone(), t0, sink),
+                    _ => int8_register_tile::<1, S>(w, x, g, rows.clone(), t0, sink),
+                }
+            };
+        }
+    }
+}
+
+/// Int8 rows `g..g + 4` against tokens `t0..t0 + MT`; rows outside `rows` are computed and not
+/// written. Returns `MT`.
+#[inline(always)]
+unsafe fn int8_register_tile<const MT: usize, S: Sink>(
+    w: &PackedInt8,
+    x: &QuantizedActivations,
+    g: usize,
+    rows: Range<usize>,
+    t0: usize,
+    sink: &S,
+) -> usize {
+    let stride = w.stride();
+    let xs: [&[i8]; MT] = std::array::from_fn(|i| x.padded_row(t0 + i));
+    assert!(xs.iter().all(|r| r.len() >= stride));
+    let (group, ri) = w.row_in_group(g);
+    // The same chunk of the same rows in the next group of eight, ahead of the first token tile.
+    let ahead = ROW_TILE * stride;
+    // SAFETY: the group holds 8 rows (rows `ri..ri + 4` with `ri` 0 or 4), whose chunk `c`
+    // lies at `group_offset(ri + i, c)`, 64 bytes each, and every token row `stride` values,
+    // `c + 64 <= stride`; the features are the calling wrapper's.
+    let dots = unsafe {
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [[_mm512_setzero_si512(); MT]; REG_ROWS];
+        for c in (0..stride).step_by(64) {
+            let wc = group.as_ptr().add(PackedInt8::group_offset(ri, c));
+            for i in 0..REG_ROWS {
+                _mm_prefetch::<_MM_HINT_T0>(wc.wrapping_add(ahead + i * 64).cast());
+            }
+            let u: [__m512i; REG_ROWS] =
+                std::array::from_fn(|i| _mm512_xor_si512(load(wc.add(i * 64)), flip));
+            for t in 0..MT {
+                let xv = load(xs[t].as_ptr().add(c));
+                for i in 0..REG_ROWS {
+                    acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], u[i], xv);
+                }
+            }
+        }
+        reduce_tile(&acc)
+    };
+    let live = g.max(rows.start)..(g + REG_ROWS).min(rows.end);
+    for (t, row_dots) in dots.iter().enumerate() {
+        let sub = x.sum(t0 + t).wrapping_mul(128);
+        for r in live.clone() {
+            sink.put(t0 + t, r, row_dots[r - g].wrapping_sub(sub));
+        }
+    }
+    MT
 }
 
 /// `rows` against tokens `t0..t0 + MT`, each load of 64 weights shared by the `MT` tokens.
