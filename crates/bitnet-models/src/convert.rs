@@ -144,6 +144,7 @@ fn gguf_arch(cfg: &ModelConfig) -> &'static str {
         (Activation::Relu2, _) => "bitnet-b1.58",
         (Activation::Silu, true) => "bitnet",
         (Activation::Silu, false) => "llama",
+        (Activation::GeluTanh, _) => unreachable!("gemma3 is refused before conversion starts"),
     }
 }
 
@@ -394,6 +395,14 @@ pub fn convert_hf_to_gguf(
     let root = if store.contains("embed_tokens.weight") { "" } else { "model." };
     crate::weights::apply_projection_norm_evidence(&mut cfg, &store, root);
     let cfg = cfg;
+    // llama.cpp's gemma3 files need their own keys (sliding window, two RoPE bases) and tensor
+    // names (post-attention and post-FFW norms, gains with 1 added), which are not written.
+    if cfg.architecture == Architecture::Gemma3 {
+        return Err(ModelError::config(
+            &src.join("config.json"),
+            "converting a gemma3 model to GGUF is not supported (run its safetensors directly)",
+        ));
+    }
     let block = weight.block();
     for (what, n) in [
         ("hidden_size", cfg.hidden_size),

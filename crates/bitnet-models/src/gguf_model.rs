@@ -131,6 +131,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
             .map(|_| float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6) as f32),
         bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
         eos_token_ids: eos,
+        query_pre_attn_scalar: None,
+        sliding: None,
     };
     cfg.validate(path)?;
     Ok(cfg)
@@ -732,6 +734,9 @@ fn layer(
         up_proj: proj("ffn_up", i, h)?,
         down_proj: proj("ffn_down", h, i)?,
         ffn_sub_norm: sub("ffn_sub_norm", i)?,
+        // Gemma's output norms: GGUF gemma3 files are refused by `config_from_gguf`.
+        attn_output_norm: None,
+        mlp_output_norm: None,
     })
 }
 
