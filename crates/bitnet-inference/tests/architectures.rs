@@ -7,6 +7,10 @@
 //!   divisor weight_scale), head_dim from the config, rope_theta 1000042, untied float head.
 //! * A BitNet-embedding model on a Qwen3 backbone (`qwen3-embed-tiny`): an RMSNorm before every
 //!   BitLinear, no `model.` prefix, last-token pooling and L2 normalization.
+//! * Gemma3 (`gemma3-tiny`, gemma-3-270m's layout): embeddings times sqrt(hidden), Gemma
+//!   RMSNorms (1 + w), four norms per layer, per-head q/k norms, GeGLU, query_pre_attn_scalar,
+//!   sliding-window layers with their own RoPE base beside a global layer with linear RoPE
+//!   scaling; bf16 weights run dense, and the same layout as ternary BitLinears.
 
 mod common;
 
@@ -208,5 +212,77 @@ fn embedding_model_as_a_gguf_matches_transformers() {
     assert_eq!(loaded.model.config.bitlinear_input_norm, Some(1e-6));
     for (i, c) in embedding_cosines(&loaded.model).into_iter().enumerate() {
         assert!(c >= 0.999, "text {i}: cosine {c}");
+    }
+}
+
+#[test]
+fn gemma3_config_reads_windows_scales_and_two_rope_bases() {
+    let cfg = ModelConfig::from_dir(&fixtures().join("gemma3-tiny/dense")).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Gemma3);
+    assert!(cfg.qk_norm() && cfg.gemma_norms() && !cfg.sub_norms && cfg.tie_word_embeddings);
+    assert_eq!(cfg.activation, bitnet_models::Activation::GeluTanh);
+    assert_eq!(cfg.quant_form, QuantForm::Dense);
+    // 4 heads of 16 over a hidden size of 48; scores scaled by 24^-0.5, not 16^-0.5.
+    assert_eq!((cfg.hidden_size, cfg.num_heads, cfg.head_dim), (48, 4, 16));
+    assert_eq!(cfg.attention_scale(), (24f64).powf(-0.5) as f32);
+    assert_eq!(cfg.embedding_scale(), Some(48f32.sqrt()));
+    // Layers 0, 1 and 3 slide over 6 keys with base 10000; layer 2 is global, base 1e6, linear × 2.
+    let windows: Vec<_> = (0..4).map(|l| cfg.sliding_window(l)).collect();
+    assert_eq!(windows, [Some(6), Some(6), None, Some(6)]);
+    assert_eq!(cfg.sliding.as_ref().unwrap().rope_theta, 10_000.0);
+    assert_eq!(
+        (cfg.rope_theta, cfg.rope_scaling),
+        (1_000_000.0, bitnet_models::RopeScaling::Linear { factor: 2.0 })
+    );
+    assert_eq!(cfg.bos_token_id, Some(2));
+    let master = ModelConfig::from_dir(&fixtures().join("gemma3-tiny/master")).unwrap();
+    assert_eq!(master.quant_form, QuantForm::Online);
+}
+
+/// bf16 weights as stored: the dense path is float throughout, so the logits agree to float
+/// rounding, ten times tighter than the other fixtures' 1e-3 (measured: below 2e-5).
+#[test]
+fn gemma3_bf16_weights_dense_match_transformers() {
+    let golden = Golden::open(&fixtures().join("gemma3-tiny/golden/dense_f32.safetensors"));
+    // The prompt is longer than the window: the sliding layers' mask cuts keys off.
+    let window =
+        ModelConfig::from_dir(&fixtures().join("gemma3-tiny/dense")).unwrap().sliding.unwrap().window;
+    assert!(golden.u32s("input_ids").len() > window + 4);
+    run_fixture_on(&CpuBackend::new, "gemma3-tiny", "dense", LogitCheck::Atol(1e-4));
+}
+
+/// The layout with every projection a BitLinear (autobitlinear, online): int8 activations, the
+/// bar of the other ternary fixtures whose greedy path has no int8 flip.
+#[test]
+fn gemma3_bitlinear_master_weights_match_transformers() {
+    run_fixture_on(&CpuBackend::new, "gemma3-tiny", "master", LogitCheck::Atol(1e-3));
+}
+
+/// The parity above can fail: the same checkpoint with the window widened past the prompt (every
+/// layer global) gives other logits, so the sliding mask is what makes it match. (Likewise the
+/// sliding layers' RoPE base: with theta 1e6 everywhere the logits move too.)
+#[test]
+fn gemma3_without_its_sliding_window_does_not_match() {
+    let src = fixtures().join("gemma3-tiny/dense");
+    let golden = Golden::open(&fixtures().join("gemma3-tiny/golden/dense_f32.safetensors"));
+    let ids = golden.u32s("input_ids");
+    for (key, value) in
+        [("sliding_window", serde_json::json!(1000)), ("rope_local_base_freq", serde_json::json!(1e6))]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", "tokenizer.json", "generation_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        match key {
+            "sliding_window" => config[key] = value,
+            _ => config["rope_parameters"]["sliding_attention"]["rope_theta"] = value,
+        }
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let loaded = common::load(dir.path());
+        let got = common::prefill_logits(&loaded.model, &ids);
+        let d = common::max_abs_diff(&got, golden.f("logits"));
+        assert!(d > 0.1, "with {key} changed the logits still match transformers' (max diff {d})");
     }
 }
