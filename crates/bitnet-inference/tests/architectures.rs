@@ -286,3 +286,123 @@ fn gemma3_without_its_sliding_window_does_not_match() {
         assert!(d > 0.1, "with {key} changed the logits still match transformers' (max diff {d})");
     }
 }
+
+/// The dense checkpoint as llama.cpp's converter writes a Gemma3 model (`Gemma3Model` in
+/// convert_hf_to_gguf.py): arch `gemma3`, every norm gain with Gemma's 1 added, BF16 matrices as
+/// stored, `attention.sliding_window`, and the keys llama.cpp reads for other sliding-window
+/// families (`attention.sliding_window_pattern`, one bool per layer, and `rope.freq_base_swa`),
+/// without which it assumes every sixth layer global and a local base of 10000. `keys`: `all`,
+/// `gemma3` (only the keys llama.cpp's gemma3 converter writes) or `no-window`.
+fn write_gemma3_gguf(src: &std::path::Path, dst: &std::path::Path, keys: &str) {
+    use bitnet_models::gguf::{write_gguf, GgufArray, GgufMetadata, GgufValue, TensorSpec};
+    use bitnet_quant::formats::GgmlType;
+    let cfg = ModelConfig::from_dir(src).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = [
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
+    let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let gguf_name = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            other => {
+                let rest = other.strip_prefix("model.layers.").unwrap();
+                let (l, module) = rest.split_once('.').unwrap();
+                let module = module.strip_suffix(".weight").unwrap();
+                format!("blk.{l}.{}.weight", names.iter().find(|n| n.0 == module).unwrap().1)
+            }
+        };
+        let shape: Vec<u64> = view.shape().iter().rev().map(|&d| d as u64).collect();
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16);
+        if shape.len() == 2 {
+            tensors.push((TensorSpec::new(gguf_name, GgmlType::BF16, &shape), view.data().to_vec()));
+        } else {
+            // Norm gains: F32 with the 1 added, as the converter's norm_shift does.
+            let gains: Vec<u8> = view
+                .data()
+                .chunks_exact(2)
+                .flat_map(|b| (half::bf16::from_le_bytes([b[0], b[1]]).to_f32() + 1.0).to_le_bytes())
+                .collect();
+            tensors.push((TensorSpec::new(gguf_name, GgmlType::F32, &shape), gains));
+        }
+    }
+    let sliding = cfg.sliding.as_ref().unwrap();
+    let mut md = GgufMetadata::new();
+    let u32v = |v: usize| GgufValue::U32(v as u32);
+    md.insert("general.architecture", GgufValue::String("gemma3".into()));
+    md.insert("gemma3.context_length", u32v(cfg.max_position_embeddings));
+    md.insert("gemma3.embedding_length", u32v(cfg.hidden_size));
+    md.insert("gemma3.feed_forward_length", u32v(cfg.intermediate_size));
+    md.insert("gemma3.block_count", u32v(cfg.num_layers));
+    md.insert("gemma3.attention.head_count", u32v(cfg.num_heads));
+    md.insert("gemma3.attention.head_count_kv", u32v(cfg.num_kv_heads));
+    md.insert("gemma3.attention.key_length", u32v(cfg.head_dim));
+    md.insert("gemma3.attention.value_length", u32v(cfg.head_dim));
+    md.insert("gemma3.attention.layer_norm_rms_epsilon", GgufValue::F32(cfg.rms_norm_eps));
+    md.insert("gemma3.rope.freq_base", GgufValue::F32(cfg.rope_theta));
+    md.insert("gemma3.rope.scaling.type", GgufValue::String("linear".into()));
+    md.insert("gemma3.rope.scaling.factor", GgufValue::F32(2.0));
+    if keys != "no-window" {
+        md.insert("gemma3.attention.sliding_window", u32v(sliding.window));
+    }
+    if keys == "all" {
+        md.insert(
+            "gemma3.attention.sliding_window_pattern",
+            GgufValue::Array(GgufArray::Bool(sliding.sliding_layers.clone())),
+        );
+        md.insert("gemma3.rope.freq_base_swa", GgufValue::F32(sliding.rope_theta));
+    }
+    md.insert("tokenizer.ggml.bos_token_id", u32v(2));
+    md.insert("tokenizer.ggml.eos_token_id", u32v(1));
+    let refs: Vec<(TensorSpec, &[u8])> = tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
+    write_gguf(dst, &md, &refs).unwrap();
+}
+
+/// llama.cpp's gemma3 GGUF of the dense weights (gains with 1 added, BF16 matrices, the window
+/// and the layer pattern as metadata) gives transformers' outputs too; without the pattern key
+/// the reader takes llama.cpp's gemma3 rule (every sixth layer global, local base 10000).
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    let root = fixtures().join("gemma3-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("dense.gguf");
+    write_gemma3_gguf(&root.join("dense"), &gguf, "all");
+    let file = bitnet_models::gguf::GgufFile::open(&gguf).unwrap();
+    let cfg = bitnet_models::gguf_model::config_from_gguf(&file).unwrap();
+    let hf = ModelConfig::from_dir(&root.join("dense")).unwrap();
+    assert_eq!((cfg.architecture, cfg.activation, cfg.head_dim), (Architecture::Gemma3, hf.activation, 16));
+    assert_eq!((cfg.sliding.as_ref(), cfg.rope_scaling), (hf.sliding.as_ref(), hf.rope_scaling));
+    // llama.cpp's score scale is head_dim^-0.5 (the file holds no query_pre_attn_scalar): the
+    // fixture's 24 is a transformers-only case, so the logits are compared with the scalar
+    // transformers used put back.
+    assert_eq!(cfg.attention_scale(), 16f32.powf(-0.5));
+    let mut weights = bitnet_models::ModelWeights::from_gguf(&file).unwrap();
+    weights.config.query_pre_attn_scalar = hf.query_pre_attn_scalar;
+    let model = bitnet_inference::Model::new(weights, &CpuBackend::new(), Default::default()).unwrap();
+    let golden = Golden::open(&root.join("golden/dense_f32.safetensors"));
+    common::parity::check_prompt_logits(&model, &golden, LogitCheck::Atol(1e-4));
+    common::parity::check_greedy_and_cache(&model, &golden);
+
+    let config_of = |keys: &str| {
+        write_gemma3_gguf(&root.join("dense"), &gguf, keys);
+        bitnet_models::gguf_model::config_from_gguf(&bitnet_models::gguf::GgufFile::open(&gguf).unwrap())
+    };
+    let s = config_of("gemma3").unwrap().sliding.unwrap();
+    assert_eq!((s.window, s.sliding_layers, s.rope_theta), (6, vec![true; 4], 10_000.0));
+    let err = config_of("no-window").unwrap_err().to_string();
+    assert!(err.contains("`gemma3.attention.sliding_window` is missing"), "{err}");
+}
