@@ -406,3 +406,18 @@ fn gemma3_gguf_matches_transformers() {
     let err = config_of("no-window").unwrap_err().to_string();
     assert!(err.contains("`gemma3.attention.sliding_window` is missing"), "{err}");
 }
+
+/// The whole greedy sequence (32 tokens) prefilled in chunks of 5, so that every sliding
+/// window straddles chunks and the cache, against transformers' one forward over it.
+#[test]
+fn gemma3_chunked_prefill_matches_transformers_over_the_whole_sequence() {
+    let root = fixtures().join("gemma3-tiny");
+    let golden = Golden::open(&root.join("golden/dense_f32.safetensors"));
+    let loaded = common::load(&root.join("dense"));
+    let ids = golden.u32s("greedy_ids");
+    let mut ctx = common::context(&loaded.model, ids.len(), 5);
+    let mut seq = bitnet_inference::Sequence::new();
+    loaded.model.forward(&mut ctx, &mut seq, &ids, bitnet_inference::Logits::All).unwrap();
+    let d = common::max_abs_diff(ctx.logits(), golden.f("greedy_full_logits"));
+    assert!(d <= 1e-4, "chunked prefill differs from transformers by {d}");
+}
