@@ -421,3 +421,46 @@ fn gemma3_chunked_prefill_matches_transformers_over_the_whole_sequence() {
     let d = common::max_abs_diff(ctx.logits(), golden.f("greedy_full_logits"));
     assert!(d <= 1e-4, "chunked prefill differs from transformers by {d}");
 }
+
+/// `bitnet convert` of the BitLinear form: a `gemma3` GGUF (ternary projections, gains written
+/// as 1 + w, the window and layer pattern as metadata) that runs as the checkpoint does. The
+/// fixture's query_pre_attn_scalar (24, not head_dim 16) has no GGUF key and is refused by
+/// name; with the scalar llama.cpp assumes the conversion goes through.
+#[test]
+fn gemma3_bitlinear_checkpoint_converts_to_a_gemma3_gguf() {
+    use bitnet_models::convert::{convert_hf_to_gguf, HeadType, WeightType};
+    let src = fixtures().join("gemma3-tiny/master");
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("gemma3.gguf");
+    let err =
+        convert_hf_to_gguf(&src, &gguf, WeightType::F16, HeadType::F16, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("query_pre_attn_scalar 24"), "{err}");
+
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), hf.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["query_pre_attn_scalar"] = serde_json::json!(16);
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    convert_hf_to_gguf(&hf, &gguf, WeightType::F16, HeadType::F16, |_, _| {}).unwrap();
+    let file = bitnet_models::gguf::GgufFile::open(&gguf).unwrap();
+    assert_eq!(file.metadata().get_str("general.architecture"), Some("gemma3"));
+    let from_gguf = bitnet_models::gguf_model::config_from_gguf(&file).unwrap();
+    let from_hf = ModelConfig::from_dir(&hf).unwrap();
+    assert_eq!(from_gguf.sliding, from_hf.sliding);
+    assert_eq!(from_gguf.attention_scale(), from_hf.attention_scale());
+
+    // The same model either way: F16 rounds each matrix's scale, and int8 activations may flip
+    // where that moves a value across a rounding tie.
+    let ids = Golden::open(&fixtures().join("gemma3-tiny/golden/master_f32.safetensors")).u32s("greedy_ids");
+    let a = common::prefill_logits(&common::load(&hf).model, &ids);
+    let b = common::prefill_logits(&common::load(&gguf).model, &ids);
+    let vocab = from_hf.vocab_size;
+    for (pos, (x, y)) in a.chunks(vocab).zip(b.chunks(vocab)).enumerate() {
+        let c = cosine(x, y);
+        assert!(c >= 0.999, "position {pos}: cosine {c} between the checkpoint and its GGUF");
+    }
+}

@@ -189,10 +189,7 @@ fn gemma3_from_gguf(file: &GgufFile, mut cfg: ModelConfig) -> Result<ModelConfig
     };
     cfg.sliding =
         Some(SlidingAttention { window: window as usize, sliding_layers, rope_theta: local_theta as f32 });
-    cfg.query_pre_attn_scalar = Some(match cfg.num_layers {
-        62 => (cfg.hidden_size / cfg.num_heads.max(1)) as f32,
-        _ => cfg.head_dim as f32,
-    });
+    cfg.query_pre_attn_scalar = Some(crate::convert::gemma3_implied_query_pre_attn_scalar(&cfg));
     for key in ["gemma3.final_logit_softcapping", "gemma3.attn_logit_softcapping"] {
         if let Some(v) = md.get(key).and_then(|v| v.as_f64()) {
             return Err(bad(format!("metadata `{key}` {v}: soft-capping is not supported")));
