@@ -21,6 +21,16 @@ Kinds (first argument):
                     too) is ternary codes times one fp16 scale per group of FIX_GROUP input
                     columns, stored as fp16 (the "unpacked" checkpoints). The float model holding
                     exactly these values is the reference.
+  gemma3  Gemma3ForCausalLM (model_type gemma3_text, google/gemma-3-270m's layout): embeddings times
+          sqrt(hidden), Gemma RMSNorms (x · (1 + w)), four norms per layer (the attention and MLP
+          outputs normed before their residual adds), per-head q/k norms, GeGLU (gelu_pytorch_tanh),
+          scores scaled by query_pre_attn_scalar^-0.5, sliding-window attention on the layers
+          layer_types names sliding (window FIX_WINDOW, shorter than the prompt) with RoPE base
+          rope_local_base_freq, full attention with rope_theta and linear rope_scaling on the others,
+          head_dim from the config, tied head, BOS prepended. Forms:
+            dense   bf16 weights as stored (no quantization_config).
+            master  the same layout with quantization_config autobitlinear/online: every projection a
+                    BitLinear over bf16 master weights (embeddings, norms and head stay float).
   falcon  Falcon3-*-1.58bit / Falcon-E layout: LlamaForCausalLM with quantization_config
           {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"} (BitLinear offline: U8 [out/4, in] codes, weight_scale a
           divisor), head_dim given in the config, rope_theta 1000042, untied bf16 lm_head that is
@@ -39,7 +49,8 @@ asserted equal to a loop without cache.
 Usage (repository root):
   TORCHDYNAMO_DISABLE=1 /work/venv-torch/bin/python tools/make_arch_fixture.py KIND OUT_DIR
 Environment (defaults per kind): FIX_SEED FIX_VOCAB FIX_HIDDEN FIX_INTER FIX_LAYERS FIX_HEADS FIX_KV
-FIX_HEAD_DIM FIX_THETA FIX_NEW FIX_GROUP (bonsai group, 32) FIX_PROMPT.
+FIX_HEAD_DIM FIX_THETA FIX_NEW FIX_GROUP (bonsai group, 32) FIX_PROMPT; gemma3 also FIX_WINDOW
+(sliding_window, 6), FIX_QPAS (query_pre_attn_scalar, 24), FIX_LOCAL_THETA (10000).
 """
 import json
 import os
@@ -54,19 +65,21 @@ import torch
 from safetensors.torch import save_file
 
 import transformers
-from transformers import (AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3Model)
+from transformers import (AutoModel, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3Model)
 from transformers.integrations.bitnet import pack_weights
 
 KIND = sys.argv[1]
 OUT = Path(sys.argv[2])
-assert KIND in ("qwen3", "falcon", "embed"), KIND
+assert KIND in ("qwen3", "falcon", "embed", "gemma3"), KIND
 ENV = os.environ.get
 DEFAULTS = {
     # vocab, hidden, inter, layers, heads, kv, head_dim, theta, seed
     "qwen3": (512, 64, 128, 2, 4, 2, 32, 1_000_000.0, 20260801),
     "falcon": (512, 128, 256, 2, 2, 1, 128, 1_000_042.0, 20260801),
     "embed": (512, 64, 128, 2, 4, 2, 32, 1_000_000.0, 20260801),
+    # hidden 48: sqrt(48) is not a round number, and 4 heads of 16 are not hidden / heads (12).
+    "gemma3": (512, 48, 64, 4, 4, 2, 16, 1_000_000.0, 20260809),
 }[KIND]
 TOKENIZER = OUT / "tokenizer.json.tmp"  # copied into every form, then removed
 VOCAB = int(ENV("FIX_VOCAB", DEFAULTS[0]))
@@ -90,6 +103,15 @@ EMBED_TEXTS = [
 MAX_POS = 256
 # The qwen3 fixture's YaRN form: a factor of 4 over an original context of 64 positions.
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+# gemma3: the window of the sliding layers (shorter than the prompt, so that the mask cuts keys
+# off), the attention scale's query_pre_attn_scalar (not head_dim), the sliding layers' RoPE base,
+# which layers attend globally, and the global layers' RoPE scaling.
+WINDOW = int(ENV("FIX_WINDOW", "6"))
+QPAS = int(ENV("FIX_QPAS", "24"))
+LOCAL_THETA = float(ENV("FIX_LOCAL_THETA", "10000"))
+EMBED_STD = float(ENV("FIX_EMBED_STD", "0.1"))
+GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+GEMMA_ROPE_SCALING = {"rope_type": "linear", "factor": 2.0}
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -116,6 +138,8 @@ def make_tokenizer():
               "/usr/share/common-licenses/BSD"] if os.path.exists(p)]
     assert texts, "needs /usr/share/common-licenses"
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    if KIND == "gemma3":  # Gemma's ids: pad 0, eos 1, bos 2
+        specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<|endoftext|>"]
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -127,6 +151,10 @@ def make_tokenizer():
         tok.post_processor = processors.TemplateProcessing(
             single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>",
             special_tokens=[("<|endoftext|>", eot)])
+    elif KIND == "gemma3":
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
     elif KIND == "falcon":
         tok.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B",
@@ -147,6 +175,19 @@ if KIND == "falcon":
     cfg = LlamaConfig(rms_norm_eps=1e-6, bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=False,
                       mlp_bias=False, **common)
     model = LlamaForCausalLM(cfg)
+elif KIND == "gemma3":
+    gemma = {k: v for k, v in common.items() if k not in ("hidden_act", "rope_theta")}
+    gemma["pad_token_id"] = tok.token_to_id("<pad>")
+    cfg = Gemma3TextConfig(rms_norm_eps=1e-6, bos_token_id=tok.token_to_id("<bos>"),
+                           eos_token_id=[tok.token_to_id("<eos>"), tok.token_to_id("<end_of_turn>")],
+                           tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                           query_pre_attn_scalar=QPAS, sliding_window=WINDOW, layer_types=GEMMA_LAYER_TYPES,
+                           final_logit_softcapping=None, attn_logit_softcapping=None,
+                           rope_parameters={"full_attention": dict(GEMMA_ROPE_SCALING, rope_theta=THETA),
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": LOCAL_THETA}},
+                           **gemma)
+    model = Gemma3ForCausalLM(cfg)
 elif KIND == "qwen3":
     cfg = Qwen3Config(rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=[IM_END, EOT],
                       tie_word_embeddings=True, use_sliding_window=False, **common)
@@ -169,11 +210,17 @@ def bf16_exact(t):
     return t.to(torch.bfloat16).to(torch.float32)
 
 
-ROUND = bf16_exact if KIND in ("falcon", "embed") else fp16_exact
+ROUND = bf16_exact if KIND in ("falcon", "embed", "gemma3") else fp16_exact
 with torch.no_grad():
     for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+        if name.endswith("embed_tokens.weight") and KIND == "gemma3":
+            # Gemma multiplies the rows by sqrt(hidden): smaller rows keep the residual stream
+            # from being the token's own row (the tied head would then repeat the input).
+            v = torch.randn(p.shape, generator=g) * EMBED_STD
+        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
             v = torch.randn(p.shape, generator=g) * 0.5
+        elif "norm" in name and KIND == "gemma3":  # Gemma's norms multiply by 1 + w
+            v = 0.25 * torch.randn(p.shape, generator=g)
         elif "norm" in name:
             v = 1.0 + 0.25 * torch.randn(p.shape, generator=g)
         else:
@@ -208,7 +255,8 @@ def save_checkpoint(form, state, config_dict, dtype):
     return d
 
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "falcon": "LlamaForCausalLM", "embed": "Qwen3Model"}[KIND]
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "falcon": "LlamaForCausalLM", "embed": "Qwen3Model",
+                 "gemma3": "Gemma3ForCausalLM"}[KIND]
 
 
 def config_dict(extra=None):
@@ -217,7 +265,9 @@ def config_dict(extra=None):
     c = cfg.to_dict()
     for k in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "id2label", "label2id"):
         c.pop(k, None)
-    c.update({"architectures": [ARCHITECTURES], "rope_theta": THETA})
+    c.update({"architectures": [ARCHITECTURES]})
+    if KIND != "gemma3":  # Gemma3's two bases live under rope_parameters
+        c["rope_theta"] = THETA
     c.update(extra or {})
     return c
 
@@ -255,6 +305,12 @@ elif KIND == "falcon":
     FORMS["packed_bitlinear"] = save_checkpoint(
         "packed_bitlinear", packed,
         config_dict({"quantization_config": qc, "is_bitnet_config": True, "dtype": "bfloat16"}), torch.bfloat16)
+elif KIND == "gemma3":
+    dense_state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    FORMS["dense"] = save_checkpoint("dense", dense_state, config_dict({"dtype": "bfloat16"}), torch.bfloat16)
+    qc = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+    FORMS["master"] = save_checkpoint(
+        "master", dense_state, config_dict({"quantization_config": qc, "dtype": "bfloat16"}), torch.bfloat16)
 else:  # embed
     emb = {}
     for k, v in state.items():
@@ -374,6 +430,17 @@ def causal_reference(form, d):
     assert gen[0].tolist() == seq[0].tolist(), (
         f"generate with a cache differs from the no-cache loop (an int8 flip; try another FIX_SEED): "
         f"{gen[0, ids.shape[1]:].tolist()} vs {seq[0, ids.shape[1]:].tolist()}, margins {margins}")
+    extra = {}
+    if KIND == "gemma3":
+        # The window must matter: the prompt is longer than it, and the same model with every
+        # layer attending to the whole context gives other logits.
+        assert ids.shape[1] > WINDOW, (ids.shape, WINDOW)
+        m.config.sliding_window = MAX_POS
+        with torch.no_grad():
+            unwindowed = m(ids, use_cache=False).logits.float()
+        m.config.sliding_window = WINDOW
+        extra["logits_max_abs_diff_without_sliding_window"] = round(float((unwindowed - out.logits).abs().max()), 5)
+        assert extra["logits_max_abs_diff_without_sliding_window"] > 0.1, extra
     tensors = {"input_ids": ids, "logits": out.logits.float(), "greedy_ids": seq,
                "greedy_full_logits": full, "greedy_step_logits": torch.stack(steps)}
     tensors.update({f"hidden_states.{i}": h.float() for i, h in enumerate(out.hidden_states)})
@@ -383,7 +450,7 @@ def causal_reference(form, d):
             "lm_head_tied": m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr(),
             "prompt_ids": ids[0].tolist(), "greedy_new_ids": seq[0, ids.shape[1]:].tolist(),
             "greedy_top1_top2_margins": [round(x, 5) for x in margins],
-            "min_greedy_margin": round(min(margins), 5)}
+            "min_greedy_margin": round(min(margins), 5), **extra}
 
 
 def embed_reference(d):

@@ -671,6 +671,15 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "rope theta {}, rms eps {}, context {}, tied head: {}",
         cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.tie_word_embeddings
     );
+    if let Some(s) = &cfg.sliding {
+        let global: Vec<usize> = (0..cfg.num_layers).filter(|&l| cfg.sliding_window(l).is_none()).collect();
+        println!(
+            "attention:     window {} (rope theta {}) except global layers {global:?}; scores × {}",
+            s.window,
+            s.rope_theta,
+            cfg.attention_scale()
+        );
+    }
     println!("bos {:?}, eos {:?}", cfg.bos_token_id, cfg.eos_token_ids);
     println!("parameters:    {params} ({:.3} B)", params as f64 / 1e9);
     println!("tensor bytes:  {bytes} ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);

@@ -120,6 +120,21 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `gelu_tanh(g) · u`, Gemma's GeGLU: torch's `gelu(g, approximate="tanh")`,
+/// `0.5 · g · (1 + tanh(sqrt(2/π) · (g + 0.044715 · g³)))`, in f32.
+pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let inner = SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
+        *o = 0.5 * g * (1.0 + inner.tanh()) * u;
+    }
+}
+
+/// `x *= factor`.
+pub fn scale(x: &mut [f32], factor: f32) {
+    x.iter_mut().for_each(|v| *v *= factor);
+}
+
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
@@ -163,5 +178,34 @@ mod tests {
         assert_eq!(o, vec![0.0, 18.0]);
         silu_mul(&[0.0, 0.0], &[1.0, 1.0], &mut o);
         assert_eq!(o, vec![0.0, 0.0]);
+    }
+
+    /// torch 2.15's `gelu(x, approximate="tanh")` in f32 (printed with `float.hex`), to a few
+    /// ulps: torch's vectorized tanh and libm's round differently in the last bits.
+    #[test]
+    fn gelu_tanh_matches_torch() {
+        let x = [-6.0, -3.0, -1.5, -0.5, -1e-3, 0.0, 1e-3, 0.5, 1.5, 3.0, 6.0, 12.0];
+        let torch = [
+            -0.0,
+            -0.003_637_433,
+            -0.100_428_43,
+            -0.154_286,
+            -0.000_499_601_07,
+            0.0,
+            0.000_500_399,
+            0.345_714,
+            1.399_571_5,
+            2.996_362_7,
+            6.0,
+            12.0,
+        ];
+        let mut got = [0.0; 12];
+        gelu_tanh_mul(&x, &[1.0; 12], &mut got);
+        for ((&g, &t), &x) in got.iter().zip(&torch).zip(&x) {
+            assert!((g - t).abs() <= 4.0 * f32::EPSILON * t.abs().max(1e-3), "gelu({x}) = {g}, torch {t}");
+        }
+        // The up projection multiplies.
+        gelu_tanh_mul(&[1.5], &[-2.0], &mut got[..1]);
+        assert!((got[0] + 2.0 * 1.399_571_5).abs() < 1e-6);
     }
 }

@@ -55,6 +55,7 @@ enum K {
     GateQuantize,
     Gate,
     Add,
+    Scale,
     TernaryGemv,
     TernaryGemm,
     TernaryMma,
@@ -75,6 +76,7 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "gate_quantize",
     "gate",
     "add",
+    "scale",
     "ternary_gemv",
     "ternary_gemm",
     "ternary_mma",
@@ -1147,7 +1149,9 @@ impl Backend for CudaBackend {
             (n_kv as i32).into(),
             (hd as i32).into(),
             (heads as i32).into(),
-            (hd as f32).powf(-0.5).into(),
+            shape.scale.into(),
+            // 0: no window (a window of 0 keys is refused by the config).
+            (shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32).into(),
             out.data.ptr.into(),
         ];
         let id = K::Attention as u16 + (3 * ki) as u16 + dtype_code(store.kv_type) as u16;
@@ -1176,6 +1180,11 @@ impl Backend for CudaBackend {
     fn add(&mut self, x: &mut CudaBuffer, y: &CudaBuffer, len: usize) {
         let args = [Arg::from(x.data.ptr), y.data.ptr.into(), (len as u64).into()];
         self.launch(K::Add as u16, grid_1d(len, 256), 256, 0, args.to_vec());
+    }
+
+    fn scale(&mut self, x: &mut CudaBuffer, len: usize, factor: f32) {
+        let args = [Arg::from(x.data.ptr), factor.into(), (len as u64).into()];
+        self.launch(K::Scale as u16, grid_1d(len, 256), 256, 0, args.to_vec());
     }
 
     fn lm_head(&mut self, w: &CudaDense, x: &CudaBuffer, first: usize, rows: usize, out: &mut CudaBuffer) {
@@ -1330,6 +1339,7 @@ fn act_code(act: Activation) -> i32 {
     match act {
         Activation::Relu2 => 0,
         Activation::Silu => 1,
+        Activation::GeluTanh => 2,
     }
 }
 

@@ -5,8 +5,9 @@
 //! (segment, kv head, tile of query tokens). A task stacks the `n_rep` query heads that read its
 //! kv head, for every token of its tile, into one block of rows, then walks the sequence's
 //! cache one block ([`KEY_TILE`] keys) at a time: scores `S = Q·Kᵀ` of the rows against the
-//! block's keys, the causal mask, an online softmax (running max and sum per row, in f32) and
-//! `O += P·V`. Blocks past the last token of the query tile are never visited. Both products
+//! block's keys, the causal mask (and a sliding window's lower edge), an online softmax (running max and sum per row, in f32) and
+//! `O += P·V`. Blocks past the last token of the query tile, or wholly before the window of its
+//! first token, are never visited. Both products
 //! run in an AVX2/FMA register-blocked microkernel where the CPU has it, and in portable loops
 //! otherwise. A cache of bf16 or f16 is widened to f32 a block at a time into the task's scratch.
 
@@ -94,6 +95,10 @@ pub struct Attention<'a> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The factor on the scores `q · k`.
+    pub scale: f32,
+    /// A sliding window: the query at position `p` sees keys `p + 1 - window ..= p` only.
+    pub window: Option<usize>,
 }
 
 /// Which microkernels run.
@@ -259,7 +264,7 @@ impl Attention<'_> {
         // heads of a group are adjacent, so rows come n_rep × hd floats at a time.
         let row_offset =
             |i: usize| ((seg.first_row + t0 + i / n_rep) * self.n_heads + g * n_rep + i % n_rep) * hd;
-        let scale = (hd as f32).powf(-0.5);
+        let scale = self.scale;
         for (i, dst) in qp.chunks_exact_mut(hd).enumerate() {
             let src = &self.q[row_offset(i)..row_offset(i) + hd];
             for (d, &x) in dst.iter_mut().zip(src) {
@@ -270,24 +275,29 @@ impl Attention<'_> {
         mx.fill(f32::NEG_INFINITY);
         l.fill(0.0);
         let end = seg.pos0 + t1; // keys the last token sees
-        for (bi, &block) in self.blocks(seg)[..end.div_ceil(KEY_TILE)].iter().enumerate() {
+                                 // The first key a query at position p sees: 0, or p + 1 - window in a sliding layer.
+        let first_key = |p: usize| self.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let first_block = first_key(seg.pos0 + t0) / KEY_TILE;
+        for (bi, &block) in self.blocks(seg)[..end.div_ceil(KEY_TILE)].iter().enumerate().skip(first_block) {
             let k0 = bi * KEY_TILE;
             let kn = KEY_TILE.min(end - k0);
             let start = block as usize * KEY_TILE * kv_dim + g * hd;
             let (keys, ks) = self.keys.rows(start, kv_dim, kn, hd, kbuf);
             kernel.qk(qp, m, hd, keys, ks, kn, s);
             for i in 0..m {
-                let visible = seg.pos0 + t0 + i / n_rep + 1;
-                let valid = kn.min(visible.saturating_sub(k0));
+                let p = seg.pos0 + t0 + i / n_rep;
+                let valid = kn.min((p + 1).saturating_sub(k0));
+                let lo = first_key(p).saturating_sub(k0).min(valid);
                 let row = &mut s[i * KEY_TILE..i * KEY_TILE + kn];
                 row[valid..].fill(0.0); // causal mask: these keys get no weight
-                if valid == 0 {
+                row[..lo].fill(0.0); // before the window: no weight either
+                if lo == valid {
                     continue;
                 }
-                let tile_max = row[..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let tile_max = row[lo..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let new_max = mx[i].max(tile_max);
                 let alpha = (mx[i] - new_max).exp();
-                let sum = kernel.exp_sub_sum(&mut row[..valid], new_max);
+                let sum = kernel.exp_sub_sum(&mut row[lo..valid], new_max);
                 if alpha != 1.0 {
                     for x in &mut o[i * hd..(i + 1) * hd] {
                         *x *= alpha;
@@ -593,8 +603,9 @@ mod tests {
         pos0: usize,
     }
 
-    /// Per (token, head): scores, causal mask, softmax in f64, weighted sum of values.
-    fn reference(c: &Case, n_heads: usize, n_kv: usize, hd: usize) -> Vec<f32> {
+    /// Per (token, head): scores, causal mask (and window), softmax in f64, weighted sum of
+    /// values.
+    fn reference(c: &Case, n_heads: usize, n_kv: usize, hd: usize, window: Option<usize>) -> Vec<f32> {
         let (n_rep, kv_dim) = (n_heads / n_kv, n_kv * hd);
         let mut out = vec![0.0; c.rows * n_heads * hd];
         for t in 0..c.rows {
@@ -602,7 +613,8 @@ mod tests {
                 let g = h / n_rep;
                 let q = &c.q[(t * n_heads + h) * hd..][..hd];
                 let visible = c.pos0 + t + 1;
-                let scores: Vec<f64> = (0..visible)
+                let first = window.map_or(0, |w| visible.saturating_sub(w));
+                let scores: Vec<f64> = (first..visible)
                     .map(|j| {
                         let k = &c.keys[j * kv_dim + g * hd..][..hd];
                         q.iter().zip(k).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / (hd as f64).sqrt()
@@ -612,7 +624,9 @@ mod tests {
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for d in 0..hd {
-                    let o: f64 = (0..visible).map(|j| e[j] * c.values[j * kv_dim + g * hd + d] as f64).sum();
+                    let o: f64 = (first..visible)
+                        .map(|j| e[j - first] * c.values[j * kv_dim + g * hd + d] as f64)
+                        .sum();
                     out[(t * n_heads + h) * hd + d] = (o / sum) as f32;
                 }
             }
@@ -678,97 +692,104 @@ mod tests {
         kernels
     }
 
+    /// Whole-context and sliding-window attention (windows of one key, shorter than a block,
+    /// across blocks, longer than every context).
     #[test]
     fn paged_batched_attention_matches_reference_on_ragged_shapes() {
         let mut scratch = Vec::new();
-        for &n_rep in &[1, 4] {
-            for &hd in &[32, 64, 128] {
-                let n_kv = 2;
-                let (n_heads, kv_dim) = (n_kv * n_rep, n_kv * hd);
-                // Segments of several sequences in one call: prefill chunks, decode steps, and
-                // contexts ending inside, at and past block boundaries.
-                let shapes = [(1, 0), (3, 5), (17, 0), (70, 5), (1, 31), (1, 64), (33, 31)];
-                let cases: Vec<Case> = shapes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &(rows, pos0))| {
-                        let seed = (i * 1000 + n_rep * 10 + hd) as u64;
-                        let ctx = pos0 + rows;
-                        Case {
-                            // Amplitude 2 gives peaked softmaxes.
-                            q: pseudo_random(rows * n_heads * hd, seed, 2.0),
-                            keys: pseudo_random(ctx * kv_dim, seed + 1, 2.0),
-                            values: pseudo_random(ctx * kv_dim, seed + 2, 1.0),
-                            rows,
-                            pos0,
-                        }
-                    })
-                    .collect();
-                let (keys, values, per_case) = paged(&cases, kv_dim);
-                let tables: Vec<u32> = per_case.concat();
-                let mut q = Vec::new();
-                let mut segments = Vec::new();
-                let mut want = Vec::new();
-                let mut table_start = 0;
-                for (c, table) in cases.iter().zip(&per_case) {
-                    segments.push(AttentionSegment {
-                        first_row: q.len() / (n_heads * hd),
-                        rows: c.rows,
-                        pos0: c.pos0,
-                        table_start,
-                    });
-                    table_start += table.len();
-                    q.extend_from_slice(&c.q);
-                    want.extend(reference(c, n_heads, n_kv, hd));
-                }
-                let a = Attention {
-                    q: &q,
-                    keys: KvSlice::F32(&keys),
-                    values: KvSlice::F32(&values),
-                    kv_dim,
-                    tables: &tables,
-                    segments: &segments,
-                    n_heads,
-                    n_kv_heads: n_kv,
-                    head_dim: hd,
-                };
-                for &kernel in &kernels() {
-                    for workers in [1, 3] {
-                        let mut got = vec![f32::NAN; want.len()];
-                        a.run(kernel, workers, &mut scratch, &mut got);
-                        let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
-                        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                            assert!(
+        for window in [None, Some(1), Some(7), Some(40), Some(1000)] {
+            for &n_rep in &[1, 4] {
+                for &hd in &[32, 64, 128] {
+                    let n_kv = 2;
+                    let (n_heads, kv_dim) = (n_kv * n_rep, n_kv * hd);
+                    // Segments of several sequences in one call: prefill chunks, decode steps, and
+                    // contexts ending inside, at and past block boundaries.
+                    let shapes = [(1, 0), (3, 5), (17, 0), (70, 5), (1, 31), (1, 64), (33, 31)];
+                    let cases: Vec<Case> = shapes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(rows, pos0))| {
+                            let seed = (i * 1000 + n_rep * 10 + hd) as u64;
+                            let ctx = pos0 + rows;
+                            Case {
+                                // Amplitude 2 gives peaked softmaxes.
+                                q: pseudo_random(rows * n_heads * hd, seed, 2.0),
+                                keys: pseudo_random(ctx * kv_dim, seed + 1, 2.0),
+                                values: pseudo_random(ctx * kv_dim, seed + 2, 1.0),
+                                rows,
+                                pos0,
+                            }
+                        })
+                        .collect();
+                    let (keys, values, per_case) = paged(&cases, kv_dim);
+                    let tables: Vec<u32> = per_case.concat();
+                    let mut q = Vec::new();
+                    let mut segments = Vec::new();
+                    let mut want = Vec::new();
+                    let mut table_start = 0;
+                    for (c, table) in cases.iter().zip(&per_case) {
+                        segments.push(AttentionSegment {
+                            first_row: q.len() / (n_heads * hd),
+                            rows: c.rows,
+                            pos0: c.pos0,
+                            table_start,
+                        });
+                        table_start += table.len();
+                        q.extend_from_slice(&c.q);
+                        want.extend(reference(c, n_heads, n_kv, hd, window));
+                    }
+                    let a = Attention {
+                        q: &q,
+                        keys: KvSlice::F32(&keys),
+                        values: KvSlice::F32(&values),
+                        kv_dim,
+                        tables: &tables,
+                        segments: &segments,
+                        n_heads,
+                        n_kv_heads: n_kv,
+                        head_dim: hd,
+                        scale: (hd as f32).powf(-0.5),
+                        window,
+                    };
+                    for &kernel in &kernels() {
+                        for workers in [1, 3] {
+                            let mut got = vec![f32::NAN; want.len()];
+                            a.run(kernel, workers, &mut scratch, &mut got);
+                            let norm = want.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+                            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                                assert!(
                                 (g - w).abs() <= 1e-5 * norm.max(w.abs()),
-                                "{kernel:?} n_rep {n_rep} hd {hd} workers {workers} [{i}]: {g} vs {w}"
+                                "{kernel:?} window {window:?} n_rep {n_rep} hd {hd} workers {workers} [{i}]: {g} vs {w}"
                             );
-                        }
-                        // Each segment alone gives bit-identical rows to the batch, and decoding
-                        // token t (one row at pos0 + t) gives the prefill's row: batching and
-                        // KV-cache decoding change nothing.
-                        for (si, s) in segments.iter().enumerate() {
-                            let width = n_heads * hd;
-                            let batch_rows = &got[s.first_row * width..(s.first_row + s.rows) * width];
-                            let alone = AttentionSegment { first_row: 0, ..*s };
-                            let one = Attention { q: &q[s.first_row * width..], segments: &[alone], ..a };
-                            let mut own = vec![0.0; s.rows * width];
-                            one.run(kernel, 1, &mut scratch, &mut own);
-                            assert_eq!(own, batch_rows, "{kernel:?} segment {si}");
-                            for t in [0, s.rows / 2, s.rows - 1] {
-                                let step = AttentionSegment { first_row: 0, rows: 1, pos0: s.pos0 + t, ..*s };
-                                let q_t = &q[(s.first_row + t) * width..];
-                                let mut row = vec![0.0; width];
-                                Attention { q: q_t, segments: &[step], ..a }.run(
-                                    kernel,
-                                    1,
-                                    &mut scratch,
-                                    &mut row,
-                                );
-                                assert_eq!(
-                                    row,
-                                    batch_rows[t * width..(t + 1) * width],
-                                    "{kernel:?} seg {si} t {t}"
-                                );
+                            }
+                            // Each segment alone gives bit-identical rows to the batch, and decoding
+                            // token t (one row at pos0 + t) gives the prefill's row: batching and
+                            // KV-cache decoding change nothing.
+                            for (si, s) in segments.iter().enumerate() {
+                                let width = n_heads * hd;
+                                let batch_rows = &got[s.first_row * width..(s.first_row + s.rows) * width];
+                                let alone = AttentionSegment { first_row: 0, ..*s };
+                                let one = Attention { q: &q[s.first_row * width..], segments: &[alone], ..a };
+                                let mut own = vec![0.0; s.rows * width];
+                                one.run(kernel, 1, &mut scratch, &mut own);
+                                assert_eq!(own, batch_rows, "{kernel:?} segment {si}");
+                                for t in [0, s.rows / 2, s.rows - 1] {
+                                    let step =
+                                        AttentionSegment { first_row: 0, rows: 1, pos0: s.pos0 + t, ..*s };
+                                    let q_t = &q[(s.first_row + t) * width..];
+                                    let mut row = vec![0.0; width];
+                                    Attention { q: q_t, segments: &[step], ..a }.run(
+                                        kernel,
+                                        1,
+                                        &mut scratch,
+                                        &mut row,
+                                    );
+                                    assert_eq!(
+                                        row,
+                                        batch_rows[t * width..(t + 1) * width],
+                                        "{kernel:?} seg {si} t {t}"
+                                    );
+                                }
                             }
                         }
                     }
@@ -811,6 +832,8 @@ mod tests {
                     n_heads,
                     n_kv_heads: n_kv,
                     head_dim: hd,
+                    scale: (hd as f32).powf(-0.5),
+                    window: None,
                 };
                 let (mut want, mut got) = (vec![0.0; rows * n_heads * hd], vec![1.0; rows * n_heads * hd]);
                 base.run(kernel, 1, &mut scratch, &mut want);

@@ -45,12 +45,24 @@ pub struct AttentionSegment {
     pub table_start: usize,
 }
 
-/// Head counts and size of one attention call.
+/// Head counts and size of one attention call, the factor on its scores and its window.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// The factor on `q · k`: `head_dim^-0.5`, or Gemma3's `query_pre_attn_scalar^-0.5`.
+    pub scale: f32,
+    /// A sliding-window layer's window: the query at position `p` sees keys
+    /// `p + 1 - window ..= p` only. `None`: every earlier key.
+    pub window: Option<usize>,
+}
+
+impl HeadShape {
+    /// Causal attention over the whole context with the usual `head_dim^-0.5` scale.
+    pub fn causal(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self { n_heads, n_kv_heads, head_dim, scale: (head_dim as f32).powf(-0.5), window: None }
+    }
 }
 
 /// `Send` so that a context can run on a worker thread of its pool.
@@ -220,6 +232,8 @@ pub trait Backend: Send {
     );
     /// `x += y` over `len` values.
     fn add(&mut self, x: &mut Self::Buffer, y: &Self::Buffer, len: usize);
+    /// `x *= factor` over `len` values (Gemma's embeddings times sqrt(hidden)).
+    fn scale(&mut self, x: &mut Self::Buffer, len: usize, factor: f32);
     /// Logits of rows `first..first+rows` of `x`: `out[t] = W · x[first + t]`.
     fn lm_head(
         &mut self,

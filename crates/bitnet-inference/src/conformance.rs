@@ -411,7 +411,7 @@ impl<B: Backend> Suite<B> {
                         self.close_rows("rmsnorm", case, &gt, &w, width, ROW_RTOL);
                     }
                 }
-                for act in [Activation::Relu2, Activation::Silu] {
+                for act in [Activation::Relu2, Activation::Silu, Activation::GeluTanh] {
                     let case = format!("{act:?} {m}×{width}");
                     let want = gate_on(&mut self.cpu, act, &x, &y);
                     let got = gate_on(&mut self.dev, act, &x, &y);
@@ -429,7 +429,19 @@ impl<B: Backend> Suite<B> {
                     read_back(dev, &a, x.len())
                 })();
                 if let Some(g) = self.ok("add", &case, got) {
-                    self.exact("add", case, &g, &want);
+                    self.exact("add", case.clone(), &g, &want);
+                }
+                // sqrt(640), Gemma 3 270M's embedding scale: one f32 product per value.
+                let factor = 640f32.sqrt();
+                let want: Vec<f32> = x.iter().map(|a| a * factor).collect();
+                let dev = &mut self.dev;
+                let got = (|| {
+                    let mut a = buffer_with(dev, x.len(), &x)?;
+                    dev.scale(&mut a, x.len(), factor);
+                    read_back(dev, &a, x.len())
+                })();
+                if let Some(g) = self.ok("scale", &case, got) {
+                    self.exact("scale", case, &g, &want);
                 }
             }
         }
@@ -474,9 +486,12 @@ impl<B: Backend> Suite<B> {
                     self.quant_rows("norm_quantize", case, &g, &w, true);
                 }
                 let up = rng.floats(m * width, 3.0);
-                for (act, sub_norm) in
-                    [(Activation::Relu2, true), (Activation::Silu, false), (Activation::Silu, true)]
-                {
+                for (act, sub_norm) in [
+                    (Activation::Relu2, true),
+                    (Activation::Silu, false),
+                    (Activation::Silu, true),
+                    (Activation::GeluTanh, false),
+                ] {
                     let case = format!("{act:?}, sub-norm {sub_norm}, {m}×{width}");
                     let g = sub_norm.then_some(&gain[..]);
                     let want = gate_quantize_on(&mut self.cpu, act, &x, &up, g, m, width);
@@ -719,14 +734,20 @@ impl<B: Backend> Suite<B> {
             }
             let rows: usize = segs.iter().map(|s| s.0).sum();
             let q = rng.floats(rows * n_heads * hd, 2.0);
-            let shape = HeadShape { n_heads, n_kv_heads: n_kv, head_dim: hd };
-            let case = format!("{shape_name}, segments {segs:?}");
-            let want = attention_on(&mut self.cpu, &cs, &q, &tables, &segments, shape);
-            let got = attention_on(&mut self.dev, &ds, &q, &tables, &segments, shape);
-            if let (Some(w), Some(g)) = (self.ok("attention", &case, want), self.ok("attention", &case, got))
-            {
-                let max = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                self.close("attention", case, &g, &w, |_| ATTENTION_RTOL * max);
+            // Whole-context attention, and Gemma3's: another scale and a sliding window shorter
+            // than a block and than the longer segments.
+            let causal = HeadShape::causal(n_heads, n_kv, hd);
+            let sliding = HeadShape { scale: 24f32.powf(-0.5), window: Some(7), ..causal };
+            for shape in [causal, sliding] {
+                let case = format!("{shape_name}, window {:?}, segments {segs:?}", shape.window);
+                let want = attention_on(&mut self.cpu, &cs, &q, &tables, &segments, shape);
+                let got = attention_on(&mut self.dev, &ds, &q, &tables, &segments, shape);
+                if let (Some(w), Some(g)) =
+                    (self.ok("attention", &case, want), self.ok("attention", &case, got))
+                {
+                    let max = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                    self.close("attention", case, &g, &w, |_| ATTENTION_RTOL * max);
+                }
             }
         }
     }

@@ -127,6 +127,7 @@ fn gated(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
     match act {
         Activation::Relu2 => ops::relu2_mul(gate, up, out),
         Activation::Silu => ops::silu_mul(gate, up, out),
+        Activation::GeluTanh => ops::gelu_tanh_mul(gate, up, out),
     }
 }
 
@@ -397,6 +398,8 @@ impl Backend for CpuBackend {
             n_heads: shape.n_heads,
             n_kv_heads: shape.n_kv_heads,
             head_dim: shape.head_dim,
+            scale: shape.scale,
+            window: shape.window,
         };
         // A decoded token's attention over a short context is tens of microseconds: on the
         // calling thread it costs no fork-join, which under load can wait a whole scheduler
@@ -412,6 +415,10 @@ impl Backend for CpuBackend {
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
         ops::add_assign(&mut x[..len], &y[..len]);
+    }
+
+    fn scale(&mut self, x: &mut Vec<f32>, len: usize, factor: f32) {
+        ops::scale(&mut x[..len], factor);
     }
 
     fn lm_head(&mut self, w: &DenseMatrix, x: &Vec<f32>, first: usize, rows: usize, out: &mut Vec<f32>) {

@@ -43,6 +43,7 @@ pub struct Linear<B: Backend> {
 
 pub struct Layer<B: Backend> {
     input_norm: B::Vector,
+    /// The MLP's input norm (Gemma's `pre_feedforward_layernorm`).
     post_attention_norm: B::Vector,
     q_proj: Linear<B>,
     k_proj: Linear<B>,
@@ -56,6 +57,9 @@ pub struct Layer<B: Backend> {
     up_proj: Linear<B>,
     down_proj: Linear<B>,
     ffn_sub_norm: Option<B::Vector>,
+    /// Gemma's norms of the attention and MLP outputs, before their residual adds.
+    attn_output_norm: Option<B::Vector>,
+    mlp_output_norm: Option<B::Vector>,
 }
 
 /// Model weights living on a backend. Immutable once built: share it through `Arc`.
@@ -66,6 +70,8 @@ pub struct Model<B: Backend> {
     final_norm: B::Vector,
     layers: Vec<Layer<B>>,
     rope_inv_freq: B::Vector,
+    /// The sliding-window layers' own RoPE frequencies (Gemma3's `rope_local_base_freq`).
+    rope_local_inv_freq: Option<B::Vector>,
     /// Weight bytes one decoded token reads: every projection, the head, one embedding row.
     pub weight_bytes_per_token: usize,
     backend_name: String,
@@ -236,16 +242,24 @@ impl<B: Backend> Model<B> {
                 up_proj: up(l.up_proj)?,
                 down_proj: up(l.down_proj)?,
                 ffn_sub_norm: vec_opt(l.ffn_sub_norm)?,
+                attn_output_norm: vec_opt(l.attn_output_norm)?,
+                mlp_output_norm: vec_opt(l.mlp_output_norm)?,
             });
         }
         let rope_inv_freq =
             backend.upload_vector(&cfg.rope_scaling.inv_freq(cfg.rope_theta, cfg.head_dim))?;
+        let rope_local_inv_freq = cfg
+            .sliding
+            .as_ref()
+            .map(|s| backend.upload_vector(&bitnet_core::ops::rope_inv_freq(s.rope_theta, cfg.head_dim)))
+            .transpose()?;
         Ok(Self {
             head,
             embed_tokens,
             final_norm: backend.upload_vector(&weights.final_norm)?,
             layers,
             rope_inv_freq,
+            rope_local_inv_freq,
             config: cfg,
             weight_bytes_per_token,
             backend_name: backend.name(),
@@ -369,6 +383,11 @@ impl<B: Backend> Model<B> {
             Embedding::Float(table) => b.embedding(table, &ctx.batch.ids, &mut a.x),
             Embedding::Block(table) => b.dense_embedding(table, &ctx.batch.ids, &mut a.x),
         }
+        // Gemma: the rows times sqrt(hidden). The table itself is not scaled: the tied head
+        // reads it as stored.
+        if let Some(s) = self.config.embedding_scale() {
+            b.scale(&mut a.x, ctx.batch.ids.len() * self.config.hidden_size, s);
+        }
         for l in 0..self.layers.len() {
             self.attention_block(ctx, l);
             self.mlp_block(ctx, l);
@@ -420,7 +439,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// `x += o_proj(attn_sub_norm(Attention(RoPE(q), RoPE(k), v)))` on `RMSNorm_in(x)`, with q and
-    /// k normed per head first where the model has q/k norms.
+    /// k normed per head first where the model has q/k norms. Gemma3: the output is normed
+    /// (`post_attention_layernorm`) before the add, and a sliding layer attends to its window
+    /// with its own RoPE base.
     fn attention_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
@@ -457,10 +478,20 @@ impl<B: Backend> Model<B> {
             }
             _ => &a.k,
         };
-        b.rope(&mut a.q, &self.rope_inv_freq, &meta.positions, c.num_heads, c.head_dim);
-        let inv_freq = &self.rope_inv_freq;
+        let window = c.sliding_window(l);
+        let inv_freq = match (window, &self.rope_local_inv_freq) {
+            (Some(_), Some(local)) => local,
+            _ => &self.rope_inv_freq,
+        };
+        b.rope(&mut a.q, inv_freq, &meta.positions, c.num_heads, c.head_dim);
         b.rope_kv_store(&mut ctx.kv, l, keys, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
-        let shape = HeadShape { n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let shape = HeadShape {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.attention_scale(),
+            window,
+        };
         b.attention(&a.q, &ctx.kv, l, &meta.tables, &meta.segments, shape, &mut a.attn);
 
         let o = &layer.o_proj;
@@ -486,10 +517,12 @@ impl<B: Backend> Model<B> {
                 project(b, o, &a.attn, rows, &mut a.scratch, &mut a.quant_attn, &mut a.dense_in, &mut a.proj)
             }
         }
-        b.add(&mut a.x, &a.proj, rows * h);
+        add_residual(b, &mut a.x, &a.proj, layer.attn_output_norm.as_ref(), rows, h, eps, &mut a.normed);
     }
 
-    /// `x += down(ffn_sub_norm(act(gate(n)) · up(n)))` with `n = RMSNorm_post(x)`.
+    /// `x += down(ffn_sub_norm(act(gate(n)) · up(n)))` with `n = RMSNorm_post(x)` (Gemma3: GeGLU,
+    /// `n` from `pre_feedforward_layernorm`, the output normed by `post_feedforward_layernorm`
+    /// before the add).
     fn mlp_block(&self, ctx: &mut Context<B>, l: usize) {
         let c = &self.config;
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
@@ -535,7 +568,29 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        b.add(&mut a.x, &a.proj, rows * h);
+        add_residual(b, &mut a.x, &a.proj, layer.mlp_output_norm.as_ref(), rows, h, eps, &mut a.normed);
+    }
+}
+
+/// `x += y`, or `x += RMSNorm(y)` where the block's output has a norm of its own (Gemma's
+/// post-attention and post-feedforward norms); `normed` is the free buffer the norm writes.
+#[allow(clippy::too_many_arguments)]
+fn add_residual<B: Backend>(
+    b: &mut B,
+    x: &mut B::Buffer,
+    y: &B::Buffer,
+    output_norm: Option<&B::Vector>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    normed: &mut B::Buffer,
+) {
+    match output_norm {
+        Some(g) => {
+            b.rmsnorm(y, Some(g), rows, width, eps, normed);
+            b.add(x, normed, rows * width);
+        }
+        None => b.add(x, y, rows * width),
     }
 }
 

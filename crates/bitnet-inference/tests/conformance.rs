@@ -36,6 +36,10 @@ enum Fault {
     KvStoreWithoutRope,
     /// A dense projection leaves its last output unwritten (zero).
     DenseLinearSkipsLastRow,
+    /// A sliding-window layer attends to the whole context.
+    AttentionIgnoresWindow,
+    /// Scaling leaves the last value as it was.
+    ScaleSkipsLastValue,
 }
 
 /// The CPU backend with one fault.
@@ -226,6 +230,10 @@ impl Backend for Faulty {
         shape: HeadShape,
         out: &mut Vec<f32>,
     ) {
+        if self.fault == Fault::AttentionIgnoresWindow {
+            let whole = HeadShape { window: None, ..shape };
+            return self.cpu.attention(q, store, layer, tables, segments, whole, out);
+        }
         if self.fault != Fault::AttentionMissesLastKey {
             return self.cpu.attention(q, store, layer, tables, segments, shape, out);
         }
@@ -248,6 +256,10 @@ impl Backend for Faulty {
     }
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
         self.cpu.add(x, y, len)
+    }
+    fn scale(&mut self, x: &mut Vec<f32>, len: usize, factor: f32) {
+        let len = if self.fault == Fault::ScaleSkipsLastValue { len.saturating_sub(1) } else { len };
+        self.cpu.scale(x, len, factor)
     }
     fn lm_head(&mut self, w: &DenseMatrix, x: &Vec<f32>, first: usize, rows: usize, out: &mut Vec<f32>) {
         self.cpu.lm_head(w, x, first, rows, out);
@@ -300,6 +312,8 @@ fn every_deliberate_fault_is_caught_and_named() {
         (Fault::LmHeadSkipsLastRow, "lm_head"),
         (Fault::KvStoreWithoutRope, "rope_kv_store keys"),
         (Fault::DenseLinearSkipsLastRow, "dense_linear"),
+        (Fault::AttentionIgnoresWindow, "attention"),
+        (Fault::ScaleSkipsLastValue, "scale"),
     ];
     for (fault, op) in cases {
         let failures =

@@ -24,6 +24,14 @@ pub enum Architecture {
     /// `head_dim`) before RoPE, and `head_dim` given by the config rather than hidden / heads.
     /// Without `quantization_config` its projections run dense as stored ([`QuantForm::Dense`]).
     Qwen3,
+    /// `gemma3_text` (`Gemma3ForCausalLM`: google/gemma-3-270m and the text stack of the larger
+    /// Gemma 3 models): embeddings times sqrt(hidden), Gemma RMSNorms (`x · (1 + w)`, the
+    /// loader stores `1 + w`), four norms per layer (the attention and MLP outputs are normed
+    /// before their residual adds), per-head q/k norms, a GeGLU MLP (tanh GELU), scores scaled
+    /// by `query_pre_attn_scalar^-0.5`, sliding-window attention with its own RoPE base on most
+    /// layers ([`SlidingAttention`]), a tied head. Without `quantization_config` its projections
+    /// run dense as stored.
+    Gemma3,
 }
 
 impl Architecture {
@@ -34,6 +42,9 @@ impl Architecture {
             Architecture::Llama158 => "llama (Llama-1.58, Falcon3-1.58bit, Falcon-E, or a plain llama)",
             Architecture::BitNet1bitLLM => "bitnet 1bitLLM (bitnet_b1_58-large/3B: SiLU gate, sub-norms)",
             Architecture::Qwen3 => "qwen3 (per-head q/k norms: Qwen3, Ternary-Bonsai, BitNet-embedding)",
+            Architecture::Gemma3 => {
+                "gemma3 (Gemma 3 text: GeGLU, sliding-window layers, four norms per layer)"
+            }
         }
     }
 }
@@ -45,6 +56,23 @@ pub enum Activation {
     Relu2,
     /// `x · sigmoid(x)`
     Silu,
+    /// `0.5 · x · (1 + tanh(sqrt(2/π) · (x + 0.044715 · x³)))`: torch's `gelu(approximate="tanh")`,
+    /// transformers' `gelu_pytorch_tanh` (Gemma's GeGLU).
+    GeluTanh,
+}
+
+/// Attention that differs by layer (Gemma3): most layers see only a window of recent keys and
+/// rotate with their own RoPE base; the others attend to the whole context with the model's
+/// `rope_theta` and [`RopeScaling`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingAttention {
+    /// Keys a sliding layer's query sees: its own position and the `window - 1` before it
+    /// (transformers' `kv_idx > q_idx - sliding_window`).
+    pub window: usize,
+    /// Per layer: whether it is a sliding layer (`layer_types`' `sliding_attention`).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding layers (`rope_local_base_freq`); they are never RoPE-scaled.
+    pub rope_theta: f32,
 }
 
 /// Where the projections' weights come from and how their stored scale is applied
@@ -89,6 +117,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Every id that ends generation (config.json and generation_config.json together).
     pub eos_token_ids: Vec<u32>,
+    /// Gemma3's `query_pre_attn_scalar`: scores are scaled by its inverse square root instead of
+    /// `head_dim`'s ([`ModelConfig::attention_scale`]).
+    pub query_pre_attn_scalar: Option<f32>,
+    /// The sliding-window layers, their window and RoPE base (Gemma3); `None`: every layer
+    /// attends to the whole context.
+    pub sliding: Option<SlidingAttention>,
 }
 
 fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
@@ -142,6 +176,152 @@ fn refuse_unsupported_features(json: &Value, path: &Path) -> Result<(), ModelErr
         ));
     }
     Ok(())
+}
+
+/// What a Gemma3 config.json says about its attention beyond the llama fields.
+struct Gemma3Attention {
+    query_pre_attn_scalar: f32,
+    sliding: SlidingAttention,
+    /// RoPE of the full-attention layers.
+    global_rope_theta: f32,
+    global_rope_scaling: RopeScaling,
+}
+
+/// transformers' defaults for Gemma3's two RoPE bases (`Gemma3TextConfig.default_theta`).
+const GEMMA3_GLOBAL_THETA: f64 = 1_000_000.0;
+const GEMMA3_LOCAL_THETA: f64 = 10_000.0;
+/// transformers' `sliding_window_pattern` when neither it nor `layer_types` is given: every
+/// sixth layer attends globally.
+const GEMMA3_SLIDING_WINDOW_PATTERN: u64 = 6;
+
+/// Gemma3's attention fields: the score scale, which layers slide and over what window, and the
+/// RoPE of each kind of layer, as transformers 4 (`rope_theta`, `rope_local_base_freq`,
+/// `rope_scaling`, `sliding_window_pattern`) or 5 (`rope_parameters` per layer type,
+/// `layer_types`) writes them. What transformers would fill in silently for the attention
+/// scale and the window is required here: a guessed scale or window runs, and answers wrongly.
+fn gemma3_attention(json: &Value, path: &Path) -> Result<Gemma3Attention, ModelError> {
+    let bad = |m: String| ModelError::config(path, m);
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if let Some(v) = field(json, key) {
+            return Err(bad(format!(
+                "`{key}: {v}`: soft-capping is not supported (Gemma 3 checkpoints set it to null)"
+            )));
+        }
+    }
+    if field(json, "use_bidirectional_attention").and_then(Value::as_bool).unwrap_or(false) {
+        return Err(bad(
+            "`use_bidirectional_attention: true` (EmbeddingGemma): bidirectional attention is not supported"
+                .into(),
+        ));
+    }
+    let query_pre_attn_scalar = match field(json, "query_pre_attn_scalar").map(|v| (v, v.as_f64())) {
+        Some((_, Some(x))) if x.is_finite() && x > 0.0 => x as f32,
+        Some((v, _)) => return Err(bad(format!("`query_pre_attn_scalar` {v} is not a positive number"))),
+        None => return Err(bad(
+            "`query_pre_attn_scalar` is missing: Gemma3 scales attention scores by its inverse square root \
+                 (transformers would assume 256)"
+                .into(),
+        )),
+    };
+
+    let layers = usize_field(json, "num_hidden_layers", path)?;
+    let sliding_layers: Vec<bool> = match field(json, "layer_types") {
+        Some(Value::Array(types)) => {
+            if types.len() != layers {
+                return Err(bad(format!(
+                    "`layer_types` names {} layers, but num_hidden_layers is {layers}",
+                    types.len()
+                )));
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(bad(format!(
+                        "`layer_types[{i}]` is {t}, not \"sliding_attention\" or \"full_attention\""
+                    ))),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(v) => return Err(bad(format!("`layer_types` {v} is not a list of layer types"))),
+        None => {
+            // Older configs: every `pattern`-th layer is global.
+            let key = ["sliding_window_pattern", "_sliding_window_pattern"]
+                .into_iter()
+                .find(|k| field(json, k).is_some());
+            let pattern = match key {
+                Some(k) => field(json, k).and_then(Value::as_u64).filter(|&p| p > 0).ok_or_else(|| {
+                    bad(format!("`{k}` {} is not a positive integer", field(json, k).unwrap_or(&Value::Null)))
+                })?,
+                None => GEMMA3_SLIDING_WINDOW_PATTERN,
+            };
+            (0..layers as u64).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    let window = match field(json, "sliding_window").map(|v| (v, v.as_u64())) {
+        Some((_, Some(w))) if w > 0 => w as usize,
+        Some((v, _)) => {
+            return Err(bad(format!(
+                "`sliding_window` {v} is not a positive integer: a sliding layer's query sees its own key \
+                 and the window - 1 before it"
+            )))
+        }
+        None if sliding_layers.contains(&true) => {
+            return Err(bad(
+                "`sliding_window` is missing, but layers slide (layer_types / sliding_window_pattern)".into(),
+            ))
+        }
+        None => usize::MAX,
+    };
+
+    // RoPE: transformers 5 writes one parameter set per layer type; transformers 4 the global
+    // base and scaling at the top level beside `rope_local_base_freq`.
+    let num = |v: &Value, k: &str| field(v, k).and_then(Value::as_f64);
+    let per_type = field(json, "rope_parameters").filter(|r| field(r, "full_attention").is_some());
+    let (global_theta, global_rope_scaling, local_theta) = match per_type {
+        Some(params) => {
+            let full = field(params, "full_attention").expect("checked above");
+            let local = field(params, "sliding_attention");
+            if let Some(kind) = local.and_then(|l| field(l, "rope_type")).and_then(Value::as_str) {
+                if kind != "default" {
+                    return Err(bad(format!(
+                        "`rope_parameters.sliding_attention.rope_type` `{kind}`: only the full-attention \
+                         layers' RoPE may be scaled"
+                    )));
+                }
+            }
+            // The full-attention set, read as a model's only RoPE parameters would be.
+            let mut global = serde_json::Map::new();
+            global.insert("rope_parameters".into(), full.clone());
+            for key in ["max_position_embeddings", "original_max_position_embeddings"] {
+                if let Some(v) = field(json, key) {
+                    global.insert(key.into(), v.clone());
+                }
+            }
+            (
+                num(full, "rope_theta").or_else(|| num(json, "rope_theta")).unwrap_or(GEMMA3_GLOBAL_THETA),
+                RopeScaling::from_config_json(&Value::Object(global), path)?,
+                local.and_then(|l| num(l, "rope_theta")).or_else(|| num(json, "rope_local_base_freq")),
+            )
+        }
+        None => (
+            num(json, "rope_theta").unwrap_or(GEMMA3_GLOBAL_THETA),
+            RopeScaling::from_config_json(json, path)?,
+            num(json, "rope_local_base_freq"),
+        ),
+    };
+    let local_theta = local_theta.unwrap_or(GEMMA3_LOCAL_THETA);
+    if !(local_theta.is_finite() && local_theta > 0.0) {
+        return Err(bad(format!("`rope_local_base_freq` {local_theta} is not a positive number")));
+    }
+    Ok(Gemma3Attention {
+        query_pre_attn_scalar,
+        sliding: SlidingAttention { window, sliding_layers, rope_theta: local_theta as f32 },
+        global_rope_theta: global_theta as f32,
+        global_rope_scaling,
+    })
 }
 
 /// The largest `rms_norm_eps` accepted: far above any model's (1e-5, 1e-6), far below the
@@ -203,10 +383,18 @@ impl ModelConfig {
             // llama, run dense (a quant_method other than bitnet is refused below).
             "llama" => Architecture::Llama158,
             "qwen3" => Architecture::Qwen3,
+            "gemma3_text" => Architecture::Gemma3,
+            "gemma3" => {
+                return Err(ModelError::config(
+                    path,
+                    "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration): only its text \
+                     model (`gemma3_text`, Gemma3ForCausalLM, such as gemma-3-270m) is supported",
+                ))
+            }
             other => {
                 return Err(ModelError::config(
                     path,
-                    format!("unknown model_type `{other}` (expected `bitnet`, `llama` or `qwen3`)"),
+                    format!("unknown model_type `{other}` (expected `bitnet`, `llama`, `qwen3` or `gemma3_text`)"),
                 ))
             }
         };
@@ -223,19 +411,30 @@ impl ModelConfig {
             None if num_heads > 0 => hidden_size / num_heads,
             None => 0,
         };
-        let act_name = field(json, "hidden_act").and_then(Value::as_str).unwrap_or(match architecture {
+        // Gemma names the MLP's activation `hidden_activation`.
+        let act_key = match architecture {
+            Architecture::Gemma3 => "hidden_activation",
+            _ => "hidden_act",
+        };
+        let act_name = field(json, act_key).and_then(Value::as_str).unwrap_or(match architecture {
             Architecture::BitNet => "relu2",
+            Architecture::Gemma3 => "gelu_pytorch_tanh",
             _ => "silu",
         });
         let activation = match act_name {
             "relu2" => Activation::Relu2,
             "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" => Activation::GeluTanh,
             other => {
                 return Err(ModelError::config(
                     path,
-                    format!("unsupported hidden_act `{other}` (expected relu2 or silu)"),
+                    format!("unsupported {act_key} `{other}` (expected relu2, silu or gelu_pytorch_tanh)"),
                 ))
             }
+        };
+        let gemma = match architecture {
+            Architecture::Gemma3 => Some(gemma3_attention(json, path)?),
+            _ => None,
         };
         let rope_theta = field(json, "rope_theta")
             .or_else(|| field(json, "rope_parameters").and_then(|r| field(r, "rope_theta")))
@@ -244,11 +443,17 @@ impl ModelConfig {
                 Architecture::BitNet1bitLLM => 10_000.0,
                 _ => 500_000.0,
             }) as f32;
+        let (rope_theta, rope_scaling) = match &gemma {
+            Some(g) => (g.global_rope_theta, g.global_rope_scaling),
+            None => (rope_theta, RopeScaling::from_config_json(json, path)?),
+        };
 
         let str_of = |key: &str| qc.and_then(|q| field(q, key)).and_then(Value::as_str);
         let quant_form = match architecture {
             Architecture::BitNet1bitLLM => QuantForm::Online,
-            Architecture::Llama158 | Architecture::Qwen3 if qc.is_none() => QuantForm::Dense,
+            Architecture::Llama158 | Architecture::Qwen3 | Architecture::Gemma3 if qc.is_none() => {
+                QuantForm::Dense
+            }
             _ => {
                 if quant_method.is_some_and(|m| m != "bitnet") {
                     return Err(ModelError::config(
@@ -303,19 +508,21 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
-            rope_scaling: RopeScaling::from_config_json(json, path)?,
+            rope_scaling,
             max_position_embeddings: field(json, "max_position_embeddings")
                 .and_then(Value::as_u64)
                 .unwrap_or(2048) as usize,
             tie_word_embeddings: field(json, "tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(architecture == Architecture::BitNet),
+                .unwrap_or(matches!(architecture, Architecture::BitNet | Architecture::Gemma3)),
             activation,
             sub_norms: matches!(architecture, Architecture::BitNet | Architecture::BitNet1bitLLM),
             quant_form,
             bitlinear_input_norm,
             bos_token_id: ids(field(json, "bos_token_id")).first().copied(),
             eos_token_ids: ids(field(json, "eos_token_id")),
+            query_pre_attn_scalar: gemma.as_ref().map(|g| g.query_pre_attn_scalar),
+            sliding: gemma.map(|g| g.sliding),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -359,6 +566,34 @@ impl ModelConfig {
                 self.architecture
             ));
         }
+        if let Some(s) = self.query_pre_attn_scalar.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return bad(format!("query_pre_attn_scalar {s} must be a positive number"));
+        }
+        if let Some(s) = &self.sliding {
+            if s.window == 0 || s.sliding_layers.len() != self.num_layers {
+                return bad(format!(
+                    "sliding window {} over {} of {} layers: the window must be positive and every layer \
+                     typed",
+                    s.window,
+                    s.sliding_layers.len(),
+                    self.num_layers
+                ));
+            }
+            if !(s.rope_theta.is_finite() && s.rope_theta > 0.0) {
+                return bad(format!(
+                    "the sliding layers' RoPE base {} must be a positive number",
+                    s.rope_theta
+                ));
+            }
+            // The attention factor would be folded into the q/k norm gains of every layer, but
+            // transformers scales only the global layers' cos and sin.
+            if attention != 1.0 {
+                return bad(format!(
+                    "RoPE scaling with attention factor {attention} on the global layers of a model with \
+                     sliding-window layers is not supported"
+                ));
+            }
+        }
         if let Some(why) =
             self.bitlinear_input_norm.and_then(|e| eps_problem("quantization_config.rms_norm_eps", e.into()))
         {
@@ -380,9 +615,38 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Whether each head of q and of k goes through its own RMSNorm before RoPE (Qwen3).
+    /// Whether each head of q and of k goes through its own RMSNorm before RoPE (Qwen3, Gemma3).
     pub fn qk_norm(&self) -> bool {
-        self.architecture == Architecture::Qwen3
+        matches!(self.architecture, Architecture::Qwen3 | Architecture::Gemma3)
+    }
+
+    /// Gemma's layer: RMSNorm gains stored as `w` that multiply by `1 + w` (the loaders store
+    /// `1 + w`), and the attention and MLP outputs each normed before their residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`; the MLP's input norm is
+    /// `pre_feedforward_layernorm`).
+    pub fn gemma_norms(&self) -> bool {
+        self.architecture == Architecture::Gemma3
+    }
+
+    /// What the embedding rows are multiplied by before the first layer: sqrt(hidden) as an f32
+    /// for Gemma (transformers' f32 forward and llama.cpp; a bf16 transformers run would round
+    /// it to bf16 first), none for the others.
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.gemma_norms().then(|| (self.hidden_size as f64).sqrt() as f32)
+    }
+
+    /// The factor on `q · k`: `query_pre_attn_scalar^-0.5` where the config gives one (Gemma3),
+    /// else `head_dim^-0.5`.
+    pub fn attention_scale(&self) -> f32 {
+        match self.query_pre_attn_scalar {
+            Some(s) => (s as f64).powf(-0.5) as f32,
+            None => (self.head_dim as f32).powf(-0.5),
+        }
+    }
+
+    /// The window of layer `layer` if it is a sliding-window layer.
+    pub fn sliding_window(&self, layer: usize) -> Option<usize> {
+        self.sliding.as_ref().filter(|s| s.sliding_layers.get(layer) == Some(&true)).map(|s| s.window)
     }
 
     /// Width of all query heads together.

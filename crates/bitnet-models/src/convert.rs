@@ -7,7 +7,10 @@
 //! metadata keys are llama.cpp's: `general.architecture` is `bitnet-b1.58` for ReLU² models
 //! (bitnet.cpp's 2B-4T), `bitnet` for SiLU models with sub-norms (llama.cpp's 1bitLLM arch),
 //! `llama` for HF1BitLLM-style models, `qwen3` for Qwen3 (per-head `attn_q_norm`/`attn_k_norm`,
-//! rows in HF order). A model with an RMSNorm before every projection gets its gains as
+//! rows in HF order), `gemma3` for Gemma 3 (gains written as the `1 + w` they multiply by,
+//! `post_attention_norm`/`post_ffw_norm`, the sliding window, layer pattern and local RoPE base
+//! as metadata; a `query_pre_attn_scalar` other than the one llama.cpp assumes is refused, a GGUF
+//! has no key for it). A model with an RMSNorm before every projection gets its gains as
 //! bitnet.cpp's embedding models name them (`blk.N.attn_q_norm_in.weight`, …). The tokenizer.json vocabulary is written as a `gpt2` BPE
 //! vocabulary. Memory stays near the largest tensor: each is read, converted and written
 //! before the next, into a temporary file renamed at the end.
@@ -134,16 +137,27 @@ enum Source {
     Projection(String, usize, usize),
     /// The gain of the RMSNorm before a projection (HF prefix, width): stored, or ones.
     InputNorm(String, usize),
+    /// A Gemma RMSNorm's stored `w` (HF name, width), written as the `1 + w` it multiplies by
+    /// (llama.cpp's converter does the same: its `norm_shift`).
+    GemmaGain(String, usize),
 }
 
 fn gguf_arch(cfg: &ModelConfig) -> &'static str {
-    if cfg.architecture == Architecture::Qwen3 {
-        return "qwen3";
+    match (cfg.architecture, cfg.activation, cfg.sub_norms) {
+        (Architecture::Qwen3, _, _) => "qwen3",
+        (Architecture::Gemma3, _, _) | (_, Activation::GeluTanh, _) => "gemma3",
+        (_, Activation::Relu2, _) => "bitnet-b1.58",
+        (_, Activation::Silu, true) => "bitnet",
+        (_, Activation::Silu, false) => "llama",
     }
-    match (cfg.activation, cfg.sub_norms) {
-        (Activation::Relu2, _) => "bitnet-b1.58",
-        (Activation::Silu, true) => "bitnet",
-        (Activation::Silu, false) => "llama",
+}
+
+/// The `query_pre_attn_scalar` llama.cpp's gemma3 assumes, since a GGUF has no key for it:
+/// head_dim, or hidden / heads for the 62-layer 27B (what `gguf_model` reads back).
+pub(crate) fn gemma3_implied_query_pre_attn_scalar(cfg: &ModelConfig) -> f32 {
+    match cfg.num_layers {
+        62 => (cfg.hidden_size / cfg.num_heads.max(1)) as f32,
+        _ => cfg.head_dim as f32,
     }
 }
 
@@ -173,10 +187,11 @@ fn plan(
     for l in 0..cfg.num_layers {
         let (b, p) = (format!("blk.{l}"), format!("{root}layers.{l}"));
         let norm = |gguf: &str, hf: &str, n: u64| {
-            (
-                TensorSpec::new(format!("{b}.{gguf}.weight"), GgmlType::F32, &[n]),
-                Source::Float(format!("{p}.{hf}.weight"), GgmlType::F32),
-            )
+            let source = match cfg.gemma_norms() {
+                true => Source::GemmaGain(format!("{p}.{hf}.weight"), n as usize),
+                false => Source::Float(format!("{p}.{hf}.weight"), GgmlType::F32),
+            };
+            (TensorSpec::new(format!("{b}.{gguf}.weight"), GgmlType::F32, &[n]), source)
         };
         // A projection, and the gain of the RMSNorm before it where the model has those.
         let proj = |out: &mut Vec<(TensorSpec, Source)>, gguf: &str, hf: &str, rows: u64, cols: u64| {
@@ -205,15 +220,27 @@ fn plan(
             out.push(norm("attn_sub_norm", sub.0, q));
             out.push(norm("ffn_sub_norm", sub.1, i));
         }
-        out.push(norm("ffn_norm", "post_attention_layernorm", h));
+        // Gemma: the attention output's norm, then the MLP's input norm under its own name.
+        let mlp_norm = match cfg.gemma_norms() {
+            true => {
+                out.push(norm("post_attention_norm", "post_attention_layernorm", h));
+                "pre_feedforward_layernorm"
+            }
+            false => "post_attention_layernorm",
+        };
+        out.push(norm("ffn_norm", mlp_norm, h));
         proj(&mut out, "ffn_gate", "mlp.gate_proj", i, h);
         proj(&mut out, "ffn_up", "mlp.up_proj", i, h);
         proj(&mut out, "ffn_down", "mlp.down_proj", h, i);
+        if cfg.gemma_norms() {
+            out.push(norm("post_ffw_norm", "post_feedforward_layernorm", h));
+        }
     }
-    out.push((
-        TensorSpec::new("output_norm.weight", GgmlType::F32, &[h]),
-        Source::Float(format!("{root}norm.weight"), GgmlType::F32),
-    ));
+    let final_norm = match cfg.gemma_norms() {
+        true => Source::GemmaGain(format!("{root}norm.weight"), h as usize),
+        false => Source::Float(format!("{root}norm.weight"), GgmlType::F32),
+    };
+    out.push((TensorSpec::new("output_norm.weight", GgmlType::F32, &[h]), final_norm));
     if untied {
         out.push((
             TensorSpec::new("output.weight", head.ggml(), &[h, v]),
@@ -320,6 +347,16 @@ fn metadata(cfg: &ModelConfig, tokenizer_json: Option<&Value>, name: &str) -> Gg
         // Refused by `convert_hf_to_gguf` before anything is written.
         RopeScaling::Llama3 { .. } => {}
     }
+    // Gemma3's sliding layers: the window, and (llama.cpp's keys of other sliding-window
+    // families, which gguf_model reads) which layers slide and their RoPE base.
+    if let Some(s) = &cfg.sliding {
+        md.insert(k("attention.sliding_window"), GgufValue::U32(s.window.min(u32::MAX as usize) as u32));
+        md.insert(
+            k("attention.sliding_window_pattern"),
+            GgufValue::Array(GgufArray::Bool(s.sliding_layers.clone())),
+        );
+        md.insert(k("rope.freq_base_swa"), GgufValue::F32(s.rope_theta));
+    }
     if let Some(tok) = tokenizer_json {
         add_tokenizer(&mut md, cfg, tok);
     }
@@ -394,6 +431,20 @@ pub fn convert_hf_to_gguf(
     let root = if store.contains("embed_tokens.weight") { "" } else { "model." };
     crate::weights::apply_projection_norm_evidence(&mut cfg, &store, root);
     let cfg = cfg;
+    // llama.cpp's gemma3 has no key for the attention scale: a scalar other than the one it
+    // assumes cannot be written.
+    if let Some(s) = cfg.query_pre_attn_scalar {
+        let implied = gemma3_implied_query_pre_attn_scalar(&cfg);
+        if s != implied {
+            return Err(ModelError::config(
+                &src.join("config.json"),
+                format!(
+                    "query_pre_attn_scalar {s} is not the {implied} llama.cpp's gemma3 assumes (head_dim, or hidden / \
+                     heads for the 27B): a GGUF has no key for it"
+                ),
+            ));
+        }
+    }
     let block = weight.block();
     for (what, n) in [
         ("hidden_size", cfg.hidden_size),
@@ -471,6 +522,11 @@ pub fn convert_hf_to_gguf(
                 written?;
                 progress(done + 1, total);
                 continue;
+            }
+            Source::GemmaGain(hf, n) => {
+                let t = store.get(hf)?;
+                t.expect_shape(&[*n])?;
+                t.to_f32()?.iter().flat_map(|w| (1.0 + w).to_le_bytes()).collect()
             }
             Source::InputNorm(prefix, n) => {
                 let stored = ["rms_norm.weight", "norm.weight"]

@@ -18,14 +18,17 @@
 //! format's group and its multiples up to 256, whose groups still agree — and honoured exactly
 //! by the group-scaled product ([`TernaryMatrix::from_ternary_group_scaled`]).
 //!
+//! `gemma3` (llama.cpp's Gemma 3 text model) adds the sliding-window keys and Gemma's output
+//! norms (`gemma3_from_gguf` and `layer`).
+//!
 //! Files whose weights are stored in a rotated basis (PrismML's `prism.hadamard.*` metadata,
 //! Ternary-Bonsai-2) are refused: running them needs the matching activation transform.
 //!
 //! Other projection tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are read as stored.
 //! Values that are exactly `{0, ±a}` (a ternary matrix written as floats) keep their codes. Else,
 //! under a BitNet architecture (`bitnet-b1.58`, `bitnet`), they are master weights and are
-//! absmean-ternarized, as BitLinear defines; under `llama` they are a plain model's weights and
-//! run dense ([`bitnet_quant::dense`], llama.cpp's numerics), unless
+//! absmean-ternarized, as BitLinear defines; under `llama`, `qwen3` and `gemma3` they are a plain
+//! model's weights and run dense ([`bitnet_quant::dense`], llama.cpp's numerics), unless
 //! [`WeightOptions::ternarize`] asks to ternarize them. The embeddings and an untied head stay in
 //! their stored format too. [`tensor_plans`] says how each tensor will run.
 
@@ -38,7 +41,9 @@ use rayon::prelude::*;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::weights::{LayerWeights, LinearWeight, Projection, TensorPlan, WeightOptions};
-use crate::{Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm, RopeScaling};
+use crate::{
+    Activation, Architecture, ModelConfig, ModelError, ModelWeights, QuantForm, RopeScaling, SlidingAttention,
+};
 
 fn gguf_err(e: GgufError) -> ModelError {
     ModelError::Gguf(e)
@@ -57,12 +62,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         "bitnet" => (Architecture::BitNet1bitLLM, Activation::Silu, true),
         "llama" => (Architecture::Llama158, Activation::Silu, false),
         "qwen3" => (Architecture::Qwen3, Activation::Silu, false),
+        "gemma3" => (Architecture::Gemma3, Activation::GeluTanh, false),
         other => {
             return Err(ModelError::config(
                 path,
                 format!(
                 "general.architecture `{other}` is not one this engine runs (bitnet-b1.58, bitnet, llama, \
-                     qwen3)"
+                     qwen3, gemma3)"
             ),
             ))
         }
@@ -114,7 +120,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
         rope_theta: float("rope.freq_base").unwrap_or(match architecture {
             Architecture::BitNet1bitLLM => 10_000.0,
-            Architecture::Qwen3 => 1_000_000.0,
+            Architecture::Qwen3 | Architecture::Gemma3 => 1_000_000.0,
             _ => 500_000.0,
         }) as f32,
         rope_scaling,
@@ -131,7 +137,64 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig, ModelError> {
             .map(|_| float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6) as f32),
         bos_token_id: md.get_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
         eos_token_ids: eos,
+        query_pre_attn_scalar: None,
+        sliding: None,
     };
+    let cfg = match architecture {
+        Architecture::Gemma3 => gemma3_from_gguf(file, cfg)?,
+        _ => cfg,
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+/// llama.cpp's gemma3 keys beyond the llama ones: the window (`gemma3.attention.sliding_window`,
+/// required), which layers slide (`gemma3.attention.sliding_window_pattern`, one bool per layer,
+/// else llama.cpp's gemma3 rule: every sixth layer is global), the sliding layers' base
+/// (`gemma3.rope.freq_base_swa`, else llama.cpp's 10000). The file stores no
+/// `query_pre_attn_scalar`: llama.cpp scales scores by head_dim^-0.5, except for the 27B (62
+/// layers), whose scalar is hidden / heads; the same rule here. Norm gains are stored with
+/// Gemma's 1 already added (llama.cpp's converter), so they are read as they are.
+fn gemma3_from_gguf(file: &GgufFile, mut cfg: ModelConfig) -> Result<ModelConfig, ModelError> {
+    let path = Path::new(file.file());
+    let md = file.metadata();
+    let bad = |m: String| ModelError::config(path, m);
+    let key = "gemma3.attention.sliding_window";
+    let window = md
+        .get_u64(key)
+        .filter(|&w| w > 0)
+        .ok_or_else(|| bad(format!("metadata key `{key}` is missing or not a positive integer")))?;
+    let key = "gemma3.attention.sliding_window_pattern";
+    let sliding_layers: Vec<bool> = match md.get(key) {
+        Some(v) => {
+            let flags = v
+                .as_array()
+                .and_then(|a| (0..a.len()).map(|i| a.get(i)?.as_bool()).collect::<Option<Vec<_>>>());
+            match flags {
+                Some(f) if f.len() == cfg.num_layers => f,
+                _ => {
+                    return Err(bad(format!(
+                        "metadata key `{key}` is not one bool per layer ({})",
+                        cfg.num_layers
+                    )))
+                }
+            }
+        }
+        None => (0..cfg.num_layers).map(|l| (l + 1) % 6 != 0).collect(),
+    };
+    let key = "gemma3.rope.freq_base_swa";
+    let local_theta = match md.get(key) {
+        Some(v) => v.as_f64().ok_or_else(|| bad(format!("metadata key `{key}` is not a number")))?,
+        None => 10_000.0,
+    };
+    cfg.sliding =
+        Some(SlidingAttention { window: window as usize, sliding_layers, rope_theta: local_theta as f32 });
+    cfg.query_pre_attn_scalar = Some(crate::convert::gemma3_implied_query_pre_attn_scalar(&cfg));
+    for key in ["gemma3.final_logit_softcapping", "gemma3.attn_logit_softcapping"] {
+        if let Some(v) = md.get(key).and_then(|v| v.as_f64()) {
+            return Err(bad(format!("metadata `{key}` {v}: soft-capping is not supported")));
+        }
+    }
     cfg.validate(path)?;
     Ok(cfg)
 }
@@ -266,7 +329,8 @@ fn projection(
     // llama.cpp's llama arch stores q/k rows in interleaved-RoPE order.
     let llama = cfg.architecture == Architecture::Llama158;
     // A plain model's float weights run as they are; a BitNet architecture's are masters.
-    let plain = matches!(cfg.architecture, Architecture::Llama158 | Architecture::Qwen3);
+    let plain =
+        matches!(cfg.architecture, Architecture::Llama158 | Architecture::Qwen3 | Architecture::Gemma3);
     if let Some(src) = TernaryRows::of(file, &name, rows, cols) {
         let (weight, per_block) = src.repack(cfg, extra)?;
         // Repacked: the mapped original is not needed any more.
@@ -718,6 +782,10 @@ fn layer(
             false => Ok(None),
         }
     };
+    // Gemma's norms of the attention and MLP outputs (gains with the 1 already added).
+    let output_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        cfg.gemma_norms().then(|| floats(file, &format!("{p}.{name}.weight"), h)).transpose()
+    };
     Ok(LayerWeights {
         input_norm: floats(file, &format!("{p}.attn_norm.weight"), h)?,
         post_attention_norm: floats(file, &format!("{p}.ffn_norm.weight"), h)?,
@@ -732,6 +800,8 @@ fn layer(
         up_proj: proj("ffn_up", i, h)?,
         down_proj: proj("ffn_down", h, i)?,
         ffn_sub_norm: sub("ffn_sub_norm", i)?,
+        attn_output_norm: output_norm("post_attention_norm")?,
+        mlp_output_norm: output_norm("post_ffw_norm")?,
     })
 }
 

@@ -16,7 +16,7 @@ pub mod temp_file;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Activation, Architecture, ModelConfig, QuantForm, RopeScaling};
+pub use config::{Activation, Architecture, ModelConfig, QuantForm, RopeScaling, SlidingAttention};
 pub use error::ModelError;
 pub use weights::{LayerWeights, ModelWeights, Projection};
 

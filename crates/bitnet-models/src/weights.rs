@@ -112,8 +112,11 @@ pub struct Projection {
     pub input_norm: Option<Vec<f32>>,
 }
 
+/// One decoder layer. Norm gains are stored as they multiply: Gemma's `w` as `1 + w`.
 pub struct LayerWeights {
     pub input_norm: Vec<f32>,
+    /// The MLP's input norm: llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`.
     pub post_attention_norm: Vec<f32>,
     pub q_proj: Projection,
     pub k_proj: Projection,
@@ -130,6 +133,12 @@ pub struct LayerWeights {
     pub down_proj: Projection,
     /// RMSNorm over the gated MLP activations, before down_proj.
     pub ffn_sub_norm: Option<Vec<f32>>,
+    /// RMSNorm of the attention block's output (after o_proj), before the residual add
+    /// (Gemma's `post_attention_layernorm`).
+    pub attn_output_norm: Option<Vec<f32>>,
+    /// RMSNorm of the MLP's output (after down_proj), before the residual add (Gemma's
+    /// `post_feedforward_layernorm`).
+    pub mlp_output_norm: Option<Vec<f32>>,
 }
 
 pub struct ModelWeights {
@@ -200,15 +209,31 @@ impl ModelWeights {
 struct LayerNames {
     attn_sub_norm: &'static str,
     ffn_sub_norm: &'static str,
+    /// The MLP's input norm.
+    mlp_norm: &'static str,
 }
 
 fn layer_names(arch: Architecture) -> LayerNames {
-    match arch {
-        Architecture::BitNet1bitLLM => {
-            LayerNames { attn_sub_norm: "self_attn.inner_attn_ln", ffn_sub_norm: "mlp.ffn_layernorm" }
-        }
-        _ => LayerNames { attn_sub_norm: "self_attn.attn_sub_norm", ffn_sub_norm: "mlp.ffn_sub_norm" },
+    let (attn_sub_norm, ffn_sub_norm) = match arch {
+        Architecture::BitNet1bitLLM => ("self_attn.inner_attn_ln", "mlp.ffn_layernorm"),
+        _ => ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+    };
+    // Gemma's `post_attention_layernorm` norms the attention output; its MLP input norm is
+    // `pre_feedforward_layernorm`.
+    let mlp_norm = match arch {
+        Architecture::Gemma3 => "pre_feedforward_layernorm",
+        _ => "post_attention_layernorm",
+    };
+    LayerNames { attn_sub_norm, ffn_sub_norm, mlp_norm }
+}
+
+/// A norm gain as it multiplies: Gemma's RMSNorm computes `x · (1 + w)` from a stored `w`
+/// (in f32, as transformers' `1.0 + weight.float()`).
+pub(crate) fn norm_gain(cfg: &ModelConfig, mut stored: Vec<f32>) -> Vec<f32> {
+    if cfg.gemma_norms() {
+        stored.iter_mut().for_each(|w| *w += 1.0);
     }
+    stored
 }
 
 /// A float tensor of exactly `shape`, widened to f32.
@@ -359,6 +384,12 @@ fn layer(
     let p = format!("{root}layers.{l}");
     let names = layer_names(cfg.architecture);
     let (h, q, kv, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let norm = |name: &str, width: usize| -> Result<Vec<f32>, ModelError> {
+        Ok(norm_gain(cfg, float_tensor(store, &format!("{p}.{name}.weight"), &[width])?))
+    };
+    let output_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        cfg.gemma_norms().then(|| norm(name, h)).transpose()
+    };
     let sub_norm = |name: &str, width: usize| -> Result<Option<Vec<f32>>, ModelError> {
         match cfg.sub_norms {
             true => Ok(Some(float_tensor(store, &format!("{p}.{name}.weight"), &[width])?)),
@@ -367,13 +398,13 @@ fn layer(
     };
     let head_norm = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
         match cfg.qk_norm() {
-            true => Ok(Some(float_tensor(store, &format!("{p}.self_attn.{name}.weight"), &[cfg.head_dim])?)),
+            true => Ok(Some(norm(&format!("self_attn.{name}"), cfg.head_dim)?)),
             false => Ok(None),
         }
     };
     Ok(LayerWeights {
-        input_norm: float_tensor(store, &format!("{p}.input_layernorm.weight"), &[h])?,
-        post_attention_norm: float_tensor(store, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        input_norm: norm("input_layernorm", h)?,
+        post_attention_norm: norm(names.mlp_norm, h)?,
         q_proj: projection(store, cfg, opts, &format!("{p}.self_attn.q_proj"), q, h)?,
         k_proj: projection(store, cfg, opts, &format!("{p}.self_attn.k_proj"), kv, h)?,
         v_proj: projection(store, cfg, opts, &format!("{p}.self_attn.v_proj"), kv, h)?,
@@ -385,6 +416,8 @@ fn layer(
         up_proj: projection(store, cfg, opts, &format!("{p}.mlp.up_proj"), i, h)?,
         down_proj: projection(store, cfg, opts, &format!("{p}.mlp.down_proj"), h, i)?,
         ffn_sub_norm: sub_norm(names.ffn_sub_norm, i)?,
+        attn_output_norm: output_norm("post_attention_layernorm")?,
+        mlp_output_norm: output_norm("post_feedforward_layernorm")?,
     })
 }
 
@@ -422,7 +455,8 @@ impl ModelWeights {
             .into_par_iter()
             .map(|l| layer(store, cfg, opts, root, l))
             .collect::<Result<Vec<_>, _>>()?;
-        let final_norm = float_tensor(store, &format!("{root}norm.weight"), &[cfg.hidden_size])?;
+        let final_norm =
+            norm_gain(cfg, float_tensor(store, &format!("{root}norm.weight"), &[cfg.hidden_size])?);
         let lm_head = match (cfg.tie_word_embeddings, store.contains("lm_head.weight")) {
             (true, _) => None,
             (false, true) => Some(dense_tensor(store, "lm_head.weight", cfg.vocab_size, cfg.hidden_size)?),
@@ -442,7 +476,8 @@ impl ModelWeights {
             + 3 * c.hidden_size * c.intermediate_size
             + 2 * c.hidden_size
             + if c.sub_norms { c.q_dim() + c.intermediate_size } else { 0 }
-            + if c.qk_norm() { 2 * c.head_dim } else { 0 };
+            + if c.qk_norm() { 2 * c.head_dim } else { 0 }
+            + if c.gemma_norms() { 2 * c.hidden_size } else { 0 };
         c.vocab_size * c.hidden_size * if self.lm_head.is_some() { 2 } else { 1 }
             + c.num_layers * per_layer
             + c.hidden_size

@@ -137,9 +137,14 @@ fn to_f32(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
 /// tensors become parameters and the packed projections become the prepared ternary weights.
 pub fn load_hf(dir: &Path) -> Result<(Model<f32>, Prepared<f32>)> {
     let config = ModelConfig::from_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The trainer's layer has no per-head q/k norms: a Qwen3 checkpoint would lose them.
-    if config.architecture == Architecture::Qwen3 {
-        bail!("{}: training and evaluation take the bitnet and llama layouts, not qwen3", dir.display());
+    // The trainer's layer has no per-head q/k norms (nor Gemma's output norms, GeGLU or
+    // sliding windows): a Qwen3 or Gemma3 checkpoint would lose them.
+    if matches!(config.architecture, Architecture::Qwen3 | Architecture::Gemma3) {
+        bail!(
+            "{}: training and evaluation take the bitnet and llama layouts, not {:?}",
+            dir.display(),
+            config.architecture
+        );
     }
     // Nor does it scale RoPE.
     if config.rope_scaling != bitnet_models::RopeScaling::None {

@@ -797,6 +797,8 @@ mod tests {
             bitlinear_input_norm: None,
             bos_token_id: None,
             eos_token_ids: vec![],
+            query_pre_attn_scalar: None,
+            sliding: None,
         };
         let model = Model::<f64>::init(cfg, Precision::Ternary, 5);
         let (batch, seq) = (3, 15); // 45 rows: chunks of 16, 16, 13

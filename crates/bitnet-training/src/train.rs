@@ -297,6 +297,8 @@ impl RunSettings {
             bitlinear_input_norm: None,
             bos_token_id: Some(BOS_ID),
             eos_token_ids: vec![EOS_ID],
+            query_pre_attn_scalar: None,
+            sliding: None,
         };
         cfg.validate(Path::new("<train settings>")).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(cfg)

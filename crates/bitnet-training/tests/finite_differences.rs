@@ -293,6 +293,8 @@ fn tiny_config(arch: Architecture) -> ModelConfig {
         bitlinear_input_norm: None,
         bos_token_id: None,
         eos_token_ids: vec![],
+        query_pre_attn_scalar: None,
+        sliding: None,
     }
 }
 

@@ -27,6 +27,8 @@ fn config() -> ModelConfig {
         bitlinear_input_norm: None,
         bos_token_id: None,
         eos_token_ids: vec![],
+        query_pre_attn_scalar: None,
+        sliding: None,
     }
 }
 

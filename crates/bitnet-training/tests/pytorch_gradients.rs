@@ -44,6 +44,8 @@ fn config() -> ModelConfig {
         bitlinear_input_norm: None,
         bos_token_id: Some(0),
         eos_token_ids: vec![1],
+        query_pre_attn_scalar: None,
+        sliding: None,
     }
 }
 

@@ -64,7 +64,7 @@ extern "C" __global__ void rope_kv_store(void* keys, void* values, int kv_type, 
 template <int D, int KV>
 __device__ void attention_task(const float* q, const void* keys, const void* values, int kv_dim, const u32* tables,
                                const int4* segments, const int4* tasks, int n_heads, int n_kv_heads, int head_dim,
-                               int heads, float scale, float* out) {
+                               int heads, float scale, int window, float* out) {
     extern __shared__ float smem[];
     int4 task = tasks[blockIdx.x];
     int4 seg = segments[task.x];
@@ -72,8 +72,9 @@ __device__ void attention_task(const float* q, const void* keys, const void* val
     int rows = (t1 - t0) * heads;
     int n_rep = n_heads / n_kv_heads, g = head0 / n_rep;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    // `scale` is head_dim^-0.5 as the host rounds it. Shared: queries [ATT_ROWS][head_dim]
-    // (scaled), then per warp: max, sum [ATT_ROWS] and
+    // `scale` is the host's factor on q.k (head_dim^-0.5, or Gemma3's query_pre_attn_scalar^-0.5);
+    // `window` > 0: a sliding window, the row at position p sees keys p + 1 - window ..= p.
+    // Shared: queries [ATT_ROWS][head_dim] (scaled), then per warp: max, sum [ATT_ROWS] and
     // outputs [ATT_ROWS][head_dim].
     float* qs = smem;
     float* wm = qs + ATT_ROWS * head_dim;
@@ -95,7 +96,9 @@ __device__ void attention_task(const float* q, const void* keys, const void* val
     }
     int end = seg.z + t1;  // keys the last row sees
     int nblocks = (end + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (int bi = warp; bi < nblocks; bi += ATT_WARPS) {
+    // Blocks wholly before the first row's window are skipped.
+    int first_block = window > 0 ? max(seg.z + t0 + 1 - window, 0) / BLOCK_TOKENS : 0;
+    for (int bi = first_block + warp; bi < nblocks; bi += ATT_WARPS) {
         int k0 = bi * BLOCK_TOKENS;
         int kn = min(BLOCK_TOKENS, end - k0);
         u64 base = (u64)tables[seg.w + bi] * BLOCK_TOKENS * kv_dim + (u64)g * head_dim;
@@ -122,8 +125,9 @@ __device__ void attention_task(const float* q, const void* keys, const void* val
             if (i >= rows) continue;
             int visible = seg.z + t0 + i / heads + 1;
             int valid = min(kn, max(visible - k0, 0));
-            if (valid == 0) continue;
-            bool in = lane < valid;
+            int lo = window > 0 ? min(max(visible - window - k0, 0), valid) : 0;
+            if (lo == valid) continue;
+            bool in = lane >= lo && lane < valid;
             float tile_max = warp_max_f(in ? s[i] : -INFINITY);
             float new_max = fmaxf(m[i], tile_max);
             float alpha = expf(m[i] - new_max);
@@ -193,9 +197,9 @@ __device__ void attention_task(const float* q, const void* keys, const void* val
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                 \
         NAME(const float* q, const void* keys, const void* values, int kv_dim, const u32* tables,                \
              const int4* segments, const int4* tasks, int n_heads, int n_kv_heads, int head_dim, int heads,      \
-             float scale, float* out) {                                                                          \
+             float scale, int window, float* out) {                                                              \
         attention_task<D, KV>(q, keys, values, kv_dim, tables, segments, tasks, n_heads, n_kv_heads, head_dim, \
-                              heads, scale, out);                                                                \
+                              heads, scale, window, out);                                                        \
     }
 
 #define ATTENTION_KV(D)                               \

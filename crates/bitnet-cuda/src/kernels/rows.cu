@@ -179,17 +179,21 @@ extern "C" __global__ void __launch_bounds__(1024) norm_quantize(const float* x,
     quantize_values(value, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
 }
 
-// ops::relu2_mul / ops::silu_mul of one value.
+// ops::relu2_mul / ops::silu_mul / ops::gelu_tanh_mul of one value.
 __device__ __forceinline__ float gated(int act, float g, float u) {
     if (act == 0) {
         float r = fmaxf(g, 0.0f);
         return r * r * u;
     }
+    if (act == 2) {
+        float inner = 0.7978846f * (g + 0.044715f * g * g * g);
+        return 0.5f * g * (1.0f + tanhf(inner)) * u;
+    }
     return g / (1.0f + expf(-g)) * u;
 }
 
 // CpuBackend::gate_quantize: act(gate) * up, through rmsnorm_row_in_place with the sub-norm
-// gain when there is one, into the quantizer. act 0 is ReLU^2, 1 is SiLU.
+// gain when there is one, into the quantizer. act 0 is ReLU^2, 1 is SiLU, 2 is tanh GELU.
 extern "C" __global__ void __launch_bounds__(1024) gate_quantize(int act, const float* gate, const float* up,
                                                                  const float* sub_norm, int width, float eps,
                                                                  int stride, i8* q, float* scales, int* sums) {
@@ -232,6 +236,12 @@ extern "C" __global__ void gate(int act, const float* g, const float* u, u64 len
 extern "C" __global__ void add(float* x, const float* y, u64 len) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
         x[i] = x[i] + y[i];
+}
+
+// ops::scale: x *= factor over `len` values.
+extern "C" __global__ void scale(float* x, float factor, u64 len) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
+        x[i] = x[i] * factor;
 }
 
 // QuantizedActivations::set_int8's sums: the code sum of each loaded row.

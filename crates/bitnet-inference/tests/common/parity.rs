@@ -172,7 +172,7 @@ pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() 
 
 /// Every transformers fixture with the check its prompt logits get: the cases of golden_tiny.rs
 /// and golden_shapes.rs, which run them on the CPU, for other backends to run the same way.
-pub const PARITY_CASES: [(&str, &str, LogitCheck); 15] = [
+pub const PARITY_CASES: [(&str, &str, LogitCheck); 17] = [
     ("hf-bitnet-tiny", "master", LogitCheck::Atol(1e-3)),
     ("hf-bitnet-tiny", "packed", LogitCheck::TopK { k: 5, atol: 0.5 }),
     ("hf-bitnet-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
@@ -188,6 +188,8 @@ pub const PARITY_CASES: [(&str, &str, LogitCheck); 15] = [
     ("qwen3-tiny", "bonsai", LogitCheck::Atol(1e-3)),
     ("qwen3-tiny", "yarn", LogitCheck::Atol(1e-3)),
     ("falcon-tiny", "packed_bitlinear", LogitCheck::Atol(1e-3)),
+    ("gemma3-tiny", "dense", LogitCheck::Atol(1e-4)),
+    ("gemma3-tiny", "master", LogitCheck::Atol(1e-3)),
 ];
 
 /// One fixture's parity checks on the backend `make` builds: layer-0 projections (on the

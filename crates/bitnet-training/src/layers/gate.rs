@@ -6,6 +6,10 @@ use rayon::prelude::*;
 use crate::linalg::ROW_CHUNK;
 use crate::real::{wide, Real};
 
+/// The trainer's layouts are bitnet and llama: Gemma3 (GeGLU) checkpoints are refused where
+/// they enter it (`export::load_hf`), and its own configs choose ReLU² or SiLU.
+const GELU_NOT_TRAINED: &str = "the trainer runs ReLU² and SiLU gates; Gemma3's GeGLU is refused at load";
+
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
@@ -27,6 +31,7 @@ fn forward_row<T: Real>(act: Activation, g: &[T], u: &[T], m: &mut [T]) {
                 *o = gi * sigmoid(gi) * ui;
             }
         }
+        Activation::GeluTanh => unreachable!("{GELU_NOT_TRAINED}"),
     }
 }
 
@@ -51,6 +56,7 @@ fn backward_row<T: Real>(act: Activation, g: &[T], u: &[T], dm: &[T], dg: &mut [
                 *dui = d * (gi * s);
             }
         }
+        Activation::GeluTanh => unreachable!("{GELU_NOT_TRAINED}"),
     }
 }
 
