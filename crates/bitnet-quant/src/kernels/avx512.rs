@@ -284,6 +284,27 @@ const REG_ROWS: usize = 4;
 /// Tokens of one register tile of the VNNI GEMM.
 const REG_TOKENS: usize = 4;
 
+/// Runs `$tile::<MT, S>(w, x, g, rows, t0, sink)` (which returns `MT`) over every register tile
+/// of `rows` × `tokens`: groups of [`REG_ROWS`] rows, starting at multiples of four so that a
+/// group never straddles a row tile, outer; tiles of up to [`REG_TOKENS`] tokens inner. (A
+/// macro, not a closure: closures do not inherit the caller's target features, and the
+/// intrinsics would become calls.)
+macro_rules! for_register_tiles {
+    ($tile:ident, $w:expr, $x:expr, $rows:expr, $tokens:expr, $sink:expr) => {
+        for g in ($rows.start / REG_ROWS * REG_ROWS..$rows.end).step_by(REG_ROWS) {
+            let mut t0 = $tokens.start;
+            while t0 < $tokens.end {
+                t0 += match $tokens.end - t0 {
+                    4.. => $tile::<REG_TOKENS, S>($w, $x, g, $rows.clone(), t0, $sink),
+                    3 => $tile::<3, S>($w, $x, g, $rows.clone(), t0, $sink),
+                    2 => $tile::<2, S>($w, $x, g, $rows.clone(), t0, $sink),
+                    _ => $tile::<1, S>($w, $x, g, $rows.clone(), t0, $sink),
+                };
+            }
+        }
+    };
+}
+
 /// The VNNI GEMM for a few tokens (decode steps of many sequences), in register tiles of
 /// [`REG_ROWS`] rows × [`REG_TOKENS`] tokens: each 64-column run of codes is decoded once for
 /// four tokens and each activation vector loaded once for four rows, so a block costs 64
@@ -299,39 +320,9 @@ unsafe fn ternary_gemm_register_tiles<S: Sink>(
 ) {
     // Row groups outer: a group's weights (K bytes) stay in L1 while every token tile passes,
     // so the weights stream from memory once (64 multiply-adds a byte at 16 tokens) and the
-    // activations (M × K bytes) come from L2. Groups of four rows start at multiples of four,
-    // so a group never straddles a row tile.
-    for g in (rows.start / REG_ROWS * REG_ROWS..rows.end).step_by(REG_ROWS) {
-        let mut t0 = tokens.start;
-        while t0 < tokens.end {
-            // SAFETY: the features are the calling wrapper's.
-            t0 += unsafe { register_tile_any(w, x, g, rows.clone(), t0, tokens.end, sink) };
-        }
-    }
-}
-
-/// [`register_tile`] for as many of the tokens `t0..end` as one tile takes (at most four).
-/// (A function, not a closure: closures do not inherit the caller's target features, and the
-/// intrinsics would become calls.)
-#[inline(always)]
-unsafe fn register_tile_any<S: Sink>(
-    w: &PackedTernary,
-    x: &QuantizedActivations,
-    g: usize,
-    rows: Range<usize>,
-    t0: usize,
-    end: usize,
-    sink: &S,
-) -> usize {
+    // activations (M × K bytes) come from L2.
     // SAFETY: the features are the calling wrapper's.
-    unsafe {
-        match end - t0 {
-            4.. => register_tile::<REG_TOKENS, S>(w, x, g, rows, t0, sink),
-            3 => register_tile::<3, S>(w, x, g, rows, t0, sink),
-            2 => register_tile::<2, S>(w, x, g, rows, t0, sink),
-            _ => register_tile::<1, S>(w, x, g, rows, t0, sink),
-        }
-    }
+    unsafe { for_register_tiles!(ternary_register_tile, w, x, rows, tokens, sink) }
 }
 
 /// The horizontal sums of a register tile's accumulators, `[token][row]`, eight vectors at a
@@ -359,7 +350,7 @@ unsafe fn reduce_tile<const MT: usize>(acc: &[[__m512i; MT]; REG_ROWS]) -> [[i32
 /// Rows `g..g + 4` against tokens `t0..t0 + MT`; rows outside `rows` (padding included) are
 /// computed and not written. Returns `MT`.
 #[inline(always)]
-unsafe fn register_tile<const MT: usize, S: Sink>(
+unsafe fn ternary_register_tile<const MT: usize, S: Sink>(
     w: &PackedTernary,
     x: &QuantizedActivations,
     g: usize,
@@ -620,22 +611,8 @@ unsafe fn int8_gemm_register_tiles<S: Sink>(
     tokens: Range<usize>,
     sink: &S,
 ) {
-    // Row groups outer, groups of four rows starting at multiples of four (within a group of
-    // eight rows, padding rows included).
-    for g in (rows.start / REG_ROWS * REG_ROWS..rows.end).step_by(REG_ROWS) {
-        let mut t0 = tokens.start;
-        while t0 < tokens.end {
-            // SAFETY: the features are the calling wrapper's.
-            t0 += unsafe {
-                match tokens.end - t0 {
-                    4.. => int8_register_tile::<REG_TOKENS, S>(w, x, g, rows.clone(), t0, sink),
-                    3 => int8_register_tile::<3, S>(w, x, g, rows.clone(), t0, sink),
-                    2 => int8_register_tile::<2, S>(w, x, g, rows.clone(), t0, sink),
-                    _ => int8_register_tile::<1, S>(w, x, g, rows.clone(), t0, sink),
-                }
-            };
-        }
-    }
+    // SAFETY: the features are the calling wrapper's.
+    unsafe { for_register_tiles!(int8_register_tile, w, x, rows, tokens, sink) }
 }
 
 /// Int8 rows `g..g + 4` against tokens `t0..t0 + MT`; rows outside `rows` are computed and not
