@@ -368,6 +368,10 @@ fn errors_say_each_thing_once() {
     std::fs::write(&bad, b"GGUX\x03\0\0\0 and more").unwrap();
     fails_with(&["inspect", s(&bad)], &["\"GGUX\" (47 47 55 58)"]);
     fails_with(&["inspect", "/nonexistent.gguf"], &["/nonexistent.gguf: no such file or folder"]);
+    fails_with(
+        &["generate", "--model", "/nonexistent.gguf", "-p", "hi"],
+        &["/nonexistent.gguf: no such file or folder"],
+    );
 }
 
 /// Item 10: `--threads 100000` is capped at a multiple of the cores, with a note.

@@ -78,7 +78,11 @@ pub fn load_dir_on<B: Backend>(
         return load_gguf_on(dir, backend, opts);
     }
     if !dir.is_dir() {
-        let why = "is not a directory holding config.json and model.safetensors, nor a .gguf file";
+        let why = if dir.exists() {
+            "is not a directory holding config.json and model.safetensors, nor a .gguf file"
+        } else {
+            "no such file or folder (a model is a folder holding config.json and model.safetensors, or a .gguf file)"
+        };
         return Err(ModelError::config(dir, why).into());
     }
     let config = ModelConfig::from_dir(dir)?;
