@@ -2,10 +2,10 @@
 """Throughput of an OpenAI-compatible server under N concurrent streaming clients.
 
     python3 tools/serving_load.py --url http://127.0.0.1:8080 --streams 1,4,16,32 \
-        --prompt-chars 512 --max-tokens 128 [--api-key K] [--ignore-eos]
+        --prompt-chars 512 --max-tokens 128 [--api-key K] [--ignore-eos] [--temperature T]
 
 Each round starts N clients at once; each sends one streaming /v1/completions request (a
-distinct prompt, temperature 0) and reads the SSE stream. Printed per round: aggregate decode
+distinct prompt, temperature 0 unless --temperature says otherwise) and reads the SSE stream. Printed per round: aggregate decode
 tokens/s once every stream has its first token (the batched steady state), end-to-end tokens/s,
 and p50/p99 time to first token and inter-token latency. Standard library only, so that the same
 script drives bitnet serve and llama-server on the device machine. Refuses non-loopback URLs.
@@ -28,10 +28,10 @@ def percentile(xs, q):
     return xs[k - 1]
 
 
-def one_stream(url, prompt, max_tokens, api_key, ignore_eos, start, out):
+def one_stream(url, prompt, max_tokens, api_key, ignore_eos, temperature, start, out):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=600)
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "stream": True}
     if ignore_eos:
         body["ignore_eos"] = True
     headers = {"Content-Type": "application/json"}
@@ -60,13 +60,16 @@ def one_stream(url, prompt, max_tokens, api_key, ignore_eos, start, out):
     out.append({"arrivals": arrivals})
 
 
-def round_of(url, n, prompt_chars, max_tokens, api_key, ignore_eos):
+def round_of(url, n, prompt_chars, max_tokens, api_key, ignore_eos, temperature):
     words = "the quick brown fox jumps over a lazy dog while seven bright stars rise ".split()
     results, threads = [], []
     start = time.perf_counter()
     for k in range(n):
         text = " ".join(words[(i * 7 + k * 3) % len(words)] for i in range(prompt_chars // 5))[:prompt_chars]
-        t = threading.Thread(target=one_stream, args=(url, f"{k}: {text}", max_tokens, api_key, ignore_eos, start, results))
+        t = threading.Thread(
+            target=one_stream,
+            args=(url, f"{k}: {text}", max_tokens, api_key, ignore_eos, temperature, start, results),
+        )
         t.start()
         threads.append(t)
     for t in threads:
@@ -102,6 +105,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--api-key")
     ap.add_argument("--ignore-eos", action="store_true", help="llama-server's extension: decode max-tokens always")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample (OpenAI's default is 1) instead of greedy")
     ap.add_argument("--label", default="")
     a = ap.parse_args()
     host = urllib.parse.urlparse(a.url).hostname
@@ -110,7 +114,7 @@ def main():
     print(f"| server | streams | decode tokens/s | end-to-end tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in [int(x) for x in a.streams.split(",")]:
-        r = round_of(a.url, n, a.prompt_chars, a.max_tokens, a.api_key, a.ignore_eos)
+        r = round_of(a.url, n, a.prompt_chars, a.max_tokens, a.api_key, a.ignore_eos, a.temperature)
         print(f"| {a.label} | {n} | {r['decode_tokens_per_s']:.1f} | {r['end_to_end_tokens_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |", flush=True)
 
