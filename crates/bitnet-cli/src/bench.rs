@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use bitnet_inference::scheduler::{Event, EventSink, Request, Scheduler, SchedulerOptions};
 use bitnet_inference::{
-    Backend, Context as RunContext, ContextOptions, KvType, Logits, Model, Sequence, BLOCK_TOKENS,
+    Backend, Context as RunContext, ContextOptions, KvType, Logits, Model, SamplingParams, Sequence,
+    BLOCK_TOKENS,
 };
 
 use crate::commands::single_sequence_context;
@@ -76,10 +77,22 @@ pub struct BenchArgs {
     /// KV cache element type of the serveN rows.
     #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
     pub kv_type: KvType,
+    /// Sampling temperature of the serveN rows' requests: 0 is greedy; OpenAI's default is 1
+    /// (each stream then draws with its own seed, and the sampler's work, on the scheduler's
+    /// thread, shows in the rows).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     /// On a GPU the bandwidth probe is a device-to-device copy, and the thread counts only
     /// size the host's pool.
     #[command(flatten)]
     pub device: DeviceArg,
+}
+
+/// The sampling of the serveN rows' requests, checked.
+fn serving_sampling(a: &BenchArgs) -> Result<SamplingParams> {
+    let sampling = SamplingParams { temperature: a.temperature, ..Default::default() };
+    sampling.validate().map_err(|e| anyhow::anyhow!("--temperature {}: {e}", a.temperature))?;
+    Ok(sampling)
 }
 
 fn parse_kv_type(s: &str) -> Result<KvType, String> {
@@ -181,6 +194,7 @@ fn time_serving<B: Backend + 'static>(
     gen: usize,
     threads: usize,
     kv_type: KvType,
+    sampling: &SamplingParams,
 ) -> Result<(f64, Latency)> {
     let per_stream = prompt + gen + 1;
     let opts = ContextOptions {
@@ -200,7 +214,8 @@ fn time_serving<B: Backend + 'static>(
     let start = Instant::now();
     for k in 0..streams {
         let ids = bench_ids(prompt + k, vocab)[k..].to_vec();
-        let req = Request { prompt_ids: ids, max_tokens: gen, ..Default::default() };
+        let sampling = SamplingParams { seed: k as u64, ..sampling.clone() };
+        let req = Request { prompt_ids: ids, max_tokens: gen, sampling, ..Default::default() };
         scheduler.submit(req, Box::new(TimedSink { stream: k, tx: tx.clone() }))?;
     }
     drop(tx);
@@ -350,6 +365,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.threads.contains(&0) || a.repetitions == 0 {
         bail!("--threads and --repetitions must be at least 1");
     }
+    serving_sampling(&a)?;
     let Some(model_dir) = &a.model else {
         return bench_training(&a);
     };
@@ -429,13 +445,15 @@ fn bench_on<B: Backend + 'static>(
                 ..Row::of_runs(format!("tg{}", a.generate), t, &runs, load)
             });
         }
+        let sampling = serving_sampling(&a)?;
         for &c in &a.concurrent {
-            time_serving(model, make, c.min(4), 8, 4, t, a.kv_type)?; // warm-up
+            time_serving(model, make, c.min(4), 8, 4, t, a.kv_type, &sampling)?; // warm-up
             let load = load_average();
             let mut lat = Vec::new();
             let runs = (0..a.repetitions)
                 .map(|_| {
-                    let (tps, l) = time_serving(model, make, c, serve_prompt, a.generate, t, a.kv_type)?;
+                    let (tps, l) =
+                        time_serving(model, make, c, serve_prompt, a.generate, t, a.kv_type, &sampling)?;
                     lat.push(l);
                     Ok(tps)
                 })

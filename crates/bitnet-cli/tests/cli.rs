@@ -219,6 +219,39 @@ fn bad_bench_flags_are_errors() {
     fails_with(&["bench", "--train", "tiny", "--train-steps", "0"], "--train-steps");
     fails_with(&["bench", "--model", "/nonexistent/model", "--fp"], "apply to --train");
     fails_with(&["bench", "--train", "tiny", "-t", "0"], "--threads");
+    fails_with(&["bench", "--model", "/nonexistent/model", "--temperature=-1"], "--temperature -1");
+}
+
+/// serveN rows with sampling (each stream its own seed): the rows are there and decode.
+#[test]
+fn bench_serves_sampled_streams() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/default-model");
+    let v = json_of(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "8",
+        "-t",
+        "1",
+        "-r",
+        "1",
+        "-c",
+        "3",
+        "--temperature",
+        "1",
+        "--no-probe",
+        "-o",
+        "json",
+    ]);
+    let rows = v.as_array().unwrap();
+    let serve = rows
+        .iter()
+        .find(|r| r["test"].as_str().is_some_and(|t| t.starts_with("serve3")))
+        .expect("a serve3 row");
+    assert!(serve["tokens_per_s"].as_f64().unwrap() > 0.0, "{serve}");
 }
 
 fn embed_fixture() -> PathBuf {
