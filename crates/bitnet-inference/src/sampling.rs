@@ -1,6 +1,7 @@
 //! Turning logits into the next token: greedy, temperature, top-k, top-p, min-p and a
 //! repetition penalty, in the order transformers applies them.
 
+use bitnet_core::ops::{exp_f32, exp_in_place};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -121,6 +122,8 @@ pub struct Sampler {
     rng: StdRng,
     /// (probability or logit, token) pairs, reused across calls.
     candidates: Vec<(f32, u32)>,
+    /// Every token's probability, reused across calls.
+    probs: Vec<f32>,
     /// Marks tokens already penalized in this call.
     seen: Vec<bool>,
     /// Occurrences of each token in the history (OpenAI penalties), zeroed after each call.
@@ -133,6 +136,7 @@ impl Sampler {
             rng: StdRng::seed_from_u64(params.seed),
             params,
             candidates: Vec::with_capacity(vocab_size),
+            probs: Vec::with_capacity(vocab_size),
             seen: vec![false; vocab_size],
             counts: vec![0; vocab_size],
         }
@@ -178,44 +182,100 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let c = &mut self.candidates;
-        c.clear();
         // The best logit is subtracted before dividing: a tiny temperature then sends every
         // other logit to -inf (greedy), where dividing first would overflow to inf and NaN.
-        let best = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        c.extend(logits.iter().enumerate().map(|(i, &l)| ((l - best) / p.temperature, i as u32)));
-        if p.top_k > 0 && p.top_k < c.len() {
-            // The k best, in no particular order (ties broken by the lower id).
+        // The best token survives every filter and its scaled logit is exactly 0, so the
+        // softmax's exponentials need no further shift.
+        let best = max_lanes(logits);
+        let c = &mut self.candidates;
+        if p.top_k > 0 && p.top_k < logits.len() {
+            // The k best, in no particular order (ties broken by the lower id), then their
+            // softmax.
+            c.clear();
+            c.extend(logits.iter().enumerate().map(|(i, &l)| ((l - best) / p.temperature, i as u32)));
             c.select_nth_unstable_by(p.top_k - 1, by_rank);
             c.truncate(p.top_k);
-        }
-        // Softmax over the survivors. The best token survives every filter, and its scaled
-        // logit is exactly 0, so `exp` needs no further shift.
-        let mut sum = 0.0f32;
-        for e in c.iter_mut() {
-            e.0 = e.0.exp();
-            sum += e.0;
-        }
-        for e in c.iter_mut() {
-            e.0 /= sum;
+            let mut sum = 0.0f32;
+            for e in c.iter_mut() {
+                e.0 = exp_f32(e.0);
+                sum += e.0;
+            }
+            for e in c.iter_mut() {
+                e.0 /= sum;
+            }
+        } else {
+            // Every token: the exponentials vectorized over one contiguous row (a 128 k
+            // vocabulary: 0.64 → 0.2 ms), summed in lanes.
+            let probs = &mut self.probs;
+            probs.clear();
+            probs.extend(logits.iter().map(|&l| (l - best) / p.temperature));
+            exp_in_place(probs);
+            let sum = sum_lanes(probs);
+            for q in probs.iter_mut() {
+                *q /= sum;
+            }
+            if p.top_p >= 1.0 && p.min_p <= 0.0 {
+                // A plain draw needs no order: walk the tokens as they come.
+                return draw(probs.iter().copied().zip(0u32..), sum_lanes(probs), &mut self.rng);
+            }
+            c.clear();
+            c.extend(probs.iter().copied().zip(0u32..));
         }
         // Top-p and min-p keep a prefix of the ranking: sort only as far as that prefix goes.
         // Sorting all 128 k candidates of a large vocabulary took 4 ms a token, on the thread
-        // that serves every sequence; a plain draw needs no order at all.
+        // that serves every sequence.
         if p.top_p < 1.0 || p.min_p > 0.0 {
             let keep = ranked_prefix(c, p.top_p, p.min_p);
             c.truncate(keep);
         }
         let total: f32 = c.iter().map(|e| e.0).sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for e in c.iter() {
-            r -= e.0;
-            if r <= 0.0 {
-                return e.1;
-            }
-        }
-        c[c.len() - 1].1
+        draw(c.iter().copied(), total, &mut self.rng)
     }
+}
+
+/// One token drawn from `(probability, id)` pairs whose probabilities sum to `total`, walked in
+/// the order given.
+fn draw(candidates: impl Iterator<Item = (f32, u32)>, total: f32, rng: &mut StdRng) -> u32 {
+    let mut r = rng.random::<f32>() * total;
+    let mut last = 0;
+    for (q, id) in candidates {
+        r -= q;
+        if r <= 0.0 {
+            return id;
+        }
+        if q > 0.0 {
+            last = id;
+        }
+    }
+    // Rounding left a sliver past the end: the last candidate that has any probability.
+    last
+}
+
+/// The largest value (NaN ignored), in sixteen lanes so that the loop vectorizes.
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// The sum in sixteen lanes (then the lanes in order and the tail): the same value on every
+/// call, and a loop that vectorizes.
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (s, &v) in lanes.iter_mut().zip(chunk) {
+            *s += v;
+        }
+    }
+    lanes.iter().chain(tail).sum()
 }
 
 /// The order of candidates `(probability or scaled logit, id)`: most likely first, the lower

@@ -4,6 +4,8 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
+pub use bitnet_core::ops::exp_f32;
+
 /// A real number type: the arithmetic and the few functions the layers need.
 ///
 /// The two quantizers are part of the trait so that `f32` uses the project's own
@@ -148,13 +150,7 @@ impl Real for f32 {
     }
     /// Within 1 ulp of the exact exponential (libm's `expf` within 0.5): see [`exp_f32`].
     fn exp_in_place(xs: &mut [Self]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is available (checked just above).
-            unsafe { exp_in_place_avx2(xs) };
-            return;
-        }
-        exp_in_place_f32(xs);
+        bitnet_core::ops::exp_in_place(xs);
     }
     fn absmean_ternary(w: &[Self]) -> (Vec<i8>, Self) {
         bitnet_quant::absmean_ternary(w)
@@ -168,53 +164,6 @@ impl Real for f32 {
     fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]> {
         Some(x)
     }
-}
-
-/// `exp(x)` in plain `f32` arithmetic that the compiler vectorizes: `x = n·ln 2 + r` with
-/// `|r| ≤ ln 2 / 2` (Cody-Waite, `ln 2` in two parts), Cephes' degree-7 polynomial for `e^r`,
-/// then `2^n` as two exponent-field factors so that results down to the subnormals (and up to
-/// the overflow to infinity) come out right. No fused multiply-adds, so every CPU gives the
-/// same bits. Checked against `f64::exp` over every f32 in [-104, 89] outside ±1e-6: at most
-/// 0.99 ulp for normal results, at most one subnormal step (1.4e-45) below; below -104 it
-/// gives 0, above 89 infinity, NaN stays NaN.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    // Adding 1.5·2^23 rounds a float of magnitude below 2^22 to an integer (to even).
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -104.0 { -104.0 } else { x };
-    let x = if x > 89.0 { 89.0 } else { x };
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n_f = shifted - ROUND;
-    let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    // ln 2 = 0.693359375 (exact in 9 bits, so n·it is exact) - 2.12194440e-4.
-    let r = x - n_f * 0.693_359_4 - n_f * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5; // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
-    let e_r = p * (r * r) + r + 1.0;
-    // n ∈ [-150, 129]: each half is a normal power of two.
-    let (n1, n2) = (n >> 1, n - (n >> 1));
-    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-    e_r * pow2(n1) * pow2(n2)
-}
-
-fn exp_in_place_f32(xs: &mut [f32]) {
-    for x in xs {
-        *x = exp_f32(*x);
-    }
-}
-
-/// [`exp_in_place_f32`] compiled for AVX2 (8 lanes instead of SSE2's 4; the same bits).
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
-    exp_in_place_f32(xs)
 }
 
 /// Runs `f` compiled for AVX2 and FMA where the CPU has them (twice SSE2's lanes; the same
@@ -323,45 +272,5 @@ mod tests {
                 assert_eq!(max_lanes(&x), 3.5, "n = {n}, largest at {at}");
             }
         }
-    }
-
-    /// Distance of `got` from the exact `want` in units of the f32 spacing at `want`.
-    fn ulps(got: f32, want: f64) -> f64 {
-        let w = want as f32;
-        let spacing = (f32::from_bits(w.to_bits() + 1) - w) as f64;
-        (got as f64 - want).abs() / spacing
-    }
-
-    #[test]
-    fn exp_f32_is_within_one_ulp() {
-        // A dense sample (every 97th f32) of the whole range, and the edges.
-        let mut worst: f64 = 0.0;
-        for bits in (0u32..0x42d0_0000).step_by(97) {
-            for x in [f32::from_bits(bits), -f32::from_bits(bits)] {
-                let want = (x as f64).exp();
-                if x > 89.0 {
-                    continue;
-                }
-                if want < f32::MIN_POSITIVE as f64 {
-                    assert!((exp_f32(x) as f64 - want).abs() <= 1.5e-45, "exp({x})");
-                } else if want < f32::MAX as f64 {
-                    worst = worst.max(ulps(exp_f32(x), want));
-                }
-            }
-        }
-        assert!(worst <= 1.0, "worst error {worst} ulp");
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(-200.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(89.0), f32::INFINITY);
-        assert!(exp_f32(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn exp_in_place_matches_the_scalar_form() {
-        let mut xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 900.0) * 0.117).collect();
-        let want: Vec<f32> = xs.iter().map(|&x| exp_f32(x)).collect();
-        f32::exp_in_place(&mut xs);
-        assert!(xs.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }
