@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
-pub use bitnet_core::ops::exp_f32;
+pub use bitnet_core::ops::{dot_lanes, exp_f32, lanes, max_lanes, sum_lanes};
 
 /// A real number type: the arithmetic and the few functions the layers need.
 ///
@@ -56,65 +56,6 @@ pub trait Real:
     /// `x` itself when `Self` is `f32` (for the kernels that exist only in f32).
     fn as_f32(x: &[Self]) -> Option<&[f32]>;
     fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
-}
-
-/// Independent partial sums of [`sum_lanes`] and [`dot_lanes`]: a plain `.sum()` of floats is one
-/// serial chain (the order is fixed), at one add per add-latency; eight chains vectorize.
-const LANES: usize = 8;
-
-/// `Σ f(i)` for `i < n`, accumulated in `LANES` interleaved partial sums then added pairwise.
-/// The order depends only on `n`, so results are deterministic.
-#[inline(always)]
-pub fn lanes<T: Real>(n: usize, f: impl Fn(usize) -> T) -> T {
-    let mut acc = [T::ZERO; LANES];
-    let body = n - n % LANES;
-    for i in (0..body).step_by(LANES) {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(i + j);
-        }
-    }
-    for (j, i) in (body..n).enumerate() {
-        acc[j] += f(i);
-    }
-    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
-    ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
-}
-
-/// `Σ x`, vectorizable (see [`lanes`]).
-#[inline(always)]
-pub fn sum_lanes<T: Real>(x: &[T]) -> T {
-    lanes(x.len(), |i| x[i])
-}
-
-/// `Σ x·y` over the shorter of the two, vectorizable (see [`lanes`]).
-#[inline(always)]
-pub fn dot_lanes<T: Real>(x: &[T], y: &[T]) -> T {
-    let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &y[..n]);
-    lanes(n, |i| x[i] * y[i])
-}
-
-/// The largest of `x` (which must not be empty), in
-/// `LANES` running maxima: a single running maximum is a serial compare-and-select chain.
-/// The maximum of numbers does not depend on the order it is taken in, so neither does this
-/// (for inputs without NaN, which a softmax's logits are).
-#[inline(always)]
-pub fn max_lanes<T: Real>(x: &[T]) -> T {
-    let mut acc = [x[0]; LANES];
-    let chunks = x.chunks_exact(LANES);
-    for &v in chunks.remainder() {
-        if v > acc[0] {
-            acc[0] = v;
-        }
-    }
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            if v > *a {
-                *a = v;
-            }
-        }
-    }
-    acc.iter().fold(acc[0], |m, &v| if v > m { v } else { m })
 }
 
 impl Real for f32 {
@@ -242,35 +183,5 @@ impl Real for f64 {
     }
     fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
         None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lane_sums_equal_the_exact_sums() {
-        // Small integers sum exactly in f32 in any order, so every length must match exactly.
-        for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 255, 4096, 4099] {
-            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 23) as f32 - 11.0).collect();
-            let y: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 13) as f32 - 6.0).collect();
-            let sum: i64 = x.iter().map(|&v| v as i64).sum();
-            let dot: i64 = x.iter().zip(&y).map(|(&a, &b)| (a * b) as i64).sum();
-            assert_eq!(sum_lanes(&x) as i64, sum, "sum, n = {n}");
-            assert_eq!(dot_lanes(&x, &y) as i64, dot, "dot, n = {n}");
-            assert_eq!(lanes(n, |i| x[i] * 2.0) as i64, 2 * sum, "lanes, n = {n}");
-        }
-    }
-
-    #[test]
-    fn lane_maxima_equal_the_serial_maximum() {
-        // The largest value at every position of every length, ragged tails included.
-        for n in [1usize, 2, 7, 8, 9, 15, 16, 17, 255, 4099] {
-            for at in 0..n {
-                let x: Vec<f32> = (0..n).map(|i| if i == at { 3.5 } else { -((i % 11) as f32) }).collect();
-                assert_eq!(max_lanes(&x), 3.5, "n = {n}, largest at {at}");
-            }
-        }
     }
 }
