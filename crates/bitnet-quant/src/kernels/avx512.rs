@@ -58,18 +58,6 @@ unsafe fn codes_x4(v: __m512i) -> [__m512i; 4] {
     }
 }
 
-/// `acc + Σ u·x` over one block, as i32 lanes (VNNI).
-#[inline(always)]
-unsafe fn block_vnni(acc: __m512i, c: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
-    // SAFETY: only reached from the VNNI wrappers.
-    unsafe {
-        let acc = _mm512_dpbusd_epi32(acc, c[0], x[0]);
-        let acc = _mm512_dpbusd_epi32(acc, c[1], x[1]);
-        let acc = _mm512_dpbusd_epi32(acc, c[2], x[2]);
-        _mm512_dpbusd_epi32(acc, c[3], x[3])
-    }
-}
-
 /// `Σ u·x` over one block as i16 lanes in [-2048, 2032] (no VNNI).
 #[inline(always)]
 unsafe fn block_i16(c: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
@@ -269,10 +257,10 @@ unsafe fn ternary_gemm_body<const VNNI: bool, S: Sink>(
         // SAFETY: the features are the calling wrapper's.
         t0 += unsafe {
             match tokens.end - t0 {
-                8.. => ternary_tile::<VNNI, TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
-                4..=7 => ternary_tile::<VNNI, 4, S>(w, x, rows.clone(), t0, sink),
-                2..=3 => ternary_tile::<VNNI, 2, S>(w, x, rows.clone(), t0, sink),
-                _ => ternary_tile::<VNNI, 1, S>(w, x, rows.clone(), t0, sink),
+                8.. => ternary_tile::<TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => ternary_tile::<4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => ternary_tile::<2, S>(w, x, rows.clone(), t0, sink),
+                _ => ternary_tile::<1, S>(w, x, rows.clone(), t0, sink),
             }
         };
     }
@@ -308,8 +296,9 @@ macro_rules! for_register_tiles {
 /// The VNNI GEMM for a few tokens (decode steps of many sequences), in register tiles of
 /// [`REG_ROWS`] rows × [`REG_TOKENS`] tokens: each 64-column run of codes is decoded once for
 /// four tokens and each activation vector loaded once for four rows, so a block costs 64
-/// `vpdpbusd` against 20 loads and 28 shifts and masks. The 1-row kernel above loaded an
-/// activation vector for every `vpdpbusd` and ran at about half the instruction's rate.
+/// `vpdpbusd` against 20 loads and 28 shifts and masks. A 1-row kernel ([`ternary_tile`], kept
+/// for AVX-512 without VNNI) loads an activation vector for every `vpdpbusd` and ran at about
+/// half the instruction's rate.
 #[inline(always)]
 unsafe fn ternary_gemm_register_tiles<S: Sink>(
     w: &PackedTernary,
@@ -401,8 +390,10 @@ unsafe fn ternary_register_tile<const MT: usize, S: Sink>(
     MT
 }
 
+/// `rows` against tokens `t0..t0 + MT` without VNNI (`vpmaddubsw`, i16 sums over
+/// [`I16_BLOCKS`] blocks): each row's block decoded once for the `MT` tokens.
 #[inline(always)]
-unsafe fn ternary_tile<const VNNI: bool, const MT: usize, S: Sink>(
+unsafe fn ternary_tile<const MT: usize, S: Sink>(
     w: &PackedTernary,
     x: &QuantizedActivations,
     rows: Range<usize>,
@@ -421,23 +412,17 @@ unsafe fn ternary_tile<const VNNI: bool, const MT: usize, S: Sink>(
             let mut acc32 = [_mm512_setzero_si512(); 8];
             let mut b = 0;
             while b < blocks {
-                let end = if VNNI { blocks } else { (b + I16_BLOCKS).min(blocks) };
+                let end = (b + I16_BLOCKS).min(blocks);
                 let mut acc16 = [_mm512_setzero_si512(); MT];
                 for bb in b..end {
                     let c = codes(load(wr.add(bb * ROW_TILE * BLOCK_BYTES)));
                     for i in 0..MT {
                         let xb = load_block_x(xs[i].as_ptr().add(bb * BLOCK_COLS));
-                        if VNNI {
-                            acc32[i] = block_vnni(acc32[i], &c, &xb);
-                        } else {
-                            acc16[i] = _mm512_add_epi16(acc16[i], block_i16(&c, &xb));
-                        }
+                        acc16[i] = _mm512_add_epi16(acc16[i], block_i16(&c, &xb));
                     }
                 }
-                if !VNNI {
-                    for i in 0..MT {
-                        acc32[i] = _mm512_add_epi32(acc32[i], _mm512_madd_epi16(acc16[i], ones));
-                    }
+                for i in 0..MT {
+                    acc32[i] = _mm512_add_epi32(acc32[i], _mm512_madd_epi16(acc16[i], ones));
                 }
                 b = end;
             }
@@ -590,10 +575,10 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
         // SAFETY: the features are the calling wrapper's.
         t0 += unsafe {
             match tokens.end - t0 {
-                8.. => int8_tile::<VNNI, TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
-                4..=7 => int8_tile::<VNNI, 4, S>(w, x, rows.clone(), t0, sink),
-                2..=3 => int8_tile::<VNNI, 2, S>(w, x, rows.clone(), t0, sink),
-                _ => int8_tile::<VNNI, 1, S>(w, x, rows.clone(), t0, sink),
+                8.. => int8_tile::<TOKEN_TILE, S>(w, x, rows.clone(), t0, sink),
+                4..=7 => int8_tile::<4, S>(w, x, rows.clone(), t0, sink),
+                2..=3 => int8_tile::<2, S>(w, x, rows.clone(), t0, sink),
+                _ => int8_tile::<1, S>(w, x, rows.clone(), t0, sink),
             }
         };
     }
@@ -601,8 +586,10 @@ unsafe fn int8_gemm_body<const VNNI: bool, S: Sink>(
 
 /// The int8 GEMM with VNNI (the integer head of a decode step of many sequences) in register
 /// tiles of [`REG_ROWS`] rows × [`REG_TOKENS`] tokens, as [`ternary_gemm_register_tiles`]: per
-/// 64 columns, 16 `vpdpbusd` against 4 weight and 4 activation loads (the 1-row kernel below:
-/// one activation load per `vpdpbusd`). Weights are offset to `u = w + 128` as there.
+/// 64 columns, 16 `vpdpbusd` against 4 weight and 4 activation loads. The weights are offset to
+/// unsigned codes `u = w + 128` (the sign bit flipped, once per load for every token), so that
+/// `vpdpbusd` takes the activations as they are, and `Σ u·x − 128 · Σ x` is the product: the
+/// same integers (wrapping i32 arithmetic, exact whenever the result fits).
 #[inline(always)]
 unsafe fn int8_gemm_register_tiles<S: Sink>(
     w: &PackedInt8,
@@ -664,15 +651,11 @@ unsafe fn int8_register_tile<const MT: usize, S: Sink>(
     MT
 }
 
-/// `rows` against tokens `t0..t0 + MT`, each load of 64 weights shared by the `MT` tokens.
-///
-/// With VNNI the weights are offset to unsigned codes `u = w + 128` (the sign bit flipped,
-/// once per load for every token), so that `vpdpbusd` takes the activations as they are, and
-/// `Σ u·x − 128 · Σ x` is the product: the same integers (wrapping i32 arithmetic, exact
-/// whenever the result fits). Without VNNI, `vpmaddubsw` would saturate on those codes, so
-/// `|x|` times `w` with the sign of `x` moved onto it, per token.
+/// `rows` against tokens `t0..t0 + MT` without VNNI, each load of 64 weights shared by the
+/// `MT` tokens: `vpmaddubsw` would saturate on offset codes, so `|x|` times `w` with the sign
+/// of `x` moved onto it, per token. (With VNNI, [`int8_register_tile`].)
 #[inline(always)]
-unsafe fn int8_tile<const VNNI: bool, const MT: usize, S: Sink>(
+unsafe fn int8_tile<const MT: usize, S: Sink>(
     w: &PackedInt8,
     x: &QuantizedActivations,
     rows: Range<usize>,
@@ -691,22 +674,14 @@ unsafe fn int8_tile<const VNNI: bool, const MT: usize, S: Sink>(
             let mut acc = [_mm512_setzero_si512(); TOKEN_TILE];
             for c in (0..stride).step_by(64) {
                 let wv = load(group.as_ptr().add(PackedInt8::group_offset(ri, c)));
-                if VNNI {
-                    let u = _mm512_xor_si512(wv, _mm512_set1_epi8(i8::MIN));
-                    for i in 0..MT {
-                        acc[i] = _mm512_dpbusd_epi32(acc[i], u, load(xs[i].as_ptr().add(c)));
-                    }
-                } else {
-                    for i in 0..MT {
-                        let xv = load(xs[i].as_ptr().add(c));
-                        acc[i] = int8_acc::<false>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
-                    }
+                for i in 0..MT {
+                    let xv = load(xs[i].as_ptr().add(c));
+                    acc[i] = int8_acc::<false>(acc[i], wv, _mm512_abs_epi8(xv), _mm512_movepi8_mask(xv));
                 }
             }
             reduce8_512(&acc)
         };
         for (i, &d) in dots.iter().enumerate().take(MT) {
-            let d = if VNNI { d.wrapping_sub(x.sum(t0 + i).wrapping_mul(128)) } else { d };
             sink.put(t0 + i, r, d);
         }
     }
