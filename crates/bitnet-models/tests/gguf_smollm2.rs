@@ -17,19 +17,8 @@ use gguf_support::data_dir;
 
 /// The file, or `None` (with a `SKIPPED` line naming `test`) where it is not given.
 fn model(test: &str) -> Option<GgufFile> {
-    match std::env::var_os("BITNET_SMOLLM2_GGUF") {
-        Some(p) => Some(GgufFile::open(&p).expect("BITNET_SMOLLM2_GGUF names a readable GGUF")),
-        None => {
-            let how = "export BITNET_SMOLLM2_GGUF=\"$(tools/fetch-test-models.sh)\"";
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true, where the SmolLM2 GGUF is always fetched, but BITNET_SMOLLM2_GGUF is not set: {how}");
-            }
-            // Straight to stderr: libtest keeps what eprintln! writes in a passing test to itself.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: set BITNET_SMOLLM2_GGUF ({how})");
-            None
-        }
-    }
+    let path = gguf_support::smollm2_gguf(test)?;
+    Some(GgufFile::open(&path).expect("BITNET_SMOLLM2_GGUF names a readable GGUF"))
 }
 
 #[test]

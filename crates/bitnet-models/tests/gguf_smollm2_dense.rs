@@ -3,7 +3,10 @@
 //! dequantized rows' dot with the input within the bound its int8 activations allow.
 //!
 //! The file comes through BITNET_SMOLLM2_GGUF (`tools/fetch-test-models.sh` prints its path);
-//! without it the tests print a SKIPPED line and pass.
+//! without it each test prints a SKIPPED line where `cargo test` shows it and passes, except
+//! under `CI=true`, where it fails.
+
+mod gguf_support;
 
 use bitnet_models::gguf::GgufFile;
 use bitnet_models::gguf_model::tensor_plans;
@@ -12,21 +15,14 @@ use bitnet_models::{Architecture, ModelWeights};
 use bitnet_quant::dense::{DenseActivations, DenseFormat};
 use bitnet_quant::formats::{self, float};
 
-fn model() -> Option<GgufFile> {
-    match std::env::var_os("BITNET_SMOLLM2_GGUF") {
-        Some(p) => Some(GgufFile::open(&p).expect("BITNET_SMOLLM2_GGUF names a readable GGUF")),
-        None => {
-            eprintln!(
-                "SKIPPED: BITNET_SMOLLM2_GGUF is not set (export BITNET_SMOLLM2_GGUF=\"$(tools/fetch-test-models.sh)\")"
-            );
-            None
-        }
-    }
+fn model(test: &str) -> Option<GgufFile> {
+    let path = gguf_support::smollm2_gguf(test)?;
+    Some(GgufFile::open(&path).expect("BITNET_SMOLLM2_GGUF names a readable GGUF"))
 }
 
 #[test]
 fn smollm2_projections_load_dense_q4_1() {
-    let Some(file) = model() else { return };
+    let Some(file) = model("smollm2_projections_load_dense_q4_1") else { return };
     let w = ModelWeights::from_gguf(&file).unwrap();
     assert_eq!(w.config.architecture, Architecture::Llama158);
     let mut n = 0;
@@ -46,14 +42,14 @@ fn smollm2_projections_load_dense_q4_1() {
 
 #[test]
 fn smollm2_ternarize_option_ternarizes() {
-    let Some(file) = model() else { return };
+    let Some(file) = model("smollm2_ternarize_option_ternarizes") else { return };
     let w = ModelWeights::from_gguf_with(&file, WeightOptions { ternarize: true }).unwrap();
     assert!(w.projections().all(|(_, p)| matches!(p.weight, LinearWeight::Ternary(_))));
 }
 
 #[test]
 fn smollm2_tensor_plans_say_how_each_tensor_runs() {
-    let Some(file) = model() else { return };
+    let Some(file) = model("smollm2_tensor_plans_say_how_each_tensor_runs") else { return };
     let plans = tensor_plans(&file, WeightOptions::default()).unwrap();
     assert_eq!(plans.len(), file.tensors().len());
     let plan = |name: &str| plans.iter().find(|(n, _)| n == name).map(|(_, p)| *p).unwrap();
@@ -72,7 +68,7 @@ fn smollm2_tensor_plans_say_how_each_tensor_runs() {
 /// rounding of Q8_1's block sums, `Σ_b |m_b| · |s_b − d_b · Σ q_b|`, plus f32 rounding.
 #[test]
 fn smollm2_dense_rows_match_the_dequantized_dot() {
-    let Some(file) = model() else { return };
+    let Some(file) = model("smollm2_dense_rows_match_the_dequantized_dot") else { return };
     let w = ModelWeights::from_gguf(&file).unwrap();
     let cfg = &w.config;
     for (gname, p) in

@@ -104,3 +104,22 @@ pub fn temp_dir(tag: &str) -> TempDir {
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/gguf")
 }
+
+/// The SmolLM2 GGUF named by BITNET_SMOLLM2_GGUF (`tools/fetch-test-models.sh` downloads it
+/// and prints its path), or `None` after a `SKIPPED` line naming `test` on the real stderr
+/// (libtest keeps what `eprintln!` writes in a passing test to itself). Under `CI=true`, whose
+/// `.ci/run` always fetches the file, a missing variable is a failure, not a skip.
+pub fn smollm2_gguf(test: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("BITNET_SMOLLM2_GGUF") {
+        return Some(p.into());
+    }
+    let how = "export BITNET_SMOLLM2_GGUF=\"$(tools/fetch-test-models.sh)\"";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "CI=true, where the SmolLM2 GGUF is always fetched, but BITNET_SMOLLM2_GGUF is not set: {how}"
+        );
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: set BITNET_SMOLLM2_GGUF ({how})");
+    None
+}
