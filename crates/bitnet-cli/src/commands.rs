@@ -476,6 +476,11 @@ fn generate_on<B: Backend>(a: GenerateArgs, make: &(dyn Fn() -> B + Sync)) -> Re
         })?
     };
     crate::interrupt::set_mode(crate::interrupt::Mode::Other);
+    // The request was cut to what fits the context: running out of it is what stopped it.
+    let mut g = g;
+    if g.stop_reason == StopReason::MaxTokens && max_new < a.max_tokens && g.generated.len() == max_new {
+        g.stop_reason = StopReason::ContextFull;
+    }
     if json {
         let v = json!({
             "tokens": g.prompt_ids,

@@ -89,6 +89,28 @@ fn the_default_model_samples_as_its_generation_config_asks_unless_told_otherwise
 }
 
 #[test]
+fn a_generation_cut_by_the_context_says_so() {
+    // 40 tokens asked for, 16 in the context: the notice up front, the stop at the end, and
+    // the JSON's stop reason.
+    let args =
+        ["generate", "-p", "Once upon a time", "-n", "40", "--ctx", "16", "--temperature", "0", "-t", "1"];
+    let out = bitnet(&args, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("so at most") && err.contains("context of 16 tokens is full"), "{err}");
+    let out = bitnet(&[&args[..], &["--json"]].concat(), None);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stop_reason"], "contextfull", "{v}");
+    // Room to spare: the token limit is what stopped it.
+    let out = bitnet(
+        &["generate", "-p", "Once upon a time", "-n", "3", "--temperature", "0", "-t", "1", "--json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stop_reason"], "maxtokens", "{v}");
+}
+
+#[test]
 fn ctrl_c_stops_a_generation_with_what_it_has_and_status_130() {
     use std::io::Read;
     // A long generation on the embedded model; SIGINT once text has appeared.
