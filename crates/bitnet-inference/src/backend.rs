@@ -159,6 +159,22 @@ pub trait Backend: Send {
         eps: f32,
         out: &mut Self::QuantBuffer,
     );
+    /// `x += y`, then [`Self::norm_quantize`] of the sum: a block's residual add and the next
+    /// block's input norm. Backends may do both in one pass over `x`; the sum must equal `add`'s.
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm_quantize(
+        &mut self,
+        x: &mut Self::Buffer,
+        y: &Self::Buffer,
+        gain: Option<&Self::Vector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::QuantBuffer,
+    ) {
+        self.add(x, y, rows * width);
+        self.norm_quantize(x, gain, rows, width, eps, out);
+    }
     /// `act(gate) · up`, through the FFN sub-norm when there is one, quantized per token into
     /// `out` (the down projection's input) one row at a time.
     #[allow(clippy::too_many_arguments)]
@@ -208,6 +224,25 @@ pub trait Backend: Send {
         inv_freq: &Self::Vector,
         head_dim: usize,
     );
+    /// [`Self::rope`] on the queries and [`Self::rope_kv_store`] of the keys and values, for
+    /// the same rows, positions and frequencies: one pass where a backend can.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk_store(
+        &mut self,
+        q: &mut Self::Buffer,
+        n_heads: usize,
+        store: &mut Self::KvStore,
+        layer: usize,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        positions: &[u32],
+        slots: &[u32],
+        inv_freq: &Self::Vector,
+        head_dim: usize,
+    ) {
+        self.rope(q, inv_freq, positions, n_heads, head_dim);
+        self.rope_kv_store(store, layer, k, v, positions, slots, inv_freq, head_dim);
+    }
     /// Causal attention of each segment's query rows over its own cached keys and values,
     /// found through its block table in `tables`.
     #[allow(clippy::too_many_arguments)]

@@ -483,7 +483,17 @@ impl<B: Backend> Suite<B> {
                 if let (Some(w), Some(g)) =
                     (self.ok("norm_quantize", &case, want), self.ok("norm_quantize", &case, got))
                 {
-                    self.quant_rows("norm_quantize", case, &g, &w, true);
+                    self.quant_rows("norm_quantize", case.clone(), &g, &w, true);
+                }
+                // The residual add fused in front: the sum exactly `add`'s, then as above.
+                let y = rng.floats(m * width, 0.5);
+                let want = add_norm_quantize_on(&mut self.cpu, &x, &y, Some(&gain), m, width);
+                let got = add_norm_quantize_on(&mut self.dev, &x, &y, Some(&gain), m, width);
+                if let (Some((wx, wq)), Some((gx, gq))) =
+                    (self.ok("add_norm_quantize", &case, want), self.ok("add_norm_quantize", &case, got))
+                {
+                    self.exact("add_norm_quantize sum", case.clone(), &gx, &wx);
+                    self.quant_rows("add_norm_quantize", case, &gq, &wq, true);
                 }
                 let up = rng.floats(m * width, 3.0);
                 for (act, sub_norm) in [
@@ -648,9 +658,20 @@ impl<B: Backend> Suite<B> {
             let kv_dim = n_kv * hd;
             let shape_name = format!("{kv_type:?} KV, {n_heads}/{n_kv} heads of {hd}");
             // Segments (rows, pos0): decode steps, prefill chunks, contexts ending in, at and
-            // past block boundaries; at most max_batch rows in all.
-            let mut segs: Vec<(usize, usize)> =
-                vec![(1, 0), (3, 5), (9, 0), (1, 31), (1, 64), (17, 31), (2, 100)];
+            // past block boundaries, long contexts that a backend may split; at most max_batch
+            // rows in all.
+            let mut segs: Vec<(usize, usize)> = vec![
+                (1, 0),
+                (3, 5),
+                (5, 0),
+                (1, 31),
+                (1, 64),
+                (17, 31),
+                (2, 100),
+                (1, 300),
+                (4, 200),
+                (5, 40),
+            ];
             while segs.iter().map(|s| s.0).sum::<usize>() > max_batch {
                 segs.pop();
             }
@@ -679,6 +700,8 @@ impl<B: Backend> Suite<B> {
             let n = positions.len();
             let k = rng.floats(n * kv_dim, 2.0);
             let v = rng.floats(n * kv_dim, 1.0);
+            // Queries rotated in the same call (rope_qk_store).
+            let prompt_q = rng.floats(n * n_heads * hd, 2.0);
             let inv_freq = bitnet_core::ops::rope_inv_freq(10_000.0, hd);
             let cpu_store = fill_store(
                 &mut self.cpu,
@@ -692,6 +715,8 @@ impl<B: Backend> Suite<B> {
                 &inv_freq,
                 hd,
                 max_batch,
+                &prompt_q,
+                n_heads,
             );
             let dev_store = fill_store(
                 &mut self.dev,
@@ -705,13 +730,16 @@ impl<B: Backend> Suite<B> {
                 &inv_freq,
                 hd,
                 max_batch,
+                &prompt_q,
+                n_heads,
             );
-            let (Some(cs), Some(ds)) = (
-                self.ok("rope_kv_store", &shape_name, cpu_store),
-                self.ok("rope_kv_store", &shape_name, dev_store),
+            let (Some((cs, want_q)), Some((ds, got_q))) = (
+                self.ok("rope_qk_store", &shape_name, cpu_store),
+                self.ok("rope_qk_store", &shape_name, dev_store),
             ) else {
                 continue;
             };
+            self.close_rows("rope_qk_store queries", shape_name.clone(), &got_q, &want_q, hd, ROW_RTOL);
             // Every written slot, and one never written (zero on both) in the other layer.
             let (mut want_k, mut want_v, mut got_k, mut got_v) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -955,6 +983,26 @@ fn norm_quantize_on<B: Backend>(
     read_quant_back(b, &q, m, width)
 }
 
+/// `x + y` as read back, and the quantized norm of it.
+#[allow(clippy::type_complexity)]
+fn add_norm_quantize_on<B: Backend>(
+    b: &mut B,
+    x: &[f32],
+    y: &[f32],
+    gain: Option<&[f32]>,
+    m: usize,
+    width: usize,
+) -> Result<(Vec<f32>, (Vec<i8>, Vec<f32>)), BackendError> {
+    let mut xb = buffer_with(b, x.len(), x)?;
+    let yb = buffer_with(b, y.len(), y)?;
+    let g = gain.map(|g| b.upload_vector(g)).transpose()?;
+    let mut q = b.quant_buffer(m, width)?;
+    b.add_norm_quantize(&mut xb, &yb, g.as_ref(), m, width, 1e-5, &mut q);
+    let mut sum = vec![0.0; x.len()];
+    b.read(&xb, 0, &mut sum)?;
+    Ok((sum, read_quant_back(b, &q, m, width)?))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gate_quantize_on<B: Backend>(
     b: &mut B,
@@ -1047,7 +1095,8 @@ fn rope_on<B: Backend>(
 }
 
 /// A two-layer store of `blocks` blocks with keys and values written into layer 1 through
-/// `rope_kv_store`, `max_batch` rows per call.
+/// `rope_qk_store` (every other call: `rope` and `rope_kv_store`), `max_batch` rows per call, and
+/// the queries `q` rotated on the way.
 #[allow(clippy::too_many_arguments)]
 fn fill_store<B: Backend>(
     b: &mut B,
@@ -1061,18 +1110,32 @@ fn fill_store<B: Backend>(
     inv_freq: &[f32],
     head_dim: usize,
     max_batch: usize,
-) -> Result<B::KvStore, BackendError> {
+    q: &[f32],
+    n_heads: usize,
+) -> Result<(B::KvStore, Vec<f32>), BackendError> {
     let mut store = b.kv_store(2, blocks, kv_dim, kv_type)?;
     let f = b.upload_vector(inv_freq)?;
     let (mut kb, mut vb) = (b.buffer(max_batch * kv_dim)?, b.buffer(max_batch * kv_dim)?);
+    let q_dim = n_heads * head_dim;
+    let mut qb = b.buffer(max_batch * q_dim)?;
+    let mut rotated = vec![0.0; q.len()];
     for start in (0..positions.len()).step_by(max_batch) {
         let end = (start + max_batch).min(positions.len());
         b.write(&mut kb, 0, &k[start * kv_dim..end * kv_dim])?;
         b.write(&mut vb, 0, &v[start * kv_dim..end * kv_dim])?;
-        b.rope_kv_store(&mut store, 1, &kb, &vb, &positions[start..end], &slots[start..end], &f, head_dim);
+        b.write(&mut qb, 0, &q[start * q_dim..end * q_dim])?;
+        let (pos, slot) = (&positions[start..end], &slots[start..end]);
+        // Every other call through the two separate operations, so that each is checked.
+        if (start / max_batch).is_multiple_of(2) {
+            b.rope_qk_store(&mut qb, n_heads, &mut store, 1, &kb, &vb, pos, slot, &f, head_dim);
+        } else {
+            b.rope(&mut qb, &f, pos, n_heads, head_dim);
+            b.rope_kv_store(&mut store, 1, &kb, &vb, pos, slot, &f, head_dim);
+        }
+        b.read(&qb, 0, &mut rotated[start * q_dim..end * q_dim])?;
     }
     b.synchronize()?;
-    Ok(store)
+    Ok((store, rotated))
 }
 
 /// Appends the key and value in `slot` of `layer`, read back from `b`.

@@ -388,9 +388,17 @@ impl<B: Backend> Model<B> {
         if let Some(s) = self.config.embedding_scale() {
             b.scale(&mut a.x, ctx.batch.ids.len() * self.config.hidden_size, s);
         }
+        // Each block leaves its output in `proj` for the next block to add into the residual
+        // stream together with its input norm (one pass over `x` instead of two); the last
+        // one is added here.
+        let mut pending = false;
         for l in 0..self.layers.len() {
-            self.attention_block(ctx, l);
-            self.mlp_block(ctx, l);
+            pending = self.attention_block(ctx, l, pending);
+            pending = self.mlp_block(ctx, l, pending);
+        }
+        if pending {
+            let rows = ctx.batch.ids.len();
+            ctx.backend.add(&mut ctx.act.x, &ctx.act.proj, rows * self.config.hidden_size);
         }
     }
 
@@ -442,7 +450,9 @@ impl<B: Backend> Model<B> {
     /// k normed per head first where the model has q/k norms. Gemma3: the output is normed
     /// (`post_attention_layernorm`) before the add, and a sliding layer attends to its window
     /// with its own RoPE base.
-    fn attention_block(&self, ctx: &mut Context<B>, l: usize) {
+    /// `pending`: the previous block's output, in `proj`, is still to be added to `x`. Returns
+    /// whether this block's output is (so the next block adds it).
+    fn attention_block(&self, ctx: &mut Context<B>, l: usize, pending: bool) -> bool {
         let c = &self.config;
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let layer = &self.layers[l];
@@ -457,9 +467,23 @@ impl<B: Backend> Model<B> {
             qkv[2].weight.ternary(),
             &layer.q_proj.input_norm,
         ) {
-            b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden);
+            match pending {
+                true => b.add_norm_quantize(
+                    &mut a.x,
+                    &a.proj,
+                    Some(&layer.input_norm),
+                    rows,
+                    h,
+                    eps,
+                    &mut a.quant_hidden,
+                ),
+                false => b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden),
+            }
             b.bitlinear_many([q, k, v], &a.quant_hidden, [&mut a.q, &mut a.k, &mut a.v]);
         } else {
+            if pending {
+                b.add(&mut a.x, &a.proj, rows * h);
+            }
             b.rmsnorm(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.normed);
             for (proj, out) in [(qkv[0], &mut a.q), (qkv[1], &mut a.k), (qkv[2], &mut a.v)] {
                 project(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden, &mut a.dense_in, out);
@@ -483,8 +507,18 @@ impl<B: Backend> Model<B> {
             (Some(_), Some(local)) => local,
             _ => &self.rope_inv_freq,
         };
-        b.rope(&mut a.q, inv_freq, &meta.positions, c.num_heads, c.head_dim);
-        b.rope_kv_store(&mut ctx.kv, l, keys, &a.v, &meta.positions, &meta.slots, inv_freq, c.head_dim);
+        b.rope_qk_store(
+            &mut a.q,
+            c.num_heads,
+            &mut ctx.kv,
+            l,
+            keys,
+            &a.v,
+            &meta.positions,
+            &meta.slots,
+            inv_freq,
+            c.head_dim,
+        );
         let shape = HeadShape {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -517,13 +551,14 @@ impl<B: Backend> Model<B> {
                 project(b, o, &a.attn, rows, &mut a.scratch, &mut a.quant_attn, &mut a.dense_in, &mut a.proj)
             }
         }
-        add_residual(b, &mut a.x, &a.proj, layer.attn_output_norm.as_ref(), rows, h, eps, &mut a.normed);
+        add_residual(b, &mut a.x, &a.proj, layer.attn_output_norm.as_ref(), rows, h, eps, &mut a.normed)
     }
 
     /// `x += down(ffn_sub_norm(act(gate(n)) · up(n)))` with `n = RMSNorm_post(x)` (Gemma3: GeGLU,
     /// `n` from `pre_feedforward_layernorm`, the output normed by `post_feedforward_layernorm`
     /// before the add).
-    fn mlp_block(&self, ctx: &mut Context<B>, l: usize) {
+    /// `pending` and the result: as for [`Self::attention_block`].
+    fn mlp_block(&self, ctx: &mut Context<B>, l: usize, pending: bool) -> bool {
         let c = &self.config;
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
         let layer = &self.layers[l];
@@ -531,9 +566,16 @@ impl<B: Backend> Model<B> {
         let rows = ctx.batch.ids.len();
         let (gate, up, down) = (&layer.gate_proj, &layer.up_proj, &layer.down_proj);
         if let (Some(g), Some(u), None) = (gate.weight.ternary(), up.weight.ternary(), &gate.input_norm) {
-            b.norm_quantize(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.quant_hidden);
+            let norm = Some(&layer.post_attention_norm);
+            match pending {
+                true => b.add_norm_quantize(&mut a.x, &a.proj, norm, rows, h, eps, &mut a.quant_hidden),
+                false => b.norm_quantize(&a.x, norm, rows, h, eps, &mut a.quant_hidden),
+            }
             b.bitlinear_many([g, u], &a.quant_hidden, [&mut a.gate, &mut a.up]);
         } else {
+            if pending {
+                b.add(&mut a.x, &a.proj, rows * h);
+            }
             b.rmsnorm(&a.x, Some(&layer.post_attention_norm), rows, h, eps, &mut a.normed);
             for (proj, out) in [(gate, &mut a.gate), (up, &mut a.up)] {
                 project(b, proj, &a.normed, rows, &mut a.scratch, &mut a.quant_hidden, &mut a.dense_in, out);
@@ -568,12 +610,13 @@ impl<B: Backend> Model<B> {
                 );
             }
         }
-        add_residual(b, &mut a.x, &a.proj, layer.mlp_output_norm.as_ref(), rows, h, eps, &mut a.normed);
+        add_residual(b, &mut a.x, &a.proj, layer.mlp_output_norm.as_ref(), rows, h, eps, &mut a.normed)
     }
 }
 
-/// `x += y`, or `x += RMSNorm(y)` where the block's output has a norm of its own (Gemma's
-/// post-attention and post-feedforward norms); `normed` is the free buffer the norm writes.
+/// `x += RMSNorm(y)` where the block's output has a norm of its own (Gemma's post-attention and
+/// post-feedforward norms; `normed` is the free buffer the norm writes), returning `false`;
+/// otherwise nothing yet: `true`, the next block adds `y` (which is `proj`) with its input norm.
 #[allow(clippy::too_many_arguments)]
 fn add_residual<B: Backend>(
     b: &mut B,
@@ -584,13 +627,14 @@ fn add_residual<B: Backend>(
     width: usize,
     eps: f32,
     normed: &mut B::Buffer,
-) {
+) -> bool {
     match output_norm {
         Some(g) => {
             b.rmsnorm(y, Some(g), rows, width, eps, normed);
             b.add(x, normed, rows * width);
+            false
         }
-        None => b.add(x, y, rows * width),
+        None => true,
     }
 }
 

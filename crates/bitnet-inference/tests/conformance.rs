@@ -325,8 +325,10 @@ fn every_deliberate_fault_is_caught_and_named() {
             "{fault:?} was not reported under {op}: {:?}",
             failures.iter().map(|f| f.op).collect::<Vec<_>>()
         );
-        // Only the broken operation (and what reads its results) fails.
-        let unrelated: Vec<_> = failures.iter().filter(|f| f.op != op && f.op != "attention").collect();
+        // Only the broken operation (and what reads its results: attention, and the queries
+        // that rope_qk_store rotates through rope where a backend does not fuse them) fails.
+        let reads = |f: &str| f == "attention" || (op == "rope" && f == "rope_qk_store queries");
+        let unrelated: Vec<_> = failures.iter().filter(|f| f.op != op && !reads(f.op)).collect();
         assert!(unrelated.is_empty(), "{fault:?} also failed {}", unrelated[0]);
     }
 }

@@ -154,8 +154,33 @@ pub fn check_greedy_and_cache(model: &Model<CpuBackend>, golden: &Golden) {
     check_greedy_and_cache_on(model, &CpuBackend::new, golden)
 }
 
+/// How closely a decode step with the KV cache must equal a full recompute.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheCheck {
+    /// Within 1e-4 at every step: decoding and prefill do the same arithmetic per row (the
+    /// CPU backend).
+    Exact,
+    /// Within 1e-4, except on fixtures whose prompt logits already flip int8 codes against
+    /// transformers (`TopK`, `Agreement`), where a step may move by a flip but keeps its
+    /// cosine with the recompute at 0.999: a backend whose decode attention is another kernel
+    /// than its prefill attention (the CUDA backend: split over the context vs tiled) sums in
+    /// another order, and on those fixtures an activation on a rounding boundary of the
+    /// quantizer then takes the neighbouring code.
+    FlipsWhereTheFixtureFlips(LogitCheck),
+}
+
 /// [`check_greedy_and_cache`] of a model on the backend `make` builds.
 pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() -> B, golden: &Golden) {
+    check_greedy_and_cache_within(model, make, golden, CacheCheck::Exact)
+}
+
+/// [`check_greedy_and_cache_on`] with the decode-vs-recompute bound `cache`.
+pub fn check_greedy_and_cache_within<B: Backend>(
+    model: &Model<B>,
+    make: &impl Fn() -> B,
+    golden: &Golden,
+    cache: CacheCheck,
+) {
     let prompt = golden.u32s("input_ids");
     let full = golden.u32s("greedy_ids");
     let n = full.len() - prompt.len();
@@ -166,6 +191,21 @@ pub fn check_greedy_and_cache_on<B: Backend>(model: &Model<B>, make: &impl Fn() 
     for (i, step) in steps.iter().enumerate() {
         let row = &recompute[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
         let d = max_abs_diff(step, row);
+        let flips = matches!(
+            cache,
+            CacheCheck::FlipsWhereTheFixtureFlips(LogitCheck::TopK { .. } | LogitCheck::Agreement { .. })
+        );
+        if flips && d > 1e-4 {
+            let c = super::cosine(step, row);
+            assert!(
+                c >= 0.999,
+                "decode step {i} with the KV cache: cosine {c} with a full recompute (max diff {d})"
+            );
+            println!(
+                "decode step {i}: an int8 flip against the full recompute (max diff {d:.3e}, cosine {c:.6})"
+            );
+            continue;
+        }
         assert!(d <= 1e-4, "decode step {i} with the KV cache differs from a full recompute by {d}");
     }
 }
@@ -200,13 +240,42 @@ pub fn run_fixture_on<B: Backend>(make: &impl Fn() -> B, fixture: &str, form: &s
     run_checkpoint_on(make, &root.join(form), &root.join(format!("golden/{form}_f32.safetensors")), check);
 }
 
+/// [`run_fixture_on`] for a backend other than the CPU: its KV-cache decoding is held to
+/// [`CacheCheck::FlipsWhereTheFixtureFlips`].
+pub fn run_fixture_on_device<B: Backend>(
+    make: &impl Fn() -> B,
+    fixture: &str,
+    form: &str,
+    check: LogitCheck,
+) {
+    let root = fixtures().join(fixture);
+    let golden = root.join(format!("golden/{form}_f32.safetensors"));
+    run_checkpoint_within(
+        make,
+        &root.join(form),
+        &golden,
+        check,
+        CacheCheck::FlipsWhereTheFixtureFlips(check),
+    );
+}
+
 /// [`run_fixture_on`] for any checkpoint (a folder or a `.gguf` file) against a golden file.
 pub fn run_checkpoint_on<B: Backend>(make: &impl Fn() -> B, model: &Path, golden: &Path, check: LogitCheck) {
+    run_checkpoint_within(make, model, golden, check, CacheCheck::Exact)
+}
+
+fn run_checkpoint_within<B: Backend>(
+    make: &impl Fn() -> B,
+    model: &Path,
+    golden: &Path,
+    check: LogitCheck,
+    cache: CacheCheck,
+) {
     let golden = Golden::open(golden);
     if model.is_dir() && golden.floats.contains_key("layer0.self_attn.q_proj.input") {
         check_projections(model, &golden);
     }
     let loaded = load_on(model, make);
     check_prompt_logits_on(&loaded.model, make, &golden, check);
-    check_greedy_and_cache_on(&loaded.model, make, &golden);
+    check_greedy_and_cache_within(&loaded.model, make, &golden, cache);
 }
