@@ -666,7 +666,12 @@ fn train_in_pool(
     let (settings, resume_from) = if args.resume {
         let checkpoint::Newest { loaded, path, skipped } = checkpoint::load_newest(out)?;
         for (bad, why) in &skipped {
-            eprintln!("warning: skipping {}: {why:#}", bad.display());
+            // The reason names the file already where it comes from reading it.
+            let why = format!("{why:#}");
+            match why.contains(&bad.display().to_string()) {
+                true => eprintln!("warning: skipping a checkpoint: {why}"),
+                false => eprintln!("warning: skipping {}: {why}", bad.display()),
+            }
         }
         if !skipped.is_empty() {
             eprintln!("warning: resuming from the older {}", path.display());
