@@ -27,6 +27,8 @@ const BLOCK_TOKENS: usize = bitnet_inference::BLOCK_TOKENS;
 /// Warps and rows of one attention task (attention.cu's ATT_WARPS, ATT_ROWS).
 const ATT_WARPS: usize = 4;
 const ATT_ROWS: usize = 16;
+/// Warps of a row attention block (attention.cu's ROW_WARPS).
+const ROW_WARPS: usize = 4;
 /// Batches up to this many tokens take the GEMV kernel; larger ones the tiled GEMM.
 const GEMV_MAX_TOKENS: usize = 8;
 
@@ -41,9 +43,15 @@ const SOURCES: [&str; 5] = [
 
 /// Head sizes the attention kernels are built for, as 32-lane chunks (`ceil(head_dim / 32)`).
 const ATTENTION_CHUNKS: [usize; 5] = [1, 2, 3, 4, 8];
+/// Where the row attention kernels start, counted from `K::Attention`.
+const ROW_ATTENTION: usize = 3 * ATTENTION_CHUNKS.len();
+/// Segments of up to this many rows (decode steps, short chunks) take the row attention
+/// kernels, split over the context; longer ones the tiled kernels.
+const ROW_ATTENTION_MAX_ROWS: usize = 4;
 
 /// The kernels by [`K`]: the named ones in [`KERNEL_NAMES`] order, then the attention kernels
-/// `[chunks index][kv type]` from `K::Attention`.
+/// `[chunks index][kv type]` from `K::Attention`, then the row attention kernels likewise from
+/// `K::Attention + ROW_ATTENTION`.
 #[derive(Clone, Copy, Debug)]
 #[repr(u16)]
 enum K {
@@ -64,6 +72,7 @@ enum K {
     Rope,
     RopeKvStore,
     LmHead,
+    AttentionMerge,
     Attention,
 }
 
@@ -85,6 +94,7 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "rope",
     "rope_kv_store",
     "lm_head",
+    "attention_merge",
 ];
 
 /// One GPU: its context, the stream every handle queues on, the compiled kernels.
@@ -96,6 +106,8 @@ pub struct CudaDevice {
     tensor_cores: bool,
     name: String,
     ordinal: usize,
+    /// Streaming multiprocessors: how many blocks a launch needs to fill the chip.
+    multiprocessors: usize,
 }
 
 impl CudaDevice {
@@ -124,8 +136,17 @@ impl CudaDevice {
                 kernels.push(k);
             }
         }
+        for d in ATTENTION_CHUNKS {
+            for kv in ["f32", "bf16", "f16"] {
+                kernels.push(f(&format!("attention_rows_d{d}_{kv}"))?);
+            }
+        }
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(CudaError::driver)?
+            .max(1) as usize;
         let stream = ctx.new_stream().map_err(CudaError::driver)?;
-        Ok(Arc::new(Self { ctx, stream, kernels, tensor_cores: major >= 8, name, ordinal }))
+        Ok(Arc::new(Self { ctx, stream, kernels, tensor_cores: major >= 8, name, ordinal, multiprocessors }))
     }
 
     pub fn name(&self) -> &str {
@@ -389,6 +410,8 @@ struct Staging {
     segments: Staged<i32>,
     /// `[segment, t0, t1, head0]` per attention task.
     tasks: Staged<i32>,
+    /// `[segment, row]` per row attention task.
+    row_tasks: Staged<i32>,
 }
 
 /// The CUDA backend: a handle to a [`CudaDevice`].
@@ -407,7 +430,10 @@ pub struct CudaBackend {
     staging: Staging,
     /// Host scratch for the attention tasks and segments of a call.
     task_host: Vec<i32>,
+    row_task_host: Vec<i32>,
     segment_host: Vec<i32>,
+    /// The row attention kernels' partial results when they split the context.
+    attention_parts: Option<DeviceVec<f32>>,
 }
 
 impl CudaBackend {
@@ -428,7 +454,9 @@ impl CudaBackend {
             error: None,
             staging: Staging::default(),
             task_host: Vec::new(),
+            row_task_host: Vec::new(),
             segment_host: Vec::new(),
+            attention_parts: None,
         }
     }
 
@@ -654,6 +682,102 @@ impl CudaBackend {
                 None
             }
         }
+    }
+
+    /// Parts to split each row attention block's context into: enough blocks to give every
+    /// multiprocessor two, no more parts than key blocks, a power of two (the part count is in
+    /// the launch, so a captured graph is replaced only when it changes).
+    fn context_parts(&self, blocks: usize, key_blocks: usize) -> usize {
+        let want = (2 * self.dev.multiprocessors).div_ceil(blocks.max(1));
+        let parts = want.min(key_blocks).clamp(1, 64);
+        1 << parts.ilog2()
+    }
+
+    /// The row attention kernels' scratch for `len` floats, grown as needed.
+    fn attention_parts(&mut self, len: usize) -> Option<u64> {
+        if self.attention_parts.as_ref().is_none_or(|p| p.len() < len) {
+            // Queued launches may name the old scratch: they are enqueued before it is freed.
+            self.flush();
+            self.attention_parts = None;
+            let grown = len.next_power_of_two();
+            match self.alloc::<f32>(grown, "attention scratch") {
+                Ok(p) => self.attention_parts = Some(p),
+                Err(e) => {
+                    self.note(Err(e));
+                    return None;
+                }
+            }
+        }
+        self.attention_parts.as_ref().map(|p| p.ptr)
+    }
+
+    /// rows.cu's `norm_quantize` of `rows` rows at `x`, adding the rows at `y` first unless it
+    /// is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_norm_quantize(
+        &mut self,
+        x: u64,
+        y: u64,
+        gain: Option<&CudaVector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut CudaQuant,
+    ) {
+        out.rows = rows;
+        let g = gain.map_or(0, |g| g.data.ptr);
+        let args = [
+            Arg::from(x),
+            y.into(),
+            g.into(),
+            (width as i32).into(),
+            eps.into(),
+            (out.stride as i32).into(),
+            out.q.ptr.into(),
+            out.scales.ptr.into(),
+            out.sums.ptr.into(),
+        ];
+        self.launch(K::NormQuantize as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
+    }
+
+    /// attention.cu's `rope_kv_store`, rotating the queries `q` (address, heads) of the same
+    /// rows in the same launch when given.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rope_kv_store(
+        &mut self,
+        q: Option<(u64, usize)>,
+        store: &mut CudaKvStore,
+        layer: usize,
+        k: &CudaBuffer,
+        v: &CudaBuffer,
+        positions: &[u32],
+        slots: &[u32],
+        inv_freq: &CudaVector,
+        head_dim: usize,
+    ) {
+        let Some(pos) = self.staged(|s| &mut s.positions, positions) else { return };
+        let Some(slot_ptr) = self.staged(|s| &mut s.slots, slots) else { return };
+        let rows = positions.len();
+        let n_kv = store.kv_dim / head_dim;
+        let (q_ptr, n_q) = q.unwrap_or((0, 0));
+        let off = store.layer_offset(layer);
+        let args = [
+            Arg::from(store.keys.ptr + off),
+            (store.values.ptr + off).into(),
+            dtype_code(store.kv_type).into(),
+            k.data.ptr.into(),
+            v.data.ptr.into(),
+            pos.into(),
+            slot_ptr.into(),
+            inv_freq.data.ptr.into(),
+            (rows as i32).into(),
+            (n_kv as i32).into(),
+            (head_dim as i32).into(),
+            q_ptr.into(),
+            (n_q as i32).into(),
+        ];
+        let pairs = rows * (n_q + n_kv) * head_dim / 2;
+        self.launch(K::RopeKvStore as u16, grid_1d(pairs, 256), 256, 0, args.to_vec());
     }
 
     /// Ternary products of up to three matrices that read `x`.
@@ -955,19 +1079,21 @@ impl Backend for CudaBackend {
         eps: f32,
         out: &mut CudaQuant,
     ) {
-        out.rows = rows;
-        let g = gain.map_or(0, |g| g.data.ptr);
-        let args = [
-            Arg::from(x.data.ptr),
-            g.into(),
-            (width as i32).into(),
-            eps.into(),
-            (out.stride as i32).into(),
-            out.q.ptr.into(),
-            out.scales.ptr.into(),
-            out.sums.ptr.into(),
-        ];
-        self.launch(K::NormQuantize as u16, (rows as u32, 1), row_threads(width), 0, args.to_vec());
+        // The kernel writes `x` only when it is given a `y` to add.
+        self.launch_norm_quantize(x.data.ptr, 0, gain, rows, width, eps, out);
+    }
+
+    fn add_norm_quantize(
+        &mut self,
+        x: &mut CudaBuffer,
+        y: &CudaBuffer,
+        gain: Option<&CudaVector>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut CudaQuant,
+    ) {
+        self.launch_norm_quantize(x.data.ptr, y.data.ptr, gain, rows, width, eps, out);
     }
 
     fn gate_quantize(
@@ -1066,25 +1192,24 @@ impl Backend for CudaBackend {
         inv_freq: &CudaVector,
         head_dim: usize,
     ) {
-        let Some(pos) = self.staged(|s| &mut s.positions, positions) else { return };
-        let Some(slot_ptr) = self.staged(|s| &mut s.slots, slots) else { return };
-        let rows = positions.len();
-        let n_kv = store.kv_dim / head_dim;
-        let off = store.layer_offset(layer);
-        let args = [
-            Arg::from(store.keys.ptr + off),
-            (store.values.ptr + off).into(),
-            dtype_code(store.kv_type).into(),
-            k.data.ptr.into(),
-            v.data.ptr.into(),
-            pos.into(),
-            slot_ptr.into(),
-            inv_freq.data.ptr.into(),
-            (rows as i32).into(),
-            (n_kv as i32).into(),
-            (head_dim as i32).into(),
-        ];
-        self.launch(K::RopeKvStore as u16, grid_1d(rows * n_kv * head_dim / 2, 256), 256, 0, args.to_vec());
+        self.launch_rope_kv_store(None, store, layer, k, v, positions, slots, inv_freq, head_dim);
+    }
+
+    fn rope_qk_store(
+        &mut self,
+        q: &mut CudaBuffer,
+        n_heads: usize,
+        store: &mut CudaKvStore,
+        layer: usize,
+        k: &CudaBuffer,
+        v: &CudaBuffer,
+        positions: &[u32],
+        slots: &[u32],
+        inv_freq: &CudaVector,
+        head_dim: usize,
+    ) {
+        let q = Some((q.data.ptr, n_heads));
+        self.launch_rope_kv_store(q, store, layer, k, v, positions, slots, inv_freq, head_dim);
     }
 
     fn attention(
@@ -1109,6 +1234,9 @@ impl Backend for CudaBackend {
         let tile = (ATT_ROWS / heads).max(1);
         self.segment_host.clear();
         self.task_host.clear();
+        self.row_task_host.clear();
+        // Key blocks the longest row task sees: how far its context can be split.
+        let mut row_key_blocks = 0;
         for (si, s) in segments.iter().enumerate() {
             self.segment_host.extend([
                 s.first_row as i32,
@@ -1116,6 +1244,15 @@ impl Backend for CudaBackend {
                 s.pos0 as i32,
                 s.table_start as i32,
             ]);
+            if s.rows <= ROW_ATTENTION_MAX_ROWS {
+                for t in 0..s.rows {
+                    self.row_task_host.extend([si as i32, t as i32]);
+                }
+                let keys = s.pos0 + s.rows;
+                let seen = shape.window.map_or(keys, |w| w.min(keys) + BLOCK_TOKENS - 1);
+                row_key_blocks = row_key_blocks.max(seen.div_ceil(BLOCK_TOKENS));
+                continue;
+            }
             // Last tiles first: they see the most keys.
             for t in (0..s.rows.div_ceil(tile)).rev() {
                 let (t0, t1) = (t * tile, ((t + 1) * tile).min(s.rows));
@@ -1124,39 +1261,88 @@ impl Backend for CudaBackend {
                 }
             }
         }
-        let tasks = self.task_host.len() / 4;
-        if tasks == 0 {
+        let (tasks, row_tasks) = (self.task_host.len() / 4, self.row_task_host.len() / 2);
+        if tasks + row_tasks == 0 {
             return;
         }
         let seg_host = std::mem::take(&mut self.segment_host);
         let task_host = std::mem::take(&mut self.task_host);
+        let row_task_host = std::mem::take(&mut self.row_task_host);
         let seg_ptr = self.staged_i32(|s| &mut s.segments, &seg_host);
         let task_ptr = self.staged_i32(|s| &mut s.tasks, &task_host);
+        let row_task_ptr = self.staged_i32(|s| &mut s.row_tasks, &row_task_host);
         self.segment_host = seg_host;
         self.task_host = task_host;
+        self.row_task_host = row_task_host;
         let Some(table_ptr) = self.staged(|s| &mut s.tables, tables) else { return };
-        let (Some(seg_ptr), Some(task_ptr)) = (seg_ptr, task_ptr) else { return };
+        let (Some(seg_ptr), Some(task_ptr), Some(row_task_ptr)) = (seg_ptr, task_ptr, row_task_ptr) else {
+            return;
+        };
         let off = store.layer_offset(layer);
-        let args = [
+        let (keys, values) = (store.keys.ptr + off, store.values.ptr + off);
+        // 0: no window (a window of 0 keys is refused by the config).
+        let window = shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32;
+        let kv_kernel = (3 * ki) as u16 + dtype_code(store.kv_type) as u16;
+        // The arguments both attention kernels start with.
+        let lead = [
             Arg::from(q.data.ptr),
-            (store.keys.ptr + off).into(),
-            (store.values.ptr + off).into(),
+            keys.into(),
+            values.into(),
             (store.kv_dim as i32).into(),
             table_ptr.into(),
             seg_ptr.into(),
-            task_ptr.into(),
-            (n_heads as i32).into(),
-            (n_kv as i32).into(),
-            (hd as i32).into(),
-            (heads as i32).into(),
-            shape.scale.into(),
-            // 0: no window (a window of 0 keys is refused by the config).
-            (shape.window.map_or(0, |w| w.min(i32::MAX as usize)) as i32).into(),
-            out.data.ptr.into(),
         ];
-        let id = K::Attention as u16 + (3 * ki) as u16 + dtype_code(store.kv_type) as u16;
-        let smem = attention_smem(hd) as u32;
-        self.launch(id, (tasks as u32, 1), (ATT_WARPS * 32) as u32, smem, args.to_vec());
+        let heads_args = [Arg::from(n_heads as i32), (n_kv as i32).into(), (hd as i32).into()];
+        if tasks > 0 {
+            let mut args = lead.to_vec();
+            args.push(task_ptr.into());
+            args.extend(heads_args);
+            args.extend([Arg::from(heads as i32), shape.scale.into(), window.into(), out.data.ptr.into()]);
+            let smem = attention_smem(hd) as u32;
+            self.launch(
+                K::Attention as u16 + kv_kernel,
+                (tasks as u32, 1),
+                (ATT_WARPS * 32) as u32,
+                smem,
+                args,
+            );
+        }
+        if row_tasks > 0 {
+            let blocks = row_tasks * n_heads;
+            let parts = self.context_parts(blocks, row_key_blocks);
+            let parts_ptr = if parts > 1 {
+                match self.attention_parts(blocks * parts * (hd + 2)) {
+                    Some(p) => p,
+                    None => return,
+                }
+            } else {
+                0
+            };
+            let mut args = lead.to_vec();
+            args.push(row_task_ptr.into());
+            args.extend(heads_args);
+            args.extend([Arg::from(shape.scale), window.into(), out.data.ptr.into(), parts_ptr.into()]);
+            let id = K::Attention as u16 + ROW_ATTENTION as u16 + kv_kernel;
+            self.launch(id, (blocks as u32, parts as u32), (ROW_WARPS * 32) as u32, 0, args);
+            if parts > 1 {
+                let args = [
+                    Arg::from(parts_ptr),
+                    (parts as i32).into(),
+                    seg_ptr.into(),
+                    row_task_ptr.into(),
+                    (n_heads as i32).into(),
+                    (hd as i32).into(),
+                    out.data.ptr.into(),
+                ];
+                self.launch(
+                    K::AttentionMerge as u16,
+                    (blocks as u32, 1),
+                    hd.next_power_of_two().clamp(32, 256) as u32,
+                    0,
+                    args.to_vec(),
+                );
+            }
+        }
     }
 
     fn gate(

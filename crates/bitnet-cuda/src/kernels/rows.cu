@@ -155,21 +155,38 @@ extern "C" __global__ void __launch_bounds__(1024) quantize(const float* x, int 
     quantize_values([&](int c) { return xr[c]; }, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
 }
 
-// CpuBackend::norm_quantize: rmsnorm_row straight into the quantizer.
-extern "C" __global__ void __launch_bounds__(1024) norm_quantize(const float* x, const float* gain, int width,
-                                                                 float eps, int stride, i8* q, float* scales,
-                                                                 int* sums) {
+// CpuBackend::norm_quantize: rmsnorm_row straight into the quantizer. With `y`, the residual
+// add first (CpuBackend::add_norm_quantize: x += y, written back, then normed): the sum is
+// made as the row is read.
+extern "C" __global__ void __launch_bounds__(1024) norm_quantize(float* x, const float* y, const float* gain,
+                                                                 int width, float eps, int stride, i8* q,
+                                                                 float* scales, int* sums) {
     __shared__ double ds[32];
     __shared__ float fs[32];
     __shared__ int is[32];
     int t = blockIdx.x;
-    const float* xr = x + (u64)t * width;
+    float* xr = x + (u64)t * width;
+    const float* yr = y ? y + (u64)t * width : nullptr;
     if (row_fits_cache(width)) {
         float v[ROW_CACHE];
-        cache_row([&](int c) { return xr[c]; }, width, v);
+        if (yr) {
+            // Both rows' loads in flight together, then the sum written back.
+            cache_row([&](int c) { return xr[c] + yr[c]; }, width, v);
+#pragma unroll
+            for (int k = 0; k < ROW_CACHE; k++) {
+                int c = threadIdx.x + k * blockDim.x;
+                if (c < width) xr[c] = v[k];
+            }
+        } else {
+            cache_row([&](int c) { return xr[c]; }, width, v);
+        }
         normalize_cached(v, width, inverse_rms_of(cached_square_sum(v, width, ds), width, eps), gain);
         quantize_cached(v, width, q + (u64)t * stride, scales + t, sums + t, fs, is);
         return;
+    }
+    if (yr) {
+        for (int c = threadIdx.x; c < width; c += blockDim.x) xr[c] = xr[c] + yr[c];
+        __syncthreads();  // the sums, written by other threads, are read below
     }
     float inv = inverse_rms(xr, width, eps, ds);
     auto value = [&](int c) {
