@@ -60,6 +60,7 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
+    /// How the rows are printed: a Markdown table (`table` and `md`, as llama-bench prints), JSON or CSV.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
     /// lm_head storage (see `bitnet generate --help`).

@@ -211,9 +211,9 @@ fn temporaries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Item 4: an interrupted `convert` leaves no hidden temporary file (`timeout -s INT 2 bitnet
-/// convert …; ls -la .o.gguf.*.tmp`). The model has a large embedding, so that converting it
-/// to Q6_K takes long enough to be interrupted.
+/// Item 4: an interrupted `convert` or `quantize` leaves no hidden temporary file (`timeout -s
+/// INT 2 bitnet convert …; ls -la .o.gguf.*.tmp`). The model has a large embedding, so that
+/// converting it to Q6_K takes long enough to be interrupted.
 #[cfg(unix)]
 #[test]
 fn an_interrupted_convert_leaves_no_temporary_file() {
@@ -258,6 +258,26 @@ fn an_interrupted_convert_leaves_no_temporary_file() {
         assert_eq!(out.status.code(), Some(130), "SIG{signal_name}: {err}");
         assert_eq!(temporaries(&outdir), Vec::<String>::new(), "SIG{signal_name}: {err}");
         assert!(!o.exists(), "SIG{signal_name}: no output either");
+    }
+    // `quantize` likewise: a whole GGUF re-encoded as Q6_K (the wide embedding included).
+    let src = dir.path().join("src.gguf");
+    let out =
+        bin().args(["convert", "--model", s(&model), "--out", s(&src), "--type", "i2_s"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for signal_name in ["INT", "TERM"] {
+        let o = outdir.join("q.gguf");
+        let child = bin()
+            .args(["quantize", "--type", "q6_k", s(&src), s(&o)])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the temporary file", || !temporaries(&outdir).is_empty());
+        signal(child.id(), signal_name);
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(130), "quantize, SIG{signal_name}: {err}");
+        assert_eq!(temporaries(&outdir), Vec::<String>::new(), "quantize, SIG{signal_name}: {err}");
+        assert!(!o.exists(), "quantize, SIG{signal_name}: no output either");
     }
 }
 
@@ -402,12 +422,22 @@ fn train_checks_flags_first_and_leaves_no_folder_on_failure() {
 /// Item 15: every flag has help; inspect says it takes a .gguf.
 #[test]
 fn every_flag_has_help() {
-    for cmd in ["train", "synth", "inspect", "convert", "quantize"] {
+    let commands = [
+        "generate", "chat", "serve", "logits", "embed", "inspect", "synth", "bench", "convert", "quantize",
+        "devices", "train", "pull",
+    ];
+    for cmd in commands {
         let out = bitnet(&[cmd, "--help"]);
         let help = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success());
         let lines: Vec<&str> = help.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
+        // The flags are listed under `Options:`, up to the next section (examples that follow,
+        // such as `curl -d ...`, are not flags).
+        let options = lines.iter().position(|l| *l == "Options:").expect("an Options section");
+        for (i, line) in lines.iter().enumerate().skip(options + 1) {
+            if !line.is_empty() && !line.starts_with(' ') {
+                break;
+            }
             let t = line.trim_start();
             // a flag's line (not a possible value's `- name:`), its help after it on the same
             // line or the next; a flag with none shows nothing there, or only its default
