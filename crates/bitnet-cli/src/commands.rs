@@ -398,9 +398,6 @@ impl OnBackend for Generate {
 fn generate_on<B: Backend>(a: GenerateArgs, make: &(dyn Fn() -> B + Sync)) -> Result<()> {
     let mut loaded = load_reporting(a.input.model.as_deref(), a.input.load_options(), &make())?;
     let (sampling, notice) = a.sampling.resolve(&loaded.generation)?;
-    if let Some(n) = notice {
-        eprintln!("{n}");
-    }
     let mut eos_ids = loaded.model.config.eos_token_ids.clone();
     let mut stop_strings = a.stop.clone();
     let ids = if a.chat {
@@ -419,9 +416,19 @@ fn generate_on<B: Backend>(a: GenerateArgs, make: &(dyn Fn() -> B + Sync)) -> Re
     } else {
         prompt_ids(&a.input, &loaded)?
     };
+    // Said once the prompt is read: a prompt that cannot be read is the only thing to say then.
+    if let Some(n) = notice {
+        eprintln!("{n}");
+    }
     let ctx = context_len(&a.input, &loaded.model.config)?;
-    if ids.len() > ctx || (ids.len() == ctx && a.max_tokens > 0) {
+    if ids.len() > ctx {
         bail!("the prompt has {} tokens, but the context holds {ctx}: shorten it or raise --ctx", ids.len());
+    }
+    if ids.len() == ctx && a.max_tokens > 0 {
+        bail!(
+            "the prompt's {} tokens fill the context of {ctx}, leaving no room for a new token: shorten it or raise --ctx",
+            ids.len()
+        );
     }
     let tokenizer = loaded.tokenizer.take().with_context(|| {
         format!("{} has no tokenizer.json, so generated ids cannot be decoded", loaded.source.display())

@@ -187,11 +187,16 @@ fn install_signal_handler() {
         if interrupt::on_signal() {
             return;
         }
+        // On a terminal, off the line that the progress bar or the echoed ^C left the cursor on;
+        // a log gets no blank line.
+        let fresh_line = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "\n" } else { "" };
         if SIGNALS.fetch_add(1, Ordering::SeqCst) == 0 && bitnet_training::train::request_stop() {
-            eprintln!("\nstopping after this step to save a checkpoint (interrupt again to quit at once)");
+            eprintln!(
+                "{fresh_line}stopping after this step to save a checkpoint (interrupt again to quit at once)"
+            );
             return;
         }
-        eprintln!(); // off the progress bar's line
+        eprint!("{fresh_line}");
         for path in bitnet_models::temp_file::abandon_all() {
             eprintln!("removed the unfinished {}", path.display());
         }

@@ -174,6 +174,7 @@ fn empty_prompt_is_an_error() {
 fn prompt_longer_than_the_context_is_an_error() {
     fails_with(&["generate", "--tokens", "0,1,2,3,4,5", "--ctx", "4"], "the context holds 4");
     fails_with(&["logits", "--tokens", "0,1,2,3,4,5", "--ctx", "4"], "the context holds 4");
+    fails_with(&["generate", "--tokens", "0,1,2,3", "--ctx", "4"], "leaving no room for a new token");
 }
 
 #[test]

@@ -368,8 +368,12 @@ fn convert_and_load_refuse_the_same_damaged_checkpoints() {
         &["inspect", s(&eps)],
         &["convert", "--model", s(&eps), "--out", s(&o), "--type", "i2_s"],
     ] {
-        fails_with(args, &[s(&cfg_path), "rms_norm_eps"]);
+        fails_with(args, &[s(&cfg_path), "rms_norm_eps 1e50"]);
     }
+    // A negative one, as the file writes it.
+    cfg["rms_norm_eps"] = serde_json::json!(-1.0);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    fails_with(&["inspect", s(&eps)], &["rms_norm_eps -1 is not"]);
 }
 
 /// Item 10: error messages say each thing once, and bytes as text.

@@ -333,7 +333,12 @@ pub const MAX_RMS_NORM_EPS: f64 = 0.1;
 /// every one into 0, and the model into silence).
 fn eps_problem(field: &str, eps: f64) -> Option<String> {
     (!(0.0..=MAX_RMS_NORM_EPS).contains(&eps)).then(|| {
-        format!("{field} {eps:e} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)")
+        // As a config would write it: 1e50 and 1e-9 in exponent form, -1 and 0.5 plainly.
+        let shown = match eps.abs() {
+            a if a != 0.0 && !(1e-4..1e6).contains(&a) => format!("{eps:e}"),
+            _ => format!("{eps}"),
+        };
+        format!("{field} {shown} is not a small non-negative number (0 to {MAX_RMS_NORM_EPS}; models use about 1e-5)")
     })
 }
 
