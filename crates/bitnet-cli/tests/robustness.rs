@@ -234,51 +234,29 @@ fn an_interrupted_convert_leaves_no_temporary_file() {
     bitnet_models::synth::write_synthetic(&shape, &model, 1).unwrap();
     let outdir = dir.path().join("out");
     std::fs::create_dir_all(&outdir).unwrap();
-    for signal_name in ["INT", "TERM"] {
-        let o = outdir.join("o.gguf");
-        let child = bin()
-            .args([
-                "convert",
-                "--model",
-                s(&model),
-                "--out",
-                s(&o),
-                "--type",
-                "i2_s",
-                "--lm-head-type",
-                "q6_k",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for("the temporary file", || !temporaries(&outdir).is_empty());
-        signal(child.id(), signal_name);
-        let out = child.wait_with_output().unwrap();
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(130), "SIG{signal_name}: {err}");
-        assert_eq!(temporaries(&outdir), Vec::<String>::new(), "SIG{signal_name}: {err}");
-        assert!(!o.exists(), "SIG{signal_name}: no output either");
-    }
+    // Starts `args`, signals it once its temporary file is there, and checks what is left.
+    let interrupt = |what: &str, args: &[&str], o: &Path| {
+        for signal_name in ["INT", "TERM"] {
+            let child = bin().args(args).stderr(Stdio::piped()).spawn().unwrap();
+            wait_for("the temporary file", || !temporaries(&outdir).is_empty());
+            signal(child.id(), signal_name);
+            let out = child.wait_with_output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(130), "{what}, SIG{signal_name}: {err}");
+            assert_eq!(temporaries(&outdir), Vec::<String>::new(), "{what}, SIG{signal_name}: {err}");
+            assert!(!o.exists(), "{what}, SIG{signal_name}: no output either");
+        }
+    };
+    let o = outdir.join("o.gguf");
+    let args = ["convert", "--model", s(&model), "--out", s(&o), "--type", "i2_s", "--lm-head-type", "q6_k"];
+    interrupt("convert", &args, &o);
     // `quantize` likewise: a whole GGUF re-encoded as Q6_K (the wide embedding included).
     let src = dir.path().join("src.gguf");
     let out =
         bin().args(["convert", "--model", s(&model), "--out", s(&src), "--type", "i2_s"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    for signal_name in ["INT", "TERM"] {
-        let o = outdir.join("q.gguf");
-        let child = bin()
-            .args(["quantize", "--type", "q6_k", s(&src), s(&o)])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for("the temporary file", || !temporaries(&outdir).is_empty());
-        signal(child.id(), signal_name);
-        let out = child.wait_with_output().unwrap();
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(130), "quantize, SIG{signal_name}: {err}");
-        assert_eq!(temporaries(&outdir), Vec::<String>::new(), "quantize, SIG{signal_name}: {err}");
-        assert!(!o.exists(), "quantize, SIG{signal_name}: no output either");
-    }
+    let q = outdir.join("q.gguf");
+    interrupt("quantize", &["quantize", "--type", "q6_k", s(&src), s(&q)], &q);
 }
 
 /// Item 7: a closed stdout ends the program quietly (SIGPIPE), never with a panic
