@@ -1,0 +1,45 @@
+#!/bin/bash
+# One device call that compares two builds of the CUDA backend (session 24's method): the GPU
+# tests of NEW, base/new alternating `bitnet bench` rows, the serving rows of NEW, and `ncu`
+# per-kernel times of NEW (a tg step, and a serving step). Run from the repository root on the
+# GPU machine with A and N pointing at folders of xz-compressed binaries built on the dev
+# machine: A holds bitnet.xz (the baseline), N holds bitnet.xz and the bitnet-cuda test
+# binaries conformance.xz, parity.xz, synth_2b4t.xz (`cargo test --release -p bitnet-cuda
+# --no-run`, stripped, built in a checkout at /work/main: the fixtures' path is compiled in).
+# Logs go to $OUT: tests.txt, ab.txt, ncu-tg.txt, ncu-serve.txt and the raw ncu CSVs (.xz), at
+# most 8 files as the device returns. Each step has its own timeout; the whole call takes about
+# 5 minutes on an H100 (the synth model is made on the GPU machine's cores meanwhile).
+A=${A:?set A to the folder of the baseline bitnet.xz}; N=${N:?set N to the folder of the new binaries}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=$(pwd); [ -e /work/main ] || { mkdir -p /work && ln -s "$ROOT" /work/main; }
+NV=$(find /usr/local /opt /usr/lib -name 'libnvrtc.so.13*' 2>/dev/null | grep -v alt | head -1)
+export LD_LIBRARY_PATH=$(dirname "$NV"):/usr/local/cuda/lib64:$LD_LIBRARY_PATH
+BA=/tmp/ab-base; BN=/tmp/ab-new; mkdir -p $BA $BN
+xz -dc "$A/bitnet.xz" > $BA/bitnet &
+for f in "$N"/*.xz; do xz -dc "$f" > $BN/$(basename "$f" .xz) & done
+wait; chmod +x $BA/* $BN/*
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+$BN/bitnet synth --config 2b4t --out /tmp/m2b > /tmp/synth.txt 2>&1 &
+for t in conformance parity synth_2b4t; do
+  [ -x $BN/$t ] || continue
+  echo "=== $t" >> "$OUT/tests.txt"
+  timeout 100 $BN/$t --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $t rc=$?" | tee -a "$OUT/tests.txt"
+done
+grep -E "checks|FAILED|panicked|lowest|int8 flip|split|test result" "$OUT/tests.txt" | head -30
+wait
+echo "=== tg128 / pp512, base and new alternating"
+for i in 1 2; do for b in $BA $BN; do echo "== $b"
+  timeout 50 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 2 --no-probe 2>&1 | grep -E "pp512|tg128"
+done; done | tee "$OUT/ab.txt"
+echo "=== serving rows (new)"
+timeout 80 $BN/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 1 -c 1,8,64 -t 8 --no-probe 2>&1 | grep serve | tee -a "$OUT/ab.txt"
+ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last STEPS forward steps
+  local name=$1 steps=$2; shift 2
+  timeout 110 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    $BN/bitnet bench --model /tmp/m2b --device cuda "$@" --no-probe > /tmp/$name.csv 2>/tmp/$name.err
+  echo "ncu $name rc=$?"
+  python3 tools/ncu_summary.py /tmp/$name.csv --steps "$steps" | tee "$OUT/$name.txt" | head -16
+  xz -T8 -c /tmp/$name.csv > "$OUT/$name.csv.xz"
+}
+echo "=== ncu: tg steps after a 512-token prompt"; ncu_of ncu-tg 8 -p 512 -n 8 -r 1
+echo "=== ncu: serve64 steps"; ncu_of ncu-serve 3 -p 32 -n 4 -c 64 -r 1 -t 8
