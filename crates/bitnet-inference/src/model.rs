@@ -467,18 +467,8 @@ impl<B: Backend> Model<B> {
             qkv[2].weight.ternary(),
             &layer.q_proj.input_norm,
         ) {
-            match pending {
-                true => b.add_norm_quantize(
-                    &mut a.x,
-                    &a.proj,
-                    Some(&layer.input_norm),
-                    rows,
-                    h,
-                    eps,
-                    &mut a.quant_hidden,
-                ),
-                false => b.norm_quantize(&a.x, Some(&layer.input_norm), rows, h, eps, &mut a.quant_hidden),
-            }
+            let norm = Some(&layer.input_norm);
+            input_norm_quantize(b, &mut a.x, &a.proj, pending, norm, rows, h, eps, &mut a.quant_hidden);
             b.bitlinear_many([q, k, v], &a.quant_hidden, [&mut a.q, &mut a.k, &mut a.v]);
         } else {
             if pending {
@@ -567,10 +557,7 @@ impl<B: Backend> Model<B> {
         let (gate, up, down) = (&layer.gate_proj, &layer.up_proj, &layer.down_proj);
         if let (Some(g), Some(u), None) = (gate.weight.ternary(), up.weight.ternary(), &gate.input_norm) {
             let norm = Some(&layer.post_attention_norm);
-            match pending {
-                true => b.add_norm_quantize(&mut a.x, &a.proj, norm, rows, h, eps, &mut a.quant_hidden),
-                false => b.norm_quantize(&a.x, norm, rows, h, eps, &mut a.quant_hidden),
-            }
+            input_norm_quantize(b, &mut a.x, &a.proj, pending, norm, rows, h, eps, &mut a.quant_hidden);
             b.bitlinear_many([g, u], &a.quant_hidden, [&mut a.gate, &mut a.up]);
         } else {
             if pending {
@@ -611,6 +598,26 @@ impl<B: Backend> Model<B> {
             }
         }
         add_residual(b, &mut a.x, &a.proj, layer.mlp_output_norm.as_ref(), rows, h, eps, &mut a.normed)
+    }
+}
+
+/// A block's input norm quantized into `out`, adding the previous block's output `proj` to the
+/// residual stream `x` first (in the same pass) when that add is `pending`.
+#[allow(clippy::too_many_arguments)]
+fn input_norm_quantize<B: Backend>(
+    b: &mut B,
+    x: &mut B::Buffer,
+    proj: &B::Buffer,
+    pending: bool,
+    gain: Option<&B::Vector>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    out: &mut B::QuantBuffer,
+) {
+    match pending {
+        true => b.add_norm_quantize(x, proj, gain, rows, width, eps, out),
+        false => b.norm_quantize(x, gain, rows, width, eps, out),
     }
 }
 
