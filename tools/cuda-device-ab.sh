@@ -6,8 +6,8 @@
 # machine: A holds bitnet.xz (the baseline), N holds bitnet.xz and the bitnet-cuda test
 # binaries conformance.xz, parity.xz, synth_2b4t.xz (`cargo test --release -p bitnet-cuda
 # --no-run`, stripped, built in a checkout at /work/main: the fixtures' path is compiled in).
-# Logs go to $OUT: tests.txt, ab.txt, ncu-tg.txt, ncu-serve.txt and the raw ncu CSVs (.xz), at
-# most 8 files as the device returns. Each step has its own timeout; the whole call takes about
+# Logs go to $OUT: tests.txt, ab.txt, ncu-tg.txt, ncu-serve.txt, ncu-pp.txt and the raw ncu CSVs
+# (.xz). Each step has its own timeout; the whole call takes about
 # 5 minutes on an H100 (the synth model is made on the GPU machine's cores meanwhile).
 A=${A:?set A to the folder of the baseline bitnet.xz}; N=${N:?set N to the folder of the new binaries}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,7 +23,7 @@ $BN/bitnet synth --config 2b4t --out /tmp/m2b > /tmp/synth.txt 2>&1 &
 for t in conformance parity synth_2b4t; do
   [ -x $BN/$t ] || continue
   echo "=== $t" >> "$OUT/tests.txt"
-  timeout 100 $BN/$t --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $t rc=$?" | tee -a "$OUT/tests.txt"
+  timeout 150 $BN/$t --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $t rc=$?" | tee -a "$OUT/tests.txt"
 done
 grep -E "checks|FAILED|panicked|lowest|int8 flip|split|test result" "$OUT/tests.txt" | head -30
 wait
@@ -43,3 +43,4 @@ ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last S
 }
 echo "=== ncu: tg steps after a 512-token prompt"; ncu_of ncu-tg 8 -p 512 -n 8 -r 1
 echo "=== ncu: serve64 steps"; ncu_of ncu-serve 3 -p 32 -n 4 -c 64 -r 1 -t 8
+echo "=== ncu: the 512-token prefill step and one decode step"; ncu_of ncu-pp 2 -p 512 -n 1 -r 1

@@ -14,10 +14,7 @@ use bitnet_inference::backend::{AttentionSegment, Backend, BackendError, HeadSha
 use bitnet_inference::KvType;
 use bitnet_models::Activation;
 use bitnet_quant::{DenseLinear, Int8Matrix, TernaryMatrix, WeightScale};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-};
-use cudarc::driver::{DeviceRepr, PushKernelArg};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError};
 
 use crate::device::{open_context, CudaError};
 use crate::layout::{pack_ternary, pad_int8_rows, padded_cols};
@@ -31,6 +28,9 @@ const ATT_ROWS: usize = 16;
 const ROW_WARPS: usize = 4;
 /// Batches up to this many tokens take the GEMV kernel; larger ones the tiled GEMM.
 const GEMV_MAX_TOKENS: usize = 8;
+/// Batches up to this many tokens take the tensor-core GEMM's 32 x 32 tiles, larger ones its
+/// 64 x 64 tiles (the conformance suite's batches of up to 40 rows reach both).
+const MMA_SMALL_MAX_TOKENS: usize = 32;
 
 /// The kernel sources, in the order they are compiled as one program.
 const SOURCES: [&str; 5] = [
@@ -67,6 +67,7 @@ enum K {
     TernaryGemv,
     TernaryGemm,
     TernaryMma,
+    TernaryMmaSmall,
     TernaryBlockScaled,
     Int8Gemv,
     Rope,
@@ -89,6 +90,7 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "ternary_gemv",
     "ternary_gemm",
     "ternary_mma",
+    "ternary_mma_small",
     "ternary_block_scaled",
     "int8_gemv",
     "rope",
@@ -97,11 +99,61 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "attention_merge",
 ];
 
+/// The compiled kernels: the module loaded through the driver API directly, because
+/// programmatic dependent launches (`cuLaunchKernelEx` with a launch attribute) need the raw
+/// function handles, which cudarc's `CudaFunction` keeps private.
+struct Kernels {
+    ctx: Arc<CudaContext>,
+    module: sys::CUmodule,
+    functions: Vec<sys::CUfunction>,
+}
+
+// SAFETY: module and function handles are plain driver handles, valid in any thread that binds
+// their context (every use below does).
+unsafe impl Send for Kernels {}
+unsafe impl Sync for Kernels {}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, ptx: String) -> Result<Self, CudaError> {
+        ctx.bind_to_thread().map_err(CudaError::driver)?;
+        let image =
+            std::ffi::CString::new(ptx).map_err(|_| CudaError::Compile("the PTX holds a NUL byte".into()))?;
+        // SAFETY: `image` is a NUL-terminated PTX text; the context is bound to this thread.
+        let module = unsafe { cudarc::driver::result::module::load_data(image.as_ptr() as *const _) }
+            .map_err(CudaError::driver)?;
+        Ok(Self { ctx: ctx.clone(), module, functions: Vec::new() })
+    }
+
+    /// Appends the kernel `name`, returning its handle.
+    fn add(&mut self, name: &str) -> Result<sys::CUfunction, CudaError> {
+        let c =
+            std::ffi::CString::new(name).map_err(|_| CudaError::Compile(format!("kernel name {name:?}")))?;
+        // SAFETY: the module is loaded and its context bound (Kernels::load).
+        let f = unsafe { cudarc::driver::result::module::get_function(self.module, c) }
+            .map_err(CudaError::driver)?;
+        self.functions.push(f);
+        Ok(f)
+    }
+}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: loaded by Kernels::load and unloaded once; no launch outlives the device
+            // (every backend handle holds the Arc<CudaDevice> that owns this).
+            let _ = unsafe { cudarc::driver::result::module::unload(self.module) };
+        }
+    }
+}
+
 /// One GPU: its context, the stream every handle queues on, the compiled kernels.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    kernels: Vec<CudaFunction>,
+    kernels: Kernels,
+    /// Programmatic dependent launches (compute capability 9.0+): each kernel may be
+    /// scheduled while the one before it runs (every kernel waits for it first: pdl_enter).
+    programmatic_launch: bool,
     /// Int8 tensor cores (mma.sync, compute capability 8.0+) for prefill products.
     tensor_cores: bool,
     name: String,
@@ -120,25 +172,25 @@ impl CudaDevice {
             return Err(CudaError::Unsupported { name, major, minor });
         }
         let ptx = compile_kernels(major, minor)?;
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(CudaError::driver)?;
-        let f = |n: &str| module.load_function(n).map_err(CudaError::driver);
-        let mut kernels = KERNEL_NAMES.iter().map(|n| f(n)).collect::<Result<Vec<_>, _>>()?;
+        let mut kernels = Kernels::load(&ctx, ptx)?;
+        for name in KERNEL_NAMES {
+            kernels.add(name)?;
+        }
         for d in ATTENTION_CHUNKS {
             for kv in ["f32", "bf16", "f16"] {
-                let k = f(&format!("attention_d{d}_{kv}"))?;
+                let k = kernels.add(&format!("attention_d{d}_{kv}"))?;
                 // Heads over 128 need more than the default 48 KiB of shared memory; a chip
                 // that cannot give it fails those launches (reported at the next synchronize).
                 if attention_smem(d * 32) > 48 << 10 {
-                    let attr =
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                    let _ = k.set_attribute(attr, attention_smem(d * 32) as i32);
+                    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                    // SAFETY: `k` is a function of the loaded module; the context is bound.
+                    let _ = unsafe { sys::cuFuncSetAttribute(k, attr, attention_smem(d * 32) as i32) };
                 }
-                kernels.push(k);
             }
         }
         for d in ATTENTION_CHUNKS {
             for kv in ["f32", "bf16", "f16"] {
-                kernels.push(f(&format!("attention_rows_d{d}_{kv}"))?);
+                kernels.add(&format!("attention_rows_d{d}_{kv}"))?;
             }
         }
         let multiprocessors = ctx
@@ -146,7 +198,16 @@ impl CudaDevice {
             .map_err(CudaError::driver)?
             .max(1) as usize;
         let stream = ctx.new_stream().map_err(CudaError::driver)?;
-        Ok(Arc::new(Self { ctx, stream, kernels, tensor_cores: major >= 8, name, ordinal, multiprocessors }))
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            kernels,
+            programmatic_launch: major >= 9,
+            tensor_cores: major >= 8,
+            name,
+            ordinal,
+            multiprocessors,
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -425,6 +486,7 @@ pub struct CudaBackend {
     graphs: Vec<Graph>,
     use_graphs: bool,
     use_tensor_cores: bool,
+    use_programmatic_launch: bool,
     /// The first failure since the last synchronize.
     error: Option<BackendError>,
     staging: Staging,
@@ -451,6 +513,7 @@ impl CudaBackend {
             graphs: Vec::new(),
             use_graphs: true,
             use_tensor_cores: true,
+            use_programmatic_launch: true,
             error: None,
             staging: Staging::default(),
             task_host: Vec::new(),
@@ -521,6 +584,12 @@ impl CudaBackend {
         self.use_tensor_cores = on;
     }
 
+    /// Whether kernels are launched as programmatic dependents of the one before them where
+    /// the chip can (compute capability 9.0+, the default), or strictly one after another.
+    pub fn set_programmatic_launch(&mut self, on: bool) {
+        self.use_programmatic_launch = on;
+    }
+
     /// Queues a launch (run at the next flush).
     fn launch(&mut self, kernel: u16, grid: (u32, u32), block: u32, smem: u32, args: Vec<Arg>) {
         if grid.0 == 0 || grid.1 == 0 {
@@ -530,23 +599,47 @@ impl CudaBackend {
     }
 
     fn launch_now(&self, l: &Launch) -> Result<(), DriverError> {
-        let cfg = LaunchConfig {
-            grid_dim: (l.grid.0, l.grid.1, 1),
-            block_dim: (l.block, 1, 1),
-            shared_mem_bytes: l.smem,
+        let mut params: Vec<*mut std::ffi::c_void> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::U64(v) => v as *const u64 as *mut _,
+                Arg::I32(v) => v as *const i32 as *mut _,
+                Arg::F32(v) => v as *const f32 as *mut _,
+            })
+            .collect();
+        let mut programmatic = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
         };
-        let mut b = self.dev.stream.launch_builder(&self.dev.kernels[l.kernel as usize]);
-        for a in &l.args {
-            match a {
-                Arg::U64(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: l.grid.0,
+            gridDimY: l.grid.1,
+            gridDimZ: 1,
+            blockDimX: l.block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: l.smem,
+            hStream: self.dev.stream.cu_stream(),
+            attrs: &mut programmatic,
+            numAttrs: u32::from(self.dev.programmatic_launch && self.use_programmatic_launch),
+        };
+        self.dev.ctx.bind_to_thread()?;
+        // SAFETY: the function is one of the device's loaded kernels; `params` points at values
+        // that live until the call returns (the driver copies them); every pointer argument is
+        // a live allocation of this device (pending launches run before any read-back returns,
+        // and the buffers they name outlive that), sized by the callers for the grid they
+        // launch (each kernel's comment says what it touches).
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                self.dev.kernels.functions[l.kernel as usize],
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         }
-        // SAFETY: every pointer argument is a live allocation of this device (pending launches
-        // run before any read-back returns, and the buffers they name outlive that), sized by
-        // the callers for the grid they launch (each kernel's comment says what it touches).
-        unsafe { b.launch(cfg) }.map(|_| ())
+        .result()
     }
 
     /// Runs the queued launches: as a graph if this sequence has one, captured into one if it
@@ -847,14 +940,18 @@ impl CudaBackend {
         if m <= GEMV_MAX_TOKENS {
             let grid = (total_rows.div_ceil(8) as u32, m.div_ceil(8) as u32);
             self.launch(K::TernaryGemv as u16, grid, 256, 0, args);
+        } else if self.use_tensor_cores && self.dev.tensor_cores {
+            // Tiles of 32 x 32 up to MMA_SMALL_MAX_TOKENS tokens, so that a decode step of many
+            // sequences still spreads over the chip; 64 x 64 above.
+            let (kernel, tile) =
+                if m <= MMA_SMALL_MAX_TOKENS { (K::TernaryMmaSmall, 32) } else { (K::TernaryMma, 64) };
+            let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(tile)).sum();
+            let grid = (tiles as u32, m.div_ceil(tile) as u32);
+            self.launch(kernel as u16, grid, 128, 0, args);
         } else {
             let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(64)).sum();
             let grid = (tiles as u32, m.div_ceil(64) as u32);
-            if self.use_tensor_cores && self.dev.tensor_cores {
-                self.launch(K::TernaryMma as u16, grid, 128, 0, args);
-            } else {
-                self.launch(K::TernaryGemm as u16, grid, 256, 0, args);
-            }
+            self.launch(K::TernaryGemm as u16, grid, 256, 0, args);
         }
     }
 }

@@ -15,22 +15,26 @@ fn the_cuda_backend_conforms_to_the_cpu() {
     };
     println!("device: {}", dev.name());
     // Prefill products on the int8 tensor cores (where the chip has them) and on dp4a tiles;
-    // every sequence launch by launch and through CUDA graphs.
+    // every sequence launch by launch and through CUDA graphs; kernels launched as programmatic
+    // dependents (Hopper) and strictly in order.
     let mut failed = 0;
-    for (tensor_cores, graphs) in [(true, true), (false, false)] {
+    for (tensor_cores, graphs, programmatic) in
+        [(true, true, true), (false, false, false), (true, false, true)]
+    {
         let make = || {
             let mut b = CudaBackend::on(dev.clone());
             b.set_tensor_cores(tensor_cores);
             b.set_graphs(graphs);
+            b.set_programmatic_launch(programmatic);
             b
         };
+        let setting =
+            format!("tensor cores {tensor_cores}, graphs {graphs}, programmatic launch {programmatic}");
         match check_backend(make) {
-            Ok(report) => {
-                println!("tensor cores {tensor_cores}, graphs {graphs}: {} checks passed", report.checks)
-            }
+            Ok(report) => println!("{setting}: {} checks passed", report.checks),
             Err(failures) => {
                 for f in failures.iter().take(40) {
-                    println!("FAILED (tensor cores {tensor_cores}, graphs {graphs}) {f}");
+                    println!("FAILED ({setting}) {f}");
                 }
                 failed += failures.len();
             }

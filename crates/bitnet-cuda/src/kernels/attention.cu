@@ -14,6 +14,7 @@ __device__ __forceinline__ void rotate_pair(float a, float b, u32 pos, float f, 
 // CpuBackend::rope: thread per (row, head, pair), in place.
 extern "C" __global__ void rope(float* x, const float* inv_freq, const u32* positions, int rows, int n_heads,
                                 int head_dim) {
+    pdl_enter();
     int half = head_dim / 2;
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * n_heads * half) return;
@@ -34,6 +35,7 @@ extern "C" __global__ void rope(float* x, const float* inv_freq, const u32* posi
 extern "C" __global__ void rope_kv_store(void* keys, void* values, int kv_type, const float* k, const float* v,
                                          const u32* positions, const u32* slots, const float* inv_freq, int rows,
                                          int n_kv_heads, int head_dim, float* q, int n_q) {
+    pdl_enter();
     int half = head_dim / 2, kv_dim = n_kv_heads * head_dim, heads = n_q + n_kv_heads;
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * heads * half) return;
@@ -208,6 +210,7 @@ __device__ void attention_task(const float* q, const void* keys, const void* val
         NAME(const float* q, const void* keys, const void* values, int kv_dim, const u32* tables,                \
              const int4* segments, const int4* tasks, int n_heads, int n_kv_heads, int head_dim, int heads,      \
              float scale, int window, float* out) {                                                              \
+        pdl_enter();                                                                                             \
         attention_task<D, KV>(q, keys, values, kv_dim, tables, segments, tasks, n_heads, n_kv_heads, head_dim, \
                               heads, scale, window, out);                                                        \
     }
@@ -358,6 +361,7 @@ __device__ void attention_row_task(const float* q, const void* keys, const void*
         NAME(const float* q, const void* keys, const void* values, int kv_dim, const u32* tables,           \
              const int4* segments, const int2* row_tasks, int n_heads, int n_kv_heads, int head_dim,       \
              float scale, int window, float* out, float* partials) {                                       \
+        pdl_enter();                                                                                        \
         attention_row_task<D, KV>(q, keys, values, kv_dim, tables, segments, row_tasks, n_heads, n_kv_heads, \
                                   head_dim, scale, window, out, partials);                                  \
     }
@@ -377,6 +381,7 @@ ATTENTION_ROW_KV(8)
 // without a visible key (max -inf) carry no weight.
 extern "C" __global__ void attention_merge(const float* partials, int parts, const int4* segments,
                                            const int2* row_tasks, int n_heads, int head_dim, float* out) {
+    pdl_enter();
     int task = blockIdx.x / n_heads, h = blockIdx.x % n_heads;
     int2 rt = row_tasks[task];
     int row = segments[rt.x].x + rt.y;

@@ -106,3 +106,19 @@ __device__ __forceinline__ int round_to_i8(float v) {
 __device__ __forceinline__ float apply_scale(int mode, float scale, float acc, float s_a) {
     return mode == 0 ? (acc / s_a) * scale : acc / (s_a * scale);
 }
+
+// Programmatic dependent launch (sm_90+; the host sets the launch attribute only there). Every
+// kernel runs this before it reads anything another kernel wrote: wait until the kernel before
+// it in the stream has finished and its writes are visible, then let the next kernel be
+// scheduled, so that its blocks' launch overlaps this kernel's run instead of following its
+// last block. Only reads of constant data (weights) may come before it. Every kernel that
+// waits keeps the stream's order transitive: no kernel can finish before the one ahead of it.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Asks for the cache line holding `p` to be brought into L2 (no register is written).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }

@@ -17,6 +17,7 @@ __device__ __forceinline__ void widen8(uint4 v, int dtype, float* w) {
 
 extern "C" __global__ void __launch_bounds__(256) lm_head(const void* weights, int dtype, int rows, int cols,
                                                           const float* x, int first, int m, float* out) {
+    pdl_enter();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r = blockIdx.x * HEAD_WARPS + warp;
     if (r >= rows) return;

@@ -5,6 +5,7 @@
 
 // CpuBackend::embedding: out[t] = table[ids[t]] widened to f32.
 extern "C" __global__ void embedding(const void* table, int dtype, const u32* ids, int cols, float* out) {
+    pdl_enter();
     int t = blockIdx.x;
     u64 base = (u64)ids[t] * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(u64)t * cols + c] = load_elem(table, dtype, base + c);
@@ -12,6 +13,7 @@ extern "C" __global__ void embedding(const void* table, int dtype, const u32* id
 
 // CpuBackend::gather_rows: out[t] = x[rows[t]].
 extern "C" __global__ void gather_rows(const float* x, const u32* rows, int width, float* out) {
+    pdl_enter();
     int t = blockIdx.x;
     const float* src = x + (u64)rows[t] * width;
     for (int c = threadIdx.x; c < width; c += blockDim.x) out[(u64)t * width + c] = src[c];
@@ -70,6 +72,7 @@ __device__ __forceinline__ void normalize_cached(float (&v)[ROW_CACHE], int widt
 // ops::rmsnorm_row: out = g * (x * inv), or x * inv without a gain.
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm(const float* x, const float* gain, int width, float eps,
                                                            float* out) {
+    pdl_enter();
     __shared__ double scratch[32];
     int t = blockIdx.x;
     const float* xr = x + (u64)t * width;
@@ -142,6 +145,7 @@ __device__ __forceinline__ void quantize_cached(const float (&v)[ROW_CACHE], int
 // into token t). Codes go to q[t * stride ..]; the padding past `width` stays zero.
 extern "C" __global__ void __launch_bounds__(1024) quantize(const float* x, int first, int width, int stride, i8* q,
                                                             float* scales, int* sums) {
+    pdl_enter();
     __shared__ float fs[32];
     __shared__ int is[32];
     int t = blockIdx.x;
@@ -161,6 +165,7 @@ extern "C" __global__ void __launch_bounds__(1024) quantize(const float* x, int 
 extern "C" __global__ void __launch_bounds__(1024) norm_quantize(float* x, const float* y, const float* gain,
                                                                  int width, float eps, int stride, i8* q,
                                                                  float* scales, int* sums) {
+    pdl_enter();
     __shared__ double ds[32];
     __shared__ float fs[32];
     __shared__ int is[32];
@@ -214,6 +219,7 @@ __device__ __forceinline__ float gated(int act, float g, float u) {
 extern "C" __global__ void __launch_bounds__(1024) gate_quantize(int act, const float* gate, const float* up,
                                                                  const float* sub_norm, int width, float eps,
                                                                  int stride, i8* q, float* scales, int* sums) {
+    pdl_enter();
     __shared__ double ds[32];
     __shared__ float fs[32];
     __shared__ int is[32];
@@ -245,24 +251,28 @@ extern "C" __global__ void __launch_bounds__(1024) gate_quantize(int act, const 
 
 // CpuBackend::gate over `len` values (grid-stride).
 extern "C" __global__ void gate(int act, const float* g, const float* u, u64 len, float* out) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
         out[i] = gated(act, g[i], u[i]);
 }
 
 // ops::add_assign: x += y over `len` values.
 extern "C" __global__ void add(float* x, const float* y, u64 len) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
         x[i] = x[i] + y[i];
 }
 
 // ops::scale: x *= factor over `len` values.
 extern "C" __global__ void scale(float* x, float factor, u64 len) {
+    pdl_enter();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (u64)gridDim.x * blockDim.x)
         x[i] = x[i] * factor;
 }
 
 // QuantizedActivations::set_int8's sums: the code sum of each loaded row.
 extern "C" __global__ void row_sums(const i8* q, int width, int stride, int* sums) {
+    pdl_enter();
     __shared__ int is[32];
     int t = blockIdx.x;
     int total = 0;

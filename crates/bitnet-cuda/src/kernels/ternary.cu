@@ -57,16 +57,24 @@ extern "C" __global__ void __launch_bounds__(256) ternary_gemv(MATS_PARAMS, cons
                                                                const int* sums, int m, int wvec) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gr = blockIdx.x * GEMV_WARPS + warp;
-    if (gr >= r0 + r1 + r2) return;
+    if (gr >= r0 + r1 + r2) {
+        pdl_enter();
+        return;
+    }
     Selected s = select(gr, MATS_ARGS);
     int t0 = blockIdx.y * GEMV_TOKENS;
     int tn = min(GEMV_TOKENS, m - t0);
     const uint4* wrow = s.w + (u64)s.r * wvec;
+    // The weights do not depend on the kernel before this one: the lane's first vector is read,
+    // and the rest of its vectors requested into L2, while that kernel still runs.
+    uint4 w_first = lane < wvec ? __ldg(wrow + lane) : make_uint4(0, 0, 0, 0);
+    for (int j = lane + 32; j < wvec; j += 32) prefetch_l2(wrow + j);
+    pdl_enter();
     int acc[GEMV_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_TOKENS; t++) acc[t] = 0;
     for (int j = lane; j < wvec; j += 32) {
-        uint4 w = __ldg(wrow + j);
+        uint4 w = j == lane ? w_first : __ldg(wrow + j);
 #pragma unroll
         for (int t = 0; t < GEMV_TOKENS; t++) {
             if (t < tn) {
@@ -100,6 +108,7 @@ extern "C" __global__ void __launch_bounds__(256) ternary_gemv(MATS_PARAMS, cons
 #define TILE 64
 extern "C" __global__ void __launch_bounds__(256) ternary_gemm(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
                                                                const int* sums, int m, int wvec) {
+    pdl_enter();
     __shared__ __align__(16) u32 ws[4][TILE];
     __shared__ __align__(16) int xs[16][TILE];
     int tiles0 = (r0 + TILE - 1) / TILE, tiles1 = (r1 + TILE - 1) / TILE;
@@ -170,6 +179,7 @@ extern "C" __global__ void __launch_bounds__(256) ternary_gemm(MATS_PARAMS, cons
 extern "C" __global__ void ternary_block_scaled(const uint4* w, const float* d, int rows, int blocks, int mode,
                                                 float scale, const int4* x, int xvec, const float* s_a, int m,
                                                 int wvec, float* out) {
+    pdl_enter();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * m) return;
     int r = (int)(i % rows), tok = (int)(i / rows);
@@ -201,6 +211,7 @@ extern "C" __global__ void ternary_block_scaled(const uint4* w, const float* d, 
 extern "C" __global__ void __launch_bounds__(256) int8_gemv(const int4* w, const float* row_scales, int rows,
                                                             const int4* x, int xvec, const float* s_a, int m,
                                                             int wvec, float* out) {
+    pdl_enter();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r = blockIdx.x * GEMV_WARPS + warp;
     if (r >= rows) return;
@@ -237,101 +248,164 @@ extern "C" __global__ void __launch_bounds__(256) int8_gemv(const int4* w, const
     }
 }
 
-// Prefill-sized batches on the int8 tensor cores (sm_80+): the same product as ternary_gemm,
-// exact in i32. A block of 4 warps computes 64 rows x 64 tokens, each warp 32 x 32 with
-// mma.m16n8k32 (s8 x s8 -> s32). Per step of 64 columns, the weight vectors are decoded to
-// signed bytes t in {-1, 0, 1} in shared memory (A, row-major) beside the tokens' int8
-// activations (B, one token's 64 bytes per row: the "col" operand), rows padded to 80 bytes
-// so that fragment loads hit 32 different banks. Signed codes need no activation sum.
-#define MMA_STRIDE 80
-__device__ __forceinline__ void mma_s8(int* c, const u32* a, const u32* b) {
+// Batches of more than 8 tokens on the int8 tensor cores (sm_80+): the same product as
+// ternary_gemm, exact in i32. A block of 4 warps (2 x 2) computes BM rows x BN tokens, each
+// warp (BM/2) x (BN/2) with mma.m16n8k32 (u8 x s8 -> s32): the weights enter the tensor cores
+// as their unsigned codes u = t + 1, as in the GEMV, and the token's activation sum is
+// subtracted once at the end. K advances MMA_KS = 128 columns a stage through a ring of
+// MMA_STAGES shared-memory buffers filled by cp.async, so that the loads of the next stages are
+// in flight while one is multiplied (the kernel waits for memory once per ring, not per step).
+// A stage holds each row's two weight vectors still packed (8 words: 2 bits a code, a quarter
+// of the bytes of decoded codes; the fragment's four codes are one shift and mask of a word,
+// see the layout comment above) and each token's 128 activation bytes. Row strides are padded
+// (12 words, 144 bytes) so that a warp's fragment reads hit 32 different banks. Columns past
+// the row's vectors, rows past the matrix and tokens past the batch are zero-filled: they add
+// nothing, and their outputs are not written.
+#define MMA_KS 128
+#define MMA_STAGES 3
+#define MMA_A_WORDS 12
+#define MMA_B_BYTES 144
+
+__device__ __forceinline__ void mma_u8s8(int* c, const u32* a, const u32* b) {
 #if __CUDA_ARCH__ >= 800
     asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) ternary_mma(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
-                                                              const int* sums, int m, int wvec) {
-    __shared__ __align__(16) u8 as[TILE * MMA_STRIDE];
-    __shared__ __align__(16) u8 bs[TILE * MMA_STRIDE];
-    int tiles0 = (r0 + TILE - 1) / TILE, tiles1 = (r1 + TILE - 1) / TILE;
+// 16 bytes from global to shared memory without passing through registers; `full` false
+// writes 16 zero bytes instead (src-size 0: `src` is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
+                                                 const int* sums, int m, int wvec) {
+    constexpr int MI = BM / 32, NJ = BN / 16;  // a warp's 16-row and 8-token fragments
+    __shared__ __align__(16) u32 as[MMA_STAGES][BM * MMA_A_WORDS];
+    __shared__ __align__(16) u8 bs[MMA_STAGES][BN * MMA_B_BYTES];
+    int tiles0 = (r0 + BM - 1) / BM, tiles1 = (r1 + BM - 1) / BM;
     int tile = blockIdx.x, base;
     const uint4* w;
     float* out;
     int rows, mode;
     float scale;
     if (tile < tiles0) {
-        w = w0; out = o0; rows = r0; mode = m0; scale = s0; base = tile * TILE;
+        w = w0; out = o0; rows = r0; mode = m0; scale = s0; base = tile * BM;
     } else if (tile < tiles0 + tiles1) {
-        w = w1; out = o1; rows = r1; mode = m1; scale = s1; base = (tile - tiles0) * TILE;
+        w = w1; out = o1; rows = r1; mode = m1; scale = s1; base = (tile - tiles0) * BM;
     } else {
-        w = w2; out = o2; rows = r2; mode = m2; scale = s2; base = (tile - tiles0 - tiles1) * TILE;
+        w = w2; out = o2; rows = r2; mode = m2; scale = s2; base = (tile - tiles0 - tiles1) * BM;
     }
-    int tok0 = blockIdx.y * TILE;
+    int tok0 = blockIdx.y * BN;
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int g = lane >> 2, tig = lane & 3;
-    int wr = (warp >> 1) * 32, wt = (warp & 1) * 32;  // the warp's rows and tokens in the tile
-    int acc[2][4][4];
+    int wr = (warp >> 1) * (BM / 2), wt = (warp & 1) * (BN / 2);  // the warp's rows and tokens in the tile
+    int stages = (wvec + 1) / 2;
+    // Stage st: weight vectors 2 st, 2 st + 1 of each row, activation vectors 8 st .. 8 st + 7.
+    auto load = [&](int st, int buf) {
+        for (int e = tid; e < BM * 2; e += 128) {
+            int r = e >> 1, v = 2 * st + (e & 1);
+            bool full = base + r < rows && v < wvec;
+            cp_async16(&as[buf][r * MMA_A_WORDS + 4 * (e & 1)], full ? w + (u64)(base + r) * wvec + v : w, full);
+        }
+        for (int e = tid; e < BN * 8; e += 128) {
+            int tk = e >> 3, c = e & 7, tok = tok0 + tk;
+            bool full = tok < m && 2 * st + (c >> 2) < wvec;
+            cp_async16(&bs[buf][tk * MMA_B_BYTES + 16 * c], full ? x + (u64)tok * xvec + 8 * st + c : x, full);
+        }
+    };
+    int acc[MI][NJ][4];
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MI; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < NJ; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0;
-    for (int kv = 0; kv < wvec; kv++) {
-        if (tid < TILE) {
-            int r = base + tid;
-            uint4 v = r < rows ? __ldg(w + (u64)r * wvec + kv) : make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
-            u32 words[4] = {v.x, v.y, v.z, v.w};
-            u32* dst = (u32*)(as + tid * MMA_STRIDE);
 #pragma unroll
-            for (int q = 0; q < 4; q++)
+    for (int s = 0; s < MMA_STAGES - 1; s++) {
+        if (s < stages) load(s, s);
+        cp_async_commit();
+    }
+    for (int st = 0; st < stages; st++) {
+        cp_async_wait<MMA_STAGES - 2>();  // stage st has landed (this thread's copies) ...
+        __syncthreads();                  // ... everyone's, and stage st - 1's buffer is free
+        int next = st + MMA_STAGES - 1;
+        if (next < stages) load(next, next % MMA_STAGES);
+        cp_async_commit();
+        const u32* a_st = as[st % MMA_STAGES];
+        const u8* b_st = bs[st % MMA_STAGES];
 #pragma unroll
-                for (int sh = 0; sh < 4; sh++) dst[4 * q + sh] = __vsub4((words[q] >> (2 * sh)) & 0x03030303u, 0x01010101u);
-        }
+        for (int ks = 0; ks < MMA_KS / 32; ks++) {
+            // Words 2 ks, 2 ks + 1 of a row are its columns 32 ks .. 32 ks + 31; shifting by
+            // 2 tig gives the codes of columns 4 tig .. 4 tig + 3 (and 16 + those) in byte order.
+            u32 a[MI][4], b[NJ][2];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int e = tid + 128 * h, tk = e >> 2, c = e & 3, tok = tok0 + tk;
-            int4 v = tok < m ? __ldg(x + (u64)tok * xvec + 4 * kv + c) : make_int4(0, 0, 0, 0);
-            *(int4*)(bs + tk * MMA_STRIDE + 16 * c) = v;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int k0 = 0; k0 < 64; k0 += 32) {
-            u32 a[2][4], b[4][2];
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const u8* ar = as + (wr + 16 * i + g) * MMA_STRIDE + k0 + 4 * tig;
-                a[i][0] = *(const u32*)ar;
-                a[i][1] = *(const u32*)(ar + 8 * MMA_STRIDE);
-                a[i][2] = *(const u32*)(ar + 16);
-                a[i][3] = *(const u32*)(ar + 8 * MMA_STRIDE + 16);
+            for (int i = 0; i < MI; i++) {
+                const u32* ar = a_st + (wr + 16 * i + g) * MMA_A_WORDS + 2 * ks;
+                uint2 lo = *(const uint2*)ar, hi = *(const uint2*)(ar + 8 * MMA_A_WORDS);
+                a[i][0] = (lo.x >> (2 * tig)) & 0x03030303u;
+                a[i][1] = (hi.x >> (2 * tig)) & 0x03030303u;
+                a[i][2] = (lo.y >> (2 * tig)) & 0x03030303u;
+                a[i][3] = (hi.y >> (2 * tig)) & 0x03030303u;
             }
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const u8* br = bs + (wt + 8 * j + g) * MMA_STRIDE + k0 + 4 * tig;
+            for (int j = 0; j < NJ; j++) {
+                const u8* br = b_st + (wt + 8 * j + g) * MMA_B_BYTES + 32 * ks + 4 * tig;
                 b[j][0] = *(const u32*)br;
                 b[j][1] = *(const u32*)(br + 16);
             }
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < MI; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) mma_s8(acc[i][j], a[i], b[j]);
+                for (int j = 0; j < NJ; j++) mma_u8s8(acc[i][j], a[i], b[j]);
         }
-        __syncthreads();
     }
+    cp_async_wait<0>();
     // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MI; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < NJ; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int r = base + wr + 16 * i + g + 8 * (e >> 1);
                 int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
-                if (r < rows && tok < m) out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)acc[i][j][e], s_a[tok]);
+                if (r < rows && tok < m)
+                    out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)(acc[i][j][e] - sums[tok]), s_a[tok]);
             }
+}
+
+// Prefill-sized batches: 64 rows x 64 tokens a block.
+extern "C" __global__ void __launch_bounds__(128) ternary_mma(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
+                                                              const int* sums, int m, int wvec) {
+    pdl_enter();
+    ternary_mma_tile<64, 64>(MATS_ARGS, x, xvec, s_a, sums, m, wvec);
+}
+
+// Batches of 9 to 32 tokens (decode steps of many sequences): 32 x 32 tiles, so that a layer's
+// products still give every multiprocessor blocks to run.
+extern "C" __global__ void __launch_bounds__(128) ternary_mma_small(MATS_PARAMS, const int4* x, int xvec,
+                                                                    const float* s_a, const int* sums, int m,
+                                                                    int wvec) {
+    pdl_enter();
+    ternary_mma_tile<32, 32>(MATS_ARGS, x, xvec, s_a, sums, m, wvec);
 }
