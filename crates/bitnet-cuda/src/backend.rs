@@ -21,9 +21,12 @@ use crate::layout::{pack_ternary, pad_int8_rows, padded_cols};
 
 /// Keys per cache block (bitnet_inference::BLOCK_TOKENS, which the kernels assume).
 const BLOCK_TOKENS: usize = bitnet_inference::BLOCK_TOKENS;
-/// Warps and rows of one attention task (attention.cu's ATT_WARPS, ATT_ROWS).
+/// Warps and rows of one attention task, and the row strides of its staged key/value chunks
+/// and probabilities (attention.cu's ATT_WARPS, ATT_ROWS, ATT_KS, ATT_PS).
 const ATT_WARPS: usize = 4;
-const ATT_ROWS: usize = 16;
+const ATT_ROWS: usize = 32;
+const ATT_KS: usize = 36;
+const ATT_PS: usize = 40;
 /// Warps of a row attention block (attention.cu's ROW_WARPS).
 const ROW_WARPS: usize = 4;
 /// Batches up to this many tokens take the GEMV kernel; larger ones the tiled GEMM.
@@ -178,14 +181,7 @@ impl CudaDevice {
         }
         for d in ATTENTION_CHUNKS {
             for kv in ["f32", "bf16", "f16"] {
-                let k = kernels.add(&format!("attention_d{d}_{kv}"))?;
-                // Heads over 128 need more than the default 48 KiB of shared memory; a chip
-                // that cannot give it fails those launches (reported at the next synchronize).
-                if attention_smem(d * 32) > 48 << 10 {
-                    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                    // SAFETY: `k` is a function of the loaded module; the context is bound.
-                    let _ = unsafe { sys::cuFuncSetAttribute(k, attr, attention_smem(d * 32) as i32) };
-                }
+                kernels.add(&format!("attention_d{d}_{kv}"))?;
             }
         }
         for d in ATTENTION_CHUNKS {
@@ -267,10 +263,16 @@ pub fn compile_kernels(major: i32, minor: i32) -> Result<String, CudaError> {
     Ok(ptx.to_src())
 }
 
-/// Shared memory of an attention task for heads of `head_dim` (at most 256).
-fn attention_smem(head_dim: usize) -> usize {
-    4 * (ATT_ROWS * head_dim + 2 * ATT_WARPS * ATT_ROWS + ATT_WARPS * ATT_ROWS * head_dim)
+/// Shared memory of an attention task of the kernel for heads of `chunks` 32-dim chunks: the
+/// scaled queries (rows padded by 4), the probabilities of one key block and two staged
+/// 32-key × 32-dim chunks of keys or values.
+const fn attention_smem(chunks: usize) -> usize {
+    4 * (ATT_ROWS * (chunks * 32 + 4) + ATT_ROWS * ATT_PS + 2 * 32 * ATT_KS)
 }
+
+// Every attention kernel fits the default 48 KiB of dynamic shared memory (heads of 256: 47 616
+// bytes), so none needs an opt-in.
+const _: () = assert!(attention_smem(ATTENTION_CHUNKS[ATTENTION_CHUNKS.len() - 1]) <= 48 << 10);
 
 /// A kernel argument (each is passed by pointer to a value that lives until the launch).
 #[derive(Clone, Copy, Debug)]
@@ -1395,7 +1397,7 @@ impl Backend for CudaBackend {
             args.push(task_ptr.into());
             args.extend(heads_args);
             args.extend([Arg::from(heads as i32), shape.scale.into(), window.into(), out.data.ptr.into()]);
-            let smem = attention_smem(hd) as u32;
+            let smem = attention_smem(ATTENTION_CHUNKS[ki]) as u32;
             self.launch(
                 K::Attention as u16 + kv_kernel,
                 (tasks as u32, 1),

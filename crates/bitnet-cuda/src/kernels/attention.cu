@@ -62,146 +62,258 @@ extern "C" __global__ void rope_kv_store(void* keys, void* values, int kv_type, 
 
 // Attention (the CPU's attention.rs, online softmax in f32) over a paged cache.
 //
-// A block runs one task: `rows` query rows (tokens t0..t1 of one segment times `heads`
-// consecutive query heads of one kv head's group). Its ATT_WARPS warps split the segment's
-// key blocks between them (warp w takes blocks w, w + ATT_WARPS, ...); in a block of 32 keys,
-// lane j scores key j against every row, the warp's running max, sum and output are updated,
-// and the output accumulators live in registers, dims lane + 32c. At the end the warps'
-// partial states are merged through shared memory. Decoding (one row per segment) thus
-// walks each sequence's block table once, four blocks at a time.
+// A block of ATT_WARPS warps runs one task: up to ATT_ROWS query rows (tokens t0..t1 of one
+// segment times `heads` consecutive query heads of one kv head's group, row i = token
+// t0 + i / heads, head head0 + i % heads, as the CPU's tasks stack them) over the segment's
+// key blocks, one 32-key cache block at a time, as attention.rs's tasks do: scores S = Q·Kᵀ,
+// the causal mask (and a sliding window's lower edge), an online softmax per row and
+// O += P·V. Blocks past the tile's last token, or wholly before its first token's window, are
+// never visited.
+//
+// Both products are register-tiled out of shared memory, as a SIMT GEMM: thread (ty, tx),
+// ty = tid / 8, tx = tid % 8, owns rows ty and ty + 16, keys tx + 8j (j < 4) of each score
+// tile and dims 4tx..4tx+3 of every 32-dim chunk of those rows' outputs; the outputs, the
+// rows' running max and sum live in registers for the whole walk. The eight threads of a row
+// are adjacent lanes, so a row's max and sum are three shuffles. The scaled queries stay in
+// shared memory ([ATT_ROWS][32D + 4]); keys and values pass through a double-buffered
+// 32-key × 32-dim chunk ([2][32][ATT_KS]), each chunk read from global memory with coalesced
+// four-wide loads (a key row's 32 dims are 128 contiguous bytes in f32) into registers while
+// the previous chunk is being used, widened to f32, so that one barrier a chunk suffices; the
+// probabilities pass through [ATT_ROWS][ATT_PS]. The paddings make every shared access free
+// of bank conflicts. The products' sums are explicit fmaf (one rounding a step, as in the CPU's
+// AVX2 microkernels), exp is expf. Keys past the context (the tail of the last block) are
+// staged as zeros, so that stale cache slots never reach the sums. Shared memory: 4 ·
+// (32 · (32D + 4) + 32 · 40 + 2 · 32 · 36) bytes, 31 232 for heads of 128, 47 616 for 256.
 #define ATT_WARPS 4
-#define ATT_ROWS 16
+#define ATT_ROWS 32
+#define ATT_KS 36
+#define ATT_PS 40
+// The thread layout above (16 × 8 threads, two rows each, two pieces of a chunk each).
+static_assert(ATT_WARPS * 32 == 128 && ATT_ROWS == 32, "attention_task's thread layout");
+
+// Four elements i..i+3 of a cache of type KV, widened to f32 (i a multiple of four).
+template <int KV>
+__device__ __forceinline__ float4 kv_load4(const void* p, u64 i) {
+    if (KV == DT_F32) return *(const float4*)((const float*)p + i);
+    uint2 u = *(const uint2*)((const u16*)p + i);
+    u16 e0 = (u16)(u.x & 0xffffu), e1 = (u16)(u.x >> 16), e2 = (u16)(u.y & 0xffffu), e3 = (u16)(u.y >> 16);
+    if (KV == DT_BF16) return make_float4(bf16_to_f32(e0), bf16_to_f32(e1), bf16_to_f32(e2), bf16_to_f32(e3));
+    return make_float4(f16_to_f32(e0), f16_to_f32(e1), f16_to_f32(e2), f16_to_f32(e3));
+}
+
+// This thread's two four-wide pieces of chunk c (dims 32c..32c + 31) of the 32 keys or values
+// at `base` (key j at base + j * kv_dim): key tid / 8 + 16h, dims 32c + 4 (tid % 8) + 0..3.
+// Keys from `kn` on and dims from `head_dim` on are zeros. Heads whose size is not a multiple
+// of four are read an element at a time.
+template <int KV>
+__device__ __forceinline__ void att_fetch(float4 (&r)[2], const void* src, u64 base, int kv_dim, int c, int kn,
+                                          int head_dim) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int key = (threadIdx.x >> 3) + 16 * h, d = c * 32 + 4 * (threadIdx.x & 7);
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (key < kn && d < head_dim) {
+            u64 i = base + (u64)key * kv_dim + d;
+            if ((head_dim & 3) == 0) {
+                v = kv_load4<KV>(src, i);
+            } else {
+                v.x = load_elem(src, KV, i);
+                if (d + 1 < head_dim) v.y = load_elem(src, KV, i + 1);
+                if (d + 2 < head_dim) v.z = load_elem(src, KV, i + 2);
+                if (d + 3 < head_dim) v.w = load_elem(src, KV, i + 3);
+            }
+        }
+        r[h] = v;
+    }
+}
+
+// The fetched pieces into a staged chunk [32][ATT_KS].
+__device__ __forceinline__ void att_stage(float* chunk, const float4 (&r)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+        *(float4*)&chunk[((threadIdx.x >> 3) + 16 * h) * ATT_KS + 4 * (threadIdx.x & 7)] = r[h];
+}
 
 // Segment fields: first_row, rows, pos0, table_start. Task fields: segment, t0, t1, head0.
 template <int D, int KV>
 __device__ void attention_task(const float* q, const void* keys, const void* values, int kv_dim, const u32* tables,
                                const int4* segments, const int4* tasks, int n_heads, int n_kv_heads, int head_dim,
                                int heads, float scale, int window, float* out) {
-    extern __shared__ float smem[];
+    // Rows of a thread, 16 apart.
+    const int RT = ATT_ROWS / 16;
+    const int QS = D * 32 + 4;
+    extern __shared__ float4 smem4[];
+    float* qs = (float*)smem4;          // [ATT_ROWS][QS], scaled queries, zeros past head_dim
+    float* ps = qs + ATT_ROWS * QS;     // [ATT_ROWS][ATT_PS], probabilities of one key block
+    float* kvs = ps + ATT_ROWS * ATT_PS;  // [2][32][ATT_KS], staged key or value chunks
     int4 task = tasks[blockIdx.x];
     int4 seg = segments[task.x];
     int t0 = task.y, t1 = task.z, head0 = task.w;
     int rows = (t1 - t0) * heads;
     int n_rep = n_heads / n_kv_heads, g = head0 / n_rep;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int tx = threadIdx.x & 7, ty = threadIdx.x >> 3;
     // `scale` is the host's factor on q.k (head_dim^-0.5, or Gemma3's query_pre_attn_scalar^-0.5);
     // `window` > 0: a sliding window, the row at position p sees keys p + 1 - window ..= p.
-    // Shared: queries [ATT_ROWS][head_dim] (scaled), then per warp: max, sum [ATT_ROWS] and
-    // outputs [ATT_ROWS][head_dim].
-    float* qs = smem;
-    float* wm = qs + ATT_ROWS * head_dim;
-    float* wl = wm + ATT_WARPS * ATT_ROWS;
-    float* wo = wl + ATT_WARPS * ATT_ROWS;
-    for (int e = threadIdx.x; e < rows * head_dim; e += blockDim.x) {
-        int i = e / head_dim, d = e % head_dim;
-        int tok = seg.x + t0 + i / heads, h = head0 + i % heads;
-        qs[e] = q[((u64)tok * n_heads + h) * head_dim + d] * scale;
+    for (int e = threadIdx.x; e < ATT_ROWS * D * 32; e += blockDim.x) {
+        int i = e / (D * 32), d = e % (D * 32);
+        float x = 0.0f;
+        if (i < rows && d < head_dim) {
+            int tok = seg.x + t0 + i / heads, h = head0 + i % heads;
+            x = q[((u64)tok * n_heads + h) * head_dim + d] * scale;
+        }
+        qs[i * QS + d] = x;
     }
-    __syncthreads();
-    float m[ATT_ROWS], l[ATT_ROWS], o[ATT_ROWS][D];
+    // A row's position and first visible key; rows past the task's see no key (position -1).
+    int pos[RT], lo[RT];
+    float m[RT], l[RT], o[RT][D][4];
 #pragma unroll
-    for (int i = 0; i < ATT_ROWS; i++) {
+    for (int i = 0; i < RT; i++) {
+        int r = ty + 16 * i;
+        pos[i] = r < rows ? seg.z + t0 + r / heads : -1;
+        lo[i] = window > 0 ? pos[i] + 1 - window : 0;
         m[i] = -INFINITY;
         l[i] = 0.0f;
 #pragma unroll
-        for (int c = 0; c < D; c++) o[i][c] = 0.0f;
+        for (int c = 0; c < D; c++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[i][c][e] = 0.0f;
     }
     int end = seg.z + t1;  // keys the last row sees
     int nblocks = (end + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    // Blocks wholly before the first row's window are skipped.
-    int first_block = window > 0 ? max(seg.z + t0 + 1 - window, 0) / BLOCK_TOKENS : 0;
-    for (int bi = first_block + warp; bi < nblocks; bi += ATT_WARPS) {
+    int bi = window > 0 ? max(seg.z + t0 + 1 - window, 0) / BLOCK_TOKENS : 0;
+    u64 koff = (u64)g * head_dim;
+    u64 base = (u64)tables[seg.w + bi] * BLOCK_TOKENS * kv_dim + koff;
+    int kn = min(BLOCK_TOKENS, end - bi * BLOCK_TOKENS);
+    float4 pre[2];
+    att_fetch<KV>(pre, keys, base, kv_dim, 0, kn, head_dim);
+    int buf = 0;
+    for (; bi < nblocks; bi++) {
         int k0 = bi * BLOCK_TOKENS;
-        int kn = min(BLOCK_TOKENS, end - k0);
-        u64 base = (u64)tables[seg.w + bi] * BLOCK_TOKENS * kv_dim + (u64)g * head_dim;
-        // Lane j: scores of key j against every row.
-        float s[ATT_ROWS];
+        // S = Q·Kᵀ, a 32-dim chunk at a time; the next chunk (or the first of the values) is
+        // read while this one is used. The barrier also orders the previous block's reads of
+        // the probabilities before this block's writes.
+        float s[RT][4];
 #pragma unroll
-        for (int i = 0; i < ATT_ROWS; i++) s[i] = 0.0f;
-        if (lane < kn) {
-            u64 kb = base + (u64)lane * kv_dim;
-            for (int d = 0; d < head_dim; d++) {
-                float kd = KV == DT_F32 ? ((const float*)keys)[kb + d]
-                                        : (KV == DT_BF16 ? bf16_to_f32(((const u16*)keys)[kb + d])
-                                                         : f16_to_f32(((const u16*)keys)[kb + d]));
+        for (int i = 0; i < RT; i++)
 #pragma unroll
-                for (int i = 0; i < ATT_ROWS; i++)
-                    if (i < rows) s[i] = s[i] + qs[i * head_dim + d] * kd;
-            }
-        }
-        // Online softmax per row; masked keys get no weight.
-        float p[ATT_ROWS];
-#pragma unroll
-        for (int i = 0; i < ATT_ROWS; i++) {
-            p[i] = 0.0f;
-            if (i >= rows) continue;
-            int visible = seg.z + t0 + i / heads + 1;
-            int valid = min(kn, max(visible - k0, 0));
-            int lo = window > 0 ? min(max(visible - window - k0, 0), valid) : 0;
-            if (lo == valid) continue;
-            bool in = lane >= lo && lane < valid;
-            float tile_max = warp_max_f(in ? s[i] : -INFINITY);
-            float new_max = fmaxf(m[i], tile_max);
-            float alpha = expf(m[i] - new_max);
-            float e = in ? expf(s[i] - new_max) : 0.0f;
-            float sum = warp_sum_f(e);
-            p[i] = e;
-            l[i] = l[i] * alpha + sum;
-            m[i] = new_max;
-#pragma unroll
-            for (int c = 0; c < D; c++) o[i][c] = o[i][c] * alpha;
-        }
-        // o += P V: lane holds dims lane + 32c.
-        for (int j = 0; j < kn; j++) {
-            u64 vb = base + (u64)j * kv_dim;
-            float vd[D];
-#pragma unroll
-            for (int c = 0; c < D; c++) {
-                int d = lane + 32 * c;
-                vd[c] = 0.0f;
-                if (d < head_dim)
-                    vd[c] = KV == DT_F32 ? ((const float*)values)[vb + d]
-                                         : (KV == DT_BF16 ? bf16_to_f32(((const u16*)values)[vb + d])
-                                                          : f16_to_f32(((const u16*)values)[vb + d]));
-            }
-#pragma unroll
-            for (int i = 0; i < ATT_ROWS; i++) {
-                if (i >= rows) continue;
-                float pij = __shfl_sync(0xffffffffu, p[i], j);
-#pragma unroll
-                for (int c = 0; c < D; c++) o[i][c] = o[i][c] + pij * vd[c];
-            }
-        }
-    }
-    // Merge the warps' states.
-#pragma unroll
-    for (int i = 0; i < ATT_ROWS; i++) {
-        if (i >= rows) continue;
-        if (lane == 0) {
-            wm[warp * ATT_ROWS + i] = m[i];
-            wl[warp * ATT_ROWS + i] = l[i];
-        }
+            for (int j = 0; j < 4; j++) s[i][j] = 0.0f;
 #pragma unroll
         for (int c = 0; c < D; c++) {
-            int d = lane + 32 * c;
-            if (d < head_dim) wo[((u64)warp * ATT_ROWS + i) * head_dim + d] = o[i][c];
+            float* kc = kvs + buf * (32 * ATT_KS);
+            att_stage(kc, pre);
+            __syncthreads();
+            if (c + 1 < D) att_fetch<KV>(pre, keys, base, kv_dim, c + 1, kn, head_dim);
+            else att_fetch<KV>(pre, values, base, kv_dim, 0, kn, head_dim);
+#pragma unroll
+            for (int d4 = 0; d4 < 8; d4++) {
+                float4 kf[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) kf[j] = *(const float4*)&kc[(tx + 8 * j) * ATT_KS + 4 * d4];
+#pragma unroll
+                for (int i = 0; i < RT; i++) {
+                    float4 qf = *(const float4*)&qs[(ty + 16 * i) * QS + c * 32 + 4 * d4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        s[i][j] = fmaf(qf.x, kf[j].x, s[i][j]);
+                        s[i][j] = fmaf(qf.y, kf[j].y, s[i][j]);
+                        s[i][j] = fmaf(qf.z, kf[j].z, s[i][j]);
+                        s[i][j] = fmaf(qf.w, kf[j].w, s[i][j]);
+                    }
+                }
+            }
+            buf ^= 1;
         }
+        // Online softmax per row over its visible keys of the block; masked keys get no weight,
+        // and a row that has seen no key yet (the window's edge, rows past the task's) stays so.
+#pragma unroll
+        for (int i = 0; i < RT; i++) {
+            bool in[4];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int key = k0 + tx + 8 * j;
+                in[j] = key >= lo[i] && key <= pos[i];
+                if (in[j]) mx = fmaxf(mx, s[i][j]);
+            }
+#pragma unroll
+            for (int x = 1; x < 8; x <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+            float new_max = fmaxf(m[i], mx);
+            float alpha = 1.0f, sum = 0.0f, p[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) p[j] = 0.0f;
+            if (new_max != -INFINITY) {
+                alpha = expf(m[i] - new_max);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (in[j]) p[j] = expf(s[i][j] - new_max);
+                    sum = sum + p[j];
+                }
+            }
+#pragma unroll
+            for (int x = 1; x < 8; x <<= 1) sum = sum + __shfl_xor_sync(0xffffffffu, sum, x);
+            l[i] = fmaf(l[i], alpha, sum);
+            m[i] = new_max;
+#pragma unroll
+            for (int c = 0; c < D; c++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[i][c][e] = o[i][c][e] * alpha;
+#pragma unroll
+            for (int j = 0; j < 4; j++) ps[(ty + 16 * i) * ATT_PS + tx + 8 * j] = p[j];
+        }
+        // The next block's first key chunk is read during the last value chunk.
+        int next = bi + 1;
+        u64 next_base = 0;
+        int next_kn = 0;
+        if (next < nblocks) {
+            next_base = (u64)tables[seg.w + next] * BLOCK_TOKENS * kv_dim + koff;
+            next_kn = min(BLOCK_TOKENS, end - next * BLOCK_TOKENS);
+        }
+        // O += P·V, a 32-dim chunk of the values at a time.
+#pragma unroll
+        for (int c = 0; c < D; c++) {
+            float* vc = kvs + buf * (32 * ATT_KS);
+            att_stage(vc, pre);
+            __syncthreads();
+            if (c + 1 < D) att_fetch<KV>(pre, values, base, kv_dim, c + 1, kn, head_dim);
+            else if (next < nblocks) att_fetch<KV>(pre, keys, next_base, kv_dim, 0, next_kn, head_dim);
+#pragma unroll
+            for (int k4 = 0; k4 < 8; k4++) {
+                float4 vf[4];
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) vf[kk] = *(const float4*)&vc[(4 * k4 + kk) * ATT_KS + 4 * tx];
+#pragma unroll
+                for (int i = 0; i < RT; i++) {
+                    float4 pf = *(const float4*)&ps[(ty + 16 * i) * ATT_PS + 4 * k4];
+                    float pk[4] = {pf.x, pf.y, pf.z, pf.w};
+#pragma unroll
+                    for (int kk = 0; kk < 4; kk++) {
+                        o[i][c][0] = fmaf(pk[kk], vf[kk].x, o[i][c][0]);
+                        o[i][c][1] = fmaf(pk[kk], vf[kk].y, o[i][c][1]);
+                        o[i][c][2] = fmaf(pk[kk], vf[kk].z, o[i][c][2]);
+                        o[i][c][3] = fmaf(pk[kk], vf[kk].w, o[i][c][3]);
+                    }
+                }
+            }
+            buf ^= 1;
+        }
+        base = next_base;
+        kn = next_kn;
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < rows * head_dim; e += blockDim.x) {
-        int i = e / head_dim, d = e % head_dim;
-        float mx = -INFINITY;
-        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, wm[w * ATT_ROWS + i]);
-        float sum = 0.0f, acc = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) {
-            float mw = wm[w * ATT_ROWS + i];
-            if (mw == -INFINITY) continue;
-            float f = expf(mw - mx);
-            sum = sum + wl[w * ATT_ROWS + i] * f;
-            acc = acc + wo[((u64)w * ATT_ROWS + i) * head_dim + d] * f;
-        }
-        int tok = seg.x + t0 + i / heads, h = head0 + i % heads;
-        out[((u64)tok * n_heads + h) * head_dim + d] = acc / sum;
+    // out = O · (1 / l), as the CPU's.
+#pragma unroll
+    for (int i = 0; i < RT; i++) {
+        int r = ty + 16 * i;
+        if (r >= rows) continue;
+        int tok = seg.x + t0 + r / heads, h = head0 + r % heads;
+        float* dst = out + ((u64)tok * n_heads + h) * head_dim;
+        float inv = 1.0f / l[i];
+#pragma unroll
+        for (int c = 0; c < D; c++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int d = c * 32 + 4 * tx + e;
+                if (d < head_dim) dst[d] = o[i][c][e] * inv;
+            }
     }
 }
 
