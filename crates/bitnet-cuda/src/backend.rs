@@ -31,6 +31,8 @@ const ATT_PS: usize = 40;
 const ROW_WARPS: usize = 4;
 /// Batches up to this many tokens take the GEMV kernel; larger ones the tiled GEMM.
 const GEMV_MAX_TOKENS: usize = 8;
+/// Batches of at least this many tokens take the bf16 head's tensor-core kernel.
+const HEAD_MMA_MIN_TOKENS: usize = 2;
 /// Batches up to this many tokens take the tensor-core GEMM's 32 x 32 tiles, larger ones its
 /// 64 x 64 tiles (the conformance suite's batches of up to 40 rows reach both).
 const MMA_SMALL_MAX_TOKENS: usize = 32;
@@ -76,6 +78,8 @@ enum K {
     Rope,
     RopeKvStore,
     LmHead,
+    HeadSplit,
+    LmHeadMma,
     AttentionMerge,
     Attention,
 }
@@ -99,6 +103,8 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "rope",
     "rope_kv_store",
     "lm_head",
+    "head_split",
+    "lm_head_mma",
     "attention_merge",
 ];
 
@@ -498,6 +504,8 @@ pub struct CudaBackend {
     segment_host: Vec<i32>,
     /// The row attention kernels' partial results when they split the context.
     attention_parts: Option<DeviceVec<f32>>,
+    /// lm_head_mma's activations as three bf16 planes.
+    head_planes: Option<DeviceVec<u16>>,
 }
 
 impl CudaBackend {
@@ -522,6 +530,7 @@ impl CudaBackend {
             row_task_host: Vec::new(),
             segment_host: Vec::new(),
             attention_parts: None,
+            head_planes: None,
         }
     }
 
@@ -790,20 +799,30 @@ impl CudaBackend {
 
     /// The row attention kernels' scratch for `len` floats, grown as needed.
     fn attention_parts(&mut self, len: usize) -> Option<u64> {
-        if self.attention_parts.as_ref().is_none_or(|p| p.len() < len) {
+        self.scratch(|b| &mut b.attention_parts, len, "attention scratch")
+    }
+
+    /// The device address of a scratch buffer of at least `len` elements, grown (to a power
+    /// of two) when it is smaller; None after noting an allocation failure.
+    fn scratch<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &mut self,
+        slot: fn(&mut Self) -> &mut Option<DeviceVec<T>>,
+        len: usize,
+        what: &'static str,
+    ) -> Option<u64> {
+        if slot(self).as_ref().is_none_or(|p| p.len() < len) {
             // Queued launches may name the old scratch: they are enqueued before it is freed.
             self.flush();
-            self.attention_parts = None;
-            let grown = len.next_power_of_two();
-            match self.alloc::<f32>(grown, "attention scratch") {
-                Ok(p) => self.attention_parts = Some(p),
+            *slot(self) = None;
+            match self.alloc::<T>(len.next_power_of_two(), what) {
+                Ok(p) => *slot(self) = Some(p),
                 Err(e) => {
                     self.note(Err(e));
                     return None;
                 }
             }
         }
-        self.attention_parts.as_ref().map(|p| p.ptr)
+        slot(self).as_ref().map(|p| p.ptr)
     }
 
     /// rows.cu's `norm_quantize` of `rows` rows at `x`, adding the rows at `y` first unless it
@@ -1473,6 +1492,32 @@ impl Backend for CudaBackend {
     }
 
     fn lm_head(&mut self, w: &CudaDense, x: &CudaBuffer, first: usize, rows: usize, out: &mut CudaBuffer) {
+        // Batches of bf16 heads on the tensor cores: the weights read once for 32 tokens.
+        let tensor_cores = self.use_tensor_cores && self.dev.tensor_cores;
+        if tensor_cores && w.dtype == 1 && w.cols.is_multiple_of(8) && rows >= HEAD_MMA_MIN_TOKENS {
+            let Some(planes) = self.scratch(|b| &mut b.head_planes, 3 * rows * w.cols, "head scratch") else {
+                return;
+            };
+            let args = [
+                Arg::from(x.data.ptr),
+                (first as i32).into(),
+                (rows as i32).into(),
+                (w.cols as i32).into(),
+                planes.into(),
+            ];
+            self.launch(K::HeadSplit as u16, grid_1d(rows * w.cols, 256), 256, 0, args.to_vec());
+            let args = [
+                Arg::from(w.ptr()),
+                (w.rows as i32).into(),
+                (w.cols as i32).into(),
+                planes.into(),
+                (rows as i32).into(),
+                out.data.ptr.into(),
+            ];
+            let grid = (rows.div_ceil(32) as u32, w.rows.div_ceil(64) as u32);
+            self.launch(K::LmHeadMma as u16, grid, 128, 0, args.to_vec());
+            return;
+        }
         let args = [
             Arg::from(w.ptr()),
             w.dtype.into(),

@@ -122,3 +122,24 @@ __device__ __forceinline__ void pdl_enter() {
 
 // Asks for the cache line holding `p` to be brought into L2 (no register is written).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
+// 16 bytes from global to shared memory without passing through registers; `full` false
+// writes 16 zero bytes instead (src-size 0: `src` is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
+#if __CUDA_ARCH__ >= 800
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}

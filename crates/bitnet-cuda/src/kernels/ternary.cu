@@ -275,27 +275,6 @@ __device__ __forceinline__ void mma_u8s8(int* c, const u32* a, const u32* b) {
 #endif
 }
 
-// 16 bytes from global to shared memory without passing through registers; `full` false
-// writes 16 zero bytes instead (src-size 0: `src` is not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool full) {
-#if __CUDA_ARCH__ >= 800
-    u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0)
-                 : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
 template <int BM, int BN>
 __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
                                                  const int* sums, int m, int wvec) {
