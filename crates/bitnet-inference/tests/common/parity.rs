@@ -154,6 +154,11 @@ pub fn check_greedy_and_cache(model: &Model<CpuBackend>, golden: &Golden) {
     check_greedy_and_cache_on(model, &CpuBackend::new, golden)
 }
 
+/// How far below this backend's top logit transformers' greedy token may be where the two part
+/// at a near-tie (`CacheCheck::FlipsWhereTheFixtureFlips` only): the size of the int8 flips seen
+/// between backends on such fixtures (0.22 to 0.32) with room to spare.
+const GREEDY_FLIP_GAP: f32 = 1.0;
+
 /// How closely a decode step with the KV cache must equal a full recompute.
 #[derive(Clone, Copy, Debug)]
 pub enum CacheCheck {
@@ -165,7 +170,10 @@ pub enum CacheCheck {
     /// cosine with the recompute at 0.999: a backend whose decode attention is another kernel
     /// than its prefill attention (the CUDA backend: split over the context vs tiled) sums in
     /// another order, and on those fixtures an activation on a rounding boundary of the
-    /// quantizer then takes the neighbouring code.
+    /// quantizer then takes the neighbouring code. On those fixtures greedy decoding may also
+    /// part from transformers where such a flip meets a near-tie (transformers' token second,
+    /// within `GREEDY_FLIP_GAP` of the first); the steps are then checked on this backend's own
+    /// sequence.
     FlipsWhereTheFixtureFlips(LogitCheck),
 }
 
@@ -185,16 +193,41 @@ pub fn check_greedy_and_cache_within<B: Backend>(
     let full = golden.u32s("greedy_ids");
     let n = full.len() - prompt.len();
     let (new, steps) = greedy_with_cache_on(model, make, &prompt, n);
-    assert_eq!(new, full[prompt.len()..], "greedy ids differ from transformers");
     let vocab = model.config.vocab_size;
-    let recompute = prefill_logits_on(model, make, &full[..full.len() - 1]);
+    let flips = matches!(
+        cache,
+        CacheCheck::FlipsWhereTheFixtureFlips(LogitCheck::TopK { .. } | LogitCheck::Agreement { .. })
+    );
+    if let Some(i) = (0..n).find(|&i| new[i] != full[prompt.len() + i]) {
+        // On a fixture whose prompt logits already flip int8 codes, a backend that sums in
+        // another order may part from transformers at a near-tie: allowed only where
+        // transformers' token is this backend's second choice, within a flip of its first.
+        let step = &steps[i];
+        let theirs = step[full[prompt.len() + i] as usize];
+        let top = step.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let above = step.iter().filter(|&&v| v > theirs).count();
+        assert!(
+            flips && above == 1 && top - theirs <= GREEDY_FLIP_GAP,
+            "greedy ids differ from transformers at step {i}: {:?} against {:?} (transformers' token \
+             {} places {} here, {:.3} below the top)",
+            new,
+            &full[prompt.len()..],
+            full[prompt.len() + i],
+            above + 1,
+            top - theirs
+        );
+        println!(
+            "greedy ids part from transformers at step {i} of {n}, at a near-tie (transformers' token \
+             second, {:.3} below the first)",
+            top - theirs
+        );
+    }
+    // Every decode step against a full recompute of this backend's own sequence.
+    let ours: Vec<u32> = prompt.iter().chain(&new).copied().collect();
+    let recompute = prefill_logits_on(model, make, &ours[..ours.len() - 1]);
     for (i, step) in steps.iter().enumerate() {
         let row = &recompute[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
         let d = max_abs_diff(step, row);
-        let flips = matches!(
-            cache,
-            CacheCheck::FlipsWhereTheFixtureFlips(LogitCheck::TopK { .. } | LogitCheck::Agreement { .. })
-        );
         if flips && d > 1e-4 {
             let c = super::cosine(step, row);
             assert!(
