@@ -147,9 +147,11 @@ impl Kernels {
 
 impl Drop for Kernels {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: loaded by Kernels::load and unloaded once; no launch outlives the device
-            // (every backend handle holds the Arc<CudaDevice> that owns this).
+        // Work still queued (a dropped backend flushes its launches) finishes first.
+        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+            // SAFETY: loaded by Kernels::load and unloaded once, after the context's work has
+            // finished; no launch follows (every backend handle holds the Arc<CudaDevice> that
+            // owns this).
             let _ = unsafe { cudarc::driver::result::module::unload(self.module) };
         }
     }
@@ -378,7 +380,7 @@ pub enum DenseStore {
 
 pub struct CudaDense {
     data: DenseStore,
-    /// 0 f32, 1 bf16, 2 f16 (common.cuh's DT_*).
+    /// DT_F32, DT_BF16 or DT_F16.
     dtype: i32,
     rows: usize,
     cols: usize,
@@ -441,11 +443,16 @@ impl CudaKvStore {
     }
 }
 
+/// Element types of dense tables and of the KV cache (common.cuh's DT_*).
+const DT_F32: i32 = 0;
+const DT_BF16: i32 = 1;
+const DT_F16: i32 = 2;
+
 fn dtype_code(kv: KvType) -> i32 {
     match kv {
-        KvType::F32 => 0,
-        KvType::Bf16 => 1,
-        KvType::F16 => 2,
+        KvType::F32 => DT_F32,
+        KvType::Bf16 => DT_BF16,
+        KvType::F16 => DT_F16,
     }
 }
 
@@ -1070,14 +1077,14 @@ impl Backend for CudaBackend {
 
     fn upload_dense(&self, m: DenseMatrix) -> Result<CudaDense, BackendError> {
         let (data, dtype) = match &m.data {
-            DenseData::F32(v) => (DenseStore::F32(self.upload(v, "a float matrix")?), 0),
+            DenseData::F32(v) => (DenseStore::F32(self.upload(v, "a float matrix")?), DT_F32),
             DenseData::Bf16(v) => {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-                (DenseStore::Half(self.upload(&bits, "a bf16 matrix")?), 1)
+                (DenseStore::Half(self.upload(&bits, "a bf16 matrix")?), DT_BF16)
             }
             DenseData::F16(v) => {
                 let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
-                (DenseStore::Half(self.upload(&bits, "an f16 matrix")?), 2)
+                (DenseStore::Half(self.upload(&bits, "an f16 matrix")?), DT_F16)
             }
         };
         Ok(CudaDense { data, dtype, rows: m.rows, cols: m.cols })
@@ -1494,7 +1501,7 @@ impl Backend for CudaBackend {
     fn lm_head(&mut self, w: &CudaDense, x: &CudaBuffer, first: usize, rows: usize, out: &mut CudaBuffer) {
         // Batches of bf16 heads on the tensor cores: the weights read once for 32 tokens.
         let tensor_cores = self.use_tensor_cores && self.dev.tensor_cores;
-        if tensor_cores && w.dtype == 1 && w.cols.is_multiple_of(8) && rows >= HEAD_MMA_MIN_TOKENS {
+        if tensor_cores && w.dtype == DT_BF16 && w.cols.is_multiple_of(8) && rows >= HEAD_MMA_MIN_TOKENS {
             let Some(planes) = self.scratch(|b| &mut b.head_planes, 3 * rows * w.cols, "head scratch") else {
                 return;
             };
