@@ -7,8 +7,8 @@
 # binaries conformance.xz, parity.xz, synth_2b4t.xz (`cargo test --release -p bitnet-cuda
 # --no-run`, stripped, built in a checkout at /work/main: the fixtures' path is compiled in).
 # Logs go to $OUT: tests.txt, ab.txt, ncu-tg.txt, ncu-serve.txt, ncu-pp.txt and the raw ncu CSVs
-# (.xz). Each step has its own timeout; the whole call takes about
-# 5 minutes on an H100 (the synth model is made on the GPU machine's cores meanwhile).
+# (.xz). Each step has its own timeout; the whole call takes about 6 minutes on an H100 (the
+# synth model is made on the GPU machine's cores meanwhile).
 A=${A:?set A to the folder of the baseline bitnet.xz}; N=${N:?set N to the folder of the new binaries}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(pwd); [ -e /work/main ] || { mkdir -p /work && ln -s "$ROOT" /work/main; }
@@ -20,19 +20,29 @@ for f in "$N"/*.xz; do xz -dc "$f" > $BN/$(basename "$f" .xz) & done
 wait; chmod +x $BA/* $BN/*
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 $BN/bitnet synth --config 2b4t --out /tmp/m2b > /tmp/synth.txt 2>&1 &
-for t in conformance parity synth_2b4t; do
-  [ -x $BN/$t ] || continue
-  echo "=== $t" >> "$OUT/tests.txt"
-  timeout 150 $BN/$t --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $t rc=$?" | tee -a "$OUT/tests.txt"
-done
-grep -E "checks|FAILED|panicked|lowest|int8 flip|split|test result" "$OUT/tests.txt" | head -30
-wait
-echo "=== tg128 / pp512, base and new alternating"
-for i in 1 2; do for b in $BA $BN; do echo "== $b"
-  timeout 50 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 2 --no-probe 2>&1 | grep -E "pp512|tg128"
-done; done | tee "$OUT/ab.txt"
+# The steps run in order of what matters most when a call is cut short (device machines can be
+# taken back, and a session's device time can run out): the conformance suite, one alternating
+# bench round, the parity tests, the serving rows, a second bench round, synth_2b4t, then ncu.
+# Every step's log lands in $OUT as it finishes.
+run_test() {  # run_test NAME TIMEOUT: a bitnet-cuda test binary of NEW, its log in tests.txt
+  [ -x $BN/$1 ] || return
+  echo "=== $1" >> "$OUT/tests.txt"
+  timeout $2 $BN/$1 --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $1 rc=$?" | tee -a "$OUT/tests.txt"
+  sed -n "/^=== $1\$/,\$p" "$OUT/tests.txt" | grep -E "checks|FAILED|panicked|lowest|int8 flip|split|part|test result" | head -20
+}
+bench_round() {  # base and new, one tg128/pp512 run each
+  for b in $BA $BN; do echo "== $b"
+    timeout 50 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 2 --no-probe 2>&1 | grep -E "pp512|tg128"
+  done | tee -a "$OUT/ab.txt"
+}
+run_test conformance 150
+wait  # the synth model
+echo "=== tg128 / pp512, base and new alternating"; bench_round
+run_test parity 100
 echo "=== serving rows (new)"
 timeout 80 $BN/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 1 -c 1,8,64 -t 8 --no-probe 2>&1 | grep serve | tee -a "$OUT/ab.txt"
+echo "=== tg128 / pp512, second round"; bench_round
+run_test synth_2b4t 100
 ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last STEPS forward steps
   local name=$1 steps=$2; shift 2
   timeout 110 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
