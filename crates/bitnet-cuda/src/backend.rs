@@ -164,7 +164,8 @@ pub struct CudaDevice {
     kernels: Kernels,
     /// Programmatic dependent launches (compute capability 9.0+): each kernel may be
     /// scheduled while the one before it runs (every kernel waits for it first: pdl_enter).
-    programmatic_launch: bool,
+    /// Cleared for good if the driver refuses a launch with the attribute.
+    programmatic_launch: std::sync::atomic::AtomicBool,
     /// Int8 tensor cores (mma.sync, compute capability 8.0+) for prefill products.
     tensor_cores: bool,
     name: String,
@@ -206,7 +207,7 @@ impl CudaDevice {
             ctx,
             stream,
             kernels,
-            programmatic_launch: major >= 9,
+            programmatic_launch: std::sync::atomic::AtomicBool::new(major >= 9),
             tensor_cores: major >= 8,
             name,
             ordinal,
@@ -626,7 +627,32 @@ impl CudaBackend {
                 Arg::F32(v) => v as *const f32 as *mut _,
             })
             .collect();
-        let mut programmatic = sys::CUlaunchAttribute {
+        use std::sync::atomic::Ordering::Relaxed;
+        let programmatic = self.use_programmatic_launch && self.dev.programmatic_launch.load(Relaxed);
+        match self.launch_with(l, &mut params, programmatic) {
+            // A driver that refuses the attribute: every launch from now on goes in order.
+            Err(e)
+                if programmatic
+                    && matches!(
+                        e.0,
+                        sys::CUresult::CUDA_ERROR_NOT_SUPPORTED | sys::CUresult::CUDA_ERROR_INVALID_VALUE
+                    ) =>
+            {
+                self.dev.programmatic_launch.store(false, Relaxed);
+                self.launch_with(l, &mut params, false)
+            }
+            r => r,
+        }
+    }
+
+    /// One `cuLaunchKernelEx` of `l`, a programmatic dependent of the kernel before it or not.
+    fn launch_with(
+        &self,
+        l: &Launch,
+        params: &mut [*mut std::ffi::c_void],
+        programmatic: bool,
+    ) -> Result<(), DriverError> {
+        let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
@@ -640,8 +666,8 @@ impl CudaBackend {
             blockDimZ: 1,
             sharedMemBytes: l.smem,
             hStream: self.dev.stream.cu_stream(),
-            attrs: &mut programmatic,
-            numAttrs: u32::from(self.dev.programmatic_launch && self.use_programmatic_launch),
+            attrs: &mut attr,
+            numAttrs: u32::from(programmatic),
         };
         self.dev.ctx.bind_to_thread()?;
         // SAFETY: the function is one of the device's loaded kernels; `params` points at values
