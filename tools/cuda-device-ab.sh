@@ -39,8 +39,10 @@ run_test conformance 150
 wait  # the synth model
 echo "=== tg128 / pp512, base and new alternating"; bench_round
 run_test parity 100
-echo "=== serving rows (new)"
-timeout 80 $BN/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 1 -c 1,8,64 -t 8 --no-probe 2>&1 | grep serve | tee -a "$OUT/ab.txt"
+echo "=== serving rows, base and new"
+for b in $BA $BN; do echo "== $b"
+  timeout 80 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 1 -c 1,8,64 -t 8 --no-probe 2>&1 | grep serve
+done | tee -a "$OUT/ab.txt"
 echo "=== tg128 / pp512, second round"; bench_round
 run_test synth_2b4t 100
 ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last STEPS forward steps

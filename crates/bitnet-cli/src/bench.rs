@@ -356,8 +356,10 @@ fn time_generation<B: Backend>(model: &Model<B>, make: &(dyn Fn() -> B + Sync), 
     let mut ctx = single_sequence_context(model, make(), n)?;
     let mut seq = Sequence::new();
     let start = Instant::now();
+    // Each step ends as greedy generation's does: the argmax of the logits read back.
     for &id in &ids {
-        model.forward(&mut ctx, &mut seq, &[id], Logits::Last)?;
+        model.forward(&mut ctx, &mut seq, &[id], Logits::Greedy)?;
+        ctx.greedy_of(0).context("the step asked for its greedy choice")?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }

@@ -81,6 +81,7 @@ enum K {
     HeadSplit,
     LmHeadMma,
     AttentionMerge,
+    ArgmaxRows,
     Attention,
 }
 
@@ -106,6 +107,7 @@ const KERNEL_NAMES: [&str; K::Attention as usize] = [
     "head_split",
     "lm_head_mma",
     "attention_merge",
+    "argmax_rows",
 ];
 
 /// The compiled kernels: the module loaded through the driver API directly, because
@@ -306,7 +308,7 @@ impl PartialEq for Arg {
 #[derive(Clone, Debug, PartialEq)]
 struct Launch {
     kernel: u16,
-    grid: (u32, u32),
+    grid: (u32, u32, u32),
     block: u32,
     smem: u32,
     args: Vec<Arg>,
@@ -514,6 +516,12 @@ pub struct CudaBackend {
     attention_parts: Option<DeviceVec<f32>>,
     /// lm_head_mma's activations as three bf16 planes.
     head_planes: Option<DeviceVec<u16>>,
+    /// Split-K `ternary_mma`: the i32 sums of a launch's outputs and a counter per tile, both
+    /// zero between launches (the kernel leaves them so).
+    mma_part: Option<DeviceVec<i32>>,
+    mma_done: Option<DeviceVec<i32>>,
+    /// `argmax_rows`' ids on their way to the host.
+    argmax_ids: Option<DeviceVec<u32>>,
 }
 
 impl CudaBackend {
@@ -539,6 +547,9 @@ impl CudaBackend {
             segment_host: Vec::new(),
             attention_parts: None,
             head_planes: None,
+            mma_part: None,
+            mma_done: None,
+            argmax_ids: None,
         }
     }
 
@@ -611,7 +622,11 @@ impl CudaBackend {
 
     /// Queues a launch (run at the next flush).
     fn launch(&mut self, kernel: u16, grid: (u32, u32), block: u32, smem: u32, args: Vec<Arg>) {
-        if grid.0 == 0 || grid.1 == 0 {
+        self.launch_3d(kernel, (grid.0, grid.1, 1), block, smem, args);
+    }
+
+    fn launch_3d(&mut self, kernel: u16, grid: (u32, u32, u32), block: u32, smem: u32, args: Vec<Arg>) {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return; // no rows: nothing to do
         }
         self.pending.push(Launch { kernel, grid, block, smem, args });
@@ -660,7 +675,7 @@ impl CudaBackend {
         let cfg = sys::CUlaunchConfig {
             gridDimX: l.grid.0,
             gridDimY: l.grid.1,
-            gridDimZ: 1,
+            gridDimZ: l.grid.2,
             blockDimX: l.block,
             blockDimY: 1,
             blockDimZ: 1,
@@ -995,19 +1010,49 @@ impl CudaBackend {
             let grid = (total_rows.div_ceil(8) as u32, m.div_ceil(8) as u32);
             self.launch(K::TernaryGemv as u16, grid, 256, 0, args);
         } else if self.use_tensor_cores && self.dev.tensor_cores {
-            // Tiles of 32 x 32 up to MMA_SMALL_MAX_TOKENS tokens, so that a decode step of many
-            // sequences still spreads over the chip; 64 x 64 above.
-            let (kernel, tile) =
-                if m <= MMA_SMALL_MAX_TOKENS { (K::TernaryMmaSmall, 32) } else { (K::TernaryMma, 64) };
-            let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(tile)).sum();
-            let grid = (tiles as u32, m.div_ceil(tile) as u32);
-            self.launch(kernel as u16, grid, 128, 0, args);
+            let sms = self.dev.multiprocessors;
+            let blocks_of =
+                |tile: usize| ws.iter().map(|w| w.rows.div_ceil(tile)).sum::<usize>() * m.div_ceil(tile);
+            // 64 x 64 tiles where they give every multiprocessor two blocks; 32 x 32 below that
+            // (a decode step of many sequences), and K split where even those are too few.
+            let (kernel, tile) = if m <= MMA_SMALL_MAX_TOKENS || blocks_of(64) < 2 * sms {
+                (K::TernaryMmaSmall, 32)
+            } else {
+                (K::TernaryMma, 64)
+            };
+            let blocks = blocks_of(tile);
+            let splits = split_k(blocks, wvec as usize, sms);
+            let (mut part, mut done) = (0, 0);
+            if splits > 1 {
+                match (
+                    self.scratch(|b| &mut b.mma_part, m * total_rows, "split-K sums"),
+                    self.scratch(|b| &mut b.mma_done, blocks, "split-K counters"),
+                ) {
+                    (Some(p), Some(d)) => (part, done) = (p, d),
+                    _ => return, // noted; reported at the next synchronize
+                }
+            }
+            args.extend([Arg::from(part), done.into()]);
+            let grid = ((blocks / m.div_ceil(tile)) as u32, m.div_ceil(tile) as u32, splits as u32);
+            self.launch_3d(kernel as u16, grid, 128, 0, args);
         } else {
             let tiles: usize = ws.iter().map(|w| w.rows.div_ceil(64)).sum();
             let grid = (tiles as u32, m.div_ceil(64) as u32);
             self.launch(K::TernaryGemm as u16, grid, 256, 0, args);
         }
     }
+}
+
+/// How many blocks share each tile's K in `ternary_mma`: none (1) when the tiles' `blocks`
+/// give every one of the `sms` multiprocessors two, else enough for about four each, with at
+/// least four 128-column stages a block so that the copy ring still overlaps (rows of `wvec`
+/// 64-column vectors). The split is exact (integer sums), so this only moves time.
+fn split_k(blocks: usize, wvec: usize, sms: usize) -> usize {
+    if blocks >= 2 * sms {
+        return 1;
+    }
+    let stages = wvec.div_ceil(2);
+    (4 * sms).div_ceil(blocks.max(1)).min(stages / 4).max(1)
 }
 
 /// A non-ternary matrix on the device: only float formats have kernels (see
@@ -1586,6 +1631,29 @@ impl Backend for CudaBackend {
         stream
             .memcpy_dtoh(&b.data.data.slice(offset..offset + out.len()), out)
             .map_err(|e| self.err(e, "reading back", 0))?;
+        stream.synchronize().map_err(|e| self.err(e, "reading back", 0))
+    }
+
+    fn argmax_rows(&mut self, x: &CudaBuffer, width: usize, out: &mut [u32]) -> Result<(), BackendError> {
+        let rows = out.len();
+        if rows.saturating_mul(width) > x.data.len() {
+            return Err(
+                self.shape(format!("the argmax of {rows} rows of {width} in a buffer of {}", x.data.len()))
+            );
+        }
+        if rows == 0 || width == 0 {
+            out.fill(0);
+            return Ok(());
+        }
+        let Some(ids) = self.scratch(|b| &mut b.argmax_ids, rows, "argmax ids") else {
+            return self.synchronize(); // reports the failed allocation
+        };
+        let args = vec![Arg::from(x.data.ptr), (width as i32).into(), ids.into()];
+        self.launch(K::ArgmaxRows as u16, (rows as u32, 1), 1024, 0, args);
+        self.synchronize()?;
+        let stream = self.dev.stream.clone();
+        let ids = self.argmax_ids.as_ref().expect("allocated above");
+        stream.memcpy_dtoh(&ids.data.slice(..rows), out).map_err(|e| self.err(e, "reading back", 0))?;
         stream.synchronize().map_err(|e| self.err(e, "reading back", 0))
     }
 

@@ -280,6 +280,18 @@ pub trait Backend: Send {
     );
     /// Copies `out.len()` values starting at `offset` of a buffer to the host.
     fn read(&mut self, b: &Self::Buffer, offset: usize, out: &mut [f32]) -> Result<(), BackendError>;
+    /// Greedy decoding's choice for each of the first `out.len()` rows of `width` values of `x`:
+    /// [`crate::sampling::argmax`] of the row (the first index of its largest value; NaNs never
+    /// win; 0 when nothing beats element 0). A device computes it where the rows are, so that
+    /// only the ids cross to the host; the default reads the rows back.
+    fn argmax_rows(&mut self, x: &Self::Buffer, width: usize, out: &mut [u32]) -> Result<(), BackendError> {
+        let mut row = vec![0.0f32; width];
+        for (r, id) in out.iter_mut().enumerate() {
+            self.read(x, r * width, &mut row)?;
+            *id = crate::sampling::argmax(&row);
+        }
+        Ok(())
+    }
 
     // Transfers for callers that bring their own data, and for the conformance suite
     // ([`crate::conformance`]), which compares every operation's results across backends.

@@ -94,6 +94,7 @@ pub fn check_backend_with<B: Backend>(make: impl Fn() -> B, opts: Options) -> Re
     };
     s.embedding_and_gather();
     s.transfers();
+    s.argmax_rows();
     s.row_ops();
     s.quantizers();
     s.bitlinear();
@@ -358,6 +359,54 @@ impl<B: Backend> Suite<B> {
         }
     }
 
+    /// Greedy choices: random rows, ties (the first wins), NaN first (0) and inside (skipped),
+    /// rows of -inf, signed zeros, widths of 1 to a vocabulary's.
+    fn argmax_rows(&mut self) {
+        let mut rng = Rng::new(12);
+        for width in [1, 7, 1000, 4099, 32003] {
+            let mut rows: Vec<Vec<f32>> = (0..5).map(|_| rng.floats(width, 8.0)).collect();
+            let mut tie = rng.floats(width, 1.0);
+            for i in (width / 3..width).step_by(width / 4 + 1) {
+                tie[i] = 9.0;
+            }
+            rows.push(tie);
+            let mut nan_first = rng.floats(width, 1.0);
+            nan_first[0] = f32::NAN;
+            rows.push(nan_first);
+            let mut nan_inside = rng.floats(width, 1.0);
+            nan_inside[width / 2] = f32::NAN;
+            rows.push(nan_inside);
+            rows.push(vec![f32::NEG_INFINITY; width]);
+            rows.push((0..width).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect());
+            let mut inf = rng.floats(width, 1.0);
+            inf[width - 1] = f32::INFINITY;
+            rows.push(inf);
+            let flat: Vec<f32> = rows.concat();
+            let n = rows.len();
+            let case = format!("{n} rows of {width}");
+            let mut want = vec![0u32; n];
+            let cpu_x =
+                self.cpu.buffer(flat.len()).and_then(|mut b| self.cpu.write(&mut b, 0, &flat).map(|_| b));
+            let want = cpu_x.and_then(|x| self.cpu.argmax_rows(&x, width, &mut want).map(|_| want));
+            let dev = &mut self.dev;
+            let got = (|| {
+                let x = buffer_with(dev, flat.len(), &flat)?;
+                let mut got = vec![u32::MAX; n];
+                dev.argmax_rows(&x, width, &mut got)?;
+                Ok(got)
+            })();
+            let (Some(w), Some(g)) =
+                (self.ok("argmax_rows", &case, want), self.ok("argmax_rows", &case, got))
+            else {
+                continue;
+            };
+            self.checks += 1;
+            if let Some(r) = (0..n).find(|&r| g[r] != w[r]) {
+                self.fail("argmax_rows", case, format!("row {r}: {} but the CPU gives {}", g[r], w[r]));
+            }
+        }
+    }
+
     /// write and read at offsets, on both kinds of buffer.
     fn transfers(&mut self) {
         let mut rng = Rng::new(2);
@@ -549,47 +598,54 @@ impl<B: Backend> Suite<B> {
                 }
             }
         }
-        // q, k, v (three outputs) and gate, up (two) from one input.
-        let cols = 300;
-        let mats: Vec<TernaryMatrix> = [48, 16, 16]
-            .iter()
-            .map(|&r| {
-                TernaryMatrix::from_ternary(&rng.ints(r * cols, -1, 1), r, cols, WeightScale::Multiply(0.6))
+        // q, k, v (three outputs) and gate, up (two) from one input; rows wide enough for a
+        // device to split K (1 100 columns) and not (300).
+        for cols in [300, 1100] {
+            let mats: Vec<TernaryMatrix> = [48, 16, 16]
+                .iter()
+                .map(|&r| {
+                    TernaryMatrix::from_ternary(
+                        &rng.ints(r * cols, -1, 1),
+                        r,
+                        cols,
+                        WeightScale::Multiply(0.6),
+                    )
                     .expect("valid")
-            })
-            .collect();
-        let (mut cws, mut dws) = (Vec::new(), Vec::new());
-        for w in &mats {
-            let case = "bitlinear_many weights";
-            if let (Some(c), Some(d)) = (
-                self.ok("upload_linear", case, self.cpu.upload_linear(w.clone())),
-                self.ok("upload_linear", case, self.dev.upload_linear(w.clone())),
-            ) {
-                cws.push(c);
-                dws.push(d);
+                })
+                .collect();
+            let (mut cws, mut dws) = (Vec::new(), Vec::new());
+            for w in &mats {
+                let case = "bitlinear_many weights";
+                if let (Some(c), Some(d)) = (
+                    self.ok("upload_linear", case, self.cpu.upload_linear(w.clone())),
+                    self.ok("upload_linear", case, self.dev.upload_linear(w.clone())),
+                ) {
+                    cws.push(c);
+                    dws.push(d);
+                }
             }
-        }
-        if cws.len() != 3 {
-            return;
-        }
-        for m in batch_sizes(self.opts.max_batch) {
-            let q = rng.ints(m * cols, -128, 127);
-            let s_a: Vec<f32> = (0..m).map(|_| 0.5 + rng.float(0.45)).collect();
-            let case = format!("[48, 16, 16]×{cols}, {m} tokens");
-            let want = many_on(&mut self.cpu, [&cws[0], &cws[1], &cws[2]], &q, &s_a, cols, [48, 16, 16]);
-            let got = many_on(&mut self.dev, [&dws[0], &dws[1], &dws[2]], &q, &s_a, cols, [48, 16, 16]);
-            if let (Some(w), Some(g)) =
-                (self.ok("bitlinear_many", &case, want), self.ok("bitlinear_many", &case, got))
-            {
-                self.exact("bitlinear_many", case, &g, &w);
+            if cws.len() != 3 {
+                continue;
             }
-            let case = format!("[48, 16]×{cols}, {m} tokens");
-            let want = many_on(&mut self.cpu, [&cws[0], &cws[1]], &q, &s_a, cols, [48, 16]);
-            let got = many_on(&mut self.dev, [&dws[0], &dws[1]], &q, &s_a, cols, [48, 16]);
-            if let (Some(w), Some(g)) =
-                (self.ok("bitlinear_many", &case, want), self.ok("bitlinear_many", &case, got))
-            {
-                self.exact("bitlinear_many", case, &g, &w);
+            for m in batch_sizes(self.opts.max_batch) {
+                let q = rng.ints(m * cols, -128, 127);
+                let s_a: Vec<f32> = (0..m).map(|_| 0.5 + rng.float(0.45)).collect();
+                let case = format!("[48, 16, 16]×{cols}, {m} tokens");
+                let want = many_on(&mut self.cpu, [&cws[0], &cws[1], &cws[2]], &q, &s_a, cols, [48, 16, 16]);
+                let got = many_on(&mut self.dev, [&dws[0], &dws[1], &dws[2]], &q, &s_a, cols, [48, 16, 16]);
+                if let (Some(w), Some(g)) =
+                    (self.ok("bitlinear_many", &case, want), self.ok("bitlinear_many", &case, got))
+                {
+                    self.exact("bitlinear_many", case, &g, &w);
+                }
+                let case = format!("[48, 16]×{cols}, {m} tokens");
+                let want = many_on(&mut self.cpu, [&cws[0], &cws[1]], &q, &s_a, cols, [48, 16]);
+                let got = many_on(&mut self.dev, [&dws[0], &dws[1]], &q, &s_a, cols, [48, 16]);
+                if let (Some(w), Some(g)) =
+                    (self.ok("bitlinear_many", &case, want), self.ok("bitlinear_many", &case, got))
+                {
+                    self.exact("bitlinear_many", case, &g, &w);
+                }
             }
         }
     }

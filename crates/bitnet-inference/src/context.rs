@@ -157,8 +157,13 @@ pub(crate) struct BatchMeta {
     /// Block tables of every segment, one after another.
     pub tables: Vec<u32>,
     pub segments: Vec<AttentionSegment>,
-    /// Batch rows that want logits, in segment order.
+    /// Batch rows that go through the head: those whose logits are read back (the first
+    /// `full_logit_rows`, in segment order), then those that want only their argmax
+    /// ([`crate::Logits::Greedy`]).
     pub logit_rows: Vec<u32>,
+    pub full_logit_rows: usize,
+    /// The argmax-only rows while a batch is laid out.
+    greedy_rows: Vec<u32>,
 }
 
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -174,6 +179,10 @@ pub struct Context<B: Backend> {
     pub(crate) logits: Vec<f32>,
     /// Each segment's rows in `logits` (first row, count).
     logit_spans: Vec<(usize, usize)>,
+    /// The greedy choices of the last call's [`crate::Logits::Greedy`] segments, and each
+    /// segment's index among them.
+    pub(crate) greedy_ids: Vec<u32>,
+    greedy_spans: Vec<Option<usize>>,
     max_batch: usize,
     max_seq_tokens: usize,
     vocab: usize,
@@ -230,6 +239,8 @@ impl<B: Backend> Context<B> {
             tables: Vec::with_capacity(blocks),
             segments: Vec::with_capacity(max_batch),
             logit_rows: Vec::with_capacity(max_batch),
+            full_logit_rows: 0,
+            greedy_rows: Vec::with_capacity(max_batch),
         };
         Ok(Self {
             backend,
@@ -239,6 +250,8 @@ impl<B: Backend> Context<B> {
             batch,
             logits: Vec::with_capacity(logit_rows * c.vocab_size),
             logit_spans: Vec::with_capacity(max_batch),
+            greedy_ids: Vec::with_capacity(max_batch),
+            greedy_spans: Vec::with_capacity(max_batch),
             max_batch,
             max_seq_tokens,
             vocab: c.vocab_size,
@@ -297,14 +310,25 @@ impl<B: Backend> Context<B> {
         &self.logits[first * self.vocab..(first + n) * self.vocab]
     }
 
+    /// The greedy choice of segment `i` of the last forward call, if it asked for only that
+    /// ([`crate::Logits::Greedy`]); its [`Self::logits_of`] is then empty.
+    pub fn greedy_of(&self, i: usize) -> Option<u32> {
+        let at = self.greedy_spans.get(i).copied().flatten()?;
+        self.greedy_ids.get(at).copied()
+    }
+
     /// As [`Self::logits_of`], to sample from (samplers modify logits in place).
     pub fn logits_of_mut(&mut self, i: usize) -> &mut [f32] {
         let (first, n) = self.logit_spans.get(i).copied().unwrap_or((0, 0));
         &mut self.logits[first * self.vocab..(first + n) * self.vocab]
     }
 
-    /// Samples `seq`'s next token from the last row of segment `i`'s logits.
+    /// Samples `seq`'s next token from the last row of segment `i`'s logits (or takes its
+    /// greedy choice, for a [`crate::Logits::Greedy`] segment).
     pub fn sample(&mut self, i: usize, seq: &mut Sequence) -> Option<u32> {
+        if let Some(id) = self.greedy_of(i) {
+            return Some(id);
+        }
         let vocab = self.vocab;
         let rows = self.logits_of_mut(i);
         let last = rows.len().checked_sub(vocab)?;
@@ -436,9 +460,12 @@ impl<B: Backend> Context<B> {
         m.tables.clear();
         m.segments.clear();
         m.logit_rows.clear();
+        m.greedy_rows.clear();
         if !append_logits {
             self.logits.clear();
             self.logit_spans.clear();
+            self.greedy_ids.clear();
+            self.greedy_spans.clear();
         }
         let mut logit_row = self.logits.len() / self.vocab.max(1);
         for s in batch.iter_mut() {
@@ -469,14 +496,23 @@ impl<B: Backend> Context<B> {
                     .push((seq.blocks[p / BLOCK_TOKENS] as usize * BLOCK_TOKENS + p % BLOCK_TOKENS) as u32);
             }
             let want = s.logits.rows(s.tokens.len());
+            if s.logits == Logits::Greedy && !append_logits {
+                self.greedy_spans.push(Some(m.greedy_rows.len()));
+                self.logit_spans.push((logit_row, 0));
+                m.greedy_rows.extend(want.map(|t| (first_row + t) as u32));
+                continue;
+            }
             m.logit_rows.extend(want.clone().map(|t| (first_row + t) as u32));
             if !append_logits {
+                self.greedy_spans.push(None);
                 self.logit_spans.push((logit_row, want.len()));
             } else if let Some(span) = self.logit_spans.last_mut() {
                 span.1 += want.len();
             }
             logit_row += want.len();
         }
+        m.full_logit_rows = m.logit_rows.len();
+        m.logit_rows.extend_from_slice(&m.greedy_rows);
         Ok(rows)
     }
 

@@ -433,6 +433,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn argmax_rows(&mut self, x: &Vec<f32>, width: usize, out: &mut [u32]) -> Result<(), BackendError> {
+        let rows = x.get(..out.len() * width).ok_or_else(|| {
+            shape(format!("the argmax of {} rows of {width} in a buffer of {}", out.len(), x.len()))
+        })?;
+        for (id, row) in out.iter_mut().zip(rows.chunks_exact(width.max(1))) {
+            *id = crate::sampling::argmax(row);
+        }
+        Ok(())
+    }
+
     fn write(&mut self, b: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<(), BackendError> {
         let len = b.len();
         let dst = b.get_mut(offset..offset + data.len()).ok_or_else(|| {

@@ -163,9 +163,12 @@ fn generate_on_this_thread<B: Backend>(
     let mut streamer = TextStreamer::new();
     let mut stops = StopMatcher::new(opts.stop_strings.clone());
 
+    // Greedy decoding without penalties needs only each step's argmax, which a device
+    // computes where the logits are.
+    let want = if opts.sampling.is_plain_greedy() { Logits::Greedy } else { Logits::Last };
     let start = Instant::now();
     let cached = reuse_prefix(ctx, seq, prompt_ids);
-    model.forward(ctx, seq, &prompt_ids[cached..], Logits::Last)?;
+    model.forward(ctx, seq, &prompt_ids[cached..], want)?;
     let prompt_time = start.elapsed();
     let decode_start = Instant::now();
     let mut stop_reason = StopReason::MaxTokens;
@@ -195,7 +198,7 @@ fn generate_on_this_thread<B: Backend>(
             stop_reason = StopReason::ContextFull;
             break;
         }
-        model.forward(ctx, seq, &[next], Logits::Last)?;
+        model.forward(ctx, seq, &[next], want)?;
     }
     if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
         if let Some(piece) = streamer.finish(tokenizer)? {

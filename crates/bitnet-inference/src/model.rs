@@ -131,6 +131,11 @@ pub enum Logits {
     Last,
     /// Every row.
     All,
+    /// Only the last row's greedy choice ([`crate::sampling::argmax`]), for a sequence decoded
+    /// greedily without penalties or log-probabilities: the logits stay where the backend
+    /// computed them and only the id crosses to the host ([`Context::greedy_of`]). In a call
+    /// that appends logits (a prompt run in chunks) it is [`Logits::Last`].
+    Greedy,
 }
 
 impl Logits {
@@ -138,7 +143,7 @@ impl Logits {
     pub(crate) fn rows(self, rows: usize) -> std::ops::Range<usize> {
         match self {
             Logits::None => rows..rows,
-            Logits::Last => rows.saturating_sub(1)..rows,
+            Logits::Last | Logits::Greedy => rows.saturating_sub(1)..rows,
             Logits::All => 0..rows,
         }
     }
@@ -289,7 +294,7 @@ impl<B: Backend> Model<B> {
         for (ci, chunk) in ids.chunks(ctx.max_batch()).enumerate() {
             let last = ci + 1 == n_chunks;
             let want = match logits {
-                Logits::Last if !last => Logits::None,
+                Logits::Last | Logits::Greedy if !last => Logits::None,
                 other => other,
             };
             let mut batch = [Segment { seq: &mut *seq, tokens: chunk, logits: want }];
@@ -408,7 +413,8 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let (h, vocab) = (c.hidden_size, c.vocab_size);
         let (b, a, meta) = (&mut ctx.backend, &mut ctx.act, &ctx.batch);
-        let n = meta.logit_rows.len();
+        // Rows that want their logits on the host first, then rows that want only their argmax.
+        let (n, full) = (meta.logit_rows.len(), meta.full_logit_rows);
         if n == 0 {
             return Ok(());
         }
@@ -416,10 +422,13 @@ impl<B: Backend> Model<B> {
         b.gather_rows(&a.x, &meta.logit_rows, h, &mut a.proj);
         b.rmsnorm(&a.proj, Some(&self.final_norm), n, h, c.rms_norm_eps, &mut a.normed);
         let start = ctx.logits.len();
-        ctx.logits.resize(start + n * vocab, 0.0);
+        ctx.logits.resize(start + full * vocab, 0.0);
+        ctx.greedy_ids.resize(n - full, 0);
         let mut first = 0;
         while first < n {
-            let count = (n - first).min(a.logit_rows);
+            // A pass stops where the rows that read their logits end.
+            let end = if first < full { full } else { n };
+            let count = (end - first).min(a.logit_rows);
             match (&self.head, &self.embed_tokens) {
                 (Head::Float(Some(head)), _) | (Head::Float(None), Embedding::Float(head)) => {
                     b.lm_head(head, &a.normed, first, count, &mut a.logits)
@@ -439,8 +448,12 @@ impl<B: Backend> Model<B> {
                     b.bitlinear(head, &a.quant_hidden, &mut a.logits);
                 }
             }
-            let dst = &mut ctx.logits[start + first * vocab..start + (first + count) * vocab];
-            b.read(&a.logits, 0, dst)?;
+            if first < full {
+                let dst = &mut ctx.logits[start + first * vocab..start + (first + count) * vocab];
+                b.read(&a.logits, 0, dst)?;
+            } else {
+                b.argmax_rows(&a.logits, vocab, &mut ctx.greedy_ids[first - full..first - full + count])?;
+            }
             first += count;
         }
         Ok(())

@@ -51,6 +51,15 @@ pub struct SamplingError {
 }
 
 impl SamplingParams {
+    /// Whether the next token is always the argmax of the model's logits: greedy, and no
+    /// penalty changes the logits first.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0
+            && self.repeat_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+    }
+
     /// Checks ranges; the error names the parameter.
     pub fn validate(&self) -> Result<(), SamplingError> {
         let check = |ok: bool, param, expected, value| match ok {

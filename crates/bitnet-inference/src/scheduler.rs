@@ -510,7 +510,14 @@ impl<B: Backend> Worker<B> {
                 continue;
             }
             let last = a.feeding == a.pending.len();
-            let logits = if last { Logits::Last } else { Logits::None };
+            // A greedy request without log-probabilities needs only the argmax: its logits stay
+            // on the device.
+            let greedy = a.req.logprobs.is_none() && a.seq.sampler.params().is_plain_greedy();
+            let logits = match (last, greedy) {
+                (false, _) => Logits::None,
+                (true, false) => Logits::Last,
+                (true, true) => Logits::Greedy,
+            };
             segments.push(Segment { seq: &mut a.seq, tokens: &a.pending[..a.feeding], logits });
             members.push(i);
         }
@@ -552,15 +559,20 @@ impl<B: Backend> Worker<B> {
     fn sample_and_send(&mut self, ctx: &mut Context<B>, seg: usize, i: usize) -> Option<FinishReason> {
         let vocab = self.model.config.vocab_size;
         let a = &mut self.running[i];
-        let rows = ctx.logits_of_mut(seg);
-        let n = rows.len();
-        let last = &mut rows[n - vocab..];
         let lp_of = |logits: &[f32], id: u32, n: usize| {
             let (logprob, top) = logprobs(logits, id, n);
             TokenLogprobs { logprob, top }
         };
-        let raw_top = a.req.logprobs.map(|_| last.to_vec());
-        let next = a.seq.sample(last);
+        let (next, raw_top) = match ctx.greedy_of(seg) {
+            Some(id) => (id, None),
+            None => {
+                let rows = ctx.logits_of_mut(seg);
+                let n = rows.len();
+                let last = &mut rows[n - vocab..];
+                let raw_top = a.req.logprobs.map(|_| last.to_vec());
+                (a.seq.sample(last), raw_top)
+            }
+        };
         a.generated += 1;
         a.all_tokens.push(next);
         if a.req.stop_ids.contains(&next) {

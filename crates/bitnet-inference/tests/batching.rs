@@ -72,13 +72,19 @@ fn together(model: &Model<CpuBackend>, prompts: &[Vec<u32>], n: usize, kv_type: 
         for (seq, (k, tokens)) in
             seqs.iter_mut().enumerate().filter_map(|(k, s)| inputs.iter().find(|i| i.0 == k).map(|i| (s, i)))
         {
-            batch.push(Segment { seq, tokens, logits: Logits::Last });
+            // Odd sequences ask for the greedy choice only (it stays where the head computed
+            // it); even ones for their logits: the two kinds interleave in the batch.
+            let logits = if k % 2 == 1 { Logits::Greedy } else { Logits::Last };
+            batch.push(Segment { seq, tokens, logits });
             order.push(*k);
         }
         if !batch.is_empty() {
             model.forward_batch(&mut ctx, &mut batch).unwrap();
             drop(batch);
             for (i, &k) in order.iter().enumerate() {
+                let vocab = model.config.vocab_size;
+                assert_eq!(ctx.logits_of(i).len(), if k % 2 == 1 { 0 } else { vocab });
+                assert_eq!(ctx.greedy_of(i).is_some(), k % 2 == 1);
                 let next = ctx.sample(i, &mut seqs[k]).unwrap();
                 out[k].push(next);
             }

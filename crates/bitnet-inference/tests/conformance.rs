@@ -40,6 +40,8 @@ enum Fault {
     AttentionIgnoresWindow,
     /// Scaling leaves the last value as it was.
     ScaleSkipsLastValue,
+    /// Greedy choices take the last of equal largest values, not the first.
+    ArgmaxTakesLastTie,
 }
 
 /// The CPU backend with one fault.
@@ -270,6 +272,18 @@ impl Backend for Faulty {
     fn read(&mut self, b: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<(), BackendError> {
         self.cpu.read(b, offset, out)
     }
+    fn argmax_rows(&mut self, x: &Vec<f32>, width: usize, out: &mut [u32]) -> Result<(), BackendError> {
+        self.cpu.argmax_rows(x, width, out)?;
+        if self.fault == Fault::ArgmaxTakesLastTie {
+            for (r, id) in out.iter_mut().enumerate() {
+                let row = &x[r * width..(r + 1) * width];
+                if let Some(last) = (0..width).rev().find(|&i| row[i] == row[*id as usize]) {
+                    *id = last as u32;
+                }
+            }
+        }
+        Ok(())
+    }
     fn write(&mut self, b: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<(), BackendError> {
         self.cpu.write(b, offset, data)
     }
@@ -314,6 +328,7 @@ fn every_deliberate_fault_is_caught_and_named() {
         (Fault::DenseLinearSkipsLastRow, "dense_linear"),
         (Fault::AttentionIgnoresWindow, "attention"),
         (Fault::ScaleSkipsLastValue, "scale"),
+        (Fault::ArgmaxTakesLastTie, "argmax_rows"),
     ];
     for (fault, op) in cases {
         let failures =

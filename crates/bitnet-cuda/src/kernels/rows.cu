@@ -280,3 +280,49 @@ extern "C" __global__ void row_sums(const i8* q, int width, int stride, int* sum
     total = block_sum_i(total, is);
     if (threadIdx.x == 0) sums[t] = total;
 }
+
+// sampling::argmax of each row: the first index of the row's largest value, NaNs never chosen
+// (`v > best` is false for them), index 0 when nothing beats element 0 (so a row starting with
+// NaN, or all -inf or NaN, gives 0, as the host scan does). Block per row; each thread keeps
+// the first best of its strided elements, then the block keeps the largest value and, among
+// equal values, the lowest index.
+__device__ __forceinline__ void keep_first_max(float& v, int& i, float ov, int oi) {
+    if (ov > v || (ov == v && oi < i)) {
+        v = ov;
+        i = oi;
+    }
+}
+
+#define NO_INDEX 0x7fffffff
+
+extern "C" __global__ void argmax_rows(const float* x, int width, u32* out) {
+    pdl_enter();
+    __shared__ float vs[32];
+    __shared__ int is[32];
+    const float* row = x + (u64)blockIdx.x * width;
+    float best = -INFINITY;
+    int at = NO_INDEX;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float v = row[c];
+        if (v > best) {  // strided in increasing order: the first of equal values stays
+            best = v;
+            at = c;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) keep_first_max(best, at, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) {
+        vs[warp] = best;
+        is[warp] = at;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < warps ? vs[lane] : -INFINITY;
+        at = lane < warps ? is[lane] : NO_INDEX;
+        for (int o = 16; o > 0; o >>= 1) keep_first_max(best, at, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, at, o));
+        if (lane == 0) {
+            // Nothing above -inf, or element 0 is NaN (nothing compares above it): index 0.
+            out[blockIdx.x] = at == NO_INDEX || row[0] != row[0] ? 0u : (u32)at;
+        }
+    }
+}

@@ -261,6 +261,13 @@ extern "C" __global__ void __launch_bounds__(256) int8_gemv(const int4* w, const
 // (12 words, 144 bytes) so that a warp's fragment reads hit 32 different banks. Columns past
 // the row's vectors, rows past the matrix and tokens past the batch are zero-filled: they add
 // nothing, and their outputs are not written.
+//
+// Split K (grid.z > 1): when the tiles alone would leave multiprocessors idle (a decode step of
+// a few dozen sequences), each of the grid.z blocks of a tile takes its own run of stages and
+// adds its i32 sums into `part` (one i32 per output, zero between launches) with atomics:
+// integer addition in any order gives the same sum, so the split is exact. The last block of a
+// tile to finish (counted in `done`, one counter per tile) takes the sums back, leaving zeros,
+// subtracts the activation sums, scales and writes the outputs, and resets the counter.
 #define MMA_KS 128
 #define MMA_STAGES 3
 #define MMA_A_WORDS 12
@@ -277,30 +284,33 @@ __device__ __forceinline__ void mma_u8s8(int* c, const u32* a, const u32* b) {
 
 template <int BM, int BN>
 __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
-                                                 const int* sums, int m, int wvec) {
+                                                 const int* sums, int m, int wvec, int* part, int* done) {
     constexpr int MI = BM / 32, NJ = BN / 16;  // a warp's 16-row and 8-token fragments
     __shared__ __align__(16) u32 as[MMA_STAGES][BM * MMA_A_WORDS];
     __shared__ __align__(16) u8 bs[MMA_STAGES][BN * MMA_B_BYTES];
     int tiles0 = (r0 + BM - 1) / BM, tiles1 = (r1 + BM - 1) / BM;
-    int tile = blockIdx.x, base;
+    int tile = blockIdx.x, base, row0;  // row0: the matrix's first row among the launch's rows
     const uint4* w;
     float* out;
     int rows, mode;
     float scale;
     if (tile < tiles0) {
-        w = w0; out = o0; rows = r0; mode = m0; scale = s0; base = tile * BM;
+        w = w0; out = o0; rows = r0; mode = m0; scale = s0; base = tile * BM; row0 = 0;
     } else if (tile < tiles0 + tiles1) {
-        w = w1; out = o1; rows = r1; mode = m1; scale = s1; base = (tile - tiles0) * BM;
+        w = w1; out = o1; rows = r1; mode = m1; scale = s1; base = (tile - tiles0) * BM; row0 = r0;
     } else {
-        w = w2; out = o2; rows = r2; mode = m2; scale = s2; base = (tile - tiles0 - tiles1) * BM;
+        w = w2; out = o2; rows = r2; mode = m2; scale = s2; base = (tile - tiles0 - tiles1) * BM; row0 = r0 + r1;
     }
     int tok0 = blockIdx.y * BN;
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int g = lane >> 2, tig = lane & 3;
     int wr = (warp >> 1) * (BM / 2), wt = (warp & 1) * (BN / 2);  // the warp's rows and tokens in the tile
-    int stages = (wvec + 1) / 2;
+    // This block's stages: all of them, or its share of a split K.
+    int all_stages = (wvec + 1) / 2, share = (all_stages + gridDim.z - 1) / gridDim.z;
+    int first = blockIdx.z * share, stages = max(0, min(share, all_stages - first));
     // Stage st: weight vectors 2 st, 2 st + 1 of each row, activation vectors 8 st .. 8 st + 7.
     auto load = [&](int st, int buf) {
+        st += first;
         for (int e = tid; e < BM * 2; e += 128) {
             int r = e >> 1, v = 2 * st + (e & 1);
             bool full = base + r < rows && v < wvec;
@@ -359,6 +369,41 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
         }
     }
     cp_async_wait<0>();
+    if (gridDim.z > 1) {
+        int total = r0 + r1 + r2;
+        // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
+#pragma unroll
+        for (int i = 0; i < MI; i++)
+#pragma unroll
+            for (int j = 0; j < NJ; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int r = base + wr + 16 * i + g + 8 * (e >> 1);
+                    int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
+                    if (r < rows && tok < m && acc[i][j][e] != 0) atomicAdd(&part[(u64)tok * total + row0 + r], acc[i][j][e]);
+                }
+        // Every add of this block is visible before the count says so (the classic
+        // threadfence-reduction handshake); the last block sees every block's adds.
+        __threadfence();
+        __syncthreads();
+        __shared__ int last;
+        int* count = done + blockIdx.y * gridDim.x + blockIdx.x;
+        if (tid == 0) last = atomicAdd(count, 1) == (int)gridDim.z - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+#pragma unroll
+        for (int i = 0; i < MI; i++)
+#pragma unroll
+            for (int j = 0; j < NJ; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int r = base + wr + 16 * i + g + 8 * (e >> 1);
+                    int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
+                    acc[i][j][e] = r < rows && tok < m ? atomicExch(&part[(u64)tok * total + row0 + r], 0) : 0;
+                }
+        if (tid == 0) *count = 0;
+    }
     // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
 #pragma unroll
     for (int i = 0; i < MI; i++)
@@ -373,18 +418,19 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
             }
 }
 
-// Prefill-sized batches: 64 rows x 64 tokens a block.
+// Prefill-sized batches: 64 rows x 64 tokens a block (`part`, `done`: split K, see above).
 extern "C" __global__ void __launch_bounds__(128) ternary_mma(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
-                                                              const int* sums, int m, int wvec) {
+                                                              const int* sums, int m, int wvec, int* part,
+                                                              int* done) {
     pdl_enter();
-    ternary_mma_tile<64, 64>(MATS_ARGS, x, xvec, s_a, sums, m, wvec);
+    ternary_mma_tile<64, 64>(MATS_ARGS, x, xvec, s_a, sums, m, wvec, part, done);
 }
 
-// Batches of 9 to 32 tokens (decode steps of many sequences): 32 x 32 tiles, so that a layer's
-// products still give every multiprocessor blocks to run.
+// Decode steps of many sequences: 32 x 32 tiles, so that a layer's products still give every
+// multiprocessor blocks to run (with K split where even these are too few).
 extern "C" __global__ void __launch_bounds__(128) ternary_mma_small(MATS_PARAMS, const int4* x, int xvec,
                                                                     const float* s_a, const int* sums, int m,
-                                                                    int wvec) {
+                                                                    int wvec, int* part, int* done) {
     pdl_enter();
-    ternary_mma_tile<32, 32>(MATS_ARGS, x, xvec, s_a, sums, m, wvec);
+    ternary_mma_tile<32, 32>(MATS_ARGS, x, xvec, s_a, sums, m, wvec, part, done);
 }
