@@ -9,6 +9,7 @@
 # Logs go to $OUT: tests.txt, ab.txt, ncu-tg.txt, ncu-serve.txt, ncu-pp.txt and the raw ncu CSVs
 # (.xz). Each step has its own timeout; the whole call takes about 6 minutes on an H100 (the
 # synth model is made on the GPU machine's cores meanwhile).
+# C (optional) holds a third bitnet.xz, a variant of NEW that joins the bench rounds.
 A=${A:?set A to the folder of the baseline bitnet.xz}; N=${N:?set N to the folder of the new binaries}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(pwd); [ -e /work/main ] || { mkdir -p /work && ln -s "$ROOT" /work/main; }
@@ -16,8 +17,9 @@ NV=$(find /usr/local /opt /usr/lib -name 'libnvrtc.so.13*' 2>/dev/null | grep -v
 export LD_LIBRARY_PATH=$(dirname "$NV"):/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 BA=/tmp/ab-base; BN=/tmp/ab-new; mkdir -p $BA $BN
 xz -dc "$A/bitnet.xz" > $BA/bitnet &
+BC=/tmp/ab-c; [ -n "$C" ] && { mkdir -p $BC; xz -dc "$C/bitnet.xz" > $BC/bitnet & }
 for f in "$N"/*.xz; do xz -dc "$f" > $BN/$(basename "$f" .xz) & done
-wait; chmod +x $BA/* $BN/*
+wait; chmod +x $BA/* $BN/* ${C:+$BC/*}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 $BN/bitnet synth --config 2b4t --out /tmp/m2b > /tmp/synth.txt 2>&1 &
 # The steps run in order of what matters most when a call is cut short (device machines can be
@@ -30,8 +32,8 @@ run_test() {  # run_test NAME TIMEOUT: a bitnet-cuda test binary of NEW, its log
   timeout $2 $BN/$1 --nocapture --test-threads=1 >> "$OUT/tests.txt" 2>&1; echo "=== $1 rc=$?" | tee -a "$OUT/tests.txt"
   sed -n "/^=== $1\$/,\$p" "$OUT/tests.txt" | grep -E "checks|FAILED|panicked|lowest|int8 flip|split|part|test result" | head -20
 }
-bench_round() {  # base and new, one tg128/pp512 run each
-  for b in $BA $BN; do echo "== $b"
+bench_round() {  # base and new (and C, a variant, if given), one tg128/pp512 run each
+  for b in $BA $BN ${C:+$BC}; do echo "== $b"
     timeout 50 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 2 --no-probe 2>&1 | grep -E "pp512|tg128"
   done | tee -a "$OUT/ab.txt"
 }
