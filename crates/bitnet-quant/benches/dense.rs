@@ -62,6 +62,9 @@ fn head_cases() -> Vec<Case> {
     vec![
         Case { path, format: DenseFormat::Q8_0, name: "smol_head", rows: 49152, cols: 576 },
         Case { path, format: DenseFormat::Q6_K, name: "7b_head", rows: 32000, cols: 4096 },
+        // BitNet b1.58 2B-4T's tied table stored as Q8_0, and a slice of it that stays in cache.
+        Case { path, format: DenseFormat::Q8_0, name: "2b4t_head", rows: 128256, cols: 2560 },
+        Case { path, format: DenseFormat::Q8_0, name: "2b4t_head_cached", rows: 2048, cols: 2560 },
     ]
 }
 
