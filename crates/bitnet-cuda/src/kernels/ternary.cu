@@ -369,19 +369,22 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
         }
     }
     cp_async_wait<0>();
-    if (gridDim.z > 1) {
-        int total = r0 + r1 + r2;
-        // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
+    // f(sum, row, token) for each of this thread's outputs: c0, c1 are row g, tokens 2 tig and
+    // 2 tig + 1; c2, c3 row g + 8.
+    auto each_output = [&](auto f) {
 #pragma unroll
         for (int i = 0; i < MI; i++)
 #pragma unroll
             for (int j = 0; j < NJ; j++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int r = base + wr + 16 * i + g + 8 * (e >> 1);
-                    int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
-                    if (r < rows && tok < m && acc[i][j][e] != 0) atomicAdd(&part[(u64)tok * total + row0 + r], acc[i][j][e]);
-                }
+                for (int e = 0; e < 4; e++)
+                    f(acc[i][j][e], base + wr + 16 * i + g + 8 * (e >> 1), tok0 + wt + 8 * j + 2 * tig + (e & 1));
+    };
+    if (gridDim.z > 1) {
+        int total = r0 + r1 + r2;
+        each_output([&](int& a, int r, int tok) {
+            if (r < rows && tok < m && a != 0) atomicAdd(&part[(u64)tok * total + row0 + r], a);
+        });
         // Every add of this block is visible before the count says so (the classic
         // threadfence-reduction handshake); the last block sees every block's adds.
         __threadfence();
@@ -392,30 +395,14 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
         __syncthreads();
         if (!last) return;
         __threadfence();
-#pragma unroll
-        for (int i = 0; i < MI; i++)
-#pragma unroll
-            for (int j = 0; j < NJ; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int r = base + wr + 16 * i + g + 8 * (e >> 1);
-                    int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
-                    acc[i][j][e] = r < rows && tok < m ? atomicExch(&part[(u64)tok * total + row0 + r], 0) : 0;
-                }
+        each_output([&](int& a, int r, int tok) {
+            a = r < rows && tok < m ? atomicExch(&part[(u64)tok * total + row0 + r], 0) : 0;
+        });
         if (tid == 0) *count = 0;
     }
-    // c0, c1: row g, tokens 2 tig and 2 tig + 1; c2, c3: row g + 8.
-#pragma unroll
-    for (int i = 0; i < MI; i++)
-#pragma unroll
-        for (int j = 0; j < NJ; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = base + wr + 16 * i + g + 8 * (e >> 1);
-                int tok = tok0 + wt + 8 * j + 2 * tig + (e & 1);
-                if (r < rows && tok < m)
-                    out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)(acc[i][j][e] - sums[tok]), s_a[tok]);
-            }
+    each_output([&](int& a, int r, int tok) {
+        if (r < rows && tok < m) out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)(a - sums[tok]), s_a[tok]);
+    });
 }
 
 // Prefill-sized batches: 64 rows x 64 tokens a block (`part`, `done`: split K, see above).
