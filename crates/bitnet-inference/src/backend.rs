@@ -96,7 +96,14 @@ pub trait Backend: Send {
     fn upload_dense(&self, m: DenseMatrix) -> Result<Self::Dense, BackendError>;
     fn upload_int8(&self, m: Int8Matrix) -> Result<Self::Int8Linear, BackendError>;
     fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector, BackendError>;
+    /// A dense matrix that products read (a projection, a head, a tied table); `w` may still
+    /// read the checkpoint's mapping, and the backend lays it out as its kernels want it.
     fn upload_dense_linear(&self, w: DenseLinear) -> Result<Self::DenseLinear, BackendError>;
+    /// An embedding table that only serves lookups (the head reads another matrix): a backend
+    /// may leave it where it is, since a lookup reads only its tokens' rows.
+    fn upload_dense_table(&self, w: DenseLinear) -> Result<Self::DenseLinear, BackendError> {
+        self.upload_dense_linear(w)
+    }
     /// Scratch for [`Backend::dense_linear`]'s quantized input, for up to `max_rows` rows of
     /// `width`.
     fn dense_input(&self, max_rows: usize, width: usize) -> Result<Self::DenseInput, BackendError>;

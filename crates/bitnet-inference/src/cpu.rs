@@ -5,7 +5,11 @@ use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use crate::kv::{KvType, BLOCK_TOKENS};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::{DenseActivations, DenseLinear, Int8Matrix, QuantizedActivations, TernaryMatrix};
+use bitnet_quant::dense::Q8Lanes;
+use bitnet_quant::{
+    ActivationKind, DenseActivations, DenseLinear, Int8Matrix, KernelPath, QuantizedActivations,
+    TernaryMatrix,
+};
 
 /// One layer's keys or values, `[slots, kv_dim]`.
 pub enum KvData {
@@ -53,6 +57,29 @@ impl CpuKvStore {
                     };
                 }
             }
+        }
+    }
+}
+
+/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 rows-in-lanes where the CPU has
+/// AVX-512 VNNI ([`CpuBackend::upload_dense_linear`]).
+#[derive(Clone, Debug)]
+pub enum CpuDenseLinear {
+    Stored(DenseLinear),
+    Lanes(Q8Lanes),
+}
+
+impl CpuDenseLinear {
+    pub fn rows(&self) -> usize {
+        match self {
+            CpuDenseLinear::Stored(m) => m.rows(),
+            CpuDenseLinear::Lanes(m) => m.rows(),
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            CpuDenseLinear::Stored(m) => m.cols(),
+            CpuDenseLinear::Lanes(m) => m.cols(),
         }
     }
 }
@@ -153,7 +180,7 @@ impl Backend for CpuBackend {
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
     type KvStore = CpuKvStore;
-    type DenseLinear = DenseLinear;
+    type DenseLinear = CpuDenseLinear;
     type DenseInput = DenseActivations;
 
     fn name(&self) -> String {
@@ -174,8 +201,21 @@ impl Backend for CpuBackend {
         out.copy_from_slice(v);
         Ok(out)
     }
-    fn upload_dense_linear(&self, w: DenseLinear) -> Result<DenseLinear, BackendError> {
-        Ok(w)
+    /// Q8_0 on a CPU with AVX-512 VNNI is laid out rows-in-lanes ([`Q8Lanes`]: the same
+    /// outputs, a product that reads the weights as one stream); every other matrix is kept as
+    /// stored, with bytes of its own (a matrix that still reads the checkpoint's mapping is
+    /// copied a block of rows at a time, releasing the source as it goes).
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
+        if Q8Lanes::suits(&w, KernelPath::active()) {
+            if let Some(lanes) = Q8Lanes::from_q8_0(&w) {
+                return Ok(CpuDenseLinear::Lanes(lanes));
+            }
+        }
+        Ok(CpuDenseLinear::Stored(w.into_owned()))
+    }
+    /// Left as given: a table read from a checkpoint's mapping pages in only the rows looked up.
+    fn upload_dense_table(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
+        Ok(CpuDenseLinear::Stored(w))
     }
     fn dense_input(&self, _max_rows: usize, _width: usize) -> Result<DenseActivations, BackendError> {
         // Sized at first use: one buffer serves every format that reads the same width.
@@ -221,29 +261,41 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn dense_embedding(&mut self, table: &DenseLinear, ids: &[u32], out: &mut Vec<f32>) {
+    fn dense_embedding(&mut self, table: &CpuDenseLinear, ids: &[u32], out: &mut Vec<f32>) {
         let w = table.cols();
         for (t, &id) in ids.iter().enumerate() {
+            let row = &mut out[t * w..(t + 1) * w];
             // Ids were checked against the vocabulary before the call.
-            table.dequantize_row(id as usize, &mut out[t * w..(t + 1) * w]).expect("an id inside the table");
+            let r = match table {
+                CpuDenseLinear::Stored(m) => m.dequantize_row(id as usize, row),
+                CpuDenseLinear::Lanes(m) => m.dequantize_row(id as usize, row),
+            };
+            r.expect("an id inside the table");
         }
     }
 
     fn dense_linear(
         &mut self,
-        w: &DenseLinear,
+        w: &CpuDenseLinear,
         x: &Vec<f32>,
         first: usize,
         rows: usize,
         input: &mut DenseActivations,
         out: &mut Vec<f32>,
     ) {
-        let k = w.cols();
+        let (k, n) = (w.cols(), w.rows());
+        let kind = match w {
+            CpuDenseLinear::Stored(m) => m.activation_kind(),
+            CpuDenseLinear::Lanes(_) => ActivationKind::Q8Blocks,
+        };
         // The model sizes every buffer for its shapes: a mismatch here is a bug, not bad input.
-        input
-            .quantize(w.activation_kind(), &x[first * k..(first + rows) * k], rows, k)
-            .expect("dense input shape");
-        w.forward_quantized(input, &mut out[..rows * w.rows()]).expect("dense product shape");
+        input.quantize(kind, &x[first * k..(first + rows) * k], rows, k).expect("dense input shape");
+        let out = &mut out[..rows * n];
+        let r = match w {
+            CpuDenseLinear::Stored(m) => m.forward_quantized(input, out),
+            CpuDenseLinear::Lanes(m) => m.forward_quantized(input, out),
+        };
+        r.expect("dense product shape");
     }
 
     fn gather_rows(&mut self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {

@@ -221,15 +221,13 @@ impl<B: Backend> Model<B> {
                 (head, lookup_table(backend, table)?)
             }
             (None, Some(h), None) => {
-                let head = Head::Block(Some(backend.upload_dense_linear(h.into_owned())?));
+                let head = Head::Block(Some(backend.upload_dense_linear(h)?));
                 (head, lookup_table(backend, table)?)
             }
             (None, None, None) if table.format().is_float() => {
                 (Head::Float(None), Embedding::Float(backend.upload_dense(table.into_dense_matrix())?))
             }
-            (None, None, None) => {
-                (Head::Block(None), Embedding::Block(backend.upload_dense_linear(table.into_owned())?))
-            }
+            (None, None, None) => (Head::Block(None), Embedding::Block(backend.upload_dense_linear(table)?)),
         };
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in weights.layers {
@@ -697,7 +695,7 @@ fn quantize_head(m: &DenseLinear, bits: u32) -> Int8Matrix {
 /// The embedding table of a model whose head does not read it: uploaded as stored (on the CPU,
 /// left in the checkpoint's mapping), since a lookup reads only the rows of its tokens.
 fn lookup_table<B: Backend>(backend: &B, table: DenseLinear) -> Result<Embedding<B>, BackendError> {
-    Ok(Embedding::Block(backend.upload_dense_linear(table)?))
+    Ok(Embedding::Block(backend.upload_dense_table(table)?))
 }
 
 /// `out = W · x` for one projection: a BitLinear quantizes its input per token (through its own

@@ -4,7 +4,7 @@
 use bitnet_core::DenseMatrix;
 use bitnet_inference::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use bitnet_inference::conformance::{check_backend, check_backend_with, Options};
-use bitnet_inference::cpu::CpuKvStore;
+use bitnet_inference::cpu::{CpuDenseLinear, CpuKvStore};
 use bitnet_inference::{CpuBackend, KvType};
 use bitnet_models::Activation;
 use bitnet_quant::{DenseActivations, DenseLinear, Int8Matrix, QuantizedActivations, TernaryMatrix};
@@ -58,24 +58,24 @@ impl Backend for Faulty {
     type Buffer = Vec<f32>;
     type QuantBuffer = QuantizedActivations;
     type KvStore = CpuKvStore;
-    type DenseLinear = DenseLinear;
+    type DenseLinear = CpuDenseLinear;
     type DenseInput = DenseActivations;
 
     fn name(&self) -> String {
         format!("faulty ({:?})", self.fault)
     }
-    fn upload_dense_linear(&self, w: DenseLinear) -> Result<DenseLinear, BackendError> {
+    fn upload_dense_linear(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
         self.cpu.upload_dense_linear(w)
     }
     fn dense_input(&self, max_rows: usize, width: usize) -> Result<DenseActivations, BackendError> {
         self.cpu.dense_input(max_rows, width)
     }
-    fn dense_embedding(&mut self, table: &DenseLinear, ids: &[u32], out: &mut Vec<f32>) {
+    fn dense_embedding(&mut self, table: &CpuDenseLinear, ids: &[u32], out: &mut Vec<f32>) {
         self.cpu.dense_embedding(table, ids, out)
     }
     fn dense_linear(
         &mut self,
-        w: &DenseLinear,
+        w: &CpuDenseLinear,
         x: &Vec<f32>,
         first: usize,
         rows: usize,

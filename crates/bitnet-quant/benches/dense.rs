@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use bitnet_quant::dense::{DenseActivations, DenseFormat, DenseLinear};
+use bitnet_quant::dense::{ActivationKind, DenseActivations, DenseFormat, DenseLinear, Q8Lanes};
 use bitnet_quant::selftest::Rng;
 use bitnet_quant::KernelPath;
 use divan::counter::BytesCount;
@@ -110,6 +110,20 @@ fn dense_gemv(bencher: Bencher, case: Case) {
 #[divan::bench(args = head_cases(), max_time = 2)]
 fn dense_head_gemv(bencher: Bencher, case: Case) {
     gemv(bencher, case)
+}
+
+/// The Q8_0 heads again, rows-in-lanes ([`Q8Lanes`]: what the CPU backend runs them as where
+/// AVX-512 VNNI is available).
+#[divan::bench(args = head_cases().into_iter().filter(|c| c.format == DenseFormat::Q8_0), max_time = 2)]
+fn dense_head_gemv_lanes(bencher: Bencher, case: Case) {
+    let w = Q8Lanes::from_q8_0(&matrix(&case)).unwrap();
+    let x: Vec<f32> = (0..case.cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
+    let mut a = DenseActivations::new();
+    let mut out = vec![0f32; case.rows];
+    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+        a.quantize(ActivationKind::Q8Blocks, &x, 1, case.cols).unwrap();
+        w.forward_quantized_with(case.path, &a, &mut out).unwrap()
+    });
 }
 
 /// Prefill: 64 tokens through SmolLM2's gate/up shape (multiply-adds per second).

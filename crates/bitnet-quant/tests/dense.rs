@@ -3,7 +3,9 @@
 //! against an f64 dequantize-then-matmul of the same quantized activations, the activation
 //! quantizers against ggml's definitions, and typed errors for bad sizes.
 
-use bitnet_quant::dense::{scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear};
+use bitnet_quant::dense::{
+    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q8Lanes,
+};
 use bitnet_quant::formats::{self, float, GgmlType};
 use bitnet_quant::selftest::Rng;
 use bitnet_quant::KernelPath;
@@ -641,4 +643,54 @@ fn ternary_tables_decode_rows_and_multiply_decoded() {
             }
         }
     }
+}
+
+/// Q8_0 rows-in-lanes ([`Q8Lanes`]): the same outputs as the stored matrix on the scalar
+/// reference, bit for bit, on every path (AVX-512 VNNI where the CPU has it), for ragged row
+/// counts (a partial last group), random and extreme codes and inputs, 1 to 33 tokens; and the
+/// same decoded rows.
+#[test]
+fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
+    let mut rng = Rng::new(41);
+    let paths = [KernelPath::Scalar, KernelPath::Avx512Vnni];
+    for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
+        for rows in [16, 17, 33, 50] {
+            for cols in widths(DenseFormat::Q8_0) {
+                let w = random_matrix(DenseFormat::Q8_0, rows, cols, codes, &mut rng);
+                let lanes = Q8Lanes::from_q8_0(&w).expect("a Q8_0 matrix");
+                assert_eq!((lanes.rows(), lanes.cols()), (rows, cols));
+                let (mut want_row, mut got_row) = (vec![0.0; cols], vec![0.0; cols]);
+                for r in [0, rows / 2, rows - 1] {
+                    w.dequantize_row(r, &mut want_row).unwrap();
+                    lanes.dequantize_row(r, &mut got_row).unwrap();
+                    assert_eq!(got_row, want_row, "row {r} of {rows}×{cols}");
+                }
+                for m in TOKENS {
+                    let x = random_inputs(m, cols, inputs, &mut rng);
+                    let mut a = DenseActivations::new();
+                    a.quantize(ActivationKind::Q8Blocks, &x, m, cols).unwrap();
+                    let mut want = vec![0.0; m * rows];
+                    w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
+                    for path in paths {
+                        let mut got = vec![f32::NAN; m * rows];
+                        lanes.forward_quantized_with(path, &a, &mut got).unwrap();
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{path} {rows}×{cols}, {m} tokens, {codes:?}");
+                    }
+                }
+            }
+        }
+    }
+    // Bad input: a row out of range, activations of another width or kind, a short output.
+    let w = random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng);
+    let lanes = Q8Lanes::from_q8_0(&w).unwrap();
+    assert!(matches!(lanes.dequantize_row(20, &mut [0.0; 64]), Err(DenseError::RowOutOfRange { .. })));
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8Blocks, &[0.5; 96], 1, 96).unwrap();
+    assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationWidth { .. })));
+    a.quantize(ActivationKind::F32, &[0.5; 64], 1, 64).unwrap();
+    assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
+    a.quantize(ActivationKind::Q8Blocks, &[0.5; 64], 1, 64).unwrap();
+    assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 19]), Err(DenseError::OutputLength { .. })));
+    assert!(Q8Lanes::from_q8_0(&random_matrix(DenseFormat::Q4_0, 20, 64, Codes::Random, &mut rng)).is_none());
 }

@@ -49,11 +49,13 @@ use crate::shared::SharedBytes;
 mod activations;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod lanes;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod scalar;
 
 pub use activations::{ActivationKind, DenseActivations};
+pub use lanes::Q8Lanes;
 
 /// Elements per block of Q8_0, Q4_0, Q4_1 (and of the activations they take).
 pub const QK: usize = 32;

@@ -1,0 +1,313 @@
+//! Q8_0 weights laid out rows-in-lanes, for CPUs with AVX-512 VNNI.
+//!
+//! The stored Q8_0 layout puts each row's blocks one after another, so a SIMD kernel that gives
+//! each of eight rows an accumulator lane reads eight memory streams and reduces eight vectors
+//! per block to get the eight block sums (crates/bitnet-quant/KERNELS.md; on a Zen 4 core the
+//! 2B-4T head in that form ran at 34 GB/s from memory and only 42 GB/s from cache, against
+//! 52 GB/s for the int8 head). Here sixteen rows are interleaved four columns at a time:
+//!
+//! ```text
+//! group g (rows 16g .. 16g + 15), block b (columns 32b .. 32b + 31), 544 bytes:
+//!   16 × f16    the rows' block scales d, row i at 2i
+//!   8 chunks j  64 bytes each: for row i, its codes of columns 32b + 4j .. + 3 at 4i
+//! ```
+//!
+//! so one `vpdpbusd` multiplies four columns of all sixteen rows by the same four activations
+//! (broadcast) and adds them into each row's own lane: a block's sixteen sums come from eight
+//! of them, no reduction, one memory stream per group, and the same 34 bytes per 32 weights.
+//! `vpdpbusd` takes unsigned bytes on one side, so the activations go in offset by 128
+//! (`x + 128`, from `x ^ 0x80`) and `128 · Σ w` — eight more `vpdpbusd` of the codes against
+//! ones — comes off: `Σ (x + 128) w − 128 Σ w = Σ x w`, exact in i32.
+//!
+//! The products are [`super::scalar::dot_q8_0`]'s, in its order: each block's exact integer,
+//! then `acc += (d_w · d_a) · isum` block after block, so every path here (the scalar one and
+//! AVX-512) gives the stored matrix's outputs bit for bit. Rows past the matrix in the last
+//! group are zero codes and zero scales, and are not written.
+
+use std::ops::Range;
+
+use super::{
+    parallel_min, scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, QK,
+};
+use crate::aligned::AlignedBytes;
+use crate::kernels::{for_ranges, KernelPath, SharedOut};
+
+/// Rows of a group: one per lane of a 16-lane vector.
+pub const LANES: usize = 16;
+/// Columns of a row that share a 32-bit lane (one `vpdpbusd` step).
+const CHUNK: usize = 4;
+/// Bytes of one block of one group: the sixteen scales, then the codes.
+const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
+
+/// A Q8_0 matrix in the rows-in-lanes layout (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct Q8Lanes {
+    rows: usize,
+    cols: usize,
+    data: AlignedBytes,
+}
+
+impl Q8Lanes {
+    /// Whether [`Q8Lanes::from_q8_0`] pays for `w` on `path`: Q8_0 on block activations, on a
+    /// CPU with AVX-512 VNNI, with at least a group of rows.
+    pub fn suits(w: &DenseLinear, path: KernelPath) -> bool {
+        w.format() == DenseFormat::Q8_0
+            && !w.float_activations()
+            && w.rows() >= LANES
+            && path == KernelPath::Avx512Vnni
+            && avx512::available()
+    }
+
+    /// `w` (Q8_0) in this layout; `None` for any other format or for a matrix set to run on f32
+    /// activations. A matrix reading a checkpoint's mapping has each group's source rows
+    /// released once they are copied, so the two are never both resident whole.
+    pub fn from_q8_0(w: &DenseLinear) -> Option<Self> {
+        if w.format() != DenseFormat::Q8_0 || w.float_activations() {
+            return None;
+        }
+        let (rows, cols) = (w.rows(), w.cols());
+        let blocks = cols / QK;
+        let groups = rows.div_ceil(LANES);
+        let mut data = AlignedBytes::zeroed(groups * blocks * BLOCK_BYTES);
+        let out = data.as_bytes_mut();
+        for g in 0..groups {
+            let live = (rows - g * LANES).min(LANES);
+            for i in 0..live {
+                let src = w.row(g * LANES + i);
+                for b in 0..blocks {
+                    let (blk, dst) = (&src[b * 34..(b + 1) * 34], (g * blocks + b) * BLOCK_BYTES);
+                    out[dst + 2 * i..dst + 2 * i + 2].copy_from_slice(&blk[..2]);
+                    for j in 0..QK / CHUNK {
+                        let at = dst + 2 * LANES + j * LANES * CHUNK + i * CHUNK;
+                        out[at..at + CHUNK].copy_from_slice(&blk[2 + j * CHUNK..2 + (j + 1) * CHUNK]);
+                    }
+                }
+            }
+            w.release_rows(g * LANES..g * LANES + live);
+        }
+        Some(Self { rows, cols, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes the weights take (what a product streams), the padding rows of the last group
+    /// included.
+    pub fn bytes(&self) -> usize {
+        self.data.as_bytes().len()
+    }
+
+    fn blocks(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Every block of group `g`, one after another.
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks() * BLOCK_BYTES;
+        &self.data.as_bytes()[g * len..(g + 1) * len]
+    }
+
+    /// Block `b` of group `g`: the sixteen scales, then the eight chunks.
+    fn block(&self, g: usize, b: usize) -> &[u8] {
+        let at = (g * self.blocks() + b) * BLOCK_BYTES;
+        &self.data.as_bytes()[at..at + BLOCK_BYTES]
+    }
+
+    /// Row `r` decoded to f32 into `out[..cols]`, as [`DenseLinear::dequantize_row`] decodes the
+    /// stored row (`q · d`).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), DenseError> {
+        if r >= self.rows {
+            return Err(DenseError::RowOutOfRange { row: r, rows: self.rows });
+        }
+        if out.len() < self.cols {
+            return Err(DenseError::RowBuffer { cols: self.cols, got: out.len() });
+        }
+        let (g, i) = (r / LANES, r % LANES);
+        for b in 0..self.blocks() {
+            let blk = self.block(g, b);
+            let d = scalar::f16_at(blk, 2 * i);
+            for j in 0..QK / CHUNK {
+                let at = 2 * LANES + j * LANES * CHUNK + i * CHUNK;
+                for c in 0..CHUNK {
+                    out[b * QK + j * CHUNK + c] = f32::from(blk[at + c] as i8) * d;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[t, r] = Σ_c W[r, c] · x[t, c]` for the tokens of `a` (Q8 blocks of `cols`), on the
+    /// active kernel path.
+    pub fn forward_quantized(&self, a: &DenseActivations, out: &mut [f32]) -> Result<(), DenseError> {
+        self.forward_quantized_with(KernelPath::active(), a, out)
+    }
+
+    /// [`Q8Lanes::forward_quantized`] on a chosen path: AVX-512 VNNI where asked for and
+    /// available, else the scalar definition (same bits).
+    pub fn forward_quantized_with(
+        &self,
+        path: KernelPath,
+        a: &DenseActivations,
+        out: &mut [f32],
+    ) -> Result<(), DenseError> {
+        if a.kind() != ActivationKind::Q8Blocks {
+            let needed = ActivationKind::Q8Blocks;
+            return Err(DenseError::ActivationKind { format: DenseFormat::Q8_0, needed, got: a.kind() });
+        }
+        if a.k() != self.cols {
+            return Err(DenseError::ActivationWidth { expected: self.cols, got: a.k() });
+        }
+        let expected = a.m() * self.rows;
+        if out.len() < expected {
+            return Err(DenseError::OutputLength { m: a.m(), rows: self.rows, expected, got: out.len() });
+        }
+        let simd = path.or_best() == KernelPath::Avx512Vnni && avx512::available();
+        let sink = SharedOut::new(out, self.rows);
+        let groups = self.rows.div_ceil(LANES);
+        for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| {
+            if simd {
+                // SAFETY: AVX-512 F/BW and VNNI are available (checked above); the kernel reads
+                // inside the groups and tokens it is given.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    avx512::run_groups(self, a, range, &sink)
+                };
+            } else {
+                self.run_groups_scalar(a, range, &sink);
+            }
+        });
+        Ok(())
+    }
+
+    /// The definition: each live row of `groups` against each token, block by block.
+    fn run_groups_scalar(&self, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
+        for g in groups {
+            let live = (self.rows - g * LANES).min(LANES);
+            for t in 0..a.m() {
+                let (x, d_a) = (a.values(t), a.scales(t));
+                for i in 0..live {
+                    let mut acc = 0.0f32;
+                    for (b, &da) in d_a.iter().enumerate().take(self.blocks()) {
+                        let blk = self.block(g, b);
+                        let mut isum = 0i32;
+                        for j in 0..QK / CHUNK {
+                            let at = 2 * LANES + j * LANES * CHUNK + i * CHUNK;
+                            for c in 0..CHUNK {
+                                isum += i32::from(blk[at + c] as i8) * i32::from(x[b * QK + j * CHUNK + c]);
+                            }
+                        }
+                        acc += (scalar::f16_at(blk, 2 * i) * da) * isum as f32;
+                    }
+                    out.write(t, g * LANES + i, acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Q8Lanes, BLOCK_BYTES, CHUNK, LANES, QK};
+    use crate::dense::DenseActivations;
+    use crate::kernels::SharedOut;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Groups `groups` of `w` for every token of `a`, up to four tokens per pass over a group.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VNNI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_groups(
+        w: &Q8Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        for g in groups {
+            let mut t0 = 0;
+            while t0 < a.m() {
+                // SAFETY: the caller's features; `t0 + T <= m`.
+                unsafe {
+                    match a.m() - t0 {
+                        1 => group_tokens::<1>(w, a, g, t0, out),
+                        2 => group_tokens::<2>(w, a, g, t0, out),
+                        3 => group_tokens::<3>(w, a, g, t0, out),
+                        _ => group_tokens::<4>(w, a, g, t0, out),
+                    }
+                }
+                t0 += 4;
+            }
+        }
+    }
+
+    /// Group `g` against tokens `t0 .. t0 + T`: each block's 16 × 32 codes loaded once for the
+    /// `T` tokens.
+    ///
+    /// # Safety
+    /// As [`run_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_tokens<const T: usize>(
+        w: &Q8Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let ones = _mm512_set1_epi8(1);
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let mut acc = [_mm512_setzero_ps(); T];
+        for (b, blk) in w.group(g).chunks_exact(BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: a block holds 32 bytes of scales then 8 chunks of 64 bytes; every token
+            // holds `cols` activations, so columns 32b .. 32b + 31 are inside it.
+            unsafe {
+                let d_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let (mut w_sum, mut dots) = (_mm512_setzero_si512(), [_mm512_setzero_si512(); T]);
+                for j in 0..QK / CHUNK {
+                    let codes = _mm512_loadu_si512(blk.add(2 * LANES + j * LANES * CHUNK).cast());
+                    w_sum = _mm512_dpbusd_epi32(w_sum, ones, codes);
+                    for t in 0..T {
+                        let x4 = xs[t].as_ptr().add(b * QK + j * CHUNK).cast::<i32>().read_unaligned();
+                        let offset = _mm512_set1_epi32(x4 ^ 0x8080_8080u32 as i32);
+                        dots[t] = _mm512_dpbusd_epi32(dots[t], offset, codes);
+                    }
+                }
+                let correction = _mm512_slli_epi32::<7>(w_sum);
+                for t in 0..T {
+                    let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[t], correction));
+                    let scale = _mm512_mul_ps(d_w, _mm512_set1_ps(scales[t][b]));
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(scale, isum));
+                }
+            }
+        }
+        let live = (w.rows - g * LANES).min(LANES);
+        for (t, acc) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
+            for (i, &v) in lanes.iter().enumerate().take(live) {
+                out.write(t0 + t, g * LANES + i, v);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub(super) fn available() -> bool {
+        false
+    }
+}
