@@ -38,6 +38,8 @@ pub const LANES: usize = 16;
 const CHUNK: usize = 4;
 /// Bytes of one block of one group: the sixteen scales, then the codes.
 const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
+/// How far behind the copy a shared source's rows are released (see [`Q8Lanes::from_q8_0`]).
+const RELEASE_LAG: usize = 1 << 20;
 
 /// A Q8_0 matrix in the rows-in-lanes layout (see the module documentation).
 #[derive(Clone, Debug)]
@@ -70,6 +72,11 @@ impl Q8Lanes {
         let groups = rows.div_ceil(LANES);
         let mut data = AlignedBytes::zeroed(groups * blocks * BLOCK_BYTES);
         let out = data.as_bytes_mut();
+        // Source rows handed back so far. A read fault maps in the neighbouring cached pages of
+        // its aligned window too (the kernel's fault-around), so rows are released only once the
+        // copy is RELEASE_LAG bytes past them, and everything once more at the end.
+        let mut released = 0;
+        let lag_rows = RELEASE_LAG.div_ceil(w.row_bytes().max(1));
         for g in 0..groups {
             let live = (rows - g * LANES).min(LANES);
             for i in 0..live {
@@ -83,8 +90,13 @@ impl Q8Lanes {
                     }
                 }
             }
-            w.release_rows(g * LANES..g * LANES + live);
+            let behind = (g * LANES + live).saturating_sub(lag_rows);
+            if behind >= released + lag_rows {
+                w.release_rows(released..behind);
+                released = behind;
+            }
         }
+        w.release();
         Some(Self { rows, cols, data })
     }
 
