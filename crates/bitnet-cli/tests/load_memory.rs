@@ -105,8 +105,8 @@ fn loading_peaks_within_a_quarter_above_the_model_bytes_for_every_head() {
     let (m, g) = (model.to_str().unwrap(), gguf.to_str().unwrap());
     let (code, _, err) = run_measured(&["convert", "--model", m, "--out", g, "--type", "i2_s"], dir.path());
     assert_eq!(code, 0, "bitnet convert failed: {err}");
-    // And with the tied table stored as Q8_0: run as stored, which on a CPU with AVX-512 VNNI
-    // is a rows-in-lanes copy made from the mapping as it is released.
+    // And with the tied table stored as Q8_0: run as stored, which on x86 is a rows-in-lanes
+    // copy made from the mapping as it is released.
     let q8 = dir.path().join("model-q8-head.gguf");
     let q = q8.to_str().unwrap();
     let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q8_0"];

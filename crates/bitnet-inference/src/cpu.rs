@@ -61,8 +61,8 @@ impl CpuKvStore {
     }
 }
 
-/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 rows-in-lanes where the CPU has
-/// AVX-512 VNNI ([`CpuBackend::upload_dense_linear`]).
+/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 rows-in-lanes on x86
+/// ([`CpuBackend::upload_dense_linear`]).
 #[derive(Clone, Debug)]
 pub enum CpuDenseLinear {
     Stored(DenseLinear),
@@ -201,7 +201,7 @@ impl Backend for CpuBackend {
         out.copy_from_slice(v);
         Ok(out)
     }
-    /// Q8_0 on a CPU with AVX-512 VNNI is laid out rows-in-lanes ([`Q8Lanes`]: the same
+    /// Q8_0 on an x86 CPU (AVX2 or AVX-512 VNNI) is laid out rows-in-lanes ([`Q8Lanes`]: the same
     /// outputs, a product that reads the weights as one stream); every other matrix is kept as
     /// stored, with bytes of its own (a matrix that still reads the checkpoint's mapping is
     /// copied a block of rows at a time, releasing the source as it goes).

@@ -68,6 +68,16 @@ fn head_cases() -> Vec<Case> {
     ]
 }
 
+/// The Q8_0 head cases on the best path, and on AVX2 where that is another x86 path.
+fn lanes_cases() -> Vec<Case> {
+    let q8: Vec<Case> = head_cases().into_iter().filter(|c| c.format == DenseFormat::Q8_0).collect();
+    let mut out = q8.clone();
+    if KernelPath::Avx2.is_available() && KernelPath::best() != KernelPath::Avx2 {
+        out.extend(q8.into_iter().map(|c| Case { path: KernelPath::Avx2, ..c }));
+    }
+    out
+}
+
 /// A matrix of random stored bytes with sane f16 scales (their values do not change the speed).
 fn matrix(c: &Case) -> DenseLinear {
     let mut rng = Rng::new(c.rows as u64 * 31 + c.cols as u64);
@@ -114,7 +124,8 @@ fn dense_head_gemv(bencher: Bencher, case: Case) {
 
 /// The Q8_0 heads again, rows-in-lanes ([`Q8Lanes`]: what the CPU backend runs them as where
 /// AVX-512 VNNI is available).
-#[divan::bench(args = head_cases().into_iter().filter(|c| c.format == DenseFormat::Q8_0), max_time = 2)]
+/// (On x86 also on the AVX2 kernel of that layout.)
+#[divan::bench(args = lanes_cases(), max_time = 2)]
 fn dense_head_gemv_lanes(bencher: Bencher, case: Case) {
     let w = Q8Lanes::from_q8_0(&matrix(&case)).unwrap();
     let x: Vec<f32> = (0..case.cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();

@@ -646,13 +646,13 @@ fn ternary_tables_decode_rows_and_multiply_decoded() {
 }
 
 /// Q8_0 rows-in-lanes ([`Q8Lanes`]): the same outputs as the stored matrix on the scalar
-/// reference, bit for bit, on every path (AVX-512 VNNI where the CPU has it), for ragged row
+/// reference, bit for bit, on every path (AVX2 and AVX-512 VNNI where the CPU has them), for ragged row
 /// counts (a partial last group), random and extreme codes and inputs, 1 to 33 tokens; and the
 /// same decoded rows.
 #[test]
 fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
     let mut rng = Rng::new(41);
-    let paths = [KernelPath::Scalar, KernelPath::Avx512Vnni];
+    let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
     for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
         for rows in [16, 17, 33, 50] {
             for cols in widths(DenseFormat::Q8_0) {

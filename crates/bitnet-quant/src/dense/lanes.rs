@@ -1,4 +1,4 @@
-//! Q8_0 weights laid out rows-in-lanes, for CPUs with AVX-512 VNNI.
+//! Q8_0 weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
 //!
 //! The stored Q8_0 layout puts each row's blocks one after another, so a SIMD kernel that gives
 //! each of eight rows an accumulator lane reads eight memory streams and reduces eight vectors
@@ -17,7 +17,10 @@
 //! of them, no reduction, one memory stream per group, and the same 34 bytes per 32 weights.
 //! `vpdpbusd` takes unsigned bytes on one side, so the activations go in offset by 128
 //! (`x + 128`, from `x ^ 0x80`) and `128 · Σ w` — eight more `vpdpbusd` of the codes against
-//! ones — comes off: `Σ (x + 128) w − 128 Σ w = Σ x w`, exact in i32.
+//! ones — comes off: `Σ (x + 128) w − 128 Σ w = Σ x w`, exact in i32. Without VNNI (AVX2), each
+//! half group of eight rows takes `vpmaddubsw` of the codes' magnitudes with the activations
+//! carrying the codes' signs, then `vpmaddwd` with ones: the same sums, still without a
+//! reduction.
 //!
 //! The products are [`super::scalar::dot_q8_0`]'s, in its order: each block's exact integer,
 //! then `acc += (d_w · d_a) · isum` block after block, so every path here (the scalar one and
@@ -41,6 +44,27 @@ const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
 /// How far behind the copy a shared source's rows are released (see [`Q8Lanes::from_q8_0`]).
 const RELEASE_LAG: usize = 1 << 20;
 
+/// The kernels of this layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The kernel for `path` on this CPU: AVX-512 VNNI for that path, AVX2 for the other x86
+    /// SIMD paths, the scalar definition otherwise.
+    fn of(path: KernelPath) -> Kernel {
+        match path {
+            KernelPath::Scalar => Kernel::Scalar,
+            KernelPath::Avx512Vnni if avx512::available() => Kernel::Avx512Vnni,
+            _ if avx2::available() => Kernel::Avx2,
+            _ => Kernel::Scalar,
+        }
+    }
+}
+
 /// A Q8_0 matrix in the rows-in-lanes layout (see the module documentation).
 #[derive(Clone, Debug)]
 pub struct Q8Lanes {
@@ -50,14 +74,14 @@ pub struct Q8Lanes {
 }
 
 impl Q8Lanes {
-    /// Whether [`Q8Lanes::from_q8_0`] pays for `w` on `path`: Q8_0 on block activations, on a
-    /// CPU with AVX-512 VNNI, with at least a group of rows.
+    /// Whether [`Q8Lanes::from_q8_0`] pays for `w` on `path`: Q8_0 on block activations, with
+    /// at least a group of rows, where `path` has a kernel for this layout (AVX-512 VNNI, or
+    /// AVX2 on the other x86 paths).
     pub fn suits(w: &DenseLinear, path: KernelPath) -> bool {
         w.format() == DenseFormat::Q8_0
             && !w.float_activations()
             && w.rows() >= LANES
-            && path == KernelPath::Avx512Vnni
-            && avx512::available()
+            && Kernel::of(path) != Kernel::Scalar
     }
 
     /// `w` (Q8_0) in this layout; `None` for any other format or for a matrix set to run on f32
@@ -176,20 +200,17 @@ impl Q8Lanes {
         if out.len() < expected {
             return Err(DenseError::OutputLength { m: a.m(), rows: self.rows, expected, got: out.len() });
         }
-        let simd = path.or_best() == KernelPath::Avx512Vnni && avx512::available();
+        let kernel = Kernel::of(path.or_best());
         let sink = SharedOut::new(out, self.rows);
         let groups = self.rows.div_ceil(LANES);
-        for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| {
-            if simd {
-                // SAFETY: AVX-512 F/BW and VNNI are available (checked above); the kernel reads
-                // inside the groups and tokens it is given.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    avx512::run_groups(self, a, range, &sink)
-                };
-            } else {
-                self.run_groups_scalar(a, range, &sink);
-            }
+        for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| match kernel {
+            // SAFETY (both SIMD arms): `Kernel::of` checked the CPU's features; the kernels read
+            // inside the groups and tokens they are given.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_groups(self, a, range, &sink) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_groups(self, a, range, &sink) },
+            _ => self.run_groups_scalar(a, range, &sink),
         });
         Ok(())
     }
@@ -317,8 +338,120 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Q8Lanes, BLOCK_BYTES, CHUNK, LANES, QK};
+    use crate::dense::DenseActivations;
+    use crate::kernels::SharedOut;
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// As the AVX-512 kernel, each group in two halves of eight rows (one 8-lane register each):
+    /// per four columns `vpmaddubsw` of the codes' magnitudes with the activations carrying the
+    /// codes' signs (pair sums below 2¹⁵: activations are within ±127), then `vpmaddwd` with ones.
+    ///
+    /// # Safety
+    /// AVX2 and F16C ([`available`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn run_groups(
+        w: &Q8Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        for g in groups {
+            let mut t0 = 0;
+            while t0 < a.m() {
+                // SAFETY: the caller's features; `t0 + T <= m`.
+                unsafe {
+                    match a.m() - t0 {
+                        1 => group_tokens::<1>(w, a, g, t0, out),
+                        2 => group_tokens::<2>(w, a, g, t0, out),
+                        3 => group_tokens::<3>(w, a, g, t0, out),
+                        _ => group_tokens::<4>(w, a, g, t0, out),
+                    }
+                }
+                t0 += 4;
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`run_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn group_tokens<const T: usize>(
+        w: &Q8Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        // acc[h][t]: rows 8h .. 8h + 7 of token t.
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        for (b, blk) in w.group(g).chunks_exact(BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: as in the AVX-512 kernel.
+            unsafe {
+                let d_w = [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())));
+                let mut dots = [[_mm256_setzero_si256(); T]; 2];
+                for j in 0..QK / CHUNK {
+                    let x4: [__m256i; T] = std::array::from_fn(|t| {
+                        _mm256_set1_epi32(
+                            xs[t].as_ptr().add(b * QK + j * CHUNK).cast::<i32>().read_unaligned(),
+                        )
+                    });
+                    for (h, dots) in dots.iter_mut().enumerate() {
+                        let codes =
+                            _mm256_loadu_si256(blk.add(2 * LANES + j * LANES * CHUNK + 32 * h).cast());
+                        let magnitude = _mm256_sign_epi8(codes, codes);
+                        for t in 0..T {
+                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x4[t], codes));
+                            dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    for t in 0..T {
+                        let scale = _mm256_mul_ps(d_w[h], _mm256_set1_ps(scales[t][b]));
+                        let isum = _mm256_cvtepi32_ps(dots[h][t]);
+                        acc[h][t] = _mm256_add_ps(acc[h][t], _mm256_mul_ps(scale, isum));
+                    }
+                }
+            }
+        }
+        let live = (w.rows - g * LANES).min(LANES);
+        for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
+            }
+            for (i, &v) in lanes.iter().enumerate().take(live) {
+                out.write(t0 + t, g * LANES + i, v);
+            }
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
+    pub(super) fn available() -> bool {
+        false
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
     pub(super) fn available() -> bool {
         false
     }
