@@ -30,7 +30,8 @@
 use std::ops::Range;
 
 use super::{
-    parallel_min, scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, QK,
+    check_product, parallel_min, scalar, ActivationKind, DenseActivations, DenseError, DenseFormat,
+    DenseLinear, QK,
 };
 use crate::aligned::AlignedBytes;
 use crate::kernels::{for_ranges, KernelPath, SharedOut};
@@ -43,6 +44,27 @@ const CHUNK: usize = 4;
 const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
 /// How far behind the copy a shared source's rows are released (see [`Q8Lanes::from_q8_0`]).
 const RELEASE_LAG: usize = 1 << 20;
+
+/// Each group of `$groups` against the tokens of `$a` in tiles of up to four, through the
+/// calling module's `group_tokens::<T>` (a macro: a closure would not inherit the caller's
+/// target features). Expands to unsafe calls: the caller vouches for the features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! token_tiles {
+    ($w:expr, $a:expr, $groups:expr, $out:expr) => {
+        for g in $groups {
+            let mut t0 = 0;
+            while t0 < $a.m() {
+                match $a.m() - t0 {
+                    1 => group_tokens::<1>($w, $a, g, t0, $out),
+                    2 => group_tokens::<2>($w, $a, g, t0, $out),
+                    3 => group_tokens::<3>($w, $a, g, t0, $out),
+                    _ => group_tokens::<4>($w, $a, g, t0, $out),
+                }
+                t0 += 4;
+            }
+        }
+    };
+}
 
 /// The kernels of this layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,25 +203,15 @@ impl Q8Lanes {
         self.forward_quantized_with(KernelPath::active(), a, out)
     }
 
-    /// [`Q8Lanes::forward_quantized`] on a chosen path: AVX-512 VNNI where asked for and
-    /// available, else the scalar definition (same bits).
+    /// [`Q8Lanes::forward_quantized`] on a chosen path: AVX-512 VNNI for that path, AVX2 for the
+    /// other x86 SIMD paths, the scalar definition otherwise (same bits on all three).
     pub fn forward_quantized_with(
         &self,
         path: KernelPath,
         a: &DenseActivations,
         out: &mut [f32],
     ) -> Result<(), DenseError> {
-        if a.kind() != ActivationKind::Q8Blocks {
-            let needed = ActivationKind::Q8Blocks;
-            return Err(DenseError::ActivationKind { format: DenseFormat::Q8_0, needed, got: a.kind() });
-        }
-        if a.k() != self.cols {
-            return Err(DenseError::ActivationWidth { expected: self.cols, got: a.k() });
-        }
-        let expected = a.m() * self.rows;
-        if out.len() < expected {
-            return Err(DenseError::OutputLength { m: a.m(), rows: self.rows, expected, got: out.len() });
-        }
+        check_product(DenseFormat::Q8_0, ActivationKind::Q8Blocks, self.rows, self.cols, a, out.len())?;
         let kernel = Kernel::of(path.or_best());
         let sink = SharedOut::new(out, self.rows);
         let groups = self.rows.div_ceil(LANES);
@@ -267,21 +279,8 @@ mod avx512 {
         groups: Range<usize>,
         out: &SharedOut<'_, f32>,
     ) {
-        for g in groups {
-            let mut t0 = 0;
-            while t0 < a.m() {
-                // SAFETY: the caller's features; `t0 + T <= m`.
-                unsafe {
-                    match a.m() - t0 {
-                        1 => group_tokens::<1>(w, a, g, t0, out),
-                        2 => group_tokens::<2>(w, a, g, t0, out),
-                        3 => group_tokens::<3>(w, a, g, t0, out),
-                        _ => group_tokens::<4>(w, a, g, t0, out),
-                    }
-                }
-                t0 += 4;
-            }
-        }
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(w, a, groups, out) }
     }
 
     /// Group `g` against tokens `t0 .. t0 + T`: each block's 16 × 32 codes loaded once for the
@@ -364,21 +363,8 @@ mod avx2 {
         groups: Range<usize>,
         out: &SharedOut<'_, f32>,
     ) {
-        for g in groups {
-            let mut t0 = 0;
-            while t0 < a.m() {
-                // SAFETY: the caller's features; `t0 + T <= m`.
-                unsafe {
-                    match a.m() - t0 {
-                        1 => group_tokens::<1>(w, a, g, t0, out),
-                        2 => group_tokens::<2>(w, a, g, t0, out),
-                        3 => group_tokens::<3>(w, a, g, t0, out),
-                        _ => group_tokens::<4>(w, a, g, t0, out),
-                    }
-                }
-                t0 += 4;
-            }
-        }
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(w, a, groups, out) }
     }
 
     /// # Safety

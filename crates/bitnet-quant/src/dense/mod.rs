@@ -640,21 +640,7 @@ impl DenseLinear {
     }
 
     fn check_activations(&self, a: &DenseActivations, out_len: usize) -> Result<(), DenseError> {
-        if a.kind() != self.activation_kind() {
-            return Err(DenseError::ActivationKind {
-                format: self.format,
-                needed: self.activation_kind(),
-                got: a.kind(),
-            });
-        }
-        if a.k() != self.cols {
-            return Err(DenseError::ActivationWidth { expected: self.cols, got: a.k() });
-        }
-        let expected = a.m() * self.rows;
-        if out_len < expected {
-            return Err(DenseError::OutputLength { m: a.m(), rows: self.rows, expected, got: out_len });
-        }
-        Ok(())
+        check_product(self.format, self.activation_kind(), self.rows, self.cols, a, out_len)
     }
 
     /// Units of parallel work: groups of [`ROW_GROUP`] rows.
@@ -694,6 +680,29 @@ impl DenseLinear {
 
 /// Rows a SIMD kernel computes together (one per lane of an 8-lane vector).
 pub const ROW_GROUP: usize = 8;
+
+/// That a product of a `[rows, cols]` matrix of `format`, which takes `needed` activations, can
+/// read `a` and write `out_len` values.
+fn check_product(
+    format: DenseFormat,
+    needed: ActivationKind,
+    rows: usize,
+    cols: usize,
+    a: &DenseActivations,
+    out_len: usize,
+) -> Result<(), DenseError> {
+    if a.kind() != needed {
+        return Err(DenseError::ActivationKind { format, needed, got: a.kind() });
+    }
+    if a.k() != cols {
+        return Err(DenseError::ActivationWidth { expected: cols, got: a.k() });
+    }
+    let expected = a.m() * rows;
+    if out_len < expected {
+        return Err(DenseError::OutputLength { m: a.m(), rows, expected, got: out_len });
+    }
+    Ok(())
+}
 
 fn parallel_min(m: usize) -> usize {
     if m == 1 {
