@@ -112,7 +112,15 @@ fn loading_peaks_within_a_quarter_above_the_model_bytes_for_every_head() {
     let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q8_0"];
     let (code, _, err) = run_measured(&args, dir.path());
     assert_eq!(code, 0, "bitnet convert --lm-head-type q8_0 failed: {err}");
+    // And as Q6_K, whose rows-in-lanes copy holds a byte a code (1.07 bytes a weight, against
+    // the file's 0.82).
+    let q6 = dir.path().join("model-q6-head.gguf");
+    let q = q6.to_str().unwrap();
+    let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q6_k"];
+    let (code, _, err) = run_measured(&args, dir.path());
+    assert_eq!(code, 0, "bitnet convert --lm-head-type q6_k failed: {err}");
     std::fs::remove_dir_all(&model).unwrap();
     check_every_head(&gguf, dir.path());
     check_every_head(&q8, dir.path());
+    check_every_head(&q6, dir.path());
 }

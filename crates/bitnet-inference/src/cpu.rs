@@ -5,7 +5,7 @@ use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use crate::kv::{KvType, BLOCK_TOKENS};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::dense::Q8Lanes;
+use bitnet_quant::dense::{Q6Lanes, Q8Lanes};
 use bitnet_quant::{
     ActivationKind, DenseActivations, DenseLinear, Int8Matrix, KernelPath, QuantizedActivations,
     TernaryMatrix,
@@ -61,25 +61,28 @@ impl CpuKvStore {
     }
 }
 
-/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 rows-in-lanes on x86
+/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 / Q6_K rows-in-lanes on x86
 /// ([`CpuBackend::upload_dense_linear`]).
 #[derive(Clone, Debug)]
 pub enum CpuDenseLinear {
     Stored(DenseLinear),
-    Lanes(Q8Lanes),
+    Q8Lanes(Q8Lanes),
+    Q6Lanes(Q6Lanes),
 }
 
 impl CpuDenseLinear {
     pub fn rows(&self) -> usize {
         match self {
             CpuDenseLinear::Stored(m) => m.rows(),
-            CpuDenseLinear::Lanes(m) => m.rows(),
+            CpuDenseLinear::Q8Lanes(m) => m.rows(),
+            CpuDenseLinear::Q6Lanes(m) => m.rows(),
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             CpuDenseLinear::Stored(m) => m.cols(),
-            CpuDenseLinear::Lanes(m) => m.cols(),
+            CpuDenseLinear::Q8Lanes(m) => m.cols(),
+            CpuDenseLinear::Q6Lanes(m) => m.cols(),
         }
     }
 }
@@ -201,14 +204,21 @@ impl Backend for CpuBackend {
         out.copy_from_slice(v);
         Ok(out)
     }
-    /// Q8_0 on an x86 CPU (AVX2 or AVX-512 VNNI) is laid out rows-in-lanes ([`Q8Lanes`]: the same
-    /// outputs, a product that reads the weights as one stream); every other matrix is kept as
-    /// stored, with bytes of its own (a matrix that still reads the checkpoint's mapping is
-    /// copied a block of rows at a time, releasing the source as it goes).
+    /// Q8_0 and Q6_K on an x86 CPU (AVX2 or AVX-512 VNNI) are laid out rows-in-lanes
+    /// ([`Q8Lanes`], [`Q6Lanes`]: the same outputs, a product that reads the weights as one
+    /// stream); every other matrix is kept as stored, with bytes of its own (a matrix that still
+    /// reads the checkpoint's mapping is copied a block of rows at a time, releasing the source
+    /// as it goes).
     fn upload_dense_linear(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
-        if Q8Lanes::suits(&w, KernelPath::active()) {
+        let path = KernelPath::active();
+        if Q8Lanes::suits(&w, path) {
             if let Some(lanes) = Q8Lanes::from_q8_0(&w) {
-                return Ok(CpuDenseLinear::Lanes(lanes));
+                return Ok(CpuDenseLinear::Q8Lanes(lanes));
+            }
+        }
+        if Q6Lanes::suits(&w, path) {
+            if let Some(lanes) = Q6Lanes::from_q6_k(&w) {
+                return Ok(CpuDenseLinear::Q6Lanes(lanes));
             }
         }
         Ok(CpuDenseLinear::Stored(w.into_owned()))
@@ -268,7 +278,8 @@ impl Backend for CpuBackend {
             // Ids were checked against the vocabulary before the call.
             let r = match table {
                 CpuDenseLinear::Stored(m) => m.dequantize_row(id as usize, row),
-                CpuDenseLinear::Lanes(m) => m.dequantize_row(id as usize, row),
+                CpuDenseLinear::Q8Lanes(m) => m.dequantize_row(id as usize, row),
+                CpuDenseLinear::Q6Lanes(m) => m.dequantize_row(id as usize, row),
             };
             r.expect("an id inside the table");
         }
@@ -286,14 +297,16 @@ impl Backend for CpuBackend {
         let (k, n) = (w.cols(), w.rows());
         let kind = match w {
             CpuDenseLinear::Stored(m) => m.activation_kind(),
-            CpuDenseLinear::Lanes(_) => ActivationKind::Q8Blocks,
+            CpuDenseLinear::Q8Lanes(_) => ActivationKind::Q8Blocks,
+            CpuDenseLinear::Q6Lanes(_) => ActivationKind::Q8K,
         };
         // The model sizes every buffer for its shapes: a mismatch here is a bug, not bad input.
         input.quantize(kind, &x[first * k..(first + rows) * k], rows, k).expect("dense input shape");
         let out = &mut out[..rows * n];
         let r = match w {
             CpuDenseLinear::Stored(m) => m.forward_quantized(input, out),
-            CpuDenseLinear::Lanes(m) => m.forward_quantized(input, out),
+            CpuDenseLinear::Q8Lanes(m) => m.forward_quantized(input, out),
+            CpuDenseLinear::Q6Lanes(m) => m.forward_quantized(input, out),
         };
         r.expect("dense product shape");
     }

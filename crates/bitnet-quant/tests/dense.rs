@@ -4,7 +4,7 @@
 //! quantizers against ggml's definitions, and typed errors for bad sizes.
 
 use bitnet_quant::dense::{
-    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q8Lanes,
+    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q6Lanes, Q8Lanes,
 };
 use bitnet_quant::formats::{self, float, GgmlType};
 use bitnet_quant::selftest::Rng;
@@ -693,4 +693,47 @@ fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
     a.quantize(ActivationKind::Q8Blocks, &[0.5; 64], 1, 64).unwrap();
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 19]), Err(DenseError::OutputLength { .. })));
     assert!(Q8Lanes::from_q8_0(&random_matrix(DenseFormat::Q4_0, 20, 64, Codes::Random, &mut rng)).is_none());
+}
+
+/// Q6_K rows-in-lanes ([`Q6Lanes`]): as for Q8_0, the stored matrix's outputs bit for bit on
+/// every path, ragged groups, 1 to 33 tokens, and the same decoded rows.
+#[test]
+fn q6_k_rows_in_lanes_equal_the_stored_matrix() {
+    let mut rng = Rng::new(43);
+    let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
+    for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
+        for rows in [16, 17, 40] {
+            for cols in widths(DenseFormat::Q6_K) {
+                let w = random_matrix(DenseFormat::Q6_K, rows, cols, codes, &mut rng);
+                let lanes = Q6Lanes::from_q6_k(&w).expect("a Q6_K matrix");
+                assert_eq!((lanes.rows(), lanes.cols()), (rows, cols));
+                let (mut want_row, mut got_row) = (vec![0.0; cols], vec![0.0; cols]);
+                for r in [0, rows / 2, rows - 1] {
+                    w.dequantize_row(r, &mut want_row).unwrap();
+                    lanes.dequantize_row(r, &mut got_row).unwrap();
+                    assert_eq!(got_row, want_row, "row {r} of {rows}×{cols}");
+                }
+                for m in TOKENS {
+                    let x = random_inputs(m, cols, inputs, &mut rng);
+                    let mut a = DenseActivations::new();
+                    a.quantize(ActivationKind::Q8K, &x, m, cols).unwrap();
+                    let mut want = vec![0.0; m * rows];
+                    w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
+                    for path in paths {
+                        let mut got = vec![f32::NAN; m * rows];
+                        lanes.forward_quantized_with(path, &a, &mut got).unwrap();
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{path} {rows}×{cols}, {m} tokens, {codes:?}");
+                    }
+                }
+            }
+        }
+    }
+    let w = random_matrix(DenseFormat::Q6_K, 20, 256, Codes::Random, &mut rng);
+    let lanes = Q6Lanes::from_q6_k(&w).unwrap();
+    assert!(matches!(lanes.dequantize_row(20, &mut [0.0; 256]), Err(DenseError::RowOutOfRange { .. })));
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8Blocks, &[0.5; 256], 1, 256).unwrap();
+    assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
+    assert!(Q6Lanes::from_q6_k(&random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng)).is_none());
 }

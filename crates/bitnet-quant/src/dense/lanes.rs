@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use super::{
     check_product, parallel_min, scalar, ActivationKind, DenseActivations, DenseError, DenseFormat,
-    DenseLinear, QK,
+    DenseLinear, QK, QK_K,
 };
 use crate::aligned::AlignedBytes;
 use crate::kernels::{for_ranges, KernelPath, SharedOut};
@@ -45,20 +45,194 @@ const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
 /// How far behind the copy a shared source's rows are released (see [`Q8Lanes::from_q8_0`]).
 const RELEASE_LAG: usize = 1 << 20;
 
+/// Bytes of one super-block of one group of [`Q6Lanes`]: the sixteen `d`, the 16 × 16 sub-block
+/// scales, then the codes.
+const Q6_BLOCK_BYTES: usize = 2 * LANES + Q6_SUBS * LANES + QK_K * LANES;
+/// Sub-blocks of a Q6_K super-block (sixteen columns each, one scale each).
+const Q6_SUBS: usize = QK_K / 16;
+/// Where the codes of a [`Q6Lanes`] super-block start.
+const Q6_CODES: usize = 2 * LANES + Q6_SUBS * LANES;
+
+/// A Q6_K matrix rows-in-lanes: per group of sixteen rows and 256-column super-block, the rows'
+/// `d` (f16), their sub-block scales (sub-block `s` of row `i` at `s · 16 + i`), then the codes
+/// as unsigned bytes `q ∈ 0..64` (the stored value is `q − 32`), four columns of each row at a
+/// time as for [`Q8Lanes`]. A byte a code instead of six bits (1.07 bytes a weight against
+/// 0.82): what makes every `vpdpbusd` a plain load (the codes are the unsigned operand as they
+/// are), no unpacking of the stored bit planes per token.
+///
+/// The integers are `ggml_vec_dot_q6_K_q8_K`'s: per sub-block `Σ q x − 32 Σ x` (the activation
+/// block sums of sixteen), times its scale, summed over the super-block, then
+/// `acc += (d_w · d_a) · isum` super-block after super-block, as
+/// [`super::scalar::dot_q6_k`]: equal outputs, bit for bit.
+#[derive(Clone, Debug)]
+pub struct Q6Lanes {
+    rows: usize,
+    cols: usize,
+    data: AlignedBytes,
+}
+
+impl Q6Lanes {
+    /// Whether [`Q6Lanes::from_q6_k`] pays for `w` on `path` (as [`Q8Lanes::suits`]).
+    pub fn suits(w: &DenseLinear, path: KernelPath) -> bool {
+        w.format() == DenseFormat::Q6_K
+            && !w.float_activations()
+            && w.rows() >= LANES
+            && Kernel::of(path) != Kernel::Scalar
+    }
+
+    /// `w` (Q6_K) in this layout; `None` for any other format or for f32 activations. A
+    /// shared source is released behind the copy as for [`Q8Lanes::from_q8_0`].
+    pub fn from_q6_k(w: &DenseLinear) -> Option<Self> {
+        if w.format() != DenseFormat::Q6_K || w.float_activations() {
+            return None;
+        }
+        let (rows, cols) = (w.rows(), w.cols());
+        let blocks = cols / QK_K;
+        let groups = rows.div_ceil(LANES);
+        let mut data = AlignedBytes::zeroed(groups * blocks * Q6_BLOCK_BYTES);
+        let out = data.as_bytes_mut();
+        let (mut released, lag_rows) = (0, RELEASE_LAG.div_ceil(w.row_bytes().max(1)));
+        for g in 0..groups {
+            let live = (rows - g * LANES).min(LANES);
+            for i in 0..live {
+                let src = w.row(g * LANES + i);
+                for b in 0..blocks {
+                    let (blk, dst) = (&src[b * 210..(b + 1) * 210], (g * blocks + b) * Q6_BLOCK_BYTES);
+                    out[dst + 2 * i..dst + 2 * i + 2].copy_from_slice(&blk[208..210]);
+                    for s in 0..Q6_SUBS {
+                        out[dst + 2 * LANES + s * LANES + i] = blk[192 + s];
+                    }
+                    for c in 0..QK_K {
+                        let (j, k) = (c / CHUNK, c % CHUNK);
+                        out[dst + Q6_CODES + j * LANES * CHUNK + i * CHUNK + k] = scalar::q6_k_value(blk, c);
+                    }
+                }
+            }
+            let behind = (g * LANES + live).saturating_sub(lag_rows);
+            if behind >= released + lag_rows {
+                w.release_rows(released..behind);
+                released = behind;
+            }
+        }
+        w.release();
+        Some(Self { rows, cols, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes the weights take, the padding rows of the last group included.
+    pub fn bytes(&self) -> usize {
+        self.data.as_bytes().len()
+    }
+
+    fn blocks(&self) -> usize {
+        self.cols / QK_K
+    }
+
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks() * Q6_BLOCK_BYTES;
+        &self.data.as_bytes()[g * len..(g + 1) * len]
+    }
+
+    /// Row `r` decoded to f32 into `out[..cols]`, as the stored row decodes:
+    /// `(d · sc) · (q − 32)`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), DenseError> {
+        if r >= self.rows {
+            return Err(DenseError::RowOutOfRange { row: r, rows: self.rows });
+        }
+        if out.len() < self.cols {
+            return Err(DenseError::RowBuffer { cols: self.cols, got: out.len() });
+        }
+        let (g, i) = (r / LANES, r % LANES);
+        for (b, blk) in self.group(g).chunks_exact(Q6_BLOCK_BYTES).enumerate() {
+            let d = scalar::f16_at(blk, 2 * i);
+            for c in 0..QK_K {
+                let sc = f32::from(blk[2 * LANES + (c / 16) * LANES + i] as i8);
+                let q = i32::from(blk[Q6_CODES + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK]) - 32;
+                out[b * QK_K + c] = (d * sc) * q as f32;
+            }
+        }
+        Ok(())
+    }
+
+    /// `out[t, r] = Σ_c W[r, c] · x[t, c]` for the tokens of `a` (Q8_K blocks of `cols`), on
+    /// the active kernel path.
+    pub fn forward_quantized(&self, a: &DenseActivations, out: &mut [f32]) -> Result<(), DenseError> {
+        self.forward_quantized_with(KernelPath::active(), a, out)
+    }
+
+    /// [`Q6Lanes::forward_quantized`] on a chosen path (as [`Q8Lanes::forward_quantized_with`]).
+    pub fn forward_quantized_with(
+        &self,
+        path: KernelPath,
+        a: &DenseActivations,
+        out: &mut [f32],
+    ) -> Result<(), DenseError> {
+        check_product(DenseFormat::Q6_K, ActivationKind::Q8K, self.rows, self.cols, a, out.len())?;
+        let kernel = Kernel::of(path.or_best());
+        let sink = SharedOut::new(out, self.rows);
+        let groups = self.rows.div_ceil(LANES);
+        for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| match kernel {
+            // SAFETY (both SIMD arms): `Kernel::of` checked the CPU's features; the kernels read
+            // inside the groups and tokens they are given.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_q6_groups(self, a, range, &sink) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_q6_groups(self, a, range, &sink) },
+            _ => self.run_groups_scalar(a, range, &sink),
+        });
+        Ok(())
+    }
+
+    /// The definition: each live row of `groups` against each token, super-block by
+    /// super-block.
+    fn run_groups_scalar(&self, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
+        for g in groups {
+            let live = (self.rows - g * LANES).min(LANES);
+            for t in 0..a.m() {
+                let (x, d_a) = (a.values(t), a.scales(t));
+                for i in 0..live {
+                    let mut acc = 0.0f32;
+                    for (b, (blk, &da)) in self.group(g).chunks_exact(Q6_BLOCK_BYTES).zip(d_a).enumerate() {
+                        let mut isum = 0i32;
+                        for s in 0..Q6_SUBS {
+                            let sc = i32::from(blk[2 * LANES + s * LANES + i] as i8);
+                            let part: i32 = (16 * s..16 * s + 16)
+                                .map(|c| {
+                                    let q =
+                                        blk[Q6_CODES + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK];
+                                    (i32::from(q) - 32) * i32::from(x[b * QK_K + c])
+                                })
+                                .sum();
+                            isum += sc * part;
+                        }
+                        acc += (scalar::f16_at(blk, 2 * i) * da) * isum as f32;
+                    }
+                    out.write(t, g * LANES + i, acc);
+                }
+            }
+        }
+    }
+}
+
 /// Each group of `$groups` against the tokens of `$a` in tiles of up to four, through the
-/// calling module's `group_tokens::<T>` (a macro: a closure would not inherit the caller's
+/// calling module's kernel `$f::<T>` (a macro: a closure would not inherit the caller's
 /// target features). Expands to unsafe calls: the caller vouches for the features.
 #[cfg(target_arch = "x86_64")]
 macro_rules! token_tiles {
-    ($w:expr, $a:expr, $groups:expr, $out:expr) => {
+    ($f:ident, $w:expr, $a:expr, $groups:expr, $out:expr) => {
         for g in $groups {
             let mut t0 = 0;
             while t0 < $a.m() {
                 match $a.m() - t0 {
-                    1 => group_tokens::<1>($w, $a, g, t0, $out),
-                    2 => group_tokens::<2>($w, $a, g, t0, $out),
-                    3 => group_tokens::<3>($w, $a, g, t0, $out),
-                    _ => group_tokens::<4>($w, $a, g, t0, $out),
+                    1 => $f::<1>($w, $a, g, t0, $out),
+                    2 => $f::<2>($w, $a, g, t0, $out),
+                    3 => $f::<3>($w, $a, g, t0, $out),
+                    _ => $f::<4>($w, $a, g, t0, $out),
                 }
                 t0 += 4;
             }
@@ -258,7 +432,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Q8Lanes, BLOCK_BYTES, CHUNK, LANES, QK};
+    use super::{Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K};
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
 
@@ -280,7 +454,7 @@ mod avx512 {
         out: &SharedOut<'_, f32>,
     ) {
         // SAFETY: the caller's features.
-        unsafe { token_tiles!(w, a, groups, out) }
+        unsafe { token_tiles!(group_tokens, w, a, groups, out) }
     }
 
     /// Group `g` against tokens `t0 .. t0 + T`: each block's 16 × 32 codes loaded once for the
@@ -335,6 +509,78 @@ mod avx512 {
             }
         }
     }
+    /// [`Q6Lanes`] groups `groups` for every token of `a`.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VNNI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_q6_groups(
+        w: &Q6Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q6_group_tokens, w, a, groups, out) }
+    }
+
+    /// [`Q6Lanes`] group `g` against tokens `t0 .. t0 + T`: per sub-block four `vpdpbusd` of the
+    /// unsigned codes with the broadcast activations, `− 32 Σ x`, times the rows' scales.
+    ///
+    /// # Safety
+    /// As [`run_q6_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q6_group_tokens<const T: usize>(
+        w: &Q6Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let mut acc = [_mm512_setzero_ps(); T];
+        for (b, blk) in w.group(g).chunks_exact(Q6_BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: a super-block holds the scales and 64 chunks of 64 bytes; every token holds
+            // `cols` activations and `cols / 16` sums.
+            unsafe {
+                let d_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let mut isum = [_mm512_setzero_si512(); T];
+                for s in 0..Q6_SUBS {
+                    let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 * LANES + s * LANES).cast()));
+                    let mut part = [_mm512_setzero_si512(); T];
+                    for j in 4 * s..4 * s + 4 {
+                        let codes = _mm512_loadu_si512(blk.add(Q6_CODES + j * LANES * CHUNK).cast());
+                        for t in 0..T {
+                            let x4 = xs[t].as_ptr().add(b * QK_K + j * CHUNK).cast::<i32>().read_unaligned();
+                            part[t] = _mm512_dpbusd_epi32(part[t], codes, _mm512_set1_epi32(x4));
+                        }
+                    }
+                    for t in 0..T {
+                        let centred =
+                            _mm512_sub_epi32(part[t], _mm512_set1_epi32(32 * sums[t][b * Q6_SUBS + s]));
+                        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(sc, centred));
+                    }
+                }
+                for t in 0..T {
+                    let scale = _mm512_mul_ps(d_w, _mm512_set1_ps(scales[t][b]));
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(isum[t])));
+                }
+            }
+        }
+        let live = (w.rows - g * LANES).min(LANES);
+        for (t, acc) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
+            for (i, &v) in lanes.iter().enumerate().take(live) {
+                out.write(t0 + t, g * LANES + i, v);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -342,7 +588,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Q8Lanes, BLOCK_BYTES, CHUNK, LANES, QK};
+    use super::{Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K};
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
 
@@ -364,7 +610,7 @@ mod avx2 {
         out: &SharedOut<'_, f32>,
     ) {
         // SAFETY: the caller's features.
-        unsafe { token_tiles!(w, a, groups, out) }
+        unsafe { token_tiles!(group_tokens, w, a, groups, out) }
     }
 
     /// # Safety
@@ -410,6 +656,98 @@ mod avx2 {
                         let scale = _mm256_mul_ps(d_w[h], _mm256_set1_ps(scales[t][b]));
                         let isum = _mm256_cvtepi32_ps(dots[h][t]);
                         acc[h][t] = _mm256_add_ps(acc[h][t], _mm256_mul_ps(scale, isum));
+                    }
+                }
+            }
+        }
+        let live = (w.rows - g * LANES).min(LANES);
+        for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
+            }
+            for (i, &v) in lanes.iter().enumerate().take(live) {
+                out.write(t0 + t, g * LANES + i, v);
+            }
+        }
+    }
+    /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
+    ///
+    /// # Safety
+    /// AVX2 and F16C ([`available`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn run_q6_groups(
+        w: &Q6Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q6_group_tokens, w, a, groups, out) }
+    }
+
+    /// As the AVX-512 kernel: `vpmaddubsw` of the unsigned codes (below 64) with the
+    /// activations (pair sums below 2¹⁵), `vpmaddwd` with ones.
+    ///
+    /// # Safety
+    /// As [`run_q6_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn q6_group_tokens<const T: usize>(
+        w: &Q6Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        for (b, blk) in w.group(g).chunks_exact(Q6_BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: as in the AVX-512 kernel.
+            unsafe {
+                let d_w = [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())));
+                let mut isum = [[_mm256_setzero_si256(); T]; 2];
+                for s in 0..Q6_SUBS {
+                    let sc = [0, 1].map(|h| {
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 * LANES + s * LANES + 8 * h).cast()))
+                    });
+                    let mut part = [[_mm256_setzero_si256(); T]; 2];
+                    for j in 4 * s..4 * s + 4 {
+                        let x4: [__m256i; T] = std::array::from_fn(|t| {
+                            _mm256_set1_epi32(
+                                xs[t].as_ptr().add(b * QK_K + j * CHUNK).cast::<i32>().read_unaligned(),
+                            )
+                        });
+                        for (h, part) in part.iter_mut().enumerate() {
+                            let codes =
+                                _mm256_loadu_si256(blk.add(Q6_CODES + j * LANES * CHUNK + 32 * h).cast());
+                            for t in 0..T {
+                                let pairs = _mm256_maddubs_epi16(codes, x4[t]);
+                                part[t] = _mm256_add_epi32(part[t], _mm256_madd_epi16(pairs, ones));
+                            }
+                        }
+                    }
+                    for h in 0..2 {
+                        for t in 0..T {
+                            let centred = _mm256_sub_epi32(
+                                part[h][t],
+                                _mm256_set1_epi32(32 * sums[t][b * Q6_SUBS + s]),
+                            );
+                            isum[h][t] = _mm256_add_epi32(isum[h][t], _mm256_mullo_epi32(sc[h], centred));
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    for t in 0..T {
+                        let scale = _mm256_mul_ps(d_w[h], _mm256_set1_ps(scales[t][b]));
+                        acc[h][t] =
+                            _mm256_add_ps(acc[h][t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum[h][t])));
                     }
                 }
             }
