@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use bitnet_quant::dense::{ActivationKind, DenseActivations, DenseFormat, DenseLinear, Q8Lanes};
+use bitnet_quant::dense::{DenseActivations, DenseFormat, DenseLinear, Q6Lanes, Q8Lanes};
 use bitnet_quant::selftest::Rng;
 use bitnet_quant::KernelPath;
 use divan::counter::BytesCount;
@@ -65,12 +65,13 @@ fn head_cases() -> Vec<Case> {
         // BitNet b1.58 2B-4T's tied table stored as Q8_0, and a slice of it that stays in cache.
         Case { path, format: DenseFormat::Q8_0, name: "2b4t_head", rows: 128256, cols: 2560 },
         Case { path, format: DenseFormat::Q8_0, name: "2b4t_head_cached", rows: 2048, cols: 2560 },
+        Case { path, format: DenseFormat::Q6_K, name: "2b4t_head", rows: 128256, cols: 2560 },
     ]
 }
 
-/// The Q8_0 head cases on the best path, and on AVX2 where that is another x86 path.
+/// The head cases (Q8_0, Q6_K) on the best path, and on AVX2 where that is another x86 path.
 fn lanes_cases() -> Vec<Case> {
-    let q8: Vec<Case> = head_cases().into_iter().filter(|c| c.format == DenseFormat::Q8_0).collect();
+    let q8: Vec<Case> = head_cases();
     let mut out = q8.clone();
     if KernelPath::Avx2.is_available() && KernelPath::best() != KernelPath::Avx2 {
         out.extend(q8.into_iter().map(|c| Case { path: KernelPath::Avx2, ..c }));
@@ -122,19 +123,29 @@ fn dense_head_gemv(bencher: Bencher, case: Case) {
     gemv(bencher, case)
 }
 
-/// The Q8_0 heads again, rows-in-lanes ([`Q8Lanes`]: what the CPU backend runs them as where
-/// AVX-512 VNNI is available).
+/// The heads again, rows-in-lanes ([`Q8Lanes`], [`Q6Lanes`]: what the CPU backend runs them as
+/// on x86).
 /// (On x86 also on the AVX2 kernel of that layout.)
 #[divan::bench(args = lanes_cases(), max_time = 2)]
 fn dense_head_gemv_lanes(bencher: Bencher, case: Case) {
-    let w = Q8Lanes::from_q8_0(&matrix(&case)).unwrap();
+    let stored = matrix(&case);
     let x: Vec<f32> = (0..case.cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.01).collect();
     let mut a = DenseActivations::new();
     let mut out = vec![0f32; case.rows];
-    bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
-        a.quantize(ActivationKind::Q8Blocks, &x, 1, case.cols).unwrap();
-        w.forward_quantized_with(case.path, &a, &mut out).unwrap()
-    });
+    let kind = stored.activation_kind();
+    if case.format == DenseFormat::Q8_0 {
+        let w = Q8Lanes::from_q8_0(&stored).unwrap();
+        bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+            a.quantize(kind, &x, 1, case.cols).unwrap();
+            w.forward_quantized_with(case.path, &a, &mut out).unwrap()
+        });
+    } else {
+        let w = Q6Lanes::from_q6_k(&stored).unwrap();
+        bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+            a.quantize(kind, &x, 1, case.cols).unwrap();
+            w.forward_quantized_with(case.path, &a, &mut out).unwrap()
+        });
+    }
 }
 
 /// Prefill: 64 tokens through SmolLM2's gate/up shape (multiply-adds per second).
