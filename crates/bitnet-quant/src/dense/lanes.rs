@@ -1,4 +1,6 @@
-//! Q8_0 weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
+//! Q8_0 and Q6_K weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
+//!
+//! Q8_0 ([`Q8Lanes`]) first; Q6_K ([`Q6Lanes`]) follows the same plan with its codes a byte each.
 //!
 //! The stored Q8_0 layout puts each row's blocks one after another, so a SIMD kernel that gives
 //! each of eight rows an accumulator lane reads eight memory streams and reduces eight vectors
@@ -23,8 +25,8 @@
 //! reduction.
 //!
 //! The products are [`super::scalar::dot_q8_0`]'s, in its order: each block's exact integer,
-//! then `acc += (d_w · d_a) · isum` block after block, so every path here (the scalar one and
-//! AVX-512) gives the stored matrix's outputs bit for bit. Rows past the matrix in the last
+//! then `acc += (d_w · d_a) · isum` block after block, so every path here (scalar, AVX2,
+//! AVX-512 VNNI) gives the stored matrix's outputs bit for bit. Rows past the matrix in the last
 //! group are zero codes and zero scales, and are not written.
 
 use std::ops::Range;
