@@ -212,12 +212,12 @@ impl Backend for CpuBackend {
     fn upload_dense_linear(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
         let path = KernelPath::active();
         if Q8Lanes::suits(&w, path) {
-            if let Some(lanes) = Q8Lanes::from_q8_0(&w) {
+            if let Some(lanes) = Q8Lanes::from_stored(&w) {
                 return Ok(CpuDenseLinear::Q8Lanes(lanes));
             }
         }
         if Q6Lanes::suits(&w, path) {
-            if let Some(lanes) = Q6Lanes::from_q6_k(&w) {
+            if let Some(lanes) = Q6Lanes::from_stored(&w) {
                 return Ok(CpuDenseLinear::Q6Lanes(lanes));
             }
         }

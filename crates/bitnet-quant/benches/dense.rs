@@ -134,13 +134,13 @@ fn dense_head_gemv_lanes(bencher: Bencher, case: Case) {
     let mut out = vec![0f32; case.rows];
     let kind = stored.activation_kind();
     if case.format == DenseFormat::Q8_0 {
-        let w = Q8Lanes::from_q8_0(&stored).unwrap();
+        let w = Q8Lanes::from_stored(&stored).unwrap();
         bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
             a.quantize(kind, &x, 1, case.cols).unwrap();
             w.forward_quantized_with(case.path, &a, &mut out).unwrap()
         });
     } else {
-        let w = Q6Lanes::from_q6_k(&stored).unwrap();
+        let w = Q6Lanes::from_stored(&stored).unwrap();
         bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
             a.quantize(kind, &x, 1, case.cols).unwrap();
             w.forward_quantized_with(case.path, &a, &mut out).unwrap()

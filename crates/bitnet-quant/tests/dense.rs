@@ -645,6 +645,48 @@ fn ternary_tables_decode_rows_and_multiply_decoded() {
     }
 }
 
+/// A rows-in-lanes type against the stored matrices of `format`: decoded rows equal, products
+/// equal to the stored scalar reference bit for bit on every path (scalar, AVX2, AVX-512 VNNI
+/// where the CPU has them), random and extreme codes and inputs, ragged groups, 1 to 33 tokens.
+/// (A macro: the two types share their methods, not a trait this crate exports.)
+macro_rules! lanes_equal_stored {
+    ($lanes:ty, $format:expr, $rows:expr, $rng:expr) => {
+        let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
+        for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
+            for rows in $rows {
+                for cols in widths($format) {
+                    let w = random_matrix($format, rows, cols, codes, $rng);
+                    let lanes = <$lanes>::from_stored(&w).expect("a matrix of the format");
+                    assert_eq!((lanes.rows(), lanes.cols()), (rows, cols));
+                    let (mut want_row, mut got_row) = (vec![0.0; cols], vec![0.0; cols]);
+                    for r in [0, rows / 2, rows - 1] {
+                        w.dequantize_row(r, &mut want_row).unwrap();
+                        lanes.dequantize_row(r, &mut got_row).unwrap();
+                        assert_eq!(got_row, want_row, "row {r} of {rows}×{cols}");
+                    }
+                    for m in TOKENS {
+                        let x = random_inputs(m, cols, inputs, $rng);
+                        let mut a = DenseActivations::new();
+                        a.quantize(w.activation_kind(), &x, m, cols).unwrap();
+                        let mut want = vec![0.0; m * rows];
+                        w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
+                        for path in paths {
+                            let mut got = vec![f32::NAN; m * rows];
+                            lanes.forward_quantized_with(path, &a, &mut got).unwrap();
+                            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&got),
+                                bits(&want),
+                                "{path} {rows}×{cols}, {m} tokens, {codes:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
 /// Q8_0 rows-in-lanes ([`Q8Lanes`]): the same outputs as the stored matrix on the scalar
 /// reference, bit for bit, on every path (AVX2 and AVX-512 VNNI where the CPU has them), for ragged row
 /// counts (a partial last group), random and extreme codes and inputs, 1 to 33 tokens; and the
@@ -652,38 +694,10 @@ fn ternary_tables_decode_rows_and_multiply_decoded() {
 #[test]
 fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
     let mut rng = Rng::new(41);
-    let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
-    for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
-        for rows in [16, 17, 33, 50] {
-            for cols in widths(DenseFormat::Q8_0) {
-                let w = random_matrix(DenseFormat::Q8_0, rows, cols, codes, &mut rng);
-                let lanes = Q8Lanes::from_q8_0(&w).expect("a Q8_0 matrix");
-                assert_eq!((lanes.rows(), lanes.cols()), (rows, cols));
-                let (mut want_row, mut got_row) = (vec![0.0; cols], vec![0.0; cols]);
-                for r in [0, rows / 2, rows - 1] {
-                    w.dequantize_row(r, &mut want_row).unwrap();
-                    lanes.dequantize_row(r, &mut got_row).unwrap();
-                    assert_eq!(got_row, want_row, "row {r} of {rows}×{cols}");
-                }
-                for m in TOKENS {
-                    let x = random_inputs(m, cols, inputs, &mut rng);
-                    let mut a = DenseActivations::new();
-                    a.quantize(ActivationKind::Q8Blocks, &x, m, cols).unwrap();
-                    let mut want = vec![0.0; m * rows];
-                    w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
-                    for path in paths {
-                        let mut got = vec![f32::NAN; m * rows];
-                        lanes.forward_quantized_with(path, &a, &mut got).unwrap();
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&got), bits(&want), "{path} {rows}×{cols}, {m} tokens, {codes:?}");
-                    }
-                }
-            }
-        }
-    }
+    lanes_equal_stored!(Q8Lanes, DenseFormat::Q8_0, [16, 17, 33, 50], &mut rng);
     // Bad input: a row out of range, activations of another width or kind, a short output.
     let w = random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng);
-    let lanes = Q8Lanes::from_q8_0(&w).unwrap();
+    let lanes = Q8Lanes::from_stored(&w).unwrap();
     assert!(matches!(lanes.dequantize_row(20, &mut [0.0; 64]), Err(DenseError::RowOutOfRange { .. })));
     let mut a = DenseActivations::new();
     a.quantize(ActivationKind::Q8Blocks, &[0.5; 96], 1, 96).unwrap();
@@ -692,7 +706,9 @@ fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
     a.quantize(ActivationKind::Q8Blocks, &[0.5; 64], 1, 64).unwrap();
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 19]), Err(DenseError::OutputLength { .. })));
-    assert!(Q8Lanes::from_q8_0(&random_matrix(DenseFormat::Q4_0, 20, 64, Codes::Random, &mut rng)).is_none());
+    assert!(
+        Q8Lanes::from_stored(&random_matrix(DenseFormat::Q4_0, 20, 64, Codes::Random, &mut rng)).is_none()
+    );
 }
 
 /// Q6_K rows-in-lanes ([`Q6Lanes`]): as for Q8_0, the stored matrix's outputs bit for bit on
@@ -700,40 +716,14 @@ fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
 #[test]
 fn q6_k_rows_in_lanes_equal_the_stored_matrix() {
     let mut rng = Rng::new(43);
-    let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
-    for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
-        for rows in [16, 17, 40] {
-            for cols in widths(DenseFormat::Q6_K) {
-                let w = random_matrix(DenseFormat::Q6_K, rows, cols, codes, &mut rng);
-                let lanes = Q6Lanes::from_q6_k(&w).expect("a Q6_K matrix");
-                assert_eq!((lanes.rows(), lanes.cols()), (rows, cols));
-                let (mut want_row, mut got_row) = (vec![0.0; cols], vec![0.0; cols]);
-                for r in [0, rows / 2, rows - 1] {
-                    w.dequantize_row(r, &mut want_row).unwrap();
-                    lanes.dequantize_row(r, &mut got_row).unwrap();
-                    assert_eq!(got_row, want_row, "row {r} of {rows}×{cols}");
-                }
-                for m in TOKENS {
-                    let x = random_inputs(m, cols, inputs, &mut rng);
-                    let mut a = DenseActivations::new();
-                    a.quantize(ActivationKind::Q8K, &x, m, cols).unwrap();
-                    let mut want = vec![0.0; m * rows];
-                    w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
-                    for path in paths {
-                        let mut got = vec![f32::NAN; m * rows];
-                        lanes.forward_quantized_with(path, &a, &mut got).unwrap();
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&got), bits(&want), "{path} {rows}×{cols}, {m} tokens, {codes:?}");
-                    }
-                }
-            }
-        }
-    }
+    lanes_equal_stored!(Q6Lanes, DenseFormat::Q6_K, [16, 17, 40], &mut rng);
     let w = random_matrix(DenseFormat::Q6_K, 20, 256, Codes::Random, &mut rng);
-    let lanes = Q6Lanes::from_q6_k(&w).unwrap();
+    let lanes = Q6Lanes::from_stored(&w).unwrap();
     assert!(matches!(lanes.dequantize_row(20, &mut [0.0; 256]), Err(DenseError::RowOutOfRange { .. })));
     let mut a = DenseActivations::new();
     a.quantize(ActivationKind::Q8Blocks, &[0.5; 256], 1, 256).unwrap();
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
-    assert!(Q6Lanes::from_q6_k(&random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng)).is_none());
+    assert!(
+        Q6Lanes::from_stored(&random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng)).is_none()
+    );
 }

@@ -29,6 +29,7 @@
 //! AVX-512 VNNI) gives the stored matrix's outputs bit for bit. Rows past the matrix in the last
 //! group are zero codes and zero scales, and are not written.
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use super::{
@@ -42,72 +43,220 @@ use crate::kernels::{for_ranges, KernelPath, SharedOut};
 pub const LANES: usize = 16;
 /// Columns of a row that share a 32-bit lane (one `vpdpbusd` step).
 const CHUNK: usize = 4;
-/// Bytes of one block of one group: the sixteen scales, then the codes.
+/// Bytes of one Q8_0 block of one group: the sixteen scales, then the codes.
 const BLOCK_BYTES: usize = 2 * LANES + QK * LANES;
-/// How far behind the copy a shared source's rows are released (see [`Q8Lanes::from_q8_0`]).
-const RELEASE_LAG: usize = 1 << 20;
-
-/// Bytes of one super-block of one group of [`Q6Lanes`]: the sixteen `d`, the 16 × 16 sub-block
-/// scales, then the codes.
-const Q6_BLOCK_BYTES: usize = 2 * LANES + Q6_SUBS * LANES + QK_K * LANES;
+/// Bytes of one Q6_K super-block of one group: the sixteen `d`, the 16 × 16 sub-block scales,
+/// then the codes.
+const Q6_BLOCK_BYTES: usize = Q6_CODES + QK_K * LANES;
 /// Sub-blocks of a Q6_K super-block (sixteen columns each, one scale each).
 const Q6_SUBS: usize = QK_K / 16;
-/// Where the codes of a [`Q6Lanes`] super-block start.
+/// Where the codes of a Q6_K super-block start.
 const Q6_CODES: usize = 2 * LANES + Q6_SUBS * LANES;
+/// How far behind the copy a shared source's rows are released (see [`Lanes::from_stored`]).
+const RELEASE_LAG: usize = 1 << 20;
 
-/// A Q6_K matrix rows-in-lanes: per group of sixteen rows and 256-column super-block, the rows'
-/// `d` (f16), their sub-block scales (sub-block `s` of row `i` at `s · 16 + i`), then the codes
-/// as unsigned bytes `q ∈ 0..64` (the stored value is `q − 32`), four columns of each row at a
-/// time as for [`Q8Lanes`]. A byte a code instead of six bits (1.07 bytes a weight against
-/// 0.82): what makes every `vpdpbusd` a plain load (the codes are the unsigned operand as they
-/// are), no unpacking of the stored bit planes per token.
-///
-/// The integers are `ggml_vec_dot_q6_K_q8_K`'s: per sub-block `Σ q x − 32 Σ x` (the activation
-/// block sums of sixteen), times its scale, summed over the super-block, then
-/// `acc += (d_w · d_a) · isum` super-block after super-block, as
-/// [`super::scalar::dot_q6_k`]: equal outputs, bit for bit.
+/// Offset in a group's block of lane `i`'s code of column `c` (codes from `codes` on, four
+/// columns of each of the sixteen rows at a time).
+fn code_at(codes: usize, i: usize, c: usize) -> usize {
+    codes + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK
+}
+
+/// What a stored format needs to be laid out rows-in-lanes: its block's shape, how a stored
+/// block goes into a lane, the scalar definition of a lane's term, and its SIMD kernels.
+pub(crate) trait LaneFormat: Sized {
+    const FORMAT: DenseFormat;
+    const ACTIVATIONS: ActivationKind;
+    /// Columns of a block, bytes of a stored block, bytes of a group's block here.
+    const BLOCK_COLS: usize;
+    const STORED_BYTES: usize;
+    const LANE_BYTES: usize;
+    /// Writes stored block `stored` into lane `i` of a group's block `dst`.
+    fn put(stored: &[u8], i: usize, dst: &mut [u8]);
+    /// Lane `i`'s values of a group's block, as the stored block decodes them.
+    fn decode(block: &[u8], i: usize, out: &mut [f32]);
+    /// Lane `i`'s term of a block against the block's activations `x` (scale `d_a`, sums of
+    /// sixteen `sums`): the scalar definition's integer, then `(d_w · d_a) · isum`.
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, sums: &[i32]) -> f32;
+    /// The SIMD kernel `kernel` over `groups` (never called with [`Kernel::Scalar`]).
+    fn run_simd(
+        kernel: Kernel,
+        w: &Lanes<Self>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    );
+}
+
+/// Q8_0 (see the module documentation).
+#[derive(Clone, Copy, Debug)]
+pub struct Q8;
+
+/// Q6_K: per group and 256-column super-block the rows' `d` (f16), their sub-block scales
+/// (sub-block `s` of row `i` at `s · 16 + i`), then the codes as unsigned bytes `q ∈ 0..64`
+/// (the stored value is `q − 32`). A byte a code instead of six bits (1.07 bytes a weight
+/// against 0.82) makes every `vpdpbusd` a plain load, with no unpacking of the stored bit planes
+/// per token. The integers are `ggml_vec_dot_q6_K_q8_K`'s: per sub-block `Σ q x − 32 Σ x` (the
+/// activation sums of sixteen), times its scale, summed over the super-block.
+#[derive(Clone, Copy, Debug)]
+pub struct Q6;
+
+impl LaneFormat for Q8 {
+    const FORMAT: DenseFormat = DenseFormat::Q8_0;
+    const ACTIVATIONS: ActivationKind = ActivationKind::Q8Blocks;
+    const BLOCK_COLS: usize = QK;
+    const STORED_BYTES: usize = 34;
+    const LANE_BYTES: usize = BLOCK_BYTES;
+
+    fn put(stored: &[u8], i: usize, dst: &mut [u8]) {
+        dst[2 * i..2 * i + 2].copy_from_slice(&stored[..2]);
+        for c in 0..QK {
+            dst[code_at(2 * LANES, i, c)] = stored[2 + c];
+        }
+    }
+
+    fn decode(block: &[u8], i: usize, out: &mut [f32]) {
+        let d = scalar::f16_at(block, 2 * i);
+        for (c, v) in out.iter_mut().enumerate().take(QK) {
+            *v = f32::from(block[code_at(2 * LANES, i, c)] as i8) * d;
+        }
+    }
+
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> f32 {
+        let isum: i32 =
+            (0..QK).map(|c| i32::from(block[code_at(2 * LANES, i, c)] as i8) * i32::from(x[c])).sum();
+        (scalar::f16_at(block, 2 * i) * d_a) * isum as f32
+    }
+
+    fn run_simd(
+        kernel: Kernel,
+        w: &Lanes<Q8>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        match kernel {
+            // SAFETY (both arms): `Kernel::of` checked the CPU's features; the kernels read
+            // inside the groups and tokens they are given.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_groups(w, a, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_groups(w, a, groups, out) },
+            _ => unreachable!("the scalar definition is Lanes::run_groups_scalar"),
+        }
+    }
+}
+
+impl LaneFormat for Q6 {
+    const FORMAT: DenseFormat = DenseFormat::Q6_K;
+    const ACTIVATIONS: ActivationKind = ActivationKind::Q8K;
+    const BLOCK_COLS: usize = QK_K;
+    const STORED_BYTES: usize = 210;
+    const LANE_BYTES: usize = Q6_BLOCK_BYTES;
+
+    fn put(stored: &[u8], i: usize, dst: &mut [u8]) {
+        dst[2 * i..2 * i + 2].copy_from_slice(&stored[208..210]);
+        for s in 0..Q6_SUBS {
+            dst[2 * LANES + s * LANES + i] = stored[192 + s];
+        }
+        for c in 0..QK_K {
+            dst[code_at(Q6_CODES, i, c)] = scalar::q6_k_value(stored, c);
+        }
+    }
+
+    fn decode(block: &[u8], i: usize, out: &mut [f32]) {
+        let d = scalar::f16_at(block, 2 * i);
+        for (c, v) in out.iter_mut().enumerate().take(QK_K) {
+            let sc = f32::from(block[2 * LANES + (c / 16) * LANES + i] as i8);
+            *v = (d * sc) * (i32::from(block[code_at(Q6_CODES, i, c)]) - 32) as f32;
+        }
+    }
+
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> f32 {
+        let mut isum = 0i32;
+        for s in 0..Q6_SUBS {
+            let sc = i32::from(block[2 * LANES + s * LANES + i] as i8);
+            let part: i32 = (16 * s..16 * s + 16)
+                .map(|c| (i32::from(block[code_at(Q6_CODES, i, c)]) - 32) * i32::from(x[c]))
+                .sum();
+            isum += sc * part;
+        }
+        (scalar::f16_at(block, 2 * i) * d_a) * isum as f32
+    }
+
+    fn run_simd(
+        kernel: Kernel,
+        w: &Lanes<Q6>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        match kernel {
+            // SAFETY (both arms): as for Q8_0.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_q6_groups(w, a, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_q6_groups(w, a, groups, out) },
+            _ => unreachable!("the scalar definition is Lanes::run_groups_scalar"),
+        }
+    }
+}
+
+/// A matrix of format `F` laid out rows-in-lanes: groups of sixteen rows, each block of the
+/// group's rows one after another (see the module documentation).
 #[derive(Clone, Debug)]
-pub struct Q6Lanes {
+pub struct Lanes<F> {
     rows: usize,
     cols: usize,
     data: AlignedBytes,
+    format: PhantomData<fn() -> F>,
 }
 
-impl Q6Lanes {
-    /// Whether [`Q6Lanes::from_q6_k`] pays for `w` on `path` (as [`Q8Lanes::suits`]).
+/// Q8_0 rows-in-lanes.
+pub type Q8Lanes = Lanes<Q8>;
+/// Q6_K rows-in-lanes.
+pub type Q6Lanes = Lanes<Q6>;
+
+// The bound is this crate's own trait: the two formats are `Q8Lanes` and `Q6Lanes`, and the
+// trait's kernels take crate-private types, so it is not for other crates to implement.
+#[allow(private_bounds)]
+impl<F: LaneFormat> Lanes<F> {
+    /// Whether [`Lanes::from_stored`] pays for `w` on `path`: `F`'s format on its integer
+    /// activations, with at least a group of rows, where `path` has a kernel for this layout
+    /// (AVX-512 VNNI, or AVX2 on the other x86 paths).
     pub fn suits(w: &DenseLinear, path: KernelPath) -> bool {
-        w.format() == DenseFormat::Q6_K
+        w.format() == F::FORMAT
             && !w.float_activations()
             && w.rows() >= LANES
             && Kernel::of(path) != Kernel::Scalar
     }
 
-    /// `w` (Q6_K) in this layout; `None` for any other format or for f32 activations. A
-    /// shared source is released behind the copy as for [`Q8Lanes::from_q8_0`].
-    pub fn from_q6_k(w: &DenseLinear) -> Option<Self> {
-        if w.format() != DenseFormat::Q6_K || w.float_activations() {
+    /// `w` in this layout; `None` for another format or for a matrix set to run on f32
+    /// activations. A matrix reading a checkpoint's mapping has its source rows released behind
+    /// the copy, so the two are never both resident whole.
+    pub fn from_stored(w: &DenseLinear) -> Option<Self> {
+        if w.format() != F::FORMAT || w.float_activations() {
             return None;
         }
         let (rows, cols) = (w.rows(), w.cols());
-        let blocks = cols / QK_K;
+        let blocks = cols / F::BLOCK_COLS;
         let groups = rows.div_ceil(LANES);
-        let mut data = AlignedBytes::zeroed(groups * blocks * Q6_BLOCK_BYTES);
+        let mut data = AlignedBytes::zeroed(groups * blocks * F::LANE_BYTES);
         let out = data.as_bytes_mut();
+        // Source rows handed back so far. A read fault maps in the neighbouring cached pages of
+        // its aligned window too (the kernel's fault-around), so rows are released only once the
+        // copy is RELEASE_LAG bytes past them, and everything once more at the end.
         let (mut released, lag_rows) = (0, RELEASE_LAG.div_ceil(w.row_bytes().max(1)));
         for g in 0..groups {
             let live = (rows - g * LANES).min(LANES);
             for i in 0..live {
                 let src = w.row(g * LANES + i);
                 for b in 0..blocks {
-                    let (blk, dst) = (&src[b * 210..(b + 1) * 210], (g * blocks + b) * Q6_BLOCK_BYTES);
-                    out[dst + 2 * i..dst + 2 * i + 2].copy_from_slice(&blk[208..210]);
-                    for s in 0..Q6_SUBS {
-                        out[dst + 2 * LANES + s * LANES + i] = blk[192 + s];
-                    }
-                    for c in 0..QK_K {
-                        let (j, k) = (c / CHUNK, c % CHUNK);
-                        out[dst + Q6_CODES + j * LANES * CHUNK + i * CHUNK + k] = scalar::q6_k_value(blk, c);
-                    }
+                    let dst = (g * blocks + b) * F::LANE_BYTES;
+                    F::put(
+                        &src[b * F::STORED_BYTES..(b + 1) * F::STORED_BYTES],
+                        i,
+                        &mut out[dst..dst + F::LANE_BYTES],
+                    );
                 }
             }
             let behind = (g * LANES + live).saturating_sub(lag_rows);
@@ -117,7 +266,7 @@ impl Q6Lanes {
             }
         }
         w.release();
-        Some(Self { rows, cols, data })
+        Some(Self { rows, cols, data, format: PhantomData })
     }
 
     pub fn rows(&self) -> usize {
@@ -126,22 +275,20 @@ impl Q6Lanes {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// Bytes the weights take, the padding rows of the last group included.
+    /// Bytes the weights take (what a product streams), the padding rows of the last group
+    /// included.
     pub fn bytes(&self) -> usize {
         self.data.as_bytes().len()
     }
 
-    fn blocks(&self) -> usize {
-        self.cols / QK_K
-    }
-
+    /// Every block of group `g`, one after another.
     fn group(&self, g: usize) -> &[u8] {
-        let len = self.blocks() * Q6_BLOCK_BYTES;
+        let len = self.cols / F::BLOCK_COLS * F::LANE_BYTES;
         &self.data.as_bytes()[g * len..(g + 1) * len]
     }
 
-    /// Row `r` decoded to f32 into `out[..cols]`, as the stored row decodes:
-    /// `(d · sc) · (q − 32)`.
+    /// Row `r` decoded to f32 into `out[..cols]`, as [`DenseLinear::dequantize_row`] decodes the
+    /// stored row.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), DenseError> {
         if r >= self.rows {
             return Err(DenseError::RowOutOfRange { row: r, rows: self.rows });
@@ -149,70 +296,52 @@ impl Q6Lanes {
         if out.len() < self.cols {
             return Err(DenseError::RowBuffer { cols: self.cols, got: out.len() });
         }
-        let (g, i) = (r / LANES, r % LANES);
-        for (b, blk) in self.group(g).chunks_exact(Q6_BLOCK_BYTES).enumerate() {
-            let d = scalar::f16_at(blk, 2 * i);
-            for c in 0..QK_K {
-                let sc = f32::from(blk[2 * LANES + (c / 16) * LANES + i] as i8);
-                let q = i32::from(blk[Q6_CODES + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK]) - 32;
-                out[b * QK_K + c] = (d * sc) * q as f32;
-            }
+        let blocks = self.group(r / LANES).chunks_exact(F::LANE_BYTES);
+        for (block, o) in blocks.zip(out[..self.cols].chunks_exact_mut(F::BLOCK_COLS)) {
+            F::decode(block, r % LANES, o);
         }
         Ok(())
     }
 
-    /// `out[t, r] = Σ_c W[r, c] · x[t, c]` for the tokens of `a` (Q8_K blocks of `cols`), on
-    /// the active kernel path.
+    /// `out[t, r] = Σ_c W[r, c] · x[t, c]` for the tokens of `a` (quantized as `F` takes them),
+    /// on the active kernel path.
     pub fn forward_quantized(&self, a: &DenseActivations, out: &mut [f32]) -> Result<(), DenseError> {
         self.forward_quantized_with(KernelPath::active(), a, out)
     }
 
-    /// [`Q6Lanes::forward_quantized`] on a chosen path (as [`Q8Lanes::forward_quantized_with`]).
+    /// [`Lanes::forward_quantized`] on a chosen path: AVX-512 VNNI for that path, AVX2 for the
+    /// other x86 SIMD paths, the scalar definition otherwise (same bits on all three).
     pub fn forward_quantized_with(
         &self,
         path: KernelPath,
         a: &DenseActivations,
         out: &mut [f32],
     ) -> Result<(), DenseError> {
-        check_product(DenseFormat::Q6_K, ActivationKind::Q8K, self.rows, self.cols, a, out.len())?;
+        check_product(F::FORMAT, F::ACTIVATIONS, self.rows, self.cols, a, out.len())?;
         let kernel = Kernel::of(path.or_best());
         let sink = SharedOut::new(out, self.rows);
         let groups = self.rows.div_ceil(LANES);
         for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| match kernel {
-            // SAFETY (both SIMD arms): `Kernel::of` checked the CPU's features; the kernels read
-            // inside the groups and tokens they are given.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx512::run_q6_groups(self, a, range, &sink) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::run_q6_groups(self, a, range, &sink) },
-            _ => self.run_groups_scalar(a, range, &sink),
+            Kernel::Scalar => self.run_groups_scalar(a, range, &sink),
+            simd => F::run_simd(simd, self, a, range, &sink),
         });
         Ok(())
     }
 
-    /// The definition: each live row of `groups` against each token, super-block by
-    /// super-block.
+    /// The definition: each live row of `groups` against each token, block by block,
+    /// `acc += term` in block order.
     fn run_groups_scalar(&self, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
+        let sums_per_block = F::BLOCK_COLS / 16;
         for g in groups {
             let live = (self.rows - g * LANES).min(LANES);
             for t in 0..a.m() {
-                let (x, d_a) = (a.values(t), a.scales(t));
+                let (x, d_a, sums) = (a.values(t), a.scales(t), a.sums(t));
                 for i in 0..live {
                     let mut acc = 0.0f32;
-                    for (b, (blk, &da)) in self.group(g).chunks_exact(Q6_BLOCK_BYTES).zip(d_a).enumerate() {
-                        let mut isum = 0i32;
-                        for s in 0..Q6_SUBS {
-                            let sc = i32::from(blk[2 * LANES + s * LANES + i] as i8);
-                            let part: i32 = (16 * s..16 * s + 16)
-                                .map(|c| {
-                                    let q =
-                                        blk[Q6_CODES + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK];
-                                    (i32::from(q) - 32) * i32::from(x[b * QK_K + c])
-                                })
-                                .sum();
-                            isum += sc * part;
-                        }
-                        acc += (scalar::f16_at(blk, 2 * i) * da) * isum as f32;
+                    for (b, (block, &da)) in self.group(g).chunks_exact(F::LANE_BYTES).zip(d_a).enumerate() {
+                        let xb = &x[b * F::BLOCK_COLS..(b + 1) * F::BLOCK_COLS];
+                        let sb = sums.get(b * sums_per_block..(b + 1) * sums_per_block).unwrap_or(&[]);
+                        acc += F::term(block, i, xb, da, sb);
                     }
                     out.write(t, g * LANES + i, acc);
                 }
@@ -242,9 +371,18 @@ macro_rules! token_tiles {
     };
 }
 
-/// The kernels of this layout.
+/// Writes token `t`'s values of the live rows of group `g` (of a matrix of `rows`).
+#[cfg(target_arch = "x86_64")]
+fn put_group(out: &SharedOut<'_, f32>, t: usize, g: usize, rows: usize, lanes: &[f32; LANES]) {
+    let live = (rows - g * LANES).min(LANES);
+    for (i, &v) in lanes.iter().enumerate().take(live) {
+        out.write(t, g * LANES + i, v);
+    }
+}
+
+/// The kernels of these layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
+pub(crate) enum Kernel {
     Scalar,
     Avx2,
     Avx512Vnni,
@@ -263,178 +401,14 @@ impl Kernel {
     }
 }
 
-/// A Q8_0 matrix in the rows-in-lanes layout (see the module documentation).
-#[derive(Clone, Debug)]
-pub struct Q8Lanes {
-    rows: usize,
-    cols: usize,
-    data: AlignedBytes,
-}
-
-impl Q8Lanes {
-    /// Whether [`Q8Lanes::from_q8_0`] pays for `w` on `path`: Q8_0 on block activations, with
-    /// at least a group of rows, where `path` has a kernel for this layout (AVX-512 VNNI, or
-    /// AVX2 on the other x86 paths).
-    pub fn suits(w: &DenseLinear, path: KernelPath) -> bool {
-        w.format() == DenseFormat::Q8_0
-            && !w.float_activations()
-            && w.rows() >= LANES
-            && Kernel::of(path) != Kernel::Scalar
-    }
-
-    /// `w` (Q8_0) in this layout; `None` for any other format or for a matrix set to run on f32
-    /// activations. A matrix reading a checkpoint's mapping has each group's source rows
-    /// released once they are copied, so the two are never both resident whole.
-    pub fn from_q8_0(w: &DenseLinear) -> Option<Self> {
-        if w.format() != DenseFormat::Q8_0 || w.float_activations() {
-            return None;
-        }
-        let (rows, cols) = (w.rows(), w.cols());
-        let blocks = cols / QK;
-        let groups = rows.div_ceil(LANES);
-        let mut data = AlignedBytes::zeroed(groups * blocks * BLOCK_BYTES);
-        let out = data.as_bytes_mut();
-        // Source rows handed back so far. A read fault maps in the neighbouring cached pages of
-        // its aligned window too (the kernel's fault-around), so rows are released only once the
-        // copy is RELEASE_LAG bytes past them, and everything once more at the end.
-        let mut released = 0;
-        let lag_rows = RELEASE_LAG.div_ceil(w.row_bytes().max(1));
-        for g in 0..groups {
-            let live = (rows - g * LANES).min(LANES);
-            for i in 0..live {
-                let src = w.row(g * LANES + i);
-                for b in 0..blocks {
-                    let (blk, dst) = (&src[b * 34..(b + 1) * 34], (g * blocks + b) * BLOCK_BYTES);
-                    out[dst + 2 * i..dst + 2 * i + 2].copy_from_slice(&blk[..2]);
-                    for j in 0..QK / CHUNK {
-                        let at = dst + 2 * LANES + j * LANES * CHUNK + i * CHUNK;
-                        out[at..at + CHUNK].copy_from_slice(&blk[2 + j * CHUNK..2 + (j + 1) * CHUNK]);
-                    }
-                }
-            }
-            let behind = (g * LANES + live).saturating_sub(lag_rows);
-            if behind >= released + lag_rows {
-                w.release_rows(released..behind);
-                released = behind;
-            }
-        }
-        w.release();
-        Some(Self { rows, cols, data })
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    /// Bytes the weights take (what a product streams), the padding rows of the last group
-    /// included.
-    pub fn bytes(&self) -> usize {
-        self.data.as_bytes().len()
-    }
-
-    fn blocks(&self) -> usize {
-        self.cols / QK
-    }
-
-    /// Every block of group `g`, one after another.
-    fn group(&self, g: usize) -> &[u8] {
-        let len = self.blocks() * BLOCK_BYTES;
-        &self.data.as_bytes()[g * len..(g + 1) * len]
-    }
-
-    /// Block `b` of group `g`: the sixteen scales, then the eight chunks.
-    fn block(&self, g: usize, b: usize) -> &[u8] {
-        let at = (g * self.blocks() + b) * BLOCK_BYTES;
-        &self.data.as_bytes()[at..at + BLOCK_BYTES]
-    }
-
-    /// Row `r` decoded to f32 into `out[..cols]`, as [`DenseLinear::dequantize_row`] decodes the
-    /// stored row (`q · d`).
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), DenseError> {
-        if r >= self.rows {
-            return Err(DenseError::RowOutOfRange { row: r, rows: self.rows });
-        }
-        if out.len() < self.cols {
-            return Err(DenseError::RowBuffer { cols: self.cols, got: out.len() });
-        }
-        let (g, i) = (r / LANES, r % LANES);
-        for b in 0..self.blocks() {
-            let blk = self.block(g, b);
-            let d = scalar::f16_at(blk, 2 * i);
-            for j in 0..QK / CHUNK {
-                let at = 2 * LANES + j * LANES * CHUNK + i * CHUNK;
-                for c in 0..CHUNK {
-                    out[b * QK + j * CHUNK + c] = f32::from(blk[at + c] as i8) * d;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `out[t, r] = Σ_c W[r, c] · x[t, c]` for the tokens of `a` (Q8 blocks of `cols`), on the
-    /// active kernel path.
-    pub fn forward_quantized(&self, a: &DenseActivations, out: &mut [f32]) -> Result<(), DenseError> {
-        self.forward_quantized_with(KernelPath::active(), a, out)
-    }
-
-    /// [`Q8Lanes::forward_quantized`] on a chosen path: AVX-512 VNNI for that path, AVX2 for the
-    /// other x86 SIMD paths, the scalar definition otherwise (same bits on all three).
-    pub fn forward_quantized_with(
-        &self,
-        path: KernelPath,
-        a: &DenseActivations,
-        out: &mut [f32],
-    ) -> Result<(), DenseError> {
-        check_product(DenseFormat::Q8_0, ActivationKind::Q8Blocks, self.rows, self.cols, a, out.len())?;
-        let kernel = Kernel::of(path.or_best());
-        let sink = SharedOut::new(out, self.rows);
-        let groups = self.rows.div_ceil(LANES);
-        for_ranges(groups, a.m() * self.rows * self.cols, parallel_min(a.m()), |range| match kernel {
-            // SAFETY (both SIMD arms): `Kernel::of` checked the CPU's features; the kernels read
-            // inside the groups and tokens they are given.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx512::run_groups(self, a, range, &sink) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::run_groups(self, a, range, &sink) },
-            _ => self.run_groups_scalar(a, range, &sink),
-        });
-        Ok(())
-    }
-
-    /// The definition: each live row of `groups` against each token, block by block.
-    fn run_groups_scalar(&self, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
-        for g in groups {
-            let live = (self.rows - g * LANES).min(LANES);
-            for t in 0..a.m() {
-                let (x, d_a) = (a.values(t), a.scales(t));
-                for i in 0..live {
-                    let mut acc = 0.0f32;
-                    for (b, &da) in d_a.iter().enumerate().take(self.blocks()) {
-                        let blk = self.block(g, b);
-                        let mut isum = 0i32;
-                        for j in 0..QK / CHUNK {
-                            let at = 2 * LANES + j * LANES * CHUNK + i * CHUNK;
-                            for c in 0..CHUNK {
-                                isum += i32::from(blk[at + c] as i8) * i32::from(x[b * QK + j * CHUNK + c]);
-                            }
-                        }
-                        acc += (scalar::f16_at(blk, 2 * i) * da) * isum as f32;
-                    }
-                    out.write(t, g * LANES + i, acc);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K};
+    use super::{
+        put_group, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+    };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
 
@@ -501,14 +475,11 @@ mod avx512 {
                 }
             }
         }
-        let live = (w.rows - g * LANES).min(LANES);
         for (t, acc) in acc.iter().enumerate() {
             let mut lanes = [0.0f32; LANES];
             // SAFETY: `lanes` holds 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            for (i, &v) in lanes.iter().enumerate().take(live) {
-                out.write(t0 + t, g * LANES + i, v);
-            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
     /// [`Q6Lanes`] groups `groups` for every token of `a`.
@@ -573,14 +544,11 @@ mod avx512 {
                 }
             }
         }
-        let live = (w.rows - g * LANES).min(LANES);
         for (t, acc) in acc.iter().enumerate() {
             let mut lanes = [0.0f32; LANES];
             // SAFETY: `lanes` holds 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            for (i, &v) in lanes.iter().enumerate().take(live) {
-                out.write(t0 + t, g * LANES + i, v);
-            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
 }
@@ -590,7 +558,9 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K};
+    use super::{
+        put_group, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+    };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
 
@@ -662,7 +632,6 @@ mod avx2 {
                 }
             }
         }
-        let live = (w.rows - g * LANES).min(LANES);
         for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
             let mut lanes = [0.0f32; LANES];
             // SAFETY: `lanes` holds 16 floats.
@@ -670,9 +639,7 @@ mod avx2 {
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
             }
-            for (i, &v) in lanes.iter().enumerate().take(live) {
-                out.write(t0 + t, g * LANES + i, v);
-            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
     /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
@@ -754,7 +721,6 @@ mod avx2 {
                 }
             }
         }
-        let live = (w.rows - g * LANES).min(LANES);
         for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
             let mut lanes = [0.0f32; LANES];
             // SAFETY: `lanes` holds 16 floats.
@@ -762,9 +728,7 @@ mod avx2 {
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
             }
-            for (i, &v) in lanes.iter().enumerate().take(live) {
-                out.write(t0 + t, g * LANES + i, v);
-            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
 }
