@@ -7,8 +7,7 @@ use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
 use bitnet_quant::dense::{Q6Lanes, Q8Lanes};
 use bitnet_quant::{
-    ActivationKind, DenseActivations, DenseLinear, Int8Matrix, KernelPath, QuantizedActivations,
-    TernaryMatrix,
+    DenseActivations, DenseLinear, Int8Matrix, KernelPath, QuantizedActivations, TernaryMatrix,
 };
 
 /// One layer's keys or values, `[slots, kv_dim]`.
@@ -70,20 +69,23 @@ pub enum CpuDenseLinear {
     Q6Lanes(Q6Lanes),
 }
 
+/// `$body` on whichever matrix `$w` holds, named `$m` (the three share these methods).
+macro_rules! on_matrix {
+    ($w:expr, $m:ident => $body:expr) => {
+        match $w {
+            CpuDenseLinear::Stored($m) => $body,
+            CpuDenseLinear::Q8Lanes($m) => $body,
+            CpuDenseLinear::Q6Lanes($m) => $body,
+        }
+    };
+}
+
 impl CpuDenseLinear {
     pub fn rows(&self) -> usize {
-        match self {
-            CpuDenseLinear::Stored(m) => m.rows(),
-            CpuDenseLinear::Q8Lanes(m) => m.rows(),
-            CpuDenseLinear::Q6Lanes(m) => m.rows(),
-        }
+        on_matrix!(self, m => m.rows())
     }
     pub fn cols(&self) -> usize {
-        match self {
-            CpuDenseLinear::Stored(m) => m.cols(),
-            CpuDenseLinear::Q8Lanes(m) => m.cols(),
-            CpuDenseLinear::Q6Lanes(m) => m.cols(),
-        }
+        on_matrix!(self, m => m.cols())
     }
 }
 
@@ -276,12 +278,7 @@ impl Backend for CpuBackend {
         for (t, &id) in ids.iter().enumerate() {
             let row = &mut out[t * w..(t + 1) * w];
             // Ids were checked against the vocabulary before the call.
-            let r = match table {
-                CpuDenseLinear::Stored(m) => m.dequantize_row(id as usize, row),
-                CpuDenseLinear::Q8Lanes(m) => m.dequantize_row(id as usize, row),
-                CpuDenseLinear::Q6Lanes(m) => m.dequantize_row(id as usize, row),
-            };
-            r.expect("an id inside the table");
+            on_matrix!(table, m => m.dequantize_row(id as usize, row)).expect("an id inside the table");
         }
     }
 
@@ -295,20 +292,11 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) {
         let (k, n) = (w.cols(), w.rows());
-        let kind = match w {
-            CpuDenseLinear::Stored(m) => m.activation_kind(),
-            CpuDenseLinear::Q8Lanes(_) => ActivationKind::Q8Blocks,
-            CpuDenseLinear::Q6Lanes(_) => ActivationKind::Q8K,
-        };
+        let kind = on_matrix!(w, m => m.activation_kind());
         // The model sizes every buffer for its shapes: a mismatch here is a bug, not bad input.
         input.quantize(kind, &x[first * k..(first + rows) * k], rows, k).expect("dense input shape");
         let out = &mut out[..rows * n];
-        let r = match w {
-            CpuDenseLinear::Stored(m) => m.forward_quantized(input, out),
-            CpuDenseLinear::Q8Lanes(m) => m.forward_quantized(input, out),
-            CpuDenseLinear::Q6Lanes(m) => m.forward_quantized(input, out),
-        };
-        r.expect("dense product shape");
+        on_matrix!(w, m => m.forward_quantized(input, out)).expect("dense product shape");
     }
 
     fn gather_rows(&mut self, x: &Vec<f32>, rows: &[u32], width: usize, out: &mut Vec<f32>) {

@@ -279,6 +279,10 @@ impl<F: LaneFormat> Lanes<F> {
     pub fn cols(&self) -> usize {
         self.cols
     }
+    /// The activation encoding [`Lanes::forward_quantized`] takes (`F`'s integer blocks).
+    pub fn activation_kind(&self) -> ActivationKind {
+        F::ACTIVATIONS
+    }
     /// Bytes the weights take (what a product streams), the padding rows of the last group
     /// included.
     pub fn bytes(&self) -> usize {
