@@ -27,6 +27,19 @@ impl CudaError {
     pub(crate) fn driver(e: DriverError) -> Self {
         CudaError::Driver(e.to_string())
     }
+
+    /// Whether the error says this machine has no usable GPU (no driver, no NVRTC, no such
+    /// device, too old a chip), as opposed to a fault of ours: a kernel that does not compile or
+    /// a driver call that fails on a present device. GPU tests skip on the first kind only.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            CudaError::NoDriver
+                | CudaError::NoNvrtc
+                | CudaError::NoDevice { .. }
+                | CudaError::Unsupported { .. }
+        )
+    }
 }
 
 /// Whether the driver library loads (no device is touched).

@@ -1,4 +1,6 @@
 //! The kernel sources compile with NVRTC (run where the NVRTC library loads; no GPU needed).
+//! Without the library the test says SKIPPED, unless `BITNET_REQUIRE_NVRTC` is set
+//! (`tools/ci-nvrtc.sh` sets it after fetching NVRTC 13.0).
 
 use bitnet_cuda::{compile_kernels, CudaError};
 
@@ -7,7 +9,7 @@ fn kernels_compile_for_hopper_and_older_chips() {
     // CUDA 13 compiles for Turing (7.5) and newer.
     for (major, minor) in [(9, 0), (8, 0), (7, 5)] {
         match compile_kernels(major, minor) {
-            Err(CudaError::NoNvrtc) => {
+            Err(CudaError::NoNvrtc) if std::env::var_os("BITNET_REQUIRE_NVRTC").is_none() => {
                 // Straight to stderr: libtest keeps what println! writes in a passing test.
                 use std::io::Write;
                 let _ =

@@ -14,10 +14,11 @@ use common::parity::{run_fixture_on_device, LogitCheck, PARITY_CASES};
 fn every_fixture_matches_transformers_on_the_gpu() {
     let dev = match CudaDevice::open(0) {
         Ok(d) => d,
-        Err(e) => {
+        Err(e) if e.is_unavailable() => {
             skipped(&e);
             return;
         }
+        Err(e) => panic!("the GPU is there but the backend does not open: {e}"),
     };
     for (fixture, form, check) in PARITY_CASES {
         run_fixture_on_device(&|| CudaBackend::on(dev.clone()), fixture, form, check);
@@ -39,10 +40,11 @@ fn every_fixture_matches_transformers_on_the_gpu() {
 fn greedy_ids_equal_the_cpu_backend() {
     let dev = match CudaDevice::open(0) {
         Ok(d) => d,
-        Err(e) => {
+        Err(e) if e.is_unavailable() => {
             skipped(&e);
             return;
         }
+        Err(e) => panic!("the GPU is there but the backend does not open: {e}"),
     };
     let mut failures = Vec::new();
     for (fixture, form, check) in PARITY_CASES {

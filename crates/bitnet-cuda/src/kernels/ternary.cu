@@ -282,6 +282,19 @@ __device__ __forceinline__ void mma_u8s8(int* c, const u32* a, const u32* b) {
 #endif
 }
 
+// f(sum, row, token) for each of a thread's outputs in its warp's part of an MMA tile (first row
+// `row0`, first token `tok0`): c0, c1 are row g, tokens 2 tig and 2 tig + 1; c2, c3 row g + 8.
+// A template, not a generic lambda: some NVRTC versions take `[&](auto f)` for a host function.
+template <int MI, int NJ, class F>
+__device__ __forceinline__ void each_mma_output(int (&acc)[MI][NJ][4], int row0, int tok0, int g, int tig, F f) {
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NJ; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) f(acc[i][j][e], row0 + 16 * i + g + 8 * (e >> 1), tok0 + 8 * j + 2 * tig + (e & 1));
+}
+
 template <int BM, int BN>
 __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int xvec, const float* s_a,
                                                  const int* sums, int m, int wvec, int* part, int* done) {
@@ -369,20 +382,9 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
         }
     }
     cp_async_wait<0>();
-    // f(sum, row, token) for each of this thread's outputs: c0, c1 are row g, tokens 2 tig and
-    // 2 tig + 1; c2, c3 row g + 8.
-    auto each_output = [&](auto f) {
-#pragma unroll
-        for (int i = 0; i < MI; i++)
-#pragma unroll
-            for (int j = 0; j < NJ; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    f(acc[i][j][e], base + wr + 16 * i + g + 8 * (e >> 1), tok0 + wt + 8 * j + 2 * tig + (e & 1));
-    };
     if (gridDim.z > 1) {
         int total = r0 + r1 + r2;
-        each_output([&](int& a, int r, int tok) {
+        each_mma_output(acc, base + wr, tok0 + wt, g, tig, [&](int& a, int r, int tok) {
             if (r < rows && tok < m && a != 0) atomicAdd(&part[(u64)tok * total + row0 + r], a);
         });
         // Every add of this block is visible before the count says so (the classic
@@ -395,12 +397,12 @@ __device__ __forceinline__ void ternary_mma_tile(MATS_PARAMS, const int4* x, int
         __syncthreads();
         if (!last) return;
         __threadfence();
-        each_output([&](int& a, int r, int tok) {
+        each_mma_output(acc, base + wr, tok0 + wt, g, tig, [&](int& a, int r, int tok) {
             a = r < rows && tok < m ? atomicExch(&part[(u64)tok * total + row0 + r], 0) : 0;
         });
         if (tid == 0) *count = 0;
     }
-    each_output([&](int& a, int r, int tok) {
+    each_mma_output(acc, base + wr, tok0 + wt, g, tig, [&](int& a, int r, int tok) {
         if (r < rows && tok < m) out[(u64)tok * rows + r] = apply_scale(mode, scale, (float)(a - sums[tok]), s_a[tok]);
     });
 }
