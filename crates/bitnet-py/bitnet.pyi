@@ -224,17 +224,17 @@ def convert(
     src: _Path,
     dst: _Path,
     type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16"] = "tq2_0",
-    lm_head_type: Literal["f16", "q8_0", "q6_k"] = "f16",
+    lm_head_type: Literal["f16", "q8_0", "q6_k", "q4_k"] = "f16",
 ) -> None:
     """Converts a Hugging Face BitNet checkpoint folder to a GGUF file (as `bitnet convert`)."""
 
 def quantize(
     src: _Path,
     dst: _Path,
-    type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k"],
+    type: Literal["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k", "q4_k"],
 ) -> None:
     """Re-encodes a GGUF file as another type (as `bitnet quantize`): the ternary types re-encode
-    the ternary projections (exact codes); f16, bf16, q8_0 and q6_k every weight matrix."""
+    the ternary projections (exact codes); f16, bf16, q8_0, q6_k and q4_k every weight matrix."""
 
 def train(
     data: _Path,

@@ -732,6 +732,8 @@ pub enum LmHeadType {
     Q8_0,
     #[value(name = "q6_k")]
     Q6K,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 #[derive(Args)]
@@ -786,7 +788,7 @@ pub struct QuantizeArgs {
     /// New type: tq2_0 / tq1_0 / q2_0 / q1_0 (llama.cpp), pq2_0 / ptq1_0 (PrismML), i2_s
     /// (bitnet.cpp) re-encode the ternary projections (exact codes, group scales kept where the
     /// target holds them); f16 /
-    /// bf16 / q8_0 / q6_k re-encode every weight matrix (projections, embeddings, head) from its
+    /// bf16 / q8_0 / q6_k / q4_k re-encode every weight matrix (projections, embeddings, head) from its
     /// decoded values.
     #[arg(long = "type", value_parser = quantize_target_parser())]
     pub weight_type: QuantizeTarget,
@@ -818,6 +820,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         LmHeadType::F16 => HeadType::F16,
         LmHeadType::Q8_0 => HeadType::Q8_0,
         LmHeadType::Q6K => HeadType::Q6K,
+        LmHeadType::Q4K => HeadType::Q4K,
     };
     let bar = progress_bar();
     convert_hf_to_gguf(&model_path(&a.model)?, &a.out, weight, head, |done, total| {

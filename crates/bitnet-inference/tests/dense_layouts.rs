@@ -1,4 +1,4 @@
-//! The CPU backend's own layouts of dense matrices (Q8_0 and Q6_K rows-in-lanes on x86) give
+//! The CPU backend's own layouts of dense matrices (Q8_0, Q6_K and Q4_K rows-in-lanes on x86) give
 //! what the stored matrix gives through the backend's operations: products bit for bit with the
 //! scalar reference of the stored layout, lookups equal to the stored rows decoded.
 
@@ -13,7 +13,9 @@ use bitnet_quant::KernelPath;
 fn lane_layouts_compute_and_look_up_as_stored() {
     let mut rng = Rng::new(7);
     let mut b = CpuBackend::new();
-    for (format, rows, cols) in [(DenseFormat::Q8_0, 37, 96), (DenseFormat::Q6_K, 21, 512)] {
+    for (format, rows, cols) in
+        [(DenseFormat::Q8_0, 37, 96), (DenseFormat::Q6_K, 21, 512), (DenseFormat::Q4_K, 19, 768)]
+    {
         let w: Vec<f32> =
             (0..rows * cols).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
         let stored = DenseLinear::encode(format, &w, rows, cols).unwrap();

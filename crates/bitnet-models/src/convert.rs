@@ -49,6 +49,7 @@ pub enum HeadType {
     F16,
     Q8_0,
     Q6K,
+    Q4K,
 }
 
 impl WeightType {
@@ -125,6 +126,7 @@ impl HeadType {
             HeadType::F16 => GgmlType::F16,
             HeadType::Q8_0 => GgmlType::Q8_0,
             HeadType::Q6K => GgmlType::Q6_K,
+            HeadType::Q4K => GgmlType::Q4_K,
         }
     }
 }
@@ -603,7 +605,7 @@ pub fn requantize_gguf(
                     format!(
                         "tensor `{}` ({}) holds a dense model's weights, not ternary values: as {} they \
                          would be ternarized, which changes the model; `bitnet quantize --type \
-                         f16|bf16|q8_0|q6_k` re-encodes a dense model",
+                         f16|bf16|q8_0|q6_k|q4_k` re-encodes a dense model",
                         t.name(),
                         t.ggml_type().name(),
                         weight.ggml().name()
@@ -654,13 +656,14 @@ pub fn requantize_gguf(
 }
 
 /// Float and block types a GGUF's weight matrices can be re-encoded to (`bitnet quantize --type
-/// f16|bf16|q8_0|q6_k`).
+/// f16|bf16|q8_0|q6_k|q4_k`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DenseType {
     F16,
     Bf16,
     Q8_0,
     Q6K,
+    Q4K,
 }
 
 impl DenseType {
@@ -670,6 +673,7 @@ impl DenseType {
             DenseType::Bf16 => GgmlType::BF16,
             DenseType::Q8_0 => GgmlType::Q8_0,
             DenseType::Q6K => GgmlType::Q6_K,
+            DenseType::Q4K => GgmlType::Q4_K,
         }
     }
 }
@@ -685,8 +689,8 @@ pub enum QuantizeTarget {
 
 impl QuantizeTarget {
     /// The names the command line and the Python bindings take.
-    pub const NAMES: [&'static str; 11] =
-        ["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k"];
+    pub const NAMES: [&'static str; 12] =
+        ["tq2_0", "tq1_0", "q2_0", "q1_0", "pq2_0", "ptq1_0", "i2_s", "f16", "bf16", "q8_0", "q6_k", "q4_k"];
 
     /// The target named `name` (one of [`QuantizeTarget::NAMES`]); `f16` is the dense one.
     pub fn from_name(name: &str) -> Option<Self> {
@@ -695,6 +699,7 @@ impl QuantizeTarget {
             "bf16" => QuantizeTarget::Dense(DenseType::Bf16),
             "q8_0" => QuantizeTarget::Dense(DenseType::Q8_0),
             "q6_k" => QuantizeTarget::Dense(DenseType::Q6K),
+            "q4_k" => QuantizeTarget::Dense(DenseType::Q4K),
             other => QuantizeTarget::Ternary(WeightType::from_name(other).filter(|&t| t != WeightType::F16)?),
         })
     }
@@ -730,7 +735,7 @@ fn is_weight_matrix(name: &str, shape: &[u64]) -> bool {
     shape.len() == 2 && (is_projection(name) || name == "token_embd.weight" || name == "output.weight")
 }
 
-/// `bitnet quantize --type f16|bf16|q8_0|q6_k`: every weight matrix (projections, embeddings,
+/// `bitnet quantize --type f16|bf16|q8_0|q6_k|q4_k`: every weight matrix (projections, embeddings,
 /// head) decoded from whatever type it is stored in and encoded as `target`; norms, other
 /// tensors and the metadata are copied unchanged. Encoding the decoded values is exact where
 /// the target holds them (ternary or f16 values in f16, say) and llama.cpp's rounding

@@ -38,9 +38,10 @@ fn head_type(value: &str) -> PyResult<HeadType> {
         "f16" => Ok(HeadType::F16),
         "q8_0" => Ok(HeadType::Q8_0),
         "q6_k" => Ok(HeadType::Q6K),
-        other => {
-            Err(value_error(format!("lm_head_type must be \"f16\", \"q8_0\" or \"q6_k\", got {other:?}")))
-        }
+        "q4_k" => Ok(HeadType::Q4K),
+        other => Err(value_error(format!(
+            "lm_head_type must be \"f16\", \"q8_0\", \"q6_k\" or \"q4_k\", got {other:?}"
+        ))),
     }
 }
 
@@ -48,7 +49,7 @@ fn head_type(value: &str) -> PyResult<HeadType> {
 ///
 /// type: the ternary projections' type: "tq2_0", "tq1_0", "q2_0" or "q1_0" (llama.cpp; "q1_0"
 ///     holds no zeros), "pq2_0" or "ptq1_0" (PrismML), "i2_s" (bitnet.cpp), or "f16".
-/// lm_head_type: the head's (or tied embeddings') type: "f16", "q8_0" or "q6_k".
+/// lm_head_type: the head's (or tied embeddings') type: "f16", "q8_0", "q6_k" or "q4_k".
 /// The file is written under a temporary name and renamed when complete.
 #[pyfunction]
 #[pyo3(signature = (src, dst, r#type="tq2_0", lm_head_type="f16"))]
@@ -61,8 +62,8 @@ pub fn convert(py: Python<'_>, src: PathBuf, dst: PathBuf, r#type: &str, lm_head
 /// Re-encodes a GGUF file as another type (as `bitnet quantize`).
 ///
 /// type: "tq2_0", "tq1_0", "q2_0", "q1_0" (llama.cpp), "pq2_0", "ptq1_0" (PrismML) or "i2_s"
-///     (bitnet.cpp) re-encode the ternary projections (exact codes); "f16", "bf16", "q8_0" or
-///     "q6_k" re-encode every weight matrix (projections, embeddings, head) from its decoded
+///     (bitnet.cpp) re-encode the ternary projections (exact codes); "f16", "bf16", "q8_0",
+///     "q6_k" or "q4_k" re-encode every weight matrix (projections, embeddings, head) from its decoded
 ///     values.
 /// The file is written under a temporary name and renamed when complete.
 #[pyfunction]

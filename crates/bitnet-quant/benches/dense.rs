@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use bitnet_quant::dense::{DenseActivations, DenseFormat, DenseLinear, Q6Lanes, Q8Lanes};
+use bitnet_quant::dense::{DenseActivations, DenseFormat, DenseLinear, Q4Lanes, Q6Lanes, Q8Lanes};
 use bitnet_quant::selftest::Rng;
 use bitnet_quant::KernelPath;
 use divan::counter::BytesCount;
@@ -66,6 +66,7 @@ fn head_cases() -> Vec<Case> {
         Case { path, format: DenseFormat::Q8_0, name: "2b4t_head", rows: 128256, cols: 2560 },
         Case { path, format: DenseFormat::Q8_0, name: "2b4t_head_cached", rows: 2048, cols: 2560 },
         Case { path, format: DenseFormat::Q6_K, name: "2b4t_head", rows: 128256, cols: 2560 },
+        Case { path, format: DenseFormat::Q4_K, name: "2b4t_head", rows: 128256, cols: 2560 },
     ]
 }
 
@@ -133,18 +134,19 @@ fn dense_head_gemv_lanes(bencher: Bencher, case: Case) {
     let mut a = DenseActivations::new();
     let mut out = vec![0f32; case.rows];
     let kind = stored.activation_kind();
-    if case.format == DenseFormat::Q8_0 {
-        let w = Q8Lanes::from_stored(&stored).unwrap();
-        bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
-            a.quantize(kind, &x, 1, case.cols).unwrap();
-            w.forward_quantized_with(case.path, &a, &mut out).unwrap()
-        });
-    } else {
-        let w = Q6Lanes::from_stored(&stored).unwrap();
-        bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
-            a.quantize(kind, &x, 1, case.cols).unwrap();
-            w.forward_quantized_with(case.path, &a, &mut out).unwrap()
-        });
+    macro_rules! bench_lanes {
+        ($lanes:ty) => {{
+            let w = <$lanes>::from_stored(&stored).unwrap();
+            bencher.counter(BytesCount::new(w.bytes())).bench_local(|| {
+                a.quantize(kind, &x, 1, case.cols).unwrap();
+                w.forward_quantized_with(case.path, &a, &mut out).unwrap()
+            });
+        }};
+    }
+    match case.format {
+        DenseFormat::Q8_0 => bench_lanes!(Q8Lanes),
+        DenseFormat::Q6_K => bench_lanes!(Q6Lanes),
+        _ => bench_lanes!(Q4Lanes),
     }
 }
 

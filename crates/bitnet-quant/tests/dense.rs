@@ -4,7 +4,7 @@
 //! quantizers against ggml's definitions, and typed errors for bad sizes.
 
 use bitnet_quant::dense::{
-    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q6Lanes, Q8Lanes,
+    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q4Lanes, Q6Lanes, Q8Lanes,
 };
 use bitnet_quant::formats::{self, float, GgmlType};
 use bitnet_quant::selftest::Rng;
@@ -725,5 +725,23 @@ fn q6_k_rows_in_lanes_equal_the_stored_matrix() {
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
     assert!(
         Q6Lanes::from_stored(&random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng)).is_none()
+    );
+}
+
+/// Q4_K rows-in-lanes ([`Q4Lanes`]): as for Q8_0, the stored matrix's outputs bit for bit on
+/// every path (the mins' term kept apart and taken off at the end, as the stored product does),
+/// ragged groups, 1 to 33 tokens, and the same decoded rows.
+#[test]
+fn q4_k_rows_in_lanes_equal_the_stored_matrix() {
+    let mut rng = Rng::new(47);
+    lanes_equal_stored!(Q4Lanes, DenseFormat::Q4_K, [16, 17, 40], &mut rng);
+    let w = random_matrix(DenseFormat::Q4_K, 20, 256, Codes::Random, &mut rng);
+    let lanes = Q4Lanes::from_stored(&w).unwrap();
+    assert!(matches!(lanes.dequantize_row(20, &mut [0.0; 256]), Err(DenseError::RowOutOfRange { .. })));
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8Blocks, &[0.5; 256], 1, 256).unwrap();
+    assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
+    assert!(
+        Q4Lanes::from_stored(&random_matrix(DenseFormat::Q6_K, 20, 256, Codes::Random, &mut rng)).is_none()
     );
 }

@@ -111,6 +111,28 @@ proptest! {
     }
 
     #[test]
+    fn q4_k_error_bound(x in prop::collection::vec(-1.0f32..1.0, 512), big in 0usize..512, shift in -0.5f32..0.5) {
+        let mut x = x;
+        x[big] *= 50.0; // an outlier so the sub-block scales differ a lot
+        x.iter_mut().for_each(|v| *v += shift); // off-centre sub-blocks need their mins
+        let y = dequantize(GgmlType::Q4_K, &quantize(GgmlType::Q4_K, &x).unwrap(), 512).unwrap();
+        for (xb, yb) in x.chunks(256).zip(y.chunks(256)) {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (sub_x, sub_y) in xb.chunks(32).zip(yb.chunks(32)) {
+                let lo = sub_x.iter().fold(0.0f32, |m, &v| m.min(v));
+                let hi = sub_x.iter().fold(0.0f32, |m, &v| m.max(v));
+                for (a, b) in sub_x.iter().zip(sub_y) {
+                    // a 4-bit step of the sub-block's span (the fit may trade half a step at the
+                    // ends for the middle), plus the 6-bit rounding of its scale and min against
+                    // the super-block's largest (steps up to amax/63 each, over 15 levels)
+                    let bound = (hi - lo) / 15.0 + 2.0 * amax / 63.0 + 1e-6;
+                    prop_assert!((a - b).abs() <= bound, "{a} vs {b} (bound {bound})");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn f16_bf16_round_trip(bits in any::<u16>()) {
         let v = float::f16_bits_to_f32(bits);
         if !v.is_nan() {
@@ -126,7 +148,9 @@ proptest! {
 #[test]
 fn all_zero_blocks() {
     let x = vec![0.0f32; 256];
-    for ty in [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S] {
+    for ty in
+        [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S]
+    {
         let y = dequantize(ty, &quantize(ty, &x).unwrap(), 256).unwrap();
         assert_eq!(y, x, "{ty}");
     }
@@ -138,7 +162,9 @@ fn non_finite_input_does_not_panic() {
     x[0] = f32::NAN;
     x[1] = f32::INFINITY;
     x[2] = f32::NEG_INFINITY;
-    for ty in [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S] {
+    for ty in
+        [GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::Q4_K, GgmlType::TQ1_0, GgmlType::TQ2_0, GgmlType::I2_S]
+    {
         let bytes = quantize(ty, &x).unwrap();
         let _ = dequantize(ty, &bytes, 256).unwrap();
     }

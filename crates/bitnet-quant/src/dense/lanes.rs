@@ -1,6 +1,7 @@
-//! Q8_0 and Q6_K weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
+//! Q8_0, Q6_K and Q4_K weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
 //!
-//! Q8_0 ([`Q8Lanes`]) first; Q6_K ([`Q6Lanes`]) follows the same plan with its codes a byte each.
+//! Q8_0 ([`Q8Lanes`]) first; Q6_K ([`Q6Lanes`]) follows the same plan with its codes a byte each,
+//! Q4_K ([`Q4Lanes`]) with its codes two to a byte (eight columns of a row in a 32-bit lane).
 //!
 //! The stored Q8_0 layout puts each row's blocks one after another, so a SIMD kernel that gives
 //! each of eight rows an accumulator lane reads eight memory streams and reduces eight vectors
@@ -52,6 +53,16 @@ const Q6_BLOCK_BYTES: usize = Q6_CODES + QK_K * LANES;
 const Q6_SUBS: usize = QK_K / 16;
 /// Where the codes of a Q6_K super-block start.
 const Q6_CODES: usize = 2 * LANES + Q6_SUBS * LANES;
+/// Sub-blocks of a Q4_K super-block (32 columns each, a scale and a min each).
+const Q4_SUBS: usize = QK_K / 32;
+/// Where a Q4_K group block's `dmin`, sub-block scales, mins and codes start.
+const Q4_DMIN: usize = 2 * LANES;
+const Q4_SCALES: usize = 4 * LANES;
+const Q4_MINS: usize = Q4_SCALES + Q4_SUBS * LANES;
+const Q4_CODES: usize = Q4_MINS + Q4_SUBS * LANES;
+/// Bytes of one Q4_K super-block of one group: `d`, `dmin`, the scales and mins a byte each,
+/// then the codes two to a byte.
+const Q4_BLOCK_BYTES: usize = Q4_CODES + QK_K * LANES / 2;
 /// How far behind the copy a shared source's rows are released (see [`Lanes::from_stored`]).
 const RELEASE_LAG: usize = 1 << 20;
 
@@ -59,6 +70,15 @@ const RELEASE_LAG: usize = 1 << 20;
 /// columns of each of the sixteen rows at a time).
 fn code_at(codes: usize, i: usize, c: usize) -> usize {
     codes + (c / CHUNK) * LANES * CHUNK + i * CHUNK + c % CHUNK
+}
+
+/// Where lane `i`'s Q4_K code of column `c` is in a group's block: the byte and the shift of
+/// its nibble. Each 64-byte chunk holds eight columns of the sixteen rows: for row `i` at
+/// `4i .. 4i + 3`, columns `8k .. 8k + 3` of a sub-block in the low nibbles and `8k + 4 .. 8k + 7`
+/// in the high ones, so one mask or one shift and mask gives a `vpdpbusd` operand.
+fn nibble_at(i: usize, c: usize) -> (usize, u32) {
+    let (chunk, within) = (c / 8, c % 8);
+    (Q4_CODES + chunk * LANES * CHUNK + i * CHUNK + within % CHUNK, 4 * (within / CHUNK) as u32)
 }
 
 /// What a stored format needs to be laid out rows-in-lanes: its block's shape, how a stored
@@ -74,9 +94,11 @@ pub(crate) trait LaneFormat: Sized {
     fn put(stored: &[u8], i: usize, dst: &mut [u8]);
     /// Lane `i`'s values of a group's block, as the stored block decodes them.
     fn decode(block: &[u8], i: usize, out: &mut [f32]);
-    /// Lane `i`'s term of a block against the block's activations `x` (scale `d_a`, sums of
-    /// sixteen `sums`): the scalar definition's integer, then `(d_w · d_a) · isum`.
-    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, sums: &[i32]) -> f32;
+    /// Lane `i`'s terms of a block against the block's activations `x` (scale `d_a`, sums of
+    /// sixteen `sums`): the scalar definition's integer, then `(d_w · d_a) · isum`; and what the
+    /// format subtracts once at the end (Q4_K's mins, `(dmin · d_a) · msum`; zero for the
+    /// others), kept apart as the stored product keeps it.
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, sums: &[i32]) -> (f32, f32);
     /// The SIMD kernel `kernel` over `groups` (never called with [`Kernel::Scalar`]).
     fn run_simd(
         kernel: Kernel,
@@ -121,10 +143,10 @@ impl LaneFormat for Q8 {
         }
     }
 
-    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> f32 {
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> (f32, f32) {
         let isum: i32 =
             (0..QK).map(|c| i32::from(block[code_at(2 * LANES, i, c)] as i8) * i32::from(x[c])).sum();
-        (scalar::f16_at(block, 2 * i) * d_a) * isum as f32
+        ((scalar::f16_at(block, 2 * i) * d_a) * isum as f32, 0.0)
     }
 
     // Off x86 only the scalar definition runs, and this is never called.
@@ -173,7 +195,7 @@ impl LaneFormat for Q6 {
         }
     }
 
-    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> f32 {
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> (f32, f32) {
         let mut isum = 0i32;
         for s in 0..Q6_SUBS {
             let sc = i32::from(block[2 * LANES + s * LANES + i] as i8);
@@ -182,7 +204,7 @@ impl LaneFormat for Q6 {
                 .sum();
             isum += sc * part;
         }
-        (scalar::f16_at(block, 2 * i) * d_a) * isum as f32
+        ((scalar::f16_at(block, 2 * i) * d_a) * isum as f32, 0.0)
     }
 
     // Off x86 only the scalar definition runs, and this is never called.
@@ -205,6 +227,85 @@ impl LaneFormat for Q6 {
     }
 }
 
+/// Q4_K: per group and 256-column super-block the rows' `d` and `dmin` (f16), their sub-block
+/// scales and mins unpacked to a byte each (sub-block `s` of row `i` at `s · 16 + i`), then the
+/// codes two to a byte ([`nibble_at`]): 1.16 bytes a weight's worth of 148 per row and
+/// super-block against the file's 144. The integers are `ggml_vec_dot_q4_K_q8_K`'s: per
+/// sub-block `Σ q x` times its scale, and the mins against the activation sums of 32.
+#[derive(Clone, Copy, Debug)]
+pub struct Q4;
+
+impl LaneFormat for Q4 {
+    const FORMAT: DenseFormat = DenseFormat::Q4_K;
+    const ACTIVATIONS: ActivationKind = ActivationKind::Q8K;
+    const BLOCK_COLS: usize = QK_K;
+    const STORED_BYTES: usize = 144;
+    const LANE_BYTES: usize = Q4_BLOCK_BYTES;
+
+    fn put(stored: &[u8], i: usize, dst: &mut [u8]) {
+        dst[2 * i..2 * i + 2].copy_from_slice(&stored[0..2]);
+        dst[Q4_DMIN + 2 * i..Q4_DMIN + 2 * i + 2].copy_from_slice(&stored[2..4]);
+        for s in 0..Q4_SUBS {
+            let (sc, m) = scalar::scale_min_k4(s, &stored[4..16]);
+            dst[Q4_SCALES + s * LANES + i] = sc;
+            dst[Q4_MINS + s * LANES + i] = m;
+        }
+        for c in 0..QK_K {
+            // Stored: 64-column chunks of 32 bytes, the first 32 columns low nibbles.
+            let byte = stored[16 + 32 * (c / 64) + c % 32];
+            let code = if c % 64 < 32 { byte & 0x0F } else { byte >> 4 };
+            let (at, shift) = nibble_at(i, c);
+            dst[at] |= code << shift;
+        }
+    }
+
+    fn decode(block: &[u8], i: usize, out: &mut [f32]) {
+        let (d, dmin) = (scalar::f16_at(block, 2 * i), scalar::f16_at(block, Q4_DMIN + 2 * i));
+        for (c, v) in out.iter_mut().enumerate().take(QK_K) {
+            let s = c / 32;
+            let scale = d * f32::from(block[Q4_SCALES + s * LANES + i]);
+            let min = dmin * f32::from(block[Q4_MINS + s * LANES + i]);
+            let (at, shift) = nibble_at(i, c);
+            *v = scale * f32::from((block[at] >> shift) & 0x0F) - min;
+        }
+    }
+
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, sums: &[i32]) -> (f32, f32) {
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for s in 0..Q4_SUBS {
+            let part: i32 = (32 * s..32 * s + 32)
+                .map(|c| {
+                    let (at, shift) = nibble_at(i, c);
+                    i32::from((block[at] >> shift) & 0x0F) * i32::from(x[c])
+                })
+                .sum();
+            isum += i32::from(block[Q4_SCALES + s * LANES + i]) * part;
+            msum += i32::from(block[Q4_MINS + s * LANES + i]) * (sums[2 * s] + sums[2 * s + 1]);
+        }
+        let (d, dmin) = (scalar::f16_at(block, 2 * i), scalar::f16_at(block, Q4_DMIN + 2 * i));
+        ((d * d_a) * isum as f32, (dmin * d_a) * msum as f32)
+    }
+
+    // Off x86 only the scalar definition runs, and this is never called.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn run_simd(
+        kernel: Kernel,
+        w: &Lanes<Q4>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        match kernel {
+            // SAFETY (both arms): as for Q8_0.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_q4_groups(w, a, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_q4_groups(w, a, groups, out) },
+            _ => unreachable!("the scalar definition is Lanes::run_groups_scalar"),
+        }
+    }
+}
+
 /// A matrix of format `F` laid out rows-in-lanes: groups of sixteen rows, each block of the
 /// group's rows one after another (see the module documentation).
 #[derive(Clone, Debug)]
@@ -219,8 +320,10 @@ pub struct Lanes<F> {
 pub type Q8Lanes = Lanes<Q8>;
 /// Q6_K rows-in-lanes.
 pub type Q6Lanes = Lanes<Q6>;
+/// Q4_K rows-in-lanes.
+pub type Q4Lanes = Lanes<Q4>;
 
-// The bound is this crate's own trait: the two formats are `Q8Lanes` and `Q6Lanes`, and the
+// The bound is this crate's own trait: the formats are `Q8Lanes`, `Q6Lanes` and `Q4Lanes`; the
 // trait's kernels take crate-private types, so it is not for other crates to implement.
 #[allow(private_bounds)]
 impl<F: LaneFormat> Lanes<F> {
@@ -337,7 +440,7 @@ impl<F: LaneFormat> Lanes<F> {
     }
 
     /// The definition: each live row of `groups` against each token, block by block,
-    /// `acc += term` in block order.
+    /// `acc += term` in block order (and the subtracted terms apart, taken off at the end).
     fn run_groups_scalar(&self, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
         let sums_per_block = F::BLOCK_COLS / 16;
         for g in groups {
@@ -345,13 +448,15 @@ impl<F: LaneFormat> Lanes<F> {
             for t in 0..a.m() {
                 let (x, d_a, sums) = (a.values(t), a.scales(t), a.sums(t));
                 for i in 0..live {
-                    let mut acc = 0.0f32;
+                    let (mut acc, mut acc_off) = (0.0f32, 0.0f32);
                     for (b, (block, &da)) in self.group(g).chunks_exact(F::LANE_BYTES).zip(d_a).enumerate() {
                         let xb = &x[b * F::BLOCK_COLS..(b + 1) * F::BLOCK_COLS];
                         let sb = sums.get(b * sums_per_block..(b + 1) * sums_per_block).unwrap_or(&[]);
-                        acc += F::term(block, i, xb, da, sb);
+                        let (on, off) = F::term(block, i, xb, da, sb);
+                        acc += on;
+                        acc_off += off;
                     }
-                    out.write(t, g * LANES + i, acc);
+                    out.write(t, g * LANES + i, acc - acc_off);
                 }
             }
         }
@@ -415,7 +520,8 @@ mod avx512 {
     use std::ops::Range;
 
     use super::{
-        put_group, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+        put_group, Q4Lanes, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN,
+        Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
     };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
@@ -559,6 +665,96 @@ mod avx512 {
             put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
+    /// [`Q4Lanes`] groups `groups` for every token of `a`.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VNNI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_q4_groups(
+        w: &Q4Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q4_group_tokens, w, a, groups, out) }
+    }
+
+    /// [`Q4Lanes`] group `g` against tokens `t0 .. t0 + T`: per sub-block, each 64-byte chunk's
+    /// low and high nibbles (eight columns of the sixteen rows) in two `vpdpbusd` with the
+    /// broadcast activations, times the rows' scales; the mins times the activation sums apart.
+    ///
+    /// # Safety
+    /// As [`run_q4_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4_group_tokens<const T: usize>(
+        w: &Q4Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let nibble = _mm512_set1_epi8(0x0F);
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
+        for (b, blk) in w.group(g).chunks_exact(Q4_BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: a super-block holds the scales and 32 chunks of 64 bytes; every token holds
+            // `cols` activations and `cols / 16` sums.
+            unsafe {
+                let d_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let dmin_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(Q4_DMIN).cast()));
+                let (mut isum, mut msum) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
+                for s in 0..Q4_SUBS {
+                    let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(Q4_SCALES + s * LANES).cast()));
+                    let mins = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(Q4_MINS + s * LANES).cast()));
+                    let mut part = [_mm512_setzero_si512(); T];
+                    for k in 0..4 {
+                        let packed =
+                            _mm512_loadu_si512(blk.add(Q4_CODES + (4 * s + k) * LANES * CHUNK).cast());
+                        let low = _mm512_and_si512(packed, nibble);
+                        let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
+                        for t in 0..T {
+                            let x8 = xs[t].as_ptr().add(b * QK_K + 32 * s + 8 * k).cast::<i32>();
+                            part[t] =
+                                _mm512_dpbusd_epi32(part[t], low, _mm512_set1_epi32(x8.read_unaligned()));
+                            part[t] = _mm512_dpbusd_epi32(
+                                part[t],
+                                high,
+                                _mm512_set1_epi32(x8.add(1).read_unaligned()),
+                            );
+                        }
+                    }
+                    for t in 0..T {
+                        isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(sc, part[t]));
+                        let sum32 = sums[t][b * 16 + 2 * s] + sums[t][b * 16 + 2 * s + 1];
+                        msum[t] =
+                            _mm512_add_epi32(msum[t], _mm512_mullo_epi32(mins, _mm512_set1_epi32(sum32)));
+                    }
+                }
+                for t in 0..T {
+                    let d_a = _mm512_set1_ps(scales[t][b]);
+                    acc[t] = _mm512_add_ps(
+                        acc[t],
+                        _mm512_mul_ps(_mm512_mul_ps(d_w, d_a), _mm512_cvtepi32_ps(isum[t])),
+                    );
+                    acc_min[t] = _mm512_add_ps(
+                        acc_min[t],
+                        _mm512_mul_ps(_mm512_mul_ps(dmin_w, d_a), _mm512_cvtepi32_ps(msum[t])),
+                    );
+                }
+            }
+        }
+        for t in 0..T {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_sub_ps(acc[t], acc_min[t])) };
+            put_group(out, t0 + t, g, w.rows, &lanes);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -567,7 +763,8 @@ mod avx2 {
     use std::ops::Range;
 
     use super::{
-        put_group, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+        put_group, Q4Lanes, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN,
+        Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
     };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
@@ -735,6 +932,113 @@ mod avx2 {
             unsafe {
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
+            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
+        }
+    }
+    /// [`Q4Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
+    ///
+    /// # Safety
+    /// AVX2 and F16C ([`available`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn run_q4_groups(
+        w: &Q4Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q4_group_tokens, w, a, groups, out) }
+    }
+
+    /// As the AVX-512 kernel: `vpmaddubsw` of the nibbles (below 16) with the activations
+    /// (pair sums below 2¹⁵), `vpmaddwd` with ones.
+    ///
+    /// # Safety
+    /// As [`run_q4_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn q4_group_tokens<const T: usize>(
+        w: &Q4Lanes,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let (mut acc, mut acc_min) = ([[_mm256_setzero_ps(); T]; 2], [[_mm256_setzero_ps(); T]; 2]);
+        for (b, blk) in w.group(g).chunks_exact(Q4_BLOCK_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: as in the AVX-512 kernel.
+            unsafe {
+                let d_w = [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())));
+                let dmin_w =
+                    [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(Q4_DMIN + 16 * h).cast())));
+                let mut isum = [[_mm256_setzero_si256(); T]; 2];
+                let mut msum = [[_mm256_setzero_si256(); T]; 2];
+                for s in 0..Q4_SUBS {
+                    let byte_lanes = |at: usize| {
+                        [0, 1].map(|h| {
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(blk.add(at + s * LANES + 8 * h).cast()))
+                        })
+                    };
+                    let (sc, mins) = (byte_lanes(Q4_SCALES), byte_lanes(Q4_MINS));
+                    let mut part = [[_mm256_setzero_si256(); T]; 2];
+                    for k in 0..4 {
+                        let x8: [[__m256i; 2]; T] = std::array::from_fn(|t| {
+                            let p = xs[t].as_ptr().add(b * QK_K + 32 * s + 8 * k).cast::<i32>();
+                            [
+                                _mm256_set1_epi32(p.read_unaligned()),
+                                _mm256_set1_epi32(p.add(1).read_unaligned()),
+                            ]
+                        });
+                        for (h, part) in part.iter_mut().enumerate() {
+                            let packed = _mm256_loadu_si256(
+                                blk.add(Q4_CODES + (4 * s + k) * LANES * CHUNK + 32 * h).cast(),
+                            );
+                            let low = _mm256_and_si256(packed, nibble);
+                            let high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibble);
+                            for t in 0..T {
+                                let pairs = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(low, x8[t][0]),
+                                    _mm256_maddubs_epi16(high, x8[t][1]),
+                                );
+                                part[t] = _mm256_add_epi32(part[t], _mm256_madd_epi16(pairs, ones));
+                            }
+                        }
+                    }
+                    for h in 0..2 {
+                        for t in 0..T {
+                            isum[h][t] = _mm256_add_epi32(isum[h][t], _mm256_mullo_epi32(sc[h], part[h][t]));
+                            let sum32 = sums[t][b * 16 + 2 * s] + sums[t][b * 16 + 2 * s + 1];
+                            msum[h][t] = _mm256_add_epi32(
+                                msum[h][t],
+                                _mm256_mullo_epi32(mins[h], _mm256_set1_epi32(sum32)),
+                            );
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    for t in 0..T {
+                        let d_a = _mm256_set1_ps(scales[t][b]);
+                        let on = _mm256_mul_ps(_mm256_mul_ps(d_w[h], d_a), _mm256_cvtepi32_ps(isum[h][t]));
+                        let off =
+                            _mm256_mul_ps(_mm256_mul_ps(dmin_w[h], d_a), _mm256_cvtepi32_ps(msum[h][t]));
+                        acc[h][t] = _mm256_add_ps(acc[h][t], on);
+                        acc_min[h][t] = _mm256_add_ps(acc_min[h][t], off);
+                    }
+                }
+            }
+        }
+        for t in 0..T {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_sub_ps(acc[0][t], acc_min[0][t]));
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_sub_ps(acc[1][t], acc_min[1][t]));
             }
             put_group(out, t0 + t, g, w.rows, &lanes);
         }

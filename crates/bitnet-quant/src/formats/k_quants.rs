@@ -1,4 +1,4 @@
-//! K-quants with 256-weight super-blocks: Q4_K (dequantize) and Q6_K (quantize, dequantize).
+//! K-quants with 256-weight super-blocks: Q4_K and Q6_K (quantize, dequantize).
 //!
 //! * Q4_K, 144 bytes: `d` (f16), `dmin` (f16), `scales[12]` (eight 6-bit scales and eight
 //!   6-bit mins, packed), `qs[128]`. Sub-block `s` (32 weights) is
@@ -13,8 +13,9 @@
 //!   `qh[l] >> 0 & 3`, `l+32` is `ql[l+32] & 15` with `qh[l] >> 2 & 3`, `l+64` is
 //!   `ql[l] >> 4` with `qh[l] >> 4 & 3`, and `l+96` is `ql[l+32] >> 4` with `qh[l] >> 6 & 3`.
 //!
-//! The Q6_K quantizer follows `quantize_row_q6_K_ref` (the one `llama-quantize` uses without
-//! an importance matrix), so that a file written here matches one written by llama.cpp.
+//! The quantizers follow `quantize_row_q6_K_ref` and `quantize_row_q4_K_ref` (the ones
+//! `llama-quantize` uses without an importance matrix), so that a file written here matches one
+//! written by llama.cpp.
 
 use super::{check_blocks, check_multiple, f16_at, float, FormatError, GgmlType};
 
@@ -190,6 +191,140 @@ pub fn quantize_q6_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
                     | ((lv[l + 32] >> 4) << 2)
                     | ((lv[l + 64] >> 4) << 4)
                     | ((lv[l + 96] >> 4) << 6);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Asymmetric quantization of a sub-block to levels `0..=nmax` with a scale and a min (the value
+/// is `scale · l − min`, `min ≥ 0`): the first guess spans `[min(x, 0), max(x)]`, then `nstep + 1`
+/// candidate inverse scales `(rmin + rdelta · is + nmax) / (max − min)`, each refitting scale and
+/// min by weighted least squares, keep the one of least `weights`-weighted squared error (ggml's
+/// `make_qkx2_quants` with `use_mad = false`). Returns `(scale, min)`.
+fn make_qkx2_quants(
+    nmax: u8,
+    x: &[f32],
+    weights: &[f32],
+    levels: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let (mut min, mut max) = (x[0], x[0]);
+    let (mut sum_w, mut sum_x) = (0.0f32, 0.0f32);
+    for (&v, &w) in x.iter().zip(weights) {
+        min = min.min(v);
+        max = max.max(v);
+        sum_w += w;
+        sum_x += w * v;
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        levels.fill(0);
+        return (0.0, -min);
+    }
+    let level =
+        |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, i32::from(nmax)) as u8;
+    let error = |levels: &[u8], scale: f32, min: f32| -> f32 {
+        x.iter()
+            .zip(weights)
+            .zip(levels)
+            .map(|((&v, &w), &l)| w * (scale * f32::from(l) + min - v).powi(2))
+            .sum()
+    };
+    let mut iscale = f32::from(nmax) / (max - min);
+    let mut scale = 1.0 / iscale;
+    for (l, &v) in levels.iter_mut().zip(x) {
+        *l = level(iscale, v, min);
+    }
+    let mut best = error(levels, scale, min);
+    let mut trial = vec![0u8; x.len()];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + f32::from(nmax)) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for ((t, &v), &w) in trial.iter_mut().zip(x).zip(weights) {
+            *t = level(iscale, v, min);
+            let l = f32::from(*t);
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * v;
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let err = error(&trial, this_scale, this_min);
+            if err < best {
+                levels.copy_from_slice(&trial);
+                best = err;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Encodes `x` (a multiple of 256 elements) as Q4_K: per 32-weight sub-block a scale and a min
+/// fitted with weights `rms(super-block) + |x|`, both quantized to 6 bits against the
+/// super-block's largest (`d`, `dmin` in f16), then each weight's 4-bit level recomputed from the
+/// stored scale and min.
+pub fn quantize_q4_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
+    let blocks = check_multiple(GgmlType::Q4_K, x.len(), QK_K)?;
+    let mut out = vec![0u8; blocks * Q4_K_BLOCK_BYTES];
+    for (xb, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(Q4_K_BLOCK_BYTES)) {
+        let mut levels = [0u8; QK_K];
+        let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
+        let rms = (xb.iter().map(|v| v * v).sum::<f32>() / QK_K as f32).sqrt();
+        for s in 0..8 {
+            let sub = &xb[32 * s..32 * s + 32];
+            let weights: Vec<f32> = sub.iter().map(|v| rms + v.abs()).collect();
+            (scales[s], mins[s]) =
+                make_qkx2_quants(15, sub, &weights, &mut levels[32 * s..32 * s + 32], -1.0, 0.1, 20);
+        }
+        let max_scale = scales.iter().fold(0.0f32, |m, &v| m.max(v));
+        let max_min = mins.iter().fold(0.0f32, |m, &v| m.max(v));
+        let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let packed = &mut y[4..16];
+        for s in 0..8 {
+            let ls = nearest_int(inv_scale * scales[s]).clamp(0, 63) as u8;
+            let lm = nearest_int(inv_min * mins[s]).clamp(0, 63) as u8;
+            // The packing `scale_min_k4` reads back.
+            if s < 4 {
+                packed[s] = ls;
+                packed[s + 4] = lm;
+            } else {
+                packed[s + 4] = (ls & 0x0F) | ((lm & 0x0F) << 4);
+                packed[s - 4] |= (ls >> 4) << 6;
+                packed[s] |= (lm >> 4) << 6;
+            }
+        }
+        y[0..2].copy_from_slice(&float::f32_to_f16_bits(max_scale / 63.0).to_le_bytes());
+        y[2..4].copy_from_slice(&float::f32_to_f16_bits(max_min / 63.0).to_le_bytes());
+        let (d, dmin) = (f16_at(y, 0), f16_at(y, 2));
+        for s in 0..8 {
+            let (sc, m) = scale_min_k4(s, &y[4..16]);
+            let step = d * f32::from(sc);
+            if step == 0.0 {
+                continue;
+            }
+            let offset = dmin * f32::from(m);
+            for i in 32 * s..32 * s + 32 {
+                levels[i] = nearest_int((xb[i] + offset) / step).clamp(0, 15) as u8;
+            }
+        }
+        // Each 64-weight chunk: sub-block 2c in the low nibbles, 2c + 1 in the high ones.
+        for c in 0..4 {
+            for l in 0..32 {
+                y[16 + 32 * c + l] = levels[64 * c + l] | (levels[64 * c + 32 + l] << 4);
             }
         }
     }

@@ -189,6 +189,7 @@ pub fn quantize(format: GgmlType, x: &[f32]) -> Result<Vec<u8>, FormatError> {
         GgmlType::BF16 => Ok(float::quantize_bf16(x)),
         GgmlType::Q8_0 => q8_0::quantize(x),
         GgmlType::Q6_K => k_quants::quantize_q6_k(x),
+        GgmlType::Q4_K => k_quants::quantize_q4_k(x),
         GgmlType::TQ1_0 | GgmlType::PTQ1_0 => tq1_0::quantize_base3(format, x),
         GgmlType::TQ2_0 => tq2_0::quantize(x),
         GgmlType::Q1_0 => q1_0::quantize(x),
