@@ -119,8 +119,15 @@ fn loading_peaks_within_a_quarter_above_the_model_bytes_for_every_head() {
     let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q6_k"];
     let (code, _, err) = run_measured(&args, dir.path());
     assert_eq!(code, 0, "bitnet convert --lm-head-type q6_k failed: {err}");
+    // And as Q4_K (rows-in-lanes too, 148 bytes a row's super-block against the file's 144).
+    let q4 = dir.path().join("model-q4-head.gguf");
+    let q = q4.to_str().unwrap();
+    let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q4_k"];
+    let (code, _, err) = run_measured(&args, dir.path());
+    assert_eq!(code, 0, "bitnet convert --lm-head-type q4_k failed: {err}");
     std::fs::remove_dir_all(&model).unwrap();
     check_every_head(&gguf, dir.path());
     check_every_head(&q8, dir.path());
     check_every_head(&q6, dir.path());
+    check_every_head(&q4, dir.path());
 }
