@@ -10,6 +10,8 @@
 # (.xz). Each step has its own timeout; the whole call takes about 6 minutes on an H100 (the
 # synth model is made on the GPU machine's cores meanwhile).
 # C (optional) holds a third bitnet.xz, a variant of NEW that joins the bench rounds.
+# QUICK=1 leaves out the second bench round and the serving and prefill ncu profiles (about
+# 4 minutes: for a session with little device time left).
 A=${A:?set A to the folder of the baseline bitnet.xz}; N=${N:?set N to the folder of the new binaries}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(pwd); [ -e /work/main ] || { mkdir -p /work && ln -s "$ROOT" /work/main; }
@@ -45,7 +47,7 @@ echo "=== serving rows, base and new"
 for b in $BA $BN; do echo "== $b"
   timeout 80 $b/bitnet bench --model /tmp/m2b --device cuda -p 512 -n 128 -r 1 -c 1,8,64 -t 8 --no-probe 2>&1 | grep serve
 done | tee -a "$OUT/ab.txt"
-echo "=== tg128 / pp512, second round"; bench_round
+[ -z "$QUICK" ] && { echo "=== tg128 / pp512, second round"; bench_round; }
 run_test synth_2b4t 100
 ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last STEPS forward steps
   local name=$1 steps=$2; shift 2
@@ -56,5 +58,6 @@ ncu_of() {  # ncu_of NAME STEPS bench-args...: per-kernel GPU time of the last S
   xz -T8 -c /tmp/$name.csv > "$OUT/$name.csv.xz"
 }
 echo "=== ncu: tg steps after a 512-token prompt"; ncu_of ncu-tg 8 -p 512 -n 8 -r 1
+[ -n "$QUICK" ] && exit 0
 echo "=== ncu: serve64 steps"; ncu_of ncu-serve 3 -p 32 -n 4 -c 64 -r 1 -t 8
 echo "=== ncu: the 512-token prefill step and one decode step"; ncu_of ncu-pp 2 -p 512 -n 1 -r 1
