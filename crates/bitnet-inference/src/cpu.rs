@@ -5,7 +5,7 @@ use crate::backend::{AttentionSegment, Backend, BackendError, HeadShape};
 use crate::kv::{KvType, BLOCK_TOKENS};
 use bitnet_core::{ops, DenseMatrix};
 use bitnet_models::Activation;
-use bitnet_quant::dense::{Q4Lanes, Q6Lanes, Q8Lanes};
+use bitnet_quant::dense::{Q40Lanes, Q41Lanes, Q4Lanes, Q6Lanes, Q8Lanes};
 use bitnet_quant::{
     DenseActivations, DenseLinear, Int8Matrix, KernelPath, QuantizedActivations, TernaryMatrix,
 };
@@ -60,7 +60,8 @@ impl CpuKvStore {
     }
 }
 
-/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 / Q6_K / Q4_K rows-in-lanes on x86
+/// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 / Q6_K / Q4_K / Q4_0 / Q4_1
+/// rows-in-lanes on x86
 /// ([`CpuBackend::upload_dense_linear`]).
 #[derive(Clone, Debug)]
 pub enum CpuDenseLinear {
@@ -68,6 +69,8 @@ pub enum CpuDenseLinear {
     Q8Lanes(Q8Lanes),
     Q6Lanes(Q6Lanes),
     Q4Lanes(Q4Lanes),
+    Q40Lanes(Q40Lanes),
+    Q41Lanes(Q41Lanes),
 }
 
 /// `$body` on whichever matrix `$w` holds, named `$m` (the forms share these methods).
@@ -78,6 +81,8 @@ macro_rules! on_matrix {
             CpuDenseLinear::Q8Lanes($m) => $body,
             CpuDenseLinear::Q6Lanes($m) => $body,
             CpuDenseLinear::Q4Lanes($m) => $body,
+            CpuDenseLinear::Q40Lanes($m) => $body,
+            CpuDenseLinear::Q41Lanes($m) => $body,
         }
     };
 }
@@ -208,8 +213,8 @@ impl Backend for CpuBackend {
         out.copy_from_slice(v);
         Ok(out)
     }
-    /// Q8_0, Q6_K and Q4_K on an x86 CPU (AVX2 or AVX-512 VNNI) are laid out rows-in-lanes
-    /// ([`Q8Lanes`], [`Q6Lanes`], [`Q4Lanes`]: the same outputs, a product that reads the weights as one
+    /// Q8_0, Q6_K, Q4_K, Q4_0 and Q4_1 on an x86 CPU (AVX2 or AVX-512 VNNI) are laid out
+    /// rows-in-lanes ([`Q8Lanes`], [`Q6Lanes`], [`Q4Lanes`], [`Q40Lanes`], [`Q41Lanes`]: the same outputs, a product that reads the weights as one
     /// stream); every other matrix is kept as stored, with bytes of its own (a matrix that still
     /// reads the checkpoint's mapping is copied a block of rows at a time, releasing the source
     /// as it goes).
@@ -228,6 +233,16 @@ impl Backend for CpuBackend {
         if Q4Lanes::suits(&w, path) {
             if let Some(lanes) = Q4Lanes::from_stored(&w) {
                 return Ok(CpuDenseLinear::Q4Lanes(lanes));
+            }
+        }
+        if Q40Lanes::suits(&w, path) {
+            if let Some(lanes) = Q40Lanes::from_stored(&w) {
+                return Ok(CpuDenseLinear::Q40Lanes(lanes));
+            }
+        }
+        if Q41Lanes::suits(&w, path) {
+            if let Some(lanes) = Q41Lanes::from_stored(&w) {
+                return Ok(CpuDenseLinear::Q41Lanes(lanes));
             }
         }
         Ok(CpuDenseLinear::Stored(w.into_owned()))

@@ -1,4 +1,5 @@
-//! The CPU backend's own layouts of dense matrices (Q8_0, Q6_K and Q4_K rows-in-lanes on x86) give
+//! The CPU backend's own layouts of dense matrices (Q8_0, Q6_K, Q4_K, Q4_0 and Q4_1 rows-in-lanes
+//! on x86) give
 //! what the stored matrix gives through the backend's operations: products bit for bit with the
 //! scalar reference of the stored layout, lookups equal to the stored rows decoded.
 
@@ -13,12 +14,30 @@ use bitnet_quant::KernelPath;
 fn lane_layouts_compute_and_look_up_as_stored() {
     let mut rng = Rng::new(7);
     let mut b = CpuBackend::new();
-    for (format, rows, cols) in
-        [(DenseFormat::Q8_0, 37, 96), (DenseFormat::Q6_K, 21, 512), (DenseFormat::Q4_K, 19, 768)]
-    {
-        let w: Vec<f32> =
-            (0..rows * cols).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
-        let stored = DenseLinear::encode(format, &w, rows, cols).unwrap();
+    let cases = [
+        (DenseFormat::Q8_0, 37, 96),
+        (DenseFormat::Q6_K, 21, 512),
+        (DenseFormat::Q4_K, 19, 768),
+        (DenseFormat::Q4_0, 23, 160),
+        (DenseFormat::Q4_1, 18, 64),
+    ];
+    for (format, rows, cols) in cases {
+        let stored = if matches!(format, DenseFormat::Q4_0 | DenseFormat::Q4_1) {
+            // No quantizer here for these: random codes under f16 scales (and mins) of 2^-7
+            // (0x2000), block by block.
+            let (bb, halves) = (format.block_bytes(), if format == DenseFormat::Q4_1 { 2 } else { 1 });
+            let bytes: Vec<u8> = (0..rows * cols / 32 * bb)
+                .map(|i| match i % bb {
+                    at if at < 2 * halves => [0x00, 0x20][at % 2],
+                    _ => rng.next_u64() as u8,
+                })
+                .collect();
+            DenseLinear::from_bytes(format.ggml(), rows, cols, &bytes).unwrap()
+        } else {
+            let w: Vec<f32> =
+                (0..rows * cols).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
+            DenseLinear::encode(format, &w, rows, cols).unwrap()
+        };
         let uploaded = b.upload_dense_linear(stored.clone()).unwrap();
         let x86_simd = cfg!(target_arch = "x86_64") && KernelPath::active() != KernelPath::Scalar;
         assert_eq!(

@@ -4,7 +4,8 @@
 //! quantizers against ggml's definitions, and typed errors for bad sizes.
 
 use bitnet_quant::dense::{
-    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q4Lanes, Q6Lanes, Q8Lanes,
+    scalar, ActivationKind, DenseActivations, DenseError, DenseFormat, DenseLinear, Q40Lanes, Q41Lanes,
+    Q4Lanes, Q6Lanes, Q8Lanes,
 };
 use bitnet_quant::formats::{self, float, GgmlType};
 use bitnet_quant::selftest::Rng;
@@ -743,5 +744,23 @@ fn q4_k_rows_in_lanes_equal_the_stored_matrix() {
     assert!(matches!(lanes.forward_quantized(&a, &mut [0.0; 20]), Err(DenseError::ActivationKind { .. })));
     assert!(
         Q4Lanes::from_stored(&random_matrix(DenseFormat::Q6_K, 20, 256, Codes::Random, &mut rng)).is_none()
+    );
+}
+
+/// Q4_0 and Q4_1 rows-in-lanes ([`Q40Lanes`], [`Q41Lanes`]): the stored matrix's outputs bit for
+/// bit on every path (Q4_0's `8 Σ x` taken off in i32; Q4_1's `m · s_a` summed apart and added
+/// at the end), ragged groups, 1 to 33 tokens, and the same decoded rows.
+#[test]
+fn q4_0_and_q4_1_rows_in_lanes_equal_the_stored_matrix() {
+    let mut rng = Rng::new(53);
+    lanes_equal_stored!(Q40Lanes, DenseFormat::Q4_0, [16, 17, 50], &mut rng);
+    lanes_equal_stored!(Q41Lanes, DenseFormat::Q4_1, [16, 17, 50], &mut rng);
+    let w = random_matrix(DenseFormat::Q4_1, 20, 64, Codes::Random, &mut rng);
+    let lanes = Q41Lanes::from_stored(&w).unwrap();
+    let mut a = DenseActivations::new();
+    a.quantize(ActivationKind::Q8K, &[0.5; 256], 1, 256).unwrap();
+    assert!(lanes.forward_quantized(&a, &mut [0.0; 20]).is_err());
+    assert!(
+        Q40Lanes::from_stored(&random_matrix(DenseFormat::Q4_1, 20, 64, Codes::Random, &mut rng)).is_none()
     );
 }

@@ -1,7 +1,9 @@
-//! Q8_0, Q6_K and Q4_K weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI, or AVX2).
+//! Q8_0, Q6_K, Q4_K, Q4_0 and Q4_1 weights laid out rows-in-lanes, for x86 CPUs (AVX-512 VNNI,
+//! or AVX2).
 //!
 //! Q8_0 ([`Q8Lanes`]) first; Q6_K ([`Q6Lanes`]) follows the same plan with its codes a byte each,
-//! Q4_K ([`Q4Lanes`]) with its codes two to a byte (eight columns of a row in a 32-bit lane).
+//! Q4_K ([`Q4Lanes`]), Q4_0 ([`Q40Lanes`]) and Q4_1 ([`Q41Lanes`]) with their codes two to a
+//! byte (eight columns of a row in a 32-bit lane).
 //!
 //! The stored Q8_0 layout puts each row's blocks one after another, so a SIMD kernel that gives
 //! each of eight rows an accumulator lane reads eight memory streams and reduces eight vectors
@@ -60,6 +62,10 @@ const Q4_DMIN: usize = 2 * LANES;
 const Q4_SCALES: usize = 4 * LANES;
 const Q4_MINS: usize = Q4_SCALES + Q4_SUBS * LANES;
 const Q4_CODES: usize = Q4_MINS + Q4_SUBS * LANES;
+/// Where a Q4_0 / Q4_1 group block's codes start: after the sixteen `d` (and Q4_1's sixteen
+/// `m`); the block is 32 columns, four 64-byte chunks of nibbles.
+const Q40_CODES: usize = 2 * LANES;
+const Q41_CODES: usize = 4 * LANES;
 /// Bytes of one Q4_K super-block of one group: `d`, `dmin`, the scales and mins a byte each,
 /// then the codes two to a byte.
 const Q4_BLOCK_BYTES: usize = Q4_CODES + QK_K * LANES / 2;
@@ -77,8 +83,13 @@ fn code_at(codes: usize, i: usize, c: usize) -> usize {
 /// `4i .. 4i + 3`, columns `8k .. 8k + 3` of a sub-block in the low nibbles and `8k + 4 .. 8k + 7`
 /// in the high ones, so one mask or one shift and mask gives a `vpdpbusd` operand.
 fn nibble_at(i: usize, c: usize) -> (usize, u32) {
+    nibble_from(Q4_CODES, i, c)
+}
+
+/// [`nibble_at`] for codes that start at `codes`.
+fn nibble_from(codes: usize, i: usize, c: usize) -> (usize, u32) {
     let (chunk, within) = (c / 8, c % 8);
-    (Q4_CODES + chunk * LANES * CHUNK + i * CHUNK + within % CHUNK, 4 * (within / CHUNK) as u32)
+    (codes + chunk * LANES * CHUNK + i * CHUNK + within % CHUNK, 4 * (within / CHUNK) as u32)
 }
 
 /// What a stored format needs to be laid out rows-in-lanes: its block's shape, how a stored
@@ -99,6 +110,11 @@ pub(crate) trait LaneFormat: Sized {
     /// format subtracts once at the end (Q4_K's mins, `(dmin · d_a) · msum`; zero for the
     /// others), kept apart as the stored product keeps it.
     fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, sums: &[i32]) -> (f32, f32);
+    /// A second subtracted term from the block's Q8_1 scaled sum `f16(d_a · Σ x)` (Q4_1's mins;
+    /// zero for the others).
+    fn min_term(_block: &[u8], _i: usize, _scaled_sum: f32) -> f32 {
+        0.0
+    }
     /// The SIMD kernel `kernel` over `groups` (never called with [`Kernel::Scalar`]).
     fn run_simd(
         kernel: Kernel,
@@ -306,6 +322,97 @@ impl LaneFormat for Q4 {
     }
 }
 
+/// Q4_0 (`with_min = false`: the value is `d · (q − 8)`) and Q4_1 (`true`: `d · q + m`): per
+/// group and 32-column block the rows' `d` (and `m`), f16, then the codes two to a byte
+/// ([`nibble_from`]), the file's 18 (20) bytes a row and block. The integers are
+/// `ggml_vec_dot_q4_0_q8_0`'s (`Σ q x − 8 Σ x`, the activation block sum) and
+/// `ggml_vec_dot_q4_1_q8_1`'s (`Σ q x`, with `m · s_a` summed apart and added at the end).
+#[derive(Clone, Copy, Debug)]
+pub struct Q4Legacy<const WITH_MIN: bool>;
+/// Q4_0's lane format.
+pub type Q40 = Q4Legacy<false>;
+/// Q4_1's lane format.
+pub type Q41 = Q4Legacy<true>;
+
+impl<const WITH_MIN: bool> Q4Legacy<WITH_MIN> {
+    const CODES: usize = if WITH_MIN { Q41_CODES } else { Q40_CODES };
+}
+
+impl<const WITH_MIN: bool> LaneFormat for Q4Legacy<WITH_MIN> {
+    const FORMAT: DenseFormat = if WITH_MIN { DenseFormat::Q4_1 } else { DenseFormat::Q4_0 };
+    const ACTIVATIONS: ActivationKind = ActivationKind::Q8Blocks;
+    const BLOCK_COLS: usize = QK;
+    const STORED_BYTES: usize = if WITH_MIN { 20 } else { 18 };
+    const LANE_BYTES: usize = Self::CODES + QK * LANES / 2;
+
+    fn put(stored: &[u8], i: usize, dst: &mut [u8]) {
+        dst[2 * i..2 * i + 2].copy_from_slice(&stored[0..2]);
+        if WITH_MIN {
+            dst[2 * LANES + 2 * i..2 * LANES + 2 * i + 2].copy_from_slice(&stored[2..4]);
+        }
+        let codes = &stored[Self::STORED_BYTES - QK / 2..];
+        for c in 0..QK {
+            // Stored: element j in the low nibble of byte j, element j + 16 in its high one.
+            let code = if c < 16 { codes[c] & 0x0F } else { codes[c - 16] >> 4 };
+            let (at, shift) = nibble_from(Self::CODES, i, c);
+            dst[at] |= code << shift;
+        }
+    }
+
+    fn decode(block: &[u8], i: usize, out: &mut [f32]) {
+        let d = scalar::f16_at(block, 2 * i);
+        for (c, v) in out.iter_mut().enumerate().take(QK) {
+            let (at, shift) = nibble_from(Self::CODES, i, c);
+            let q = (block[at] >> shift) & 0x0F;
+            *v = if WITH_MIN {
+                d * f32::from(q) + scalar::f16_at(block, 2 * LANES + 2 * i)
+            } else {
+                (i32::from(q) - 8) as f32 * d
+            };
+        }
+    }
+
+    fn term(block: &[u8], i: usize, x: &[i8], d_a: f32, _sums: &[i32]) -> (f32, f32) {
+        let isum: i32 = (0..QK)
+            .map(|c| {
+                let (at, shift) = nibble_from(Self::CODES, i, c);
+                let q = i32::from((block[at] >> shift) & 0x0F);
+                (if WITH_MIN { q } else { q - 8 }) * i32::from(x[c])
+            })
+            .sum();
+        ((scalar::f16_at(block, 2 * i) * d_a) * isum as f32, 0.0)
+    }
+
+    /// Q4_1's `m · s_a`, negated: the generic definition subtracts what comes second, and a
+    /// sum of negated terms is the negated sum, bit for bit (rounding to nearest is symmetric).
+    fn min_term(block: &[u8], i: usize, scaled_sum: f32) -> f32 {
+        if WITH_MIN {
+            -(scalar::f16_at(block, 2 * LANES + 2 * i) * scaled_sum)
+        } else {
+            0.0
+        }
+    }
+
+    // Off x86 only the scalar definition runs, and this is never called.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn run_simd(
+        kernel: Kernel,
+        w: &Lanes<Self>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        match kernel {
+            // SAFETY (both arms): as for Q8_0.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512::run_q4_legacy_groups(w, a, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::run_q4_legacy_groups(w, a, groups, out) },
+            _ => unreachable!("the scalar definition is Lanes::run_groups_scalar"),
+        }
+    }
+}
+
 /// A matrix of format `F` laid out rows-in-lanes: groups of sixteen rows, each block of the
 /// group's rows one after another (see the module documentation).
 #[derive(Clone, Debug)]
@@ -322,8 +429,12 @@ pub type Q8Lanes = Lanes<Q8>;
 pub type Q6Lanes = Lanes<Q6>;
 /// Q4_K rows-in-lanes.
 pub type Q4Lanes = Lanes<Q4>;
+/// Q4_0 rows-in-lanes.
+pub type Q40Lanes = Lanes<Q40>;
+/// Q4_1 rows-in-lanes.
+pub type Q41Lanes = Lanes<Q41>;
 
-// The bound is this crate's own trait: the formats are `Q8Lanes`, `Q6Lanes` and `Q4Lanes`; the
+// The bound is this crate's own trait: the formats are the aliases above; the
 // trait's kernels take crate-private types, so it is not for other crates to implement.
 #[allow(private_bounds)]
 impl<F: LaneFormat> Lanes<F> {
@@ -446,7 +557,7 @@ impl<F: LaneFormat> Lanes<F> {
         for g in groups {
             let live = (self.rows - g * LANES).min(LANES);
             for t in 0..a.m() {
-                let (x, d_a, sums) = (a.values(t), a.scales(t), a.sums(t));
+                let (x, d_a, sums, scaled) = (a.values(t), a.scales(t), a.sums(t), a.scaled_sums(t));
                 for i in 0..live {
                     let (mut acc, mut acc_off) = (0.0f32, 0.0f32);
                     for (b, (block, &da)) in self.group(g).chunks_exact(F::LANE_BYTES).zip(d_a).enumerate() {
@@ -455,6 +566,9 @@ impl<F: LaneFormat> Lanes<F> {
                         let (on, off) = F::term(block, i, xb, da, sb);
                         acc += on;
                         acc_off += off;
+                        if let Some(&sa) = scaled.get(b) {
+                            acc_off += F::min_term(block, i, sa);
+                        }
                     }
                     out.write(t, g * LANES + i, acc - acc_off);
                 }
@@ -469,14 +583,18 @@ impl<F: LaneFormat> Lanes<F> {
 #[cfg(target_arch = "x86_64")]
 macro_rules! token_tiles {
     ($f:ident, $w:expr, $a:expr, $groups:expr, $out:expr) => {
+        token_tiles!($f, [], $w, $a, $groups, $out)
+    };
+    // `[P,]`: generic arguments of `$f` before the tile's token count.
+    ($f:ident, [$($pre:tt)*], $w:expr, $a:expr, $groups:expr, $out:expr) => {
         for g in $groups {
             let mut t0 = 0;
             while t0 < $a.m() {
                 match $a.m() - t0 {
-                    1 => $f::<1>($w, $a, g, t0, $out),
-                    2 => $f::<2>($w, $a, g, t0, $out),
-                    3 => $f::<3>($w, $a, g, t0, $out),
-                    _ => $f::<4>($w, $a, g, t0, $out),
+                    1 => $f::<$($pre)* 1>($w, $a, g, t0, $out),
+                    2 => $f::<$($pre)* 2>($w, $a, g, t0, $out),
+                    3 => $f::<$($pre)* 3>($w, $a, g, t0, $out),
+                    _ => $f::<$($pre)* 4>($w, $a, g, t0, $out),
                 }
                 t0 += 4;
             }
@@ -520,8 +638,9 @@ mod avx512 {
     use std::ops::Range;
 
     use super::{
-        put_group, Q4Lanes, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN,
-        Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+        put_group, LaneFormat, Lanes, Q4Lanes, Q4Legacy, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES,
+        Q40_CODES, Q41_CODES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN, Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES,
+        Q6_CODES, Q6_SUBS, QK, QK_K,
     };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
@@ -755,6 +874,85 @@ mod avx512 {
             put_group(out, t0 + t, g, w.rows, &lanes);
         }
     }
+    /// [`Q40Lanes`] / [`Q41Lanes`] groups `groups` for every token of `a`.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VNNI ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_q4_legacy_groups<const WITH_MIN: bool>(
+        w: &Lanes<Q4Legacy<WITH_MIN>>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q4_legacy_group_tokens, [WITH_MIN,], w, a, groups, out) }
+    }
+
+    /// Group `g` of a Q4_0 / Q4_1 matrix against tokens `t0 .. t0 + T`: per block four chunks,
+    /// each chunk's low and high nibbles in two `vpdpbusd` with the broadcast activations; Q4_0
+    /// takes `8 Σ x` off, Q4_1 sums `m · s_a` apart and adds it at the end.
+    ///
+    /// # Safety
+    /// As [`run_q4_legacy_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn q4_legacy_group_tokens<const WITH_MIN: bool, const T: usize>(
+        w: &Lanes<Q4Legacy<WITH_MIN>>,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let nibble = _mm512_set1_epi8(0x0F);
+        let codes_at = if WITH_MIN { Q41_CODES } else { Q40_CODES };
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let scaled: [&[f32]; T] = std::array::from_fn(|t| a.scaled_sums(t0 + t));
+        let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); T], [_mm512_setzero_ps(); T]);
+        for (b, blk) in w.group(g).chunks_exact(Q4Legacy::<WITH_MIN>::LANE_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: a block holds the scales and four chunks of 64 bytes; every token holds
+            // `cols` activations and `cols / 32` sums and scaled sums.
+            unsafe {
+                let d_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let mut dots = [_mm512_setzero_si512(); T];
+                for k in 0..QK / 8 {
+                    let packed = _mm512_loadu_si512(blk.add(codes_at + k * LANES * CHUNK).cast());
+                    let low = _mm512_and_si512(packed, nibble);
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
+                    for t in 0..T {
+                        let x8 = xs[t].as_ptr().add(b * QK + 8 * k).cast::<i32>();
+                        dots[t] = _mm512_dpbusd_epi32(dots[t], low, _mm512_set1_epi32(x8.read_unaligned()));
+                        dots[t] =
+                            _mm512_dpbusd_epi32(dots[t], high, _mm512_set1_epi32(x8.add(1).read_unaligned()));
+                    }
+                }
+                for t in 0..T {
+                    let isum = if WITH_MIN {
+                        dots[t]
+                    } else {
+                        _mm512_sub_epi32(dots[t], _mm512_set1_epi32(8 * sums[t][b]))
+                    };
+                    let scale = _mm512_mul_ps(d_w, _mm512_set1_ps(scales[t][b]));
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(isum)));
+                    if WITH_MIN {
+                        let m_w = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * LANES).cast()));
+                        acc_min[t] =
+                            _mm512_add_ps(acc_min[t], _mm512_mul_ps(m_w, _mm512_set1_ps(scaled[t][b])));
+                    }
+                }
+            }
+        }
+        for t in 0..T {
+            let mut lanes = [0.0f32; LANES];
+            let total = if WITH_MIN { _mm512_add_ps(acc[t], acc_min[t]) } else { acc[t] };
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total) };
+            put_group(out, t0 + t, g, w.rows, &lanes);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -763,8 +961,9 @@ mod avx2 {
     use std::ops::Range;
 
     use super::{
-        put_group, Q4Lanes, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN,
-        Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
+        put_group, LaneFormat, Lanes, Q4Lanes, Q4Legacy, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES,
+        Q40_CODES, Q41_CODES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN, Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES,
+        Q6_CODES, Q6_SUBS, QK, QK_K,
     };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
@@ -1039,6 +1238,98 @@ mod avx2 {
             unsafe {
                 _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_sub_ps(acc[0][t], acc_min[0][t]));
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_sub_ps(acc[1][t], acc_min[1][t]));
+            }
+            put_group(out, t0 + t, g, w.rows, &lanes);
+        }
+    }
+    /// [`Q40Lanes`] / [`Q41Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
+    ///
+    /// # Safety
+    /// AVX2 and F16C ([`available`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn run_q4_legacy_groups<const WITH_MIN: bool>(
+        w: &Lanes<Q4Legacy<WITH_MIN>>,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe { token_tiles!(q4_legacy_group_tokens, [WITH_MIN,], w, a, groups, out) }
+    }
+
+    /// As the AVX-512 kernel: `vpmaddubsw` of the nibbles (below 16) with the activations,
+    /// the two nibbles' pairs added in i16 (below 2¹⁵), `vpmaddwd` with ones.
+    ///
+    /// # Safety
+    /// As [`run_q4_legacy_groups`]; `t0 + T <= a.m()`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn q4_legacy_group_tokens<const WITH_MIN: bool, const T: usize>(
+        w: &Lanes<Q4Legacy<WITH_MIN>>,
+        a: &DenseActivations,
+        g: usize,
+        t0: usize,
+        out: &SharedOut<'_, f32>,
+    ) {
+        let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+        let codes_at = if WITH_MIN { Q41_CODES } else { Q40_CODES };
+        let xs: [&[i8]; T] = std::array::from_fn(|t| a.values(t0 + t));
+        let scales: [&[f32]; T] = std::array::from_fn(|t| a.scales(t0 + t));
+        let sums: [&[i32]; T] = std::array::from_fn(|t| a.sums(t0 + t));
+        let scaled: [&[f32]; T] = std::array::from_fn(|t| a.scaled_sums(t0 + t));
+        let (mut acc, mut acc_min) = ([[_mm256_setzero_ps(); T]; 2], [[_mm256_setzero_ps(); T]; 2]);
+        for (b, blk) in w.group(g).chunks_exact(Q4Legacy::<WITH_MIN>::LANE_BYTES).enumerate() {
+            let blk = blk.as_ptr();
+            // SAFETY: as in the AVX-512 kernel.
+            unsafe {
+                let d_w = [0, 1].map(|h| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h).cast())));
+                let mut dots = [[_mm256_setzero_si256(); T]; 2];
+                for k in 0..QK / 8 {
+                    let x8: [[__m256i; 2]; T] = std::array::from_fn(|t| {
+                        let p = xs[t].as_ptr().add(b * QK + 8 * k).cast::<i32>();
+                        [_mm256_set1_epi32(p.read_unaligned()), _mm256_set1_epi32(p.add(1).read_unaligned())]
+                    });
+                    for (h, dots) in dots.iter_mut().enumerate() {
+                        let packed =
+                            _mm256_loadu_si256(blk.add(codes_at + k * LANES * CHUNK + 32 * h).cast());
+                        let low = _mm256_and_si256(packed, nibble);
+                        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibble);
+                        for t in 0..T {
+                            let pairs = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(low, x8[t][0]),
+                                _mm256_maddubs_epi16(high, x8[t][1]),
+                            );
+                            dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    for t in 0..T {
+                        let isum = if WITH_MIN {
+                            dots[h][t]
+                        } else {
+                            _mm256_sub_epi32(dots[h][t], _mm256_set1_epi32(8 * sums[t][b]))
+                        };
+                        let scale = _mm256_mul_ps(d_w[h], _mm256_set1_ps(scales[t][b]));
+                        acc[h][t] = _mm256_add_ps(acc[h][t], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
+                        if WITH_MIN {
+                            let m_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * LANES + 16 * h).cast()));
+                            acc_min[h][t] = _mm256_add_ps(
+                                acc_min[h][t],
+                                _mm256_mul_ps(m_w, _mm256_set1_ps(scaled[t][b])),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for t in 0..T {
+            let mut lanes = [0.0f32; LANES];
+            let total = |h: usize| if WITH_MIN { _mm256_add_ps(acc[h][t], acc_min[h][t]) } else { acc[h][t] };
+            // SAFETY: `lanes` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), total(0));
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), total(1));
             }
             put_group(out, t0 + t, g, w.rows, &lanes);
         }

@@ -55,7 +55,7 @@ mod neon;
 pub mod scalar;
 
 pub use activations::{ActivationKind, DenseActivations};
-pub use lanes::{Q4Lanes, Q6Lanes, Q8Lanes};
+pub use lanes::{Q40Lanes, Q41Lanes, Q4Lanes, Q6Lanes, Q8Lanes};
 
 /// Elements per block of Q8_0, Q4_0, Q4_1 (and of the activations they take).
 pub const QK: usize = 32;
