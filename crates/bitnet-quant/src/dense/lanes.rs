@@ -651,6 +651,19 @@ mod avx512 {
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
 
+    /// Writes token `t`'s sixteen lanes `v` of group `g` (the live rows of a matrix of `rows`).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn put_lanes(out: &SharedOut<'_, f32>, t: usize, g: usize, rows: usize, v: __m512) {
+        let mut lanes = [0.0f32; LANES];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+        put_group(out, t, g, rows, &lanes);
+    }
+
     /// Groups `groups` of `w` for every token of `a`, up to four tokens per pass over a group.
     ///
     /// # Safety
@@ -709,10 +722,8 @@ mod avx512 {
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_lanes(out, t0 + t, g, w.rows, *acc) };
         }
     }
     /// [`Q6Lanes`] groups `groups` for every token of `a`.
@@ -778,10 +789,8 @@ mod avx512 {
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_lanes(out, t0 + t, g, w.rows, *acc) };
         }
     }
     /// [`Q4Lanes`] groups `groups` for every token of `a`.
@@ -868,10 +877,8 @@ mod avx512 {
             }
         }
         for t in 0..T {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_sub_ps(acc[t], acc_min[t])) };
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_lanes(out, t0 + t, g, w.rows, _mm512_sub_ps(acc[t], acc_min[t])) };
         }
     }
     /// [`Q40Lanes`] / [`Q41Lanes`] groups `groups` for every token of `a`.
@@ -946,11 +953,9 @@ mod avx512 {
             }
         }
         for t in 0..T {
-            let mut lanes = [0.0f32; LANES];
             let total = if WITH_MIN { _mm512_add_ps(acc[t], acc_min[t]) } else { acc[t] };
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total) };
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_lanes(out, t0 + t, g, w.rows, total) };
         }
     }
 }
@@ -970,6 +975,29 @@ mod avx2 {
 
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Writes token `t`'s lanes of group `g`, rows 0..8 from `low` and 8..16 from `high`.
+    ///
+    /// # Safety
+    /// AVX.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn put_halves(
+        out: &SharedOut<'_, f32>,
+        t: usize,
+        g: usize,
+        rows: usize,
+        low: __m256,
+        high: __m256,
+    ) {
+        let mut lanes = [0.0f32; LANES];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), low);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high);
+        }
+        put_group(out, t, g, rows, &lanes);
     }
 
     /// As the AVX-512 kernel, each group in two halves of eight rows (one 8-lane register each):
@@ -1037,13 +1065,8 @@ mod avx2 {
             }
         }
         for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
-            }
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_halves(out, t0 + t, g, w.rows, *low, *high) };
         }
     }
     /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
@@ -1126,13 +1149,8 @@ mod avx2 {
             }
         }
         for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
-            }
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_halves(out, t0 + t, g, w.rows, *low, *high) };
         }
     }
     /// [`Q4Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
@@ -1233,13 +1251,10 @@ mod avx2 {
             }
         }
         for t in 0..T {
-            let mut lanes = [0.0f32; LANES];
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_sub_ps(acc[0][t], acc_min[0][t]));
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), _mm256_sub_ps(acc[1][t], acc_min[1][t]));
-            }
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            let (low, high) =
+                (_mm256_sub_ps(acc[0][t], acc_min[0][t]), _mm256_sub_ps(acc[1][t], acc_min[1][t]));
+            // SAFETY: the caller's features.
+            unsafe { put_halves(out, t0 + t, g, w.rows, low, high) };
         }
     }
     /// [`Q40Lanes`] / [`Q41Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
@@ -1324,14 +1339,9 @@ mod avx2 {
             }
         }
         for t in 0..T {
-            let mut lanes = [0.0f32; LANES];
             let total = |h: usize| if WITH_MIN { _mm256_add_ps(acc[h][t], acc_min[h][t]) } else { acc[h][t] };
-            // SAFETY: `lanes` holds 16 floats.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), total(0));
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), total(1));
-            }
-            put_group(out, t0 + t, g, w.rows, &lanes);
+            // SAFETY: the caller's features.
+            unsafe { put_halves(out, t0 + t, g, w.rows, total(0), total(1)) };
         }
     }
 }
