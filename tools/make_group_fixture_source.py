@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
-"""Writes the tiny float GGUF that llama.cpp's llama-quantize turned into the Q1_0/Q2_0 test
-files of crates/bitnet-inference/tests/data/llamacpp-group/ (README there for the rest).
+"""Writes the tiny float GGUF that llama.cpp's llama-quantize turned into the test files of
+tests/data/gguf/llamacpp-group/ (README there for the rest): Q1_0/Q2_0 from the default shape,
+the K-quants (whose rows are whole 256-column super-blocks) from `--hidden 256`.
 
-A one-layer `llama` model, hidden 128, intermediate 256, 2 heads, vocabulary 64, every weight
-drawn from a seeded normal distribution (so that llama.cpp's quantizers give every group of the
-output a scale of its own), norms 1. Needs numpy and gguf (gguf-py from PyPI).
+A one-layer `llama` model, hidden 128 (or the given width), intermediate twice that, 2 heads,
+vocabulary 64, every weight drawn from a seeded normal distribution (so that llama.cpp's
+quantizers give every group of the output a scale of its own), norms 1. Needs numpy and gguf
+(gguf-py from PyPI).
 
-    python3 tools/make_group_fixture_source.py OUT.gguf
+    python3 tools/make_group_fixture_source.py OUT.gguf [--hidden 256]
 """
 import sys
 
 import numpy as np
 import gguf
 
-HIDDEN, FFN, HEADS, VOCAB, CTX = 128, 256, 2, 64, 64
+HEADS, VOCAB, CTX = 2, 64, 64
 
 
-def main(out: str) -> None:
+def main(out: str, hidden: int = 128) -> None:
+    HIDDEN, FFN = hidden, 2 * hidden
     rng = np.random.default_rng(20261207)
     w = gguf.GGUFWriter(out, "llama")
     w.add_context_length(CTX)
@@ -53,4 +56,10 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    width = 128
+    if "--hidden" in args:
+        at = args.index("--hidden")
+        width = int(args[at + 1])
+        del args[at : at + 2]
+    main(args[0], width)

@@ -273,7 +273,7 @@ fn make_qkx2_quants(
 }
 
 /// Encodes `x` (a multiple of 256 elements) as Q4_K: per 32-weight sub-block a scale and a min
-/// fitted with weights `rms(super-block) + |x|`, both quantized to 6 bits against the
+/// fitted with weights `rms(sub-block) + |x|`, both quantized to 6 bits against the
 /// super-block's largest (`d`, `dmin` in f16), then each weight's 4-bit level recomputed from the
 /// stored scale and min.
 pub fn quantize_q4_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
@@ -282,9 +282,9 @@ pub fn quantize_q4_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
     for (xb, y) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(Q4_K_BLOCK_BYTES)) {
         let mut levels = [0u8; QK_K];
         let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
-        let rms = (xb.iter().map(|v| v * v).sum::<f32>() / QK_K as f32).sqrt();
         for s in 0..8 {
             let sub = &xb[32 * s..32 * s + 32];
+            let rms = (sub.iter().fold(0.0f32, |acc, v| acc + v * v) / 32.0).sqrt();
             let weights: Vec<f32> = sub.iter().map(|v| rms + v.abs()).collect();
             (scales[s], mins[s]) =
                 make_qkx2_quants(15, sub, &weights, &mut levels[32 * s..32 * s + 32], -1.0, 0.1, 20);
