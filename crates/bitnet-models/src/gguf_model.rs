@@ -372,20 +372,25 @@ fn projection(
                         format!("tensor `{base}.scale`: a dense projection takes no separate scale"),
                     ));
                 }
-                // Read every token: a copy of its own (aligned, on huge pages). llama.cpp's llama
-                // arch stores q/k rows in interleaved-RoPE order; rows are whole blocks, so they
-                // move as bytes, in the same one copy.
+                // Left in the mapping: the backend lays it out as it runs it (the CPU copies it
+                // as stored or re-lays it, releasing the mapped rows behind the copy), so that
+                // no second copy is ever resident. llama.cpp's llama arch stores q/k rows in
+                // interleaved-RoPE order; rows are whole blocks, so they move as bytes, in one
+                // copy made here.
                 let order: Vec<usize> = (0..rows).collect();
                 let order =
                     if llama { crate::convert::llama_rope_rows(&order, 1, &name, cfg, true) } else { order };
                 let w = match order.iter().enumerate().all(|(i, &r)| i == r) {
-                    true => w.into_owned(),
-                    false => w
-                        .permute_rows(&order)
-                        .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?,
+                    true => w,
+                    false => {
+                        let permuted = w
+                            .permute_rows(&order)
+                            .map_err(|e| ModelError::tensor(path, format!("tensor `{name}`: {e}")))?;
+                        // Copied: the mapped original is not needed any more.
+                        file.release_tensor(&name);
+                        permuted
+                    }
                 };
-                // Copied: the mapped original is not needed any more.
-                file.release_tensor(&name);
                 let projection = Projection {
                     weight: LinearWeight::Dense(w),
                     input_norm: input_norm(file, cfg, base, cols)?,
