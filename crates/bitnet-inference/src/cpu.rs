@@ -61,8 +61,7 @@ impl CpuKvStore {
 }
 
 /// A dense (non-ternary) matrix on the CPU: as stored, or Q8_0 / Q6_K / Q4_K / Q4_0 / Q4_1
-/// rows-in-lanes on x86
-/// ([`CpuBackend::upload_dense_linear`]).
+/// rows-in-lanes on x86 ([`CpuBackend::upload_dense_linear`]).
 #[derive(Clone, Debug)]
 pub enum CpuDenseLinear {
     Stored(DenseLinear),
@@ -214,37 +213,23 @@ impl Backend for CpuBackend {
         Ok(out)
     }
     /// Q8_0, Q6_K, Q4_K, Q4_0 and Q4_1 on an x86 CPU (AVX2 or AVX-512 VNNI) are laid out
-    /// rows-in-lanes ([`Q8Lanes`], [`Q6Lanes`], [`Q4Lanes`], [`Q40Lanes`], [`Q41Lanes`]: the same outputs, a product that reads the weights as one
-    /// stream); every other matrix is kept as stored, with bytes of its own (a matrix that still
+    /// rows-in-lanes ([`Q8Lanes`], [`Q6Lanes`], [`Q4Lanes`], [`Q40Lanes`], [`Q41Lanes`]: the
+    /// same outputs, a product that reads the weights as one stream); every other matrix is kept as stored, with bytes of its own (a matrix that still
     /// reads the checkpoint's mapping is copied a block of rows at a time, releasing the source
     /// as it goes).
     fn upload_dense_linear(&self, w: DenseLinear) -> Result<CpuDenseLinear, BackendError> {
         let path = KernelPath::active();
-        if Q8Lanes::suits(&w, path) {
-            if let Some(lanes) = Q8Lanes::from_stored(&w) {
-                return Ok(CpuDenseLinear::Q8Lanes(lanes));
-            }
+        // The first layout that takes this matrix's format (at most one does).
+        macro_rules! lanes_of {
+            ($($form:ident),*) => {$(
+                if $form::suits(&w, path) {
+                    if let Some(lanes) = $form::from_stored(&w) {
+                        return Ok(CpuDenseLinear::$form(lanes));
+                    }
+                }
+            )*};
         }
-        if Q6Lanes::suits(&w, path) {
-            if let Some(lanes) = Q6Lanes::from_stored(&w) {
-                return Ok(CpuDenseLinear::Q6Lanes(lanes));
-            }
-        }
-        if Q4Lanes::suits(&w, path) {
-            if let Some(lanes) = Q4Lanes::from_stored(&w) {
-                return Ok(CpuDenseLinear::Q4Lanes(lanes));
-            }
-        }
-        if Q40Lanes::suits(&w, path) {
-            if let Some(lanes) = Q40Lanes::from_stored(&w) {
-                return Ok(CpuDenseLinear::Q40Lanes(lanes));
-            }
-        }
-        if Q41Lanes::suits(&w, path) {
-            if let Some(lanes) = Q41Lanes::from_stored(&w) {
-                return Ok(CpuDenseLinear::Q41Lanes(lanes));
-            }
-        }
+        lanes_of!(Q8Lanes, Q6Lanes, Q4Lanes, Q40Lanes, Q41Lanes);
         Ok(CpuDenseLinear::Stored(w.into_owned()))
     }
     /// Left as given: a table read from a checkpoint's mapping pages in only the rows looked up.
