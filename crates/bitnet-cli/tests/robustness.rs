@@ -519,3 +519,24 @@ fn the_default_model_converts_to_every_ternary_type() {
         assert_eq!(greedy(&gguf), want, "--type {ty}: greedy ids differ from the checkpoint's");
     }
 }
+
+/// A K-quant head on a model whose rows are not whole 256-value super-blocks: `convert` says
+/// which setting and why before writing anything (it used to fail in the GGUF writer, naming
+/// only a shape).
+#[test]
+fn a_k_quant_head_that_does_not_fit_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, model) = (dir.path().join("o.gguf"), fixture("packed"));
+    for head in ["q4_k", "q6_k"] {
+        let args =
+            ["convert", "--model", s(&model), "--out", s(&o), "--type", "i2_s", "--lm-head-type", head];
+        let out = bin().args(args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{head}: {err}");
+        assert!(
+            err.contains("hidden_size 128 is not a multiple of 256") && err.contains("lm_head"),
+            "{head}: {err}"
+        );
+        assert!(!o.exists(), "{head}: nothing written");
+    }
+}

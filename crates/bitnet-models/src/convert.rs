@@ -462,6 +462,20 @@ pub fn convert_hf_to_gguf(
             ));
         }
     }
+    // The head (or tied table) rows are hidden_size values: a K-quant head needs whole
+    // 256-value super-blocks.
+    let head_block = head.ggml().block_geometry().0 as usize;
+    if cfg.hidden_size % head_block != 0 {
+        return Err(ModelError::config(
+            &src.join("config.json"),
+            format!(
+                "hidden_size {} is not a multiple of {head_block}: a {} lm_head stores its rows in blocks of \
+                 {head_block} (f16 or q8_0 take any multiple of 32)",
+                cfg.hidden_size,
+                head.ggml().name()
+            ),
+        ));
+    }
     // llama.cpp keeps llama3's scaling as a tensor of frequency factors, and YaRN's attention
     // factor only as its default: what a GGUF cannot say is refused, not dropped.
     let yarn_default = |f: f32| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 };
