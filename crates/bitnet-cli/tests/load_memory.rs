@@ -130,31 +130,33 @@ fn loading_peaks_within_a_quarter_above_the_model_bytes_for_every_head() {
     let (m, g) = (model.to_str().unwrap(), gguf.to_str().unwrap());
     let (code, _, err) = run_measured(&["convert", "--model", m, "--out", g, "--type", "i2_s"], dir.path());
     assert_eq!(code, 0, "bitnet convert failed: {err}");
-    // And with the tied table stored as Q8_0: run as stored, which on x86 is a rows-in-lanes
-    // copy made from the mapping as it is released.
-    let q8 = dir.path().join("model-q8-head.gguf");
-    let q = q8.to_str().unwrap();
-    let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q8_0"];
-    let (code, _, err) = run_measured(&args, dir.path());
-    assert_eq!(code, 0, "bitnet convert --lm-head-type q8_0 failed: {err}");
-    // And as Q6_K, whose rows-in-lanes copy holds a byte a code (1.07 bytes a weight, against
-    // the file's 0.82).
-    let q6 = dir.path().join("model-q6-head.gguf");
-    let q = q6.to_str().unwrap();
-    let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q6_k"];
-    let (code, _, err) = run_measured(&args, dir.path());
-    assert_eq!(code, 0, "bitnet convert --lm-head-type q6_k failed: {err}");
-    // And as Q4_K (rows-in-lanes too, 148 bytes a row's super-block against the file's 144).
-    let q4 = dir.path().join("model-q4-head.gguf");
-    let q = q4.to_str().unwrap();
-    let args = ["convert", "--model", m, "--out", q, "--type", "i2_s", "--lm-head-type", "q4_k"];
-    let (code, _, err) = run_measured(&args, dir.path());
-    assert_eq!(code, 0, "bitnet convert --lm-head-type q4_k failed: {err}");
+    // And with the tied table stored as Q8_0, Q6_K and Q4_K: run as stored, which on x86 is a
+    // rows-in-lanes copy made from the mapping as it is released (Q6_K's holds a byte a code,
+    // 1.07 bytes a weight against the file's 0.82; Q4_K's 148 bytes a row's super-block
+    // against 144).
+    let mut block_heads = Vec::new();
+    for head in ["q8_0", "q6_k", "q4_k"] {
+        let out = dir.path().join(format!("model-{head}-head.gguf"));
+        let args = [
+            "convert",
+            "--model",
+            m,
+            "--out",
+            out.to_str().unwrap(),
+            "--type",
+            "i2_s",
+            "--lm-head-type",
+            head,
+        ];
+        let (code, _, err) = run_measured(&args, dir.path());
+        assert_eq!(code, 0, "bitnet convert --lm-head-type {head} failed: {err}");
+        block_heads.push(out);
+    }
     std::fs::remove_dir_all(&model).unwrap();
     check_every_head(&gguf, dir.path());
-    check_every_head(&q8, dir.path());
-    check_every_head(&q6, dir.path());
-    check_every_head(&q4, dir.path());
+    for head in &block_heads {
+        check_every_head(head, dir.path());
+    }
 }
 
 /// A dense GGUF written by llama.cpp (SmolLM2-135M Q4_1, `BITNET_SMOLLM2_GGUF`, fetched by

@@ -602,6 +602,24 @@ macro_rules! token_tiles {
     };
 }
 
+/// A kernel module's entry points: each runs its layout's kernel `$tiles` over groups `groups`
+/// for every token of `a`, compiled with the module's `$features` (a macro: `token_tiles!` must
+/// expand inside a function that has them, for the kernels to inline).
+#[cfg(target_arch = "x86_64")]
+macro_rules! group_runners {
+    ($features:literal: $($(#[$doc:meta])* $name:ident($w:ty) => $tiles:ident;)*) => {$(
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The CPU has the module's features ([`available`]).
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn $name(w: &$w, a: &DenseActivations, groups: Range<usize>, out: &SharedOut<'_, f32>) {
+            // SAFETY: the caller's features.
+            unsafe { token_tiles!($tiles, w, a, groups, out) }
+        }
+    )*};
+}
+
 /// Writes token `t`'s values of the live rows of group `g` (of a matrix of `rows`).
 #[cfg(target_arch = "x86_64")]
 fn put_group(out: &SharedOut<'_, f32>, t: usize, g: usize, rows: usize, lanes: &[f32; LANES]) {
@@ -664,19 +682,14 @@ mod avx512 {
         put_group(out, t, g, rows, &lanes);
     }
 
-    /// Groups `groups` of `w` for every token of `a`, up to four tokens per pass over a group.
-    ///
-    /// # Safety
-    /// AVX-512 F, BW and VNNI ([`available`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run_groups(
-        w: &Q8Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(group_tokens, w, a, groups, out) }
+    group_runners! { "avx512f,avx512bw,avx512vnni":
+        /// [`Q8Lanes`] groups `groups` for every token of `a`, up to four tokens per pass over a
+        /// group.
+        run_groups(Q8Lanes) => group_tokens;
+        /// [`Q6Lanes`] groups `groups` for every token of `a`.
+        run_q6_groups(Q6Lanes) => q6_group_tokens;
+        /// [`Q4Lanes`] groups `groups` for every token of `a`.
+        run_q4_groups(Q4Lanes) => q4_group_tokens;
     }
 
     /// Group `g` against tokens `t0 .. t0 + T`: each block's 16 × 32 codes loaded once for the
@@ -726,21 +739,6 @@ mod avx512 {
             unsafe { put_lanes(out, t0 + t, g, w.rows, *acc) };
         }
     }
-    /// [`Q6Lanes`] groups `groups` for every token of `a`.
-    ///
-    /// # Safety
-    /// AVX-512 F, BW and VNNI ([`available`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run_q6_groups(
-        w: &Q6Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(q6_group_tokens, w, a, groups, out) }
-    }
-
     /// [`Q6Lanes`] group `g` against tokens `t0 .. t0 + T`: per sub-block four `vpdpbusd` of the
     /// unsigned codes with the broadcast activations, `− 32 Σ x`, times the rows' scales.
     ///
@@ -793,21 +791,6 @@ mod avx512 {
             unsafe { put_lanes(out, t0 + t, g, w.rows, *acc) };
         }
     }
-    /// [`Q4Lanes`] groups `groups` for every token of `a`.
-    ///
-    /// # Safety
-    /// AVX-512 F, BW and VNNI ([`available`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run_q4_groups(
-        w: &Q4Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(q4_group_tokens, w, a, groups, out) }
-    }
-
     /// [`Q4Lanes`] group `g` against tokens `t0 .. t0 + T`: per sub-block, each 64-byte chunk's
     /// low and high nibbles (eight columns of the sixteen rows) in two `vpdpbusd` with the
     /// broadcast activations, times the rows' scales; the mins times the activation sums apart.
@@ -1000,21 +983,16 @@ mod avx2 {
         put_group(out, t, g, rows, &lanes);
     }
 
-    /// As the AVX-512 kernel, each group in two halves of eight rows (one 8-lane register each):
-    /// per four columns `vpmaddubsw` of the codes' magnitudes with the activations carrying the
-    /// codes' signs (pair sums below 2¹⁵: activations are within ±127), then `vpmaddwd` with ones.
-    ///
-    /// # Safety
-    /// AVX2 and F16C ([`available`]).
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn run_groups(
-        w: &Q8Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(group_tokens, w, a, groups, out) }
+    group_runners! { "avx2,f16c":
+        /// [`Q8Lanes`] groups `groups` as the AVX-512 kernel does, each group in two halves of
+        /// eight rows (one 8-lane register each): per four columns `vpmaddubsw` of the codes'
+        /// magnitudes with the activations carrying the codes' signs (pair sums below 2¹⁵:
+        /// activations are within ±127), then `vpmaddwd` with ones.
+        run_groups(Q8Lanes) => group_tokens;
+        /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
+        run_q6_groups(Q6Lanes) => q6_group_tokens;
+        /// [`Q4Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
+        run_q4_groups(Q4Lanes) => q4_group_tokens;
     }
 
     /// # Safety
@@ -1069,21 +1047,6 @@ mod avx2 {
             unsafe { put_halves(out, t0 + t, g, w.rows, *low, *high) };
         }
     }
-    /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
-    ///
-    /// # Safety
-    /// AVX2 and F16C ([`available`]).
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn run_q6_groups(
-        w: &Q6Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(q6_group_tokens, w, a, groups, out) }
-    }
-
     /// As the AVX-512 kernel: `vpmaddubsw` of the unsigned codes (below 64) with the
     /// activations (pair sums below 2¹⁵), `vpmaddwd` with ones.
     ///
@@ -1153,21 +1116,6 @@ mod avx2 {
             unsafe { put_halves(out, t0 + t, g, w.rows, *low, *high) };
         }
     }
-    /// [`Q4Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
-    ///
-    /// # Safety
-    /// AVX2 and F16C ([`available`]).
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn run_q4_groups(
-        w: &Q4Lanes,
-        a: &DenseActivations,
-        groups: Range<usize>,
-        out: &SharedOut<'_, f32>,
-    ) {
-        // SAFETY: the caller's features.
-        unsafe { token_tiles!(q4_group_tokens, w, a, groups, out) }
-    }
-
     /// As the AVX-512 kernel: `vpmaddubsw` of the nibbles (below 16) with the activations
     /// (pair sums below 2¹⁵), `vpmaddwd` with ones.
     ///

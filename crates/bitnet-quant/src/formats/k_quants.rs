@@ -244,7 +244,9 @@ fn make_qkx2_quants(
         *l = level(iscale, v, min);
     }
     let mut best = error(levels, scale, min);
-    let mut trial = vec![0u8; x.len()];
+    // Sub-blocks are at most 32 values (Q4_K's): the trial levels live on the stack.
+    let mut trial_buf = [0u8; 32];
+    let trial = &mut trial_buf[..x.len()];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + f32::from(nmax)) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
@@ -263,9 +265,9 @@ fn make_qkx2_quants(
                 this_min = 0.0;
                 this_scale = sum_xl / sum_l2;
             }
-            let err = error(&trial, this_scale, this_min);
+            let err = error(trial, this_scale, this_min);
             if err < best {
-                levels.copy_from_slice(&trial);
+                levels.copy_from_slice(trial);
                 best = err;
                 scale = this_scale;
                 min = this_min;
@@ -289,7 +291,7 @@ pub fn quantize_q4_k(x: &[f32]) -> Result<Vec<u8>, FormatError> {
         for s in 0..8 {
             let sub = &xb[32 * s..32 * s + 32];
             let rms = (sub.iter().fold(0.0f32, |acc, v| acc + v * v) / 32.0).sqrt();
-            let weights: Vec<f32> = sub.iter().map(|v| rms + v.abs()).collect();
+            let weights: [f32; 32] = std::array::from_fn(|i| rms + sub[i].abs());
             (scales[s], mins[s]) =
                 make_qkx2_quants(15, sub, &weights, &mut levels[32 * s..32 * s + 32], -1.0, 0.1, 20);
         }
