@@ -30,6 +30,11 @@ enum Codes {
     /// Every code byte 0xFF (the largest nibbles, 6-bit values and, for Q8_0, -1) or 0x80
     /// (Q8_0's -128): the largest integer partial sums.
     Extreme,
+    /// As `Random` and `Extreme`, with Q8_0's codes within ±127 as quantizers write them (no
+    /// -128: the AVX2 rows-in-lanes kernel negates such codes; other formats as `Random` and
+    /// `Extreme`).
+    Symmetric,
+    ExtremeSymmetric,
 }
 
 /// A `[rows, cols]` matrix of `format` with random bytes where the format allows any (codes,
@@ -37,10 +42,16 @@ enum Codes {
 fn random_matrix(format: DenseFormat, rows: usize, cols: usize, codes: Codes, rng: &mut Rng) -> DenseLinear {
     let (block, bb) = (format.block(), format.block_bytes());
     let mut bytes = Vec::with_capacity(rows * cols / block * bb);
+    let q8 = format == DenseFormat::Q8_0;
     let code = |rng: &mut Rng| match codes {
         Codes::Random => rng.next_u64() as u8,
-        Codes::Extreme if format == DenseFormat::Q8_0 => 0x80,
-        Codes::Extreme => 0xFF,
+        Codes::Symmetric => match rng.next_u64() as u8 {
+            0x80 if q8 => 0x81,
+            byte => byte,
+        },
+        Codes::Extreme if q8 => 0x80,
+        Codes::ExtremeSymmetric if q8 => 0x81,
+        Codes::Extreme | Codes::ExtremeSymmetric => 0xFF,
     };
     for _ in 0..rows * cols / block {
         match format {
@@ -653,7 +664,12 @@ fn ternary_tables_decode_rows_and_multiply_decoded() {
 macro_rules! lanes_equal_stored {
     ($lanes:ty, $format:expr, $rows:expr, $rng:expr) => {
         let paths = [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512Vnni];
-        for (codes, inputs) in [(Codes::Random, Inputs::Random), (Codes::Extreme, Inputs::Extreme)] {
+        for (codes, inputs) in [
+            (Codes::Random, Inputs::Random),
+            (Codes::Extreme, Inputs::Extreme),
+            (Codes::Symmetric, Inputs::Random),
+            (Codes::ExtremeSymmetric, Inputs::Extreme),
+        ] {
             for rows in $rows {
                 for cols in widths($format) {
                     let w = random_matrix($format, rows, cols, codes, $rng);
@@ -696,6 +712,26 @@ macro_rules! lanes_equal_stored {
 fn q8_0_rows_in_lanes_equal_the_stored_matrix() {
     let mut rng = Rng::new(41);
     lanes_equal_stored!(Q8Lanes, DenseFormat::Q8_0, [16, 17, 33, 50], &mut rng);
+    // One -128 code among codes within ±127, in the last block of the last row, against a
+    // negative activation: the AVX2 kernel must see it and take the magnitudes of the codes
+    // (negating it in a byte would give -128 · x where 128 · |x| is due).
+    let (rows, cols) = (33, 96);
+    let stored = random_matrix(DenseFormat::Q8_0, rows, cols, Codes::Symmetric, &mut rng);
+    let mut bytes = stored.as_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] = 0x80;
+    let w = DenseLinear::from_bytes(DenseFormat::Q8_0.ggml(), rows, cols, &bytes).unwrap();
+    let lanes = Q8Lanes::from_stored(&w).unwrap();
+    let x: Vec<f32> = (0..cols).map(|c| if c == cols - 1 { -2.5 } else { 0.25 * (c % 7) as f32 }).collect();
+    let mut a = DenseActivations::new();
+    a.quantize(w.activation_kind(), &x, 1, cols).unwrap();
+    let mut want = vec![0.0; rows];
+    w.forward_quantized_with(KernelPath::Scalar, &a, &mut want).unwrap();
+    for path in [KernelPath::Avx2, KernelPath::Avx512Vnni] {
+        let mut got = vec![f32::NAN; rows];
+        lanes.forward_quantized_with(path, &a, &mut got).unwrap();
+        assert_eq!(got, want, "{path}: a lone -128 code");
+    }
     // Bad input: a row out of range, activations of another width or kind, a short output.
     let w = random_matrix(DenseFormat::Q8_0, 20, 64, Codes::Random, &mut rng);
     let lanes = Q8Lanes::from_stored(&w).unwrap();

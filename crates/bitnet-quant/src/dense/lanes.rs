@@ -23,9 +23,10 @@
 //! `vpdpbusd` takes unsigned bytes on one side, so the activations go in offset by 128
 //! (`x + 128`, from `x ^ 0x80`) and `128 · Σ w` — eight more `vpdpbusd` of the codes against
 //! ones — comes off: `Σ (x + 128) w − 128 Σ w = Σ x w`, exact in i32. Without VNNI (AVX2), each
-//! half group of eight rows takes `vpmaddubsw` of the codes' magnitudes with the activations
-//! carrying the codes' signs, then `vpmaddwd` with ones: the same sums, still without a
-//! reduction.
+//! half group of eight rows takes `vpmaddubsw` of the activations' magnitudes with the codes
+//! carrying the activations' signs (or, for a matrix with a −128 code, the codes' magnitudes
+//! with the activations carrying the codes' signs), then `vpmaddwd` with ones: the same sums,
+//! still without a reduction.
 //!
 //! The products are [`super::scalar::dot_q8_0`]'s, in its order: each block's exact integer,
 //! then `acc += (d_w · d_a) · isum` block after block, so every path here (scalar, AVX2,
@@ -69,6 +70,8 @@ const Q41_CODES: usize = 4 * LANES;
 /// Bytes of one Q4_K super-block of one group: `d`, `dmin`, the scales and mins a byte each,
 /// then the codes two to a byte.
 const Q4_BLOCK_BYTES: usize = Q4_CODES + QK_K * LANES / 2;
+/// How far ahead of a block the AVX2 kernels ask for the weights (as the int8 GEMV's 3 KiB).
+const PREFETCH_BYTES: usize = 3 << 10;
 /// How far behind the copy a shared source's rows are released (see [`Lanes::from_stored`]).
 const RELEASE_LAG: usize = 1 << 20;
 
@@ -114,6 +117,12 @@ pub(crate) trait LaneFormat: Sized {
     /// zero for the others).
     fn min_term(_block: &[u8], _i: usize, _scaled_sum: f32) -> f32 {
         0.0
+    }
+    /// Whether stored block `stored` holds a code that a kernel cannot negate in its bytes
+    /// (Q8_0's −128, which llama.cpp's and this crate's quantizers never write); false for
+    /// formats whose kernels never negate codes.
+    fn has_unnegatable_code(_stored: &[u8]) -> bool {
+        false
     }
     /// The SIMD kernel `kernel` over `groups` (never called with [`Kernel::Scalar`]).
     fn run_simd(
@@ -163,6 +172,10 @@ impl LaneFormat for Q8 {
         let isum: i32 =
             (0..QK).map(|c| i32::from(block[code_at(2 * LANES, i, c)] as i8) * i32::from(x[c])).sum();
         ((scalar::f16_at(block, 2 * i) * d_a) * isum as f32, 0.0)
+    }
+
+    fn has_unnegatable_code(stored: &[u8]) -> bool {
+        stored[2..2 + QK].contains(&0x80)
     }
 
     // Off x86 only the scalar definition runs, and this is never called.
@@ -420,6 +433,9 @@ pub struct Lanes<F> {
     rows: usize,
     cols: usize,
     data: AlignedBytes,
+    /// Some block holds a code the faster AVX2 Q8_0 kernel cannot negate (−128): the AVX2
+    /// kernel then takes the codes' magnitudes instead (one more instruction a vector).
+    unnegatable: bool,
     format: PhantomData<fn() -> F>,
 }
 
@@ -464,17 +480,16 @@ impl<F: LaneFormat> Lanes<F> {
         // its aligned window too (the kernel's fault-around), so rows are released only once the
         // copy is RELEASE_LAG bytes past them, and everything once more at the end.
         let (mut released, lag_rows) = (0, RELEASE_LAG.div_ceil(w.row_bytes().max(1)));
+        let mut unnegatable = false;
         for g in 0..groups {
             let live = (rows - g * LANES).min(LANES);
             for i in 0..live {
                 let src = w.row(g * LANES + i);
                 for b in 0..blocks {
                     let dst = (g * blocks + b) * F::LANE_BYTES;
-                    F::put(
-                        &src[b * F::STORED_BYTES..(b + 1) * F::STORED_BYTES],
-                        i,
-                        &mut out[dst..dst + F::LANE_BYTES],
-                    );
+                    let stored = &src[b * F::STORED_BYTES..(b + 1) * F::STORED_BYTES];
+                    unnegatable |= F::has_unnegatable_code(stored);
+                    F::put(stored, i, &mut out[dst..dst + F::LANE_BYTES]);
                 }
             }
             let behind = (g * LANES + live).saturating_sub(lag_rows);
@@ -484,7 +499,7 @@ impl<F: LaneFormat> Lanes<F> {
             }
         }
         w.release();
-        Some(Self { rows, cols, data, format: PhantomData })
+        Some(Self { rows, cols, data, unnegatable, format: PhantomData })
     }
 
     pub fn rows(&self) -> usize {
@@ -626,6 +641,21 @@ fn put_group(out: &SharedOut<'_, f32>, t: usize, g: usize, rows: usize, lanes: &
     let live = (rows - g * LANES).min(LANES);
     for (i, &v) in lanes.iter().enumerate().take(live) {
         out.write(t, g * LANES + i, v);
+    }
+}
+
+/// Asks for the cache lines `PREFETCH_BYTES` past the `len` bytes at `block` (a hint: it never
+/// faults, past the matrix too). A group is one memory stream, yet the hardware prefetcher alone
+/// leaves its loads behind the kernel (as for the int8 head: crate::kernels'
+/// `GEMV_PREFETCH_BYTES`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(block: *const u8, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = block.wrapping_add(PREFETCH_BYTES);
+    for line in (0..len).step_by(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
     }
 }
 
@@ -949,9 +979,9 @@ mod avx2 {
     use std::ops::Range;
 
     use super::{
-        put_group, LaneFormat, Lanes, Q4Lanes, Q4Legacy, Q6Lanes, Q8Lanes, BLOCK_BYTES, CHUNK, LANES,
-        Q40_CODES, Q41_CODES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN, Q4_MINS, Q4_SCALES, Q4_SUBS, Q6_BLOCK_BYTES,
-        Q6_CODES, Q6_SUBS, QK, QK_K,
+        prefetch_ahead, put_group, LaneFormat, Lanes, Q4Lanes, Q4Legacy, Q6Lanes, Q8Lanes, BLOCK_BYTES,
+        CHUNK, LANES, Q40_CODES, Q41_CODES, Q4_BLOCK_BYTES, Q4_CODES, Q4_DMIN, Q4_MINS, Q4_SCALES, Q4_SUBS,
+        Q6_BLOCK_BYTES, Q6_CODES, Q6_SUBS, QK, QK_K,
     };
     use crate::dense::DenseActivations;
     use crate::kernels::SharedOut;
@@ -983,12 +1013,33 @@ mod avx2 {
         put_group(out, t, g, rows, &lanes);
     }
 
+    /// [`Q8Lanes`] groups `groups` as the AVX-512 kernel does, each group in two halves of
+    /// eight rows (one 8-lane register each): per four columns `vpmaddubsw` of the activations'
+    /// magnitudes with the codes carrying the activations' signs, then `vpmaddwd` with ones
+    /// (pair sums below 2¹⁵: codes and activations within ±127). A matrix holding a −128 code,
+    /// which `vpsignb` cannot negate, takes the codes' magnitudes (128 as an unsigned byte) with
+    /// the activations carrying the codes' signs instead: one more instruction per vector.
+    ///
+    /// # Safety
+    /// AVX2 and F16C ([`available`]).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn run_groups(
+        w: &Q8Lanes,
+        a: &DenseActivations,
+        groups: Range<usize>,
+        out: &SharedOut<'_, f32>,
+    ) {
+        // SAFETY: the caller's features.
+        unsafe {
+            if w.unnegatable {
+                token_tiles!(group_tokens, [true,], w, a, groups, out)
+            } else {
+                token_tiles!(group_tokens, [false,], w, a, groups, out)
+            }
+        }
+    }
+
     group_runners! { "avx2,f16c":
-        /// [`Q8Lanes`] groups `groups` as the AVX-512 kernel does, each group in two halves of
-        /// eight rows (one 8-lane register each): per four columns `vpmaddubsw` of the codes'
-        /// magnitudes with the activations carrying the codes' signs (pair sums below 2¹⁵:
-        /// activations are within ±127), then `vpmaddwd` with ones.
-        run_groups(Q8Lanes) => group_tokens;
         /// [`Q6Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
         run_q6_groups(Q6Lanes) => q6_group_tokens;
         /// [`Q4Lanes`] groups `groups` for every token of `a`, in halves of eight rows.
@@ -999,7 +1050,7 @@ mod avx2 {
     /// As [`run_groups`]; `t0 + T <= a.m()`.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn group_tokens<const T: usize>(
+    unsafe fn group_tokens<const UNNEGATABLE: bool, const T: usize>(
         w: &Q8Lanes,
         a: &DenseActivations,
         g: usize,
@@ -1023,12 +1074,23 @@ mod avx2 {
                             xs[t].as_ptr().add(b * QK + j * CHUNK).cast::<i32>().read_unaligned(),
                         )
                     });
+                    // The chunk PREFETCH_BYTES ahead, a line per chunk read (see prefetch_ahead).
+                    prefetch_ahead(blk.add(2 * LANES + j * LANES * CHUNK), 64);
+                    // The activations' magnitudes, shared by both halves (unused for a matrix
+                    // with −128 codes).
+                    let x4_magnitude: [__m256i; T] = std::array::from_fn(|t| _mm256_abs_epi8(x4[t]));
                     for (h, dots) in dots.iter_mut().enumerate() {
                         let codes =
                             _mm256_loadu_si256(blk.add(2 * LANES + j * LANES * CHUNK + 32 * h).cast());
-                        let magnitude = _mm256_sign_epi8(codes, codes);
                         for t in 0..T {
-                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x4[t], codes));
+                            let pairs = if UNNEGATABLE {
+                                _mm256_maddubs_epi16(
+                                    _mm256_sign_epi8(codes, codes),
+                                    _mm256_sign_epi8(x4[t], codes),
+                                )
+                            } else {
+                                _mm256_maddubs_epi16(x4_magnitude[t], _mm256_sign_epi8(codes, x4[t]))
+                            };
                             dots[t] = _mm256_add_epi32(dots[t], _mm256_madd_epi16(pairs, ones));
                         }
                     }
