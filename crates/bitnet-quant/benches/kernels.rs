@@ -234,6 +234,16 @@ fn layer_sweep(bencher: Bencher, case: Case) {
 /// group scales when decoding.
 #[divan::bench(args = [0, 64, 128, 256], max_time = 3)]
 fn layer_sweep_grouped(bencher: Bencher, group: usize) {
+    grouped_sweep(bencher, group, 1)
+}
+
+/// [`layer_sweep_grouped`] for a 64-token prompt chunk (the panel GEMM; counting multiply-adds).
+#[divan::bench(args = [0, 64, 128, 256], max_time = 3)]
+fn layer_sweep_grouped_m64(bencher: Bencher, group: usize) {
+    grouped_sweep(bencher, group, 64)
+}
+
+fn grouped_sweep(bencher: Bencher, group: usize, m: usize) {
     static LAYERS: [OnceLock<Vec<TernaryMatrix>>; 4] = [const { OnceLock::new() }; 4];
     let layer = [SHAPES[0], SHAPES[1], SHAPES[1], SHAPES[0], SHAPES[2], SHAPES[2], SHAPES[3]];
     let mats = LAYERS[[0, 64, 128, 256].iter().position(|&g| g == group).unwrap()].get_or_init(|| {
@@ -259,14 +269,14 @@ fn layer_sweep_grouped(bencher: Bencher, group: usize) {
             })
             .collect()
     });
-    let x2560 = activations(1, 2560);
-    let x6912 = activations(1, 6912);
-    let mut out = vec![0f32; 6912];
-    let weights: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
-    bencher.counter(ItemsCount::new(weights)).bench_local(|| {
+    let x2560 = activations(m, 2560);
+    let x6912 = activations(m, 6912);
+    let mut out = vec![0f32; m * 6912];
+    let weights: usize = mats.iter().map(|w| w.rows() * w.cols()).sum();
+    bencher.counter(ItemsCount::new(m * weights)).bench_local(|| {
         for w in mats {
             let x = if w.cols() == 2560 { &x2560 } else { &x6912 };
-            w.forward(x, &mut out[..w.rows()]);
+            w.forward(x, &mut out[..m * w.rows()]);
         }
     });
 }

@@ -532,6 +532,27 @@ impl TernaryMatrix {
         let sink = SharedOut::new(out, rows);
         let macs = m * w.tiles() * ROW_TILE * padded_cols(w.cols());
         let min_macs = if m == 1 { kernels::PARALLEL_MIN_MACS_GEMV } else { kernels::PARALLEL_MIN_MACS };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(vnni) = grouped_panels(path, m) {
+            // Enough tokens to share unpacked panels: every token's group activation sums once,
+            // then the panel GEMM hands each group's code sums to the same f32 combination.
+            let mut xs = vec![0i32; m * real];
+            for (t, xs_t) in xs.chunks_exact_mut(real.max(1)).enumerate() {
+                group::group_x_sums(x, t, group, xs_t);
+            }
+            for_ranges(w.tiles(), macs, min_macs, |tiles| {
+                let rows = tiles.start * ROW_TILE..(tiles.end * ROW_TILE).min(rows);
+                // SAFETY: `grouped_panels` chose a path whose features this CPU has.
+                unsafe {
+                    if vnni {
+                        kernels::avx2::ternary_gemm_grouped::<true>(w, x, rows, 0..m, d, &xs, scale, &sink)
+                    } else {
+                        kernels::avx2::ternary_gemm_grouped::<false>(w, x, rows, 0..m, d, &xs, scale, &sink)
+                    }
+                }
+            });
+            return;
+        }
         for_ranges(w.tiles(), macs, min_macs, |tiles| {
             // The sums of one tile and token, on the stack up to STACK_GROUPS groups (16384
             // columns in groups of 32), and the tokens' group activation sums: on the stack for
@@ -750,6 +771,22 @@ fn ternary_gemm<S: Sink>(
             kernels::neon::ternary_gemm::<true, S>(w, x, rows, tokens, sink)
         },
         _ => kernels::scalar::ternary_gemm(w, x, rows, tokens, sink),
+    }
+}
+
+/// Whether the group-scaled product of `m` tokens takes the panel GEMM on `path` (which the
+/// caller has checked is available), and with `vpdpbusd` (`Some(true)`) or without: from
+/// [`kernels::avx2::PANEL_MIN_TOKENS`] tokens on, on the paths whose per-tensor products take
+/// it. The others run the group kernel token by token over cached chunks of weights.
+#[cfg(target_arch = "x86_64")]
+fn grouped_panels(path: KernelPath, m: usize) -> Option<bool> {
+    if m < kernels::avx2::PANEL_MIN_TOKENS {
+        return None;
+    }
+    match path {
+        KernelPath::Avx2 => Some(false),
+        KernelPath::Avx512Vnni if std::arch::is_x86_feature_detected!("avx512vl") => Some(true),
+        _ => None,
     }
 }
 

@@ -18,11 +18,13 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::SharedOut;
 use super::{Sink, GEMV_PREFETCH_BYTES};
+use crate::group::GroupScales;
 use crate::int6::{self, PackedInt6, CHUNK_BYTES, CHUNK_COLS};
 use crate::int8::{PackedInt8, CHUNK};
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
-use crate::QuantizedActivations;
+use crate::{QuantizedActivations, WeightScale};
 
 /// Tokens that share one weight row in the int8 GEMM.
 const TOKEN_TILE: usize = 8;
@@ -277,14 +279,191 @@ unsafe fn ternary_gemm_panels<const VNNI: bool, S: Sink>(
         }
         return;
     }
+    let mut sums = RowSums { partial: [[0i32; PANEL_ROWS]; TOKEN_BLOCK], tb: 0, x, sink };
+    // SAFETY: the features are this function's contract.
+    unsafe { gemm_panels::<VNNI, _>(w, x, rows, tokens, &mut sums) }
+}
+
+/// The group-scaled product ([`crate::group`]) of `rows` × `tokens` on the panels of
+/// [`ternary_gemm`]: the microkernels hand over each group's code sums `U` as they finish
+/// one, and `out[t, r]` is `scale(Σ_g d[r, g] · (U − xs[t, g]) as f32, s_a[t])` summed in group
+/// order, as [`crate::group::combine_tile`] sums them: the same bits as the GEMV path.
+/// `xs` holds every token's group activation sums, `scales.groups_per_row()` a token.
+///
+/// # Safety
+/// The CPU must support AVX2, and AVX-512 F, VL and VNNI if `VNNI`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn ternary_gemm_grouped<const VNNI: bool>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    scales: &GroupScales,
+    xs: &[i32],
+    weight_scale: WeightScale,
+    out: &SharedOut<'_, f32>,
+) {
+    assert!(rows.end <= w.rows() && tokens.end <= x.m());
+    let groups = scales.groups_per_row();
+    assert!(scales.group().is_multiple_of(4) && xs.len() >= x.m() * groups);
+    let mut sums = GroupSums {
+        acc: [[0.0; PANEL_ROWS]; TOKEN_BLOCK],
+        scales,
+        groups,
+        xs,
+        tile0: 0,
+        tb: 0,
+        x,
+        weight_scale,
+        out,
+    };
+    // SAFETY: the features are this function's contract.
+    unsafe { gemm_panels::<VNNI, _>(w, x, rows, tokens, &mut sums) }
+}
+
+/// Where the panels' sums go: [`RowSums`] (a row's whole dot product, in i32) or
+/// [`GroupSums`] (one group's sum at a time, scaled into f32).
+trait PanelSums {
+    /// Steps (four columns each) of one unit: the columns whose sum one [`PanelSums::put`]
+    /// hands over. `None`: as many as the microkernel keeps in its registers (a block for the
+    /// i16 sums of AVX2, the chunk with VNNI).
+    fn unit_steps(&self) -> Option<usize>;
+    /// A panel (rows from `panel.start`, a row tile) and a block of tokens from `tb` begin.
+    fn begin(&mut self, panel: usize, tb: usize);
+    /// `sums[gi][j]`: lane `i` is `Σ u·x` over unit `unit` of the row (in units from column 0)
+    /// for row `8·(g0 + gi) + i` of the panel and token `j0 + j` of the block; `first` if the
+    /// unit starts the row. Inlined into the microkernels (their AVX2 is the caller's).
+    fn put<const G: usize, const T: usize>(
+        &mut self,
+        j0: usize,
+        g0: usize,
+        unit: usize,
+        sums: [[__m256i; T]; G],
+        first: bool,
+    );
+    /// Writes the rows `panel` for the `tn` tokens of the block.
+    fn finish(&self, panel: Range<usize>, tn: usize);
+}
+
+/// The per-tensor product's sums: every unit adds into the row's i32 partial sum.
+struct RowSums<'a, S> {
+    partial: [[i32; PANEL_ROWS]; TOKEN_BLOCK],
+    /// The token block's first token.
+    tb: usize,
+    x: &'a QuantizedActivations,
+    sink: &'a S,
+}
+
+/// The group-scaled product's sums (see [`ternary_gemm_grouped`]): `acc[j][row]` in f32.
+struct GroupSums<'a> {
+    acc: [[f32; PANEL_ROWS]; TOKEN_BLOCK],
+    scales: &'a GroupScales,
+    groups: usize,
+    xs: &'a [i32],
+    /// The panel's first row tile and the token block's first token.
+    tile0: usize,
+    tb: usize,
+    x: &'a QuantizedActivations,
+    weight_scale: WeightScale,
+    out: &'a SharedOut<'a, f32>,
+}
+
+impl<S: Sink> PanelSums for RowSums<'_, S> {
+    fn unit_steps(&self) -> Option<usize> {
+        None
+    }
+    fn begin(&mut self, _panel: usize, tb: usize) {
+        self.tb = tb;
+    }
+    #[inline(always)]
+    fn put<const G: usize, const T: usize>(
+        &mut self,
+        j0: usize,
+        g0: usize,
+        _unit: usize,
+        sums: [[__m256i; T]; G],
+        first: bool,
+    ) {
+        for (gi, sums_g) in sums.iter().enumerate() {
+            let row = 8 * (g0 + gi);
+            for (j, &v) in sums_g.iter().enumerate() {
+                // SAFETY: `put` runs inside the microkernels, which need AVX2.
+                unsafe { put_partial(&mut self.partial[j0 + j][row..row + 8], v, first) }
+            }
+        }
+    }
+    fn finish(&self, panel: Range<usize>, tn: usize) {
+        for (t, p) in (self.tb..self.tb + tn).zip(&self.partial) {
+            self.sink.put_run(t, panel.start, &p[..panel.len()], self.x.sum(t));
+        }
+    }
+}
+
+impl PanelSums for GroupSums<'_> {
+    fn unit_steps(&self) -> Option<usize> {
+        Some(self.scales.group() / 4)
+    }
+    fn begin(&mut self, panel: usize, tb: usize) {
+        // Every row's sum starts from 0.0, as combine_tile's does (a first `set` would keep a
+        // -0.0 that 0.0 + -0.0 turns into 0.0).
+        self.acc.iter_mut().for_each(|a| a.fill(0.0));
+        (self.tile0, self.tb) = (panel / ROW_TILE, tb);
+    }
+    #[inline(always)]
+    fn put<const G: usize, const T: usize>(
+        &mut self,
+        j0: usize,
+        g0: usize,
+        unit: usize,
+        sums: [[__m256i; T]; G],
+        _first: bool,
+    ) {
+        if unit >= self.groups {
+            return; // columns past the last group: padding
+        }
+        let xs: [i32; T] = std::array::from_fn(|j| self.xs[(self.tb + j0 + j) * self.groups + unit]);
+        for (gi, sums_g) in sums.iter().enumerate() {
+            let d = &self.scales.tile(self.tile0 + g0 + gi)[unit * ROW_TILE..][..ROW_TILE];
+            let row = 8 * (g0 + gi);
+            // SAFETY: `put` runs inside the microkernels, which need AVX2.
+            unsafe { add_group_terms(&mut self.acc[j0..j0 + T], row, d, sums_g, &xs) }
+        }
+    }
+    fn finish(&self, panel: Range<usize>, tn: usize) {
+        for (j, acc) in self.acc.iter().enumerate().take(tn) {
+            let t = self.tb + j;
+            let s_a = self.x.scale(t);
+            for (i, &a) in acc[..panel.len()].iter().enumerate() {
+                self.out.write(t, panel.start + i, self.weight_scale.apply_f32(a, s_a));
+            }
+        }
+    }
+}
+
+/// The panel GEMM for at least [`PANEL_MIN_TOKENS`] tokens (see [`ternary_gemm`]), its sums
+/// handed to `sums`.
+///
+/// # Safety
+/// The CPU must support AVX2, and AVX-512 F, VL and VNNI if `VNNI`.
+#[target_feature(enable = "avx2")]
+unsafe fn gemm_panels<const VNNI: bool, P: PanelSums>(
+    w: &PackedTernary,
+    x: &QuantizedActivations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    sums: &mut P,
+) {
     // Panels start on a row tile: the unpacking reads whole tiles (the last one padded).
     assert_eq!(rows.start % ROW_TILE, 0, "the GEMM's rows start on a row tile");
     let blocks = w.blocks();
     let chunks = blocks.div_ceil(CHUNK_BLOCKS);
+    let unit_steps = sums.unit_steps().unwrap_or(if VNNI { CHUNK_STEPS } else { BLOCK_STEPS });
+    // A unit never spans two blocks (the AVX2 kernel's i16 sums are widened per block).
+    assert!(sums.unit_steps().is_none() || BLOCK_STEPS.is_multiple_of(unit_steps));
     // Only the groups and steps that `unpack_panel` writes are ever read, so the codes need no
     // initialisation (zeroing 96 KiB per call would cost a few percent).
     let mut codes = PanelCodes::uninit();
-    let mut partial = [[0i32; PANEL_ROWS]; TOKEN_BLOCK];
     let mut r0 = rows.start;
     while r0 < rows.end {
         let panel = r0..(r0 + PANEL_ROWS).min(rows.end);
@@ -292,6 +471,7 @@ unsafe fn ternary_gemm_panels<const VNNI: bool, S: Sink>(
         let mut tb = tokens.start;
         while tb < tokens.end {
             let tn = (tokens.end - tb).min(TOKEN_BLOCK);
+            sums.begin(panel.start, tb);
             for c in 0..chunks {
                 // Even chunks of at most 8 blocks.
                 let blocks = c * blocks / chunks..(c + 1) * blocks / chunks;
@@ -302,26 +482,25 @@ unsafe fn ternary_gemm_panels<const VNNI: bool, S: Sink>(
                 } else {
                     BLOCK_STEPS
                 };
-                let chunk = Chunk { codes: &codes, groups, blocks, first: c == 0, last_block_steps };
+                let chunk =
+                    Chunk { codes: &codes, groups, blocks, first: c == 0, last_block_steps, unit_steps };
                 let mut t = tb;
                 while t < tb + tn {
                     // SAFETY: AVX2 is present; every call's tokens are below `tb + tn`, within
                     // the token block, and the chunk's groups were unpacked just above.
                     t += unsafe {
                         match tb + tn - t {
-                            NR.. => micro_tile::<VNNI, NR>(x, &chunk, t, t - tb, &mut partial),
-                            5 => micro_tile::<VNNI, 5>(x, &chunk, t, t - tb, &mut partial),
-                            4 => micro_tile::<VNNI, 4>(x, &chunk, t, t - tb, &mut partial),
-                            3 => micro_tile::<VNNI, 3>(x, &chunk, t, t - tb, &mut partial),
-                            2 => micro_tile::<VNNI, 2>(x, &chunk, t, t - tb, &mut partial),
-                            _ => micro_tile::<VNNI, 1>(x, &chunk, t, t - tb, &mut partial),
+                            NR.. => micro_tile::<VNNI, NR, P>(x, &chunk, t, t - tb, sums),
+                            5 => micro_tile::<VNNI, 5, P>(x, &chunk, t, t - tb, sums),
+                            4 => micro_tile::<VNNI, 4, P>(x, &chunk, t, t - tb, sums),
+                            3 => micro_tile::<VNNI, 3, P>(x, &chunk, t, t - tb, sums),
+                            2 => micro_tile::<VNNI, 2, P>(x, &chunk, t, t - tb, sums),
+                            _ => micro_tile::<VNNI, 1, P>(x, &chunk, t, t - tb, sums),
                         }
                     };
                 }
             }
-            for (t, p) in (tb..tb + tn).zip(&partial) {
-                sink.put_run(t, panel.start, &p[..panel.len()], x.sum(t));
-            }
+            sums.finish(panel.clone(), tn);
             tb += tn;
         }
         r0 = panel.end;
@@ -405,36 +584,53 @@ unsafe fn unpack_panel(
 }
 
 /// One unpacked K-chunk: `groups` row groups of codes for `blocks`; `first` if it starts the
-/// row; `last_block_steps` the steps of its last block that hold columns of the matrix.
+/// row; `last_block_steps` the steps of its last block that hold columns of the matrix;
+/// `unit_steps` the steps whose sum the microkernels hand over at once (see [`PanelSums`]).
 struct Chunk<'a> {
     codes: &'a PanelCodes,
     groups: usize,
     blocks: Range<usize>,
     first: bool,
     last_block_steps: usize,
+    unit_steps: usize,
+}
+
+impl Chunk<'_> {
+    /// Steps that hold columns of the matrix: the last block stops after its last live column
+    /// (past it the codes are 1, t = 0, against zero activations, and add nothing).
+    fn live_steps(&self) -> usize {
+        (self.blocks.len() * BLOCK_STEPS).saturating_sub(BLOCK_STEPS) + self.last_block_steps
+    }
+
+    /// The chunk's units, as (index along the row, steps within the chunk).
+    fn units(&self) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+        let (live, n) = (self.live_steps(), self.unit_steps);
+        let first_unit = self.blocks.start * BLOCK_STEPS / n;
+        (0..live).step_by(n).enumerate().map(move |(u, s0)| (first_unit + u, s0..(s0 + n).min(live)))
+    }
 }
 
 /// Tokens `t..t + T` against every row group of `chunk`, two groups at a time (three with
-/// VNNI, whose 32 registers hold 18 accumulators). Returns `T`.
+/// VNNI, whose 32 registers hold 18 accumulators), their sums handed to `sums` as token
+/// `j0 + j` of its block. Returns `T`.
 ///
 /// # Safety
 /// The CPU must support AVX2 (and AVX-512 F, VL and VNNI if `VNNI`), and `chunk.codes` must
 /// hold the unpacked codes of `chunk.groups` groups for `chunk.blocks` (as [`unpack_panel`]
 /// leaves them).
 #[target_feature(enable = "avx2")]
-unsafe fn micro_tile<const VNNI: bool, const T: usize>(
+unsafe fn micro_tile<const VNNI: bool, const T: usize, P: PanelSums>(
     x: &QuantizedActivations,
     chunk: &Chunk,
     t: usize,
     j0: usize,
-    partial: &mut [[i32; PANEL_ROWS]; TOKEN_BLOCK],
+    sums: &mut P,
 ) -> usize {
     let steps = chunk.blocks.len() * BLOCK_STEPS;
     assert!(steps <= CHUNK_STEPS && chunk.groups <= PANEL_GROUPS && j0 + T <= TOKEN_BLOCK);
     let xs: [&[i8]; T] = std::array::from_fn(|j| &x.padded_row(t + j)[chunk.blocks.start * BLOCK_COLS..]);
     assert!(xs.iter().all(|r| r.len() >= steps * 4));
     let xp: [*const i8; T] = std::array::from_fn(|j| xs[j].as_ptr());
-    let partial = &mut partial[j0..j0 + T];
     let mut g = 0;
     while g < chunk.groups {
         // SAFETY: AVX2 is present and the codes are unpacked (this function's contract);
@@ -442,11 +638,11 @@ unsafe fn micro_tile<const VNNI: bool, const T: usize>(
         // `steps · 4` activations from the chunk's first column (asserted above).
         g += unsafe {
             match (VNNI, chunk.groups - g) {
-                (true, 3..) => micro_kernel_vnni::<3, T>(&xp, chunk, g, partial),
-                (true, 2) => micro_kernel_vnni::<2, T>(&xp, chunk, g, partial),
-                (true, _) => micro_kernel_vnni::<1, T>(&xp, chunk, g, partial),
-                (false, MR_GROUPS..) => micro_kernel::<MR_GROUPS, T>(&xp, chunk, g, partial),
-                (false, _) => micro_kernel::<1, T>(&xp, chunk, g, partial),
+                (true, 3..) => micro_kernel_vnni::<3, T, P>(&xp, chunk, g, j0, sums),
+                (true, 2) => micro_kernel_vnni::<2, T, P>(&xp, chunk, g, j0, sums),
+                (true, _) => micro_kernel_vnni::<1, T, P>(&xp, chunk, g, j0, sums),
+                (false, MR_GROUPS..) => micro_kernel::<MR_GROUPS, T, P>(&xp, chunk, g, j0, sums),
+                (false, _) => micro_kernel::<1, T, P>(&xp, chunk, g, j0, sums),
             }
         };
     }
@@ -454,8 +650,9 @@ unsafe fn micro_tile<const VNNI: bool, const T: usize>(
 }
 
 /// Row groups `g0..g0 + G` of `chunk` against the tokens whose activations (from the chunk's
-/// first column) `xp` points at: `partial[j][8·g + i]` gets (or, for the chunk that starts the
-/// row, is set to) token `j`'s `Σ u·x` over the chunk for row `i` of group `g`.
+/// first column) `xp` points at: per unit of `chunk.unit_steps` steps (at most a block, whose
+/// i16 sums cannot wrap), token `j`'s `Σ u·x` for row `i` of group `g` goes to `sums` as lane
+/// `i` of its vector for row `8·g` and token `j0 + j`.
 ///
 /// # Safety
 /// The CPU must support AVX2; `chunk.codes` must hold the unpacked codes of groups up to
@@ -463,20 +660,18 @@ unsafe fn micro_tile<const VNNI: bool, const T: usize>(
 /// `64 · blocks · 4` readable activations.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn micro_kernel<const G: usize, const T: usize>(
+unsafe fn micro_kernel<const G: usize, const T: usize, P: PanelSums>(
     xp: &[*const i8; T],
     chunk: &Chunk,
     g0: usize,
-    partial: &mut [[i32; PANEL_ROWS]],
+    j0: usize,
+    sums: &mut P,
 ) -> usize {
     let codes = group_codes::<G>(chunk, g0);
     let ones = _mm256_set1_epi16(1);
-    for bb in 0..chunk.blocks.len() {
-        // The last block of a row stops after its last live column: past it the codes are
-        // 1 (t = 0) against zero activations, and add nothing.
-        let live = if bb + 1 == chunk.blocks.len() { chunk.last_block_steps } else { BLOCK_STEPS };
+    for (unit, steps) in chunk.units() {
         let mut acc = [[_mm256_setzero_si256(); T]; G];
-        for s in bb * BLOCK_STEPS..bb * BLOCK_STEPS + live {
+        for s in steps.clone() {
             // SAFETY: step `s < steps` of groups below `chunk.groups` and the activations of
             // columns `4s..4s + 4` are in bounds (this function's contract).
             unsafe {
@@ -490,50 +685,50 @@ unsafe fn micro_kernel<const G: usize, const T: usize>(
             }
         }
         // Lanes 2i and 2i + 1 hold row i's two halves of the step: `madd` with ones adds them.
-        let set = chunk.first && bb == 0;
-        for (gi, acc_g) in acc.iter().enumerate() {
-            for (a, pj) in acc_g.iter().zip(partial.iter_mut()) {
-                put_partial(&mut pj[8 * (g0 + gi)..][..8], _mm256_madd_epi16(*a, ones), set);
+        // (A copy: the accumulators themselves must not have their address taken, or they
+        // are stored to the stack at every step.)
+        let mut wide = [[_mm256_setzero_si256(); T]; G];
+        for gi in 0..G {
+            for j in 0..T {
+                wide[gi][j] = _mm256_madd_epi16(acc[gi][j], ones);
             }
         }
+        sums.put(j0, g0, unit, wide, chunk.first && steps.start == 0);
     }
     G
 }
 
 /// [`micro_kernel`] on `vpdpbusd`: every step adds its four products per row straight into the
-/// row's i32 lane, so the whole chunk runs in registers and reaches `partial` once. Returns `G`.
+/// row's i32 lane, so a unit may be the whole chunk (the per-tensor product's), which then
+/// runs in registers and reaches `sums` once. Returns `G`.
 ///
 /// # Safety
 /// As [`micro_kernel`], and the CPU must support AVX-512 F, VL and VNNI.
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-unsafe fn micro_kernel_vnni<const G: usize, const T: usize>(
+unsafe fn micro_kernel_vnni<const G: usize, const T: usize, P: PanelSums>(
     xp: &[*const i8; T],
     chunk: &Chunk,
     g0: usize,
-    partial: &mut [[i32; PANEL_ROWS]],
+    j0: usize,
+    sums: &mut P,
 ) -> usize {
-    let steps = chunk.blocks.len() * BLOCK_STEPS;
     let codes = group_codes::<G>(chunk, g0);
-    // The last block stops after its last live column (see `micro_kernel`).
-    let live = steps - BLOCK_STEPS + chunk.last_block_steps;
-    let mut acc = [[_mm256_setzero_si256(); T]; G];
-    for s in 0..live {
-        // SAFETY: as in `micro_kernel`.
-        unsafe {
-            let c: [__m256i; G] = std::array::from_fn(|gi| load(codes[gi].add(32 * s)));
-            for (j, &xj) in xp.iter().enumerate() {
-                let xb = _mm256_set1_epi32(xj.add(4 * s).cast::<i32>().read_unaligned());
-                for gi in 0..G {
-                    acc[gi][j] = _mm256_dpbusd_epi32(acc[gi][j], c[gi], xb);
+    for (unit, steps) in chunk.units() {
+        let mut acc = [[_mm256_setzero_si256(); T]; G];
+        for s in steps.clone() {
+            // SAFETY: as in `micro_kernel`.
+            unsafe {
+                let c: [__m256i; G] = std::array::from_fn(|gi| load(codes[gi].add(32 * s)));
+                for (j, &xj) in xp.iter().enumerate() {
+                    let xb = _mm256_set1_epi32(xj.add(4 * s).cast::<i32>().read_unaligned());
+                    for gi in 0..G {
+                        acc[gi][j] = _mm256_dpbusd_epi32(acc[gi][j], c[gi], xb);
+                    }
                 }
             }
         }
-    }
-    for (gi, acc_g) in acc.iter().enumerate() {
-        for (&sums, pj) in acc_g.iter().zip(partial.iter_mut()) {
-            put_partial(&mut pj[8 * (g0 + gi)..][..8], sums, chunk.first);
-        }
+        sums.put(j0, g0, unit, acc, chunk.first && steps.start == 0);
     }
     G
 }
@@ -542,6 +737,30 @@ unsafe fn micro_kernel_vnni<const G: usize, const T: usize>(
 fn group_codes<const G: usize>(chunk: &Chunk, g0: usize) -> [*const u8; G] {
     let steps = chunk.blocks.len() * BLOCK_STEPS;
     std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32))
+}
+
+/// For each token `j`: `acc[j][row + i] += d[i] · (sums[j][i] − xs[j]) as f32` over the eight
+/// rows of one row group and one group of columns: a multiply then an add, as
+/// [`crate::group::combine_tile`] does them.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn add_group_terms<const T: usize>(
+    acc: &mut [[f32; PANEL_ROWS]],
+    row: usize,
+    d: &[f32],
+    sums: &[__m256i; T],
+    xs: &[i32; T],
+) {
+    assert!(acc.len() == T && d.len() == ROW_TILE && row + ROW_TILE <= PANEL_ROWS);
+    // SAFETY: `d` holds 8 f32 and each `acc[j][row..]` at least 8 (asserted above).
+    unsafe {
+        let d = _mm256_loadu_ps(d.as_ptr());
+        for ((a, &v), &s) in acc.iter_mut().zip(sums).zip(xs) {
+            let u = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(s)));
+            let p = a.as_mut_ptr().add(row);
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(d, u)));
+        }
+    }
 }
 
 /// Sets (`set`) or adds to the eight i32 partial sums `p` the lanes of `sums`.
