@@ -739,6 +739,31 @@ fn group_codes<const G: usize>(chunk: &Chunk, g0: usize) -> [*const u8; G] {
     std::array::from_fn(|gi| chunk.codes.as_ptr().cast::<u8>().wrapping_add((g0 + gi) * steps * 32))
 }
 
+/// [`crate::group::combine_tile`] on AVX2: lane `ri` runs the portable loop's operations for
+/// row `ri` in the same order (a multiply, then an add, group after group), so the bits are
+/// the same; compiled with AVX2 so that the decode path's combination, which the GEMV kernels
+/// hand a tile at a time, is one vector step per group rather than baseline x86-64 code.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn combine_tile(part: &[i32], xs: &[i32], d: &[f32]) -> [f32; ROW_TILE] {
+    assert!(part.len() >= xs.len() * ROW_TILE && d.len() >= xs.len() * ROW_TILE);
+    let mut acc = _mm256_setzero_ps();
+    for (gi, &s) in xs.iter().enumerate() {
+        // SAFETY: group `gi` has 8 sums in `part` and 8 scales in `d` (asserted above).
+        unsafe {
+            let p = _mm256_loadu_si256(part.as_ptr().add(gi * ROW_TILE).cast());
+            let u = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_set1_epi32(s)));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(d.as_ptr().add(gi * ROW_TILE)), u));
+        }
+    }
+    let mut out = [0.0f32; ROW_TILE];
+    // SAFETY: `out` holds 8 f32.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
 /// For each token `j`: `acc[j][row + i] += d[i] · (sums[j][i] − xs[j]) as f32` over the eight
 /// rows of one row group and one group of columns: a multiply then an add, as
 /// [`crate::group::combine_tile`] does them.
