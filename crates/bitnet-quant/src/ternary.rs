@@ -583,13 +583,21 @@ impl TernaryMatrix {
                 let end = (start + chunk).min(tiles.end);
                 for t in 0..m {
                     let (xs_t, s_a) = (&xs[t * real..(t + 1) * real], x.scale(t));
-                    group::tiles_group_sums(path, w, start..end, x.padded_row(t), group, part, |g, part| {
-                        let acc = group::combine_tile(part, xs_t, d.tile(g));
-                        let r0 = g * ROW_TILE;
-                        for (ri, &a) in acc.iter().enumerate().take(rows - r0) {
-                            sink.write(t, r0 + ri, scale.apply_f32(a, s_a));
-                        }
-                    });
+                    group::tiles_group_combined(
+                        path,
+                        w,
+                        start..end,
+                        x.padded_row(t),
+                        xs_t,
+                        d,
+                        part,
+                        |g, acc| {
+                            let r0 = g * ROW_TILE;
+                            for (ri, &a) in acc.iter().enumerate().take(rows - r0) {
+                                sink.write(t, r0 + ri, scale.apply_f32(a, s_a));
+                            }
+                        },
+                    );
                 }
                 start = end;
             }

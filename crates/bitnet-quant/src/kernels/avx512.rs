@@ -14,6 +14,7 @@ use std::ops::Range;
 
 use super::avx2::reduce8;
 use super::{Sink, GEMV_PREFETCH_BYTES};
+use crate::group::GroupScales;
 use crate::int8::PackedInt8;
 use crate::layout::{PackedTernary, BLOCK_BYTES, BLOCK_COLS, ROW_TILE};
 use crate::QuantizedActivations;
@@ -704,9 +705,59 @@ pub(crate) unsafe fn ternary_tiles_group_sums_vnni<const G: usize, F: FnMut(usiz
 ) {
     for g in tiles {
         // SAFETY: the features are enabled on this function.
-        unsafe { tile_group_sums_body::<true, G>(w, g, xr, part) };
+        unsafe { tile_group_sums_body::<true, G, false>(w, g, xr, part, &[], &[]) };
         f(g, part);
     }
+}
+
+/// Each tile of `tiles` combined ([`crate::group::combine_tile`] of its group sums with `xs`
+/// and the scales `d`), handed to `f(g, values)`. `VNNI`: the CPU's, as for the sums.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn ternary_tiles_group_combined_vnni<const G: usize, F: FnMut(usize, [f32; ROW_TILE])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    xs: &[i32],
+    d: &GroupScales,
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        let v = unsafe { tile_group_sums_body::<true, G, true>(w, g, xr, &mut [], xs, d.tile(g)) };
+        f(g, to_f32s(v));
+    }
+}
+
+/// As [`ternary_tiles_group_combined_vnni`], without VNNI.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn ternary_tiles_group_combined_bw<const G: usize, F: FnMut(usize, [f32; ROW_TILE])>(
+    w: &PackedTernary,
+    tiles: Range<usize>,
+    xr: &[i8],
+    xs: &[i32],
+    d: &GroupScales,
+    mut f: F,
+) {
+    for g in tiles {
+        // SAFETY: the features are enabled on this function.
+        let v = unsafe { tile_group_sums_body::<false, G, true>(w, g, xr, &mut [], xs, d.tile(g)) };
+        f(g, to_f32s(v));
+    }
+}
+
+/// The eight lanes of `v`.
+#[inline(always)]
+fn to_f32s(v: __m256) -> [f32; ROW_TILE] {
+    let mut out = [0.0f32; ROW_TILE];
+    // SAFETY: `out` holds 8 f32; AVX is part of every feature set this is inlined under.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+    out
 }
 
 /// As [`ternary_tiles_group_sums_vnni`], without VNNI.
@@ -723,7 +774,7 @@ pub(crate) unsafe fn ternary_tiles_group_sums_bw<const G: usize, F: FnMut(usize,
 ) {
     for g in tiles {
         // SAFETY: the features are enabled on this function.
-        unsafe { tile_group_sums_body::<false, G>(w, g, xr, part) };
+        unsafe { tile_group_sums_body::<false, G, false>(w, g, xr, part, &[], &[]) };
         f(g, part);
     }
 }
@@ -739,18 +790,32 @@ pub(crate) unsafe fn ternary_tiles_group_sums_bw<const G: usize, F: FnMut(usize,
 /// `vpmaddwd` widens them at the end of the block: a group of 256 adds 16 pair sums per
 /// accumulator, each within [-2048, 2032] for the ×4 fields (codes 0, 4, 8 times activations in
 /// [-128, 127]), so at most [-32768, 32512]: no i16 overflow.
+///
+/// With `COMBINE`, each group's sums go straight into [`crate::group::combine_tile`]'s f32
+/// sums instead of `out` (`d` the tile's scales, `xs` the token's group activation sums, one
+/// per real group), returned as eight lanes: the same operations in the same order, so the same
+/// bits, but each group's float steps overlap the next block's integer work instead of forming
+/// one long dependent chain after the tile.
 #[inline(always)]
-unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
+unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize, const COMBINE: bool>(
     w: &PackedTernary,
     g: usize,
     xr: &[i8],
     out: &mut [i32],
-) {
+    xs: &[i32],
+    d: &[f32],
+) -> __m256 {
     let per_block = BLOCK_COLS / G;
     let blocks = w.blocks();
     let tile = w.tile(g);
-    assert!(xr.len() >= blocks * BLOCK_COLS && out.len() >= blocks * per_block * ROW_TILE);
+    assert!(xr.len() >= blocks * BLOCK_COLS);
+    assert!(if COMBINE {
+        d.len() >= xs.len() * ROW_TILE
+    } else {
+        out.len() >= blocks * per_block * ROW_TILE
+    });
     assert!(tile.len() >= blocks * ROW_TILE * BLOCK_BYTES);
+    let mut combined = _mm256_setzero_ps();
     // SAFETY: tile `g` holds `blocks · 8` blocks of 64 bytes and `xr` `blocks` blocks of 256
     // activations (checked above), so every offset is in bounds; the features are the wrapper's.
     unsafe {
@@ -829,11 +894,19 @@ unsafe fn tile_group_sums_body<const VNNI: bool, const G: usize>(
                 };
                 // Row i's two lanes (quadword i) added, then one dword per row.
                 let rows = _mm512_cvtepi64_epi32(_mm512_add_epi32(lanes, _mm512_srli_epi64::<32>(lanes)));
-                let at = (b * per_block + gb) * ROW_TILE;
-                _mm256_storeu_si256(out.as_mut_ptr().add(at).cast(), rows);
+                let gi = b * per_block + gb;
+                if !COMBINE {
+                    _mm256_storeu_si256(out.as_mut_ptr().add(gi * ROW_TILE).cast(), rows);
+                } else if gi < xs.len() {
+                    // combine_tile's step for group gi: a multiply, then an add.
+                    let u = _mm256_cvtepi32_ps(_mm256_sub_epi32(rows, _mm256_set1_epi32(xs[gi])));
+                    let term = _mm256_mul_ps(_mm256_loadu_ps(d.as_ptr().add(gi * ROW_TILE)), u);
+                    combined = _mm256_add_ps(combined, term);
+                }
             }
         }
     }
+    combined
 }
 
 /// Transposes eight registers of eight quadwords: quadword `i` of result `q` is quadword `q` of
