@@ -710,45 +710,39 @@ pub(crate) unsafe fn ternary_tiles_group_sums_vnni<const G: usize, F: FnMut(usiz
     }
 }
 
-/// Each tile of `tiles` combined ([`crate::group::combine_tile`] of its group sums with `xs`
-/// and the scales `d`), handed to `f(g, values)`. `VNNI`: the CPU's, as for the sums.
-///
-/// # Safety
-/// The CPU must support AVX-512 F and BW, and VNNI if `VNNI`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn ternary_tiles_group_combined_vnni<const G: usize, F: FnMut(usize, [f32; ROW_TILE])>(
-    w: &PackedTernary,
-    tiles: Range<usize>,
-    xr: &[i8],
-    xs: &[i32],
-    d: &GroupScales,
-    mut f: F,
-) {
-    for g in tiles {
-        // SAFETY: the features are enabled on this function.
-        let v = unsafe { tile_group_sums_body::<true, G, true>(w, g, xr, &mut [], xs, d.tile(g)) };
-        f(g, to_f32s(v));
-    }
+/// The two entry points of the combined group product (see [`tile_group_sums_body`]'s
+/// `COMBINE`): each tile of `tiles` combined ([`crate::group::combine_tile`] of its group sums
+/// with `xs` and the scales `d`) inside the kernel, handed to `f(g, values)`. A macro: the two
+/// differ only in their target features and the kernel's `VNNI`.
+macro_rules! group_combined {
+    ($($(#[$doc:meta])* $name:ident($features:literal, $vnni:literal);)*) => {$(
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The CPU must support the function's target features.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name<const G: usize, F: FnMut(usize, [f32; ROW_TILE])>(
+            w: &PackedTernary,
+            tiles: Range<usize>,
+            xr: &[i8],
+            xs: &[i32],
+            d: &GroupScales,
+            mut f: F,
+        ) {
+            for g in tiles {
+                // SAFETY: the features are enabled on this function.
+                let v = unsafe { tile_group_sums_body::<$vnni, G, true>(w, g, xr, &mut [], xs, d.tile(g)) };
+                f(g, to_f32s(v));
+            }
+        }
+    )*};
 }
 
-/// As [`ternary_tiles_group_combined_vnni`], without VNNI.
-///
-/// # Safety
-/// The CPU must support AVX-512 F and BW.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn ternary_tiles_group_combined_bw<const G: usize, F: FnMut(usize, [f32; ROW_TILE])>(
-    w: &PackedTernary,
-    tiles: Range<usize>,
-    xr: &[i8],
-    xs: &[i32],
-    d: &GroupScales,
-    mut f: F,
-) {
-    for g in tiles {
-        // SAFETY: the features are enabled on this function.
-        let v = unsafe { tile_group_sums_body::<false, G, true>(w, g, xr, &mut [], xs, d.tile(g)) };
-        f(g, to_f32s(v));
-    }
+group_combined! {
+    /// With `vpdpbusd` (AVX-512 F, BW and VNNI).
+    ternary_tiles_group_combined_vnni("avx512f,avx512bw,avx512vnni", true);
+    /// Without VNNI (AVX-512 F and BW).
+    ternary_tiles_group_combined_bw("avx512f,avx512bw", false);
 }
 
 /// The eight lanes of `v`.
