@@ -71,6 +71,7 @@ const Q41_CODES: usize = 4 * LANES;
 /// then the codes two to a byte.
 const Q4_BLOCK_BYTES: usize = Q4_CODES + QK_K * LANES / 2;
 /// How far ahead of a block the AVX2 kernels ask for the weights (as the int8 GEMV's 3 KiB).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 3 << 10;
 /// How far behind the copy a shared source's rows are released (see [`Lanes::from_stored`]).
 const RELEASE_LAG: usize = 1 << 20;
@@ -435,6 +436,7 @@ pub struct Lanes<F> {
     data: AlignedBytes,
     /// Some block holds a code the faster AVX2 Q8_0 kernel cannot negate (−128): the AVX2
     /// kernel then takes the codes' magnitudes instead (one more instruction a vector).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unnegatable: bool,
     format: PhantomData<fn() -> F>,
 }
