@@ -100,7 +100,7 @@ fn matrix(c: &Case) -> DenseLinear {
             b[2..].iter_mut().filter(|q| **q == 0x80).for_each(|q| *q = 0x81);
         }),
         _ => {
-            let (bb, scales) = (c.format.block_bytes(), if c.format == DenseFormat::Q8_0 { 1 } else { 2 });
+            let (bb, scales) = (c.format.block_bytes(), if c.format == DenseFormat::Q4_0 { 1 } else { 2 });
             bytes
                 .chunks_exact_mut(bb)
                 .for_each(|b| (0..scales).for_each(|i| b[2 * i..2 * i + 2].copy_from_slice(&scale)));

@@ -70,9 +70,6 @@ const Q41_CODES: usize = 4 * LANES;
 /// Bytes of one Q4_K super-block of one group: `d`, `dmin`, the scales and mins a byte each,
 /// then the codes two to a byte.
 const Q4_BLOCK_BYTES: usize = Q4_CODES + QK_K * LANES / 2;
-/// How far ahead of a block the AVX2 kernels ask for the weights (as the int8 GEMV's 3 KiB).
-#[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 3 << 10;
 /// How far behind the copy a shared source's rows are released (see [`Lanes::from_stored`]).
 const RELEASE_LAG: usize = 1 << 20;
 
@@ -646,19 +643,16 @@ fn put_group(out: &SharedOut<'_, f32>, t: usize, g: usize, rows: usize, lanes: &
     }
 }
 
-/// Asks for the cache lines `PREFETCH_BYTES` past the `len` bytes at `block` (a hint: it never
-/// faults, past the matrix too). A group is one memory stream, yet the hardware prefetcher alone
-/// leaves its loads behind the kernel (as for the int8 head: crate::kernels'
-/// `GEMV_PREFETCH_BYTES`).
+/// Asks for the cache line `GEMV_PREFETCH_BYTES` (3 KiB) past `at` (a hint: it never faults,
+/// past the matrix too). A group is one memory stream, yet the hardware prefetcher alone leaves
+/// its loads behind the kernel, as for the int8 head (crate::kernels' `GEMV_PREFETCH_BYTES`,
+/// the same distance).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_ahead(block: *const u8, len: usize) {
+fn prefetch_ahead(at: *const u8) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let ahead = block.wrapping_add(PREFETCH_BYTES);
-    for line in (0..len).step_by(64) {
-        // SAFETY: SSE is part of x86-64; a prefetch never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast()) };
-    }
+    // SAFETY: SSE is part of x86-64; a prefetch never faults.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(crate::kernels::GEMV_PREFETCH_BYTES).cast()) };
 }
 
 /// The kernels of these layouts.
@@ -1076,8 +1070,8 @@ mod avx2 {
                             xs[t].as_ptr().add(b * QK + j * CHUNK).cast::<i32>().read_unaligned(),
                         )
                     });
-                    // The chunk PREFETCH_BYTES ahead, a line per chunk read (see prefetch_ahead).
-                    prefetch_ahead(blk.add(2 * LANES + j * LANES * CHUNK), 64);
+                    // A line 3 KiB ahead per 64-byte chunk read (see prefetch_ahead).
+                    prefetch_ahead(blk.add(2 * LANES + j * LANES * CHUNK));
                     // The activations' magnitudes, shared by both halves (unused for a matrix
                     // with −128 codes).
                     let x4_magnitude: [__m256i; T] = std::array::from_fn(|t| _mm256_abs_epi8(x4[t]));
